@@ -1,0 +1,1 @@
+"""Transports that move hidden states and control frames between AFD workers."""

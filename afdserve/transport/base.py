@@ -1,0 +1,95 @@
+"""The one transport interface every backend implements, and the keyed mailbox behind it.
+
+A worker holds one `Transport` endpoint. `send` hands a message to the backend and returns
+without waiting for the peer. `recv` waits for the message with a given key (sender, type, step,
+layer, microbatch) until a deadline and raises `TransportTimeout` past it: no wait across workers
+is ever unbounded. Messages may arrive in any order; the mailbox keeps them until asked for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+
+from afdserve.errors import TransportClosed, TransportTimeout
+from afdserve.transport.protocol import Message, MsgType
+
+Key = tuple[int, int, int, int, int]
+
+
+def make_key(src: int, type_: MsgType, step: int, layer: int = 0, microbatch: int = 0) -> Key:
+    return (src, int(type_), step, layer, microbatch)
+
+
+class Mailbox:
+    """Messages that arrived, keyed by Message.key, with deadline-bounded waits."""
+
+    def __init__(self) -> None:
+        self._items: dict[Key, Message] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, msg: Message) -> None:
+        with self._cond:
+            self._items[msg.key] = msg
+            self._cond.notify_all()
+
+    def take(self, key: Key, timeout_s: float) -> Message:
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        with self._cond:
+            while key not in self._items:
+                if self._closed:
+                    raise TransportClosed(f"transport closed while waiting for {_describe(key)}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportTimeout(f"timed out after {timeout_s:.3f}s waiting for {_describe(key)}")
+                self._cond.wait(remaining)
+            return self._items.pop(key)
+
+    def has(self, key: Key) -> bool:
+        with self._cond:
+            return key in self._items
+
+    def drop_older_than(self, step: int) -> int:
+        """Forget messages of steps before `step` (late arrivals nobody waits for any more)."""
+        with self._cond:
+            stale = [k for k in self._items if k[2] < step]
+            for k in stale:
+                del self._items[k]
+            return len(stale)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def _describe(key: Key) -> str:
+    src, type_, step, layer, mb = key
+    return f"{MsgType(type_).name} from rank {src} (step {step}, layer {layer}, microbatch {mb})"
+
+
+class Transport(ABC):
+    """One worker's endpoint. Backends implement `send` and feed arrivals into `self.mailbox`."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.mailbox = Mailbox()
+
+    @abstractmethod
+    def send(self, dst: int, msg: Message) -> None:
+        """Hand `msg` to the backend for rank `dst`; the caller must not modify its tensor after."""
+
+    def recv(
+        self, src: int, type_: MsgType, step: int, layer: int = 0, microbatch: int = 0, *, timeout_s: float
+    ) -> Message:
+        """Wait for the keyed message until `timeout_s` passes; raise TransportTimeout then."""
+        return self.mailbox.take(make_key(src, type_, step, layer, microbatch), timeout_s)
+
+    def poll(self, src: int, type_: MsgType, step: int, layer: int = 0, microbatch: int = 0) -> bool:
+        return self.mailbox.has(make_key(src, type_, step, layer, microbatch))
+
+    def close(self) -> None:
+        self.mailbox.close()
