@@ -167,7 +167,8 @@ class ModelConfig:
         elif arch == "Qwen3MoeForCausalLM":
             step = d.get("decoder_sparse_step", 1) or 1
             dense_only = set(d.get("mlp_only_layers") or [])
-            n_exp = need("num_experts")
+            # published Qwen3-MoE configs say num_experts; transformers v5 writes num_local_experts
+            n_exp = d["num_experts"] if "num_experts" in d else need("num_local_experts")
             moe = dict(
                 num_experts=n_exp,
                 num_experts_per_tok=need("num_experts_per_tok"),

@@ -1,0 +1,1 @@
+"""Attention-FFN disaggregation: the attention runner, the FFN worker, the links between them."""

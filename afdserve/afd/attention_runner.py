@@ -1,0 +1,80 @@
+"""Executes one attention worker's StepPlan: embeddings, attention layers, LM head, sampling.
+
+The FFN half of every layer is reached through an `FFNLink`, so this one loop serves aggregated
+mode (local FFN) and AFD (remote FFN). Microbatches ping-pong: while the FFN computes layer l of
+microbatch i, this worker computes layer l (or l + 1) of the next microbatch.
+
+Legend: T = tokens in a microbatch, D = hidden size, N = sequences sampled this step, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from afdserve.afd.ffn_link import FFNLink
+from afdserve.afd.microbatch import split_microbatches
+from afdserve.engine.kv_cache import KVCache
+from afdserve.engine.sampler import sample
+from afdserve.model.attention import AttentionMetadata
+from afdserve.model.parts import AttentionPart
+from afdserve.types import ScheduledChunk, StepPlan, StepResult
+
+
+@dataclass
+class _Microbatch:
+    chunks: list[ScheduledChunk]
+    meta: AttentionMetadata
+    cos: torch.Tensor  # [T, Dh]
+    sin: torch.Tensor  # [T, Dh]
+    sample_rows: torch.Tensor  # [n] rows whose hidden state yields a next token
+    x: torch.Tensor  # [T, D] residual stream entering the current layer
+    h: torch.Tensor | None = None  # [T, D] after the current layer's attention block
+
+
+class AttentionRunner:
+    def __init__(self, part: AttentionPart, kv: KVCache, link: FFNLink, num_microbatches: int = 1) -> None:
+        self.part, self.kv, self.link = part, kv, link
+        self.num_microbatches = num_microbatches
+        self.device = part.embed_tokens.weight.device
+        self.dtype = part.embed_tokens.weight.dtype
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        step = plan.step_id
+        mbs = [self._prepare(g) for g in split_microbatches(plan.chunks, self.num_microbatches)]
+        self.link.begin_step(step, [m.meta.num_tokens for m in mbs], [[c.seq_id for c in m.chunks] for m in mbs])
+        num_layers = len(self.part.layers)
+        for layer in range(num_layers):
+            for i, mb in enumerate(mbs):
+                if layer > 0:  # finish layer - 1 of this microbatch: its FFN output is due first
+                    mb.x = mb.h + self.link.result(step, layer - 1, i)
+                mb.h = self.part.layers[layer](mb.x, mb.meta, mb.cos, mb.sin, self.kv.k[layer], self.kv.v[layer])
+                self.link.submit(step, layer, i, mb.h)
+        for i, mb in enumerate(mbs):
+            mb.x = mb.h + self.link.result(step, num_layers - 1, i)
+        chunks = [c for mb in mbs for c in mb.chunks if c.sample]
+        if not chunks:
+            return StepResult(step, ())
+        hidden = torch.cat([mb.x[mb.sample_rows] for mb in mbs])  # [N, D]
+        logits = self.part.logits(hidden)  # [N, V]
+        return StepResult(step, tuple(sample(logits, chunks)))
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> _Microbatch:
+        meta = AttentionMetadata.build(
+            [c.start_pos for c in chunks],
+            [c.num_tokens for c in chunks],
+            [c.block_table for c in chunks],
+            self.kv.block_size,
+            self.device,
+        )
+        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
+        ends, rows = 0, []
+        for c in chunks:
+            ends += c.num_tokens
+            if c.sample:
+                rows.append(ends - 1)
+        cos, sin = self.part.rope(meta, self.dtype)
+        return _Microbatch(chunks, meta, cos, sin, torch.tensor(rows, dtype=torch.int64, device=self.device),
+                           x=self.part.embed(ids))

@@ -1,0 +1,70 @@
+"""How an attention runner reaches the FFN side for one step.
+
+The runner's loop is the same in every mode; only the link differs:
+- `LocalFFN`: the FFN part lives in the same worker (aggregated serving, the baseline);
+- `RemoteFFN`: an FFN worker on the other end of a transport (AFD).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from afdserve.model.parts import FFNPart
+from afdserve.transport.base import Transport
+from afdserve.transport.protocol import Message, MsgType, SyncInfo
+
+
+class FFNLink(ABC):
+    @abstractmethod
+    def begin_step(self, step: int, tokens_per_microbatch: Sequence[int], seq_ids: Sequence[Sequence[int]]) -> None:
+        """Announce the step's microbatch sizes (SYNC_REQUEST) before any activation."""
+
+    @abstractmethod
+    def submit(self, step: int, layer: int, microbatch: int, h: torch.Tensor) -> None:
+        """Hand h [T, D] (attention output plus residual) to the FFN; do not modify h after."""
+
+    @abstractmethod
+    def result(self, step: int, layer: int, microbatch: int) -> torch.Tensor:
+        """The FFN output y [T, D] for a submitted h; blocks until it is there (with deadline)."""
+
+
+class LocalFFN(FFNLink):
+    """Runs the FFN in place, at submit time."""
+
+    def __init__(self, part: FFNPart) -> None:
+        self.part = part
+        self._results: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
+        self._results.clear()
+
+    def submit(self, step, layer, microbatch, h) -> None:
+        self._results[(step, layer, microbatch)] = self.part(layer, h)
+
+    def result(self, step, layer, microbatch) -> torch.Tensor:
+        return self._results.pop((step, layer, microbatch))
+
+
+class RemoteFFN(FFNLink):
+    """Sends activations to FFN rank `ffn_rank` and waits for results, each wait bounded."""
+
+    def __init__(self, transport: Transport, ffn_rank: int, timeout_s: float) -> None:
+        self.transport, self.ffn_rank, self.timeout_s = transport, ffn_rank, timeout_s
+
+    def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
+        sync = SyncInfo(tuple(tokens_per_microbatch), tuple(tuple(s) for s in seq_ids))
+        self.transport.send(self.ffn_rank, Message(MsgType.SYNC_REQUEST, step, sender=self.transport.rank, sync=sync))
+
+    def submit(self, step, layer, microbatch, h) -> None:
+        msg = Message(MsgType.ACTIVATION_TRANSFER, step, layer, microbatch, self.transport.rank, tensor=h)
+        self.transport.send(self.ffn_rank, msg)
+
+    def result(self, step, layer, microbatch) -> torch.Tensor:
+        msg = self.transport.recv(
+            self.ffn_rank, MsgType.ACTIVATION_RESULT, step, layer, microbatch, timeout_s=self.timeout_s
+        )
+        assert msg.tensor is not None
+        return msg.tensor
