@@ -41,8 +41,8 @@ class AttentionRunner:
         self.dtype = part.embed_tokens.weight.dtype
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        step = plan.step_id
+    def execute(self, plan: StepPlan, step: int) -> StepResult:
+        """Run `plan` as bundle step `step` (the id every worker of the bundle shares)."""
         mbs = [self._prepare(g) for g in split_microbatches(plan.chunks, self.num_microbatches)]
         self.link.begin_step(step, [m.meta.num_tokens for m in mbs], [[c.seq_id for c in m.chunks] for m in mbs])
         num_layers = len(self.part.layers)
@@ -56,10 +56,10 @@ class AttentionRunner:
             mb.x = mb.h + self.link.result(step, num_layers - 1, i)
         chunks = [c for mb in mbs for c in mb.chunks if c.sample]
         if not chunks:
-            return StepResult(step, ())
+            return StepResult(plan.step_id, ())
         hidden = torch.cat([mb.x[mb.sample_rows] for mb in mbs])  # [N, D]
         logits = self.part.logits(hidden)  # [N, V]
-        return StepResult(step, tuple(sample(logits, chunks)))
+        return StepResult(plan.step_id, tuple(sample(logits, chunks)))
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Microbatch:
         meta = AttentionMetadata.build(

@@ -1,0 +1,75 @@
+"""EngineConfig: how one serving deployment is shaped (mode, ratio, microbatches, cache, dtype).
+
+Frozen and validated at construction with messages that name the field, so a bad flag or
+argument fails before any model is loaded. Derived values are properties; per-worker variants are
+made with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from afdserve.errors import UserInputError
+
+MODES = ("aggregated", "afd")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRANSPORTS = ("local", "shm", "torch", "tcp", "nixl")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "builtin:tiny-qwen3-moe"
+    """A local HF-format model directory, or builtin:NAME (created on first use)."""
+    mode: str = "afd"
+    """`aggregated`: one worker runs both halves (the baseline); `afd`: r attention workers and
+    one FFN worker exchange hidden states every layer."""
+    attention_workers: int = 2
+    """r, the number of attention workers (each with its own scheduler and KV cache). In
+    aggregated mode, the number of independent replicas that each run both halves."""
+    ffn_workers: int = 1
+    microbatches: int = 2
+    """M, the microbatches each attention worker splits a step into (ping-pong pipelining)."""
+    dtype: str = "auto"
+    """Weights and activations; `auto` takes the checkpoint's dtype."""
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    """KV blocks per attention worker (plus one reserved); None sizes it from kv_cache_gib."""
+    kv_cache_gib: float = 1.0
+    """KV memory budget per attention worker when num_kv_blocks is not given."""
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    """Context limit; None takes the model's max_position_embeddings."""
+    sync_timeout_s: float = 30.0
+    """Longest any worker waits for a peer's message before raising TransportTimeout."""
+    transport: str = "local"
+    seed: int = 0
+    """Seeds the per-request sampling seeds of requests that bring none."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise UserInputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.transport not in TRANSPORTS:
+            raise UserInputError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        for name, low in (("attention_workers", 1), ("ffn_workers", 1), ("microbatches", 1), ("block_size", 1),
+                          ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise UserInputError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.ffn_workers != 1:
+            raise UserInputError("ffn_workers must be 1 (expert parallelism across FFN workers is not built yet)")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2):
+            raise UserInputError(f"num_kv_blocks must be an integer >= 2, got {self.num_kv_blocks!r}")
+        if not self.kv_cache_gib > 0:
+            raise UserInputError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise UserInputError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if not self.sync_timeout_s > 0:
+            raise UserInputError(f"sync_timeout_s must be > 0, got {self.sync_timeout_s!r}")
+
+    @property
+    def is_afd(self) -> bool:
+        return self.mode == "afd"

@@ -1,0 +1,1 @@
+"""Wiring: builds engines from configs, in one process or across worker processes."""

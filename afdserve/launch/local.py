@@ -1,0 +1,111 @@
+"""Build an in-process engine from an EngineConfig: load the model once, split it into its
+attention and FFN parts, and wire r attention workers to the FFN (AFD) or give each its own
+FFN (aggregated).
+
+In-process workers share one read-only copy of each part's weights; each attention worker has
+its own scheduler and KV cache, exactly as it would in its own process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from afdserve.afd.attention_runner import AttentionRunner
+from afdserve.afd.attention_worker import AttentionWorker
+from afdserve.afd.ffn_link import FFNLink, LocalFFN, RemoteFFN
+from afdserve.afd.ffn_worker import FFNWorker
+from afdserve.config import EngineConfig
+from afdserve.engine.config import CacheConfig, SchedulerConfig
+from afdserve.engine.engine import Engine
+from afdserve.engine.kv_cache import KVCache
+from afdserve.engine.scheduler import Scheduler
+from afdserve.errors import UserInputError
+from afdserve.model.config import ModelConfig
+from afdserve.model.loader import load_weights
+from afdserve.model.parts import AttentionPart, FFNPart
+from afdserve.transport.local import LocalHub
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    dtype: torch.dtype
+    attention: AttentionPart
+    ffn: FFNPart
+
+
+def resolve_dtype(requested: str, config: ModelConfig) -> torch.dtype:
+    return TORCH_DTYPES[config.dtype if requested == "auto" else requested]
+
+
+def load_model(model: str, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+    try:
+        from afdserve.model.builtin import resolve_model
+    except ImportError:  # pragma: no cover - transitional
+        def resolve_model(m: str) -> Path:
+            return Path(m)
+
+    path = resolve_model(model)
+    config = ModelConfig.from_dir(path)
+    tdtype = resolve_dtype(dtype, config)
+    weights = load_weights(path, config, tdtype, device)
+    attention = AttentionPart(config, tdtype).to(device)
+    attention.load(weights)
+    ffn = FFNPart(config, tdtype).to(device)
+    ffn.load(weights)
+    return LoadedModel(path, config, tdtype, attention, ffn)
+
+
+def cache_and_scheduler_configs(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> tuple[CacheConfig, SchedulerConfig]:
+    max_len = cfg.max_model_len or model.max_position_embeddings
+    if max_len > model.max_position_embeddings:
+        raise UserInputError(
+            f"max_model_len {max_len} exceeds the model's max_position_embeddings {model.max_position_embeddings}"
+        )
+    if cfg.num_kv_blocks is not None:
+        num_blocks = cfg.num_kv_blocks
+    else:
+        per_block = KVCache.bytes_per_block(model, cfg.block_size, dtype)
+        budget_blocks = int(cfg.kv_cache_gib * 2**30) // per_block
+        # never more than every slot at full context needs (+1 for the reserved null block)
+        need = cfg.max_num_seqs * -(-max_len // cfg.block_size) + 1
+        num_blocks = max(2, min(budget_blocks, need))
+    cache = CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks)
+    sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                            max_model_len=max_len)
+    return cache, sched
+
+
+def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[Engine, LoadedModel]:
+    """An in-process engine for `cfg` (transport `local`). Returns it with the loaded model."""
+    if cfg.transport != "local":
+        raise UserInputError(
+            f"transport {cfg.transport!r} runs workers in separate processes: use the multi-process launcher"
+        )
+    m = model or load_model(cfg.model, cfg.dtype, cfg.device)
+    cache_cfg, sched_cfg = cache_and_scheduler_configs(cfg, m.config, m.dtype)
+    r = cfg.attention_workers
+    links: list[FFNLink]
+    ffn_worker = None
+    on_close = []
+    if cfg.is_afd:
+        hub = LocalHub(r + 1)
+        links = [RemoteFFN(hub.endpoints[k], ffn_rank=r, timeout_s=cfg.sync_timeout_s) for k in range(r)]
+        ffn_worker = FFNWorker(m.ffn, hub.endpoints[r], attention_ranks=range(r), timeout_s=cfg.sync_timeout_s)
+        on_close.append(hub.close)
+    else:
+        links = [LocalFFN(m.ffn) for _ in range(r)]
+    workers = []
+    for k in range(r):
+        kv = KVCache(m.config, cache_cfg.num_blocks, cache_cfg.block_size, m.dtype, cfg.device)
+        runner = AttentionRunner(m.attention, kv, links[k], cfg.microbatches)
+        scheduler = Scheduler(dataclasses.replace(sched_cfg), cache_cfg, eos_token_ids=m.config.eos_token_ids)
+        workers.append(AttentionWorker(k, scheduler, runner, always_sync=cfg.is_afd))
+    return Engine(workers, ffn_worker, seed=cfg.seed, on_close=on_close), m

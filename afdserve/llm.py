@@ -1,0 +1,130 @@
+"""`LLM`: offline batched generation, the Python entry point (vLLM's `LLM` shape).
+
+    from afdserve import LLM, SamplingParams
+    llm = LLM(model="builtin:tiny-qwen3-moe", mode="afd", attention_workers=2, microbatches=2)
+    outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from afdserve.config import EngineConfig
+from afdserve.errors import UserInputError
+from afdserve.types import FinishReason, SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class LLM:
+    """An in-process engine plus tokenizer. Options are EngineConfig's fields."""
+
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        from afdserve.launch.local import build_engine
+        from afdserve.model.tokenizer import Tokenizer
+
+        if model is not None:
+            options["model"] = model
+        unknown = set(options) - {f.name for f in dataclasses.fields(EngineConfig)}
+        if unknown:
+            raise UserInputError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
+        self.config = EngineConfig(**options)
+        self.engine, self.model = build_engine(self.config)
+        self.tokenizer = Tokenizer(self.model.path)
+        self._counter = 0
+        self.last_stats: dict[str, float] = {}
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); one SamplingParams or one per prompt."""
+        prompt_list = _as_prompt_list(prompts)
+        if params is None:
+            params = SamplingParams()
+        param_list = [params] * len(prompt_list) if isinstance(params, SamplingParams) else list(params)
+        if len(param_list) != len(prompt_list):
+            raise UserInputError(f"got {len(param_list)} SamplingParams for {len(prompt_list)} prompts")
+        outputs: dict[str, RequestOutput] = {}
+        order: list[str] = []
+        try:
+            for prompt, p in zip(prompt_list, param_list, strict=True):
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                if not ids:
+                    raise UserInputError("prompt must not be empty")
+                rid = f"gen-{self._counter}"
+                self._counter += 1
+                self.engine.add_request(rid, ids, p)
+                outputs[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
+                                             logprobs=[] if p.logprobs is not None else None)
+                order.append(rid)
+        except Exception:
+            for rid in order:
+                self.engine.abort(rid)
+            raise
+        t0, n_tokens = time.perf_counter(), 0
+        while self.engine.has_unfinished():
+            for ev in self.engine.step():
+                out = outputs[ev.request_id]
+                out.token_ids.append(ev.token_id)
+                if out.logprobs is not None and ev.logprob is not None:
+                    out.logprobs.append(ev.logprob)
+                n_tokens += 1
+                if ev.finished:
+                    out.finish_reason = (ev.finish_reason or FinishReason.STOP).value
+        elapsed = time.perf_counter() - t0
+        self.last_stats = {"output_tokens": n_tokens, "seconds": elapsed,
+                           "tokens_per_second": n_tokens / elapsed if elapsed > 0 else 0.0}
+        for out in outputs.values():
+            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        return [outputs[rid] for rid in order]
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [list(prompts)]  # one prompt of token ids
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise UserInputError("prompts must be a non-empty string, list of token ids, or list of those")
+    out: list[Prompt] = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            out.append(list(p))
+        else:
+            raise UserInputError(f"a prompt must be text or a list of token ids, got {type(p).__name__}")
+    return out
