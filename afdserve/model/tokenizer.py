@@ -1,0 +1,396 @@
+"""Byte-level BPE tokenizer: built for generated models, loaded from any HF-format model dir.
+
+Two halves:
+
+- `build_tokenizer()` makes the tokenizer that `make-model` ships with every generated model: the
+  256 byte tokens (id == byte value), merges learnt deterministically on a small built-in English
+  text, and the ChatML special tokens. Byte-level means any text, unicode included, round-trips
+  exactly, and HF `tokenizers` / transformers load the resulting tokenizer.json unchanged.
+- `Tokenizer` is the thin runtime wrapper the engine and server use: encode, decode, eos, chat
+  template. `IncrementalDetokenizer` turns a stream of token ids into a stream of text deltas
+  that never splits a UTF-8 character, for streaming responses.
+
+The merges are learnt by a small pure-Python trainer (not `tokenizers`' BpeTrainer) so that the
+vocabulary, and with it every generated model, depends only on this file, never on the version
+of the tokenizers library.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from afdserve.errors import ModelLoadError, UserInputError
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END)
+"""Appended after the byte tokens and the merges, in this order."""
+
+NUM_MERGES = 125
+"""256 bytes + 125 merges + 3 special tokens = 384 ids."""
+
+VOCAB_SIZE = 256 + NUM_MERGES + len(SPECIAL_TOKENS)
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+"""Default chat template (ChatML, as Qwen models use) for models that ship none."""
+
+# The text the merges are learnt on: plain English prose, so that common words and word pieces
+# (" the", "ing", " of") become single tokens and prompts are a few times shorter than in bytes.
+TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog. A language model reads a sequence of tokens and
+predicts the next one. Each token is a piece of text: a whole word, part of a word, a space or a
+single byte. When the model is served to many users at the same time, the server keeps the keys
+and values of every request in a cache, so that each new token needs only one more step of work.
+The attention part of every layer reads this cache, and its cost grows with the length of the
+context. The feed forward part of every layer does not read the cache at all; it only needs the
+hidden state of the token that is being decoded. This is why the two parts can run on different
+machines: the attention workers keep the state, and the feed forward workers keep the weights.
+In the morning the market was quiet. People walked along the river, and the light on the water
+was bright and cold. A child asked her father why the sky is blue, and he said that the air
+scatters blue light more than red light. She thought about it for a while and then asked where
+the light goes at night. He laughed and told her that it goes to the other side of the world,
+where it is morning for other children who are asking the same question.
+There are many ways to write a good program. Start with a small piece that works, then test it,
+then make it a little bigger. Read the error messages: they often tell you exactly what is wrong.
+Name things after what they are. Keep functions short, and write down why the code does what it
+does, not only what it does. When something is slow, measure it before you change it.
+Once upon a time there was a little house at the edge of a forest. In the house lived an old
+woman who baked bread every day. The smell of the bread went out through the open window and
+into the trees, and the birds and the animals of the forest came to sit near the house and wait.
+Every evening she put the bread that was left on the table outside, and every morning it was gone.
+The history of numbers is the history of people counting things: sheep, days, stars and coins.
+The first numbers were marks on bones and stones. Later came the digits one, two, three, four,
+five, six, seven, eight, nine and, much later, zero. With zero and the place of each digit, people
+could write any number with only ten signs, and they could add, subtract, multiply and divide.
+"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet of ByteLevel pre-tokenization.
+
+    Printable latin-1 bytes map to themselves; the rest map to chr(256 + n) in byte order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    mapping: dict[int, str] = {}
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _pre_tokenize(text: str) -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return [piece for piece, _ in pre.pre_tokenize_str(text)]
+
+
+def learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE: repeatedly merge the most frequent adjacent pair (ties: smallest pair).
+
+    Deterministic for a given text. Stops early when no pair occurs twice.
+    """
+    words = Counter(_pre_tokenize(text))
+    seqs = {w: list(w) for w in words}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for w, count in words.items():
+            s = seqs[w]
+            for pair in zip(s, s[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        merged = best[0] + best[1]
+        for w, s in seqs.items():
+            i, out = 0, []
+            while i < len(s):
+                if i + 1 < len(s) and s[i] == best[0] and s[i + 1] == best[1]:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    return merges
+
+
+def build_tokenizer() -> Any:
+    """The `tokenizers.Tokenizer` that every generated model ships (VOCAB_SIZE ids).
+
+    ids 0..255 are the bytes 0..255, then the learnt merges, then SPECIAL_TOKENS. No normalizer
+    and no post-processor: encoding adds no BOS/EOS, so ids are exactly the text's.
+    """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    alphabet = bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    merges = learn_merges(TRAINING_TEXT, NUM_MERGES)
+    if len(merges) != NUM_MERGES:
+        raise RuntimeError(f"training text yields only {len(merges)} merges, need {NUM_MERGES}")
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    for tok in SPECIAL_TOKENS:
+        vocab[tok] = len(vocab)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if tok.get_vocab_size() != VOCAB_SIZE:
+        raise RuntimeError(f"internal: tokenizer has {tok.get_vocab_size()} ids, not {VOCAB_SIZE}")
+    return tok
+
+
+def write_tokenizer_files(out: Path, *, model_max_length: int) -> dict[str, int]:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out`.
+
+    Returns the special token ids (`endoftext`, `im_start`, `im_end`) for config.json.
+    """
+    tok = build_tokenizer()
+    tok.save(str(out / "tokenizer.json"))
+    ids = {
+        "endoftext": tok.token_to_id(ENDOFTEXT),
+        "im_start": tok.token_to_id(IM_START),
+        "im_end": tok.token_to_id(IM_END),
+    }
+    added = {
+        str(tok.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
+        "unk_token": None,
+        "additional_special_tokens": [IM_START, IM_END],
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": CHATML_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special_map = {
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
+        "additional_special_tokens": [IM_START, IM_END],
+    }
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    return ids
+
+
+class Tokenizer:
+    """Runtime tokenizer of one model directory (tokenizer.json + tokenizer_config.json).
+
+    `encode` adds no special tokens (chat formatting is the template's job); `decode` keeps
+    special tokens unless asked to skip them, as HF does. The chat template comes from
+    tokenizer_config.json, or is ChatML (`CHATML_TEMPLATE`) when the model ships none.
+    """
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.model_dir = Path(model_dir)
+        path = self.model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{str(self.model_dir)!r} has no tokenizer.json")
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust library raises plain Exception on bad files
+            raise ModelLoadError(f"{path}: not a valid tokenizer.json ({exc})") from None
+        cfg = _read_json(self.model_dir / "tokenizer_config.json")
+        self.chat_template: str = _template_from(cfg.get("chat_template")) or CHATML_TEMPLATE
+        self.eos_token: str | None = _token_content(cfg.get("eos_token"))
+        self.bos_token: str | None = _token_content(cfg.get("bos_token"))
+        self.eos_token_id: int | None = self._id_of(self.eos_token)
+        self.bos_token_id: int | None = self._id_of(self.bos_token)
+        added = self._tok.get_added_tokens_decoder()
+        self.special_token_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        self._inverse_alphabet: dict[str, int] | None = (
+            {c: b for b, c in bytes_to_unicode().items()} if _has_byte_level_decoder(path) else None
+        )
+        self._bytes_cache: dict[int, bytes] = {}
+
+    @property
+    def is_byte_level(self) -> bool:
+        return self._inverse_alphabet is not None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise UserInputError(f"text to encode must be a str, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        ids = list(ids)
+        bad = [i for i in ids if not (0 <= i < self.vocab_size)]
+        if bad:
+            raise UserInputError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The exact bytes one token stands for, or None if the tokenizer is not byte-level."""
+        if self._inverse_alphabet is None:
+            return None
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            raise UserInputError(f"token id {token_id} out of range [0, {self.vocab_size})")
+        if token_id in self.special_token_ids or any(
+            c not in self._inverse_alphabet for c in piece
+        ):
+            data = piece.encode()  # special or plain-text added token: its text as is
+        else:
+            data = bytes(self._inverse_alphabet[c] for c in piece)
+        self._bytes_cache[token_id] = data
+        return data
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render chat messages ([{"role": ..., "content": ...}]) to the prompt text."""
+        if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+            raise UserInputError("messages must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+                raise UserInputError(f"messages[{i}] must be an object with a string 'role'")
+            if not isinstance(m.get("content"), str):
+                raise UserInputError(f"messages[{i}].content must be a string")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise UserInputError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise UserInputError(f"chat template failed: {exc}") from None
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text deltas out, never splitting a UTF-8 character across deltas.
+
+    For byte-level tokenizers each token's bytes go through an incremental UTF-8 decoder, which
+    holds back an incomplete trailing character until its last byte arrives (exact, O(1) per
+    token). Other tokenizers fall back to re-decoding a short window of recent ids and emitting
+    the new suffix once it no longer ends in U+FFFD (the approach of vLLM and TGI). Either way
+    the concatenation of all `push` results and `flush()` equals `decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._utf8 = (
+            codecs.getincrementaldecoder("utf-8")(errors="replace")
+            if tokenizer.is_byte_level
+            else None
+        )
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: ids before it are fully emitted as text
+        self._read = 0  # ids before it are emitted; [prefix, read) is context for the next decode
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that became final (may be "")."""
+        if self._utf8 is not None:
+            if self._skip and token_id in self._tok.special_token_ids:
+                return ""
+            data = self._tok.token_bytes(token_id)
+            assert data is not None
+            return self._utf8.decode(data)
+        self._ids.append(token_id)
+        before = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        after = self._tok.decode(self._ids[self._prefix :], self._skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """At the end of the stream: whatever was held back (as U+FFFD if incomplete)."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
+        before = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        after = self._tok.decode(self._ids[self._prefix :], self._skip)
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :]
+
+
+def _has_byte_level_decoder(path: Path) -> bool:
+    try:
+        decoder = json.loads(path.read_text()).get("decoder") or {}
+    except (OSError, ValueError):
+        return False
+    return decoder.get("type") == "ByteLevel"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):  # {"content": "<|im_end|>", ...} in older tokenizer configs
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _template_from(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # named templates: [{"name": "default", "template": "..."}]
+        for entry in value:
+            if isinstance(entry, dict) and entry.get("name") == "default":
+                return entry.get("template")
+    return None
