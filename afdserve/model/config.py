@@ -81,6 +81,13 @@ class ModelConfig:
             raise ModelLoadError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         if self.dtype not in DTYPES:
             raise ModelLoadError(f"config.json: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        n_moe = sum(self.moe_layers)
+        if n_moe < self.num_hidden_layers and not (isinstance(self.intermediate_size, int) and self.intermediate_size >= 1):
+            raise ModelLoadError(f"config.json: intermediate_size must be a positive integer, got {self.intermediate_size!r}")
+        if n_moe and not (isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size >= 1):
+            raise ModelLoadError(
+                f"config.json: the MoE intermediate size must be a positive integer, got {self.moe_intermediate_size!r}"
+            )
         if self.is_moe:
             if not (1 <= self.num_experts_per_tok <= self.num_experts):
                 raise ModelLoadError(
@@ -180,6 +187,11 @@ class ModelConfig:
             )
         if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and d.get("use_sliding_window"):
             raise ModelLoadError("config.json: use_sliding_window=true is not supported")
+        window = d.get("sliding_window")
+        if arch == "MixtralForCausalLM" and isinstance(window, int) and window < d.get("max_position_embeddings", 2048):
+            raise ModelLoadError(f"config.json: sliding_window={window} (sliding-window attention) is not supported")
+        if d.get("mlp_bias"):
+            raise ModelLoadError("config.json: mlp_bias=true is not supported")
         attention_bias = bool(d.get("attention_bias", False))
         return cls(
             architecture=arch,
@@ -190,7 +202,7 @@ class ModelConfig:
             num_attention_heads=n_heads,
             num_key_value_heads=d.get("num_key_value_heads") or n_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_number(d, "rms_norm_eps", 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -205,6 +217,13 @@ class ModelConfig:
             extra={k: v for k, v in d.items()},
             **moe,
         )
+
+
+def _number(d: dict[str, Any], key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ModelLoadError(f"config.json: {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _parse_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
