@@ -26,8 +26,9 @@ from afdserve.types import Request, SamplingParams, StepPlan, StepResult, TokenE
 
 class Engine:
     def __init__(self, workers: Sequence[AttentionWorker], ffn: FFNWorker | None = None, seed: int = 0,
-                 on_close: Sequence = ()) -> None:
+                 on_close: Sequence = (), vocab_size: int | None = None) -> None:
         self.workers = list(workers)
+        self.vocab_size = vocab_size
         self.ffn = ffn
         self.router = Router(self.workers)
         self._pool = ThreadPoolExecutor(len(self.workers) + 1, thread_name_prefix="afd") if ffn else None
@@ -45,6 +46,12 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                     arrival_time: float | None = None) -> int:
         """Queue a request on the least-loaded attention worker; returns the worker's index."""
+        if self.vocab_size is not None:
+            bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise UserInputError(
+                    f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+                )
         with self._lock:
             if request_id in self._owner:
                 raise UserInputError(f"duplicate request id {request_id!r}")
