@@ -1,0 +1,165 @@
+"""Sampler: next tokens from last-position logits, batched, with per-token seeded randomness.
+
+Legend: N = rows (one per chunk that samples), R = rows that sample at random (temperature > 0),
+V = vocabulary.
+
+Order of operations per row (vLLM's): temperature 0 (below 1e-5, to avoid overflow) is greedy
+argmax, ties to the lowest token id; otherwise logits / temperature, then top-k, then top-p on
+the top-k-renormalised distribution, then one draw.
+
+Top-k keeps every token whose scaled logit is >= the k-th largest (ties with the k-th value
+are all kept). Top-p keeps the smallest prefix of the tokens sorted by probability (ties ordered
+by token id) whose mass reaches top_p; the most likely token is always kept.
+
+The draw is the exponential race: with E_i ~ Exp(1) i.i.d., E_i / p_i ~ Exp(rate p_i), and the
+smallest of independent exponentials is the i-th with probability p_i / sum(p); so
+argmax_i p_i / E_i = argmax_i (logit_i - log E_i) is an exact sample from softmax(logits), and
+masked tokens (logit -inf) can never win. The noise vector E of each sampled token comes from
+its own generator seeded with (sampling_seed, output_index) alone, never from global state, so
+a request's tokens do not depend on which other requests share its batch, nor on a preemption
+that recomputes it (the token at output_index i gets the same noise either way). The noise is
+drawn on the logits' device, so the same seed gives the same tokens on the same kind of device.
+
+Logprobs, when asked for, are those of the raw model distribution (log_softmax of the logits
+before temperature and filtering), as vLLM reports by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from afdserve.types import SampledToken, ScheduledChunk
+
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this are treated as 0 (greedy): dividing by them overflows float32."""
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def noise_seed(sampling_seed: int, output_index: int) -> int:
+    """Generator seed for one sampled token: a 63-bit mix of the request seed and the index.
+
+    Pure integer arithmetic (Python's `hash` is salted per process, so it would not do).
+    """
+    return _splitmix64(_splitmix64(sampling_seed & _MASK64) ^ (output_index & _MASK64)) >> 1
+
+
+def _exponential_noise(
+    chunks: Sequence[ScheduledChunk], vocab: int, device: torch.device
+) -> torch.Tensor:
+    noise = torch.empty(len(chunks), vocab, dtype=torch.float32, device=device)  # [R, V]
+    for row, chunk in enumerate(chunks):
+        gen = torch.Generator(device=device)
+        gen.manual_seed(noise_seed(chunk.sampling_seed, chunk.output_index))
+        noise[row].exponential_(generator=gen)
+    # an Exp(1) draw of exactly 0 would make -log(E) infinite; clamp to the smallest normal
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def apply_top_k_top_p(
+    scaled: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
+) -> torch.Tensor:
+    """Mask (to -inf) the tokens top-k and top-p drop; returns a new [R, V] tensor.
+
+    top_k <= 0 or >= V disables top-k for that row; top_p >= 1 disables top-p. The result for
+    a row depends only on that row (batch independence), whichever path the batch takes.
+    """
+    rows, vocab = scaled.shape  # [R, V]
+    device = scaled.device
+    ks = [k if 0 < k < vocab else 0 for k in top_k]
+    use_p = [p < 1.0 for p in top_p]
+    neg_inf = float("-inf")
+    if any(use_p):
+        sorted_vals, sorted_idx = scaled.sort(dim=-1, descending=True, stable=True)  # [R, V] x2
+        if any(ks):
+            k_col = torch.tensor([k or vocab for k in ks], device=device).unsqueeze(1)  # [R, 1]
+            kth = sorted_vals.gather(1, k_col - 1)  # [R, 1]
+            sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, neg_inf)
+        probs = sorted_vals.softmax(dim=-1)  # [R, V]
+        mass_before = probs.cumsum(dim=-1) - probs  # [R, V]; exactly 0 in column 0
+        p_col = torch.tensor(top_p, dtype=probs.dtype, device=device).unsqueeze(1)  # [R, 1]
+        rows_p = torch.tensor(use_p, device=device).unsqueeze(1)  # [R, 1]
+        drop = (mass_before >= p_col) & rows_p  # [R, V]
+        sorted_vals = sorted_vals.masked_fill(drop, neg_inf)
+        return torch.empty_like(scaled).scatter_(1, sorted_idx, sorted_vals)
+    if any(ks):
+        top = scaled.topk(max(ks), dim=-1).values  # [R, kmax]
+        k_col = torch.tensor([max(k, 1) for k in ks], device=device).unsqueeze(1)  # [R, 1]
+        kth = top.gather(1, k_col - 1)  # [R, 1]
+        off = torch.tensor([k == 0 for k in ks], device=device).unsqueeze(1)  # [R, 1]
+        kth = kth.masked_fill(off, neg_inf)
+        return scaled.masked_fill(scaled < kth, neg_inf)
+    return scaled
+
+
+def sample(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
+    """One token per row of `logits` [N, V]; row i belongs to `chunks[i]` (all with sample=True).
+
+    Greedy and random rows are handled as two vectorised groups; only drawing each random row's
+    seeded noise is a Python loop. Any float dtype is accepted and computed in float32.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
+    n, vocab = logits.shape
+    if n != len(chunks):
+        raise ValueError(f"{n} rows of logits for {len(chunks)} chunks")
+    for chunk in chunks:
+        if not chunk.sample:
+            raise ValueError(f"chunk of sequence {chunk.seq_id} does not ask for a sample")
+    if n == 0:
+        return []
+    logits = logits.float()  # [N, V]
+    device = logits.device
+    tokens = torch.empty(n, dtype=torch.long, device=device)  # [N]
+
+    greedy_rows = [i for i, c in enumerate(chunks) if c.params.temperature < GREEDY_TEMPERATURE]
+    random_rows = [i for i, c in enumerate(chunks) if c.params.temperature >= GREEDY_TEMPERATURE]
+    if greedy_rows:
+        g_idx = torch.tensor(greedy_rows, device=device)  # [G]
+        tokens[g_idx] = logits[g_idx].argmax(dim=-1)  # first maximum: lowest id wins ties
+    if random_rows:
+        r_idx = torch.tensor(random_rows, device=device)  # [R]
+        r_chunks = [chunks[i] for i in random_rows]
+        temps = torch.tensor([float(c.params.temperature) for c in r_chunks], device=device)
+        scaled = logits[r_idx] / temps.unsqueeze(1)  # [R, V]
+        scaled = apply_top_k_top_p(
+            scaled, [c.params.top_k for c in r_chunks], [float(c.params.top_p) for c in r_chunks]
+        )
+        noise = _exponential_noise(r_chunks, vocab, device)  # [R, V]
+        tokens[r_idx] = (scaled - noise.log()).argmax(dim=-1)
+
+    token_list = tokens.tolist()
+    want = [c.params.logprobs for c in chunks]
+    if all(w is None for w in want):
+        return [
+            SampledToken(seq_id=c.seq_id, token_id=t)
+            for c, t in zip(chunks, token_list, strict=True)
+        ]
+
+    logprobs = logits.log_softmax(dim=-1)  # [N, V]
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()  # [N]
+    n_top = max(w or 0 for w in want)
+    top_vals: list[list[float]] = [[] for _ in chunks]
+    top_ids: list[list[int]] = [[] for _ in chunks]
+    if n_top:
+        top = logprobs.topk(min(n_top, vocab), dim=-1)  # [N, n_top] x2
+        top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+    out = []
+    for i, (chunk, tok) in enumerate(zip(chunks, token_list, strict=True)):
+        if want[i] is None:
+            out.append(SampledToken(seq_id=chunk.seq_id, token_id=tok))
+            continue
+        alts = tuple(zip(top_ids[i][: want[i]], top_vals[i][: want[i]], strict=True))
+        out.append(
+            SampledToken(seq_id=chunk.seq_id, token_id=tok, logprob=chosen[i], top_logprobs=alts)
+        )
+    return out
