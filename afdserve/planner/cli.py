@@ -1,0 +1,612 @@
+"""`afdserve plan` (the Attention/FFN ratio) and `afdserve workload` (trace statistics).
+
+Nothing heavy is imported at module level: the planner (numpy, scipy) loads inside the verb
+functions and matplotlib only for `--plot`. Every bad input raises UserInputError, which
+`afdserve.cli.main` prints as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import TYPE_CHECKING, Any
+
+from afdserve.errors import UserInputError
+
+if TYPE_CHECKING:
+    from afdserve.planner.costs import StageCosts
+    from afdserve.planner.plan import PlanResult
+    from afdserve.planner.ratio import CostWeights
+    from afdserve.planner.roofline import MemoryModel
+    from afdserve.planner.stats import WorkloadStats
+
+EXPLICIT_FLAGS = ("alpha_a", "beta_a", "alpha_f", "beta_f", "alpha_c", "beta_c")
+MODEL_FLAGS = (
+    "attention_hw",
+    "ffn_hw",
+    "hw",
+    "attention_devices",
+    "ffn_devices",
+    "weight_dtype",
+    "kv_dtype",
+    "link",
+    "link_gbps",
+    "flops_eff",
+    "bw_eff",
+    "link_eff",
+    "link_latency_ms",
+    "usable_memory",
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    _add_plan(subparsers)
+    _add_workload(subparsers)
+
+
+# ---- parsers ----------------------------------------------------------------------------------
+
+
+def _add_plan(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="optimal Attention/FFN ratio (rA-1F) for a workload",
+        description=(
+            "Plan how many attention instances (r) should share one FFN instance. Stage costs "
+            "come from explicit per-layer coefficients (ms), a measured profile JSON, or a "
+            "roofline of a catalog model on catalog hardware. See docs/planner.md."
+        ),
+    )
+    c = p.add_argument_group("stage costs: explicit coefficients (ms, per layer)")
+    c.add_argument("--alpha-a", type=float, help="attention ms per resident context token")
+    c.add_argument("--beta-a", type=float, help="attention fixed ms")
+    c.add_argument("--alpha-f", type=float, help="FFN ms per token of the aggregated batch")
+    c.add_argument("--beta-f", type=float, help="FFN fixed ms")
+    c.add_argument("--alpha-c", type=float, help="communication ms per token (default 0)")
+    c.add_argument("--beta-c", type=float, help="communication fixed ms (default 0)")
+    c.add_argument(
+        "--num-layers",
+        type=int,
+        help="layers per step (default 1: coefficients describe a whole step)",
+    )
+    c.add_argument(
+        "--comm-scales-with",
+        choices=("B", "rB"),
+        help="communication affine in B (each attention link; default) or in r*B (the FFN's link)",
+    )
+    pr = p.add_argument_group("stage costs: measured profile")
+    pr.add_argument("--profile", metavar="FILE", help="profile JSON written by `afdserve profile`")
+    m = p.add_argument_group("stage costs: roofline of a model on hardware")
+    m.add_argument("--model", help="catalog model name or a local HF config.json / directory")
+    m.add_argument("--hw", help="hardware for both sides")
+    m.add_argument("--attention-hw", help="hardware of the attention instances")
+    m.add_argument("--ffn-hw", help="hardware of the FFN instance")
+    m.add_argument(
+        "--attention-devices",
+        type=int,
+        help="devices per attention instance "
+        "(default: the fewest, in powers of two, whose memory holds it)",
+    )
+    m.add_argument("--ffn-devices", type=int, help="devices per FFN instance (default: as above)")
+    m.add_argument(
+        "--weight-dtype",
+        choices=("bf16", "fp16", "fp8", "fp32"),
+        help="weight dtype (default: the checkpoint's)",
+    )
+    m.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8", "fp32"), default="bf16")
+    m.add_argument(
+        "--link",
+        choices=("scale-out", "scale-up"),
+        default="scale-out",
+        help="link between the two sides (default scale-out: NIC per device)",
+    )
+    m.add_argument("--link-gbps", type=float, help="override: link Gbit/s per device per direction")
+    m.add_argument("--flops-eff", type=float, default=0.6, help="fraction of peak FLOP/s (0.6)")
+    m.add_argument("--bw-eff", type=float, default=0.8, help="fraction of memory bandwidth (0.8)")
+    m.add_argument("--link-eff", type=float, default=0.8, help="fraction of link bandwidth (0.8)")
+    m.add_argument("--link-latency-ms", type=float, default=0.01, help="beta_C, ms (0.01)")
+    m.add_argument(
+        "--usable-memory", type=float, default=0.9, help="fraction of device memory usable (0.9)"
+    )
+    w = p.add_argument_group("workload (one of)")
+    w.add_argument("--theta", type=float, help="step-weighted context tokens per slot")
+    w.add_argument("--sigma2", type=float, help="per-slot context variance (with --theta)")
+    w.add_argument(
+        "--workload",
+        metavar="NAME_OR_FILE",
+        help="azure-conv, azure-code, mooncake(-conv), mooncake-synthetic or a trace file",
+    )
+    w.add_argument("--prompt", metavar="DIST", help="prompt length distribution, e.g. fixed:1000")
+    w.add_argument(
+        "--output", metavar="DIST", help="output length distribution, e.g. geometric:0.002"
+    )
+    p.add_argument("--batch", type=int, required=True, help="decode slots B per attention instance")
+    p.add_argument("--tpot-slo-ms", type=float, help="TPOT SLO: num_layers * tau must fit it")
+    p.add_argument("--attention-price", type=float, help="$/h of one attention instance")
+    p.add_argument("--ffn-price", type=float, help="$/h of one FFN instance")
+    p.add_argument("--r-max", type=int, help="largest r in the table")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="FILE.png", help="plot throughput and idle fractions vs r")
+    p.set_defaults(func=run_plan)
+
+
+def _add_workload(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "workload",
+        help="theta and sigma_X^2 of traces or length distributions",
+        description=(
+            "Print the step-weighted context per slot (theta) and its variance for traces "
+            "(default: every trace in the shared traces directory) or for a pair of length "
+            "distributions."
+        ),
+    )
+    p.add_argument("traces", nargs="*", metavar="NAME_OR_FILE", help="named workloads or files")
+    p.add_argument("--prompt", metavar="DIST", help="prompt length distribution")
+    p.add_argument("--output", metavar="DIST", help="output length distribution")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=run_workload)
+
+
+# ---- plan -------------------------------------------------------------------------------------
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from afdserve.planner.plan import plan
+
+    if args.batch < 1:
+        raise UserInputError(f"--batch must be >= 1, got {args.batch}")
+    if args.r_max is not None and args.r_max < 1:
+        raise UserInputError(f"--r-max must be >= 1, got {args.r_max}")
+    if args.tpot_slo_ms is not None and not (
+        math.isfinite(args.tpot_slo_ms) and args.tpot_slo_ms > 0
+    ):
+        raise UserInputError(f"--tpot-slo-ms must be > 0, got {args.tpot_slo_ms}")
+    _check_sources(args)
+    stats = _workload_stats(args)
+    extra: dict[str, Any] = {}
+    memory: MemoryModel | None = None
+    if args.model:
+        costs, memory, weights, extra = _roofline(args, stats)
+    else:
+        costs = _profile_costs(args) if args.profile else _explicit_costs(args)
+        weights = _explicit_weights(args)
+    result = plan(
+        costs,
+        args.batch,
+        stats,
+        weights=weights,
+        tpot_slo_ms=args.tpot_slo_ms,
+        memory=memory,
+        r_max=args.r_max,
+    )
+    if args.plot:
+        from afdserve.planner.plot import plot_plan
+
+        plot_plan(result, args.plot, title=_title(result, extra))
+    if args.json:
+        out = result.to_dict()
+        out.update(extra)
+        print(json.dumps(out, indent=2, default=_json_default))
+    else:
+        print(_render(result, extra))
+    return 0
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    explicit = [f for f in EXPLICIT_FLAGS if getattr(args, f) is not None]
+    sources = [
+        name
+        for name, used in (
+            ("explicit coefficients", explicit or args.num_layers),
+            ("--profile", args.profile),
+            ("--model", args.model),
+        )
+        if used
+    ]
+    if len(sources) != 1:
+        raise UserInputError(
+            "give stage costs one way: --alpha-a/--beta-a/--alpha-f/--beta-f[/--alpha-c/--beta-c], "
+            f"--profile FILE, or --model with hardware (got {', '.join(sources) or 'none'})"
+        )
+    if not args.model:
+        given = [f for f in MODEL_FLAGS if _given(args, f)]
+        if given:
+            raise UserInputError(f"--{given[0].replace('_', '-')} only applies with --model")
+    for f in EXPLICIT_FLAGS:
+        v = getattr(args, f)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise UserInputError(f"--{f.replace('_', '-')} must be a number >= 0, got {v}")
+    if explicit:
+        missing = [f for f in EXPLICIT_FLAGS[:4] if getattr(args, f) is None]
+        if missing:
+            raise UserInputError(
+                "explicit coefficients need "
+                + ", ".join("--" + f.replace("_", "-") for f in missing)
+            )
+    if args.num_layers is not None and args.num_layers < 1:
+        raise UserInputError(f"--num-layers must be >= 1, got {args.num_layers}")
+
+
+_MODEL_DEFAULTS = {
+    "kv_dtype": "bf16",
+    "link": "scale-out",
+    "flops_eff": 0.6,
+    "bw_eff": 0.8,
+    "link_eff": 0.8,
+    "link_latency_ms": 0.01,
+    "usable_memory": 0.9,
+}
+
+
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    value = getattr(args, flag)
+    return value is not None and value != _MODEL_DEFAULTS.get(flag)
+
+
+def _workload_stats(args: argparse.Namespace) -> WorkloadStats:
+    from afdserve.planner.distributions import parse_distribution
+    from afdserve.planner.stats import WorkloadStats, stats_from_distributions, stats_from_trace
+    from afdserve.planner.workload import load_trace
+
+    dist = args.prompt is not None or args.output is not None
+    chosen = [
+        n
+        for n, used in (
+            ("--theta", args.theta is not None),
+            ("--workload", args.workload),
+            ("--prompt/--output", dist),
+        )
+        if used
+    ]
+    if len(chosen) != 1:
+        raise UserInputError(
+            "give the workload one way: --theta T [--sigma2 S], --workload NAME_OR_FILE, or "
+            f"--prompt DIST --output DIST (got {', '.join(chosen) or 'none'})"
+        )
+    if args.sigma2 is not None and args.theta is None:
+        raise UserInputError("--sigma2 goes with --theta (traces and distributions give their own)")
+    if args.theta is not None:
+        for flag, v in (("--theta", args.theta), ("--sigma2", args.sigma2)):
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise UserInputError(f"{flag} must be a number >= 0, got {v}")
+        return WorkloadStats(theta=args.theta, sigma2=args.sigma2, source="explicit")
+    if args.workload:
+        return stats_from_trace(load_trace(args.workload))
+    if args.prompt is None or args.output is None:
+        raise UserInputError("--prompt and --output go together")
+    return stats_from_distributions(
+        parse_distribution(args.prompt), parse_distribution(args.output)
+    )
+
+
+def _explicit_costs(args: argparse.Namespace) -> StageCosts:
+    from afdserve.planner.costs import StageCosts
+
+    return StageCosts.explicit(
+        args.alpha_a,
+        args.beta_a,
+        args.alpha_f,
+        args.beta_f,
+        args.alpha_c or 0.0,
+        args.beta_c or 0.0,
+        comm_scales_with=args.comm_scales_with or "B",
+        num_layers=args.num_layers or 1,
+    )
+
+
+def _profile_costs(args: argparse.Namespace) -> StageCosts:
+    import dataclasses
+
+    from afdserve.planner.costs import StageCosts
+
+    costs = StageCosts.from_profile(args.profile)
+    if args.comm_scales_with:
+        costs = dataclasses.replace(costs, comm_scales_with=args.comm_scales_with)
+    return costs
+
+
+def _explicit_weights(args: argparse.Namespace) -> CostWeights:
+    from afdserve.planner.ratio import CostWeights
+
+    prices = (args.attention_price, args.ffn_price)
+    if prices == (None, None):
+        return CostWeights()
+    if None in prices:
+        raise UserInputError("--attention-price and --ffn-price go together")
+    _check_prices(args)
+    return CostWeights(args.attention_price, args.ffn_price, "$/h")
+
+
+def _check_prices(args: argparse.Namespace) -> None:
+    for flag, v in (("--attention-price", args.attention_price), ("--ffn-price", args.ffn_price)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UserInputError(f"{flag} must be > 0 ($/h), got {v}")
+
+
+def _roofline(
+    args: argparse.Namespace, stats: WorkloadStats
+) -> tuple[StageCosts, MemoryModel, CostWeights, dict[str, Any]]:
+    from afdserve.planner.hardware_catalog import load_hardware
+    from afdserve.planner.model_catalog import load_model
+    from afdserve.planner.ratio import CostWeights
+    from afdserve.planner.roofline import (
+        Efficiency,
+        RooflineSetup,
+        memory_model,
+        roofline_costs,
+        smallest_device_count,
+        unit_costs,
+    )
+
+    if args.hw and (args.attention_hw or args.ffn_hw):
+        raise UserInputError("give --hw, or --attention-hw and --ffn-hw, not both")
+    a_name = args.attention_hw or args.hw
+    f_name = args.ffn_hw or args.hw
+    if not a_name or not f_name:
+        raise UserInputError("--model needs hardware: --hw, or --attention-hw and --ffn-hw")
+    model = load_model(args.model, args.weight_dtype)
+    a_hw, f_hw = load_hardware(a_name), load_hardware(f_name)
+    for flag in ("attention_devices", "ffn_devices"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise UserInputError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if args.link_gbps is not None and not (math.isfinite(args.link_gbps) and args.link_gbps > 0):
+        raise UserInputError(f"--link-gbps must be > 0, got {args.link_gbps}")
+    eff = Efficiency(
+        flops=args.flops_eff,
+        memory_bw=args.bw_eff,
+        link=args.link_eff,
+        link_latency_ms=args.link_latency_ms,
+        usable_memory=args.usable_memory,
+    )
+    base = RooflineSetup(
+        batch=args.batch,
+        kv_dtype=args.kv_dtype,
+        link=args.link,
+        link_bw=None if args.link_gbps is None else args.link_gbps * 1e9 / 8,
+        comm_scales_with=args.comm_scales_with or "B",
+        efficiency=eff,
+    )
+    # size each side from its memory need at g = 1 (which does not depend on g)
+    need = memory_model(model, a_hw, f_hw, base)
+    notes = []
+    g_a = args.attention_devices
+    if g_a is None:
+        kv = args.batch * stats.theta * need.kv_bytes_per_context_token
+        g_a = (
+            smallest_device_count(
+                need.attention_fixed_bytes + kv, a_hw.memory_bytes, eff.usable_memory
+            )
+            or 1
+        )
+        notes.append(f"attention instance sized to {g_a} x {a_hw.name} by memory")
+    g_f = args.ffn_devices
+    if g_f is None:
+        act = args.batch * need.ffn_bytes_per_token
+        g_f = (
+            smallest_device_count(need.ffn_fixed_bytes + act, f_hw.memory_bytes, eff.usable_memory)
+            or 1
+        )
+        notes.append(f"FFN instance sized to {g_f} x {f_hw.name} by memory")
+    import dataclasses
+
+    setup = dataclasses.replace(base, attention_devices=g_a, ffn_devices=g_f)
+    derivation = roofline_costs(model, a_hw, f_hw, setup)
+    memory = memory_model(model, a_hw, f_hw, setup)
+
+    _check_prices(args)
+    if (args.attention_price is None) != (args.ffn_price is None):
+        raise UserInputError("--attention-price and --ffn-price go together")
+    if args.attention_price is not None:
+        weights = CostWeights(args.attention_price, args.ffn_price, "$/h")
+    elif a_hw.price_per_hour is not None and f_hw.price_per_hour is not None:
+        weights = CostWeights(g_a * a_hw.price_per_hour, g_f * f_hw.price_per_hour, "$/h")
+        notes.append("instance prices from the hardware catalog")
+    else:
+        weights = CostWeights(float(g_a), float(g_f), "device")
+        if g_a != g_f:
+            notes.append("no catalog price for both sides: objective is throughput per device")
+
+    unit = {}
+    for side, hw in (("attention", a_hw), ("ffn", f_hw)):
+        if hw.price_per_hour is not None:
+            u_flop, u_byte = unit_costs(
+                hw.price_per_hour, hw.flops(model.weight_dtype), hw.memory_bw
+            )
+            unit[side] = {"hardware": hw.name, "usd_per_flop": u_flop, "usd_per_byte": u_byte}
+    extra = {
+        "model": {
+            "name": model.name,
+            "source": model.source,
+            "weight_dtype": model.weight_dtype,
+            "num_layers": model.num_layers,
+            "total_params": model.total_params,
+        },
+        "hardware": {
+            "attention": {
+                "name": a_hw.name,
+                "devices": g_a,
+                "source": a_hw.source,
+                "approximate": a_hw.approximate,
+            },
+            "ffn": {
+                "name": f_hw.name,
+                "devices": g_f,
+                "source": f_hw.source,
+                "approximate": f_hw.approximate,
+            },
+        },
+        "efficiency": dataclasses.asdict(eff),
+        "roofline": derivation.to_dict(),
+        "unit_costs": unit,
+        "sizing_notes": notes,
+    }
+    return derivation.costs, memory, weights, extra
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _title(result: PlanResult, extra: dict[str, Any]) -> str:
+    head = f"B = {result.batch}, theta = {result.theta:.1f} ({result.workload.source})"
+    if "model" in extra:
+        hw = extra["hardware"]
+        head = (
+            f"{extra['model']['name']}: attention {hw['attention']['devices']}x"
+            f"{hw['attention']['name']}, FFN {hw['ffn']['devices']}x{hw['ffn']['name']}\n{head}"
+        )
+    return head
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return "-inf" if v < 0 else "inf"
+    return f"{v:.{digits}g}"
+
+
+def _render(result: PlanResult, extra: dict[str, Any]) -> str:
+    c = result.costs
+    w = result.workload
+    lines = []
+    if "model" in extra:
+        lines.append(_title(result, extra).split("\n")[0])
+        lines.extend(f"  note: {n}" for n in extra["sizing_notes"])
+    lines.append(
+        f"workload: {w.source}: theta = {w.theta:.1f} tokens/slot"
+        + (f", sigma_X^2 = {w.sigma2:.6g}" if w.sigma2 is not None else "")
+    )
+    lines.append(
+        f"costs ({c.source}, ms per layer, {c.num_layers} layer(s)/step): "
+        f"attention {_fmt(c.attention.alpha)}*T + {_fmt(c.attention.beta)}, "
+        f"FFN {_fmt(c.ffn.alpha)}*n + {_fmt(c.ffn.beta)}, "
+        f"comm {_fmt(c.comm.alpha)}*{c.comm_scales_with} + {_fmt(c.comm.beta)}"
+    )
+    lines.append(
+        f"B = {result.batch}: r_A = {_fmt(result.r_a)}, r_C = {_fmt(result.r_c)}, "
+        f"r_peak = {_fmt(result.r_peak)}, r* = {_fmt(result.r_star)}"
+    )
+    obj = result.weights
+    lines.append(
+        f"best integer r: {result.r_int if result.r_int is not None else 'none feasible'}"
+        f" (mean field; closed form gives {result.r_int_unconstrained})"
+        + (f", barrier-aware: {result.r_int_barrier}" if w.sigma2 is not None else "")
+        + f"; objective: throughput per {obj.unit}"
+        + (f" (attention {obj.attention:g}, FFN {obj.ffn:g})" if obj.unit != "instance" else "")
+    )
+    if result.microbatches is not None:
+        mb = result.microbatches
+        lines.append(
+            f"microbatches to hide communication: {mb.microbatches} (T_c/T_f = {mb.tc_over_tf:.3g})"
+        )
+    if result.memory is not None:
+        m = result.memory
+        lines.append(
+            f"memory: attention {m.attention_bytes / 1e9:.1f}/{m.attention_capacity_bytes / 1e9:.1f} GB"
+            f" ({'ok' if m.attention_ok else 'DOES NOT FIT'}, max B {m.max_batch}), "
+            f"FFN {m.ffn_bytes / 1e9:.1f}/{m.ffn_capacity_bytes / 1e9:.1f} GB "
+            f"({'ok' if m.ffn_ok else 'DOES NOT FIT'})"
+        )
+    if result.tpot_slo_ms is not None:
+        lines.append(f"TPOT SLO: {result.tpot_slo_ms:g} ms per step")
+    lines.extend(f"note: {n}" for n in result.notes)
+    barrier = w.sigma2 is not None
+    header = ["r", "t_A", "t_F", "t_C", "tau", "step", "thr/inst", "A idle", "F idle"]
+    if obj.unit != "instance":
+        header.append(f"thr/{obj.unit}")
+    if barrier:
+        header += ["E[tau]", "thr/inst(b)"]
+    header.append("ok")
+    table = [header]
+    for row in result.table:
+        cells = [
+            str(row.r),
+            _fmt(row.t_attention),
+            _fmt(row.t_ffn),
+            _fmt(row.t_comm),
+            _fmt(row.cycle_ms),
+            _fmt(row.step_ms),
+            _fmt(row.throughput_per_instance),
+            f"{row.attention_idle:.2f}",
+            f"{row.ffn_idle:.2f}",
+        ]
+        if obj.unit != "instance":
+            cells.append(_fmt(row.throughput_per_cost))
+        if barrier:
+            cells += [_fmt(row.expected_cycle_ms), _fmt(row.throughput_per_instance_barrier)]
+        mark = "yes" if row.feasible else "no"
+        if row.r == result.r_int:
+            mark += " <- best"
+        cells.append(mark)
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines.append("times in ms (per layer; step = all layers), throughput in tokens/ms:")
+    for r in table:
+        lines.append("  ".join(cell.rjust(wd) for cell, wd in zip(r, widths, strict=True)))
+    return "\n".join(lines)
+
+
+# ---- workload ---------------------------------------------------------------------------------
+
+
+def run_workload(args: argparse.Namespace) -> int:
+    from afdserve.planner.distributions import parse_distribution
+    from afdserve.planner.stats import stats_from_distributions, stats_from_trace
+    from afdserve.planner.workload import load_trace, trace_files, traces_dir
+
+    rows = []
+    if args.prompt is not None or args.output is not None:
+        if args.prompt is None or args.output is None:
+            raise UserInputError("--prompt and --output go together")
+        if args.traces:
+            raise UserInputError("give traces or --prompt/--output, not both")
+        stats = stats_from_distributions(
+            parse_distribution(args.prompt), parse_distribution(args.output)
+        )
+        rows.append(stats)
+    else:
+        names = args.traces or [str(p) for p in trace_files()]
+        if not names:
+            raise UserInputError(f"no trace files in {traces_dir()}")
+        for name in names:
+            trace = load_trace(name)
+            rows.append(stats_from_trace(trace))
+    if args.json:
+        print(json.dumps([s.to_dict() for s in rows], indent=2))
+        return 0
+    header = ["workload", "requests", "mean P", "mean D", "P + D/2", "theta", "sigma_X"]
+    table = [header]
+    for s in rows:
+        naive = None
+        if s.mean_prompt is not None and s.mean_output is not None:
+            naive = s.mean_prompt + s.mean_output / 2
+        table.append(
+            [
+                s.source,
+                "-" if s.num_requests is None else str(s.num_requests),
+                _fmt(s.mean_prompt, 6),
+                _fmt(s.mean_output, 6),
+                _fmt(naive, 6),
+                f"{s.theta:.1f}",
+                _fmt(None if s.sigma2 is None else math.sqrt(s.sigma2), 6),
+            ]
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print(
+            "  ".join(
+                cell.ljust(wd) if i == 0 else cell.rjust(wd)
+                for i, (cell, wd) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    print(
+        "theta = sum(D*P + D*(D-1)/2) / sum(D): context tokens per decode slot, step-weighted",
+        file=sys.stdout,
+    )
+    return 0

@@ -1,0 +1,243 @@
+"""Stage cost models: affine per-layer times of attention, FFN and communication, in milliseconds.
+
+Every coefficient describes ONE transformer layer of ONE decode step (units: ms, tokens):
+
+    t_attention(T) = alpha_A * T + beta_A   T = context tokens resident in one attention instance's
+                                            B slots (the KV it reads)
+    t_ffn(n)       = alpha_F * n + beta_F   n = tokens in the FFN's aggregated batch (r * B)
+    t_comm(n)      = alpha_C * n + beta_C   n = tokens crossing the busiest link one way: B per
+                                            attention instance (`comm_scales_with="B"`), or r * B
+                                            into the FFN (`comm_scales_with="rB"`)
+
+A decode step runs `num_layers` layers, so with pipelining its time is num_layers * tau with
+tau = max(t_attention, t_comm, t_ffn); the TPOT SLO check uses exactly that. Coefficients given
+for a whole step instead are the same thing with num_layers = 1 (the CLI's default for explicit
+coefficients).
+
+Three sources: explicit numbers (`StageCosts.explicit`), a measured profile JSON
+(`StageCosts.from_profile`; the schema is in docs/planner.md and `to_profile_dict` writes it), or a
+roofline derivation from a model and hardware (`afdserve.planner.roofline.roofline_costs`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from afdserve.errors import UserInputError
+
+COMM_SCALINGS: tuple[str, ...] = ("B", "rB")
+PROFILE_UNITS = "ms"
+
+
+@dataclass(frozen=True)
+class Affine:
+    """t(x) = alpha * x + beta, in ms; optional fit quality when it was fitted to measurements."""
+
+    alpha: float
+    """ms per unit of x (a token, or a resident context token for attention)."""
+    beta: float
+    """ms at x = 0 (weight streaming, launch and latency costs)."""
+    r2: float | None = None
+    """Coefficient of determination of the fit, if fitted."""
+    max_rel_err: float | None = None
+    """Largest |fit - measured| / measured over the fitted points, if fitted."""
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UserInputError(f"{name} must be a finite number, got {v!r}")
+            if v < 0:
+                raise UserInputError(f"{name} must be >= 0, got {v!r}")
+        for name in ("r2", "max_rel_err"):
+            v = getattr(self, name)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            ):
+                raise UserInputError(f"{name} must be a finite number or null, got {v!r}")
+
+    def __call__(self, x: float) -> float:
+        return self.alpha * x + self.beta
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"alpha": self.alpha, "beta": self.beta}
+        if self.r2 is not None:
+            d["r2"] = self.r2
+        if self.max_rel_err is not None:
+            d["max_rel_err"] = self.max_rel_err
+        return d
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Per-layer stage cost coefficients of one rA-1F bundle (see the module docstring)."""
+
+    attention: Affine
+    """Per attention instance: alpha_A ms per resident context token, beta_A ms."""
+    ffn: Affine
+    """Per FFN instance: alpha_F ms per token of the aggregated batch, beta_F ms."""
+    comm: Affine
+    """alpha_C ms per token sent one way over the busiest link, beta_C ms (latency)."""
+    comm_scales_with: str = "B"
+    """'B': each attention instance's own link carries B tokens; 'rB': the FFN's link carries r*B."""
+    num_layers: int = 1
+    """Layers per decode step; a step takes num_layers * tau."""
+    source: str = "explicit"
+    """'explicit', 'roofline', 'measured' or another note on where the numbers came from."""
+    model: str | None = None
+    device: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """Extra top-level keys of a profile (kept for round trips; ignored by the planner)."""
+
+    def __post_init__(self) -> None:
+        for name in ("attention", "ffn", "comm"):
+            if not isinstance(getattr(self, name), Affine):
+                raise UserInputError(f"{name} costs must be an Affine, got {getattr(self, name)!r}")
+        if self.comm_scales_with not in COMM_SCALINGS:
+            raise UserInputError(
+                f"comm_scales_with must be one of {', '.join(COMM_SCALINGS)}, "
+                f"got {self.comm_scales_with!r}"
+            )
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
+            raise UserInputError(f"num_layers must be an integer, got {self.num_layers!r}")
+        if self.num_layers < 1:
+            raise UserInputError(f"num_layers must be >= 1, got {self.num_layers}")
+
+    # ---- stage times (ms, one layer) -------------------------------------------------------
+
+    def t_attention(self, context_tokens: float) -> float:
+        """One attention instance's time for one layer with `context_tokens` resident tokens."""
+        return self.attention(context_tokens)
+
+    def t_ffn(self, tokens: float) -> float:
+        """The FFN's time for one layer on an aggregated batch of `tokens` tokens."""
+        return self.ffn(tokens)
+
+    def t_comm(self, tokens: float) -> float:
+        """Time to move `tokens` hidden states one way over the link (see `comm_tokens`)."""
+        return self.comm(tokens)
+
+    def comm_tokens(self, batch: float, r: float) -> float:
+        """Tokens on the busiest link per layer: B, or r*B when the FFN's link is the bottleneck."""
+        return batch * r if self.comm_scales_with == "rB" else batch
+
+    def t_comm_for(self, batch: float, r: float) -> float:
+        return self.t_comm(self.comm_tokens(batch, r))
+
+    # ---- constructors ----------------------------------------------------------------------
+
+    @classmethod
+    def explicit(
+        cls,
+        alpha_a: float,
+        beta_a: float,
+        alpha_f: float,
+        beta_f: float,
+        alpha_c: float = 0.0,
+        beta_c: float = 0.0,
+        *,
+        comm_scales_with: str = "B",
+        num_layers: int = 1,
+        model: str | None = None,
+        device: str | None = None,
+    ) -> StageCosts:
+        """Coefficients given as numbers (ms, per layer)."""
+        return cls(
+            attention=_affine("attention", alpha_a, beta_a),
+            ffn=_affine("ffn", alpha_f, beta_f),
+            comm=_affine("comm", alpha_c, beta_c),
+            comm_scales_with=comm_scales_with,
+            num_layers=num_layers,
+            source="explicit",
+            model=model,
+            device=device,
+        )
+
+    @classmethod
+    def from_profile(cls, path: str | os.PathLike[str]) -> StageCosts:
+        """Read a profile JSON (schema: docs/planner.md, as written by `afdserve profile`)."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"{p}: cannot read profile ({exc})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{p}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        return cls.from_profile_dict(data, origin=str(p))
+
+    @classmethod
+    def from_profile_dict(cls, data: Any, origin: str = "profile") -> StageCosts:
+        """Build from the parsed profile JSON object; every problem names `origin` and the key."""
+        if not isinstance(data, dict):
+            raise UserInputError(f"{origin}: a profile must be a JSON object")
+        units = data.get("units", PROFILE_UNITS)
+        if units != PROFILE_UNITS:
+            raise UserInputError(f"{origin}: units must be {PROFILE_UNITS!r}, got {units!r}")
+        stages: dict[str, Affine] = {}
+        for stage in ("attention", "ffn", "comm"):
+            entry = data.get(stage)
+            if not isinstance(entry, dict):
+                raise UserInputError(f"{origin}: missing object {stage!r} with alpha and beta")
+            for key in ("alpha", "beta"):
+                if key not in entry:
+                    raise UserInputError(f"{origin}: {stage}.{key} is missing")
+            try:
+                stages[stage] = Affine(
+                    alpha=entry["alpha"],
+                    beta=entry["beta"],
+                    r2=entry.get("r2"),
+                    max_rel_err=entry.get("max_rel_err"),
+                )
+            except UserInputError as exc:
+                raise UserInputError(f"{origin}: {stage}: {exc}") from None
+        comm_entry = data["comm"]
+        num_layers = data.get("num_layers", 1)
+        known = {"source", "model", "device", "units", "attention", "ffn", "comm", "num_layers"}
+        try:
+            return cls(
+                attention=stages["attention"],
+                ffn=stages["ffn"],
+                comm=stages["comm"],
+                comm_scales_with=comm_entry.get("scales_with", "B"),
+                num_layers=num_layers,
+                source=str(data.get("source", "measured")),
+                model=_opt_str(data.get("model")),
+                device=_opt_str(data.get("device")),
+                extra={k: v for k, v in data.items() if k not in known},
+            )
+        except UserInputError as exc:
+            raise UserInputError(f"{origin}: {exc}") from None
+
+    def to_profile_dict(self) -> dict[str, Any]:
+        """The profile JSON object (the inverse of `from_profile_dict`)."""
+        comm = self.comm.to_dict()
+        comm["scales_with"] = self.comm_scales_with
+        return {
+            "source": self.source,
+            "model": self.model,
+            "device": self.device,
+            "units": PROFILE_UNITS,
+            "num_layers": self.num_layers,
+            "attention": self.attention.to_dict(),
+            "ffn": self.ffn.to_dict(),
+            "comm": comm,
+            **self.extra,
+        }
+
+
+def _affine(stage: str, alpha: float, beta: float) -> Affine:
+    try:
+        return Affine(alpha=alpha, beta=beta)
+    except UserInputError as exc:
+        raise UserInputError(f"{stage}: {exc}") from None
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else str(v)
