@@ -11,14 +11,16 @@ Top-k keeps every token whose scaled logit is >= the k-th largest (ties with the
 are all kept). Top-p keeps the smallest prefix of the tokens sorted by probability (ties ordered
 by token id) whose mass reaches top_p; the most likely token is always kept.
 
-The draw is the exponential race: with E_i ~ Exp(1) i.i.d., E_i / p_i ~ Exp(rate p_i), and the
-smallest of independent exponentials is the i-th with probability p_i / sum(p); so
-argmax_i p_i / E_i = argmax_i (logit_i - log E_i) is an exact sample from softmax(logits), and
-masked tokens (logit -inf) can never win. The noise vector E of each sampled token comes from
-its own generator seeded with (sampling_seed, output_index) alone, never from global state, so
-a request's tokens do not depend on which other requests share its batch, nor on a preemption
-that recomputes it (the token at output_index i gets the same noise either way). The noise is
-drawn on the logits' device, so the same seed gives the same tokens on the same kind of device.
+The draw is the exponential race (equivalently the Gumbel-max trick): with E_i ~ Exp(1)
+i.i.d., E_i / p_i ~ Exp(rate p_i), and the smallest of independent exponentials is the i-th
+with probability p_i / sum(p); so argmax_i p_i / E_i = argmax_i (logit_i - log E_i) is an exact
+sample from softmax(logits), and masked tokens (logit -inf) can never win. E_i = -log U_i with
+U_i uniform; float32 uniforms (24-bit) bound the error of the sampled distribution by about
+1e-7 per token. The noise vector of each sampled token comes from its own generator seeded
+with (sampling_seed, output_index) alone, never from global state, so a request's tokens do
+not depend on which other requests share its batch, nor on a preemption that recomputes it
+(the token at output_index i gets the same noise either way). The noise is drawn on the
+logits' device, so the same seed gives the same tokens on the same kind of device.
 
 Logprobs, when asked for, are those of the raw model distribution (log_softmax of the logits
 before temperature and filtering), as vLLM reports by default.
@@ -53,16 +55,18 @@ def noise_seed(sampling_seed: int, output_index: int) -> int:
     return _splitmix64(_splitmix64(sampling_seed & _MASK64) ^ (output_index & _MASK64)) >> 1
 
 
-def _exponential_noise(
+def _gumbel_noise(
     chunks: Sequence[ScheduledChunk], vocab: int, device: torch.device
 ) -> torch.Tensor:
+    """G = -log(-log U) ~ Gumbel(0, 1), i.e. -log E with E = -log U ~ Exp(1); one seeded
+    generator per row. (Uniforms then two logs cost a third of `exponential_` on CPU.)"""
     noise = torch.empty(len(chunks), vocab, dtype=torch.float32, device=device)  # [R, V]
     for row, chunk in enumerate(chunks):
         gen = torch.Generator(device=device)
         gen.manual_seed(noise_seed(chunk.sampling_seed, chunk.output_index))
-        noise[row].exponential_(generator=gen)
-    # an Exp(1) draw of exactly 0 would make -log(E) infinite; clamp to the smallest normal
-    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+        noise[row].uniform_(generator=gen)  # U in [0, 1)
+    # U = 0 gives -inf (that token cannot win); U < 1 keeps -log U > 0, so no NaN or +inf
+    return noise.log_().neg_().log_().neg_()
 
 
 def apply_top_k_top_p(
@@ -123,19 +127,22 @@ def sample(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[Sampl
 
     greedy_rows = [i for i, c in enumerate(chunks) if c.params.temperature < GREEDY_TEMPERATURE]
     random_rows = [i for i, c in enumerate(chunks) if c.params.temperature >= GREEDY_TEMPERATURE]
-    if greedy_rows:
+    if len(greedy_rows) == n:  # common case: no gather of the whole logits matrix
+        tokens = logits.argmax(dim=-1)  # first maximum: lowest id wins ties
+    elif greedy_rows:
         g_idx = torch.tensor(greedy_rows, device=device)  # [G]
-        tokens[g_idx] = logits[g_idx].argmax(dim=-1)  # first maximum: lowest id wins ties
+        tokens[g_idx] = logits[g_idx].argmax(dim=-1)
     if random_rows:
         r_idx = torch.tensor(random_rows, device=device)  # [R]
         r_chunks = [chunks[i] for i in random_rows]
         temps = torch.tensor([float(c.params.temperature) for c in r_chunks], device=device)
-        scaled = logits[r_idx] / temps.unsqueeze(1)  # [R, V]
+        rows = logits if len(random_rows) == n else logits[r_idx]  # [R, V]
+        scaled = rows / temps.unsqueeze(1)  # [R, V]
         scaled = apply_top_k_top_p(
             scaled, [c.params.top_k for c in r_chunks], [float(c.params.top_p) for c in r_chunks]
         )
-        noise = _exponential_noise(r_chunks, vocab, device)  # [R, V]
-        tokens[r_idx] = (scaled - noise.log()).argmax(dim=-1)
+        gumbel = _gumbel_noise(r_chunks, vocab, device)  # [R, V]
+        tokens[r_idx] = scaled.add_(gumbel).argmax(dim=-1)  # scaled is ours to overwrite
 
     token_list = tokens.tolist()
     want = [c.params.logprobs for c in chunks]
