@@ -137,7 +137,7 @@ def _open(path: Path):  # -> safetensors safe_open handle
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # SafetensorError, OSError: corrupt header, truncated body, ...
-        raise ModelLoadError(f"{path}: not a valid safetensors file ({exc})") from None
+        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
 
 
 def _tensor_names(path: Path) -> list[str]:

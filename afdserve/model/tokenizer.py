@@ -255,7 +255,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise UserInputError(f"text to encode must be a str, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates (e.g. "\ud800" from JSON) are not encodable text
+            raise UserInputError("text is not valid unicode (it has lone surrogates)") from None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = list(ids)
