@@ -208,3 +208,26 @@ def test_input_validation():
 def test_bad_sampling_params_are_rejected(kwargs, msg):
     with pytest.raises(UserInputError, match=msg):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_seeded_rows_are_batch_independent_on_each_device(device):
+    logits = random_logits(6, 2000, seed=7).to(device)  # [6, V]
+    chunks = [chunk(i, seed=100 + i, index=i, **MIXED[i]) for i in range(6)]
+    together = tokens(logits, chunks)
+    alone = [tokens(logits[i : i + 1], [chunks[i]])[0] for i in range(6)]
+    reversed_batch = tokens(logits.flip(0), chunks[::-1])[::-1]
+    assert together == alone == reversed_batch
+    assert together[0] == int(logits[0].argmax())
