@@ -6,20 +6,27 @@ generation_config.json and a byte-level tokenizer, laid out exactly as the publi
 Qwen2, Qwen3, Mixtral and Qwen3-MoE checkpoints are, so HF transformers loads them unchanged and
 serves as the oracle for afdserve's own model code.
 
-Initialisation is chosen for a useful *random* model, not a trainable one: with the usual
+Initialisation is chosen for a useful *random* model, not a trainable one. With the usual
 std 0.02 a tiny model's logits are nearly flat, greedy decoding hits near-ties (two tokens whose
-logits differ by rounding error), and the next token depends only on the current one, so output
-falls into one repeated token. Instead every projection has std 1/sqrt(fan_in) (each sub-block
-adds a contribution as large as its input, so attention mixes context in), the LM head gives
-logits with std ~4 (top-1 is well separated from top-2), norm weights scatter around 1 (so a
-norm loaded wrongly shows), and router logits have std ~2 (so top-k expert choice is not a
-near-tie either). tests/model/test_make_model.py checks the result against HF transformers.
+logits differ by rounding error, so two correct implementations disagree), and the next token
+depends only on the current one, so output falls into one repeated token. Instead:
+- every projection has std 1/sqrt(fan_in), and those that write into the residual stream
+  (o_proj, down_proj, w2) OUTPUT_GAIN times that, so attention mixes the context in;
+- the LM head gives logits with std LOGIT_STD (top-1 well separated from top-2), each token's
+  head row leans away from its own embedding (untied) or the final norm has random signs
+  (tied), so a token rarely predicts itself;
+- head rows of `quiet_token_ids` (non-printable bytes, special tokens) are scaled down, so the
+  output decodes to printable ASCII and never hits EOS: generation runs to max_tokens;
+- norm weights scatter around 1 (a norm loaded wrongly shows), router logits have std
+  ROUTER_LOGIT_STD (top-k expert choice is not a near-tie either).
+tests/model/test_make_model.py checks the result with HF transformers generate.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -180,7 +187,7 @@ def make_model(
     model.safetensors.index.json. `config_overrides` replaces config.json fields before the
     weights are shaped from it (e.g. {"rope_scaling": {...}} or {"mlp_only_layers": [0]}).
     """
-    from afdserve.model.tokenizer import VOCAB_SIZE, write_tokenizer_files
+    from afdserve.model.tokenizer import VOCAB_SIZE
 
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -200,8 +207,34 @@ def make_model(
             f"vocab_size {config.vocab_size} is smaller than the tokenizer's {VOCAB_SIZE} ids"
         )
     tensors = random_weights(config, seed, quiet_token_ids(config.vocab_size))
+    if shards > len(tensors):
+        raise UserInputError(f"cannot split {len(tensors)} tensors into {shards} shards")
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_files(out, hf, config, tensors, dtype, shards)
+    except BaseException:
+        # leave no half-written model behind (an existing `out` was empty: all of it is ours)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                child.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _write_files(
+    out: Path,
+    hf: dict[str, Any],
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    dtype: str,
+    shards: int,
+) -> None:
+    from afdserve.model.tokenizer import write_tokenizer_files
+
     ids = write_tokenizer_files(out, model_max_length=config.max_position_embeddings)
     eos = [ids["im_end"], ids["endoftext"]]
     hf.update(bos_token_id=ids["endoftext"], eos_token_id=eos, torch_dtype=dtype)
@@ -213,7 +246,6 @@ def make_model(
     }
     _write_json(out / "generation_config.json", generation)
     _write_weights(out, {n: t.to(_torch_dtype(dtype)) for n, t in tensors.items()}, shards)
-    return out
 
 
 def quiet_token_ids(vocab_size: int) -> list[int]:
@@ -290,8 +322,6 @@ def _write_weights(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> 
         save_file(tensors, str(out / SINGLE_FILE), metadata=metadata)
         return
     names = list(tensors)
-    if shards > len(names):
-        raise UserInputError(f"cannot split {len(names)} tensors into {shards} shards")
     sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
     total = sum(sizes)
     # cut in checkpoint order where the running size crosses k/shards of the total, leaving at

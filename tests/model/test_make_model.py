@@ -195,12 +195,31 @@ def test_small_presets_are_bigger() -> None:
         ({"dtype": "int8"}, "unknown dtype"),
         ({"shards": 0}, "shards must be"),
         ({"seed": -1}, "seed must be"),
+        ({"shards": 10_000}, "cannot split"),
+        ({"config_overrides": {"vocab_size": 100}}, "smaller than the tokenizer"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str, tmp_path: Path) -> None:
     args = {"arch": "llama", "preset": "tiny", "seed": 0, "out": tmp_path / "m", **kwargs}
     with pytest.raises(UserInputError, match=message):
         make_model(**args)
+    assert not (tmp_path / "m").exists()
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import afdserve.model.make_model as mm
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(mm, "_write_weights", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        make_model("llama", "tiny", 0, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="No space"):
+        make_model("llama", "tiny", 0, tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_refuses_to_overwrite(tmp_path: Path) -> None:
