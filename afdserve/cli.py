@@ -14,6 +14,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from afdserve.errors import UserInputError
+
+# verbs raise UserInputError (or this alias) for bad input: one line on stderr, exit status 2
+CLIError = UserInputError
+
 # verb modules, in the order `afdserve --help` lists them; a module absent from this checkout is
 # skipped so that partial installs still work.
 VERB_MODULES: tuple[str, ...] = (
@@ -26,10 +31,6 @@ VERB_MODULES: tuple[str, ...] = (
 )
 
 
-from afdserve.errors import UserInputError
-
-# verbs raise UserInputError (or this alias) for bad input: one line on stderr, exit status 2
-CLIError = UserInputError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,20 +53,38 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise UserInputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.transport not in TRANSPORTS:
-            raise UserInputError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
-        for name, low in (("attention_workers", 1), ("ffn_workers", 1), ("microbatches", 1), ("block_size", 1),
-                          ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
+            raise UserInputError(
+                f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}"
+            )
+        for name, low in (
+            ("attention_workers", 1),
+            ("ffn_workers", 1),
+            ("microbatches", 1),
+            ("block_size", 1),
+            ("max_num_seqs", 1),
+            ("max_num_batched_tokens", 1),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise UserInputError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.ffn_workers != 1:
-            raise UserInputError("ffn_workers must be 1 (expert parallelism across FFN workers is not built yet)")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2):
-            raise UserInputError(f"num_kv_blocks must be an integer >= 2, got {self.num_kv_blocks!r}")
+            raise UserInputError(
+                "ffn_workers must be 1 (expert parallelism across FFN workers is not built yet)"
+            )
+        if self.num_kv_blocks is not None and (
+            not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2
+        ):
+            raise UserInputError(
+                f"num_kv_blocks must be an integer >= 2, got {self.num_kv_blocks!r}"
+            )
         if not self.kv_cache_gib > 0:
             raise UserInputError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            raise UserInputError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len < 1
+        ):
+            raise UserInputError(
+                f"max_model_len must be a positive integer, got {self.max_model_len!r}"
+            )
         if not self.sync_timeout_s > 0:
             raise UserInputError(f"sync_timeout_s must be > 0, got {self.sync_timeout_s!r}")
 

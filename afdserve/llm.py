@@ -1,8 +1,8 @@
 """`LLM`: offline batched generation, the Python entry point (vLLM's `LLM` shape).
 
-    from afdserve import LLM, SamplingParams
-    llm = LLM(model="builtin:tiny-qwen3-moe", mode="afd", attention_workers=2, microbatches=2)
-    outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
+from afdserve import LLM, SamplingParams
+llm = LLM(model="builtin:tiny-qwen3-moe", mode="afd", attention_workers=2, microbatches=2)
+outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
 """
 
 from __future__ import annotations
@@ -65,9 +65,13 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         if params is None:
             params = SamplingParams()
-        param_list = [params] * len(prompt_list) if isinstance(params, SamplingParams) else list(params)
+        param_list = (
+            [params] * len(prompt_list) if isinstance(params, SamplingParams) else list(params)
+        )
         if len(param_list) != len(prompt_list):
-            raise UserInputError(f"got {len(param_list)} SamplingParams for {len(prompt_list)} prompts")
+            raise UserInputError(
+                f"got {len(param_list)} SamplingParams for {len(prompt_list)} prompts"
+            )
         outputs: dict[str, RequestOutput] = {}
         order: list[str] = []
         try:
@@ -78,8 +82,12 @@ class LLM:
                 rid = f"gen-{self._counter}"
                 self._counter += 1
                 self.engine.add_request(rid, ids, p)
-                outputs[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
-                                             logprobs=[] if p.logprobs is not None else None)
+                outputs[rid] = RequestOutput(
+                    rid,
+                    prompt if isinstance(prompt, str) else None,
+                    ids,
+                    logprobs=[] if p.logprobs is not None else None,
+                )
                 order.append(rid)
         except Exception:
             for rid in order:
@@ -96,8 +104,11 @@ class LLM:
                 if ev.finished:
                     out.finish_reason = (ev.finish_reason or FinishReason.STOP).value
         elapsed = time.perf_counter() - t0
-        self.last_stats = {"output_tokens": n_tokens, "seconds": elapsed,
-                           "tokens_per_second": n_tokens / elapsed if elapsed > 0 else 0.0}
+        self.last_stats = {
+            "output_tokens": n_tokens,
+            "seconds": elapsed,
+            "tokens_per_second": n_tokens / elapsed if elapsed > 0 else 0.0,
+        }
         for out in outputs.values():
             out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return [outputs[rid] for rid in order]
@@ -115,16 +126,26 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+    if (
+        isinstance(prompts, Sequence)
+        and prompts
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts)
+    ):
         return [list(prompts)]  # one prompt of token ids
     if not isinstance(prompts, Sequence) or not prompts:
-        raise UserInputError("prompts must be a non-empty string, list of token ids, or list of those")
+        raise UserInputError(
+            "prompts must be a non-empty string, list of token ids, or list of those"
+        )
     out: list[Prompt] = []
     for p in prompts:
         if isinstance(p, str):
             out.append(p)
-        elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        elif isinstance(p, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in p
+        ):
             out.append(list(p))
         else:
-            raise UserInputError(f"a prompt must be text or a list of token ids, got {type(p).__name__}")
+            raise UserInputError(
+                f"a prompt must be text or a list of token ids, got {type(p).__name__}"
+            )
     return out

@@ -20,8 +20,14 @@ DEMO_PROMPTS = (
 )
 
 
-def add_engine_args(p: argparse.ArgumentParser, mode: str = "afd", workers: int = 2, microbatches: int = 2) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF-format model dir or builtin:NAME (default %(default)s)")
+def add_engine_args(
+    p: argparse.ArgumentParser, mode: str = "afd", workers: int = 2, microbatches: int = 2
+) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="HF-format model dir or builtin:NAME (default %(default)s)",
+    )
     p.add_argument("--mode", choices=("afd", "aggregated"), default=mode)
     p.add_argument("--attention-workers", type=int, default=workers, metavar="R")
     p.add_argument("--microbatches", type=int, default=microbatches, metavar="M")
@@ -33,18 +39,36 @@ def add_engine_args(p: argparse.ArgumentParser, mode: str = "afd", workers: int 
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(model=args.model, mode=args.mode, attention_workers=args.attention_workers,
-                microbatches=args.microbatches, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks)
+    return dict(
+        model=args.model,
+        mode=args.mode,
+        attention_workers=args.attention_workers,
+        microbatches=args.microbatches,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks,
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="generate offline for prompts (text, token ids or a JSONL file)")
+    g = sub.add_parser(
+        "generate", help="generate offline for prompts (text, token ids or a JSONL file)"
+    )
     add_engine_args(g)
     g.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    g.add_argument("--prompt-token-ids", action="append", default=[], metavar="IDS",
-                   help="comma-separated token ids, e.g. 1,2,3 (repeatable)")
-    g.add_argument("--prompts-file", type=Path, help="JSONL: {\"prompt\": TEXT} or {\"prompt_token_ids\": [...]} per line")
+    g.add_argument(
+        "--prompt-token-ids",
+        action="append",
+        default=[],
+        metavar="IDS",
+        help="comma-separated token ids, e.g. 1,2,3 (repeatable)",
+    )
+    g.add_argument(
+        "--prompts-file",
+        type=Path,
+        help='JSONL: {"prompt": TEXT} or {"prompt_token_ids": [...]} per line',
+    )
     g.add_argument("--max-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -54,7 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.set_defaults(func=run_generate)
 
-    d = sub.add_parser("demo", help="the main job: generate through AFD (2 attention workers, 1 FFN) on the built-in model")
+    d = sub.add_parser(
+        "demo",
+        help="the main job: generate through AFD (2 attention workers, 1 FFN) on the built-in model",
+    )
     add_engine_args(d)
     d.add_argument("--max-tokens", type=int, default=32)
     d.set_defaults(func=run_demo)
@@ -64,7 +91,9 @@ def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise UserInputError(f"--prompt-token-ids: expected comma-separated integers, got {text!r}") from None
+        raise UserInputError(
+            f"--prompt-token-ids: expected comma-separated integers, got {text!r}"
+        ) from None
     if not ids:
         raise UserInputError("--prompt-token-ids: empty prompt")
     return ids
@@ -88,7 +117,9 @@ def _read_prompts_file(path: Path) -> list[str | list[int]]:
         elif isinstance(obj, dict) and isinstance(obj.get("prompt_token_ids"), list):
             prompts.append(obj["prompt_token_ids"])
         else:
-            raise UserInputError(f"{path}:{n}: expected {{\"prompt\": TEXT}} or {{\"prompt_token_ids\": [...]}}")
+            raise UserInputError(
+                f'{path}:{n}: expected {{"prompt": TEXT}} or {{"prompt_token_ids": [...]}}'
+            )
     return prompts
 
 
@@ -108,20 +139,40 @@ def run_generate(args: argparse.Namespace) -> int:
         prompts.extend(_read_prompts_file(args.prompts_file))
     if not prompts:
         raise UserInputError("give at least one of --prompt, --prompt-token-ids, --prompts-file")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
     _set_threads(args)
     with LLM(**engine_options(args)) as llm:
         outs = llm.generate(prompts, params)
     for o in outs:
         if args.json:
-            print(json.dumps({"prompt": o.prompt, "prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids,
-                              "text": o.text, "finish_reason": o.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": o.prompt,
+                        "prompt_token_ids": o.prompt_token_ids,
+                        "token_ids": o.token_ids,
+                        "text": o.text,
+                        "finish_reason": o.finish_reason,
+                    }
+                )
+            )
         else:
-            print(f"{o.prompt if o.prompt is not None else o.prompt_token_ids!r} -> {o.text!r} ({o.finish_reason})")
+            print(
+                f"{o.prompt if o.prompt is not None else o.prompt_token_ids!r} -> {o.text!r} ({o.finish_reason})"
+            )
     if not args.json:
-        print(f"{llm.last_stats['output_tokens']} tokens in {llm.last_stats['seconds']:.2f}s: "
-              f"{llm.last_stats['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
+        print(
+            f"{llm.last_stats['output_tokens']} tokens in {llm.last_stats['seconds']:.2f}s: "
+            f"{llm.last_stats['tokens_per_second']:.1f} tokens/s",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -131,8 +182,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     opts = engine_options(args)
-    desc = (f"AFD {args.attention_workers}A1F, {args.microbatches} microbatches" if args.mode == "afd"
-            else f"aggregated x{args.attention_workers}")
+    desc = (
+        f"AFD {args.attention_workers}A1F, {args.microbatches} microbatches"
+        if args.mode == "afd"
+        else f"aggregated x{args.attention_workers}"
+    )
     print(f"afdserve demo: {args.model}, {desc}")
     with LLM(**opts) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -141,6 +195,8 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"  {o.prompt!r} -> {o.text!r}")
         s = llm.last_stats
         routed = llm.engine.router.routed
-    print(f"{int(s['output_tokens'])} output tokens in {s['seconds']:.2f}s = {s['tokens_per_second']:.1f} tokens/s; "
-          f"requests per attention worker: {routed}")
+    print(
+        f"{int(s['output_tokens'])} output tokens in {s['seconds']:.2f}s = {s['tokens_per_second']:.1f} tokens/s; "
+        f"requests per attention worker: {routed}"
+    )
     return 0

@@ -61,14 +61,22 @@ class SamplingParams:
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
             raise UserInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise UserInputError(f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise UserInputError(
+                f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}"
+            )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise UserInputError(f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (
-            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= 20
         ):
             raise UserInputError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
-        object.__setattr__(self, "stop_token_ids", _int_tuple(self.stop_token_ids, "stop_token_ids"))
+        object.__setattr__(
+            self, "stop_token_ids", _int_tuple(self.stop_token_ids, "stop_token_ids")
+        )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
             raise UserInputError("stop must be a non-empty string or a list of non-empty strings")
@@ -79,7 +87,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a request ended (OpenAI's finish_reason values)."""
 
     STOP = "stop"  # EOS, a stop token id or a stop string

@@ -34,7 +34,9 @@ class _Microbatch:
 
 
 class AttentionRunner:
-    def __init__(self, part: AttentionPart, kv: KVCache, link: FFNLink, num_microbatches: int = 1) -> None:
+    def __init__(
+        self, part: AttentionPart, kv: KVCache, link: FFNLink, num_microbatches: int = 1
+    ) -> None:
         self.part, self.kv, self.link = part, kv, link
         self.num_microbatches = num_microbatches
         self.device = part.embed_tokens.weight.device
@@ -44,13 +46,17 @@ class AttentionRunner:
     def execute(self, plan: StepPlan, step: int) -> StepResult:
         """Run `plan` as bundle step `step` (the id every worker of the bundle shares)."""
         mbs = [self._prepare(g) for g in split_microbatches(plan.chunks, self.num_microbatches)]
-        self.link.begin_step(step, [m.meta.num_tokens for m in mbs], [[c.seq_id for c in m.chunks] for m in mbs])
+        self.link.begin_step(
+            step, [m.meta.num_tokens for m in mbs], [[c.seq_id for c in m.chunks] for m in mbs]
+        )
         num_layers = len(self.part.layers)
         for layer in range(num_layers):
             for i, mb in enumerate(mbs):
                 if layer > 0:  # finish layer - 1 of this microbatch: its FFN output is due first
                     mb.x = mb.h + self.link.result(step, layer - 1, i)
-                mb.h = self.part.layers[layer](mb.x, mb.meta, mb.cos, mb.sin, self.kv.k[layer], self.kv.v[layer])
+                mb.h = self.part.layers[layer](
+                    mb.x, mb.meta, mb.cos, mb.sin, self.kv.k[layer], self.kv.v[layer]
+                )
                 self.link.submit(step, layer, i, mb.h)
         for i, mb in enumerate(mbs):
             mb.x = mb.h + self.link.result(step, num_layers - 1, i)
@@ -69,12 +75,20 @@ class AttentionRunner:
             self.kv.block_size,
             self.device,
         )
-        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device)
+        ids = torch.tensor(
+            [t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device
+        )
         ends, rows = 0, []
         for c in chunks:
             ends += c.num_tokens
             if c.sample:
                 rows.append(ends - 1)
         cos, sin = self.part.rope(meta, self.dtype)
-        return _Microbatch(chunks, meta, cos, sin, torch.tensor(rows, dtype=torch.int64, device=self.device),
-                           x=self.part.embed(ids))
+        return _Microbatch(
+            chunks,
+            meta,
+            cos,
+            sin,
+            torch.tensor(rows, dtype=torch.int64, device=self.device),
+            x=self.part.embed(ids),
+        )

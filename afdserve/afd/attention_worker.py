@@ -8,7 +8,9 @@ from afdserve.types import StepPlan, StepResult
 
 
 class AttentionWorker:
-    def __init__(self, index: int, scheduler: Scheduler, runner: AttentionRunner, always_sync: bool) -> None:
+    def __init__(
+        self, index: int, scheduler: Scheduler, runner: AttentionRunner, always_sync: bool
+    ) -> None:
         self.index = index
         self.scheduler = scheduler
         self.runner = runner

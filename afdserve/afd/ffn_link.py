@@ -7,19 +7,27 @@ The runner's loop is the same in every mode; only the link differs:
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
+from afdserve.afd.stats import A2F, AFDStats
+from afdserve.errors import TransportTimeout
 from afdserve.model.parts import FFNPart
 from afdserve.transport.base import Transport
 from afdserve.transport.protocol import Message, MsgType, SyncInfo
 
 
 class FFNLink(ABC):
+    stats: AFDStats
+    """This attention worker's AFD metrics (written only by the thread running its step)."""
+
     @abstractmethod
-    def begin_step(self, step: int, tokens_per_microbatch: Sequence[int], seq_ids: Sequence[Sequence[int]]) -> None:
+    def begin_step(
+        self, step: int, tokens_per_microbatch: Sequence[int], seq_ids: Sequence[Sequence[int]]
+    ) -> None:
         """Announce the step's microbatch sizes (SYNC_REQUEST) before any activation."""
 
     @abstractmethod
@@ -37,12 +45,14 @@ class LocalFFN(FFNLink):
     def __init__(self, part: FFNPart) -> None:
         self.part = part
         self._results: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.stats = AFDStats()
 
     def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
         self._results.clear()
 
     def submit(self, step, layer, microbatch, h) -> None:
         self._results[(step, layer, microbatch)] = self.part(layer, h)
+        self.stats.record_ffn_batch(layer, microbatch, h.shape[0])
 
     def result(self, step, layer, microbatch) -> torch.Tensor:
         return self._results.pop((step, layer, microbatch))
@@ -53,18 +63,38 @@ class RemoteFFN(FFNLink):
 
     def __init__(self, transport: Transport, ffn_rank: int, timeout_s: float) -> None:
         self.transport, self.ffn_rank, self.timeout_s = transport, ffn_rank, timeout_s
+        self.stats = AFDStats()
 
     def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
         sync = SyncInfo(tuple(tokens_per_microbatch), tuple(tuple(s) for s in seq_ids))
-        self.transport.send(self.ffn_rank, Message(MsgType.SYNC_REQUEST, step, sender=self.transport.rank, sync=sync))
+        self.transport.send(
+            self.ffn_rank,
+            Message(MsgType.SYNC_REQUEST, step, sender=self.transport.rank, sync=sync),
+        )
 
     def submit(self, step, layer, microbatch, h) -> None:
-        msg = Message(MsgType.ACTIVATION_TRANSFER, step, layer, microbatch, self.transport.rank, tensor=h)
+        msg = Message(
+            MsgType.ACTIVATION_TRANSFER, step, layer, microbatch, self.transport.rank, tensor=h
+        )
+        t0 = time.perf_counter()
         self.transport.send(self.ffn_rank, msg)
+        self.stats.record_transfer(A2F, layer, time.perf_counter() - t0, h.nbytes)
 
     def result(self, step, layer, microbatch) -> torch.Tensor:
-        msg = self.transport.recv(
-            self.ffn_rank, MsgType.ACTIVATION_RESULT, step, layer, microbatch, timeout_s=self.timeout_s
-        )
+        t0 = time.perf_counter()
+        try:
+            msg = self.transport.recv(
+                self.ffn_rank,
+                MsgType.ACTIVATION_RESULT,
+                step,
+                layer,
+                microbatch,
+                timeout_s=self.timeout_s,
+            )
+        except TransportTimeout:
+            self.stats.record_sync_timeout()
+            raise
+        finally:
+            self.stats.add_idle(time.perf_counter() - t0)  # blocked on the FFN: this worker idles
         assert msg.tensor is not None
         return msg.tensor

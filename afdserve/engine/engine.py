@@ -11,6 +11,7 @@ scheduler state is only touched under `self._lock`, never during model execution
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -20,31 +21,47 @@ from concurrent.futures import ThreadPoolExecutor
 from afdserve.afd.attention_worker import AttentionWorker
 from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.afd.router import Router
+from afdserve.afd.stats import AFDStats, EngineState, WorkerState
 from afdserve.errors import UserInputError
 from afdserve.types import Request, SamplingParams, StepPlan, StepResult, TokenEvent
 
 
 class Engine:
-    def __init__(self, workers: Sequence[AttentionWorker], ffn: FFNWorker | None = None, seed: int = 0,
-                 on_close: Sequence = (), vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: Sequence[AttentionWorker],
+        ffn: FFNWorker | None = None,
+        seed: int = 0,
+        on_close: Sequence = (),
+        vocab_size: int | None = None,
+    ) -> None:
         self.workers = list(workers)
         self.vocab_size = vocab_size
         self.ffn = ffn
         self.router = Router(self.workers)
-        self._pool = ThreadPoolExecutor(len(self.workers) + 1, thread_name_prefix="afd") if ffn else None
+        self._pool = (
+            ThreadPoolExecutor(len(self.workers) + 1, thread_name_prefix="afd") if ffn else None
+        )
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._owner: dict[str, int] = {}
         self._step = 0
         self._on_close = list(on_close)
         self.step_times: list[float] = []
+        # AFD metrics: each attention worker's FFN link records its own (see afd/stats.py)
+        self._attention_stats = [_link_stats(w) for w in self.workers]
 
     @property
     def max_model_len(self) -> int:
         return self.workers[0].scheduler.max_model_len
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> int:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> int:
         """Queue a request on the least-loaded attention worker; returns the worker's index."""
         if self.vocab_size is not None:
             bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
@@ -56,8 +73,13 @@ class Engine:
             if request_id in self._owner:
                 raise UserInputError(f"duplicate request id {request_id!r}")
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-            request = Request(request_id, tuple(prompt_token_ids), params,
-                              time.monotonic() if arrival_time is None else arrival_time, seed)
+            request = Request(
+                request_id,
+                tuple(prompt_token_ids),
+                params,
+                time.monotonic() if arrival_time is None else arrival_time,
+                seed,
+            )
             k = self.router.choose()
             self.workers[k].scheduler.add_request(request)
             self._owner[request_id] = k
@@ -94,12 +116,41 @@ class Engine:
 
     def _execute(self, plans: list[StepPlan], step: int) -> list[StepResult]:
         if self._pool is None:
-            return [w.execute(p, step) for w, p in zip(self.workers, plans, strict=True)]
+            return [self._timed_execute(k, p, step) for k, p in enumerate(plans)]
         ffn_future = self._pool.submit(self.ffn.serve_step, step)
-        futures = [self._pool.submit(w.execute, p, step) for w, p in zip(self.workers, plans, strict=True)]
+        futures = [self._pool.submit(self._timed_execute, k, p, step) for k, p in enumerate(plans)]
         results = [f.result() for f in futures]  # re-raises a worker's error (e.g. a timeout)
         ffn_future.result()
         return results
+
+    def _timed_execute(self, k: int, plan: StepPlan, step: int) -> StepResult:
+        t0 = time.perf_counter()
+        result = self.workers[k].execute(plan, step)
+        self._attention_stats[k].add_active(time.perf_counter() - t0)
+        return result
+
+    def state(self, afd: bool = True) -> EngineState:
+        """Per-worker queue, KV and counter state (taken under the lock) and, when `afd`, copies
+        of the AFD metrics recorders. What the server's metrics and admission control read."""
+        with self._lock:
+            workers = tuple(
+                WorkerState(
+                    index=k,
+                    num_running=w.scheduler.num_running,
+                    num_waiting=w.scheduler.num_waiting,
+                    kv_usage=w.scheduler.kv_usage,
+                    kv_blocks_used=w.scheduler.allocator.num_used,
+                    kv_blocks_total=w.scheduler.allocator.num_usable,
+                    load_score=w.load_score(),
+                    counters=dataclasses.asdict(w.scheduler.counters),
+                    routed=self.router.routed[k],
+                )
+                for k, w in enumerate(self.workers)
+            )
+        if not afd:
+            return EngineState(workers)
+        ffn = (self.ffn.stats.snapshot(),) if self.ffn is not None else ()
+        return EngineState(workers, tuple(s.snapshot() for s in self._attention_stats), ffn)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -108,3 +159,9 @@ class Engine:
         for fn in self._on_close:
             fn()
         self._on_close.clear()
+
+
+def _link_stats(worker: AttentionWorker) -> AFDStats:
+    """The AFD recorder of a worker's FFN link (a fresh one for workers without a link)."""
+    stats = getattr(getattr(getattr(worker, "runner", None), "link", None), "stats", None)
+    return stats if isinstance(stats, AFDStats) else AFDStats()

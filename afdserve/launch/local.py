@@ -49,6 +49,7 @@ def load_model(model: str, dtype: str = "auto", device: str = "cpu") -> LoadedMo
     try:
         from afdserve.model.builtin import resolve_model
     except ImportError:  # pragma: no cover - transitional
+
         def resolve_model(m: str) -> Path:
             return Path(m)
 
@@ -63,7 +64,9 @@ def load_model(model: str, dtype: str = "auto", device: str = "cpu") -> LoadedMo
     return LoadedModel(path, config, tdtype, attention, ffn)
 
 
-def cache_and_scheduler_configs(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> tuple[CacheConfig, SchedulerConfig]:
+def cache_and_scheduler_configs(
+    cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype
+) -> tuple[CacheConfig, SchedulerConfig]:
     max_len = cfg.max_model_len or model.max_position_embeddings
     if max_len > model.max_position_embeddings:
         raise UserInputError(
@@ -78,8 +81,11 @@ def cache_and_scheduler_configs(cfg: EngineConfig, model: ModelConfig, dtype: to
         need = cfg.max_num_seqs * -(-max_len // cfg.block_size) + 1
         num_blocks = max(2, min(budget_blocks, need))
     cache = CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks)
-    sched = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                            max_model_len=max_len)
+    sched = SchedulerConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=max_len,
+    )
     return cache, sched
 
 
@@ -97,8 +103,12 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     on_close = []
     if cfg.is_afd:
         hub = LocalHub(r + 1)
-        links = [RemoteFFN(hub.endpoints[k], ffn_rank=r, timeout_s=cfg.sync_timeout_s) for k in range(r)]
-        ffn_worker = FFNWorker(m.ffn, hub.endpoints[r], attention_ranks=range(r), timeout_s=cfg.sync_timeout_s)
+        links = [
+            RemoteFFN(hub.endpoints[k], ffn_rank=r, timeout_s=cfg.sync_timeout_s) for k in range(r)
+        ]
+        ffn_worker = FFNWorker(
+            m.ffn, hub.endpoints[r], attention_ranks=range(r), timeout_s=cfg.sync_timeout_s
+        )
         on_close.append(hub.close)
     else:
         links = [LocalFFN(m.ffn) for _ in range(r)]
@@ -106,6 +116,10 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     for k in range(r):
         kv = KVCache(m.config, cache_cfg.num_blocks, cache_cfg.block_size, m.dtype, cfg.device)
         runner = AttentionRunner(m.attention, kv, links[k], cfg.microbatches)
-        scheduler = Scheduler(dataclasses.replace(sched_cfg), cache_cfg, eos_token_ids=m.config.eos_token_ids)
+        scheduler = Scheduler(
+            dataclasses.replace(sched_cfg), cache_cfg, eos_token_ids=m.config.eos_token_ids
+        )
         workers.append(AttentionWorker(k, scheduler, runner, always_sync=cfg.is_afd))
-    return Engine(workers, ffn_worker, seed=cfg.seed, on_close=on_close, vocab_size=m.config.vocab_size), m
+    return Engine(
+        workers, ffn_worker, seed=cfg.seed, on_close=on_close, vocab_size=m.config.vocab_size
+    ), m

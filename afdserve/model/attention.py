@@ -5,9 +5,16 @@ K = padded context length, H = query heads, Hkv = KV heads, Dh = head dim.
 
 The KV cache of one layer is a pair of tensors [num_blocks, block_size, Hkv, Dh]. A sequence's
 token at position p lives in slot block_table[p // block_size] * block_size + p % block_size.
-Sequences are grouped (decode rows with Q = 1, prefill chunks with Q > 1) and each group runs one
-scaled_dot_product_attention over keys gathered from the cache with a padded slot index: no
-Python loop over sequences on the hot path. Padding slots point at slot 0; the mask hides them.
+Sequences are grouped by shape bucket and each group runs one batched attention over keys
+gathered from the cache with a padded slot index: no Python loop over sequences on the hot path.
+Padding slots point at slot 0; the mask hides them.
+
+Batch invariance (why buckets): a sequence's result must not depend on which other sequences
+share its batch, or AFD (which splits the batch across workers and microbatches) could not give
+exactly the aggregated tokens. CPU attention kernels block their reductions by the padded
+lengths, so a sequence is always padded to a size that depends only on itself: Q to the next
+power of two (1 for decode), K to the next power of two of its context (at least 16). Sequences
+with equal buckets share one batched matmul; the batch dimension itself does not change results.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -56,12 +62,24 @@ class AttentionMetadata:
             for p in range(start, start + qlen):
                 positions.append(p)
                 slots.append(table[p // block_size] * block_size + p % block_size)
-        decode = [i for i, q in enumerate(query_lens) if q == 1]
-        prefill = [i for i, q in enumerate(query_lens) if q > 1]
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, (start, qlen) in enumerate(zip(start_positions, query_lens, strict=True)):
+            buckets.setdefault((_bucket(qlen, 1), _bucket(start + qlen, MIN_K_BUCKET)), []).append(
+                i
+            )
         groups = tuple(
-            _build_group(idx, start_positions, query_lens, block_tables, offsets, block_size, device)
-            for idx in (decode, prefill)
-            if idx
+            _build_group(
+                idx,
+                q_b,
+                k_b,
+                start_positions,
+                query_lens,
+                block_tables,
+                offsets,
+                block_size,
+                device,
+            )
+            for (q_b, k_b), idx in sorted(buckets.items())
         )
         return cls(
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
@@ -71,8 +89,18 @@ class AttentionMetadata:
         )
 
 
+MIN_K_BUCKET = 16
+
+
+def _bucket(n: int, minimum: int) -> int:
+    """The next power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
 def _build_group(
     idx: list[int],
+    q_max: int,
+    k_max: int,
     starts: Sequence[int],
     qlens: Sequence[int],
     tables: Sequence[Sequence[int]],
@@ -80,9 +108,7 @@ def _build_group(
     block_size: int,
     device: torch.device | str,
 ) -> AttentionGroup:
-    q_max = max(qlens[i] for i in idx)
     ctx = [starts[i] + qlens[i] for i in idx]
-    k_max = max(ctx)
     n_blocks = (k_max + block_size - 1) // block_size
     table = torch.zeros(len(idx), n_blocks, dtype=torch.int64)  # [B, nb]
     for row, i in enumerate(idx):
@@ -124,11 +150,21 @@ def paged_attention(
     v_flat = v_cache.view(-1, n_kv, dh)
     k_flat.index_copy_(0, meta.slot_mapping, k)
     v_flat.index_copy_(0, meta.slot_mapping, v)
+    n_heads = q.shape[1]
+    rep = n_heads // n_kv  # query heads per KV head (GQA); head h reads KV head h // rep
     out = torch.empty_like(q)
-    for g in meta.groups:  # at most two: decode rows, then prefill chunks
-        qg = q[g.token_index].transpose(1, 2)  # [B, H, Q, Dh]
-        kg = k_flat[g.kv_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
+    for g in meta.groups:  # one per shape bucket, a handful at most
+        b, q_len = g.token_index.shape
+        qg = q[g.token_index].permute(0, 2, 1, 3)  # [B, H, Q, Dh]
+        qg = qg.reshape(b, n_kv, rep * q_len, dh)  # [B, Hkv, rep*Q, Dh]
+        kg = k_flat[g.kv_slots].permute(0, 2, 3, 1)  # [B, Hkv, Dh, K]
         vg = v_flat[g.kv_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True)
-        out[g.out_rows] = og.transpose(1, 2)[g.token_valid]  # [n_valid, H, Dh]
+        scores = torch.matmul(qg, kg).view(b, n_kv, rep, q_len, -1) * scale  # [B, Hkv, rep, Q, K]
+        scores = scores.masked_fill(~g.mask[:, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(
+            q.dtype
+        )  # [B, Hkv, rep, Q, K]
+        og = torch.matmul(probs.view(b, n_kv, rep * q_len, -1), vg)  # [B, Hkv, rep*Q, Dh]
+        og = og.view(b, n_heads, q_len, dh).transpose(1, 2)  # [B, Q, H, Dh]
+        out[g.out_rows] = og[g.token_valid]  # [n_valid, H, Dh]
     return out

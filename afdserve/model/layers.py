@@ -17,6 +17,24 @@ from afdserve.model.attention import AttentionMetadata, paged_attention
 from afdserve.model.config import ModelConfig
 from afdserve.model.rope import apply_rotary
 
+ROW_MULTIPLE = 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with the row count padded to a multiple of ROW_MULTIPLE ([M, in] -> [M, out]).
+
+    Batch invariance: CPU GEMM kernels compute the 1-3 leftover rows of a matrix with a
+    different micro-kernel, so a token's output would depend on how many tokens share its batch
+    (measured: fp32 rows differ in the last bits for M = 1, 2, 3). Padding with zero rows makes
+    every row go through the same kernel, so AFD's smaller per-worker batches give exactly the
+    aggregated result.
+    """
+    m = x.shape[0]
+    pad = -m % ROW_MULTIPLE
+    if not pad:
+        return F.linear(x, weight, bias)
+    return F.linear(F.pad(x, (0, 0, 0, pad)), weight, bias)[:m]
+
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -29,7 +47,7 @@ class Linear(nn.Module):
         self.bias = _param(d_out, dtype=dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -50,7 +68,11 @@ class RMSNorm(nn.Module):
 class SelfAttention(nn.Module):
     def __init__(self, c: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.n_heads, self.n_kv, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
         self.q_proj = Linear(c.hidden_size, c.q_size, c.qkv_bias, dtype)
         self.k_proj = Linear(c.hidden_size, c.kv_size, c.qkv_bias, dtype)
         self.v_proj = Linear(c.hidden_size, c.kv_size, c.qkv_bias, dtype)
@@ -120,7 +142,7 @@ class MoE(nn.Module):
         for e in torch.unique(experts).tolist():  # only the experts this batch routes to
             rows, slot = torch.where(experts == e)  # [n_e], [n_e]
             h = x[rows]  # [n_e, D]
-            y = F.linear(F.silu(F.linear(h, self.w_gate[e])) * F.linear(h, self.w_up[e]), self.w_down[e])
+            y = linear(F.silu(linear(h, self.w_gate[e])) * linear(h, self.w_up[e]), self.w_down[e])
             out.index_add_(0, rows, y * weights[rows, slot, None])
         return out
 
@@ -143,7 +165,11 @@ class FFNBlock(nn.Module):
     def __init__(self, c: ModelConfig, layer: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.mlp: nn.Module = MoE(c, dtype) if c.is_moe_layer(layer) else MLP(c.hidden_size, c.intermediate_size, dtype)
+        self.mlp: nn.Module = (
+            MoE(c, dtype)
+            if c.is_moe_layer(layer)
+            else MLP(c.hidden_size, c.intermediate_size, dtype)
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         return self.mlp(self.post_attention_layernorm(h))

@@ -20,18 +20,27 @@ from torch import nn
 from afdserve.errors import ModelLoadError
 from afdserve.model.attention import AttentionMetadata
 from afdserve.model.config import ModelConfig
-from afdserve.model.layers import AttentionBlock, FFNBlock, RMSNorm
+from afdserve.model.layers import AttentionBlock, FFNBlock, RMSNorm, linear
 from afdserve.model.rope import RotaryEmbedding
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
-_EXPERT_PROJ = {"gate_proj": "w_gate", "w1": "w_gate", "up_proj": "w_up", "w3": "w_up", "down_proj": "w_down", "w2": "w_down"}
+_EXPERT_PROJ = {
+    "gate_proj": "w_gate",
+    "w1": "w_gate",
+    "up_proj": "w_up",
+    "w3": "w_up",
+    "down_proj": "w_down",
+    "w2": "w_down",
+}
 
 
 def is_ffn_weight(name: str) -> bool:
     """True for checkpoint tensors that belong to the FFN side."""
     m = _LAYER.match(name)
-    return bool(m) and m.group(2).startswith(("post_attention_layernorm.", "mlp.", "block_sparse_moe."))
+    return bool(m) and m.group(2).startswith(
+        ("post_attention_layernorm.", "mlp.", "block_sparse_moe.")
+    )
 
 
 class AttentionPart(nn.Module):
@@ -50,11 +59,13 @@ class AttentionPart(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, D]
         return self.embed_tokens(token_ids)
 
-    def rope(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(
+        self, meta: AttentionMetadata, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(meta.positions, dtype)  # [T, Dh] each
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V] float32
-        return torch.nn.functional.linear(self.norm(x), self.lm_head_weight).float()
+        return linear(self.norm(x), self.lm_head_weight).float()
 
     def load(self, weights: Mapping[str, torch.Tensor]) -> None:
         c = self.config
@@ -73,7 +84,9 @@ class AttentionPart(nn.Module):
             self.lm_head_weight = self.embed_tokens.weight
         else:
             if "lm_head.weight" not in weights:
-                raise ModelLoadError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
+                raise ModelLoadError(
+                    "checkpoint has no lm_head.weight and tie_word_embeddings is false"
+                )
             self.lm_head_weight = weights["lm_head.weight"].to(self.embed_tokens.weight.dtype)
 
 
@@ -101,7 +114,9 @@ class FFNPart(nn.Module):
                 rest = rest.replace("block_sparse_moe.gate.", "mlp.gate.")
                 own[f"layers.{layer}.{rest}"] = t
         for (layer, proj), by_expert in experts.items():
-            own[f"layers.{layer}.mlp.{proj}"] = torch.stack([by_expert[e] for e in sorted(by_expert)])
+            own[f"layers.{layer}.mlp.{proj}"] = torch.stack(
+                [by_expert[e] for e in sorted(by_expert)]
+            )
         _copy_into(self, own, "FFN")
 
 
@@ -117,5 +132,7 @@ def _copy_into(module: nn.Module, tensors: dict[str, torch.Tensor], side: str) -
         for name, p in params.items():
             src = tensors[name]
             if tuple(src.shape) != tuple(p.shape):
-                raise ModelLoadError(f"{side} weight {name}: shape {tuple(src.shape)} != expected {tuple(p.shape)}")
+                raise ModelLoadError(
+                    f"{side} weight {name}: shape {tuple(src.shape)} != expected {tuple(p.shape)}"
+                )
             p.copy_(src)

@@ -50,7 +50,9 @@ def _yarn(config: ModelConfig, s: dict) -> tuple[torch.Tensor, float]:
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
         if s.get("mscale") and s.get("mscale_all_dim"):
-            attention_factor = get_mscale(factor, s["mscale"]) / get_mscale(factor, s["mscale_all_dim"])
+            attention_factor = get_mscale(factor, s["mscale"]) / get_mscale(
+                factor, s["mscale_all_dim"]
+            )
         else:
             attention_factor = get_mscale(factor)
     beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
@@ -67,7 +69,9 @@ def _yarn(config: ModelConfig, s: dict) -> tuple[torch.Tensor, float]:
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
     extrapolation_factor = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_factor) + (1.0 / pos_freqs) * extrapolation_factor
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_factor) + (
+        1.0 / pos_freqs
+    ) * extrapolation_factor
     return inv_freq, float(attention_factor)
 
 
@@ -79,7 +83,9 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, self.attention_scaling = inverse_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] int64 -> cos, sin: [T, Dh]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]

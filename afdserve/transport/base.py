@@ -43,9 +43,16 @@ class Mailbox:
                     raise TransportClosed(f"transport closed while waiting for {_describe(key)}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TransportTimeout(f"timed out after {timeout_s:.3f}s waiting for {_describe(key)}")
+                    raise TransportTimeout(
+                        f"timed out after {timeout_s:.3f}s waiting for {_describe(key)}"
+                    )
                 self._cond.wait(remaining)
             return self._items.pop(key)
+
+    def try_take(self, key: Key) -> Message | None:
+        """The keyed message if it is there, else None (never waits)."""
+        with self._cond:
+            return self._items.pop(key, None)
 
     def has(self, key: Key) -> bool:
         with self._cond:
@@ -63,6 +70,22 @@ class Mailbox:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+class PeerUnreachable(TransportTimeout):
+    """The peer is known to be gone (its endpoint refused or dropped the connection).
+
+    Raised early instead of waiting out a deadline; it is a TransportTimeout so callers that
+    treat "peer slow or dead" alike need one except clause.
+    """
 
 
 def _describe(key: Key) -> str:
@@ -83,12 +106,21 @@ class Transport(ABC):
         """Hand `msg` to the backend for rank `dst`; the caller must not modify its tensor after."""
 
     def recv(
-        self, src: int, type_: MsgType, step: int, layer: int = 0, microbatch: int = 0, *, timeout_s: float
+        self,
+        src: int,
+        type_: MsgType,
+        step: int,
+        layer: int = 0,
+        microbatch: int = 0,
+        *,
+        timeout_s: float,
     ) -> Message:
         """Wait for the keyed message until `timeout_s` passes; raise TransportTimeout then."""
         return self.mailbox.take(make_key(src, type_, step, layer, microbatch), timeout_s)
 
-    def poll(self, src: int, type_: MsgType, step: int, layer: int = 0, microbatch: int = 0) -> bool:
+    def poll(
+        self, src: int, type_: MsgType, step: int, layer: int = 0, microbatch: int = 0
+    ) -> bool:
         return self.mailbox.has(make_key(src, type_, step, layer, microbatch))
 
     def close(self) -> None:

@@ -1,0 +1,254 @@
+"""AFD metrics: a tiny recorder each worker writes on its hot path, and plain snapshots of it.
+
+Why a recorder of our own rather than prometheus_client objects: the attention and FFN loops
+record something every layer of every microbatch, and prometheus_client takes a lock per
+observation. Here each recorder has exactly one writer at a time (an attention worker's link is
+only used by the thread running that worker's step; the FFN worker serves on one thread), so an
+observation is a bisect and a few integer adds, with no lock. Readers (a /metrics scrape) take
+`snapshot()`, a copy that may lag the writer by one observation, which Prometheus tolerates; the
+lock here only guards the rare creation of a new (direction, layer) or (layer, microbatch) key.
+
+What is recorded, per component (an attention worker, or the FFN worker):
+
+- transfers: per (direction, layer), the seconds spent in `transport.send` of an activation
+  (serialise and hand off; A->F by attention workers, F->A by the FFN worker) as a histogram,
+  and the tensor bytes sent;
+- FFN batch tokens: per (layer, microbatch), how many tokens one FFN call processed (the FFN
+  worker in AFD: the tokens gathered from every attention worker; each worker itself when
+  aggregated);
+- active and idle seconds: `active` is the wall time inside steps, `idle` the part of it spent
+  blocked waiting for the peer (attention: waiting for FFN results; FFN: waiting for SYNC and
+  activations); busy = active - idle;
+- sync timeouts: waits that passed their deadline.
+
+Snapshots are plain picklable data, so a multi-process runtime can ship them to the server.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+A2F = "a2f"
+"""Direction label: attention worker -> FFN worker (ACTIVATION_TRANSFER)."""
+F2A = "f2a"
+"""Direction label: FFN worker -> attention worker (ACTIVATION_RESULT)."""
+
+TRANSFER_BUCKETS_S: tuple[float, ...] = (
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
+    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+"""Upper bounds (seconds) of the transfer-time histogram buckets; +Inf is implicit."""
+
+BATCH_TOKEN_BUCKETS: tuple[float, ...] = (
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+)  # fmt: skip
+"""Upper bounds of the FFN batch-token histogram buckets; +Inf is implicit."""
+
+
+class BucketCounts:
+    """A cumulative-free histogram: counts[i] observations fell in (bounds[i-1], bounds[i]].
+
+    The last count is the +Inf bucket. `observe` is a bisect and two adds: cheap enough for
+    every layer of every microbatch.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def copy(self) -> BucketCounts:
+        out = BucketCounts(self.bounds)
+        out.counts = self.counts[:]  # one C-level copy: consistent under the GIL
+        out.sum = self.sum
+        return out
+
+    def merge(self, other: BucketCounts) -> None:
+        if other.bounds != self.bounds:
+            raise ValueError("cannot merge histograms with different bucket bounds")
+        for i, c in enumerate(other.counts):
+            self.counts[i] += c
+        self.sum += other.sum
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """[(le, cumulative count)] in Prometheus order, ending with ("+Inf", total)."""
+        out, total = [], 0
+        for bound, c in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += c
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        return out
+
+    def __getstate__(self) -> tuple:
+        return (self.bounds, self.counts, self.sum)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.bounds, self.counts, self.sum = state
+
+
+class _Transfer:
+    __slots__ = ("hist", "nbytes")
+
+    def __init__(self) -> None:
+        self.hist = BucketCounts(TRANSFER_BUCKETS_S)
+        self.nbytes = 0
+
+
+@dataclass
+class AFDStatsSnapshot:
+    """A copy of one recorder (or a merge of several): plain data, safe to read and pickle."""
+
+    transfer_seconds: dict[tuple[str, int], BucketCounts] = field(default_factory=dict)
+    """(direction, layer) -> histogram of send times."""
+    transfer_bytes: dict[tuple[str, int], int] = field(default_factory=dict)
+    ffn_batch_tokens: dict[tuple[int, int], BucketCounts] = field(default_factory=dict)
+    """(layer, microbatch) -> histogram of tokens per FFN call."""
+    active_s: float = 0.0
+    idle_s: float = 0.0
+    sync_timeouts: int = 0
+
+    @property
+    def busy_s(self) -> float:
+        return max(0.0, self.active_s - self.idle_s)
+
+    @property
+    def busy_fraction(self) -> float:
+        """busy / active, in [0, 1]; 0 before any step."""
+        return self.busy_s / self.active_s if self.active_s > 0 else 0.0
+
+    def merge(self, other: AFDStatsSnapshot) -> None:
+        for key, h in other.transfer_seconds.items():
+            mine = self.transfer_seconds.get(key)
+            if mine is None:
+                self.transfer_seconds[key] = h.copy()
+            else:
+                mine.merge(h)
+        for key, n in other.transfer_bytes.items():
+            self.transfer_bytes[key] = self.transfer_bytes.get(key, 0) + n
+        for key, h in other.ffn_batch_tokens.items():
+            mine = self.ffn_batch_tokens.get(key)
+            if mine is None:
+                self.ffn_batch_tokens[key] = h.copy()
+            else:
+                mine.merge(h)
+        self.active_s += other.active_s
+        self.idle_s += other.idle_s
+        self.sync_timeouts += other.sync_timeouts
+
+
+def merge_snapshots(snapshots: Iterable[AFDStatsSnapshot]) -> AFDStatsSnapshot:
+    out = AFDStatsSnapshot()
+    for s in snapshots:
+        out.merge(s)
+    return out
+
+
+class AFDStats:
+    """One component's recorder. Exactly one thread writes at a time; any thread may snapshot."""
+
+    def __init__(self) -> None:
+        self._new_key = threading.Lock()  # taken only when a key is first seen, and by snapshot
+        self._transfers: dict[tuple[str, int], _Transfer] = {}
+        self._batches: dict[tuple[int, int], BucketCounts] = {}
+        self.active_s = 0.0
+        self.idle_s = 0.0
+        self.sync_timeouts = 0
+
+    def record_transfer(self, direction: str, layer: int, seconds: float, nbytes: int) -> None:
+        t = self._transfers.get((direction, layer))
+        if t is None:
+            with self._new_key:
+                t = self._transfers.setdefault((direction, layer), _Transfer())
+        t.hist.observe(seconds)
+        t.nbytes += nbytes
+
+    def record_ffn_batch(self, layer: int, microbatch: int, tokens: int) -> None:
+        h = self._batches.get((layer, microbatch))
+        if h is None:
+            with self._new_key:
+                h = self._batches.setdefault((layer, microbatch), BucketCounts(BATCH_TOKEN_BUCKETS))
+        h.observe(tokens)
+
+    def add_active(self, seconds: float) -> None:
+        self.active_s += seconds
+
+    def add_idle(self, seconds: float) -> None:
+        self.idle_s += seconds
+
+    def record_sync_timeout(self) -> None:
+        self.sync_timeouts += 1
+
+    def snapshot(self) -> AFDStatsSnapshot:
+        with self._new_key:
+            transfers = list(self._transfers.items())
+            batches = list(self._batches.items())
+        return AFDStatsSnapshot(
+            transfer_seconds={k: t.hist.copy() for k, t in transfers},
+            transfer_bytes={k: t.nbytes for k, t in transfers},
+            ffn_batch_tokens={k: h.copy() for k, h in batches},
+            active_s=self.active_s,
+            idle_s=self.idle_s,
+            sync_timeouts=self.sync_timeouts,
+        )
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One attention worker as the metrics see it (taken under the engine's lock)."""
+
+    index: int
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    """Fraction of usable KV blocks in use, [0, 1]."""
+    kv_blocks_used: int
+    kv_blocks_total: int
+    load_score: int
+    """The router's key: KV tokens held plus tokens queued for prefill."""
+    counters: Mapping[str, int]
+    """The scheduler's monotonic counters (SchedulerCounters as a dict)."""
+    routed: int
+    """Requests the router has sent to this worker."""
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What an engine reports to a front end: per-worker state and the AFD recorders' copies.
+
+    An in-process `Engine` builds it from its objects; a multi-process runtime can build the
+    same from worker reports, so the server's metrics need not know which it talks to.
+    """
+
+    workers: tuple[WorkerState, ...]
+    attention: tuple[AFDStatsSnapshot, ...] = ()
+    """One per attention worker (index order); empty when not asked for."""
+    ffn: tuple[AFDStatsSnapshot, ...] = ()
+    """One per FFN worker (AFD only)."""
+
+    @property
+    def num_running(self) -> int:
+        return sum(w.num_running for w in self.workers)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(w.num_waiting for w in self.workers)
+
+    @property
+    def kv_usage(self) -> float:
+        total = sum(w.kv_blocks_total for w in self.workers)
+        return sum(w.kv_blocks_used for w in self.workers) / total if total else 0.0
+
+    def counter(self, name: str) -> int:
+        return sum(int(w.counters.get(name, 0)) for w in self.workers)

@@ -1,0 +1,94 @@
+"""A sequence's attention and FFN outputs must not depend on what else shares its batch: that
+is what lets AFD (smaller per-worker batches, microbatches, a gathered FFN batch) reproduce the
+aggregated tokens exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from afdserve.model.attention import AttentionMetadata, paged_attention
+from afdserve.model.layers import linear
+
+BLOCK = 4
+N_BLOCKS = 64
+H, HKV, DH = 4, 2, 8
+
+
+def _attend(seqs, q_all, k_all, v_all, cache_k, cache_v):
+    """Run attention for `seqs` [(start, qlen, table, rows)] in one batch; return per-seq outputs."""
+    rows = [r for s in seqs for r in s[3]]
+    meta = AttentionMetadata.build(
+        [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], BLOCK
+    )
+    out = paged_attention(
+        q_all[rows], k_all[rows], v_all[rows], cache_k.clone(), cache_v.clone(), meta, DH**-0.5
+    )
+    res, at = [], 0
+    for s in seqs:
+        res.append(out[at : at + s[1]])
+        at += s[1]
+    return res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_attention_is_batch_invariant(dtype, data):
+    n = data.draw(st.integers(2, 5))
+    seqs, next_block, next_row = [], 1, 0
+    for _ in range(n):
+        start = data.draw(st.integers(0, 40))
+        qlen = data.draw(st.sampled_from([1, 1, 2, 3, 7, 16, 21]))
+        nb = -(-(start + qlen) // BLOCK)
+        table = list(range(next_block, next_block + nb))
+        next_block += nb
+        seqs.append((start, qlen, table, list(range(next_row, next_row + qlen))))
+        next_row += qlen
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
+    q = torch.randn(next_row, H, DH, generator=g).to(dtype)
+    k = torch.randn(next_row, HKV, DH, generator=g).to(dtype)
+    v = torch.randn(next_row, HKV, DH, generator=g).to(dtype)
+    ck = torch.randn(N_BLOCKS, BLOCK, HKV, DH, generator=g).to(dtype)
+    cv = torch.randn(N_BLOCKS, BLOCK, HKV, DH, generator=g).to(dtype)
+    together = _attend(seqs, q, k, v, ck, cv)
+    order = data.draw(st.permutations(range(n)))
+    shuffled = _attend([seqs[i] for i in order], q, k, v, ck, cv)
+    for pos, i in enumerate(order):
+        alone = _attend([seqs[i]], q, k, v, ck, cv)[0]
+        assert torch.equal(together[i], alone)
+        assert torch.equal(shuffled[pos], alone)
+
+
+def test_attention_matches_reference_softmax():
+    # one sequence, prefill of 5 after 3 cached tokens, against a dense causal computation
+    g = torch.Generator().manual_seed(0)
+    ck = torch.zeros(8, BLOCK, HKV, DH)
+    cv = torch.zeros(8, BLOCK, HKV, DH)
+    kk, vv = torch.randn(8, HKV, DH, generator=g), torch.randn(8, HKV, DH, generator=g)
+    qq = torch.randn(8, H, DH, generator=g)
+    table = [3, 5]
+    for p in range(3):  # the cached prefix
+        ck[table[p // BLOCK], p % BLOCK], cv[table[p // BLOCK], p % BLOCK] = kk[p], vv[p]
+    meta = AttentionMetadata.build([3], [5], [table], BLOCK)
+    out = paged_attention(qq[3:], kk[3:], vv[3:], ck, cv, meta, DH**-0.5)
+    kr = kk.repeat_interleave(H // HKV, dim=1)  # [8, H, DH]
+    vr = vv.repeat_interleave(H // HKV, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", qq[3:], kr) * DH**-0.5  # [H, 5, 8]
+    causal = torch.arange(8)[None, :] <= torch.arange(3, 8)[:, None]
+    ref = torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf")).softmax(-1), vr)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rows_do_not_depend_on_batch_size(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g).to(dtype)
+    x = torch.randn(40, 32, generator=g).to(dtype)
+    row = x[7:8]
+    ref = linear(row, w)
+    for m in range(1, 40):
+        batch = torch.cat([x[:m], row])
+        assert torch.equal(linear(batch, w)[m:], ref), m
