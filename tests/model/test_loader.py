@@ -295,3 +295,10 @@ def test_unexpected_tensor_is_named(tiny_model_dir, tmp_path: Path) -> None:
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(ModelLoadError, match="unexpected tensor.*shared_expert"):
         _load(path)
+
+
+@pytest.mark.gpu
+def test_load_onto_cuda(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3-moe")
+    weights = load_weights(path, ModelConfig.from_dir(path), torch.bfloat16, "cuda")
+    assert all(t.is_cuda and t.dtype == torch.bfloat16 for t in weights.values())
