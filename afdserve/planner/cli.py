@@ -404,10 +404,11 @@ def _roofline(
     elif a_hw.price_per_hour is not None and f_hw.price_per_hour is not None:
         weights = CostWeights(g_a * a_hw.price_per_hour, g_f * f_hw.price_per_hour, "$/h")
         notes.append("instance prices from the hardware catalog")
-    else:
+    elif g_a != g_f:
         weights = CostWeights(float(g_a), float(g_f), "device")
-        if g_a != g_f:
-            notes.append("no catalog price for both sides: objective is throughput per device")
+        notes.append("no catalog price for both sides: objective is throughput per device")
+    else:
+        weights = CostWeights()  # equal device counts: per device is per instance
 
     unit = {}
     for side, hw in (("attention", a_hw), ("ffn", f_hw)):

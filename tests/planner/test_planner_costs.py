@@ -1,0 +1,92 @@
+"""StageCosts: explicit numbers, the profile JSON schema, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from afdserve.errors import UserInputError
+from afdserve.planner import Affine, StageCosts
+
+PROFILE = {
+    "source": "measured",
+    "model": "llama-3.1-8b",
+    "device": "h100",
+    "units": "ms",
+    "num_layers": 32,
+    "attention": {"alpha": 1.5e-6, "beta": 0.03, "r2": 0.998, "max_rel_err": 0.04},
+    "ffn": {"alpha": 5e-4, "beta": 0.13, "r2": 0.999, "max_rel_err": 0.02},
+    "comm": {"alpha": 2e-4, "beta": 0.01, "r2": 0.97, "max_rel_err": 0.1, "scales_with": "B"},
+}
+
+
+def test_stage_times_are_affine() -> None:
+    c = StageCosts.explicit(5e-5, 0.6, 0.02, 1.0, 0.005, 0.2)
+    assert c.t_attention(64 * 2000) == pytest.approx(7.0)
+    assert c.t_ffn(128) == pytest.approx(3.56)
+    assert c.t_comm(64) == pytest.approx(0.52)
+    assert c.comm_tokens(64, 3) == 64 and c.t_comm_for(64, 3) == pytest.approx(0.52)
+    rb = StageCosts.explicit(5e-5, 0.6, 0.02, 1.0, 0.005, 0.2, comm_scales_with="rB")
+    assert rb.comm_tokens(64, 3) == 192 and rb.t_comm_for(64, 3) == pytest.approx(1.16)
+
+
+def test_profile_round_trip(tmp_path) -> None:
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({**PROFILE, "notes": "kept"}))
+    c = StageCosts.from_profile(f)
+    assert c.num_layers == 32 and c.source == "measured" and c.model == "llama-3.1-8b"
+    assert c.attention == Affine(1.5e-6, 0.03, 0.998, 0.04)
+    assert c.comm_scales_with == "B"
+    assert c.to_profile_dict() == {**PROFILE, "notes": "kept"}
+    assert StageCosts.from_profile_dict(c.to_profile_dict()) == c
+
+
+def test_profile_defaults() -> None:
+    d = {k: v for k, v in PROFILE.items() if k not in ("units", "num_layers", "source")}
+    d["comm"] = {"alpha": 0.0, "beta": 0.0}
+    c = StageCosts.from_profile_dict(d)
+    assert c.num_layers == 1 and c.comm_scales_with == "B" and c.source == "measured"
+    assert c.ffn.r2 == 0.999
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("ffn"), "missing object 'ffn'"),
+        (lambda d: d["attention"].pop("beta"), "attention.beta is missing"),
+        (lambda d: d["attention"].update(alpha=-1.0), "attention: alpha must be >= 0"),
+        (lambda d: d["ffn"].update(beta="x"), "ffn: beta must be a finite number"),
+        (lambda d: d.update(units="s"), "units must be 'ms'"),
+        (lambda d: d.update(num_layers=0), "num_layers must be >= 1"),
+        (lambda d: d["comm"].update(scales_with="r"), "comm_scales_with must be one of"),
+        (lambda d: d["comm"].update(r2=float("nan")), "r2 must be a finite number"),
+    ],
+)
+def test_bad_profiles(tmp_path, mutate, message) -> None:
+    d = json.loads(json.dumps(PROFILE))
+    mutate(d)
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(d))
+    with pytest.raises(UserInputError, match=message) as err:
+        StageCosts.from_profile(f)
+    assert str(f) in str(err.value)
+
+
+def test_unreadable_profiles(tmp_path) -> None:
+    with pytest.raises(UserInputError, match="cannot read profile"):
+        StageCosts.from_profile(tmp_path / "none.json")
+    f = tmp_path / "bad.json"
+    f.write_text("{not json")
+    with pytest.raises(UserInputError, match="not valid JSON"):
+        StageCosts.from_profile(f)
+    f.write_text("[]")
+    with pytest.raises(UserInputError, match="must be a JSON object"):
+        StageCosts.from_profile(f)
+
+
+def test_explicit_validation_names_the_stage() -> None:
+    with pytest.raises(UserInputError, match="ffn: beta must be >= 0"):
+        StageCosts.explicit(1e-5, 0.1, 0.01, -1.0)
+    with pytest.raises(UserInputError, match="num_layers"):
+        StageCosts.explicit(1e-5, 0.1, 0.01, 1.0, num_layers=0)
