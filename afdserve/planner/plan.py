@@ -184,12 +184,12 @@ def plan(
     if attention_ok is False:
         notes.append("attention side out of memory at this batch: no ratio is feasible")
     sigma2 = workload.sigma2
-    rows = []
-    for r in range(1, r_max + 1):
+
+    def make_row(r: int, barrier: bool) -> RatioRow:
         st = stage_times(costs, batch, theta, r)
         tau = st.cycle
         mem_ok = None if memory is None else bool(attention_ok and ffn_fits(memory, batch, r))
-        row = dict(
+        row: dict[str, Any] = dict(
             r=r,
             t_attention=st.attention,
             t_ffn=st.ffn,
@@ -203,7 +203,7 @@ def plan(
             tpot_ok=tpot_ok(tau, L, tpot_slo_ms),
             memory_ok=mem_ok,
         )
-        if sigma2 is not None:
+        if barrier and sigma2 is not None:
             e_tau = expected_cycle_time(costs, batch, theta, sigma2, r)
             row.update(
                 expected_cycle_ms=e_tau,
@@ -211,12 +211,17 @@ def plan(
                 throughput_per_cost_barrier=objective(r, batch, e_tau, L, weights),
                 tpot_ok_barrier=tpot_ok(e_tau, L, tpot_slo_ms),
             )
-        rows.append(RatioRow(**row))
+        return RatioRow(**row)
+
+    rows = [make_row(r, barrier=True) for r in range(1, r_max + 1)]
     table = tuple(rows)
 
     feasible = [row for row in table if row.feasible]
-    if r_int_free <= r_max and table[r_int_free - 1].feasible:
+    free_row = table[r_int_free - 1] if r_int_free <= r_max else make_row(r_int_free, False)
+    if free_row.feasible:
         r_int: int | None = r_int_free
+        if r_int_free > r_max:
+            notes.append(f"r = {r_int_free} lies beyond the table (r_max = {r_max})")
     elif feasible:
         r_int = max(feasible, key=lambda row: row.throughput_per_cost).r
         why = "is beyond r_max" if r_int_free > r_max else "breaks the TPOT SLO or memory"

@@ -195,3 +195,12 @@ def test_result_serialises_to_json() -> None:
     assert {"cycle_ms", "throughput_per_instance", "attention_idle", "ffn_idle"} <= set(
         d["table"][0]
     )
+
+
+def test_r_int_beyond_a_short_table() -> None:
+    result = plan(issue_costs(), B, WorkloadStats(THETA), r_max=3)
+    assert len(result.table) == 3
+    assert result.r_int == 4  # checked directly, not only among the tabulated ratios
+    assert any("beyond the table" in note for note in result.notes)
+    # with an SLO that r = 4 breaks (tau(4) = 7 > 6.9), nothing in the table is feasible either
+    assert plan(issue_costs(), B, WorkloadStats(THETA), r_max=3, tpot_slo_ms=6.9).r_int is None
