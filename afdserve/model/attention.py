@@ -156,15 +156,19 @@ def paged_attention(
     for g in meta.groups:  # one per shape bucket, a handful at most
         b, q_len = g.token_index.shape
         qg = q[g.token_index].permute(0, 2, 1, 3)  # [B, H, Q, Dh]
-        qg = qg.reshape(b, n_kv, rep * q_len, dh)  # [B, Hkv, rep*Q, Dh]
-        kg = k_flat[g.kv_slots].permute(0, 2, 3, 1)  # [B, Hkv, Dh, K]
-        vg = v_flat[g.kv_slots].transpose(1, 2)  # [B, Hkv, K, Dh]
+        # contiguous operands: matmul picks its kernel by layout, and a batch of one is laid
+        # out differently by permute than a batch of many
+        qg = qg.reshape(b, n_kv, rep * q_len, dh).contiguous()  # [B, Hkv, rep*Q, Dh]
+        kg = k_flat[g.kv_slots].permute(0, 2, 3, 1).contiguous()  # [B, Hkv, Dh, K]
+        vg = v_flat[g.kv_slots].transpose(1, 2).contiguous()  # [B, Hkv, K, Dh]
         scores = torch.matmul(qg, kg).view(b, n_kv, rep, q_len, -1) * scale  # [B, Hkv, rep, Q, K]
         scores = scores.masked_fill(~g.mask[:, :, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(
             q.dtype
         )  # [B, Hkv, rep, Q, K]
-        og = torch.matmul(probs.view(b, n_kv, rep * q_len, -1), vg)  # [B, Hkv, rep*Q, Dh]
+        og = torch.matmul(
+            probs.view(b, n_kv, rep * q_len, -1).contiguous(), vg
+        )  # [B, Hkv, rep*Q, Dh]
         og = og.view(b, n_heads, q_len, dh).transpose(1, 2)  # [B, Q, H, Dh]
         out[g.out_rows] = og[g.token_valid]  # [n_valid, H, Dh]
     return out
