@@ -46,6 +46,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_workload(subparsers)
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse prints usage plus the error; keep malformed flags to one line, exit status 2."""
+
+    def error(message: str) -> None:
+        sys.stderr.write(f"{parser.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+
+
 # ---- parsers ----------------------------------------------------------------------------------
 
 
@@ -130,6 +140,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="plot throughput and idle fractions vs r")
     p.set_defaults(func=run_plan)
+    _one_line_errors(p)
 
 
 def _add_workload(subparsers: argparse._SubParsersAction) -> None:
@@ -147,6 +158,7 @@ def _add_workload(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="DIST", help="output length distribution")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=run_workload)
+    _one_line_errors(p)
 
 
 # ---- plan -------------------------------------------------------------------------------------

@@ -247,6 +247,22 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message) -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", *ISSUE[:-2], "--batch", "abc", "--theta", "1"],
+        ["plan", "--theta", "1", "--alpha-a", "1"],  # --batch missing
+        ["plan", *ISSUE, "--theta", "1", "--link", "carrier-pigeon"],
+    ],
+)
+def test_malformed_flags_are_one_line_and_exit_2(capsys, argv) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err
+
+
 def test_empty_trace_is_exit_2(tmp_path, capsys) -> None:
     f = tmp_path / "empty.csv"
     f.write_text("")
