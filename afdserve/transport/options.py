@@ -1,0 +1,103 @@
+"""Options every multi-process transport takes, validated once with clear messages.
+
+A launcher builds one endpoint per worker process with the same group-wide options (rendezvous
+address, timeouts) and the worker's own rank; see registry.create_transport.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from afdserve.errors import UserInputError
+
+
+def parse_host_port(value: str, what: str = "rendezvous") -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port), with a UserInputError naming `what` on bad input."""
+    if not isinstance(value, str) or ":" not in value:
+        raise UserInputError(f"{what} must be HOST:PORT, got {value!r}")
+    host, _, port_s = value.rpartition(":")
+    host = host.strip("[]")
+    if not host:
+        raise UserInputError(f"{what} must be HOST:PORT with a host, got {value!r}")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise UserInputError(f"{what} port must be an integer, got {port_s!r}") from None
+    if not 0 < port < 65536:
+        raise UserInputError(f"{what} port must be in 1..65535, got {port}")
+    return host, port
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+    elif (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value > 0 and math.isfinite(value))
+    ):
+        raise UserInputError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """What every backend needs besides rank and world size."""
+
+    rendezvous: str = ""
+    """HOST:PORT of the group's rendezvous TCPStore, hosted by rank 0 (torch, tcp, nixl). The shm
+    backend only derives its session name from it (no TCP); it can be given `session` instead."""
+    peers: tuple[int, ...] | None = None
+    """Ranks this endpoint exchanges messages with; None means every other rank. Must be
+    symmetric across the group (attention ranks list the FFN ranks and vice versa)."""
+    connect_timeout_s: float = 60.0
+    """Deadline for the constructor: every peer must be reachable by then (TransportTimeout)."""
+    send_timeout_s: float = 30.0
+    """Longest `send` blocks on back-pressure (full ring or queue) before TransportTimeout."""
+
+    def __post_init__(self) -> None:
+        if self.rendezvous:
+            parse_host_port(self.rendezvous)
+        if self.peers is not None:
+            peers = tuple(self.peers)
+            for p in peers:
+                if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+                    raise UserInputError(f"peers must be non-negative ranks, got {p!r}")
+            if len(set(peers)) != len(peers):
+                raise UserInputError(f"peers must not repeat a rank, got {peers}")
+            object.__setattr__(self, "peers", peers)
+        check_positive("connect_timeout_s", self.connect_timeout_s)
+        check_positive("send_timeout_s", self.send_timeout_s)
+
+    def peer_ranks(self, rank: int, world_size: int) -> tuple[int, ...]:
+        """The validated peer list for `rank` in a group of `world_size`."""
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
+            raise UserInputError(f"world_size must be an integer >= 2, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise UserInputError(f"rank must be in 0..{world_size - 1}, got {rank!r}")
+        if self.peers is None:
+            return tuple(r for r in range(world_size) if r != rank)
+        for p in self.peers:
+            if p >= world_size or p == rank:
+                raise UserInputError(
+                    f"peer {p} of rank {rank} is not another rank of a group of {world_size}"
+                )
+        if not self.peers:
+            raise UserInputError(f"rank {rank} has no peers")
+        return tuple(sorted(self.peers))
+
+
+def afd_peers(rank: int, num_attention: int, num_ffn: int = 1) -> tuple[int, ...]:
+    """Who talks to whom in AFD: attention ranks 0..r-1 talk to FFN ranks r..r+m-1 and back."""
+    if num_attention < 1 or num_ffn < 1:
+        raise UserInputError(
+            f"need >= 1 attention and FFN worker, got {num_attention} and {num_ffn}"
+        )
+    world = num_attention + num_ffn
+    if not 0 <= rank < world:
+        raise UserInputError(f"rank must be in 0..{world - 1}, got {rank}")
+    if rank < num_attention:
+        return tuple(range(num_attention, world))
+    return tuple(range(num_attention))
