@@ -1,0 +1,378 @@
+"""AsyncEngine: the blocking engine, stepped on one background thread, seen from asyncio.
+
+The engine's `step()` blocks for a whole bundle step (every attention worker and the FFN), so
+it runs on a thread of its own that steps while there is work and sleeps otherwise. After each
+step the thread hands that step's token events to the event loop in one
+`loop.call_soon_threadsafe` call, which puts each event on its request's asyncio queue. A
+request's consumer (`RequestHandle`) detokenizes, applies stop strings (on text, so here and not
+in the scheduler), and yields `GenerationOutput` deltas; the HTTP layer turns those into JSON or
+server-sent events.
+
+Failure is never silent: if `step()` raises, the thread records the error, every in-flight
+request fails with a 503, new requests get 503, and `healthy` turns false (/health answers
+503). Admission is bounded: when the engine's waiting queues hold `max_queue` requests, a new
+one is refused (429) instead of growing memory without limit. A request whose consumer goes
+away (client disconnect, stop string) is aborted in the engine, which frees its KV blocks at
+once.
+
+The engine is anything with the in-process `Engine`'s surface (`EngineLike`), so the
+multi-process runtime can be served the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from afdserve.afd.stats import EngineState
+from afdserve.model.tokenizer import Tokenizer
+from afdserve.server.errors import APIError, EngineDead, QueueFull
+from afdserve.server.text_stream import TextStream
+from afdserve.types import SamplingParams, TokenEvent
+
+log = logging.getLogger("afdserve.server")
+
+
+class EngineLike(Protocol):
+    """What the server needs from an engine (the in-process `Engine` has all of it).
+
+    `add_request`/`abort`/`has_unfinished`/`state` are called from the event loop thread while
+    `step` runs on the engine thread, so they must be thread-safe. An engine may also offer
+    `healthy() -> bool` (a supervisor's view of its worker processes); when it says False,
+    the server reports 503.
+    """
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> int: ...
+
+    def abort(self, request_id: str) -> bool: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def step(self) -> list[TokenEvent]: ...
+
+    def state(self, afd: bool = True) -> EngineState: ...
+
+    def close(self) -> None: ...
+
+
+class RequestObserver(Protocol):
+    """Per-request metrics hooks (ServerMetrics implements them); called on the event loop."""
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+
+    def on_token(self, itl_s: float) -> None: ...
+
+    def on_finished(
+        self,
+        reason: str,
+        e2e_s: float,
+        prompt_tokens: int,
+        output_tokens: int,
+        tpot_s: float | None,
+    ) -> None: ...
+
+    def on_rejected(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class GenerationOutput:
+    """What one request produced since its previous output (a delta), and whether it is done."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    """Tokens generated so far, this delta's included."""
+
+
+_ABORT = object()  # queue sentinel: the consumer should stop (client gone)
+
+
+async def _nothing() -> AsyncIterator[GenerationOutput]:
+    return
+    yield  # an async generator that yields nothing
+
+
+@dataclass(eq=False)
+class _Stream:
+    request_id: str
+    num_prompt_tokens: int
+    params: SamplingParams
+    text: TextStream
+    arrival: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class RequestHandle:
+    """One admitted request: iterate it for `GenerationOutput`s; `abort()` cancels it.
+
+    Leaving the iteration early (break, exception, task cancellation) aborts the request in the
+    engine, so its KV blocks are freed and it stops costing compute.
+    """
+
+    def __init__(self, engine: AsyncEngine, stream: _Stream) -> None:
+        self._engine = engine
+        self._stream = stream
+        self._iter: AsyncIterator[GenerationOutput] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._stream.request_id
+
+    def abort(self) -> None:
+        """Stop this request (safe to call at any time, any number of times)."""
+        if self._iter is None:  # never iterated: no iterator will run the cleanup, so do it here
+            self._iter = _nothing()
+            self._engine._discard(self._stream)
+        else:
+            self._engine._abort_stream(self._stream)
+
+    def __aiter__(self) -> AsyncIterator[GenerationOutput]:
+        if self._iter is None:
+            self._iter = self._engine._iterate(self._stream)
+        return self._iter
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: EngineLike,
+        tokenizer: Tokenizer,
+        max_queue: int = 1024,
+        observer: RequestObserver | None = None,
+        step_timeout_s: float = 60.0,
+    ) -> None:
+        """`step_timeout_s` bounds how long shutdown waits for a step in progress (a step's
+        own waits are bounded by the engine's sync timeout; give at least that)."""
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.observer = observer
+        self.step_timeout_s = step_timeout_s
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        """Why the engine thread stopped, once it failed."""
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine already started")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="afdserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop stepping, fail what is still in flight (503), close the engine."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, self.step_timeout_s)
+            if self._thread.is_alive():
+                log.error(
+                    "engine thread still in a step after %.0fs; leaving it", self.step_timeout_s
+                )
+                return
+        self._fail_all("the server is shutting down")
+        self.engine.close()
+        log.info("engine stopped")
+
+    @property
+    def healthy(self) -> bool:
+        if self.error is not None or self._stopping:
+            return False
+        if self._thread is not None and not self._thread.is_alive():
+            return False
+        probe = getattr(self.engine, "healthy", None)
+        return bool(probe()) if callable(probe) else True
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def check_available(self) -> None:
+        """Raise EngineDead (503) when nothing can be served."""
+        if self._stopping:
+            raise EngineDead("the server is shutting down")
+        if self.error is not None:
+            raise EngineDead(f"the engine failed and cannot serve: {self.error}")
+        if not self.healthy:
+            raise EngineDead("a worker is down")
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> RequestHandle:
+        """Admit a request now (raising 400/429/503 errors before anything streams)."""
+        self.check_available()
+        if self.engine.state(afd=False).num_waiting >= self.max_queue:
+            if self.observer is not None:
+                self.observer.on_rejected("queue_full")
+            raise QueueFull(f"the waiting queue is full ({self.max_queue} requests); retry later")
+        stream = _Stream(
+            request_id,
+            len(prompt_token_ids),
+            params,
+            TextStream(self.tokenizer, params.stop),
+            arrival=time.monotonic(),
+        )
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._streams[request_id] = stream
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params, stream.arrival)
+        except BaseException:
+            del self._streams[request_id]
+            raise
+        self._wake.set()
+        return RequestHandle(self, stream)
+
+    def _abort_stream(self, stream: _Stream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            stream.queue.put_nowait(_ABORT)
+
+    def _discard(self, stream: _Stream) -> None:
+        if self._streams.pop(stream.request_id, None) is stream:
+            self.engine.abort(stream.request_id)
+            if self.observer is not None:
+                e2e = time.monotonic() - stream.arrival
+                self.observer.on_finished("abort", e2e, stream.num_prompt_tokens, 0, None)
+
+    async def _iterate(self, s: _Stream) -> AsyncIterator[GenerationOutput]:
+        reason: str | None = None
+        n_out = 0
+        last_t = s.arrival
+        first_t: float | None = None
+        engine_done = False
+        try:
+            while reason is None:
+                items = [await s.queue.get()]
+                while not s.queue.empty():
+                    items.append(s.queue.get_nowait())
+                ids: list[int] = []
+                lps: list[TokenLogprob] | None = [] if s.params.logprobs is not None else None
+                for item in items:
+                    if item is _ABORT:
+                        return
+                    if isinstance(item, APIError):
+                        reason = "error"
+                        raise item
+                    t, ev = item
+                    if first_t is None:
+                        first_t = t
+                        if self.observer is not None:
+                            self.observer.on_first_token(t - s.arrival)
+                    elif self.observer is not None:
+                        self.observer.on_token(t - last_t)
+                    last_t = t
+                    n_out += 1
+                    ids.append(ev.token_id)
+                    if lps is not None and ev.logprob is not None:
+                        lps.append(TokenLogprob(ev.token_id, ev.logprob, ev.top_logprobs))
+                    s.text.push(ev.token_id)
+                    if ev.finished:
+                        engine_done = True
+                        reason = ev.finish_reason.value if ev.finish_reason else "stop"
+                    elif s.text.stopped:
+                        reason = "stop"
+                    if reason is not None:
+                        break
+                if reason is not None:
+                    s.text.finish()
+                yield GenerationOutput(
+                    s.request_id,
+                    s.text.take(final=reason is not None),
+                    ids,
+                    lps,
+                    reason is not None,
+                    reason,
+                    s.num_prompt_tokens,
+                    n_out,
+                )
+        finally:
+            self._streams.pop(s.request_id, None)
+            if not engine_done:
+                self.engine.abort(s.request_id)  # frees its KV blocks now
+            if self.observer is not None:
+                end = last_t if reason not in (None, "error") else time.monotonic()
+                tpot = (
+                    (last_t - first_t) / (n_out - 1) if first_t is not None and n_out > 1 else None
+                )
+                self.observer.on_finished(
+                    reason or "abort", end - s.arrival, s.num_prompt_tokens, n_out, tpot
+                )
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(0.5)
+                    continue
+                t0 = time.perf_counter()
+                events = self.engine.step()
+                if events:
+                    self._post(self._deliver, events, time.monotonic())
+                elif time.perf_counter() - t0 < 1e-4:
+                    self._wake.wait(1e-3)  # nothing ran although work is queued: do not spin
+        except BaseException as exc:  # noqa: BLE001 - any failure must reach the clients
+            log.exception("engine step failed; the server now answers 503")
+            self.error = exc
+            self._post(self._fail_all, f"the engine failed: {type(exc).__name__}: {exc}")
+
+    def _post(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed between the check and the call
+            pass
+
+    def _deliver(self, events: list[TokenEvent], t: float) -> None:
+        for ev in events:
+            s = self._streams.get(ev.request_id)
+            if s is not None:
+                s.queue.put_nowait((t, ev))
+
+    def _fail_all(self, message: str) -> None:
+        for s in list(self._streams.values()):
+            s.queue.put_nowait(EngineDead(message))

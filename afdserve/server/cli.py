@@ -1,0 +1,217 @@
+"""`afdserve serve` (the OpenAI-compatible server) and `afdserve bench` (its load generator)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from afdserve.errors import UserInputError
+from afdserve.llm_cli import DEFAULT_MODEL, add_engine_args, engine_options
+
+DEFAULT_PORT = 8000
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (default: AFD 2A1F, built-in model)",
+    )
+    s.add_argument("model_arg", nargs="?", metavar="MODEL", default=None,
+                   help=f"HF-format model dir or builtin:NAME (default {DEFAULT_MODEL}); same as --model")  # fmt: skip
+    add_engine_args(s)
+    s.add_argument("--ffn-workers", type=int, default=1, metavar="M")
+    s.add_argument(
+        "--transport", default="local", help="activation transport (default %(default)s)"
+    )
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    s.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV memory per attention worker")
+    s.add_argument("--sync-timeout", type=float, default=30.0, metavar="S",
+                   help="longest wait for a peer worker before the engine fails (seconds)")  # fmt: skip
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument("--max-queue", type=int, default=1024, metavar="Q",
+                   help="waiting requests beyond which new ones get HTTP 429 (default %(default)s)")  # fmt: skip
+    s.add_argument(
+        "--served-model-name", default=None, help="the model name clients use (default: MODEL)"
+    )
+    s.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    s.set_defaults(func=run_serve)
+
+    b = sub.add_parser(
+        "bench", help="load-test a running server; prints vllm bench serve's result block"
+    )
+    b.add_argument("--base-url", default=f"http://127.0.0.1:{DEFAULT_PORT}")
+    b.add_argument(
+        "--model", default=None, help="model name to request (default: the server's first)"
+    )
+    b.add_argument("--dataset", default="random",
+                   help="random, azure-conv, azure-code, mooncake, or a trace file (.csv/.jsonl)")  # fmt: skip
+    b.add_argument("--num-prompts", type=int, default=100)
+    b.add_argument("--request-rate", default="inf", help="requests per second (Poisson), or inf")
+    b.add_argument("--max-concurrency", type=int, default=None)
+    b.add_argument("--random-input-len", type=int, default=128)
+    b.add_argument("--random-output-len", type=int, default=64)
+    b.add_argument("--max-input-len", type=int, default=None,
+                   help="clip trace prompts to this (default: the server's max_model_len - 1)")  # fmt: skip
+    b.add_argument("--max-output-len", type=int, default=None, help="clip trace outputs to this")
+    b.add_argument("--vocab-size", type=int, default=None,
+                   help="draw prompt token ids from [0, V) (default: the server's vocab_size)")  # fmt: skip
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--percentiles", default="99", help="comma-separated, e.g. 50,90,99")
+    b.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (seconds)")
+    b.add_argument("--save-result", type=Path, default=None, metavar="F.json")
+    b.add_argument("--disable-tqdm", action="store_true")
+    b.set_defaults(func=run_bench)
+
+
+def serve_config(args: argparse.Namespace):
+    """The EngineConfig `serve` runs (validated; bad flags raise UserInputError)."""
+    from afdserve.config import EngineConfig
+
+    if args.model_arg is not None:
+        if args.model not in (DEFAULT_MODEL, args.model_arg):
+            raise UserInputError(
+                f"MODEL {args.model_arg!r} and --model {args.model!r} disagree; give one"
+            )
+        args.model = args.model_arg
+    return EngineConfig(
+        **engine_options(args),
+        ffn_workers=args.ffn_workers,
+        transport=args.transport,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_gib=args.kv_cache_gib,
+        sync_timeout_s=args.sync_timeout,
+        seed=args.seed,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    cfg = serve_config(args)
+    if not 0 < args.port < 65536:
+        raise UserInputError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_queue < 1:
+        raise UserInputError(f"--max-queue must be >= 1, got {args.max_queue}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    import torch
+    import uvicorn
+
+    from afdserve.launch.local import build_engine
+    from afdserve.model.tokenizer import Tokenizer
+    from afdserve.server.api import build_app, describe
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    # The multi-process runtime plugs in here: anything with the in-process Engine's surface
+    # (afdserve.server.async_engine.EngineLike) can be served.
+    engine, model = build_engine(cfg)
+    try:
+        tokenizer = Tokenizer(model.path)
+        name = args.served_model_name or cfg.model
+        app = build_app(engine, tokenizer, cfg, served_model_name=name, model_root=str(model.path),
+                        max_queue=args.max_queue)  # fmt: skip
+        print(f"afdserve serve: {name}, {describe(cfg)}, on http://{args.host}:{args.port}/v1",
+              file=sys.stderr, flush=True)  # fmt: skip
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=5, access_log=False)  # fmt: skip
+        server = uvicorn.Server(config)
+        server.run()  # SIGINT/SIGTERM: graceful shutdown, lifespan stops the engine thread
+        if not server.started:
+            return 1
+    finally:
+        engine.close()  # idempotent; covers a server that never started
+    return 0
+
+
+def _rate(text: str) -> float:
+    if text.strip().lower() == "inf":
+        return math.inf
+    try:
+        rate = float(text)
+    except ValueError:
+        raise UserInputError(f"--request-rate must be a number or inf, got {text!r}") from None
+    if not rate > 0:
+        raise UserInputError(f"--request-rate must be > 0, got {text!r}")
+    return rate
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        ps = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise UserInputError(
+            f"--percentiles: expected numbers like 50,90,99, got {text!r}"
+        ) from None
+    if not ps or not all(0 < p <= 100 for p in ps):
+        raise UserInputError(f"--percentiles must be in (0, 100], got {text!r}")
+    return ps
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from afdserve.server.bench import (
+        BenchConfig,
+        compute_metrics,
+        fetch_server_info,
+        format_result,
+        result_record,
+        run_benchmark,
+    )
+    from afdserve.server.bench_data import random_requests, trace_requests
+
+    rate = _rate(args.request_rate)
+    percentiles = _percentiles(args.percentiles)
+    if args.num_prompts < 1:
+        raise UserInputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise UserInputError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    info = asyncio.run(fetch_server_info(args.base_url))
+    model = args.model or info["id"]
+    vocab = args.vocab_size or info.get("vocab_size")
+    if not vocab:
+        raise UserInputError("the server does not report vocab_size; give --vocab-size")
+    max_len = int(info.get("max_model_len") or 0)
+    if args.dataset == "random":
+        if max_len and args.random_input_len + args.random_output_len > max_len:
+            raise UserInputError(
+                f"--random-input-len + --random-output-len = {args.random_input_len + args.random_output_len} "
+                f"exceeds the server's max_model_len {max_len}"
+            )
+        reqs = random_requests(
+            args.num_prompts, args.random_input_len, args.random_output_len, vocab, args.seed
+        )
+    else:
+        if not max_len:
+            raise UserInputError("the server does not report max_model_len; trace datasets need it")
+        reqs = trace_requests(args.dataset, args.num_prompts, vocab, max_len, args.seed,
+                              args.max_input_len, args.max_output_len)  # fmt: skip
+    cfg = BenchConfig(base_url=args.base_url, model=model, request_rate=rate,
+                      max_concurrency=args.max_concurrency, temperature=args.temperature,
+                      seed=args.seed, timeout_s=args.timeout, percentiles=percentiles,
+                      disable_tqdm=args.disable_tqdm)  # fmt: skip
+    print(f"Traffic request rate: {args.request_rate}")
+    print(f"Maximum request concurrency: {args.max_concurrency}")
+    results, duration = asyncio.run(run_benchmark(cfg, reqs))
+    metrics = compute_metrics(results, duration, percentiles)
+    print(format_result(metrics, args.max_concurrency, rate, percentiles))
+    errors = [r.error for r in results if not r.success]
+    if errors:
+        print(f"{len(errors)} requests failed; first error: {errors[0]}", file=sys.stderr)
+    if args.save_result is not None:
+        record = result_record(cfg, args.dataset, metrics, results)
+        try:
+            args.save_result.write_text(json.dumps(record, indent=1) + "\n")
+        except OSError as exc:
+            raise UserInputError(
+                f"cannot write --save-result {args.save_result}: {exc.strerror}"
+            ) from None
+        print(f"saved {args.save_result}")
+    return 0 if not errors else 1

@@ -1,0 +1,56 @@
+"""Errors the HTTP API returns, each with its status and OpenAI-shaped body.
+
+The body is `{"error": {"message", "type", "param", "code"}}` with `code` the HTTP status, as
+vLLM's OpenAI server answers, so the official `openai` client raises its matching exception
+(BadRequestError, NotFoundError, RateLimitError, InternalServerError, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """An error answered to the client; subclasses fix the status and type."""
+
+    status: int = 500
+    type: str = "InternalServerError"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+
+class BadRequest(APIError):
+    status, type = 400, "BadRequestError"
+
+
+class NotFound(APIError):
+    status, type = 404, "NotFoundError"
+
+
+class QueueFull(APIError):
+    """The engine's waiting queue holds --max-queue requests already: try again later."""
+
+    status, type = 429, "RateLimitError"
+
+
+class EngineDead(APIError):
+    """The engine failed (a worker is down) or is shutting down: nothing can be served."""
+
+    status, type = 503, "ServiceUnavailableError"
+
+
+class InternalError(APIError):
+    status, type = 500, "InternalServerError"

@@ -1,0 +1,64 @@
+"""One request's output text as it streams: detokenized incrementally, cut at stop strings.
+
+Stop strings are matched on the text, not on tokens (a stop string may span tokens or end in
+the middle of one), which is why the front end, not the scheduler, applies them. As in vLLM
+and OpenAI, the text ends just before the earliest stop string and the stop string itself is
+not returned. While streaming, a tail of the text that could still grow into a stop string is
+held back until it either does (and is dropped) or cannot any more (and is sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from afdserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class TextStream:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self._stop = tuple(stop)
+        self._longest = max((len(s) for s in self._stop), default=0)
+        self.text = ""
+        """All final text so far (cut before the stop string once one matched)."""
+        self.stopped = False
+        """A stop string matched; later tokens add no text."""
+        self._sent = 0
+
+    def push(self, token_id: int) -> None:
+        if not self.stopped:
+            self._append(self._detok.push(token_id))
+
+    def finish(self) -> None:
+        """The request ended: release whatever the detokenizer held back."""
+        if not self.stopped:
+            self._append(self._detok.flush())
+
+    def take(self, final: bool = False) -> str:
+        """Text not yet handed out; unless `final` (or stopped), minus a possible stop prefix."""
+        end = len(self.text)
+        if not (final or self.stopped):
+            end -= self._stop_prefix_len()
+        out = self.text[self._sent : end]
+        self._sent = max(self._sent, end)
+        return out
+
+    def _append(self, delta: str) -> None:
+        if not delta:
+            return
+        start = max(0, len(self.text) - self._longest + 1)
+        self.text += delta
+        if not self._stop:
+            return
+        hits = [i for s in self._stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        for k in range(min(self._longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self._stop):
+                return k
+        return 0

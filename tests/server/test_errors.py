@@ -1,0 +1,214 @@
+"""Every error status of the API, in OpenAI's shape: 400 (bad JSON, wrong types, bad ranges,
+context overflow), 404 (unknown model), 429 (waiting queue full; the admitted requests still
+complete), 503 (a worker is down: /health too), and 404 for unknown routes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.conftest import SERVED, live_server
+
+
+def _assert_error(resp, status: int, param: str | None = "ANY") -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status and err["message"]
+    if param != "ANY":
+        assert err["param"] == param, err
+    return err
+
+
+BAD_COMPLETIONS = [
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"prompt": "x", "temperature": -0.1}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "top_k": -2}, "top_k"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 2, 99999]}, "prompt"),
+    ({"prompt": [-1]}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "logprobs": 50}, "logprobs"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "n": 0}, "n"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"), BAD_COMPLETIONS, ids=[str(b) for b, _ in BAD_COMPLETIONS]
+)
+def test_400_for_bad_completion_fields(afd_server, body, param):
+    with afd_server.http() as h:
+        _assert_error(h.post("/v1/completions", json=body), 400, param)
+
+
+def test_400_malformed_json_and_wrong_body(afd_server):
+    with afd_server.http() as h:
+        for raw in (b"{not json", b"", b"\xff\xfe", b'{"prompt": "x",}'):
+            _assert_error(h.post("/v1/completions", content=raw), 400, None)
+        _assert_error(h.post("/v1/completions", json=[1, 2]), 400)
+        _assert_error(h.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+        _assert_error(
+            h.post("/v1/chat/completions", json={"messages": [{"content": "x"}]}), 400, "messages"
+        )
+        _assert_error(h.post("/v1/chat/completions", json={"messages": "hi"}), 400, "messages")
+
+
+def test_400_prompt_plus_max_tokens_beyond_context(afd_server):
+    limit = afd_server.engine.max_model_len
+    with afd_server.http() as h:
+        err = _assert_error(
+            h.post("/v1/completions", json={"prompt": [1] * 10, "max_tokens": limit - 9}),
+            400,
+            "max_tokens",
+        )
+        assert str(limit) in err["message"]
+        _assert_error(
+            h.post("/v1/completions", json={"prompt": [1] * limit, "max_tokens": 1}), 400, "prompt"
+        )
+        ok = h.post("/v1/completions", json={"prompt": [1] * 10, "max_tokens": limit - 10,
+                                             "stop_token_ids": list(range(384))})  # fmt: skip
+        assert ok.status_code == 200  # exactly the context is fine (ends at once on a stop id)
+        msg = [{"role": "user", "content": "y" * 10}]
+        _assert_error(
+            h.post("/v1/chat/completions", json={"messages": msg, "max_tokens": limit}),
+            400,
+            "max_tokens",
+        )
+
+
+def test_openai_client_raises_typed_errors(afd_server):
+    client = afd_server.openai()
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=SERVED, prompt="x", max_tokens=0)
+    assert bad.value.status_code == 400
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "x"}],
+                                       temperature=3.0)  # fmt: skip
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert "no-such-model" in str(nf.value)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+
+
+def test_404_unknown_route_in_openai_shape(afd_server):
+    with afd_server.http() as h:
+        _assert_error(h.get("/v1/nothing-here"), 404)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_429_when_the_queue_is_full_and_admitted_requests_complete():
+    # one attention worker, one running slot, room for 3 waiting; the engine is held so that
+    # nothing leaves the queue while the flood arrives: exactly 3 admitted, the rest 429
+    with live_server(mode="aggregated", attention_workers=1, max_num_seqs=1, max_queue=3) as srv:
+        n = 10
+        with srv.held_engine() as gate, ThreadPoolExecutor(n) as pool:
+
+            def send(i: int):
+                with srv.http() as h:
+                    return h.post("/v1/completions", json={"prompt": [5 + i, 6, 7], "max_tokens": 8,
+                                                           "ignore_eos": True})  # fmt: skip
+
+            futures = [pool.submit(send, i) for i in range(n)]
+            deadline = time.monotonic() + 30
+            while sum(f.done() for f in futures) < n - 3:  # the 429s come back at once
+                assert time.monotonic() < deadline, "no 429s while the queue was full"
+                time.sleep(0.01)
+            assert srv.engine.state(afd=False).num_waiting == 3
+            gate.set()
+            responses = [f.result() for f in futures]
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200] * 3 + [429] * (n - 3)
+        for r in responses:
+            if r.status_code == 429:
+                err = _assert_error(r, 429, None)
+                assert err["type"] == "RateLimitError"
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 8
+        srv.wait_idle()
+        with srv.http() as h:
+            text = h.get("/metrics").text
+        assert _metric(text, "afdserve:request_rejected_total", reason="queue_full") == n - 3
+        client = srv.openai()  # the official client sees a RateLimitError (it does not retry)
+        with srv.held_engine():
+            threads = [threading.Thread(target=_quiet, args=(client,)) for _ in range(3)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while srv.engine.state(afd=False).num_waiting < 3:
+                assert time.monotonic() < deadline, "requests did not queue"
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=SERVED, prompt="x", max_tokens=2)
+        for t in threads:
+            t.join(30)
+        srv.wait_idle()
+
+
+def _quiet(client) -> None:
+    client.completions.create(model=SERVED, prompt="queued", max_tokens=2)
+
+
+def test_503_when_a_worker_is_down():
+    # the FFN worker stops answering: attention workers time out (1 s), the engine step fails,
+    # in-flight requests get 503 (in-band for streams), /health and new requests answer 503
+    with live_server(mode="afd", attention_workers=2, microbatches=2, sync_timeout_s=1.0) as srv:
+        with srv.http() as h:
+            assert (
+                h.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
+            )
+
+        def dead_ffn(step: int) -> None:
+            raise ConnectionError("FFN worker process died")
+
+        srv.engine.ffn.serve_step = dead_ffn
+        with srv.http() as h, ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(h.post, "/v1/completions", json={"prompt": "a", "max_tokens": 50})
+            client = srv.openai()
+            stream = client.completions.create(model=SERVED, prompt="b", max_tokens=50, stream=True)
+            with pytest.raises(openai.APIError) as in_band:
+                list(stream)
+            assert "engine failed" in str(in_band.value)
+            err = _assert_error(plain.result(), 503, None)
+            assert err["type"] == "ServiceUnavailableError"
+            assert "TransportTimeout" in err["message"]
+            _assert_error(h.get("/health"), 503)
+            _assert_error(h.post("/v1/completions", json={"prompt": "again", "max_tokens": 2}), 503)
+            with pytest.raises(openai.InternalServerError) as later:
+                client.chat.completions.create(
+                    model=SERVED, messages=[{"role": "user", "content": "x"}]
+                )
+            assert later.value.status_code == 503
+            text = h.get("/metrics").text
+        assert _metric(text, "afdserve:healthy") == 0.0
+        assert _metric(text, "afdserve:afd_sync_timeouts_total") >= 1.0
+        assert _metric(text, "afdserve:request_success_total", finished_reason="error") == 2.0
