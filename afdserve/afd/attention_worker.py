@@ -8,19 +8,16 @@ from afdserve.types import StepPlan, StepResult
 
 
 class AttentionWorker:
-    def __init__(
-        self, index: int, scheduler: Scheduler, runner: AttentionRunner, always_sync: bool
-    ) -> None:
+    def __init__(self, index: int, scheduler: Scheduler, runner: AttentionRunner) -> None:
         self.index = index
         self.scheduler = scheduler
         self.runner = runner
-        self.always_sync = always_sync
-        """AFD: run (and so SYNC) even an empty plan, so the FFN hears from every worker each step."""
 
     def load_score(self) -> int:
         return self.scheduler.load().score
 
     def execute(self, plan: StepPlan, step: int) -> StepResult:
-        if plan.is_empty and not self.always_sync:
+        """Run a non-empty plan as step `step` (an empty one has nothing to send the FFN)."""
+        if plan.is_empty:
             return StepResult(plan.step_id, ())
         return self.runner.execute(plan, step)

@@ -1,5 +1,14 @@
-"""The FFN worker: stateless, one loop, gathers every attention worker's activations per
-(step, layer, microbatch) into one batch, runs the FFN once, and splits the result back.
+"""The FFN worker: stateless, one loop. It gathers the activations of every attention worker
+that is at the same (layer, microbatch) into one batch, runs that layer's FFN once, and splits
+the result back.
+
+Attention workers step independently; each announces a step with SYNC_REQUEST (tokens per
+microbatch), after which the FFN expects its activations at the positions (layer, microbatch)
+with tokens, in order. The loop serves the earliest position any worker has delivered, waiting
+for the other workers at that same position until the sync timeout. A worker that misses it is
+marked late: it is never waited on again during that step, and whatever it sends later is served
+as it arrives. So one slow attention worker never stalls the others, and a dead one never
+deadlocks the FFN. Results do not depend on who was batched with whom (batch-invariant kernels).
 
 Legend: T_k = tokens from attention worker k, T = sum over k, D = hidden size.
 """
@@ -7,18 +16,36 @@ Legend: T_k = tokens from attention worker k, T = sum over k, D = hidden size.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from afdserve.afd.stats import F2A, AFDStats
-from afdserve.errors import TransportTimeout
 from afdserve.model.parts import FFNPart
-from afdserve.transport.base import Transport
+from afdserve.transport.base import Transport, make_key
 from afdserve.transport.protocol import Message, MsgType, SyncInfo
 
 log = logging.getLogger(__name__)
+
+_WAKE_TYPES = frozenset({int(MsgType.SYNC_REQUEST), int(MsgType.ACTIVATION_TRANSFER)})
+
+
+@dataclass
+class _Peer:
+    """What the FFN knows of one attention worker's current step."""
+
+    step: int = -1
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    """(layer, microbatch) still to serve this step, in the order the worker sends them."""
+    late: bool = False
+    """Missed a sync deadline this step: served as it arrives, never waited for."""
+
+    @property
+    def cursor(self) -> tuple[int, int] | None:
+        return self.positions[0] if self.positions else None
 
 
 class FFNWorker:
@@ -27,76 +54,145 @@ class FFNWorker:
     ) -> None:
         self.part = part
         self.transport = transport
-        self.attention_ranks = tuple(attention_ranks)
         self.timeout_s = timeout_s
+        """The sync timeout: how long a gathered batch waits for a peer at the same position."""
         self.num_layers = part.config.num_hidden_layers
-        self.last_batch_tokens: list[
-            int
-        ] = []  # per (layer, microbatch) of the last step, for metrics
+        self.hidden_size = part.config.hidden_size
+        self.dtype = next(part.parameters()).dtype
+        self.peers = {rank: _Peer() for rank in attention_ranks}
         self.stats = AFDStats()
-        """AFD metrics of this worker (written only by the thread running serve_step)."""
+        """AFD metrics of this worker (written only by the thread running the loop)."""
 
-    def serve_step(self, step: int) -> None:
-        """Serve one step of every attention worker: SYNC first, then all layers x microbatches."""
+    def serve_forever(self, stop: threading.Event, poll_s: float = 0.05) -> None:
+        """The worker loop: serve batches until `stop` is set."""
+        while not stop.is_set() and not self.transport.mailbox.closed:
+            self.serve_once(poll_s)
+
+    def serve_once(self, wait_s: float) -> bool:
+        """Wait up to `wait_s` for work, then serve at most one (layer, microbatch) batch."""
         t0 = time.perf_counter()
-        try:
-            self._serve_step(step)
-        finally:
+        keys = self.transport.mailbox.wait_any(_WAKE_TYPES, wait_s)
+        waited = time.perf_counter() - t0
+        self._absorb_syncs(keys)
+        pos = self._next_position()
+        if pos is None:
+            if keys:  # activations whose SYNC has not arrived yet: do not spin on them
+                time.sleep(0.0002)
+            self.stats.add_idle(waited)
             self.stats.add_active(time.perf_counter() - t0)
+            return False
+        idle = self._serve(pos)
+        self.stats.add_idle(waited + idle)
+        self.stats.add_active(time.perf_counter() - t0)
+        return True
 
-    def _recv(self, rank: int, type_: MsgType, step: int, layer: int = 0, mb: int = 0) -> Message:
-        t0 = time.perf_counter()
-        try:
-            msg = self.transport.recv(rank, type_, step, layer, mb, timeout_s=self.timeout_s)
-        except TransportTimeout:
-            self.stats.record_sync_timeout()
-            raise
-        finally:
-            self.stats.add_idle(time.perf_counter() - t0)  # blocked on an attention worker
-        return msg
+    # -- control --------------------------------------------------------------------------
 
-    def _serve_step(self, step: int) -> None:
-        syncs: dict[int, SyncInfo] = {}
-        for rank in self.attention_ranks:
-            msg = self._recv(rank, MsgType.SYNC_REQUEST, step)
-            assert msg.sync is not None
-            syncs[rank] = msg.sync
-        num_mb = max((s.num_microbatches for s in syncs.values()), default=0)
-        self.last_batch_tokens = []
-        for layer in range(self.num_layers):
-            for mb in range(num_mb):
-                senders = [
-                    (r, s.tokens_per_microbatch[mb])
-                    for r, s in syncs.items()
-                    if mb < s.num_microbatches and s.tokens_per_microbatch[mb] > 0
-                ]
-                if senders:
-                    self._serve(step, layer, mb, senders)
-
-    def _serve(self, step: int, layer: int, mb: int, senders: list[tuple[int, int]]) -> None:
-        hs = []
-        for rank, n_tokens in senders:
-            msg = self._recv(rank, MsgType.ACTIVATION_TRANSFER, step, layer, mb)
-            assert msg.tensor is not None
-            if msg.tensor.shape[0] != n_tokens:
+    def _absorb_syncs(self, keys: list) -> None:
+        for key in keys:
+            if key[1] != MsgType.SYNC_REQUEST:
+                continue
+            msg = self.transport.mailbox.try_take(key)
+            peer = self.peers.get(msg.sender) if msg else None
+            if peer is None or msg.sync is None:
+                log.warning("dropping SYNC_REQUEST from unknown rank %s", key[0])
+                continue
+            if msg.step <= peer.step:
                 log.warning(
-                    "rank %d sent %d tokens for (%d, %d, %d), SYNC said %d",
+                    "rank %d: stale SYNC for step %d (at %d), dropped",
+                    msg.sender,
+                    msg.step,
+                    peer.step,
+                )
+                continue
+            if peer.positions:
+                log.warning(
+                    "rank %d started step %d with %d positions of step %d unserved",
+                    msg.sender,
+                    msg.step,
+                    len(peer.positions),
+                    peer.step,
+                )
+            peer.step, peer.late = msg.step, False
+            peer.positions = _positions(msg.sync, self.num_layers)
+            self.transport.mailbox.drop_older_than_for(msg.sender, msg.step)
+
+    def _next_position(self) -> tuple[int, int] | None:
+        ready = [
+            p.cursor
+            for rank, p in self.peers.items()
+            if p.cursor is not None and self._arrived(rank, p)
+        ]
+        return min(ready) if ready else None
+
+    def _arrived(self, rank: int, peer: _Peer) -> bool:
+        layer, mb = peer.cursor
+        return self.transport.mailbox.has(
+            make_key(rank, MsgType.ACTIVATION_TRANSFER, peer.step, layer, mb)
+        )
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def _serve(self, pos: tuple[int, int]) -> float:
+        """Gather, compute and answer position `pos`; returns the seconds spent waiting."""
+        layer, mb = pos
+        members = [
+            r
+            for r, p in self.peers.items()
+            if p.cursor == pos and (not p.late or self._arrived(r, p))
+        ]
+        deadline = time.monotonic() + self.timeout_s
+        waited = 0.0
+        batch: list[tuple[int, torch.Tensor]] = []
+        for rank in members:
+            peer = self.peers[rank]
+            t0 = time.perf_counter()
+            key = make_key(rank, MsgType.ACTIVATION_TRANSFER, peer.step, layer, mb)
+            msg = self.transport.mailbox.take_until(key, deadline)
+            waited += time.perf_counter() - t0
+            if msg is None:
+                peer.late = True
+                self.stats.record_sync_timeout()
+                log.warning(
+                    "rank %d missed the sync deadline at step %d (layer %d, mb %d): now late",
                     rank,
-                    msg.tensor.shape[0],
-                    step,
+                    peer.step,
                     layer,
                     mb,
-                    n_tokens,
                 )
-            hs.append(msg.tensor)
-        h = hs[0] if len(hs) == 1 else torch.cat(hs)  # [T, D]
-        y = self.part(layer, h)  # [T, D]
-        self.last_batch_tokens.append(h.shape[0])
-        self.stats.record_ffn_batch(layer, mb, h.shape[0])
-        for (rank, _), y_k in zip(senders, torch.split(y, [t.shape[0] for t in hs]), strict=True):
-            out = Message(
-                MsgType.ACTIVATION_RESULT, step, layer, mb, self.transport.rank, tensor=y_k
-            )
-            t0 = time.perf_counter()
-            self.transport.send(rank, out)
-            self.stats.record_transfer(F2A, layer, time.perf_counter() - t0, y_k.nbytes)
+                continue
+            peer.positions.pop(0)
+            h = msg.tensor
+            if h is None or h.dim() != 2 or h.shape[1] != self.hidden_size or h.dtype != self.dtype:
+                log.warning(
+                    "rank %d sent a malformed activation %s for %s: dropped",
+                    rank,
+                    None if h is None else (tuple(h.shape), h.dtype),
+                    pos,
+                )
+                continue
+            batch.append((rank, h))
+        if batch:
+            h = batch[0][1] if len(batch) == 1 else torch.cat([t for _, t in batch])  # [T, D]
+            y = self.part(layer, h)  # [T, D]
+            self.stats.record_ffn_batch(layer, mb, h.shape[0])
+            for (rank, h_k), y_k in zip(
+                batch, torch.split(y, [t.shape[0] for _, t in batch]), strict=True
+            ):
+                out = Message(
+                    MsgType.ACTIVATION_RESULT,
+                    self.peers[rank].step,
+                    layer,
+                    mb,
+                    self.transport.rank,
+                    tensor=y_k,
+                )
+                t0 = time.perf_counter()
+                self.transport.send(rank, out)
+                self.stats.record_transfer(F2A, layer, time.perf_counter() - t0, y_k.nbytes)
+        return waited
+
+
+def _positions(sync: SyncInfo, num_layers: int) -> list[tuple[int, int]]:
+    mbs = [i for i, n in enumerate(sync.tokens_per_microbatch) if n > 0]
+    return [(layer, i) for layer in range(num_layers) for i in mbs]

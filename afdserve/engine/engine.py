@@ -40,8 +40,15 @@ class Engine:
         self.ffn = ffn
         self.router = Router(self.workers)
         self._pool = (
-            ThreadPoolExecutor(len(self.workers) + 1, thread_name_prefix="afd") if ffn else None
+            ThreadPoolExecutor(len(self.workers), thread_name_prefix="afd") if ffn else None
         )
+        self._ffn_stop = threading.Event()
+        self._ffn_thread: threading.Thread | None = None
+        if ffn is not None:  # the FFN worker's loop runs for the engine's lifetime
+            self._ffn_thread = threading.Thread(
+                target=ffn.serve_forever, args=(self._ffn_stop,), name="afd-ffn", daemon=True
+            )
+            self._ffn_thread.start()
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._owner: dict[str, int] = {}
@@ -115,13 +122,15 @@ class Engine:
         return events
 
     def _execute(self, plans: list[StepPlan], step: int) -> list[StepResult]:
-        if self._pool is None:
-            return [self._timed_execute(k, p, step) for k, p in enumerate(plans)]
-        ffn_future = self._pool.submit(self.ffn.serve_step, step)
-        futures = [self._pool.submit(self._timed_execute, k, p, step) for k, p in enumerate(plans)]
-        results = [f.result() for f in futures]  # re-raises a worker's error (e.g. a timeout)
-        ffn_future.result()
-        return results
+        empty = [StepResult(p.step_id, ()) for p in plans]
+        busy = [k for k, p in enumerate(plans) if not p.is_empty]
+        if self._pool is None or len(busy) == 1:
+            return [
+                self._timed_execute(k, p, step) if k in busy else empty[k]
+                for k, p in enumerate(plans)
+            ]
+        futures = {k: self._pool.submit(self._timed_execute, k, plans[k], step) for k in busy}
+        return [futures[k].result() if k in futures else empty[k] for k in range(len(plans))]
 
     def _timed_execute(self, k: int, plan: StepPlan, step: int) -> StepResult:
         t0 = time.perf_counter()
@@ -153,6 +162,10 @@ class Engine:
         return EngineState(workers, tuple(s.snapshot() for s in self._attention_stats), ffn)
 
     def close(self) -> None:
+        self._ffn_stop.set()
+        if self._ffn_thread is not None:
+            self._ffn_thread.join(timeout=5.0)
+            self._ffn_thread = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -119,7 +119,7 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
         scheduler = Scheduler(
             dataclasses.replace(sched_cfg), cache_cfg, eos_token_ids=m.config.eos_token_ids
         )
-        workers.append(AttentionWorker(k, scheduler, runner, always_sync=cfg.is_afd))
+        workers.append(AttentionWorker(k, scheduler, runner))
     return Engine(
         workers, ffn_worker, seed=cfg.seed, on_close=on_close, vocab_size=m.config.vocab_size
     ), m

@@ -29,7 +29,9 @@ import torch
 class AttentionGroup:
     token_index: torch.Tensor  # [B, Q] int64: row of each query in the flat batch (pad: 0)
     token_valid: torch.Tensor  # [B, Q] bool
-    kv_slots: torch.Tensor  # [B, K] int64: flat cache slot of each context position (pad: 0)
+    kv_blocks: (
+        torch.Tensor
+    )  # [B, nb] int64: KV blocks of each sequence, K = nb * block_size (pad: 0)
     mask: torch.Tensor  # [B, 1, Q, K] bool: True where the query may attend
     out_rows: torch.Tensor  # [n_valid] int64 = token_index[token_valid]
 
@@ -109,15 +111,13 @@ def _build_group(
     device: torch.device | str,
 ) -> AttentionGroup:
     ctx = [starts[i] + qlens[i] for i in idx]
-    n_blocks = (k_max + block_size - 1) // block_size
-    table = torch.zeros(len(idx), n_blocks, dtype=torch.int64)  # [B, nb]
+    n_blocks = -(-k_max // block_size)
+    table = torch.zeros(len(idx), n_blocks, dtype=torch.int64)  # [B, nb], padded with block 0
     for row, i in enumerate(idx):
-        nb = (ctx[row] + block_size - 1) // block_size
+        nb = -(-ctx[row] // block_size)
         table[row, :nb] = torch.tensor(tables[i][:nb], dtype=torch.int64)
-    pos = torch.arange(k_max)  # [K]
-    kv_slots = table[:, pos // block_size] * block_size + pos % block_size  # [B, K]
+    pos = torch.arange(n_blocks * block_size)  # [K]
     ctx_t = torch.tensor(ctx)  # [B]
-    kv_slots = torch.where(pos[None, :] < ctx_t[:, None], kv_slots, 0)
     q_off = torch.arange(q_max)  # [Q]
     qlen_t = torch.tensor([qlens[i] for i in idx])  # [B]
     start_t = torch.tensor([starts[i] for i in idx])  # [B]
@@ -129,7 +129,7 @@ def _build_group(
     return AttentionGroup(
         token_index=token_index.to(device),
         token_valid=token_valid.to(device),
-        kv_slots=kv_slots.to(device),
+        kv_blocks=table.to(device),
         mask=mask[:, None].to(device),  # [B, 1, Q, K]
         out_rows=token_index[token_valid].to(device),
     )
@@ -159,9 +159,16 @@ def paged_attention(
         # contiguous operands: matmul picks its kernel by layout, and a batch of one is laid
         # out differently by permute than a batch of many
         qg = qg.reshape(b, n_kv, rep * q_len, dh).contiguous()  # [B, Hkv, rep*Q, Dh]
-        kg = k_flat[g.kv_slots].permute(0, 2, 3, 1).contiguous()  # [B, Hkv, Dh, K]
-        vg = v_flat[g.kv_slots].transpose(1, 2).contiguous()  # [B, Hkv, K, Dh]
-        scores = torch.matmul(qg, kg).view(b, n_kv, rep, q_len, -1) * scale  # [B, Hkv, rep, Q, K]
+        # gather whole blocks (contiguous runs of block_size * Hkv * Dh), not single slots
+        kg = (
+            k_cache[g.kv_blocks].view(b, -1, n_kv, dh).transpose(1, 2).contiguous()
+        )  # [B, Hkv, K, Dh]
+        vg = (
+            v_cache[g.kv_blocks].view(b, -1, n_kv, dh).transpose(1, 2).contiguous()
+        )  # [B, Hkv, K, Dh]
+        scores = (
+            torch.matmul(qg, kg.transpose(2, 3)).view(b, n_kv, rep, q_len, -1) * scale
+        )  # [B, Hkv, rep, Q, K]
         scores = scores.masked_fill(~g.mask[:, :, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(
             q.dtype

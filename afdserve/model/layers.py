@@ -102,49 +102,65 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one [2I, D] GEMM.
+
+    The loader stores HF's gate_proj and up_proj as the two halves of `gate_up_proj`.
+    """
 
     def __init__(self, d: int, inter: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.gate_proj = Linear(d, inter, False, dtype)
-        self.up_proj = Linear(d, inter, False, dtype)
+        self.gate_up_proj = Linear(d, 2 * inter, False, dtype)
         self.down_proj = Linear(inter, d, False, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
     """Top-k routed experts (Mixtral, Qwen3-MoE); experts are stacked for fast indexing.
 
     Routing follows HF: softmax in float32 over all experts, top-k, optional renormalisation,
-    cast to the activation dtype. Each token's expert outputs are accumulated in expert order,
-    so a token's result does not depend on which other tokens share its batch.
+    cast to the activation dtype. The T*k (token, expert) pairs are sorted by expert so each
+    expert runs one GEMM on a contiguous slice; results go back to (token, slot) order and each
+    token sums its k weighted outputs in slot order, so a token's result does not depend on which
+    other tokens share its batch.
     """
 
     def __init__(self, c: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         d, inter, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
-        self.top_k, self.norm_topk_prob = c.num_experts_per_tok, c.norm_topk_prob
+        self.num_experts, self.top_k, self.norm_topk_prob = e, c.num_experts_per_tok, c.norm_topk_prob
         self.gate = Linear(d, e, False, dtype)
-        self.w_gate = _param(e, inter, d, dtype=dtype)  # [E, I, D]
-        self.w_up = _param(e, inter, d, dtype=dtype)  # [E, I, D]
+        self.w_gate_up = _param(e, 2 * inter, d, dtype=dtype)  # [E, 2I, D]: gate rows, then up rows
         self.w_down = _param(e, d, inter, dtype=dtype)  # [E, D, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
+        t, d = x.shape
         router_logits = self.gate(x)  # [T, E]
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, k], [T, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)  # [T, D]
-        for e in torch.unique(experts).tolist():  # only the experts this batch routes to
-            rows, slot = torch.where(experts == e)  # [n_e], [n_e]
-            h = x[rows]  # [n_e, D]
-            y = linear(F.silu(linear(h, self.w_gate[e])) * linear(h, self.w_up[e]), self.w_down[e])
-            out.index_add_(0, rows, y * weights[rows, slot, None])
-        return out
+        flat = experts.flatten()  # [T*k] expert of each (token, slot) pair
+        order = torch.argsort(flat, stable=True)  # [T*k] pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # [E]
+        xs = x[order // self.top_k]  # [T*k, D] token rows in expert order
+        ys = torch.empty_like(xs)  # [T*k, D]
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = linear(xs[start : start + n], self.w_gate_up[e]).chunk(2, dim=-1)  # [n, I]
+                ys[start : start + n] = linear(F.silu(gate) * up, self.w_down[e])  # [n, D]
+                start += n
+        y = torch.empty_like(ys)
+        y[order] = ys  # back to (token, slot) order
+        y = y.view(t, self.top_k, d) * weights[:, :, None]  # [T, k, D]
+        out = y[:, 0]
+        for j in range(1, self.top_k):  # fixed order: slot 0 (highest weight) first
+            out = out + y[:, j]
+        return out  # [T, D]
 
 
 class AttentionBlock(nn.Module):

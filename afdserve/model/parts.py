@@ -117,7 +117,17 @@ class FFNPart(nn.Module):
             own[f"layers.{layer}.mlp.{proj}"] = torch.stack(
                 [by_expert[e] for e in sorted(by_expert)]
             )
+        _fuse(own, "mlp.w_gate", "mlp.w_up", "mlp.w_gate_up", dim=1)  # [E, I, D] x2 -> [E, 2I, D]
+        _fuse(own, "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_up_proj.weight", dim=0)
         _copy_into(self, own, "FFN")
+
+
+def _fuse(tensors: dict[str, torch.Tensor], first: str, second: str, fused: str, dim: int) -> None:
+    """Replace each layer's pair of gate/up tensors by their concatenation (one GEMM, not two)."""
+    for name in [n for n in tensors if n.endswith("." + first)]:
+        prefix = name[: -len(first)]
+        if prefix + second in tensors:
+            tensors[prefix + fused] = torch.cat([tensors.pop(name), tensors.pop(prefix + second)], dim=dim)
 
 
 def _copy_into(module: nn.Module, tensors: dict[str, torch.Tensor], side: str) -> None:

@@ -49,6 +49,21 @@ class Mailbox:
                 self._cond.wait(remaining)
             return self._items.pop(key)
 
+    def take_until(self, key: Key, deadline: float) -> Message | None:
+        """The keyed message, waiting until `deadline` (time.monotonic); None past it."""
+        try:
+            return self.take(key, deadline - time.monotonic())
+        except TransportTimeout:
+            return None
+
+    def drop_older_than_for(self, src: int, step: int) -> int:
+        """Forget messages from rank `src` of steps before `step` (abandoned by their sender)."""
+        with self._cond:
+            stale = [k for k in self._items if k[0] == src and k[2] < step]
+            for k in stale:
+                del self._items[k]
+            return len(stale)
+
     def try_take(self, key: Key) -> Message | None:
         """The keyed message if it is there, else None (never waits)."""
         with self._cond:
@@ -57,6 +72,20 @@ class Mailbox:
     def has(self, key: Key) -> bool:
         with self._cond:
             return key in self._items
+
+    def wait_any(self, types: frozenset[int], timeout_s: float) -> list[Key]:
+        """Wait until a message of one of `types` is here (or the deadline passes, or close);
+        return the keys of all such messages, oldest first (possibly none)."""
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        with self._cond:
+            while True:
+                keys = [k for k in self._items if k[1] in types]
+                if keys or self._closed:
+                    return keys
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
 
     def drop_older_than(self, step: int) -> int:
         """Forget messages of steps before `step` (late arrivals nobody waits for any more)."""

@@ -34,7 +34,7 @@ def _attend(seqs, q_all, k_all, v_all, cache_k, cache_v):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(data=st.data())
 def test_attention_is_batch_invariant(dtype, data):
     n = data.draw(st.integers(2, 5))
