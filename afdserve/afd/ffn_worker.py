@@ -176,7 +176,7 @@ class FFNWorker:
             h = batch[0][1] if len(batch) == 1 else torch.cat([t for _, t in batch])  # [T, D]
             y = self.part(layer, h)  # [T, D]
             self.stats.record_ffn_batch(layer, mb, h.shape[0])
-            for (rank, h_k), y_k in zip(
+            for (rank, _), y_k in zip(
                 batch, torch.split(y, [t.shape[0] for _, t in batch]), strict=True
             ):
                 out = Message(
