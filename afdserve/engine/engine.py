@@ -15,6 +15,7 @@ import dataclasses
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,7 +55,8 @@ class Engine:
         self._owner: dict[str, int] = {}
         self._step = 0
         self._on_close = list(on_close)
-        self.step_times: list[float] = []
+        # wall seconds of the most recent steps; bounded because a server steps forever
+        self.step_times: deque[float] = deque(maxlen=4096)
         # AFD metrics: each attention worker's FFN link records its own (see afd/stats.py)
         self._attention_stats = [_link_stats(w) for w in self.workers]
 
