@@ -44,6 +44,14 @@ class EngineConfig:
     sync_timeout_s: float = 30.0
     """Longest any worker waits for a peer's message before raising TransportTimeout."""
     transport: str = "local"
+    """`local`: every worker in this process (threads). `shm`, `torch`, `tcp`, `nixl`: one process
+    per worker, hidden states over that transport."""
+    microbatch_tokens: int | None = None
+    """Cap on tokens per microbatch; when set, a step's microbatch count follows from it."""
+    worker_threads: int = 1
+    """Torch threads in each worker process (multi-process transports)."""
+    pin_workers: bool = False
+    """Pin worker process k to core k mod cores (multi-process transports)."""
     seed: int = 0
     """Seeds the per-request sampling seeds of requests that bring none."""
 

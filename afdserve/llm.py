@@ -51,8 +51,15 @@ class LLM:
         if unknown:
             raise UserInputError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
         self.config = EngineConfig(**options)
-        self.engine, self.model = build_engine(self.config)
-        self.tokenizer = Tokenizer(self.model.path)
+        if self.config.transport == "local":
+            self.engine, model = build_engine(self.config)
+            path = model.path
+        else:  # one process per worker, joined by the chosen transport
+            from afdserve.launch.multiproc import MultiProcessEngine
+
+            self.engine = MultiProcessEngine(self.config)
+            path = self.engine.model_path
+        self.tokenizer = Tokenizer(path)
         self._counter = 0
         self.last_stats: dict[str, float] = {}
 

@@ -35,17 +35,26 @@ class _Microbatch:
 
 class AttentionRunner:
     def __init__(
-        self, part: AttentionPart, kv: KVCache, link: FFNLink, num_microbatches: int = 1
+        self,
+        part: AttentionPart,
+        kv: KVCache,
+        link: FFNLink,
+        num_microbatches: int = 1,
+        microbatch_tokens: int | None = None,
     ) -> None:
         self.part, self.kv, self.link = part, kv, link
         self.num_microbatches = num_microbatches
+        self.microbatch_tokens = microbatch_tokens
+        """When set, the step is split into ceil(tokens / microbatch_tokens) microbatches instead."""
         self.device = part.embed_tokens.weight.device
         self.dtype = part.embed_tokens.weight.dtype
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, step: int) -> StepResult:
         """Run `plan` as bundle step `step` (the id every worker of the bundle shares)."""
-        mbs = [self._prepare(g) for g in split_microbatches(plan.chunks, self.num_microbatches)]
+        mbs = [
+            self._prepare(g) for g in split_microbatches(plan.chunks, self._microbatch_count(plan))
+        ]
         self.link.begin_step(
             step, [m.meta.num_tokens for m in mbs], [[c.seq_id for c in m.chunks] for m in mbs]
         )
@@ -66,6 +75,11 @@ class AttentionRunner:
         hidden = torch.cat([mb.x[mb.sample_rows] for mb in mbs])  # [N, D]
         logits = self.part.logits(hidden)  # [N, V]
         return StepResult(plan.step_id, tuple(sample(logits, chunks)))
+
+    def _microbatch_count(self, plan: StepPlan) -> int:
+        if self.microbatch_tokens:
+            return max(1, -(-plan.num_tokens // self.microbatch_tokens))
+        return self.num_microbatches
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Microbatch:
         meta = AttentionMetadata.build(

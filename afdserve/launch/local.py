@@ -24,9 +24,10 @@ from afdserve.engine.engine import Engine
 from afdserve.engine.kv_cache import KVCache
 from afdserve.engine.scheduler import Scheduler
 from afdserve.errors import UserInputError
+from afdserve.model.builtin import resolve_model
 from afdserve.model.config import ModelConfig
 from afdserve.model.loader import load_weights
-from afdserve.model.parts import AttentionPart, FFNPart
+from afdserve.model.parts import AttentionPart, FFNPart, is_ffn_weight
 from afdserve.transport.local import LocalHub
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,30 +38,39 @@ class LoadedModel:
     path: Path
     config: ModelConfig
     dtype: torch.dtype
-    attention: AttentionPart
-    ffn: FFNPart
+    attention: AttentionPart | None
+    ffn: FFNPart | None
 
 
 def resolve_dtype(requested: str, config: ModelConfig) -> torch.dtype:
     return TORCH_DTYPES[config.dtype if requested == "auto" else requested]
 
 
-def load_model(model: str, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
-    try:
-        from afdserve.model.builtin import resolve_model
-    except ImportError:  # pragma: no cover - transitional
-
-        def resolve_model(m: str) -> Path:
-            return Path(m)
-
+def load_model(
+    model: str,
+    dtype: str = "auto",
+    device: str = "cpu",
+    parts: tuple[str, ...] = ("attention", "ffn"),
+) -> LoadedModel:
+    """Load `model` (a directory or builtin:NAME) and build the requested parts; an attention or
+    FFN worker process reads only its own part's tensors."""
     path = resolve_model(model)
     config = ModelConfig.from_dir(path)
     tdtype = resolve_dtype(dtype, config)
-    weights = load_weights(path, config, tdtype, device)
-    attention = AttentionPart(config, tdtype).to(device)
-    attention.load(weights)
-    ffn = FFNPart(config, tdtype).to(device)
-    ffn.load(weights)
+    if parts == ("attention",):
+        select = lambda name: not is_ffn_weight(name)  # noqa: E731
+    elif parts == ("ffn",):
+        select = is_ffn_weight
+    else:
+        select = None
+    weights = load_weights(path, config, tdtype, device, select=select)
+    attention = ffn = None
+    if "attention" in parts:
+        attention = AttentionPart(config, tdtype).to(device)
+        attention.load(weights)
+    if "ffn" in parts:
+        ffn = FFNPart(config, tdtype).to(device)
+        ffn.load(weights)
     return LoadedModel(path, config, tdtype, attention, ffn)
 
 

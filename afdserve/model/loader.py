@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,6 +150,7 @@ def load_weights(
     config: ModelConfig,
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
+    select: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All tensors of `expected_weight_shapes(config)`, HF name -> tensor cast to `dtype`.
 
@@ -176,6 +177,8 @@ def load_weights(
             f"(unsupported variant?): {_few(unexpected)}"
         )
 
+    if select is not None:  # e.g. an FFN worker reads only the FFN tensors
+        expected = {n: shape for n, shape in expected.items() if select(n)}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)

@@ -1,0 +1,145 @@
+"""`afdserve worker` (one worker process) and `afdserve launch` (all workers on this host)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+# flag -> (type, default, help); each also reads AFDSERVE_<FLAG> (e.g. AFDSERVE_AFD_ATTENTION_RATIO)
+WORKER_FLAGS: dict[str, tuple[Any, Any, str]] = {
+    "disaggregation-mode": (str, None, "attention or ffn"),
+    "model": (str, "builtin:tiny-qwen3-moe", "HF-format model dir or builtin:NAME"),
+    "afd-attention-ratio": (int, None, "r: attention workers in the group"),
+    "afd-ffn-endpoint": (
+        str,
+        None,
+        "ZeroMQ address of the FFN worker's handshake socket (tcp://HOST:PORT)",
+    ),
+    "afd-microbatch-size": (int, 0, "cap on tokens per microbatch (0: use --afd-microbatches)"),
+    "afd-microbatches": (int, 2, "microbatches per step"),
+    "afd-sync-timeout-ms": (float, 30000.0, "longest wait for a peer before a timeout"),
+    "transport": (str, "shm", "shm | torch | tcp | nixl"),
+    "rendezvous": (str, "", "HOST:PORT of the transport's rendezvous store (hosted by rank 0)"),
+    "rank": (int, 0, "attention workers 0..r-1, the FFN worker r"),
+    "control": (str, "", "front address to pull requests/commands from"),
+    "events": (str, "", "front address to push events to"),
+    "dtype": (str, "auto", "auto | float32 | bfloat16 | float16"),
+    "threads": (int, 1, "torch threads in this process"),
+    "cpus": (str, "", "comma-separated cores to pin this process to"),
+    "block-size": (int, 16, "KV block size"),
+    "num-kv-blocks": (int, 0, "KV blocks (0: from --kv-cache-gib)"),
+    "kv-cache-gib": (float, 1.0, "KV memory budget"),
+    "max-num-seqs": (int, 128, "most running sequences"),
+    "max-num-batched-tokens": (int, 2048, "token budget per step"),
+    "max-model-len": (int, 0, "context limit (0: the model's)"),
+    "connect-timeout-s": (float, 60.0, "deadline for the handshake and transport connection"),
+}
+
+
+def _env_default(flag: str, type_: Any, default: Any) -> Any:
+    raw = os.environ.get("AFDSERVE_" + flag.upper().replace("-", "_"))
+    if raw is None:
+        return default
+    try:
+        return type_(raw)
+    except ValueError:
+        from afdserve.errors import UserInputError
+
+        raise UserInputError(
+            f"AFDSERVE_{flag.upper().replace('-', '_')}={raw!r} is not a valid {type_.__name__}"
+        ) from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser("worker", help="run one AFD worker process (attention or FFN)")
+    for flag, (type_, default, help_) in WORKER_FLAGS.items():
+        w.add_argument(
+            f"--{flag}",
+            type=type_,
+            default=None,
+            help=f"{help_} [env AFDSERVE_{flag.upper().replace('-', '_')}]",
+        )
+    w.set_defaults(func=run_worker_cmd)
+
+    from afdserve.llm_cli import add_engine_args
+
+    la = sub.add_parser("launch", help="start r attention workers and 1 FFN worker on this host")
+    add_engine_args(la)
+    la.add_argument("--ffn-workers", type=int, default=1)
+    la.add_argument("--transport", default="shm", choices=("shm", "torch", "tcp", "nixl"))
+    la.add_argument("--worker-threads", type=int, default=1)
+    la.add_argument("--pin", action="store_true", help="pin worker k to core k mod cores")
+    la.add_argument("--sync-timeout-ms", type=float, default=30000.0)
+    la.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="generate for this prompt, then exit (repeatable)",
+    )
+    la.add_argument("--max-tokens", type=int, default=16)
+    la.set_defaults(func=run_launch_cmd)
+
+
+def run_worker_cmd(args: argparse.Namespace) -> int:
+    from afdserve.errors import UserInputError
+    from afdserve.launch.worker import config_from_args, run_worker
+
+    values = {}
+    for flag, (type_, default, _) in WORKER_FLAGS.items():
+        dest = flag.replace("-", "_")
+        v = getattr(args, dest)
+        values[dest] = v if v is not None else _env_default(flag, type_, default)
+    for need in ("disaggregation_mode", "afd_attention_ratio", "afd_ffn_endpoint"):
+        if values[need] is None:
+            raise UserInputError(
+                f"--{need.replace('_', '-')} is required (or AFDSERVE_{need.upper()})"
+            )
+    return run_worker(config_from_args(argparse.Namespace(**values)))
+
+
+def run_launch_cmd(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from afdserve.errors import UserInputError
+    from afdserve.llm_cli import engine_options
+
+    if args.ffn_workers != 1:
+        raise UserInputError(
+            "--ffn-workers must be 1 (expert parallelism across FFN workers is not built yet)"
+        )
+    opts = engine_options(args) | dict(
+        transport=args.transport,
+        worker_threads=args.worker_threads,
+        pin_workers=args.pin,
+        sync_timeout_s=args.sync_timeout_ms / 1000,
+    )
+    if opts["mode"] != "afd":
+        raise UserInputError("launch runs AFD workers: --mode must be afd")
+    from afdserve.llm import LLM
+    from afdserve.types import SamplingParams
+
+    with LLM(**opts) as llm:
+        pids = llm.engine.pids
+        print(
+            f"afdserve launch: {args.attention_workers} attention workers + 1 FFN worker over {args.transport} "
+            f"ready (pids {pids})",
+            flush=True,
+        )
+        if args.prompt:
+            outs = llm.generate(
+                args.prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens)
+            )
+            for o in outs:
+                print(f"{o.prompt!r} -> {o.text!r}")
+            return 0
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *a: stop.set())
+        try:
+            while not stop.wait(1.0):
+                llm.engine.step(0)  # surfaces a dead worker as an error
+        except KeyboardInterrupt:
+            pass
+        print("afdserve launch: shutting down", flush=True)
+    return 0

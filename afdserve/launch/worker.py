@@ -1,0 +1,452 @@
+"""Worker processes: `afdserve worker --disaggregation-mode attention|ffn ...`.
+
+An attention worker owns a scheduler, a KV cache and the attention part; an FFN worker owns the
+FFN part. Start-up, in order:
+1. load only this worker's part of the model;
+2. handshake: the FFN worker binds `--afd-ffn-endpoint` (ZeroMQ REP); every attention worker
+   sends its model fingerprint (name, layers, hidden size, dtype, vocabulary) and gets `ready`
+   or a refusal naming the mismatch; the FFN worker refuses to serve a mismatched group;
+3. connect the data transport (shm, torch, tcp, nixl) to its peers;
+4. tell the front `ready` on the control plane, then run its one loop.
+
+Every wait has a deadline. SIGTERM/SIGINT stop the loop and close the transport (which unlinks
+shared memory); on Linux a worker also dies with its parent (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from afdserve.errors import UserInputError
+
+log = logging.getLogger("afdserve.worker")
+
+HEARTBEAT_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker process's settings (each from a flag or an AFDSERVE_* environment variable)."""
+
+    disaggregation_mode: str
+    """`attention` or `ffn`."""
+    model: str
+    afd_attention_ratio: int
+    """r: attention workers in the group (ranks 0..r-1); the FFN worker has rank r."""
+    afd_ffn_endpoint: str
+    """ZeroMQ address of the FFN worker's handshake socket, e.g. tcp://127.0.0.1:5555."""
+    transport: str = "shm"
+    rendezvous: str = ""
+    """HOST:PORT of the data transport's rendezvous store (hosted by rank 0)."""
+    rank: int = 0
+    afd_microbatches: int = 2
+    afd_microbatch_size: int = 0
+    """Cap on tokens per microbatch (0: none); the count of microbatches grows to respect it."""
+    afd_sync_timeout_ms: float = 30_000.0
+    control: str = ""
+    """Front's address this worker pulls requests from (attention) or commands from (ffn)."""
+    events: str = ""
+    """Front's address this worker pushes events, errors and heartbeats to."""
+    dtype: str = "auto"
+    threads: int = 1
+    cpus: str = ""
+    """Comma-separated cores to pin this process to (empty: no pinning)."""
+    block_size: int = 16
+    num_kv_blocks: int = 0
+    kv_cache_gib: float = 1.0
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 0
+    connect_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.disaggregation_mode not in ("attention", "ffn"):
+            raise UserInputError(
+                f"--disaggregation-mode must be attention or ffn, got {self.disaggregation_mode!r}"
+            )
+        if self.afd_attention_ratio < 1:
+            raise UserInputError(
+                f"--afd-attention-ratio must be >= 1, got {self.afd_attention_ratio}"
+            )
+        if (
+            self.disaggregation_mode == "attention"
+            and not 0 <= self.rank < self.afd_attention_ratio
+        ):
+            raise UserInputError(
+                f"an attention worker's --rank must be in 0..{self.afd_attention_ratio - 1}"
+            )
+        if self.disaggregation_mode == "ffn" and self.rank != self.afd_attention_ratio:
+            raise UserInputError(f"the FFN worker's --rank must be {self.afd_attention_ratio} (r)")
+        if not self.afd_ffn_endpoint.startswith(("tcp://", "ipc://")):
+            raise UserInputError(
+                f"--afd-ffn-endpoint must be a tcp:// or ipc:// address, got {self.afd_ffn_endpoint!r}"
+            )
+        if self.afd_microbatches < 1 or self.afd_microbatch_size < 0:
+            raise UserInputError("--afd-microbatches must be >= 1 and --afd-microbatch-size >= 0")
+        if not self.afd_sync_timeout_ms > 0:
+            raise UserInputError(
+                f"--afd-sync-timeout-ms must be > 0, got {self.afd_sync_timeout_ms}"
+            )
+        if self.threads < 1:
+            raise UserInputError(f"--threads must be >= 1, got {self.threads}")
+
+    @property
+    def world_size(self) -> int:
+        return self.afd_attention_ratio + 1
+
+    @property
+    def sync_timeout_s(self) -> float:
+        return self.afd_sync_timeout_ms / 1000.0
+
+
+def fingerprint(model_path: str, config: Any, dtype: Any) -> dict[str, Any]:
+    """What two workers must agree on to serve one model together."""
+    return {
+        "model": os.path.basename(os.path.normpath(str(model_path))),
+        "architecture": config.architecture,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def _setup_process(cfg: WorkerConfig) -> None:
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    if cfg.cpus:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in cfg.cpus.split(",") if c != ""})
+        except (OSError, ValueError) as exc:
+            log.warning("cannot pin to cpus %r: %s", cfg.cpus, exc)
+    if sys.platform.startswith("linux"):  # die with the parent: no orphans if the front is killed
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _install_stop(stop: threading.Event) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    import zmq
+
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"[{cfg.disaggregation_mode}{cfg.rank}] %(levelname)s %(message)s",
+    )
+    _setup_process(cfg)
+    stop = threading.Event()
+    _install_stop(stop)
+    ctx = zmq.Context()
+    events = ctx.socket(zmq.PUSH)
+    events.setsockopt(zmq.LINGER, 2000)
+    if cfg.events:
+        events.connect(cfg.events)
+    try:
+        if cfg.disaggregation_mode == "ffn":
+            return _run_ffn(cfg, ctx, events, stop)
+        return _run_attention(cfg, ctx, events, stop)
+    except UserInputError as exc:
+        _report(events, cfg, f"{exc}", fatal=True)
+        print(f"afdserve worker: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # report, then die loudly: the front turns it into a clear error
+        _report(events, cfg, f"{type(exc).__name__}: {exc}", fatal=True)
+        raise
+    finally:
+        events.close()
+        ctx.term()
+
+
+def _report(events: Any, cfg: WorkerConfig, message: str, fatal: bool) -> None:
+    from afdserve.launch import control
+
+    try:
+        control.send(
+            events,
+            "error",
+            timeout_s=1.0,
+            rank=cfg.rank,
+            role=cfg.disaggregation_mode,
+            message=message,
+            fatal=fatal,
+        )
+    except TimeoutError:
+        pass
+
+
+def _create_transport(cfg: WorkerConfig):
+    from afdserve.transport.options import afd_peers
+    from afdserve.transport.registry import create_transport
+
+    return create_transport(
+        cfg.transport,
+        cfg.rank,
+        cfg.world_size,
+        rendezvous=cfg.rendezvous,
+        peers=afd_peers(cfg.rank, cfg.afd_attention_ratio),
+        connect_timeout_s=cfg.connect_timeout_s,
+    )
+
+
+# -- FFN worker ---------------------------------------------------------------------------------
+
+
+def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) -> int:
+    import zmq
+
+    from afdserve.afd.ffn_worker import FFNWorker
+    from afdserve.launch import control
+    from afdserve.launch.local import load_model
+
+    model = load_model(cfg.model, cfg.dtype, parts=("ffn",))
+    mine = fingerprint(model.path, model.config, model.dtype)
+    _handshake_as_ffn(cfg, ctx, mine)
+    transport = _create_transport(cfg)
+    commands = ctx.socket(zmq.PULL)
+    if cfg.control:
+        commands.connect(cfg.control)
+    try:
+        worker = FFNWorker(model.ffn, transport, range(cfg.afd_attention_ratio), cfg.sync_timeout_s)
+        control.send(events, "ready", rank=cfg.rank, role="ffn", pid=os.getpid(), fingerprint=mine)
+        last_beat = 0.0
+        while not stop.is_set():  # the FFN worker's loop
+            worker.serve_once(0.05)
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_S:
+                last_beat = now
+                if any(m["op"] == "shutdown" for m in control.recv_all(commands, 0)):
+                    break
+                snap = worker.stats.snapshot()
+                control.send(
+                    events,
+                    "heartbeat",
+                    timeout_s=1.0,
+                    rank=cfg.rank,
+                    role="ffn",
+                    busy_fraction=snap.busy_fraction,
+                    sync_timeouts=snap.sync_timeouts,
+                )
+        return 0
+    finally:
+        transport.close()
+        commands.close(linger=0)
+
+
+def _handshake_as_ffn(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -> None:
+    """Answer every attention worker's hello; refuse (and fail) on any mismatch."""
+    import zmq
+
+    from afdserve.launch import control
+
+    rep = ctx.socket(zmq.REP)
+    rep.bind(cfg.afd_ffn_endpoint)
+    deadline = time.monotonic() + cfg.connect_timeout_s
+    seen: set[int] = set()
+    try:
+        while len(seen) < cfg.afd_attention_ratio:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not rep.poll(int(remaining * 1000)):
+                missing = sorted(set(range(cfg.afd_attention_ratio)) - seen)
+                raise TimeoutError(
+                    f"FFN handshake: no hello from attention rank(s) {missing} within {cfg.connect_timeout_s}s"
+                )
+            msg = control.decode(rep.recv())
+            if msg is None or msg.get("op") != "hello":
+                rep.send(control.encode("refuse", reason="expected a hello message"))
+                continue
+            theirs, rank = msg.get("fingerprint"), msg.get("rank")
+            diff = {
+                k: (mine[k], (theirs or {}).get(k))
+                for k in mine
+                if (theirs or {}).get(k) != mine[k]
+            }
+            if diff or not isinstance(rank, int) or not 0 <= rank < cfg.afd_attention_ratio:
+                reason = (
+                    f"attention rank {rank} does not match the FFN worker: "
+                    + ", ".join(
+                        f"{k} {a!r} (ffn) != {b!r} (attention)" for k, (a, b) in diff.items()
+                    )
+                    if diff
+                    else f"bad rank {rank!r}"
+                )
+                rep.send(control.encode("refuse", reason=reason))
+                raise UserInputError(reason)
+            seen.add(rank)
+            rep.send(control.encode("ready", rank=cfg.rank))
+    finally:
+        rep.close(linger=500)
+
+
+# -- attention worker ---------------------------------------------------------------------------
+
+
+def _handshake_as_attention(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -> None:
+    import zmq
+
+    from afdserve.launch import control
+
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(cfg.afd_ffn_endpoint)
+    try:
+        req.send(control.encode("hello", rank=cfg.rank, fingerprint=mine))
+        if not req.poll(int(cfg.connect_timeout_s * 1000)):
+            raise TimeoutError(
+                f"no answer from the FFN worker at {cfg.afd_ffn_endpoint} within {cfg.connect_timeout_s}s"
+            )
+        reply = control.decode(req.recv())
+        if reply is None or reply.get("op") != "ready":
+            raise UserInputError(
+                f"the FFN worker refused this attention worker: {(reply or {}).get('reason', 'no reason')}"
+            )
+    finally:
+        req.close()
+
+
+def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) -> int:
+    import zmq
+
+    from afdserve.afd.attention_runner import AttentionRunner
+    from afdserve.afd.ffn_link import RemoteFFN
+    from afdserve.config import EngineConfig
+    from afdserve.engine.kv_cache import KVCache
+    from afdserve.engine.scheduler import Scheduler
+    from afdserve.launch import control
+    from afdserve.launch.local import cache_and_scheduler_configs, load_model
+    from afdserve.types import Request, SamplingParams
+
+    model = load_model(cfg.model, cfg.dtype, parts=("attention",))
+    mine = fingerprint(model.path, model.config, model.dtype)
+    _handshake_as_attention(cfg, ctx, mine)
+    ecfg = EngineConfig(
+        model=cfg.model,
+        block_size=cfg.block_size,
+        num_kv_blocks=cfg.num_kv_blocks or None,
+        kv_cache_gib=cfg.kv_cache_gib,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=cfg.max_model_len or None,
+    )
+    cache_cfg, sched_cfg = cache_and_scheduler_configs(ecfg, model.config, model.dtype)
+    transport = _create_transport(cfg)
+    requests = ctx.socket(zmq.PULL)
+    if cfg.control:
+        requests.connect(cfg.control)
+    try:
+        scheduler = Scheduler(sched_cfg, cache_cfg, eos_token_ids=model.config.eos_token_ids)
+        kv = KVCache(model.config, cache_cfg.num_blocks, cache_cfg.block_size, model.dtype)
+        link = RemoteFFN(transport, ffn_rank=cfg.afd_attention_ratio, timeout_s=cfg.sync_timeout_s)
+        runner = AttentionRunner(
+            model.attention, kv, link, cfg.afd_microbatches, cfg.afd_microbatch_size or None
+        )
+        control.send(
+            events,
+            "ready",
+            rank=cfg.rank,
+            role="attention",
+            pid=os.getpid(),
+            fingerprint=mine,
+            max_model_len=scheduler.max_model_len,
+        )
+        step, last_beat = 0, time.monotonic()
+        while not stop.is_set():  # the attention worker's loop
+            idle = not scheduler.has_unfinished()
+            for m in control.recv_all(requests, HEARTBEAT_S if idle else 0):
+                if m["op"] == "shutdown":
+                    return 0
+                _apply(m, scheduler, events, cfg, Request, SamplingParams)
+            if not scheduler.has_unfinished():
+                if time.monotonic() - last_beat >= HEARTBEAT_S:
+                    last_beat = time.monotonic()
+                    control.send(
+                        events, "heartbeat", timeout_s=1.0, rank=cfg.rank, role="attention"
+                    )
+                continue
+            plan = scheduler.schedule()
+            if plan.is_empty:
+                continue
+            result = runner.execute(plan, step)
+            step += 1
+            evs = scheduler.update(plan, result)
+            control.send(
+                events,
+                "events",
+                rank=cfg.rank,
+                load=scheduler.load().score,
+                kv_usage=scheduler.kv_usage,
+                events=[
+                    [
+                        e.request_id,
+                        e.token_id,
+                        e.finished,
+                        e.finish_reason.value if e.finish_reason else None,
+                        e.logprob,
+                    ]
+                    for e in evs
+                ],
+            )
+        return 0
+    finally:
+        transport.close()
+        requests.close(linger=0)
+
+
+def _apply(
+    m: dict[str, Any],
+    scheduler: Any,
+    events: Any,
+    cfg: WorkerConfig,
+    Request: Any,
+    SamplingParams: Any,
+) -> None:
+    from afdserve.launch import control
+
+    try:
+        if m["op"] == "add":
+            params = SamplingParams(**m["params"])
+            scheduler.add_request(
+                Request(str(m["id"]), tuple(m["prompt"]), params, time.monotonic(), int(m["seed"]))
+            )
+        elif m["op"] == "abort":
+            scheduler.abort_request(str(m["id"]))
+    except (
+        UserInputError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as exc:  # a bad request never kills the worker
+        control.send(
+            events,
+            "error",
+            timeout_s=1.0,
+            rank=cfg.rank,
+            role="attention",
+            fatal=False,
+            request_id=str(m.get("id")),
+            message=str(exc),
+        )
+
+
+def config_from_args(args: Any) -> WorkerConfig:
+    fields = {f.name for f in dataclasses.fields(WorkerConfig)}
+    return WorkerConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
