@@ -53,7 +53,7 @@ def _env_default(flag: str, type_: Any, default: Any) -> Any:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser("worker", help="run one AFD worker process (attention or FFN)")
-    for flag, (type_, default, help_) in WORKER_FLAGS.items():
+    for flag, (type_, _default, help_) in WORKER_FLAGS.items():
         w.add_argument(
             f"--{flag}",
             type=type_,
