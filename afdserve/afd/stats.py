@@ -16,9 +16,10 @@ What is recorded, per component (an attention worker, or the FFN worker):
 - FFN batch tokens: per (layer, microbatch), how many tokens one FFN call processed (the FFN
   worker in AFD: the tokens gathered from every attention worker; each worker itself when
   aggregated);
-- active and idle seconds: `active` is the wall time inside steps, `idle` the part of it spent
-  blocked waiting for the peer (attention: waiting for FFN results; FFN: waiting for SYNC and
-  activations); busy = active - idle;
+- active and idle seconds: `active` is the wall time an attention worker spends inside steps,
+  or the FFN worker's loop runs; `idle` is the part of it spent blocked (attention: waiting for
+  FFN results; FFN: waiting for SYNCs and activations, with or without work pending);
+  busy = active - idle;
 - sync timeouts: waits that passed their deadline.
 
 Snapshots are plain picklable data, so a multi-process runtime can ship them to the server.

@@ -64,6 +64,11 @@ class Engine:
     def max_model_len(self) -> int:
         return self.workers[0].scheduler.max_model_len
 
+    def healthy(self) -> bool:
+        """False once the FFN worker's loop has died (the server then answers 503)."""
+        thread = self._ffn_thread
+        return thread is None or thread.is_alive()
+
     def add_request(
         self,
         request_id: str,

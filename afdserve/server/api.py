@@ -102,18 +102,13 @@ def build_app(
 ) -> FastAPI:
     """The app serving `engine`; it owns the engine from startup on and closes it at shutdown."""
     model_name = served_model_name or config.model
-    holder: dict[str, AsyncEngine] = {}
-    metrics = ServerMetrics(
-        model_name,
-        config,
-        state=lambda: engine.state(),
-        healthy=lambda: holder["ae"].healthy,
-    )
     async_engine = AsyncEngine(
-        engine, tokenizer, max_queue=max_queue, observer=metrics,
-        step_timeout_s=config.sync_timeout_s + 30.0,
-    )  # fmt: skip
-    holder["ae"] = async_engine
+        engine, tokenizer, max_queue=max_queue, step_timeout_s=config.sync_timeout_s + 30.0
+    )
+    metrics = ServerMetrics(
+        model_name, config, state=lambda: engine.state(), healthy=lambda: async_engine.healthy
+    )
+    async_engine.observer = metrics
     vocab = min(
         tokenizer.vocab_size,
         vocab_size or getattr(engine, "vocab_size", None) or tokenizer.vocab_size,
@@ -210,9 +205,11 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
     @app.get("/v1/models")
     async def models() -> ModelList:
         card = ModelCard(
-            id=st.model_name, root=st.model_root, max_model_len=st.max_model_len,
+            id=st.model_name,
+            root=st.model_root,
+            max_model_len=st.max_model_len,
             vocab_size=st.vocab_size,
-        )  # fmt: skip
+        )
         return ModelList(data=[card])
 
     @app.get("/metrics")
@@ -230,8 +227,9 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         if body.stream:
             return StreamingResponse(
                 _stream_completion(st, request, body, rid, prompts, handles),
-                media_type="text/event-stream", headers=SSE_HEADERS,
-            )  # fmt: skip
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
         results = await _collect(request, [h for _, h in handles])
         choices = []
         n_prompt = n_out = 0
@@ -239,12 +237,16 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
             p = prompts[pi]
             choices.append(
                 CompletionChoice(
-                    index=len(choices), text=text, finish_reason=reason,
-                    logprobs=_completion_logprobs(st, lps, 0) if body.logprobs is not None else None,
+                    index=len(choices),
+                    text=text,
+                    finish_reason=reason,
+                    logprobs=_completion_logprobs(st, lps, 0)
+                    if body.logprobs is not None
+                    else None,
                     prompt_token_ids=p.token_ids if body.return_token_ids else None,
                     token_ids=ids if body.return_token_ids else None,
                 )
-            )  # fmt: skip
+            )
             n_out += len(ids)
         n_prompt = sum(len(p.token_ids) for p in prompts)
         resp = CompletionResponse(
@@ -268,32 +270,39 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         if body.stream:
             return StreamingResponse(
                 _stream_chat(st, request, body, rid, prompt, handles),
-                media_type="text/event-stream", headers=SSE_HEADERS,
-            )  # fmt: skip
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
         results = await _collect(request, [h for _, h in handles])
         choices = []
         n_out = 0
         for i, (text_out, ids, lps, reason) in enumerate(results):
             choices.append(
                 ChatChoice(
-                    index=i, message=ChatMessageOut(content=text_out), finish_reason=reason,
+                    index=i,
+                    message=ChatMessageOut(content=text_out),
+                    finish_reason=reason,
                     logprobs=_chat_logprobs(st, lps) if body.logprobs else None,
                     prompt_token_ids=prompt.token_ids if body.return_token_ids else None,
                     token_ids=ids if body.return_token_ids else None,
                 )
-            )  # fmt: skip
+            )
             n_out += len(ids)
         resp = ChatCompletionResponse(
-            id=rid, model=st.model_name, choices=choices,
+            id=rid,
+            model=st.model_name,
+            choices=choices,
             usage=Usage.of(len(prompt.token_ids), n_out),
-        )  # fmt: skip
+        )
         return JSONResponse(resp.model_dump(mode="json"))
 
 
 def _check_model(st: ServingState, model: str | None) -> None:
     if model is not None and model != st.model_name:
-        raise NotFound(f"The model `{model}` does not exist; this server serves `{st.model_name}`.",
-                       param="model")  # fmt: skip
+        raise NotFound(
+            f"The model `{model}` does not exist; this server serves `{st.model_name}`.",
+            param="model",
+        )
 
 
 def _completion_prompts(st: ServingState, prompt: Any) -> list[_Prompt]:
@@ -316,8 +325,10 @@ def _completion_prompts(st: ServingState, prompt: Any) -> list[_Prompt]:
             raise BadRequest("prompt must not be empty", param="prompt")
         bad = [t for t in p.token_ids if not 0 <= t < st.vocab_size]
         if bad:
-            raise BadRequest(f"prompt token id {bad[0]} is outside the vocabulary [0, {st.vocab_size})",
-                             param="prompt")  # fmt: skip
+            raise BadRequest(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {st.vocab_size})",
+                param="prompt",
+            )
     return out
 
 
@@ -456,9 +467,13 @@ async def _stream(
 
 
 def _stream_completion(
-    st: ServingState, request: Request, body: CompletionRequest, rid: str,
-    prompts: list[_Prompt], handles: list[tuple[int, RequestHandle]],
-) -> AsyncIterator[str]:  # fmt: skip
+    st: ServingState,
+    request: Request,
+    body: CompletionRequest,
+    rid: str,
+    prompts: list[_Prompt],
+    handles: list[tuple[int, RequestHandle]],
+) -> AsyncIterator[str]:
     created = int(time.time())
     offsets = [0] * len(handles)
 
@@ -471,9 +486,12 @@ def _stream_completion(
                 lps = _completion_logprobs(st, out.logprobs or [], offsets[i])
                 offsets[i] += sum(len(t) for t in lps.tokens)
             choice = CompletionChoice(
-                index=i, text=out.text, logprobs=lps, finish_reason=out.finish_reason,
+                index=i,
+                text=out.text,
+                logprobs=lps,
+                finish_reason=out.finish_reason,
                 token_ids=out.token_ids if body.return_token_ids else None,
-            )  # fmt: skip
+            )
             yield _sse(
                 CompletionChunk(id=rid, created=created, model=st.model_name, choices=[choice])
             )
@@ -490,9 +508,13 @@ def _stream_completion(
 
 
 def _stream_chat(
-    st: ServingState, request: Request, body: ChatCompletionRequest, rid: str,
-    prompt: _Prompt, handles: list[tuple[int, RequestHandle]],
-) -> AsyncIterator[str]:  # fmt: skip
+    st: ServingState,
+    request: Request,
+    body: ChatCompletionRequest,
+    rid: str,
+    prompt: _Prompt,
+    handles: list[tuple[int, RequestHandle]],
+) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
@@ -509,10 +531,12 @@ def _stream_chat(
         async for i, out in _merged([h for _, h in handles]):
             n_out += len(out.token_ids)
             choice = ChatChunkChoice(
-                index=i, delta=ChatDelta(content=out.text), finish_reason=out.finish_reason,
+                index=i,
+                delta=ChatDelta(content=out.text),
+                finish_reason=out.finish_reason,
                 logprobs=_chat_logprobs(st, out.logprobs or []) if body.logprobs else None,
                 token_ids=out.token_ids if body.return_token_ids else None,
-            )  # fmt: skip
+            )
             yield chunk([choice])
         if body.include_usage:
             yield chunk([], Usage.of(len(prompt.token_ids) * len(handles), n_out))
@@ -544,15 +568,18 @@ def _completion_logprobs(
 def _chat_logprobs(st: ServingState, lps: Sequence[TokenLogprob]) -> ChatLogprobs:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         raw = st.tokenizer.token_bytes(token_id)
-        return {"token": _token_text(st, token_id), "logprob": logprob,
-                "bytes": list(raw) if raw is not None else None}  # fmt: skip
+        return {
+            "token": _token_text(st, token_id),
+            "logprob": logprob,
+            "bytes": list(raw) if raw is not None else None,
+        }
 
     return ChatLogprobs(
         content=[
             ChatTokenLogprob(
                 **entry(lp.token_id, lp.logprob),
                 top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top],
-            )  # fmt: skip
+            )
             for lp in lps
         ]
     )

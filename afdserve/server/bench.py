@@ -263,5 +263,5 @@ def result_record(
         "config": {
             k: (v if not isinstance(v, float) or math.isfinite(v) else "inf")
             for k, v in asdict(cfg).items()
-        },  # fmt: skip
+        },
     }

@@ -20,8 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API (default: AFD 2A1F, built-in model)",
     )
-    s.add_argument("model_arg", nargs="?", metavar="MODEL", default=None,
-                   help=f"HF-format model dir or builtin:NAME (default {DEFAULT_MODEL}); same as --model")  # fmt: skip
+    s.add_argument(
+        "model_arg",
+        nargs="?",
+        metavar="MODEL",
+        default=None,
+        help=f"HF-format model dir or builtin:NAME (default {DEFAULT_MODEL}); same as --model",
+    )
     add_engine_args(s)
     s.add_argument("--ffn-workers", type=int, default=1, metavar="M")
     s.add_argument(
@@ -29,13 +34,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV memory per attention worker")
-    s.add_argument("--sync-timeout", type=float, default=30.0, metavar="S",
-                   help="longest wait for a peer worker before the engine fails (seconds)")  # fmt: skip
+    s.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="longest wait for a peer worker before the engine fails (seconds)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
-    s.add_argument("--max-queue", type=int, default=1024, metavar="Q",
-                   help="waiting requests beyond which new ones get HTTP 429 (default %(default)s)")  # fmt: skip
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        metavar="Q",
+        help="waiting requests beyond which new ones get HTTP 429 (default %(default)s)",
+    )
     s.add_argument(
         "--served-model-name", default=None, help="the model name clients use (default: MODEL)"
     )
@@ -51,18 +66,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--model", default=None, help="model name to request (default: the server's first)"
     )
-    b.add_argument("--dataset", default="random",
-                   help="random, azure-conv, azure-code, mooncake, or a trace file (.csv/.jsonl)")  # fmt: skip
+    b.add_argument(
+        "--dataset",
+        default="random",
+        help="random, azure-conv, azure-code, mooncake, or a trace file (.csv/.jsonl)",
+    )
     b.add_argument("--num-prompts", type=int, default=100)
     b.add_argument("--request-rate", default="inf", help="requests per second (Poisson), or inf")
     b.add_argument("--max-concurrency", type=int, default=None)
     b.add_argument("--random-input-len", type=int, default=128)
     b.add_argument("--random-output-len", type=int, default=64)
-    b.add_argument("--max-input-len", type=int, default=None,
-                   help="clip trace prompts to this (default: the server's max_model_len - 1)")  # fmt: skip
+    b.add_argument(
+        "--max-input-len",
+        type=int,
+        default=None,
+        help="clip trace prompts to this (default: the server's max_model_len - 1)",
+    )
     b.add_argument("--max-output-len", type=int, default=None, help="clip trace outputs to this")
-    b.add_argument("--vocab-size", type=int, default=None,
-                   help="draw prompt token ids from [0, V) (default: the server's vocab_size)")  # fmt: skip
+    b.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="draw prompt token ids from [0, V) (default: the server's vocab_size)",
+    )
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--percentiles", default="99", help="comma-separated, e.g. 50,90,99")
@@ -115,12 +141,27 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         tokenizer = Tokenizer(model.path)
         name = args.served_model_name or cfg.model
-        app = build_app(engine, tokenizer, cfg, served_model_name=name, model_root=str(model.path),
-                        max_queue=args.max_queue)  # fmt: skip
-        print(f"afdserve serve: {name}, {describe(cfg)}, on http://{args.host}:{args.port}/v1",
-              file=sys.stderr, flush=True)  # fmt: skip
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                timeout_graceful_shutdown=5, access_log=False)  # fmt: skip
+        app = build_app(
+            engine,
+            tokenizer,
+            cfg,
+            served_model_name=name,
+            model_root=str(model.path),
+            max_queue=args.max_queue,
+        )
+        print(
+            f"afdserve serve: {name}, {describe(cfg)}, on http://{args.host}:{args.port}/v1",
+            file=sys.stderr,
+            flush=True,
+        )
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+            access_log=False,
+        )
         server = uvicorn.Server(config)
         server.run()  # SIGINT/SIGTERM: graceful shutdown, lifespan stops the engine thread
         if not server.started:
@@ -191,12 +232,26 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         if not max_len:
             raise UserInputError("the server does not report max_model_len; trace datasets need it")
-        reqs = trace_requests(args.dataset, args.num_prompts, vocab, max_len, args.seed,
-                              args.max_input_len, args.max_output_len)  # fmt: skip
-    cfg = BenchConfig(base_url=args.base_url, model=model, request_rate=rate,
-                      max_concurrency=args.max_concurrency, temperature=args.temperature,
-                      seed=args.seed, timeout_s=args.timeout, percentiles=percentiles,
-                      disable_tqdm=args.disable_tqdm)  # fmt: skip
+        reqs = trace_requests(
+            args.dataset,
+            args.num_prompts,
+            vocab,
+            max_len,
+            args.seed,
+            args.max_input_len,
+            args.max_output_len,
+        )
+    cfg = BenchConfig(
+        base_url=args.base_url,
+        model=model,
+        request_rate=rate,
+        max_concurrency=args.max_concurrency,
+        temperature=args.temperature,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        percentiles=percentiles,
+        disable_tqdm=args.disable_tqdm,
+    )
     print(f"Traffic request rate: {args.request_rate}")
     print(f"Maximum request concurrency: {args.max_concurrency}")
     results, duration = asyncio.run(run_benchmark(cfg, reqs))

@@ -94,13 +94,20 @@ def live_server(model: str = MODEL, max_queue: int = 1024, **options: Any) -> It
     thread = None
     server = None
     try:
-        app = build_app(engine, Tokenizer(loaded.path), cfg, served_model_name=SERVED,
-                        model_root=str(loaded.path), max_queue=max_queue)  # fmt: skip
+        app = build_app(
+            engine,
+            Tokenizer(loaded.path),
+            cfg,
+            served_model_name=SERVED,
+            model_root=str(loaded.path),
+            max_queue=max_queue,
+        )
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                               timeout_graceful_shutdown=5))  # fmt: skip
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        )
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         end = time.monotonic() + START_DEADLINE_S

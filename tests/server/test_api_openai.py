@@ -28,9 +28,12 @@ def test_completion_text_prompts_equal_offline_greedy(afd_server, oracle):
     client = afd_server.openai()
     for prompt in PROMPTS:
         resp = client.completions.create(
-            model=SERVED, prompt=prompt, max_tokens=12, temperature=0,
+            model=SERVED,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
             extra_body={"return_token_ids": True, "ignore_eos": True},
-        )  # fmt: skip
+        )
         want = oracle(prompt, max_tokens=12, temperature=0, ignore_eos=True)
         (choice,) = resp.choices
         assert _ids(choice) == want.token_ids
@@ -43,8 +46,9 @@ def test_completion_text_prompts_equal_offline_greedy(afd_server, oracle):
 def test_completion_token_id_prompt_and_batch(afd_server, oracle):
     client = afd_server.openai()
     ids = [72, 101, 108, 108, 111, 32, 119]
-    resp = client.completions.create(model=SERVED, prompt=ids, max_tokens=8, temperature=0,
-                                     extra_body={"return_token_ids": True})  # fmt: skip
+    resp = client.completions.create(
+        model=SERVED, prompt=ids, max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
+    )
     want = oracle(ids, max_tokens=8, temperature=0)
     assert _ids(resp.choices[0]) == want.token_ids
     assert resp.choices[0].model_extra["prompt_token_ids"] == ids
@@ -64,10 +68,15 @@ def test_completion_stream_equals_non_stream(afd_server, oracle):
     want = oracle(prompt, max_tokens=16, temperature=0, ignore_eos=True)
     chunks = list(
         client.completions.create(
-            model=SERVED, prompt=prompt, max_tokens=16, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            model=SERVED,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
-    )  # fmt: skip
+    )
     token_chunks = [c for c in chunks if c.choices]
     assert len(token_chunks) >= 2  # flushed as produced, not in one piece
     assert "".join(c.choices[0].text for c in token_chunks) == want.text
@@ -88,15 +97,25 @@ def test_chat_equals_offline_greedy_stream_and_not(afd_server, oracle):
     ]
     prompt = Tokenizer(afd_server.serving.model_root).apply_chat_template(messages)
     want = oracle(prompt, max_tokens=10, temperature=0, ignore_eos=True)
-    resp = client.chat.completions.create(model=SERVED, messages=messages, max_tokens=10,
-                                          temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    resp = client.chat.completions.create(
+        model=SERVED,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].message.content == want.text
     assert resp.usage.prompt_tokens == len(want.prompt_token_ids)
     stream = client.chat.completions.create(
-        model=SERVED, messages=messages, max_tokens=10, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model=SERVED,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -110,9 +129,11 @@ def test_chat_equals_offline_greedy_stream_and_not(afd_server, oracle):
 
 def test_chat_without_max_tokens_uses_the_remaining_context(afd_server):
     resp = afd_server.openai().chat.completions.create(
-        model=SERVED, messages=[{"role": "user", "content": "hi"}], temperature=0,
+        model=SERVED,
+        messages=[{"role": "user", "content": "hi"}],
+        temperature=0,
         stop=["e"],  # ends early: no need to generate the whole context
-    )  # fmt: skip
+    )
     assert resp.choices[0].finish_reason in ("stop", "length")
 
 
@@ -123,13 +144,27 @@ def test_stop_strings_cut_the_text_stream_and_not(afd_server, oracle):
     stop = full[5:8]
     assert stop and full.find(stop) >= 0
     expected = full[: full.find(stop)]
-    resp = client.completions.create(model=SERVED, prompt=prompt, max_tokens=24, temperature=0,
-                                     stop=[stop, "@@never@@"], extra_body={"ignore_eos": True})  # fmt: skip
+    resp = client.completions.create(
+        model=SERVED,
+        prompt=prompt,
+        max_tokens=24,
+        temperature=0,
+        stop=[stop, "@@never@@"],
+        extra_body={"ignore_eos": True},
+    )
     assert resp.choices[0].text == expected
     assert resp.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model=SERVED, prompt=prompt, max_tokens=24,
-                                            temperature=0, stop=stop, stream=True,
-                                            extra_body={"ignore_eos": True}))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model=SERVED,
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            stop=stop,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
     afd_server.wait_idle()  # the engine request was aborted when the stop string matched
@@ -141,9 +176,12 @@ def test_stop_token_ids(afd_server, oracle):
     stop_id = full[4]
     expected = full[: full.index(stop_id) + 1]  # the stop token is kept
     resp = afd_server.openai().completions.create(
-        model=SERVED, prompt=prompt, max_tokens=12, temperature=0,
+        model=SERVED,
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
         extra_body={"stop_token_ids": [stop_id], "ignore_eos": True, "return_token_ids": True},
-    )  # fmt: skip
+    )
     assert _ids(resp.choices[0]) == expected
     assert resp.choices[0].finish_reason == "stop"
 
@@ -159,8 +197,9 @@ def test_seeded_sampling_equals_offline_and_repeats(afd_server, oracle):
 
 def test_n_choices_and_logprobs(afd_server, oracle):
     client = afd_server.openai()
-    resp = client.completions.create(model=SERVED, prompt=PROMPTS[0], max_tokens=5, temperature=0,
-                                     n=2, logprobs=3)  # fmt: skip
+    resp = client.completions.create(
+        model=SERVED, prompt=PROMPTS[0], max_tokens=5, temperature=0, n=2, logprobs=3
+    )
     assert [c.index for c in resp.choices] == [0, 1]
     want = oracle(PROMPTS[0], max_tokens=5, temperature=0, logprobs=3)
     for c in resp.choices:
@@ -170,8 +209,14 @@ def test_n_choices_and_logprobs(afd_server, oracle):
         assert all(len(t) <= 3 for t in lp.top_logprobs)
         assert lp.token_logprobs == want.logprobs
         assert all(v <= 0.0 for v in lp.token_logprobs)
-    chat = client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "x"}],
-                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    chat = client.chat.completions.create(
+        model=SERVED,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
     assert content[0].logprob == content[0].top_logprobs[0].logprob  # greedy: the top choice

@@ -24,9 +24,30 @@ from tests.server.conftest import live_server
 
 def test_bench_random_against_a_live_server(afd_server, tmp_path, capsys):
     out = tmp_path / "result.json"
-    rc = main(["bench", "--base-url", afd_server.base_url, "--num-prompts", "6", "--random-input-len", "12",
-               "--random-output-len", "5", "--max-concurrency", "3", "--request-rate", "50", "--seed", "3",
-               "--save-result", str(out), "--disable-tqdm", "--percentiles", "50,99"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "--base-url",
+            afd_server.base_url,
+            "--num-prompts",
+            "6",
+            "--random-input-len",
+            "12",
+            "--random-output-len",
+            "5",
+            "--max-concurrency",
+            "3",
+            "--request-rate",
+            "50",
+            "--seed",
+            "3",
+            "--save-result",
+            str(out),
+            "--disable-tqdm",
+            "--percentiles",
+            "50,99",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "============ Serving Benchmark Result ============" in text
@@ -48,9 +69,24 @@ def test_bench_random_against_a_live_server(afd_server, tmp_path, capsys):
 )
 def test_bench_trace_dataset_is_clipped_to_the_server(afd_server, tmp_path, capsys):
     out = tmp_path / "trace.json"
-    rc = main(["bench", "--base-url", afd_server.base_url, "--dataset", "azure-code", "--num-prompts", "3",
-               "--max-input-len", "40", "--max-output-len", "3", "--save-result", str(out),
-               "--disable-tqdm"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "--base-url",
+            afd_server.base_url,
+            "--dataset",
+            "azure-code",
+            "--num-prompts",
+            "3",
+            "--max-input-len",
+            "40",
+            "--max-output-len",
+            "3",
+            "--save-result",
+            str(out),
+            "--disable-tqdm",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     record = json.loads(out.read_text())
     assert record["completed"] == 3
@@ -59,16 +95,41 @@ def test_bench_trace_dataset_is_clipped_to_the_server(afd_server, tmp_path, caps
 
 
 def test_bench_reports_failures_and_bad_flags(capsys):
-    with live_server(mode="aggregated", attention_workers=1, max_num_seqs=1, max_queue=1,
-                     max_model_len=32) as srv:  # fmt: skip
-        assert main(["bench", "--base-url", srv.base_url, "--random-input-len", "30",
-                     "--random-output-len", "5"]) == 2  # fmt: skip
+    with live_server(
+        mode="aggregated", attention_workers=1, max_num_seqs=1, max_queue=1, max_model_len=32
+    ) as srv:
+        assert (
+            main(
+                [
+                    "bench",
+                    "--base-url",
+                    srv.base_url,
+                    "--random-input-len",
+                    "30",
+                    "--random-output-len",
+                    "5",
+                ]
+            )
+            == 2
+        )
         assert "exceeds the server's max_model_len 32" in capsys.readouterr().err
         # the engine is held while 5 requests arrive at once: 1 is queued, 4 get 429
         with srv.held_engine() as gate:
             threading.Timer(1.0, gate.set).start()
-            rc = main(["bench", "--base-url", srv.base_url, "--num-prompts", "5", "--random-input-len",
-                       "4", "--random-output-len", "2", "--disable-tqdm"])  # fmt: skip
+            rc = main(
+                [
+                    "bench",
+                    "--base-url",
+                    srv.base_url,
+                    "--num-prompts",
+                    "5",
+                    "--random-input-len",
+                    "4",
+                    "--random-output-len",
+                    "2",
+                    "--disable-tqdm",
+                ]
+            )
         out = capsys.readouterr()
         assert rc == 1
         assert "Successful requests:                     1         " in out.out
@@ -113,10 +174,23 @@ def test_serve_subprocess_answers_and_shuts_down_cleanly(sig):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "afdserve.cli", "serve", "--port", str(port), "--threads", "1",
-         "--served-model-name", "m"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "afdserve.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--served-model-name",
+            "m",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90

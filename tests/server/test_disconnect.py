@@ -34,8 +34,13 @@ def test_disconnect_mid_stream_frees_kv_and_stops_compute(afd_server):
     srv.wait_idle()
     aborted_before = _aborted(srv)
     limit = srv.engine.max_model_len
-    body = {"model": SERVED, "prompt": [65, 32, 108, 111], "max_tokens": limit - 8, "ignore_eos": True,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": SERVED,
+        "prompt": [65, 32, 108, 111],
+        "max_tokens": limit - 8,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.Client(base_url=srv.base_url, timeout=30) as client:
         with client.stream("POST", "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -62,8 +67,12 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer(afd_server):
     srv = afd_server
     srv.wait_idle()
     limit = srv.engine.max_model_len
-    body = {"model": SERVED, "prompt": [66, 32, 108, 111], "max_tokens": limit - 8,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": SERVED,
+        "prompt": [66, 32, 108, 111],
+        "max_tokens": limit - 8,
+        "ignore_eos": True,
+    }
     with httpx.Client(base_url=srv.base_url, timeout=httpx.Timeout(30, read=0.5)) as client:
         try:
             resp = client.post("/v1/completions", json=body)

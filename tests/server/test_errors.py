@@ -86,8 +86,10 @@ def test_400_prompt_plus_max_tokens_beyond_context(afd_server):
         _assert_error(
             h.post("/v1/completions", json={"prompt": [1] * limit, "max_tokens": 1}), 400, "prompt"
         )
-        ok = h.post("/v1/completions", json={"prompt": [1] * 10, "max_tokens": limit - 10,
-                                             "stop_token_ids": list(range(384))})  # fmt: skip
+        ok = h.post(
+            "/v1/completions",
+            json={"prompt": [1] * 10, "max_tokens": limit - 10, "stop_token_ids": list(range(384))},
+        )
         assert ok.status_code == 200  # exactly the context is fine (ends at once on a stop id)
         msg = [{"role": "user", "content": "y" * 10}]
         _assert_error(
@@ -103,8 +105,9 @@ def test_openai_client_raises_typed_errors(afd_server):
         client.completions.create(model=SERVED, prompt="x", max_tokens=0)
     assert bad.value.status_code == 400
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "x"}],
-                                       temperature=3.0)  # fmt: skip
+        client.chat.completions.create(
+            model=SERVED, messages=[{"role": "user", "content": "x"}], temperature=3.0
+        )
     with pytest.raises(openai.NotFoundError) as nf:
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
     assert "no-such-model" in str(nf.value)
@@ -135,8 +138,10 @@ def test_429_when_the_queue_is_full_and_admitted_requests_complete():
 
             def send(i: int):
                 with srv.http() as h:
-                    return h.post("/v1/completions", json={"prompt": [5 + i, 6, 7], "max_tokens": 8,
-                                                           "ignore_eos": True})  # fmt: skip
+                    return h.post(
+                        "/v1/completions",
+                        json={"prompt": [5 + i, 6, 7], "max_tokens": 8, "ignore_eos": True},
+                    )
 
             futures = [pool.submit(send, i) for i in range(n)]
             deadline = time.monotonic() + 30
@@ -179,18 +184,19 @@ def _quiet(client) -> None:
 
 
 def test_503_when_a_worker_is_down():
-    # the FFN worker stops answering: attention workers time out (1 s), the engine step fails,
-    # in-flight requests get 503 (in-band for streams), /health and new requests answer 503
+    # the FFN worker hangs: attention workers time out (1 s), the engine step fails, in-flight
+    # requests get 503 (in-band for streams), /health and new requests answer 503
     with live_server(mode="afd", attention_workers=2, microbatches=2, sync_timeout_s=1.0) as srv:
         with srv.http() as h:
             assert (
                 h.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
             )
 
-        def dead_ffn(step: int) -> None:
-            raise ConnectionError("FFN worker process died")
+        def hung(wait_s: float) -> bool:
+            time.sleep(wait_s)  # alive, but never serves anything
+            return False
 
-        srv.engine.ffn.serve_step = dead_ffn
+        srv.engine.ffn.serve_once = hung
         with srv.http() as h, ThreadPoolExecutor(2) as pool:
             plain = pool.submit(h.post, "/v1/completions", json={"prompt": "a", "max_tokens": 50})
             client = srv.openai()
@@ -212,3 +218,22 @@ def test_503_when_a_worker_is_down():
         assert _metric(text, "afdserve:healthy") == 0.0
         assert _metric(text, "afdserve:afd_sync_timeouts_total") >= 1.0
         assert _metric(text, "afdserve:request_success_total", finished_reason="error") == 2.0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_503_as_soon_as_the_ffn_worker_dies():
+    # no request needs to time out first: /health sees the dead FFN loop at once
+    with live_server(mode="afd", attention_workers=2, microbatches=2) as srv:
+
+        def died(wait_s: float) -> bool:
+            raise ConnectionError("FFN worker process died")
+
+        srv.engine.ffn.serve_once = died
+        with srv.http() as h:
+            deadline = time.monotonic() + 10
+            while h.get("/health").status_code != 503:
+                assert time.monotonic() < deadline, "/health still 200 with the FFN loop dead"
+                time.sleep(0.05)
+            err = _assert_error(h.get("/health"), 503)
+            assert "worker is down" in err["message"]
+            _assert_error(h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503)

@@ -40,8 +40,10 @@ def test_counters_move_with_requests(afd_server):
 
         def send(p):
             with srv.http() as h:
-                return h.post("/v1/completions", json={"model": SERVED, "prompt": p, "max_tokens": 6,
-                                                       "ignore_eos": True}).json()  # fmt: skip
+                return h.post(
+                    "/v1/completions",
+                    json={"model": SERVED, "prompt": p, "max_tokens": 6, "ignore_eos": True},
+                ).json()
 
         futures = [pool.submit(send, p) for p in prompts]
         deadline = time.monotonic() + 30
@@ -55,11 +57,15 @@ def test_counters_move_with_requests(afd_server):
     after = scrape(srv)
     assert total(queued, "afdserve:num_requests_waiting") == len(prompts)
     # least-load routing: three requests over two idle workers go 0, 1, then the lighter one
-    per_worker = [total(queued, "afdserve:worker_num_requests_waiting", worker=str(k))
-                  for k in range(2)]  # fmt: skip
+    per_worker = [
+        total(queued, "afdserve:worker_num_requests_waiting", worker=str(k)) for k in range(2)
+    ]
     assert sorted(per_worker) == [1, 2]
-    routed = [total(after, "afdserve:router_requests_total", worker=str(k))
-              - total(before, "afdserve:router_requests_total", worker=str(k)) for k in range(2)]  # fmt: skip
+    routed = [
+        total(after, "afdserve:router_requests_total", worker=str(k))
+        - total(before, "afdserve:router_requests_total", worker=str(k))
+        for k in range(2)
+    ]
     assert sorted(routed) == [1, 2]
     assert total(queued, "afdserve:worker_load", worker="0") > 0
 

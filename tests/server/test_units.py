@@ -129,8 +129,9 @@ def test_trace_requests_clip_to_the_context(tmp_path):
         (10, 5),
         (99, 1),
     ]  # long prompt clipped to the context, output to what is left
-    reqs = trace_requests(str(trace), 6, vocab_size=50, max_model_len=100, seed=0,
-                          max_input_len=20, max_output_len=4)  # fmt: skip
+    reqs = trace_requests(
+        str(trace), 6, vocab_size=50, max_model_len=100, seed=0, max_input_len=20, max_output_len=4
+    )
     assert len(reqs) == 6  # more than the trace holds: resampled
     assert all(r.prompt_len <= 20 and r.output_len <= 4 for r in reqs)
     with pytest.raises(UserInputError):
