@@ -8,7 +8,9 @@ from afdserve.model.config import ModelConfig
 
 
 class KVCache:
-    """Per layer, K and V tensors [num_blocks, block_size, Hkv, Dh], zero-initialised.
+    """Per layer, K and V tensors [Hkv, num_blocks, block_size, Dh], zero-initialised.
+
+    Head-major so that attention reads gathered blocks without a transposing copy.
 
     Zero init matters: padded reads (masked out) must never see NaN, since 0 * NaN = NaN.
     """
@@ -21,7 +23,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        shape = (config.num_key_value_heads, num_blocks, block_size, config.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.k = [
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)

@@ -32,7 +32,9 @@ class AttentionGroup:
     kv_blocks: (
         torch.Tensor
     )  # [B, nb] int64: KV blocks of each sequence, K = nb * block_size (pad: 0)
-    mask: torch.Tensor  # [B, 1, Q, K] bool: True where the query may attend
+    mask: (
+        torch.Tensor
+    )  # [B, 1, Q, K] bool: True where the query may attend (broadcasts over Hkv, rep)
     out_rows: torch.Tensor  # [n_valid] int64 = token_index[token_valid]
 
 
@@ -139,43 +141,37 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, Dh]
     k: torch.Tensor,  # [T, Hkv, Dh]
     v: torch.Tensor,  # [T, Hkv, Dh]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dh]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dh]
+    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
+    v_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, H, Dh]
-    """Write this batch's K/V into the cache, then attend over each sequence's whole context."""
+    """Write this batch's K/V into the cache, then attend over each sequence's whole context.
+
+    The cache is head-major, so gathering a group's blocks yields [Hkv, B, K, Dh] with (Dh)
+    rows contiguous: matmul reads it in place, with no transposing copy of the context.
+    """
     n_kv, dh = k.shape[1], k.shape[2]
-    k_flat = k_cache.view(-1, n_kv, dh)  # [S, Hkv, Dh], S = num_blocks * block_size
-    v_flat = v_cache.view(-1, n_kv, dh)
-    k_flat.index_copy_(0, meta.slot_mapping, k)
-    v_flat.index_copy_(0, meta.slot_mapping, v)
+    k_flat = k_cache.view(n_kv, -1, dh)  # [Hkv, S, Dh], S = num_blocks * block_size
+    v_flat = v_cache.view(n_kv, -1, dh)
+    k_flat.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_flat.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     n_heads = q.shape[1]
     rep = n_heads // n_kv  # query heads per KV head (GQA); head h reads KV head h // rep
     out = torch.empty_like(q)
     for g in meta.groups:  # one per shape bucket, a handful at most
         b, q_len = g.token_index.shape
-        qg = q[g.token_index].permute(0, 2, 1, 3)  # [B, H, Q, Dh]
-        # contiguous operands: matmul picks its kernel by layout, and a batch of one is laid
-        # out differently by permute than a batch of many
-        qg = qg.reshape(b, n_kv, rep * q_len, dh).contiguous()  # [B, Hkv, rep*Q, Dh]
-        # gather whole blocks (contiguous runs of block_size * Hkv * Dh), not single slots
-        kg = (
-            k_cache[g.kv_blocks].view(b, -1, n_kv, dh).transpose(1, 2).contiguous()
-        )  # [B, Hkv, K, Dh]
-        vg = (
-            v_cache[g.kv_blocks].view(b, -1, n_kv, dh).transpose(1, 2).contiguous()
-        )  # [B, Hkv, K, Dh]
-        scores = (
-            torch.matmul(qg, kg.transpose(2, 3)).view(b, n_kv, rep, q_len, -1) * scale
-        )  # [B, Hkv, rep, Q, K]
-        scores = scores.masked_fill(~g.mask[:, :, None], float("-inf"))
+        # [B, Q, H, Dh] -> [Hkv, B, rep*Q, Dh], contiguous: matmul picks its kernel by layout
+        qg = q[g.token_index].view(b, q_len, n_kv, rep, dh).permute(2, 0, 3, 1, 4)
+        qg = qg.reshape(n_kv, b, rep * q_len, dh)
+        kg = k_cache[:, g.kv_blocks].view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh] (gathered blocks)
+        vg = v_cache[:, g.kv_blocks].view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
+        scores = torch.matmul(qg, kg.transpose(2, 3)) * scale  # [Hkv, B, rep*Q, K]
+        scores = scores.view(n_kv, b, rep, q_len, -1).masked_fill(~g.mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(
             q.dtype
-        )  # [B, Hkv, rep, Q, K]
-        og = torch.matmul(
-            probs.view(b, n_kv, rep * q_len, -1).contiguous(), vg
-        )  # [B, Hkv, rep*Q, Dh]
-        og = og.view(b, n_heads, q_len, dh).transpose(1, 2)  # [B, Q, H, Dh]
-        out[g.out_rows] = og[g.token_valid]  # [n_valid, H, Dh]
+        )  # [Hkv, B, rep, Q, K]
+        og = torch.matmul(probs.view(n_kv, b, rep * q_len, -1), vg)  # [Hkv, B, rep*Q, Dh]
+        og = og.view(n_kv, b, rep, q_len, dh).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, rep, Dh]
+        out[g.out_rows] = og[g.token_valid].reshape(-1, n_heads, dh)  # [n_valid, H, Dh]
     return out

@@ -51,8 +51,8 @@ def test_attention_is_batch_invariant(dtype, data):
     q = torch.randn(next_row, H, DH, generator=g).to(dtype)
     k = torch.randn(next_row, HKV, DH, generator=g).to(dtype)
     v = torch.randn(next_row, HKV, DH, generator=g).to(dtype)
-    ck = torch.randn(N_BLOCKS, BLOCK, HKV, DH, generator=g).to(dtype)
-    cv = torch.randn(N_BLOCKS, BLOCK, HKV, DH, generator=g).to(dtype)
+    ck = torch.randn(HKV, N_BLOCKS, BLOCK, DH, generator=g).to(dtype)
+    cv = torch.randn(HKV, N_BLOCKS, BLOCK, DH, generator=g).to(dtype)
     together = _attend(seqs, q, k, v, ck, cv)
     order = data.draw(st.permutations(range(n)))
     shuffled = _attend([seqs[i] for i in order], q, k, v, ck, cv)
@@ -65,13 +65,13 @@ def test_attention_is_batch_invariant(dtype, data):
 def test_attention_matches_reference_softmax():
     # one sequence, prefill of 5 after 3 cached tokens, against a dense causal computation
     g = torch.Generator().manual_seed(0)
-    ck = torch.zeros(8, BLOCK, HKV, DH)
-    cv = torch.zeros(8, BLOCK, HKV, DH)
+    ck = torch.zeros(HKV, 8, BLOCK, DH)
+    cv = torch.zeros(HKV, 8, BLOCK, DH)
     kk, vv = torch.randn(8, HKV, DH, generator=g), torch.randn(8, HKV, DH, generator=g)
     qq = torch.randn(8, H, DH, generator=g)
     table = [3, 5]
     for p in range(3):  # the cached prefix
-        ck[table[p // BLOCK], p % BLOCK], cv[table[p // BLOCK], p % BLOCK] = kk[p], vv[p]
+        ck[:, table[p // BLOCK], p % BLOCK], cv[:, table[p // BLOCK], p % BLOCK] = kk[p], vv[p]
     meta = AttentionMetadata.build([3], [5], [table], BLOCK)
     out = paged_attention(qq[3:], kk[3:], vv[3:], ck, cv, meta, DH**-0.5)
     kr = kk.repeat_interleave(H // HKV, dim=1)  # [8, H, DH]
