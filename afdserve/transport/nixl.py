@@ -32,6 +32,7 @@ from types import ModuleType
 import torch
 
 from afdserve.errors import ProtocolError, TransportTimeout, UserInputError
+from afdserve.transport.base import PeerUnreachable
 from afdserve.transport.buffers import alloc_host_bytes
 from afdserve.transport.options import TransportOptions, check_positive
 from afdserve.transport.protocol import (
@@ -142,6 +143,7 @@ class NixlTransport(PumpedTransport):
             tuple[int, int], list[tuple[int, int, int]]
         ] = {}  # chunks before their STREAM
         self._names: dict[int, str] = {}
+        self._dead: dict[int, str] = {}  # peer -> why NIXL considers it gone
         self._rank_of: dict[str, int] = {}
         self._remote_slots: dict[int, int] = {}
         try:
@@ -267,7 +269,14 @@ class NixlTransport(PumpedTransport):
                     self._pending.append(handle)
                 off += k
 
+    def _peer_gone(self, peer: int) -> str | None:
+        return self._dead.get(peer)
+
     def _take_slot(self, dst: int) -> int | None:
+        if dst in self._dead:
+            raise PeerUnreachable(
+                f"nixl rank {self.rank}: rank {dst} is unreachable ({self._dead[dst]})"
+            )
         free = self._free[dst]
         return free.pop() if free else None
 
@@ -275,8 +284,21 @@ class NixlTransport(PumpedTransport):
         return (self.peers.index(peer) * self.options.num_slots + slot) * self.options.slot_bytes
 
     def _notify(self, dst: int, data: bytes) -> None:
-        with self._agent_lock:
-            self._agent.send_notif(self._names[dst], data)
+        """One notification to dst; PeerUnreachable if NIXL reports it gone (or fails to send)."""
+        if dst in self._dead:
+            raise PeerUnreachable(
+                f"nixl rank {self.rank}: rank {dst} is unreachable ({self._dead[dst]})"
+            )
+        try:
+            with self._agent_lock:
+                self._agent.send_notif(self._names[dst], data)
+        except (
+            Exception
+        ) as e:  # nixl's errors derive from Exception only (nixlRemoteDisconnectError, ...)
+            self._dead[dst] = f"{type(e).__name__}: {e}"
+            raise PeerUnreachable(
+                f"nixl rank {self.rank}: rank {dst} is unreachable ({self._dead[dst]})"
+            ) from None
 
     # -- receiving (pump lock held) ------------------------------------------------------------
 
@@ -379,7 +401,10 @@ class NixlTransport(PumpedTransport):
             self._deliver(src, decode_parts(inb.header, inb.prefix, inb.dest))
 
     def _ack(self, src: int, slot: int) -> None:
-        self._notify(src, _ACK.pack(ACK, slot))
+        try:
+            self._notify(src, _ACK.pack(ACK, slot))
+        except PeerUnreachable as e:  # nobody to free the slot for any more
+            log.warning("%s", e)
 
     def _deliver(self, src: int, msg: Message) -> None:
         if msg.sender != src:
@@ -392,7 +417,7 @@ class NixlTransport(PumpedTransport):
         for p in self._names:
             try:
                 self._notify(p, bytes([BYE]))
-            except Exception:  # the peer may be gone already
+            except PeerUnreachable:  # the peer is gone already
                 pass
         self._teardown()
 

@@ -471,6 +471,10 @@ def decode_parts(
         sync = decode_sync(mv[start : start + header.payload_len])
     tensor = None
     if header.has_tensor:
+        if tensor_u8 is None and header.tensor_nbytes == 0:
+            import numpy as np
+
+            tensor_u8 = np.empty(0, dtype=np.uint8)
         if tensor_u8 is None:
             raise ProtocolError(
                 f"{header.type.name} frame needs its {header.tensor_nbytes} tensor bytes"

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from afdserve.errors import TransportClosed, TransportTimeout
-from afdserve.transport.base import Transport, _describe, make_key
+from afdserve.transport.base import PeerUnreachable, Transport, _describe, make_key
 from afdserve.transport.protocol import Message, MsgType
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ _SAFETY_WAIT_S = 0.02
 """Longest a waiting caller sleeps in select before re-checking (only matters in rare races)."""
 _PUMP_IDLE_WAIT_S = 0.05
 """The pump thread's select timeout while idle (it wakes at once on input or close)."""
+_PEER_CHECK_S = 0.2
+"""How often a long recv asks the backend whether its peer is still there."""
 _PUMP_GRACE_S = 0.002
 """The pump thread stays parked until no caller has waited for this long: in a tight
 send/recv loop it would otherwise wake after every recv and fight the caller for the GIL."""
@@ -69,6 +71,10 @@ class PumpedTransport(Transport):
 
     def _close_backend(self) -> None:
         """Release sockets, buffers and peers; called once, with the pump lock held."""
+
+    def _peer_gone(self, peer: int) -> str | None:
+        """Why `peer` is known to be gone (recv then raises PeerUnreachable early), else None."""
+        return None
 
     # -- progress -----------------------------------------------------------------------------
 
@@ -202,8 +208,23 @@ class PumpedTransport(Transport):
                 f"rank {self.rank}: transport closed while waiting for {_describe(key)}"
             )
         deadline = time.monotonic() + max(timeout_s, 0.0)
+        next_check = [time.monotonic() + _PEER_CHECK_S]
+
+        def arrived() -> Message | None:
+            msg = self.mailbox.try_take(key)
+            if msg is None and time.monotonic() >= next_check[0]:
+                next_check[0] = time.monotonic() + _PEER_CHECK_S
+                why = self._peer_gone(src)
+                if why is not None:
+                    msg = self.mailbox.try_take(key)  # it may have come in just before
+                    if msg is None:
+                        raise PeerUnreachable(
+                            f"rank {self.rank}: rank {src} is gone ({why}) while waiting for {_describe(key)}"
+                        )
+            return msg
+
         try:
-            msg = self._wait_for(lambda: self.mailbox.try_take(key), deadline)
+            msg = self._wait_for(arrived, deadline)
         except TransportClosed:
             raise TransportClosed(
                 f"rank {self.rank}: transport closed while waiting for {_describe(key)}"

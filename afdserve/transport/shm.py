@@ -68,12 +68,13 @@ CREDIT = 4  # + <Q> receiver consumed the sender's ring up to this position
 HELLO = 5  # + <IQ> rank, ring bytes + UTF-8 path of the ring the sender created for us
 ATTACHED = 6  # + <I> rank: "I mapped your ring; unlink it"
 BYE = 7  # + <I> rank: the endpoint is closing
+PING = 8  # nothing: a liveness probe (the kernel refuses it if the peer's socket is gone)
 
 _CHUNK = struct.Struct("<QQ")
 _CREDIT = struct.Struct("<Q")
 _HELLO = struct.Struct("<IQ")
 _RANK = struct.Struct("<I")
-_KIND = [bytes([k]) for k in range(8)]
+_KIND = [bytes([k]) for k in range(9)]
 _MAX_DGRAM = 1 << 20
 
 
@@ -206,6 +207,7 @@ class ShmTransport(PumpedTransport):
         self._out: dict[int, _OutRing] = {}
         self._in: dict[int, _InRing] = {}
         self._dropped = 0
+        self._dead: dict[int, str] = {}  # peer -> why it is known to be gone
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
@@ -301,6 +303,16 @@ class ShmTransport(PumpedTransport):
                 self._send_blocking(dst, [_KIND[CHUNK], _CHUNK.pack(pos, k)], deadline)
                 off += k
 
+    def _peer_gone(self, peer: int) -> str | None:
+        if peer not in self._dead:
+            try:
+                self._sock.sendmsg([_KIND[PING]], (), 0, self._addr[peer])
+            except (ConnectionRefusedError, FileNotFoundError):
+                self._dead[peer] = "its socket is gone: the process exited or died"
+            except OSError:  # queue full or we are closing: no verdict
+                pass
+        return self._dead.get(peer)
+
     def _try_send(self, dst: int, parts: list) -> bool:
         """One non-blocking datagram; False if dst's queue is full or it is not bound (yet)."""
         try:
@@ -319,6 +331,7 @@ class ShmTransport(PumpedTransport):
             except BlockingIOError:  # dst's queue is full: take in our own input, back off
                 pass
             except (ConnectionRefusedError, FileNotFoundError):
+                self._dead[dst] = "its socket is gone: the process exited or died"
                 raise PeerUnreachable(
                     f"shm rank {self.rank}: rank {dst} is unreachable (its endpoint closed or its process died)"
                 ) from None
@@ -431,6 +444,9 @@ class ShmTransport(PumpedTransport):
                 out.unlink()
         elif kind == BYE:
             log.info("shm rank %d: rank %d closed its endpoint", self.rank, src)
+            self._dead.setdefault(src, "it closed its endpoint")
+        elif kind == PING:
+            pass
         else:
             raise ProtocolError(f"unknown envelope kind {kind}")
 
