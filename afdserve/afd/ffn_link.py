@@ -20,6 +20,13 @@ from afdserve.transport.base import Transport
 from afdserve.transport.protocol import Message, MsgType, SyncInfo
 
 
+def result_timeout_s(sync_timeout_s: float) -> float:
+    """How long an attention worker waits for an FFN result: the FFN may itself wait a whole
+    sync timeout for a slow peer before computing, so the attention side allows twice that
+    plus a margin; only a dead or wedged FFN takes longer."""
+    return 2 * sync_timeout_s + 5.0
+
+
 class FFNLink(ABC):
     stats: AFDStats
     """This attention worker's AFD metrics (written only by the thread running its step)."""

@@ -16,7 +16,7 @@ import torch
 
 from afdserve.afd.attention_runner import AttentionRunner
 from afdserve.afd.attention_worker import AttentionWorker
-from afdserve.afd.ffn_link import FFNLink, LocalFFN, RemoteFFN
+from afdserve.afd.ffn_link import FFNLink, LocalFFN, RemoteFFN, result_timeout_s
 from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.config import EngineConfig
 from afdserve.engine.config import CacheConfig, SchedulerConfig
@@ -114,7 +114,8 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     if cfg.is_afd:
         hub = LocalHub(r + 1)
         links = [
-            RemoteFFN(hub.endpoints[k], ffn_rank=r, timeout_s=cfg.sync_timeout_s) for k in range(r)
+            RemoteFFN(hub.endpoints[k], ffn_rank=r, timeout_s=result_timeout_s(cfg.sync_timeout_s))
+            for k in range(r)
         ]
         ffn_worker = FFNWorker(
             m.ffn, hub.endpoints[r], attention_ranks=range(r), timeout_s=cfg.sync_timeout_s

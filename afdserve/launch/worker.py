@@ -148,7 +148,6 @@ def _install_stop(stop: threading.Event) -> None:
 def run_worker(cfg: WorkerConfig) -> int:
     import zmq
 
-
     logging.basicConfig(
         level=logging.WARNING,
         format=f"[{cfg.disaggregation_mode}{cfg.rank}] %(levelname)s %(message)s",
@@ -327,7 +326,7 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     import zmq
 
     from afdserve.afd.attention_runner import AttentionRunner
-    from afdserve.afd.ffn_link import RemoteFFN
+    from afdserve.afd.ffn_link import RemoteFFN, result_timeout_s
     from afdserve.config import EngineConfig
     from afdserve.engine.kv_cache import KVCache
     from afdserve.engine.scheduler import Scheduler
@@ -355,7 +354,16 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     try:
         scheduler = Scheduler(sched_cfg, cache_cfg, eos_token_ids=model.config.eos_token_ids)
         kv = KVCache(model.config, cache_cfg.num_blocks, cache_cfg.block_size, model.dtype)
-        link = RemoteFFN(transport, ffn_rank=cfg.afd_attention_ratio, timeout_s=cfg.sync_timeout_s)
+        link = RemoteFFN(
+            transport,
+            ffn_rank=cfg.afd_attention_ratio,
+            timeout_s=result_timeout_s(cfg.sync_timeout_s),
+        )
+        stall = os.environ.get("AFDSERVE_TEST_STALL", "").split(":")
+        if len(stall) == 4 and stall[0] == str(
+            cfg.rank
+        ):  # fault injection for the sync-timeout tests
+            link = _StallingLink(link, *map(float, stall[1:]))
         runner = AttentionRunner(
             model.attention, kv, link, cfg.afd_microbatches, cfg.afd_microbatch_size or None
         )
@@ -409,6 +417,29 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     finally:
         transport.close()
         requests.close(linger=0)
+
+
+class _StallingLink:
+    """Test hook (AFDSERVE_TEST_STALL="RANK:STEP:LAYER:SECONDS"): attention worker RANK sleeps
+    before sending the activation of (STEP, LAYER), to play a slow worker that misses the FFN's
+    sync deadline."""
+
+    def __init__(self, link: Any, step: float, layer: float, seconds: float) -> None:
+        self.link, self.at, self.seconds = link, (int(step), int(layer)), seconds
+
+    def begin_step(self, step: int, tokens: Any, seq_ids: Any) -> None:
+        self.link.begin_step(step, tokens, seq_ids)
+
+    def submit(self, step: int, layer: int, microbatch: int, h: Any) -> None:
+        if (step, layer) == self.at and microbatch == 0:
+            log.warning(
+                "AFDSERVE_TEST_STALL: sleeping %.1fs at step %d layer %d", self.seconds, step, layer
+            )
+            time.sleep(self.seconds)
+        self.link.submit(step, layer, microbatch, h)
+
+    def result(self, step: int, layer: int, microbatch: int) -> Any:
+        return self.link.result(step, layer, microbatch)
 
 
 def _apply(

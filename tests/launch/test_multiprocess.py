@@ -1,0 +1,243 @@
+"""Multi-process AFD: real worker processes on 127.0.0.1 over each transport give exactly the
+aggregated tokens; slow and dead peers end in bounded time; nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from afdserve import LLM, SamplingParams
+from afdserve.launch.multiproc import WorkerError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[5, 9, 200], [7] * 21, [1], [100, 101, 102, 103, 104, 105, 106, 107], [42] * 5]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _generate(model_dir, **engine) -> list[list[int]]:
+    with LLM(str(model_dir), **engine) as llm:
+        return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dirs):
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(arch: str) -> list[list[int]]:
+        if arch not in cache:
+            cache[arch] = _generate(
+                tiny_model_dirs[arch], mode="aggregated", attention_workers=1, microbatches=1
+            )
+        return cache[arch]
+
+    return get
+
+
+def _transports() -> list[str]:
+    names = ["shm", "torch", "tcp"]
+    try:
+        import nixl  # noqa: F401
+
+        names.append("nixl")
+    except ImportError:
+        pass
+    return names
+
+
+CASES = [(t, r, m) for t in _transports() for r in (1, 2, 3) for m in (1, 2)]
+
+
+@pytest.mark.parametrize("transport,r,m", CASES)
+def test_multiprocess_afd_equals_aggregated(tiny_model_dirs, reference, transport, r, m):
+    arch = (
+        "qwen3-moe" if (r + m) % 2 else "llama"
+    )  # both a MoE and a dense model on every transport
+    before = _shm_entries()
+    with LLM(
+        str(tiny_model_dirs[arch]),
+        mode="afd",
+        attention_workers=r,
+        microbatches=m,
+        transport=transport,
+    ) as llm:
+        pids = llm.engine.pids
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert tokens == reference(arch)
+    assert not any(_alive(p) for p in pids)
+    assert _shm_entries() <= before, f"leftover shared memory: {_shm_entries() - before}"
+
+
+def test_stalled_attention_worker_does_not_stop_the_others(tiny_model_dirs, reference, monkeypatch):
+    # attention worker 1 sleeps 4 s before its layer-1 activation of step 2, far past the 0.5 s
+    # sync timeout: the FFN must serve worker 0 without it, then serve worker 1 late.
+    monkeypatch.setenv("AFDSERVE_TEST_STALL", "1:2:1:4")
+    with LLM(
+        str(tiny_model_dirs["llama"]),
+        mode="afd",
+        attention_workers=2,
+        microbatches=1,
+        transport="shm",
+        sync_timeout_s=0.5,
+    ) as llm:
+        for k, p in enumerate(PROMPTS):
+            llm.engine.add_request(f"r{k}", p, GREEDY)
+        owner = dict(llm.engine._owner)
+        finished_at: dict[str, float] = {}
+        t0 = time.monotonic()
+        tokens: dict[str, list[int]] = {f"r{k}": [] for k in range(len(PROMPTS))}
+        while llm.engine.has_unfinished() and time.monotonic() - t0 < 60:
+            for ev in llm.engine.step():
+                tokens[ev.request_id].append(ev.token_id)
+                if ev.finished:
+                    finished_at[ev.request_id] = time.monotonic() - t0
+    assert [tokens[f"r{k}"] for k in range(len(PROMPTS))] == reference("llama")  # late, but exact
+    on0 = [rid for rid, k in owner.items() if k == 0]
+    on1 = [rid for rid, k in owner.items() if k == 1]
+    assert on0 and on1
+    # worker 0's requests finished while worker 1 was still asleep
+    assert max(finished_at[r] for r in on0) < min(finished_at[r] for r in on1)
+
+
+@pytest.mark.parametrize("victim", ["ffn", "attention"])
+def test_killed_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
+    llm = LLM(
+        str(tiny_model_dirs["llama"]),
+        mode="afd",
+        attention_workers=2,
+        microbatches=1,
+        transport="shm",
+        sync_timeout_s=1.0,
+    )
+    try:
+        pids = llm.engine.pids
+        for k, p in enumerate(PROMPTS):
+            llm.engine.add_request(
+                f"r{k}", p, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+            )
+        llm.engine.step(0.5)
+        os.kill(pids[-1] if victim == "ffn" else pids[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError):
+            while time.monotonic() - t0 < 30:
+                llm.engine.step()
+        assert time.monotonic() - t0 < 15
+    finally:
+        llm.close()
+    assert not any(_alive(p) for p in pids)
+
+
+def test_worker_survives_garbage_control_messages(tiny_model_dirs, reference):
+    with LLM(
+        str(tiny_model_dirs["llama"]),
+        mode="afd",
+        attention_workers=1,
+        microbatches=1,
+        transport="tcp",
+    ) as llm:
+        ctrl = llm.engine._controls[0]
+        ctrl.send(b"\x00\xffnot json")
+        ctrl.send(b'{"op": "add", "id": "bad", "prompt": "not a list", "params": {}, "seed": 1}')
+        ctrl.send(b'{"no": "op"}')
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert tokens == reference("llama")
+
+
+def test_handshake_refuses_mismatched_models(tiny_model_dirs, tmp_path):
+    from afdserve.launch.control import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    common = [
+        sys.executable,
+        "-m",
+        "afdserve.cli",
+        "worker",
+        "--afd-attention-ratio",
+        "1",
+        "--afd-ffn-endpoint",
+        endpoint,
+        "--transport",
+        "tcp",
+        "--rendezvous",
+        f"127.0.0.1:{free_port()}",
+        "--connect-timeout-s",
+        "20",
+    ]
+    ffn = subprocess.Popen(
+        [
+            *common,
+            "--disaggregation-mode",
+            "ffn",
+            "--rank",
+            "1",
+            "--model",
+            str(tiny_model_dirs["llama"]),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    att = subprocess.Popen(
+        [
+            *common,
+            "--disaggregation-mode",
+            "attention",
+            "--rank",
+            "0",
+            "--model",
+            str(tiny_model_dirs["qwen2"]),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        att_err = att.communicate(timeout=60)[1]
+        ffn_err = ffn.communicate(timeout=60)[1]
+    finally:
+        for p in (ffn, att):
+            if p.poll() is None:
+                p.kill()
+    assert att.returncode == 2 and ffn.returncode == 2
+    assert "refused" in att_err and "architecture" in att_err
+    assert "does not match" in ffn_err
+
+
+def test_worker_flags_read_environment(monkeypatch, capsys):
+    from afdserve.cli import main
+
+    monkeypatch.setenv("AFDSERVE_AFD_ATTENTION_RATIO", "two")
+    assert (
+        main(["worker", "--disaggregation-mode", "ffn", "--afd-ffn-endpoint", "tcp://127.0.0.1:1"])
+        == 2
+    )
+    assert "AFDSERVE_AFD_ATTENTION_RATIO" in capsys.readouterr().err
+    monkeypatch.setenv("AFDSERVE_AFD_ATTENTION_RATIO", "2")
+    assert (
+        main(
+            [
+                "worker",
+                "--disaggregation-mode",
+                "ffn",
+                "--rank",
+                "0",
+                "--afd-ffn-endpoint",
+                "tcp://127.0.0.1:1",
+            ]
+        )
+        == 2
+    )
+    assert "--rank must be 2" in capsys.readouterr().err
