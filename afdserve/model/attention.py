@@ -13,7 +13,8 @@ Batch invariance (why buckets): a sequence's result must not depend on which oth
 share its batch, or AFD (which splits the batch across workers and microbatches) could not give
 exactly the aggregated tokens. CPU attention kernels block their reductions by the padded
 lengths, so a sequence is always padded to a size that depends only on itself: Q to the next
-power of two (1 for decode), K to the next power of two of its context (at least 16). Sequences
+power of two (1 for decode), K to the next of 4 steps per octave of its context (16, 20, 24, 28,
+32, 40, ..., at most 25% padding; at least 16). Sequences
 with equal buckets share one batched matmul; the batch dimension itself does not change results.
 """
 
@@ -68,9 +69,7 @@ class AttentionMetadata:
                 slots.append(table[p // block_size] * block_size + p % block_size)
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, (start, qlen) in enumerate(zip(start_positions, query_lens, strict=True)):
-            buckets.setdefault((_bucket(qlen, 1), _bucket(start + qlen, MIN_K_BUCKET)), []).append(
-                i
-            )
+            buckets.setdefault((_bucket(qlen, 1), _k_bucket(start + qlen)), []).append(i)
         groups = tuple(
             _build_group(
                 idx,
@@ -99,6 +98,13 @@ MIN_K_BUCKET = 16
 def _bucket(n: int, minimum: int) -> int:
     """The next power of two >= max(n, minimum)."""
     return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def _k_bucket(n: int) -> int:
+    """The next size >= max(n, MIN_K_BUCKET) of the form 2^e * {1, 1.25, 1.5, 1.75}."""
+    n = max(n, MIN_K_BUCKET)
+    step = max(1, 1 << max(0, (n - 1).bit_length() - 3))  # a quarter of the enclosing octave's base
+    return -(-n // step) * step
 
 
 def _build_group(
