@@ -33,7 +33,7 @@ import torch
 
 from afdserve.errors import ProtocolError, TransportTimeout, UserInputError
 from afdserve.transport.base import PeerUnreachable
-from afdserve.transport.buffers import alloc_host_bytes
+from afdserve.transport.buffers import RecvBufferPool
 from afdserve.transport.options import TransportOptions, check_positive
 from afdserve.transport.protocol import (
     FrameHeader,
@@ -128,6 +128,7 @@ class NixlTransport(PumpedTransport):
         super().__init__(rank, world_size)
         self.options = opts
         self._dropped = 0
+        self._pool = RecvBufferPool()
         self._agent_lock = threading.Lock()  # every call into the agent
         self._rdv: Rendezvous | None = None
         self._agent = None
@@ -354,7 +355,7 @@ class NixlTransport(PumpedTransport):
             if len(prefix) != header.prefix_len or not header.tensor_nbytes:
                 raise ProtocolError("STREAM prefix does not fit its header")
             if self.options.device == "cpu":
-                dest = alloc_host_bytes(header.tensor_nbytes)
+                dest = torch.from_numpy(self._pool.take(header.tensor_nbytes))
             else:
                 dest = torch.empty(header.tensor_nbytes, dtype=torch.uint8, device=self._rx.device)
             self._inbound[(src, frame)] = _Inbound(header, prefix, dest)

@@ -145,6 +145,10 @@ _DTYPE_NAMES = {
 }
 
 
+_MSG_TYPES = {int(t): t for t in MsgType}
+_DTYPES = {int(d): d for d in DType}
+
+
 def itemsize(code: DType) -> int:
     return _ITEMSIZE[code]
 
@@ -372,10 +376,9 @@ def decode_header(buf: Buffer) -> FrameHeader:
         raise ProtocolError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): not an AFD frame")
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version} (this build speaks {VERSION})")
-    try:
-        mtype = MsgType(type_)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {type_}") from None
+    mtype = _MSG_TYPES.get(type_)
+    if mtype is None:
+        raise ProtocolError(f"unknown message type {type_}")
     if flags & ~_KNOWN_FLAGS:
         raise ProtocolError(f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:x} in {mtype.name}")
     if flags == FLAG_TENSOR | FLAG_SYNC:
@@ -402,10 +405,9 @@ def decode_header(buf: Buffer) -> FrameHeader:
     shape = tuple(dims[:ndim])
     code: DType | None = None
     if flags & FLAG_TENSOR:
-        try:
-            code = DType(dtype)
-        except ValueError:
-            raise ProtocolError(f"unknown dtype code {dtype}") from None
+        code = _DTYPES.get(dtype)
+        if code is None:
+            raise ProtocolError(f"unknown dtype code {dtype}")
         numel = 1
         for d in shape:
             if d > MAX_DIM:

@@ -42,7 +42,7 @@ import numpy as np
 
 from afdserve.errors import ProtocolError, TransportTimeout, UserInputError
 from afdserve.transport.base import PeerUnreachable
-from afdserve.transport.buffers import alloc_host_bytes
+from afdserve.transport.buffers import RecvBufferPool
 from afdserve.transport.options import TransportOptions, check_positive
 from afdserve.transport.protocol import (
     FrameHeader,
@@ -62,9 +62,9 @@ _SESSION_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 # Envelope kinds: the first byte of every datagram.
 FRAME = 1  # + a whole codec frame
-STREAM = 2  # + a frame prefix; its tensor bytes follow through the ring as CHUNKs
-CHUNK = 3  # + <QQ> ring position, byte count
-CREDIT = 4  # + <Q> receiver consumed the sender's ring up to this position
+STREAM = 2  # + <QQ> ring position and size of the first chunk + the frame prefix
+CHUNK = 3  # + <QQ> ring position, byte count: more of the frame being streamed
+CREDIT = 4  # + <Q> receiver consumed the sender's ring up to this position (sent lazily)
 HELLO = 5  # + <IQ> rank, ring bytes + UTF-8 path of the ring the sender created for us
 ATTACHED = 6  # + <I> rank: "I mapped your ring; unlink it"
 BYE = 7  # + <I> rank: the endpoint is closing
@@ -83,10 +83,10 @@ class ShmOptions(TransportOptions):
     session: str = ""
     """Group name shared by every rank (letters, digits, `._-`). Empty: derived from
     `rendezvous` (the address itself is never contacted)."""
-    ring_bytes: int = 64 << 20
+    ring_bytes: int = 16 << 20
     """Ring size per ordered peer pair. /dev/shm is sparse, so only bytes that messages
     actually pass through become resident."""
-    chunk_bytes: int = 4 << 20
+    chunk_bytes: int = 2 << 20
     """Streaming granularity: the sender and receiver copy concurrently chunk by chunk."""
     inline_bytes: int = 32 << 10
     """Frames up to this size travel whole in the notification datagram."""
@@ -175,10 +175,10 @@ class _InRing:
         self.size = size
         self.buf = np.frombuffer(self.mm, dtype=np.uint8)  # [size], read-only
         self.expected = 0  # next ring position we expect a CHUNK for
+        self.credited = 0  # the position we last sent a CREDIT for
         self.header: FrameHeader | None = None  # the frame being streamed in
         self.prefix = b""
-        self.dest: np.ndarray | None = None
-        self.dest_tensor = None
+        self.dest: np.ndarray | None = None  # from the endpoint's RecvBufferPool
         self.filled = 0
         self.credit_due: int | None = None  # a CREDIT that could not be sent yet
 
@@ -208,6 +208,7 @@ class ShmTransport(PumpedTransport):
         self._in: dict[int, _InRing] = {}
         self._dropped = 0
         self._dead: dict[int, str] = {}  # peer -> why it is known to be gone
+        self._pool = RecvBufferPool()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
@@ -282,7 +283,6 @@ class ShmTransport(PumpedTransport):
         chunk = self.options.chunk_bytes
         deadline = time.monotonic() + self.options.send_timeout_s
         with ring.lock:
-            self._send_blocking(dst, [_KIND[STREAM], prefix], deadline)
             off = 0
             while off < n:
                 want = min(n - off, chunk)
@@ -300,7 +300,13 @@ class ShmTransport(PumpedTransport):
                 k = min(want, ring.size - at)  # never wrap inside a chunk
                 ring.buf[at : at + k] = src[off : off + k]
                 ring.head = pos + k
-                self._send_blocking(dst, [_KIND[CHUNK], _CHUNK.pack(pos, k)], deadline)
+                # the first chunk rides with the frame's prefix: one datagram for most frames
+                parts = (
+                    [_KIND[STREAM], _CHUNK.pack(pos, k), prefix]
+                    if off == 0
+                    else [_KIND[CHUNK], _CHUNK.pack(pos, k)]
+                )
+                self._send_blocking(dst, parts, deadline)
                 off += k
 
     def _peer_gone(self, peer: int) -> str | None:
@@ -359,10 +365,9 @@ class ShmTransport(PumpedTransport):
     def _drain(self) -> int:
         handled = 0
         for p, ring in self._in.items():  # credits that found the peer's queue full earlier
-            if ring.credit_due is not None and self._try_send(
-                p, [_KIND[CREDIT], _CREDIT.pack(ring.credit_due)]
-            ):
-                ring.credit_due = None
+            due = ring.credit_due
+            if due is not None and self._try_send(p, [_KIND[CREDIT], _CREDIT.pack(due)]):
+                ring.credited, ring.credit_due = max(ring.credited, due), None
         while True:
             try:
                 data, addr = self._sock.recvfrom(_MAX_DGRAM)
@@ -403,16 +408,28 @@ class ShmTransport(PumpedTransport):
             self._on_chunk(src, body)
         elif kind == STREAM:
             ring = self._need_in(src)
-            header = decode_header(body)
-            if len(body) != header.prefix_len or not header.tensor_nbytes:
-                raise ProtocolError(f"STREAM prefix of {len(body)} bytes does not fit its header")
+            if len(body) < _CHUNK.size:
+                raise ProtocolError("malformed STREAM")
             if ring.header is not None:
                 log.warning(
                     "shm rank %d: rank %d started a new frame before finishing one", self.rank, src
                 )
-            ring.header, ring.prefix, ring.filled = header, bytes(body), 0
-            ring.dest_tensor = alloc_host_bytes(header.tensor_nbytes)
-            ring.dest = ring.dest_tensor.numpy()
+                ring.header = ring.dest = None
+            prefix = body[_CHUNK.size :]
+            try:
+                header = decode_header(prefix)
+                if len(prefix) != header.prefix_len or not header.tensor_nbytes:
+                    raise ProtocolError(
+                        f"STREAM prefix of {len(prefix)} bytes does not fit its header"
+                    )
+            except ProtocolError:
+                self._on_chunk(
+                    src, body[: _CHUNK.size]
+                )  # consume (and credit) its first chunk anyway
+                raise
+            ring.header, ring.prefix, ring.filled = header, bytes(prefix), 0
+            ring.dest = self._pool.take(header.tensor_nbytes)
+            self._on_chunk(src, body[: _CHUNK.size])
         elif kind == CREDIT:
             if len(body) != _CREDIT.size or src not in self._out:
                 raise ProtocolError("malformed CREDIT")
@@ -475,17 +492,22 @@ class ShmTransport(PumpedTransport):
             if ring.header is None or ring.dest is None:
                 raise ProtocolError(f"CHUNK of {n} bytes from rank {src} belongs to no frame")
             if ring.filled + n > len(ring.dest):
-                ring.header = ring.dest = ring.dest_tensor = None
+                ring.header = ring.dest = None
                 raise ProtocolError(f"rank {src} streamed more bytes than its frame holds")
             ring.dest[ring.filled : ring.filled + n] = ring.buf[at : at + n]
             ring.filled += n
             if ring.filled == len(ring.dest):
-                header, prefix, tensor = ring.header, ring.prefix, ring.dest_tensor
-                ring.header = ring.dest = ring.dest_tensor = None
+                header, prefix, tensor = ring.header, ring.prefix, ring.dest
+                ring.header = ring.dest = None
                 self._deliver(src, decode_parts(header, prefix, tensor))
         finally:  # consumed (or discarded): the space is the sender's again
-            if not self._try_send(src, [_KIND[CREDIT], _CREDIT.pack(ring.expected)]):
-                ring.credit_due = ring.expected
+            if ring.expected - ring.credited >= ring.size // 4:
+                # lazily: a sender waits only for <= ring/2 free bytes, which it always has
+                # while less than a quarter of the ring is consumed but not yet credited
+                if self._try_send(src, [_KIND[CREDIT], _CREDIT.pack(ring.expected)]):
+                    ring.credited, ring.credit_due = ring.expected, None
+                else:
+                    ring.credit_due = ring.expected
 
     def _deliver(self, src: int, msg: Message) -> None:
         if msg.sender != src:

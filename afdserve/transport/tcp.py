@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from afdserve.errors import ProtocolError, TransportTimeout, UserInputError
-from afdserve.transport.buffers import alloc_host_bytes
+from afdserve.transport.buffers import RecvBufferPool
 from afdserve.transport.options import TransportOptions
 from afdserve.transport.protocol import Message, decode_header, decode_parts, encode_parts
 from afdserve.transport.pump import PumpedTransport
@@ -77,6 +77,7 @@ class TcpTransport(PumpedTransport):
         super().__init__(rank, world_size)
         self.options = opts
         self._dropped = 0
+        self._pool = RecvBufferPool()
         self._ctx = zmq.Context(io_threads=1)
         self._push: dict[int, zmq.Socket] = {}
         self._push_locks = {p: threading.Lock() for p in self.peers}
@@ -200,8 +201,8 @@ class TcpTransport(PumpedTransport):
             buf = frames[1].buffer
             raw = np.frombuffer(buf, dtype=np.uint8)  # [n], zmq-owned; keeps the frame alive
             if buf.readonly or raw.ctypes.data % _ALIGN:
-                dest = alloc_host_bytes(n)
-                dest.numpy()[:] = raw
+                dest = self._pool.take(n)
+                dest[:] = raw
                 raw = dest
         return decode_parts(header, prefix, raw)
 

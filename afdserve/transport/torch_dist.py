@@ -35,7 +35,7 @@ import torch
 
 from afdserve.errors import ProtocolError, TransportClosed, TransportTimeout, UserInputError
 from afdserve.transport.base import PeerUnreachable, Transport, _describe, make_key
-from afdserve.transport.buffers import alloc_host_bytes
+from afdserve.transport.buffers import RecvBufferPool
 from afdserve.transport.options import TransportOptions
 from afdserve.transport.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -99,6 +99,7 @@ class TorchDistTransport(Transport):
         self._closed = False
         self._dead: dict[int, str] = {}  # peer -> why we consider it gone
         self._dropped = 0
+        self._pool = RecvBufferPool()
         self._rdv = Rendezvous(
             opts.rendezvous, rank, world_size, opts.connect_timeout_s, "afd/torch"
         )
@@ -203,7 +204,7 @@ class TorchDistTransport(Transport):
                     prefix += extra.numpy().tobytes()
                 data = None
                 if n:
-                    data = alloc_host_bytes(n)
+                    data = torch.from_numpy(self._pool.take(n))
                     self._pg.recv([data], peer, _TAG_DATA).wait(_FOREVER)
             except RuntimeError as e:  # the connection dropped (peer died) or we are closing
                 if not self._closed:
