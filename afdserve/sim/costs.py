@@ -47,6 +47,9 @@ class SimCosts:
     """Per step and attention worker: ms per sequence that samples (LM head, sampler)."""
     step_beta_ms: float = 0.0
     """Per step and attention worker with work: fixed ms (scheduling, metadata, embedding)."""
+    afd_step_ms: float = 0.0
+    """Per step of an AFD bundle: extra fixed ms of its step machinery (dispatching the workers,
+    the SYNC message), on each attention worker's critical path."""
     kv_transfer_ms_per_token: float = 0.0
     """Prefill/decode split: ms to move one prompt token's KV (all layers) to a decode instance."""
     kv_transfer_beta_ms: float = 0.0
@@ -113,7 +116,10 @@ class SimCosts:
         kw: dict[str, float] = {}
         for key, fields in (
             ("prefill", (("token_ms", "prefill_token_ms"), ("pair_ms", "prefill_pair_ms"))),
-            ("step", (("alpha", "step_alpha_ms"), ("beta", "step_beta_ms"))),
+            (
+                "step",
+                (("alpha", "step_alpha_ms"), ("beta", "step_beta_ms"), ("afd_beta", "afd_step_ms")),
+            ),
             (
                 "kv_transfer",
                 (("alpha", "kv_transfer_ms_per_token"), ("beta", "kv_transfer_beta_ms")),
@@ -138,7 +144,7 @@ class SimCosts:
         prefill = dict(d.get("prefill") or {})
         prefill.update(token_ms=self.prefill_token_ms, pair_ms=self.prefill_pair_ms)
         step = dict(d.get("step") or {})
-        step.update(alpha=self.step_alpha_ms, beta=self.step_beta_ms)
+        step.update(alpha=self.step_alpha_ms, beta=self.step_beta_ms, afd_beta=self.afd_step_ms)
         kv = dict(d.get("kv_transfer") or {})
         kv.update(alpha=self.kv_transfer_ms_per_token, beta=self.kv_transfer_beta_ms)
         d.update(prefill=prefill, step=step, kv_transfer=kv)
@@ -159,6 +165,7 @@ class SimCosts:
             "prefill_pair_ms": self.prefill_pair_ms,
             "step_alpha_ms": self.step_alpha_ms,
             "step_beta_ms": self.step_beta_ms,
+            "afd_step_ms": self.afd_step_ms,
             "kv_transfer_ms_per_token": self.kv_transfer_ms_per_token,
         }
 

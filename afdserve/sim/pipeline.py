@@ -119,7 +119,8 @@ def stage_times(costs: SimCosts, load: StepLoad, pipeline: str) -> StageTimes:
     else:
         up = np.where(sends, s.comm.alpha * tok + s.comm.beta, 0.0)
     worker_on = sends.any(axis=2)  # [S, r]
-    post = np.where(worker_on, costs.step_alpha_ms * load.sampled + costs.step_beta_ms, 0.0)
+    fixed = costs.step_beta_ms + (0.0 if colocated else costs.afd_step_ms)
+    post = np.where(worker_on, costs.step_alpha_ms * load.sampled + fixed, 0.0)
     return StageTimes(attn, up, up, ffn, post, sends, shared)
 
 

@@ -1,0 +1,491 @@
+"""Calibration: `afdserve profile` times the runtime's own kernels and fits the cost coefficients.
+
+Measured, each on the model's own parts (`afdserve.launch.local.load_model`) and averaged over
+its layers:
+
+- attention sub-block (`AttentionPart.layers[l]`), decode: a grid of batch size b x context c
+  over a paged KV cache; fitted t = alpha_A * (b * c) + beta_A (context tokens read);
+- attention sub-block, prefill: chunks of n tokens after d cached tokens; with alpha_A and beta_A
+  fixed, the rest is fitted (non-negative least squares) as prefill_token_ms * n +
+  prefill_pair_ms * (n * d + n (n + 1) / 2);
+- FFN sub-block (`FFNPart(layer, h)`, dense or MoE) over token counts: t = alpha_F * n + beta_F;
+- the per-step work outside the layers: the runtime's own `Engine.step()` (one attention
+  worker, M = 1) with N sequences decoding at a short context, minus the fitted layer costs
+  L * (attention + FFN); fitted t = step_alpha * N + step_beta (scheduling, metadata,
+  embedding, LM head, sampling, bookkeeping). The same with an in-process AFD engine (1A1F)
+  gives `step.afd_beta`, the extra per-step cost of AFD's step machinery (thread dispatch,
+  SYNC) beyond the per-layer transfers;
+- transports: the in-process `local` transport (a message to a thread and back, halved: what a
+  hand-over between the attention and FFN threads costs), a plain tensor copy (`copy`), and the
+  multi-process backends from `afdserve.transport.registry` where they exist (two endpoints in
+  this process; skipped with the reason on any failure or past a deadline). The one named by
+  `comm_from` gives the top-level `comm` coefficients (per token, one way).
+
+Each time is the median of `repeats` runs after `warmup` runs (CUDA: synchronised). The result
+is the planner's profile JSON (docs/planner.md 3.2) plus the simulator's keys (`prefill`,
+`step`) and everything measured (`transport`, `points`, `grid`), so `StageCosts.from_profile`
+and `SimCosts.from_profile` both read it. torch is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from afdserve.errors import UserInputError
+from afdserve.sim.fit import fit_affine, fit_nonneg, quality
+
+TRANSPORTS: tuple[str, ...] = ("local", "copy", "shm", "tcp")
+TRANSPORT_DEADLINE_S = 20.0
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    decode_batches: tuple[int, ...] = (1, 8, 32)
+    decode_contexts: tuple[int, ...] = (64, 256, 1024)
+    ffn_tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
+    prefill_chunks: tuple[int, ...] = (16, 128, 512)
+    prefill_starts: tuple[int, ...] = (0, 256)
+    step_batches: tuple[int, ...] = (1, 8, 32)
+    transport_tokens: tuple[int, ...] = (1, 32, 256)
+    repeats: int = 7
+    warmup: int = 2
+
+    def __post_init__(self) -> None:
+        for name in (
+            "decode_batches",
+            "decode_contexts",
+            "ffn_tokens",
+            "prefill_chunks",
+            "step_batches",
+            "transport_tokens",
+        ):
+            v = getattr(self, name)
+            if len(v) < 2 or any(not isinstance(x, int) or x < 1 for x in v):
+                raise UserInputError(f"profile grid {name} needs at least two integers >= 1")
+        if any(not isinstance(x, int) or x < 0 for x in self.prefill_starts):
+            raise UserInputError("profile grid prefill_starts must be integers >= 0")
+        if self.repeats < 1 or self.warmup < 0:
+            raise UserInputError("profile grid needs repeats >= 1 and warmup >= 0")
+
+
+SMALL_GRID = ProfileGrid(
+    decode_batches=(1, 4),
+    decode_contexts=(32, 128),
+    ffn_tokens=(1, 8, 32),
+    prefill_chunks=(8, 32),
+    prefill_starts=(0, 32),
+    step_batches=(1, 4),
+    transport_tokens=(1, 16),
+    repeats=3,
+    warmup=1,
+)
+"""For tests: a few seconds on a tiny model."""
+
+
+def run_profile(
+    model: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    grid: ProfileGrid = ProfileGrid(),
+    transports: Sequence[str] = TRANSPORTS,
+    comm_from: str = "local",
+    threads: int | None = None,
+    progress: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Profile `model` (a directory or builtin:NAME) on `device`; returns the profile object."""
+    import torch
+
+    from afdserve.launch.local import load_model
+
+    for t in transports:
+        if t not in TRANSPORTS:
+            raise UserInputError(f"unknown transport {t!r} to profile; choose from {TRANSPORTS}")
+    if comm_from not in transports:
+        raise UserInputError(f"--comm-from {comm_from!r} must be one of the profiled transports")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is available")
+    if threads is not None:
+        if threads < 1:
+            raise UserInputError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    m = load_model(model, dtype, device)
+    cfg = m.config
+    max_ctx = cfg.max_position_embeddings
+    for name, vals in (
+        ("decode_contexts", grid.decode_contexts),
+        ("prefill_chunks", grid.prefill_chunks),
+    ):
+        if max(vals) + max(grid.prefill_starts) > max_ctx:
+            raise UserInputError(
+                f"profile grid {name} goes beyond the model's {max_ctx}-token context"
+            )
+    timer = _Timer(device, grid.repeats, grid.warmup)
+    note = progress or (lambda _s: None)
+    with torch.inference_mode():
+        note("attention (decode)")
+        attn_pts = _attention_decode(m, timer, grid, device)
+        note("attention (prefill)")
+        pre_pts = _attention_prefill(m, timer, grid, device)
+        note("ffn")
+        ffn_pts = _ffn(m, timer, grid, device)
+        note("engine steps (aggregated, AFD)")
+        agg_pts = _engine_step_points(m, model, "aggregated", timer, grid, device)
+        afd_pts = _engine_step_points(m, model, "afd", timer, grid, device)
+        transport: dict[str, Any] = {}
+        for name in transports:
+            note(f"transport {name}")
+            transport[name] = _transport(name, m, timer, grid, device)
+    a = np.asarray(attn_pts, dtype=np.float64)
+    attn_fit = fit_affine(a[:, 2], a[:, 3])
+    f = np.asarray(ffn_pts, dtype=np.float64)
+    ffn_fit = fit_affine(f[:, 0], f[:, 1])
+    prefill = _fit_prefill(np.asarray(pre_pts, dtype=np.float64), attn_fit.alpha, attn_fit.beta)
+    comm = transport[comm_from]
+    if "alpha" not in comm:
+        raise UserInputError(f"transport {comm_from!r} could not be timed: {comm.get('skipped')}")
+    # per-step cost outside the modelled layers: measured engine step - L * (attention + FFN)
+    L = cfg.num_hidden_layers
+    agg = np.asarray(agg_pts, dtype=np.float64)
+    n, ctx = agg[:, 0], agg[:, 1]
+    layers = L * (attn_fit.predict(n * ctx) + ffn_fit.predict(n))
+    residual = np.maximum(agg[:, 2] - layers, 1e-6)
+    step_fit = fit_affine(n, residual)
+    afd = np.asarray(afd_pts, dtype=np.float64)
+    comm_ms = comm["alpha"] * afd[:, 0] + comm["beta"]
+    afd_extra = afd[:, 2] - agg[:, 2] - 2 * L * comm_ms
+    step = {**step_fit.to_dict(), "afd_beta": float(max(0.0, np.median(afd_extra)))}
+    threads_used = torch.get_num_threads()
+    return {
+        "source": "measured",
+        "model": model,
+        "device": _device_name(device, threads_used),
+        "units": "ms",
+        "num_layers": cfg.num_hidden_layers,
+        "attention": attn_fit.to_dict(),
+        "ffn": ffn_fit.to_dict(),
+        "comm": {
+            "alpha": comm["alpha"],
+            "beta": comm["beta"],
+            "r2": comm["r2"],
+            "max_rel_err": comm["max_rel_err"],
+            "scales_with": "B",
+        },
+        "prefill": prefill,
+        "step": step,
+        "kv_transfer": {"alpha": 0.0, "beta": 0.0},
+        "comm_transport": comm_from,
+        "transport": transport,
+        "dtype": str(m.dtype).replace("torch.", ""),
+        "torch_threads": threads_used,
+        "torch_version": torch.__version__,
+        "grid": asdict(grid),
+        "points": {
+            "attention_decode": [list(p) for p in attn_pts],
+            "attention_prefill": [list(p) for p in pre_pts],
+            "ffn": [list(p) for p in ffn_pts],
+            "engine_step_aggregated": [list(p) for p in agg_pts],
+            "engine_step_afd": [list(p) for p in afd_pts],
+        },
+        "units_note": (
+            "ms per layer: attention.alpha per context token read, ffn.alpha per token, "
+            "comm.alpha per token one way; step: ms per step per attention worker "
+            "(alpha per sampling sequence)"
+        ),
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+# ---- timing --------------------------------------------------------------------------------
+
+
+class _Timer:
+    def __init__(self, device: str, repeats: int, warmup: int) -> None:
+        import torch
+
+        self.repeats, self.warmup = repeats, warmup
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def median_ms(self, fn: Callable[[], Any]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+
+def _device_name(device: str, threads: int) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.processor() or platform.machine()}, {threads} torch threads)"
+
+
+def _blocks(n_tokens: int, block_size: int) -> int:
+    return -(-n_tokens // block_size)
+
+
+def _attention_decode(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
+    import torch
+
+    from afdserve.engine.kv_cache import KVCache
+    from afdserve.model.attention import AttentionMetadata
+
+    cfg, part = m.config, m.attention
+    bs = 16
+    L = cfg.num_hidden_layers
+    out = []
+    for b in grid.decode_batches:
+        for c in grid.decode_contexts:
+            nb = _blocks(c, bs)
+            kv = KVCache(cfg, b * nb + 1, bs, m.dtype, device)
+            tables = [list(range(1 + i * nb, 1 + (i + 1) * nb)) for i in range(b)]
+            meta = AttentionMetadata.build([c - 1] * b, [1] * b, tables, bs, device)
+            x = torch.randn(b, cfg.hidden_size, dtype=m.dtype, device=device) * 0.02  # [b, D]
+            cos, sin = part.rope(meta, m.dtype)
+
+            def run(x=x, meta=meta, cos=cos, sin=sin, kv=kv) -> None:
+                for layer in range(L):
+                    part.layers[layer](x, meta, cos, sin, kv.k[layer], kv.v[layer])
+
+            out.append((b, c, b * c, timer.median_ms(run) / L))
+            del kv
+    return out
+
+
+def _attention_prefill(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
+    import torch
+
+    from afdserve.engine.kv_cache import KVCache
+    from afdserve.model.attention import AttentionMetadata
+
+    cfg, part = m.config, m.attention
+    bs = 16
+    L = cfg.num_hidden_layers
+    out = []
+    for n in grid.prefill_chunks:
+        for d in grid.prefill_starts:
+            nb = _blocks(d + n, bs)
+            kv = KVCache(cfg, nb + 1, bs, m.dtype, device)
+            meta = AttentionMetadata.build([d], [n], [list(range(1, nb + 1))], bs, device)
+            x = torch.randn(n, cfg.hidden_size, dtype=m.dtype, device=device) * 0.02  # [n, D]
+            cos, sin = part.rope(meta, m.dtype)
+
+            def run(x=x, meta=meta, cos=cos, sin=sin, kv=kv) -> None:
+                for layer in range(L):
+                    part.layers[layer](x, meta, cos, sin, kv.k[layer], kv.v[layer])
+
+            out.append((n, d, timer.median_ms(run) / L))
+    return out
+
+
+def _ffn(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
+    import torch
+
+    cfg, ffn = m.config, m.ffn
+    L = cfg.num_hidden_layers
+    out = []
+    for n in grid.ffn_tokens:
+        h = torch.randn(n, cfg.hidden_size, dtype=m.dtype, device=device) * 0.02  # [n, D]
+
+        def run(h=h) -> None:
+            for layer in range(L):
+                ffn(layer, h)
+
+        out.append((n, timer.median_ms(run) / L))
+    return out
+
+
+def _engine_step_points(
+    m, model: str, mode: str, timer: _Timer, grid: ProfileGrid, device: str
+) -> list[tuple]:
+    """Median time of the runtime's own `Engine.step()` (1 attention worker, M = 1) with N
+    sequences decoding at a short context (8 + a few tokens), for N in the grid: everything a
+    step does (scheduling, metadata, embedding, every layer, the FFN link, LM head, sampling,
+    bookkeeping). Returns (N, mean context, ms)."""
+    from afdserve.config import EngineConfig
+    from afdserve.launch.local import build_engine
+    from afdserve.types import SamplingParams
+
+    prompt = 8
+    max_len = min(m.config.max_position_embeddings, prompt + timer.warmup + timer.repeats + 16)
+    out = []
+    for N in grid.step_batches:
+        cfg = EngineConfig(
+            model=model,
+            mode=mode,
+            attention_workers=1,
+            microbatches=1,
+            max_num_seqs=N,
+            max_num_batched_tokens=max(2048, N * prompt),
+            max_model_len=max_len,
+            device=device,
+            num_kv_blocks=N * _blocks(max_len, 16) + 2,
+        )
+        engine, _ = build_engine(cfg, m)
+        try:
+            params = SamplingParams(max_tokens=max_len, temperature=0.0, ignore_eos=True)
+            for i in range(N):
+                engine.add_request(f"p{i}", list(range(3, 3 + prompt)), params)
+            engine.step()  # the prefill step
+            ctx0 = prompt + 1 + timer.warmup
+            ms = timer.median_ms(engine.step)
+            out.append((N, ctx0 + timer.repeats / 2.0, ms))
+        finally:
+            engine.close()
+    return out
+
+
+def _fit_prefill(pts: np.ndarray, alpha: float, beta: float) -> dict[str, float]:
+    n, d, t = pts[:, 0], pts[:, 1], pts[:, 2]
+    base = alpha * (d + n) + beta
+    pairs = n * d + n * (n + 1) / 2.0
+    coef = fit_nonneg(np.stack([n, pairs], axis=1), t - base)
+    pred = base + coef[0] * n + coef[1] * pairs
+    r2, err = quality(t, pred)
+    return {"token_ms": float(coef[0]), "pair_ms": float(coef[1]), "r2": r2, "max_rel_err": err}
+
+
+# ---- transports ------------------------------------------------------------------------------
+
+
+def _transport(name: str, m, timer: _Timer, grid: ProfileGrid, device: str) -> dict[str, Any]:
+    try:
+        if name == "copy":
+            pts = _copy_points(m, timer, grid, device)
+        elif name == "local":
+            from afdserve.transport.local import LocalHub
+
+            hub = LocalHub(2)
+            try:
+                pts = _ping_pong(hub.endpoints[0], hub.endpoints[1], m, timer, grid, device)
+            finally:
+                hub.close()
+        else:
+            pts = _registry_points(name, m, timer, grid, device)
+    except Exception as exc:  # optional measurements: report why, never fail the profile
+        return {"skipped": f"{type(exc).__name__}: {exc}"}
+    arr = np.asarray(pts, dtype=np.float64)
+    fit = fit_affine(arr[:, 0], arr[:, 1])
+    return {**fit.to_dict(), "points": [list(p) for p in pts]}
+
+
+def _copy_points(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
+    import torch
+
+    out = []
+    for n in grid.transport_tokens:
+        src = torch.randn(n, m.config.hidden_size, dtype=m.dtype, device=device)  # [n, D]
+        dst = torch.empty_like(src)
+        out.append((n, timer.median_ms(lambda src=src, dst=dst: dst.copy_(src))))
+    return out
+
+
+def _ping_pong(a, b, m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
+    """One-way time of a hidden-state message: a -> b -> a round trips, halved. Endpoint b
+    echoes from its own thread (as the FFN worker does); every wait has a deadline."""
+    import torch
+
+    from afdserve.transport.protocol import Message, MsgType
+
+    per_size = timer.warmup + timer.repeats
+    total = per_size * len(grid.transport_tokens)
+    errors: list[BaseException] = []
+
+    def echo() -> None:
+        try:
+            for i in range(total):
+                msg = b.recv(a.rank, MsgType.ACTIVATION_TRANSFER, i, timeout_s=TRANSPORT_DEADLINE_S)
+                reply = Message(MsgType.ACTIVATION_RESULT, i, sender=b.rank, tensor=msg.tensor)
+                b.send(a.rank, reply)
+        except BaseException as exc:  # reported to the caller below
+            errors.append(exc)
+
+    th = threading.Thread(target=echo, daemon=True, name="profile-echo")
+    th.start()
+    out = []
+    step = 0
+    for n in grid.transport_tokens:
+        h = torch.randn(n, m.config.hidden_size, dtype=m.dtype, device="cpu")  # [n, D]
+        times = []
+        for k in range(per_size):
+            t0 = time.perf_counter()
+            a.send(b.rank, Message(MsgType.ACTIVATION_TRANSFER, step, sender=a.rank, tensor=h))
+            a.recv(b.rank, MsgType.ACTIVATION_RESULT, step, timeout_s=TRANSPORT_DEADLINE_S)
+            if k >= timer.warmup:
+                times.append((time.perf_counter() - t0) / 2)
+            step += 1
+        out.append((n, statistics.median(times) * 1e3))
+    th.join(timeout=TRANSPORT_DEADLINE_S)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def _registry_points(name: str, m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
+    """Two endpoints of a multi-process backend in this process (threads), then a ping-pong."""
+    import socket
+
+    from afdserve.transport.registry import create_transport
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts: dict[str, Any] = {"rendezvous": f"127.0.0.1:{port}", "connect_timeout_s": 10.0}
+    if name == "shm":
+        opts["session"] = f"afdprofile-{uuid.uuid4().hex[:12]}"
+        opts["ring_bytes"] = 16 << 20
+    eps: list[Any] = [None, None]
+    errors: list[BaseException] = []
+
+    def make(rank: int) -> None:
+        try:
+            eps[rank] = create_transport(name, rank, 2, **opts)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make, args=(k,), daemon=True) for k in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=TRANSPORT_DEADLINE_S)
+    try:
+        if errors:
+            raise errors[0]
+        if any(e is None for e in eps):
+            raise TimeoutError(f"{name} endpoints not connected within {TRANSPORT_DEADLINE_S} s")
+        return _ping_pong(eps[0], eps[1], m, timer, grid, device)
+    finally:
+        for ep in eps:
+            if ep is not None:
+                ep.close()
+
+
+def check_profile(data: dict[str, Any]) -> None:
+    """The written profile must read back through the planner and the simulator."""
+    from afdserve.planner.costs import StageCosts
+    from afdserve.sim.costs import SimCosts
+
+    StageCosts.from_profile_dict(data, origin="new profile")
+    SimCosts.from_profile_dict(data, origin="new profile")
+    for key in ("attention", "ffn", "comm"):
+        if not math.isfinite(data[key]["r2"]):
+            raise RuntimeError(f"profile {key}: fit quality is not finite")

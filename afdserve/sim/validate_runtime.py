@@ -1,0 +1,266 @@
+"""Simulation vs the real runtime: profile a model on this machine, simulate exactly the runs the
+real engine does, run them for real, and compare step time and tokens per second.
+
+A run is a batch of N identical requests (prompt P random token ids, D tokens generated with
+`ignore_eos`) submitted at once to `LLM(...).generate`, in one of these shapes:
+
+- `aggregated`: one worker runs both halves (M microbatches, serially);
+- `afd`: one attention worker and the FFN worker on threads of this process, exchanging hidden
+  states through the in-process transport every layer and microbatch (1A1F, M = 1 or 2).
+
+The simulator gets the same requests (all arriving at 0), the same slot count, token budget and
+microbatch count, and the coefficients of the profile (`colocated` pipeline for aggregated,
+`microbatch` for AFD). Real time per step is the `generate` wall time divided by the engine's
+steps (so scheduling and Python overhead count, as they do in the simulator's per-step cost).
+
+`RuntimeRun.transport` names the transport; only `local` (in-process threads) exists here. The
+multi-process runtime will add the other transports as runs of the same table (their per-layer
+cost is what `afdserve profile` times as `shm` / `tcp`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from afdserve.errors import UserInputError
+from afdserve.sim.config import BundleConfig
+from afdserve.sim.costs import SimCosts
+from afdserve.sim.engine import simulate
+from afdserve.sim.metrics import summarize
+from afdserve.sim.requests import RequestSet
+
+IN_PROCESS_TRANSPORTS: tuple[str, ...] = ("local",)
+
+
+@dataclass(frozen=True)
+class RuntimeRun:
+    mode: str
+    """`aggregated` or `afd`."""
+    microbatches: int = 1
+    attention_workers: int = 1
+    transport: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("aggregated", "afd"):
+            raise UserInputError(f"run mode must be aggregated or afd, got {self.mode!r}")
+        if self.transport not in IN_PROCESS_TRANSPORTS:
+            raise UserInputError(
+                f"transport {self.transport!r}: only the in-process runtime ({', '.join(IN_PROCESS_TRANSPORTS)}) "
+                "can be compared so far; multi-process runs come with the multi-process runtime"
+            )
+        if self.microbatches < 1 or self.attention_workers < 1:
+            raise UserInputError("microbatches and attention_workers must be >= 1")
+
+    @property
+    def label(self) -> str:
+        if self.mode == "aggregated":
+            return f"aggregated M={self.microbatches}"
+        return f"AFD {self.attention_workers}A1F M={self.microbatches} ({self.transport})"
+
+
+DEFAULT_RUNS: tuple[RuntimeRun, ...] = (
+    RuntimeRun("aggregated", 1),
+    RuntimeRun("afd", 1),
+    RuntimeRun("afd", 2),
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int = 16
+    prompt_len: int = 64
+    output_len: int = 64
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "prompt_len", "output_len", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserInputError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.max_num_batched_tokens < self.requests:
+            raise UserInputError("max_num_batched_tokens must be >= the number of requests")
+
+
+@dataclass
+class RunComparison:
+    run: str
+    real_steps: int
+    sim_steps: int
+    real_step_ms: float
+    sim_step_ms: float
+    step_ms_error: float
+    """sim / real - 1."""
+    real_tokens_per_s: float
+    sim_tokens_per_s: float
+    tokens_per_s_error: float
+    real_execute_ms: float
+    """Mean of the engine's own per-step execute time (without scheduling)."""
+    output_tokens: int
+    real_wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in asdict(self).items()
+        }
+
+
+@dataclass
+class RuntimeValidation:
+    model: str
+    device: str
+    workload: Workload
+    profile: dict[str, Any]
+    runs: list[RunComparison]
+
+    def to_dict(self) -> dict[str, Any]:
+        prof = {k: v for k, v in self.profile.items() if k not in ("points", "transport")}
+        return {
+            "model": self.model,
+            "device": self.device,
+            "workload": asdict(self.workload),
+            "profile": prof,
+            "runs": [r.to_dict() for r in self.runs],
+            "max_abs_step_error": max(abs(r.step_ms_error) for r in self.runs),
+            "max_abs_tokens_per_s_error": max(abs(r.tokens_per_s_error) for r in self.runs),
+        }
+
+
+def validate_runtime(
+    model: str = "builtin:tiny-llama",
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    profile: dict[str, Any] | None = None,
+    profile_grid: Any = None,
+    runs: Sequence[RuntimeRun] = DEFAULT_RUNS,
+    workload: Workload = Workload(),
+    threads: int | None = 1,
+    seed: int = 0,
+    repeats: int = 3,
+    progress: Callable[[str], Any] | None = None,
+) -> RuntimeValidation:
+    """Profile (unless given), then for each run: simulate it and run it for real."""
+    import torch
+
+    from afdserve.sim.profile import ProfileGrid, check_profile, run_profile
+
+    note = progress or (lambda _s: None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if profile is None:
+        note("profiling")
+        profile = run_profile(
+            model,
+            device=device,
+            dtype=dtype,
+            grid=profile_grid or ProfileGrid(),
+            transports=("local", "copy"),
+            threads=threads,
+        )
+    check_profile(profile)
+    costs = SimCosts.from_profile_dict(profile, origin="profile")
+    out: list[RunComparison] = []
+    for run in runs:
+        note(f"real: {run.label}")
+        real = _real_run(model, run, workload, device, dtype, seed, repeats)
+        note(f"simulated: {run.label}")
+        sim = _sim_run(costs, run, workload)
+        out.append(
+            RunComparison(
+                run=run.label,
+                real_steps=real["steps"],
+                sim_steps=sim["steps"],
+                real_step_ms=real["step_ms"],
+                sim_step_ms=sim["step_ms"],
+                step_ms_error=sim["step_ms"] / real["step_ms"] - 1.0,
+                real_tokens_per_s=real["tokens_per_s"],
+                sim_tokens_per_s=sim["tokens_per_s"],
+                tokens_per_s_error=sim["tokens_per_s"] / real["tokens_per_s"] - 1.0,
+                real_execute_ms=real["execute_ms"],
+                output_tokens=real["tokens"],
+                real_wall_s=real["wall_s"],
+            )
+        )
+    return RuntimeValidation(model, str(profile.get("device")), workload, profile, out)
+
+
+def _engine_options(run: RuntimeRun, w: Workload, device: str, dtype: str) -> dict[str, Any]:
+    return dict(
+        mode=run.mode,
+        attention_workers=run.attention_workers,
+        microbatches=run.microbatches,
+        max_num_seqs=w.requests,
+        max_num_batched_tokens=w.max_num_batched_tokens,
+        max_model_len=w.prompt_len + w.output_len + 16,
+        device=device,
+        dtype=dtype,
+        transport=run.transport,
+    )
+
+
+def _real_run(
+    model: str, run: RuntimeRun, w: Workload, device: str, dtype: str, seed: int, repeats: int
+) -> dict[str, Any]:
+    """Median of `repeats` timed `generate` calls after one untimed call of the same batch."""
+    from afdserve.llm import LLM
+    from afdserve.model.builtin import resolve_model
+    from afdserve.model.config import ModelConfig
+    from afdserve.types import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    vocab = ModelConfig.from_dir(resolve_model(model)).vocab_size
+    llm = LLM(model, **_engine_options(run, w, device, dtype))
+    try:
+        params = SamplingParams(max_tokens=w.output_len, temperature=0.0, ignore_eos=True)
+        prompts = [rng.integers(3, vocab, size=w.prompt_len).tolist() for _ in range(w.requests)]
+        llm.generate(prompts, params)  # warm-up: the same shapes as the timed runs
+        walls, n_steps, execute = [], 0, []
+        for _ in range(repeats):
+            llm.engine.step_times.clear()  # a bounded deque of the engine's recent step times
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            walls.append(time.perf_counter() - t0)
+            steps = list(llm.engine.step_times)
+            n_steps = len(steps)
+            execute.append(float(np.mean(steps)) if steps else math.nan)
+    finally:
+        llm.close()
+    tokens = sum(len(o.token_ids) for o in outs)
+    wall = float(np.median(walls))
+    return {
+        "steps": n_steps,
+        "step_ms": wall * 1e3 / max(n_steps, 1),
+        "execute_ms": float(np.median(execute)) * 1e3,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "wall_s": wall,
+    }
+
+
+def _sim_run(costs: SimCosts, run: RuntimeRun, w: Workload) -> dict[str, Any]:
+    config = BundleConfig(
+        attention_workers=run.attention_workers if run.mode == "afd" else 1,
+        slots=w.requests,
+        microbatches=run.microbatches,
+        pipeline="microbatch" if run.mode == "afd" else "colocated",
+        prefill="chunked",
+        token_budget=w.max_num_batched_tokens,
+    )
+    n = w.requests
+    reqs = RequestSet(
+        np.full(n, w.prompt_len), np.full(n, w.output_len), np.zeros(n), name="runtime batch"
+    )
+    result = simulate(costs, config, reqs)
+    rep = summarize([result])
+    return {
+        "steps": result.num_steps,
+        "step_ms": float(result.step_duration.mean()),
+        "tokens_per_s": rep.throughput_tok_s,
+    }
