@@ -22,7 +22,8 @@ What is recorded, per component (an attention worker, or the FFN worker):
   busy = active - idle;
 - sync timeouts: waits that passed their deadline.
 
-Snapshots are plain picklable data, so a multi-process runtime can ship them to the server.
+Snapshots are plain picklable data, and `to_dict`/`from_dict` turn them into JSON and back, so
+the multi-process runtime ships each worker's snapshot to the front over its control plane.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 A2F = "a2f"
 """Direction label: attention worker -> FFN worker (ACTIVATION_TRANSFER)."""
@@ -147,6 +149,80 @@ class AFDStatsSnapshot:
         self.active_s += other.active_s
         self.idle_s += other.idle_s
         self.sync_timeouts += other.sync_timeouts
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, for the multi-process control plane (see `from_dict`).
+
+        Histogram bounds are not shipped: both ends use this module's bucket constants, and
+        `from_dict` checks that the counts fit them.
+        """
+        return {
+            "transfers": [
+                [direction, layer, h.counts, h.sum, self.transfer_bytes.get((direction, layer), 0)]
+                for (direction, layer), h in self.transfer_seconds.items()
+            ],
+            "ffn_batches": [
+                [layer, mb, h.counts, h.sum] for (layer, mb), h in self.ffn_batch_tokens.items()
+            ],
+            "active_s": self.active_s,
+            "idle_s": self.idle_s,
+            "sync_timeouts": self.sync_timeouts,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AFDStatsSnapshot:
+        """The snapshot `to_dict` described; ValueError (naming the field) when malformed."""
+        if not isinstance(data, dict):
+            raise ValueError(f"AFD stats must be a JSON object, got {type(data).__name__}")
+        out = cls(
+            active_s=_number(data.get("active_s"), "active_s"),
+            idle_s=_number(data.get("idle_s"), "idle_s"),
+            sync_timeouts=_index(data.get("sync_timeouts"), "sync_timeouts"),
+        )
+        for row in _rows(data, "transfers", 5):
+            direction, layer, counts, total, nbytes = row
+            if direction not in (A2F, F2A):
+                raise ValueError(
+                    f"AFD stats: transfer direction must be a2f or f2a, got {direction!r}"
+                )
+            key = (direction, _index(layer, "transfers layer"))
+            out.transfer_seconds[key] = _histogram(TRANSFER_BUCKETS_S, counts, total, "transfers")
+            out.transfer_bytes[key] = _index(nbytes, "transfers bytes")
+        for row in _rows(data, "ffn_batches", 4):
+            layer, mb, counts, total = row
+            key = (_index(layer, "ffn_batches layer"), _index(mb, "ffn_batches microbatch"))
+            out.ffn_batch_tokens[key] = _histogram(
+                BATCH_TOKEN_BUCKETS, counts, total, "ffn_batches"
+            )
+        return out
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
+        raise ValueError(f"AFD stats: {what} must be a number >= 0, got {v!r}")
+    return float(v)
+
+
+def _index(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"AFD stats: {what} must be an integer >= 0, got {v!r}")
+    return v
+
+
+def _rows(data: dict, name: str, width: int) -> list[list]:
+    rows = data.get(name)
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == width for r in rows):
+        raise ValueError(f"AFD stats: {name} must be a list of {width}-element lists")
+    return rows
+
+
+def _histogram(bounds: tuple[float, ...], counts: Any, total: Any, what: str) -> BucketCounts:
+    if not isinstance(counts, list) or len(counts) != len(bounds) + 1:
+        raise ValueError(f"AFD stats: {what} histogram needs {len(bounds) + 1} bucket counts")
+    h = BucketCounts(bounds)
+    h.counts = [_index(c, f"{what} bucket count") for c in counts]
+    h.sum = _number(total, f"{what} histogram sum")
+    return h
 
 
 def merge_snapshots(snapshots: Iterable[AFDStatsSnapshot]) -> AFDStatsSnapshot:

@@ -1,12 +1,25 @@
 """Multi-process AFD on one host: the front side of r attention worker processes and one FFN
 worker process, with the same interface as the in-process `Engine` (add_request, abort, step,
-has_unfinished, close), so `LLM` and the server run over either.
+has_unfinished, state, healthy, close), so `LLM` and the server run over either.
 
 The front spawns `afdserve worker` processes, waits until every one reports ready (which each
 does only after the attention/FFN handshake and the data transport are up), routes each request
 to the attention worker with the least outstanding tokens, and collects token events from all
 workers. It never waits without a deadline: a worker that dies or reports a fatal error is a
 `WorkerError` within a bounded time, and `close()` leaves no processes behind.
+
+What `state()` reports comes from the workers' own messages: every events message and
+heartbeat of an attention worker carries its queues, KV blocks and scheduler counters, and
+(at most every 0.5 s, and on every heartbeat) its FFN link's AFD stats; the FFN worker's
+heartbeats carry its AFD stats. The front keeps the latest of each, so the metrics lag the
+workers by at most one report. Requests sent but not yet taken in by a worker count as waiting
+(the front knows how many it sent; the worker reports how many it added), so admission control
+sees a flood at once, not one report later.
+
+Threads: the server calls `add_request`/`abort`/`state`/`healthy` on its event loop while
+`step` runs on its engine thread. Every shared dict and every control socket is used under
+`self._lock` (ZeroMQ sockets are not thread-safe); the events socket is only read by the
+thread that steps (`step`, `poll_idle`), under `self._recv_lock`, which `close` also takes.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +39,7 @@ from pathlib import Path
 import zmq
 
 from afdserve.afd.router import Router
+from afdserve.afd.stats import AFDStatsSnapshot, EngineState, WorkerState
 from afdserve.config import EngineConfig
 from afdserve.errors import AfdserveError, UserInputError
 from afdserve.launch import control
@@ -37,17 +52,62 @@ class WorkerError(AfdserveError):
     """A worker process died, failed to start, or reported a fatal error."""
 
 
+ADD_TIMEOUT_S = 1.0
+"""Longest a control message to a live worker may wait to be taken (ZeroMQ queues them, so in
+practice they never wait); aborts wait less, as they run on the server's event loop."""
+ABORT_TIMEOUT_S = 0.2
+
+
 @dataclass
 class _RemoteWorker:
-    """The front's view of one attention worker process."""
+    """The front's view of one attention worker process: what the front itself tracks, and the
+    latest status the worker reported."""
 
     rank: int
     outstanding: dict[str, int] = field(default_factory=dict)
     """request id -> tokens it holds or will hold (prompt + generated so far)."""
+    adds_sent: int = 0
+    adds_failed: int = 0
+    """Adds the worker refused (an `error` naming a request id)."""
     kv_usage: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    afd: AFDStatsSnapshot = field(default_factory=AFDStatsSnapshot)
 
     def load_score(self) -> int:
         return sum(self.outstanding.values())
+
+    def unseen_adds(self) -> int:
+        """Requests sent to this worker that it had not taken in when it last reported."""
+        taken = int(self.counters.get("requests_added", 0)) + self.adds_failed
+        return max(0, self.adds_sent - taken)
+
+    def take_status(self, m: dict) -> None:
+        """Apply the status fields of an events message or heartbeat (ValueError: malformed)."""
+        ints = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
+        values = {k: m.get(k) for k in ints}
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values.values()
+        ):
+            raise ValueError(f"bad status counts {values}")
+        counters = m.get("counters")
+        if not isinstance(counters, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in counters.values()
+        ):
+            raise ValueError(f"bad scheduler counters {counters!r}")
+        afd = AFDStatsSnapshot.from_dict(m["afd"]) if "afd" in m else None
+        kv = m.get("kv_usage")
+        if isinstance(kv, bool) or not isinstance(kv, int | float):
+            raise ValueError(f"bad kv_usage {kv!r}")
+        for k, v in values.items():
+            setattr(self, k, v)
+        self.kv_usage = float(kv)
+        self.counters = counters
+        if afd is not None:
+            self.afd = afd
 
 
 class MultiProcessEngine:
@@ -68,6 +128,13 @@ class MultiProcessEngine:
         self.router = Router(self.workers)
         self._rng = random.Random(cfg.seed)
         self._owner: dict[str, int] = {}
+        self._pending: list[TokenEvent] = []
+        """Token events `poll_idle` received; the next `step` returns them."""
+        self._ffn_afd = AFDStatsSnapshot()
+        self._failure: str | None = None
+        """Why the engine cannot serve any more (a worker died or reported a fatal error)."""
+        self._lock = threading.Lock()
+        self._recv_lock = threading.Lock()
         self._closed = False
         self._ctx = zmq.Context()
         self._events = self._ctx.socket(zmq.PULL)
@@ -101,7 +168,13 @@ class MultiProcessEngine:
                 with open(log_path, "wb") as logf:
                     self._procs.append(
                         subprocess.Popen(
-                            args, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                            args,
+                            stdout=logf,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                            # a terminal's Ctrl-C reaches the front only, which then shuts the
+                            # workers down in order (they die with it anyway: PR_SET_PDEATHSIG)
+                            start_new_session=True,
                         )
                     )
             self._wait_ready(startup_timeout_s)
@@ -135,7 +208,8 @@ class MultiProcessEngine:
             if code is not None and not self._closed:
                 tail = _tail(self._logs[rank])
                 what = "failed to start" if starting else "died"
-                raise WorkerError(f"worker rank {rank} {what} (exit code {code}): {tail}")
+                self._failure = f"worker rank {rank} {what} (exit code {code}): {tail}"
+                raise WorkerError(self._failure)
 
     # -- the Engine interface ---------------------------------------------------------------
 
@@ -146,6 +220,8 @@ class MultiProcessEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
     ) -> int:
+        """Route a request to the least-loaded attention worker; returns that worker's index.
+        Thread-safe (the server calls it on its event loop while `step` runs elsewhere)."""
         ids = list(prompt_token_ids)
         if not ids:
             raise UserInputError("prompt must not be empty")
@@ -158,79 +234,168 @@ class MultiProcessEngine:
             raise UserInputError(
                 f"prompt has {len(ids)} tokens but the context length is {self.max_model_len}"
             )
-        if request_id in self._owner:
-            raise UserInputError(f"duplicate request id {request_id!r}")
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        k = self.router.choose()
-        control.send(
-            self._controls[k],
-            "add",
-            id=request_id,
-            prompt=ids,
-            params=dataclasses.asdict(params),
-            seed=seed,
-        )
-        self._owner[request_id] = k
-        self.workers[k].outstanding[request_id] = len(ids)
-        return k
+        with self._lock:
+            if self._closed or self._failure is not None:
+                raise WorkerError(self._failure or "the multi-process engine is closed")
+            if request_id in self._owner:
+                raise UserInputError(f"duplicate request id {request_id!r}")
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            k = self.router.choose()
+            try:
+                control.send(
+                    self._controls[k],
+                    "add",
+                    timeout_s=ADD_TIMEOUT_S,
+                    id=request_id,
+                    prompt=ids,
+                    params=dataclasses.asdict(params),
+                    seed=seed,
+                )
+            except (TimeoutError, zmq.ZMQError) as exc:
+                self.router.routed[k] -= 1
+                raise WorkerError(f"attention worker {k} does not take requests: {exc}") from None
+            self._owner[request_id] = k
+            w = self.workers[k]
+            w.outstanding[request_id] = len(ids)
+            w.adds_sent += 1
+            return k
 
     def abort(self, request_id: str) -> bool:
-        k = self._owner.pop(request_id, None)
-        if k is None:
-            return False
-        self.workers[k].outstanding.pop(request_id, None)
-        control.send(self._controls[k], "abort", id=request_id)
-        return True
+        """Stop a request; its worker frees its KV blocks when it reads the abort. Thread-safe."""
+        with self._lock:
+            k = self._owner.pop(request_id, None)
+            if k is None:
+                return False
+            self.workers[k].outstanding.pop(request_id, None)
+            if self._closed or self._procs[k].poll() is not None:
+                return True  # nobody left to tell
+            try:
+                control.send(self._controls[k], "abort", timeout_s=ABORT_TIMEOUT_S, id=request_id)
+            except (TimeoutError, zmq.ZMQError) as exc:
+                log.warning("abort of %s not delivered to worker %d: %s", request_id, k, exc)
+            return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._owner)
+        with self._lock:
+            return bool(self._owner or self._pending)
 
     def step(self, timeout_s: float = 0.05) -> list[TokenEvent]:
         """Token events that arrived within `timeout_s` (raises WorkerError if a worker failed)."""
         self._check_alive()
-        out: list[TokenEvent] = []
-        for m in control.recv_all(self._events, timeout_s):
-            if m["op"] == "events":
-                w = self.workers[int(m["rank"])]
-                w.kv_usage = float(m.get("kv_usage", 0.0))
-                for rid, tok, finished, reason, logprob in m["events"]:
-                    if rid not in self._owner:
-                        continue  # aborted meanwhile
-                    w.outstanding[rid] = w.outstanding.get(rid, 0) + 1
-                    if finished:
-                        self._owner.pop(rid, None)
-                        w.outstanding.pop(rid, None)
-                    out.append(
-                        TokenEvent(
-                            rid,
-                            int(tok),
-                            bool(finished),
-                            FinishReason(reason) if reason else None,
-                            logprob,
-                        )
-                    )
-            elif m["op"] == "error":
-                if m.get("fatal"):
-                    raise WorkerError(f"{m.get('role')} worker {m.get('rank')}: {m.get('message')}")
-                rid = m.get("request_id")
-                if rid in self._owner:
-                    log.warning(
-                        "request %s failed on worker %s: %s", rid, m.get("rank"), m.get("message")
-                    )
-                    self.workers[self._owner.pop(rid)].outstanding.pop(rid, None)
-                    out.append(TokenEvent(rid, -1, True, FinishReason.ABORT))
+        messages = self._receive(timeout_s)
+        with self._lock:
+            out, self._pending = self._pending, []
+            for m in messages:
+                out.extend(self._handle(m))
         return out
+
+    def poll_idle(self) -> None:
+        """Read worker reports without waiting, while there is nothing to step: heartbeats
+        keep `state()` current (KV freed by an abort, final AFD stats) and a dead worker is a
+        WorkerError now rather than at the next request. Token events are kept for `step`."""
+        self._check_alive()
+        messages = self._receive(0.0)
+        with self._lock:
+            for m in messages:
+                self._pending.extend(self._handle(m))
+
+    def _receive(self, timeout_s: float) -> list[dict]:
+        with self._recv_lock:
+            if self._closed:
+                return []
+            return control.recv_all(self._events, timeout_s)
+
+    def _handle(self, m: dict) -> list[TokenEvent]:
+        """Apply one worker message (under the lock); the token events it carries."""
+        op, rank = m["op"], m.get("rank")
+        if op == "error":
+            if m.get("fatal"):
+                self._failure = f"{m.get('role')} worker {rank}: {m.get('message')}"
+                raise WorkerError(self._failure)
+            rid = m.get("request_id")
+            if isinstance(rank, int) and 0 <= rank < len(self.workers):
+                self.workers[rank].adds_failed += 1  # only a refused add names a request id
+            if rid in self._owner:
+                log.warning("request %s failed on worker %s: %s", rid, rank, m.get("message"))
+                self.workers[self._owner.pop(rid)].outstanding.pop(rid, None)
+                return [TokenEvent(rid, -1, True, FinishReason.ABORT)]
+            return []
+        if op not in ("events", "heartbeat"):
+            return []
+        if m.get("role") == "ffn":
+            try:
+                self._ffn_afd = AFDStatsSnapshot.from_dict(m["afd"])
+            except (KeyError, ValueError) as exc:
+                log.warning("dropping a malformed FFN heartbeat: %s", exc)
+            return []
+        if not (isinstance(rank, int) and 0 <= rank < len(self.workers)):
+            log.warning("dropping a %s message from unknown rank %r", op, rank)
+            return []
+        w = self.workers[rank]
+        try:
+            w.take_status(m)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("dropping malformed status from attention worker %d: %s", rank, exc)
+        out: list[TokenEvent] = []
+        for rid, tok, finished, reason, logprob in m.get("events", ()):
+            if rid not in self._owner:
+                continue  # aborted meanwhile
+            w.outstanding[rid] = w.outstanding.get(rid, 0) + 1
+            if finished:
+                self._owner.pop(rid, None)
+                w.outstanding.pop(rid, None)
+            out.append(
+                TokenEvent(
+                    rid,
+                    int(tok),
+                    bool(finished),
+                    FinishReason(reason) if reason else None,
+                    logprob,
+                )
+            )
+        return out
+
+    def state(self, afd: bool = True) -> EngineState:
+        """Per-worker queues, KV blocks, counters and routing, and (when `afd`) the latest AFD
+        stats each worker reported: the same types the in-process `Engine` returns."""
+        with self._lock:
+            workers = tuple(
+                WorkerState(
+                    index=k,
+                    num_running=w.num_running,
+                    num_waiting=w.num_waiting + w.unseen_adds(),
+                    kv_usage=w.kv_usage,
+                    kv_blocks_used=w.kv_blocks_used,
+                    kv_blocks_total=w.kv_blocks_total,
+                    load_score=w.load_score(),
+                    counters=dict(w.counters),
+                    routed=self.router.routed[k],
+                )
+                for k, w in enumerate(self.workers)
+            )
+            if not afd:
+                return EngineState(workers)
+            # snapshots are replaced, never mutated, when a report arrives: sharing is safe
+            return EngineState(workers, tuple(w.afd for w in self.workers), (self._ffn_afd,))
+
+    def healthy(self) -> bool:
+        """False once any worker process exited or reported a fatal error (the server then
+        answers 503), or the engine was closed."""
+        if self._closed or self._failure is not None:
+            return False
+        return all(p.poll() is None for p in self._procs)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker (shutdown message, then SIGTERM, then SIGKILL) and free sockets."""
-        if self._closed:
-            return
-        self._closed = True
-        for ctrl in self._controls:
-            try:
-                control.send(ctrl, "shutdown", timeout_s=0.2)
-            except (TimeoutError, zmq.ZMQError):
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for ctrl in self._controls:
+                try:
+                    control.send(ctrl, "shutdown", timeout_s=0.2)
+                except (TimeoutError, zmq.ZMQError):
+                    pass
         deadline = time.monotonic() + timeout_s / 2
         for p in self._procs:
             try:
@@ -243,12 +408,14 @@ class MultiProcessEngine:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for s in [*self._controls, self._events]:
-            s.close(linger=0)
-        self._ctx.term()
+        with self._recv_lock, self._lock:
+            for s in [*self._controls, self._events]:
+                s.close(linger=0)
+            self._ctx.term()
 
     @property
     def pids(self) -> list[int]:
+        """Worker process ids, attention ranks 0..r-1 then the FFN worker."""
         return [p.pid for p in self._procs]
 
     def __del__(self) -> None:  # last resort: never leave workers behind

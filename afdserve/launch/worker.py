@@ -30,6 +30,9 @@ from afdserve.errors import UserInputError
 log = logging.getLogger("afdserve.worker")
 
 HEARTBEAT_S = 1.0
+STATS_EVERY_S = 0.5
+"""AFD stats ride on an attention worker's events messages at most this often (and on every
+heartbeat), so the front's metrics lag by at most this much while the worker steps."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,7 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
                     role="ffn",
                     busy_fraction=snap.busy_fraction,
                     sync_timeouts=snap.sync_timeouts,
+                    afd=snap.to_dict(),
                 )
         return 0
     finally:
@@ -359,6 +363,7 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
             ffn_rank=cfg.afd_attention_ratio,
             timeout_s=result_timeout_s(cfg.sync_timeout_s),
         )
+        shipper = _StatsShipper(link.stats)  # the RemoteFFN's recorder (before any test wrapper)
         stall = os.environ.get("AFDSERVE_TEST_STALL", "").split(":")
         if len(stall) == 4 and stall[0] == str(
             cfg.rank
@@ -387,21 +392,29 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
                 if time.monotonic() - last_beat >= HEARTBEAT_S:
                     last_beat = time.monotonic()
                     control.send(
-                        events, "heartbeat", timeout_s=1.0, rank=cfg.rank, role="attention"
+                        events,
+                        "heartbeat",
+                        timeout_s=1.0,
+                        rank=cfg.rank,
+                        role="attention",
+                        **_attention_status(scheduler),
+                        **shipper.fields(force=True),
                     )
                 continue
             plan = scheduler.schedule()
             if plan.is_empty:
                 continue
+            t0 = time.perf_counter()
             result = runner.execute(plan, step)
+            shipper.stats.add_active(time.perf_counter() - t0)  # as the in-process Engine does
             step += 1
             evs = scheduler.update(plan, result)
             control.send(
                 events,
                 "events",
                 rank=cfg.rank,
-                load=scheduler.load().score,
-                kv_usage=scheduler.kv_usage,
+                **_attention_status(scheduler),
+                **shipper.fields(force=not scheduler.has_unfinished()),  # final stats at once
                 events=[
                     [
                         e.request_id,
@@ -417,6 +430,38 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     finally:
         transport.close()
         requests.close(linger=0)
+
+
+def _attention_status(scheduler: Any) -> dict[str, Any]:
+    """What the front's `state()` needs from an attention worker: its queues, KV blocks and
+    scheduler counters (a few numbers, sent with every events message and heartbeat).
+    `requests_added` in the counters lets the front count adds this worker has not seen yet."""
+    load = scheduler.load()
+    return {
+        "load": load.score,
+        "kv_usage": scheduler.kv_usage,
+        "num_running": load.num_running,
+        "num_waiting": load.num_waiting,
+        "kv_blocks_used": load.kv_blocks_used,
+        "kv_blocks_total": load.kv_blocks_total,
+        "counters": dataclasses.asdict(scheduler.counters),
+    }
+
+
+class _StatsShipper:
+    """Adds an `afd` field (the recorder's snapshot as JSON) to a status message, at most every
+    STATS_EVERY_S unless forced: a snapshot copies a few histograms, too much for every step."""
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+        self._last = float("-inf")
+
+    def fields(self, force: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        if not force and now - self._last < STATS_EVERY_S:
+            return {}
+        self._last = now
+        return {"afd": self.stats.snapshot().to_dict()}
 
 
 class _StallingLink:

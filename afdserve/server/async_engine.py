@@ -15,8 +15,9 @@ one is refused (429) instead of growing memory without limit. A request whose co
 away (client disconnect, stop string) is aborted in the engine, which frees its KV blocks at
 once.
 
-The engine is anything with the in-process `Engine`'s surface (`EngineLike`), so the
-multi-process runtime can be served the same way.
+The engine is anything with the in-process `Engine`'s surface (`EngineLike`): the in-process
+`Engine`, or `MultiProcessEngine` (afdserve/launch/multiproc.py) for `--transport shm|torch|
+tcp|nixl`, which is served the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class EngineLike(Protocol):
     `add_request`/`abort`/`has_unfinished`/`state` are called from the event loop thread while
     `step` runs on the engine thread, so they must be thread-safe. An engine may also offer
     `healthy() -> bool` (a supervisor's view of its worker processes); when it says False,
-    the server reports 503.
+    the server reports 503; and `poll_idle() -> None`, which the engine thread calls about
+    every 0.5 s while nothing is unfinished, so an engine whose workers report over messages
+    (`MultiProcessEngine`) keeps reading them between requests; it may raise, like `step`.
     """
 
     @property
@@ -341,11 +344,14 @@ class AsyncEngine:
     # ---- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        poll_idle = getattr(self.engine, "poll_idle", None)
         try:
             while not self._stopping:
                 self._wake.clear()
                 if not self.engine.has_unfinished():
                     self._wake.wait(0.5)
+                    if poll_idle is not None:
+                        poll_idle()
                     continue
                 t0 = time.perf_counter()
                 events = self.engine.step()

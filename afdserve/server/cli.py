@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from afdserve.errors import UserInputError
@@ -30,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_engine_args(s)
     s.add_argument("--ffn-workers", type=int, default=1, metavar="M")
     s.add_argument(
-        "--transport", default="local", help="activation transport (default %(default)s)"
+        "--transport",
+        default="local",
+        help="activation transport: local (every worker a thread of this process), or shm, "
+        "torch, tcp, nixl (one process per worker) (default %(default)s)",
     )
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV memory per attention worker")
@@ -108,6 +113,11 @@ def serve_config(args: argparse.Namespace):
                 f"MODEL {args.model_arg!r} and --model {args.model!r} disagree; give one"
             )
         args.model = args.model_arg
+    if args.transport != "local" and args.mode != "afd":
+        raise UserInputError(
+            f"--transport {args.transport} starts AFD worker processes; aggregated mode runs "
+            "in this process: use --transport local"
+        )
     return EngineConfig(
         **engine_options(args),
         ffn_workers=args.ffn_workers,
@@ -116,6 +126,8 @@ def serve_config(args: argparse.Namespace):
         kv_cache_gib=args.kv_cache_gib,
         sync_timeout_s=args.sync_timeout,
         seed=args.seed,
+        # --threads is the torch threads of whoever computes: here, or each worker process
+        worker_threads=max(1, args.threads or 1),
     )
 
 
@@ -129,24 +141,25 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from afdserve.launch.local import build_engine
     from afdserve.model.tokenizer import Tokenizer
     from afdserve.server.api import build_app, describe
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    # The multi-process runtime plugs in here: anything with the in-process Engine's surface
-    # (afdserve.server.async_engine.EngineLike) can be served.
-    engine, model = build_engine(cfg)
+    # until uvicorn installs its own handlers, SIGTERM unwinds like Ctrl-C, so that workers
+    # started so far are shut down by the engine's clean-up rather than orphaned
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_exit)
+    engine, model_path = _start_engine(cfg)
     try:
-        tokenizer = Tokenizer(model.path)
+        tokenizer = Tokenizer(model_path)
         name = args.served_model_name or cfg.model
         app = build_app(
             engine,
             tokenizer,
             cfg,
             served_model_name=name,
-            model_root=str(model.path),
+            model_root=str(model_path),
             max_queue=args.max_queue,
         )
         print(
@@ -163,12 +176,38 @@ def run_serve(args: argparse.Namespace) -> int:
             access_log=False,
         )
         server = uvicorn.Server(config)
-        server.run()  # SIGINT/SIGTERM: graceful shutdown, lifespan stops the engine thread
+        # SIGINT/SIGTERM: graceful shutdown; the lifespan stops the engine thread and closes
+        # the engine, which for worker processes means shutdown, then SIGTERM, then SIGKILL
+        server.run()
         if not server.started:
             return 1
     finally:
         engine.close()  # idempotent; covers a server that never started
     return 0
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _start_engine(cfg):
+    """The engine `serve` runs over, and its model directory: in-process for `--transport
+    local`, else one process per worker (`MultiProcessEngine`, the same EngineLike surface)."""
+    if cfg.transport == "local":
+        from afdserve.launch.local import build_engine
+
+        engine, model = build_engine(cfg)
+        return engine, model.path
+    from afdserve.launch.multiproc import MultiProcessEngine
+
+    print(
+        f"afdserve serve: starting {cfg.attention_workers} attention and {cfg.ffn_workers} FFN "
+        f"worker processes over {cfg.transport}",
+        file=sys.stderr,
+        flush=True,
+    )
+    engine = MultiProcessEngine(cfg)
+    return engine, engine.model_path
 
 
 def _rate(text: str) -> float:
