@@ -20,9 +20,14 @@ from afdserve.sim.pipeline import (
     StageTimes,
     StepLoad,
     decode_load,
+    decode_split_one,
     stage_times,
     step_timing,
+    time_one_step,
 )
+
+SCALAR_STEPS = 2
+"""Flushes of at most this many steps are timed in plain Python (cheaper than numpy there)."""
 
 
 class StepClock:
@@ -91,6 +96,9 @@ class StepClock:
         """Time every pending step exactly."""
         if not self._pending:
             return
+        if self._pending <= SCALAR_STEPS and not self.keep_steps:
+            self._flush_scalar()
+            return
         st = stage_times(self.costs, self._load(0), self.pipeline)
         timing = step_timing(st, self.costs.num_layers, self.pipeline)
         d = timing.duration
@@ -104,6 +112,38 @@ class StepClock:
             self.kept_stages.append(_slice_stages(st, k))
             self.keep_steps -= k
         self.now_ms += float(d.sum())
+        self._nd.clear()
+        self._ctx.clear()
+        self._explicit.clear()
+        self._pending = 0
+
+    def _flush_scalar(self) -> None:
+        """The same as `flush` for a step or two, in plain Python (`pipeline.time_one_step`)."""
+        nd_all = np.concatenate(self._nd).tolist()
+        ctx_all = np.concatenate(self._ctx).tolist()
+        starts, durs, att, ffn, link = [], [], [], [], []
+        t = self.now_ms
+        for j, (nd, ctx) in enumerate(zip(nd_all, ctx_all, strict=True)):
+            loads = self._explicit.get(j)
+            if loads is None:
+                tok, cx = decode_split_one(nd, ctx, self.groups)
+                zeros = [[0.0] * self.groups for _ in nd]
+                row = (tok, cx, zeros, zeros, [float(x) for x in nd])
+            else:
+                row = tuple(x.tolist() for x in loads)
+            d, a_busy, f_busy, l_busy = time_one_step(self.costs, self.pipeline, *row)
+            starts.append(t)
+            durs.append(d)
+            att.append(a_busy)
+            ffn.append(f_busy)
+            link.append(l_busy)
+            t += d
+        self.start.append(np.asarray(starts))
+        self.duration.append(np.asarray(durs))
+        self.attention_busy.append(np.asarray(att))
+        self.ffn_busy.append(np.asarray(ffn))
+        self.link_busy.append(np.asarray(link))
+        self.now_ms = t
         self._nd.clear()
         self._ctx.clear()
         self._explicit.clear()

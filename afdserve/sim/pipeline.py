@@ -30,6 +30,7 @@ no fixed costs the step approaches L * max(stage loads), the planner's cycle (bo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,3 +251,135 @@ def _uniform_shift(
         lo = np.minimum(lo, np.where(mask, delta, np.inf).min(axis=axes))
     tol = _REL_TOL * (1.0 + np.abs(f1))
     return (hi - lo) <= tol, lam
+
+
+# ---- one step in plain Python -----------------------------------------------------------------
+# The engine often has to time a single step (an arrival is due): numpy's per-call overhead on
+# arrays of a few elements then costs far more than the arithmetic. This is the same model as
+# `stage_times` + `step_timing` on one step, in scalars (a test checks they agree).
+
+
+def time_one_step(
+    costs: SimCosts,
+    pipeline: str,
+    tokens: list[list[float]],
+    context: list[list[float]],
+    prefill_tokens: list[list[float]],
+    pairs: list[list[float]],
+    sampled: list[float],
+) -> tuple[float, list[float], float, float]:
+    """(duration, attention busy per worker, FFN busy, link busy) of one step, in ms."""
+    s = costs.stages
+    L = s.num_layers
+    r, G = len(tokens), len(tokens[0])
+    colocated = pipeline == "colocated"
+    shared = s.comm_scales_with == "rB" and not colocated
+    aa, ab = s.attention.alpha, s.attention.beta
+    pt_ms, pp_ms = costs.prefill_token_ms, costs.prefill_pair_ms
+    sends = [[t > 0 for t in row] for row in tokens]
+    a = [
+        [
+            aa * context[k][i] + pt_ms * prefill_tokens[k][i] + pp_ms * pairs[k][i] + ab
+            if sends[k][i]
+            else 0.0
+            for i in range(G)
+        ]
+        for k in range(r)
+    ]
+    ffn_tok = [sum(tokens[k][i] for k in range(r)) for i in range(G)]
+    f = [s.ffn.alpha * n + s.ffn.beta if n > 0 else 0.0 for n in ffn_tok]
+    ca, cb = s.comm.alpha, s.comm.beta
+    if colocated:
+        up = [[0.0] * G for _ in range(r)]
+        up_sh = [0.0] * G
+    elif shared:
+        up = [[0.0] * G for _ in range(r)]
+        up_sh = [ca * n + cb if n > 0 else 0.0 for n in ffn_tok]
+    else:
+        up = [[ca * tokens[k][i] + cb if sends[k][i] else 0.0 for i in range(G)] for k in range(r)]
+        up_sh = [0.0] * G
+    fixed = costs.step_beta_ms + (0.0 if colocated else costs.afd_step_ms)
+    on = [any(row) for row in sends]
+    post = [costs.step_alpha_ms * sampled[k] + fixed if on[k] else 0.0 for k in range(r)]
+    att_busy = [L * sum(a[k]) + post[k] for k in range(r)]
+    ffn_busy = L * sum(f)
+    link_busy = L * (sum(up_sh) if shared else max(sum(row) for row in up))
+    if colocated:
+        duration = L * (sum(a[0]) + sum(f)) + post[0]
+    elif pipeline == "ideal":
+        c = sum(up_sh) if shared else max(sum(row) for row in up)
+        duration = L * max(max(sum(row) for row in a), sum(f), c) + max(post)
+    else:
+        duration = _makespan_one(a, up, up_sh, f, post, sends, on, L, shared)
+    return duration, att_busy, ffn_busy, link_busy
+
+
+def _makespan_one(a, up, up_sh, f, post, sends, on, L: int, shared: bool) -> float:
+    r, G = len(a), len(f)
+    neg = -math.inf
+    a_free = [0.0] * r
+    u_free = [0.0] * r
+    u_sh = 0.0
+    f_free = 0.0
+    d_free = [0.0] * r
+    d_sh = 0.0
+    d_in = [[0.0] * G for _ in range(r)]
+    last = [0.0] * r
+    prev: list[float] | None = None
+    for layer in range(L):
+        for i in range(G):
+            ready = neg
+            for k in range(r):
+                if sends[k][i]:
+                    a_free[k] = max(a_free[k], d_in[k][i]) + a[k][i]
+                    if shared:
+                        ready = max(ready, a_free[k])
+                    else:
+                        u_free[k] = max(u_free[k], a_free[k]) + up[k][i]
+                        ready = max(ready, u_free[k])
+            if ready == neg:
+                continue
+            if shared:
+                u_sh = max(u_sh, ready) + up_sh[i]
+                ready = u_sh
+            f_free = max(f_free, ready) + f[i]
+            if shared:
+                d_sh = max(d_sh, f_free) + up_sh[i]
+            for k in range(r):
+                if sends[k][i]:
+                    if shared:
+                        d_in[k][i] = d_sh
+                    else:
+                        d_free[k] = max(d_free[k], f_free) + up[k][i]
+                        d_in[k][i] = d_free[k]
+                    last[k] = d_in[k][i]
+        if layer == L - 1:
+            break
+        state = [f_free]
+        for k in range(r):
+            if on[k]:
+                state.append(a_free[k])
+                if not shared:
+                    state.append(u_free[k])
+                state.extend(d_in[k][i] for i in range(G) if sends[k][i])
+        if shared:
+            state.append(u_sh)
+        if prev is not None:
+            deltas = [x - y for x, y in zip(state, prev, strict=True)]
+            lam = deltas[0]
+            if max(deltas) - min(deltas) <= _REL_TOL * (1.0 + abs(f_free)):
+                rest = (L - 1 - layer) * lam
+                return max(last[k] + rest + post[k] if on[k] else 0.0 for k in range(r))
+        prev = state
+    return max(last[k] + post[k] if on[k] else 0.0 for k in range(r))
+
+
+def decode_split_one(nd: list[int], ctx: list[int], groups: int) -> tuple[list, list]:
+    """`decode_load` for one step, in lists: ([r][G] tokens, [r][G] context)."""
+    tok, cx = [], []
+    for n, c in zip(nd, ctx, strict=True):
+        base, extra = divmod(n, groups)
+        row = [float(base + (1 if i < extra else 0)) for i in range(groups)]
+        tok.append(row)
+        cx.append([c * t / n if n else 0.0 for t in row])
+    return tok, cx

@@ -1,0 +1,478 @@
+"""Design-space search: the best AFD, aggregated and prefill/decode-split deployment of a model on
+N devices for a workload under TTFT and TPOT SLOs.
+
+Candidates (each instance spans the fewest power-of-two devices whose memory holds its weights
+plus the KV of its slots at the workload's theta, or twice that):
+
+- AFD: bundles of r attention instances and one FFN instance (r = 1..16), M microbatches,
+  B slots per attention worker; as many bundles as fit in N devices;
+- aggregated: N / g replicas of B slots each;
+- prefill/decode split: Np prefill and Nd decode instances (every split that fits), B decode slots.
+
+Two stages. (1) Every candidate is simulated in closed loop (saturated, decode only, the bulk
+path; prefill pools by their prefill token rate), which ranks candidates by saturated throughput
+per device and drops those whose TPOT already misses the SLO at full batch. (2) The best few of
+each family are simulated in full (open loop, the workload's arrivals rescaled to a rate, chunked
+prefill, KV capacity from the memory model), and the highest rate at which at least
+`attainment` of the requests meet both SLOs is found by bisection. A family's best is the
+candidate with the most SLO-meeting output tokens per second per device at its highest such
+rate ("goodput"); the report also gives tokens per second per user (1000 / mean TPOT).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from afdserve.errors import UserInputError
+from afdserve.sim.config import BundleConfig
+from afdserve.sim.costs import SimCosts, roofline_sim_costs
+from afdserve.sim.deployments import run_afd, run_aggregated, run_pd_split, run_unit
+from afdserve.sim.metrics import SLO, SimReport, summarize
+from afdserve.sim.plots import latency_samples
+from afdserve.sim.requests import RequestSet, closed_loop, from_trace
+
+FAMILIES: tuple[str, ...] = ("afd", "aggregated", "pd-split")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    ratios: tuple[int, ...] = tuple(range(1, 17))
+    microbatches: tuple[int, ...] = (1, 2, 4)
+    batches: tuple[int, ...] = (32, 64, 128, 256)
+    token_budget: int = 2048
+    finalists: int = 2
+    """Candidates per family simulated in full (stage 2)."""
+    bisection_steps: int = 5
+    attainment: float = 0.9
+    closed_loop_steps: int = 600
+
+    def __post_init__(self) -> None:
+        for name in ("ratios", "microbatches", "batches"):
+            v = getattr(self, name)
+            if not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+                raise UserInputError(f"search {name} must be integers >= 1")
+        if not 0 < self.attainment <= 1:
+            raise UserInputError(f"attainment must be in (0, 1], got {self.attainment}")
+        for name in ("token_budget", "finalists", "bisection_steps", "closed_loop_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserInputError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+@dataclass
+class Candidate:
+    family: str
+    devices: int
+    """Devices the deployment uses (<= N)."""
+    params: dict[str, Any]
+    costs: SimCosts
+    decode_costs: SimCosts | None = None
+    kv_capacity_tokens: int | None = None
+    capacity_tok_s: float = 0.0
+    """Stage 1: saturated output tokens/s of the whole deployment."""
+    saturated_tpot_p90_ms: float = math.nan
+    max_rate: float | None = None
+    """Stage 2: highest request rate (req/s) meeting the SLOs, None if none does."""
+    report: SimReport | None = None
+    """Stage 2: the run at max_rate."""
+    samples: dict[str, Any] | None = None
+    """Stage 2: latency samples of that run (for CDF plots)."""
+
+    def describe(self) -> str:
+        p = self.params
+        if self.family == "afd":
+            return (
+                f"{p['bundles']} x ({p['r']}A{p['ffn_devices']}F-dev, attention {p['attention_devices']} "
+                f"dev) M={p['microbatches']} B={p['batch']}"
+            )
+        if self.family == "aggregated":
+            return f"{p['instances']} x aggregated ({p['instance_devices']} dev) B={p['batch']}"
+        return (
+            f"{p['prefill_instances']} prefill ({p['prefill_devices']} dev) + "
+            f"{p['decode_instances']} decode ({p['decode_devices']} dev) B={p['batch']}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        rep = self.report
+        out: dict[str, Any] = {
+            "family": self.family,
+            "config": self.describe(),
+            "params": dict(self.params),
+            "devices": self.devices,
+            "saturated_tok_s": self.capacity_tok_s,
+            "saturated_tok_s_per_device": self.capacity_tok_s / self.devices,
+            "max_rate_req_s": self.max_rate,
+        }
+        if rep is not None:
+            out.update(
+                goodput_tok_s=rep.goodput_tok_s,
+                goodput_tok_s_per_device=(rep.goodput_tok_s or 0.0) / self.devices,
+                throughput_tok_s=rep.throughput_tok_s,
+                tokens_per_user_s=_num(rep.tokens_per_user_s),
+                slo_attainment=rep.slo_attainment,
+                ttft_ms=rep.ttft_ms.to_dict(),
+                tpot_ms=rep.tpot_ms.to_dict(),
+                itl_ms=rep.itl_ms.to_dict(),
+                attention_idle=_num(rep.attention_idle),
+                ffn_idle=None if rep.ffn_idle is None else _num(rep.ffn_idle),
+            )
+        return out
+
+
+@dataclass
+class SearchResult:
+    model: str
+    hardware: str
+    devices: int
+    workload: str
+    slo: SLO
+    space: SearchSpace
+    best: dict[str, Candidate | None]
+    finalists: list[Candidate] = field(default_factory=list)
+    screened: list[Candidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "hardware": self.hardware,
+            "devices": self.devices,
+            "workload": self.workload,
+            "slo": {"ttft_ms": self.slo.ttft_ms, "tpot_ms": self.slo.tpot_ms},
+            "attainment": self.space.attainment,
+            "best": {k: (None if c is None else c.to_dict()) for k, c in self.best.items()},
+            "finalists": [c.to_dict() for c in self.finalists],
+            "screened": len(self.screened),
+            "notes": list(self.notes),
+        }
+
+
+def _num(v: float) -> float | None:
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+# ---- the search ------------------------------------------------------------------------------
+
+
+def search(
+    model: str,
+    hardware: str,
+    devices: int,
+    workload: str,
+    slo: SLO,
+    *,
+    space: SearchSpace = SearchSpace(),
+    requests: int = 1000,
+    seed: int = 0,
+    progress: Callable[[str, int], Any] | None = None,
+) -> SearchResult:
+    from afdserve.planner import load_hardware, load_model, load_trace, stats_from_trace
+
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise UserInputError(
+            f"--gpus must be an integer >= 1 (devices to deploy on), got {devices!r}"
+        )
+    if slo.ttft_ms is None and slo.tpot_ms is None:
+        raise UserInputError("give at least one SLO (--ttft-slo-ms, --tpot-slo-ms)")
+    spec = load_model(model)
+    hw = load_hardware(hardware)
+    trace = load_trace(workload)
+    stats = stats_from_trace(trace)
+    reqs_all = from_trace(trace, limit=requests, arrivals="offline")
+    tick = progress or (lambda _s, _n: None)
+    notes: list[str] = []
+
+    cands = _candidates(spec, hw, devices, stats.theta, space, notes)
+    if not cands:
+        raise UserInputError(
+            f"{spec.name} does not fit on {devices} x {hw.name} in any configuration "
+            "(not even one instance holds its weights)"
+        )
+    # stage 1: saturated closed loop
+    for c in cands:
+        _screen(c, reqs_all, trace, space, seed)
+        tick("screen", 1)
+    viable = [
+        c
+        for c in cands
+        if c.capacity_tok_s > 0
+        and (slo.tpot_ms is None or not (c.saturated_tpot_p90_ms > slo.tpot_ms))
+    ]
+    # stage 2: open loop at the highest rate that meets the SLOs
+    best: dict[str, Candidate | None] = {}
+    finalists: list[Candidate] = []
+    for fam in FAMILIES:
+        pool = sorted(
+            (c for c in viable if c.family == fam),
+            key=lambda c: c.capacity_tok_s / c.devices,
+            reverse=True,
+        )[: space.finalists]
+        for c in pool:
+            _max_rate(c, trace, requests, slo, space, seed, tick)
+            finalists.append(c)
+        ok = [c for c in pool if c.max_rate is not None and c.report is not None]
+        best[fam] = (
+            max(ok, key=lambda c: (c.report.goodput_tok_s or 0.0) / c.devices) if ok else None
+        )
+    if all(v is None for v in best.values()):
+        closest = max(cands, key=lambda c: c.capacity_tok_s / c.devices)
+        raise UserInputError(
+            f"no configuration meets TTFT <= {slo.ttft_ms} ms and TPOT <= {slo.tpot_ms} ms for "
+            f"{space.attainment:.0%} of requests at any load; the fastest at saturation "
+            f"({closest.describe()}) has p90 TPOT {closest.saturated_tpot_p90_ms:.3g} ms"
+        )
+    return SearchResult(
+        spec.name, hw.name, devices, trace.name, slo, space, best, finalists, cands, notes
+    )
+
+
+def _candidates(
+    spec, hw, N: int, theta: float, space: SearchSpace, notes: list[str]
+) -> list[Candidate]:
+    from afdserve.planner import RooflineSetup
+    from afdserve.planner.roofline import DEVICE_COUNTS, memory_model
+
+    mem = memory_model(spec, hw, hw, RooflineSetup(batch=1))
+    usable = 0.9
+    per_dev = hw.memory_bytes * usable
+    kv_tok = mem.kv_bytes_per_context_token
+
+    def fit(fixed: float, kv_tokens: float) -> list[int]:
+        gs = [g for g in DEVICE_COUNTS if g <= N and g * per_dev >= fixed + kv_tokens * kv_tok]
+        return gs[:2]
+
+    def kv_cap(g: int, fixed: float) -> int:
+        return max(0, int((g * per_dev - fixed) / kv_tok))
+
+    cands: list[Candidate] = []
+    a_fixed, f_fixed = mem.attention_fixed_bytes, mem.ffn_fixed_bytes
+    for B in space.batches:
+        kv_need = B * theta
+        ga_opts = fit(a_fixed, kv_need)
+        for gF in fit(f_fixed + space.ratios[-1] * B * mem.ffn_bytes_per_token, 0.0):
+            for gA in ga_opts:
+                costs = roofline_sim_costs(
+                    spec, hw, hw, RooflineSetup(batch=B, attention_devices=gA, ffn_devices=gF)
+                )
+                for r in space.ratios:
+                    bundle = r * gA + gF
+                    if bundle > N:
+                        break
+                    for M in space.microbatches:
+                        if M > B:
+                            continue
+                        k = N // bundle
+                        cands.append(
+                            Candidate(
+                                "afd",
+                                k * bundle,
+                                dict(
+                                    bundles=k,
+                                    r=r,
+                                    microbatches=M,
+                                    batch=B,
+                                    attention_devices=gA,
+                                    ffn_devices=gF,
+                                ),
+                                costs,
+                                kv_capacity_tokens=kv_cap(gA, a_fixed),
+                            )
+                        )
+        for g in fit(a_fixed + f_fixed, kv_need):
+            costs = roofline_sim_costs(
+                spec, hw, hw, RooflineSetup(batch=B, attention_devices=g, ffn_devices=g)
+            )
+            k = N // g
+            cands.append(
+                Candidate(
+                    "aggregated",
+                    k * g,
+                    dict(instances=k, batch=B, instance_devices=g),
+                    costs,
+                    kv_capacity_tokens=kv_cap(g, a_fixed + f_fixed),
+                )
+            )
+            gp = g
+            for n_p in range(1, N // gp):
+                n_d = (N - n_p * gp) // g
+                if n_d < 1:
+                    break
+                cands.append(
+                    Candidate(
+                        "pd-split",
+                        n_p * gp + n_d * g,
+                        dict(
+                            prefill_instances=n_p,
+                            decode_instances=n_d,
+                            prefill_devices=gp,
+                            decode_devices=g,
+                            batch=B,
+                        ),
+                        costs,
+                        decode_costs=costs,
+                        kv_capacity_tokens=kv_cap(g, a_fixed + f_fixed),
+                    )
+                )
+    if not any(c.family == "afd" for c in cands):
+        notes.append("no AFD bundle fits: the FFN instance or one attention instance is too big")
+    return cands
+
+
+def _screen(c: Candidate, reqs: RequestSet, trace, space: SearchSpace, seed: int) -> None:
+    """Stage 1: saturated throughput (tokens/s of the deployment) and p90 TPOT at full batch."""
+    p = c.params
+    steps = space.closed_loop_steps
+    mean_d = float(np.mean(reqs.output_len))
+    if c.family == "afd":
+        cfg = BundleConfig(
+            attention_workers=p["r"],
+            slots=p["batch"],
+            microbatches=p["microbatches"],
+            pipeline="microbatch",
+            prefill="none",
+        )
+        rep = _closed(c.costs, cfg, reqs, steps, seed, mean_d)
+        c.capacity_tok_s = rep.throughput_tok_s * p["bundles"]
+        c.saturated_tpot_p90_ms = rep.tpot_ms.p90 if rep.tpot_ms.count else rep.mean_step_ms
+        return
+    dec_cfg = BundleConfig(slots=p["batch"], pipeline="colocated", prefill="none")
+    rep = _closed(c.costs, dec_cfg, reqs, steps, seed, mean_d)
+    decode_tok_s = rep.throughput_tok_s
+    # prefill capacity of one instance: full token-budget chunks, tokens/s
+    prompt = float(np.mean(reqs.prompt_len))
+    pre_ms = _prefill_chunk_ms(c.costs, space.token_budget, prompt)
+    prefill_req_s = space.token_budget / prompt / (pre_ms / 1e3)
+    if c.family == "aggregated":
+        # an instance shares its time between decode and prefill of what it decodes
+        dec_req_s = decode_tok_s / mean_d
+        req_s = 1.0 / (1.0 / dec_req_s + 1.0 / prefill_req_s)
+        c.capacity_tok_s = req_s * mean_d * p["instances"]
+    else:
+        req_s = min(
+            p["decode_instances"] * decode_tok_s / mean_d, p["prefill_instances"] * prefill_req_s
+        )
+        c.capacity_tok_s = req_s * mean_d
+    c.saturated_tpot_p90_ms = rep.tpot_ms.p90 if rep.tpot_ms.count else rep.mean_step_ms
+
+
+def _prefill_chunk_ms(costs: SimCosts, budget: int, prompt: float) -> float:
+    """One colocated step prefilling `budget` tokens of prompts of mean length `prompt`."""
+    s = costs.stages
+    n_prompts = max(1.0, budget / max(prompt, 1.0))
+    n = budget / n_prompts
+    pairs = n_prompts * n * (n + 1) / 2.0
+    attn = (
+        s.attention.alpha * budget
+        + s.attention.beta
+        + costs.prefill_token_ms * budget
+        + costs.prefill_pair_ms * pairs
+    )
+    return s.num_layers * (attn + s.ffn.alpha * budget + s.ffn.beta) + costs.step_beta_ms
+
+
+def _closed(
+    costs: SimCosts, cfg: BundleConfig, reqs: RequestSet, steps: int, seed: int, mean_d: float
+) -> SimReport:
+    n_req = int(steps * cfg.num_slots / max(mean_d, 1.0) * 1.3) + 2 * cfg.num_slots
+    cl = closed_loop(
+        reqs.prompt_len, reqs.output_len, num_slots=cfg.num_slots, num_requests=n_req, seed=seed
+    )
+    run = run_unit(costs, cfg, cl, closed_loop=True, max_steps=steps)
+    return summarize([run])
+
+
+def _deploy(c: Candidate, reqs: RequestSet, slo: SLO, space: SearchSpace):
+    """(report, runs) of the candidate serving `reqs`."""
+    p = c.params
+    if c.family == "afd":
+        cfg = BundleConfig(
+            attention_workers=p["r"],
+            slots=p["batch"],
+            microbatches=p["microbatches"],
+            pipeline="microbatch",
+            prefill="chunked",
+            token_budget=max(space.token_budget, p["batch"]),
+            kv_capacity_tokens=c.kv_capacity_tokens or None,
+        )
+        return run_afd(c.costs, cfg, reqs, bundles=p["bundles"], devices=c.devices, slo=slo)
+    if c.family == "aggregated":
+        return run_aggregated(
+            c.costs,
+            reqs,
+            instances=p["instances"],
+            slots=p["batch"],
+            token_budget=max(space.token_budget, p["batch"]),
+            kv_capacity_tokens=c.kv_capacity_tokens or None,
+            devices=c.devices,
+            slo=slo,
+        )
+    return run_pd_split(
+        c.costs,
+        c.decode_costs or c.costs,
+        reqs,
+        prefill_instances=p["prefill_instances"],
+        decode_instances=p["decode_instances"],
+        prefill_slots=p["batch"],
+        decode_slots=p["batch"],
+        token_budget=max(space.token_budget, p["batch"]),
+        kv_capacity_tokens=c.kv_capacity_tokens or None,
+        devices=c.devices,
+        slo=slo,
+    )
+
+
+def _max_rate(
+    c: Candidate, trace, requests: int, slo: SLO, space: SearchSpace, seed: int, tick
+) -> None:
+    """Bisection on the request rate for the highest one whose attainment meets the target."""
+    mean_d = float(np.mean(np.maximum(trace.output_len[:requests], 1)))
+    cap = c.capacity_tok_s / mean_d  # req/s at saturation
+    arrivals = "trace" if trace.arrival_s is not None else "poisson"
+
+    def attempt(rate: float):
+        reqs = from_trace(trace, limit=requests, arrivals=arrivals, rate=rate, seed=seed)
+        tick("simulate", 1)
+        return _deploy(c, reqs, slo, space)
+
+    lo, hi = 0.05 * cap, 1.2 * cap
+    rep, runs = attempt(lo)
+    if (rep.slo_attainment or 0.0) < space.attainment:
+        c.max_rate, c.report, c.samples = None, rep, latency_samples(runs)
+        return
+    best = (lo, rep, runs)
+    for _ in range(space.bisection_steps):
+        mid = math.sqrt(lo * hi)
+        rep, runs = attempt(mid)
+        if (rep.slo_attainment or 0.0) >= space.attainment:
+            lo, best = mid, (mid, rep, runs)
+        else:
+            hi = mid
+    c.max_rate, c.report, c.samples = best[0], best[1], latency_samples(best[2])
+
+
+def ratio_sweep_for(
+    c: Candidate, trace, space: SearchSpace, seed: int = 0
+) -> list[tuple[int, SimReport]]:
+    """For a plot: the AFD candidate's bundle simulated (closed loop) at r = 1..max(ratios)."""
+    reqs = from_trace(trace, arrivals="offline")
+    mean_d = float(np.mean(reqs.output_len))
+    out = []
+    for r in space.ratios:
+        cfg = BundleConfig(
+            attention_workers=r,
+            slots=c.params["batch"],
+            microbatches=c.params["microbatches"],
+            pipeline="microbatch",
+            prefill="none",
+        )
+        out.append((r, _closed(c.costs, cfg, reqs, space.closed_loop_steps, seed, mean_d)))
+    return out
+
+
+def with_space(space: SearchSpace, **kw: Any) -> SearchSpace:
+    return replace(space, **kw)
