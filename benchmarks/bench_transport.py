@@ -224,6 +224,15 @@ def run_pair(kind: str, args: argparse.Namespace) -> dict | str:
     return json.loads(line[len("RESULT ") :])
 
 
+def _number(value: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
 def fmt_size(n: int) -> str:
     return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K"
 
@@ -240,7 +249,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KIND.NAME=VALUE",
-        help="a transport option, e.g. shm.ring_bytes=4194304 (integers or strings)",
+        help="a transport option, e.g. shm.ring_bytes=4194304 (numbers or strings)",
     )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -255,7 +264,7 @@ def main() -> None:
     for spec in args.opt:
         key, _, value = spec.partition("=")
         kind, _, name = key.partition(".")
-        args.opts.setdefault(kind, {})[name] = int(value) if value.isdigit() else value
+        args.opts.setdefault(kind, {})[name] = _number(value)
     sizes = [parse_size(s) for s in args.sizes]
     import torch
 

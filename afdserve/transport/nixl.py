@@ -127,6 +127,7 @@ class NixlTransport(PumpedTransport):
             raise UserInputError("nixl device 'cuda' needs a CUDA device")
         super().__init__(rank, world_size)
         self.options = opts
+        self.spin_s = opts.spin_s
         self._dropped = 0
         self._pool = RecvBufferPool()
         self._agent_lock = threading.Lock()  # every call into the agent

@@ -56,6 +56,10 @@ class TransportOptions:
     """Deadline for the constructor: every peer must be reachable by then (TransportTimeout)."""
     send_timeout_s: float = 30.0
     """Longest `send` blocks on back-pressure (full ring or queue) before TransportTimeout."""
+    spin_s: float = 20e-6
+    """shm, tcp, nixl: how long a waiting `recv` polls before it sleeps until woken. A reply
+    that comes within this time skips a sleep and a wake-up (tens of microseconds); a wait
+    that lasts longer costs this much CPU. 0 never spins."""
 
     def __post_init__(self) -> None:
         if self.rendezvous:
@@ -70,6 +74,14 @@ class TransportOptions:
             object.__setattr__(self, "peers", peers)
         check_positive("connect_timeout_s", self.connect_timeout_s)
         check_positive("send_timeout_s", self.send_timeout_s)
+        if (
+            isinstance(self.spin_s, bool)
+            or not isinstance(self.spin_s, (int, float))
+            or not 0 <= self.spin_s <= 1
+        ):
+            raise UserInputError(
+                f"spin_s must be a number of seconds in [0, 1], got {self.spin_s!r}"
+            )
 
     def peer_ranks(self, rank: int, world_size: int) -> tuple[int, ...]:
         """The validated peer list for `rank` in a group of `world_size`."""

@@ -49,7 +49,10 @@ class PumpedTransport(Transport):
         self._state = threading.Condition()  # guards _waiters/_closed; the pump thread parks on it
         self._progress = threading.Condition()  # callers that could not pump wait here for others
         self._waiters = 0
+        self._progress_waiters = 0
         self._last_wait_end = 0.0
+        self.spin_s = 0.0
+        """How long a waiting caller polls the backend before sleeping in select (0: never spins)."""
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -93,6 +96,7 @@ class PumpedTransport(Transport):
         with self._state:
             self._waiters += 1
         idle_rounds = 0
+        spin_until = time.monotonic() + self.spin_s
         try:
             while True:
                 value = pred()
@@ -110,13 +114,20 @@ class PumpedTransport(Transport):
                         self._pump_lock.release()
                     if handled:
                         idle_rounds = 0
-                        self._notify_progress()
+                        if self._progress_waiters:
+                            self._notify_progress()
                         continue
+                    if self.spin_s and time.monotonic() < spin_until:
+                        continue  # a reply often comes within microseconds: skip the sleep/wake
                     self._wait_ready(min(remaining, _SAFETY_WAIT_S), idle_rounds)
                     idle_rounds += 1
                 else:  # another thread is pumping; it notifies when it handled something
                     with self._progress:
-                        self._progress.wait(min(remaining, 0.001))
+                        self._progress_waiters += 1
+                        try:
+                            self._progress.wait(min(remaining, 0.001))
+                        finally:
+                            self._progress_waiters -= 1
         finally:
             with self._state:
                 self._waiters -= 1

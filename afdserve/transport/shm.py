@@ -202,6 +202,7 @@ class ShmTransport(PumpedTransport):
         self.peers = opts.peer_ranks(rank, world_size)
         super().__init__(rank, world_size)
         self.options = opts
+        self.spin_s = opts.spin_s
         self._addr = {r: socket_name(opts.session, r) for r in range(world_size)}
         self._rank_of = {a: r for r, a in self._addr.items() if r in self.peers}
         self._out: dict[int, _OutRing] = {}

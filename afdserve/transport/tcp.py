@@ -76,6 +76,7 @@ class TcpTransport(PumpedTransport):
         self.peers = opts.peer_ranks(rank, world_size)
         super().__init__(rank, world_size)
         self.options = opts
+        self.spin_s = opts.spin_s
         self._dropped = 0
         self._pool = RecvBufferPool()
         self._ctx = zmq.Context(io_threads=1)

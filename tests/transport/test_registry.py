@@ -44,6 +44,7 @@ def test_names_and_options():
         ("nixl", {"rendezvous": "h:1", "device": "tpu"}, "'cpu' or 'cuda'"),
         ("shm", {"session": "s", "connect_timeout_s": 0}, "connect_timeout_s must be a positive"),
         ("shm", {"session": "s", "peers": [1, 1]}, "must not repeat"),
+        ("tcp", {"rendezvous": "h:1", "spin_s": -1}, "spin_s must be"),
     ],
 )
 def test_bad_options_are_user_errors(name, kwargs, match):
