@@ -146,11 +146,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    # until uvicorn installs its own handlers, SIGTERM unwinds like Ctrl-C, so that workers
-    # started so far are shut down by the engine's clean-up rather than orphaned
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_exit)
-    engine, model_path = _start_engine(cfg)
+    # while worker processes start, SIGTERM unwinds like Ctrl-C, so that the workers started
+    # so far are shut down by the engine's clean-up rather than left to PR_SET_PDEATHSIG;
+    # once serving, uvicorn handles it (graceful shutdown, then the default action)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_exit) if main_thread else None
+    try:
+        engine, model_path = _start_engine(cfg)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     try:
         tokenizer = Tokenizer(model_path)
         name = args.served_model_name or cfg.model

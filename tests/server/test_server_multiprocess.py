@@ -261,8 +261,8 @@ def _complete(srv: MPServer, prompt: Any, stream: bool) -> tuple[list[int], str,
         client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
     )
     token_chunks = [c for c in chunks if c.choices]
-    assert len(token_chunks) >= 2  # flushed as produced
     assert token_chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in token_chunks[:-1])
     ids = [t for c in token_chunks for t in c.choices[0].model_extra["token_ids"]]
     return ids, "".join(c.choices[0].text for c in token_chunks), chunks[-1].usage
 
