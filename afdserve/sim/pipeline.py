@@ -86,6 +86,17 @@ class StageTimes:
     sends: np.ndarray  # [S, r, G] bool: the (worker, microbatch) has tokens
     shared_link: bool
 
+    @staticmethod
+    def concat(parts: list[StageTimes]) -> StageTimes:
+        """The steps of several batches, in order."""
+        return StageTimes(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("attention", "up", "down", "ffn", "post", "sends")
+            ),
+            parts[0].shared_link,
+        )
+
 
 @dataclass
 class StepTiming:

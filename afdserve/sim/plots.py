@@ -188,8 +188,16 @@ def plot_timeline(
     labels = [f"microbatch {i}" for i in range(G)]
     handles.append(plt.Rectangle((0, 0), 1, 1, color="0.6"))
     labels.append("per-step work")
-    ax.legend(handles, labels, loc="upper right", fontsize=8, ncol=min(len(labels), 5))
-    ax.set_title(title or f"{n} steps, {num_layers} layers", fontsize=10)
+    ax.legend(
+        handles,
+        labels,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        fontsize=8,
+        ncol=min(len(labels), 6),
+        frameon=False,
+    )
+    fig.suptitle(title or f"{n} steps, {num_layers} layers", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -208,9 +216,11 @@ def plot_latency_cdfs(
 ) -> None:
     """`samples`: label -> {"ttft": [ms], "tpot": [ms], "itl": ([ms], [weights])}."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), constrained_layout=True)
     for ax, key, name in zip(axes, ("ttft", "tpot", "itl"), ("TTFT", "TPOT", "ITL"), strict=True):
-        for label, d in samples.items():
+        for j, (label, d) in enumerate(samples.items()):
             v = d.get(key)
             if v is None:
                 continue
@@ -225,16 +235,18 @@ def plot_latency_cdfs(
                 continue
             order = np.argsort(vals)
             cdf = np.cumsum(w[order]) / w.sum()
-            ax.plot(vals[order], cdf, label=label)
+            ax.plot(vals[order], cdf, color=f"C{j}", label=label if key == "ttft" else None)
         lim = (slo or {}).get(f"{key}_ms") if key != "itl" else None
         if lim:
             ax.axvline(lim, color="k", ls="--", lw=1, label="SLO")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"{name} (ms, log scale)")
         ax.set_ylabel("fraction")
         ax.set_ylim(0, 1.01)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncol=min(len(labels), 2))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)

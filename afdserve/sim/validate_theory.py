@@ -208,6 +208,74 @@ def _workload_source(w: WorkloadCase):
     return stats, make
 
 
+class RatioSweep:
+    """Closed-loop simulations of one bundle shape at chosen ratios r, beside the planner's
+    closed form for the same coefficients, batch and workload statistics."""
+
+    def __init__(
+        self,
+        costs: SimCosts,
+        batch: int,
+        stats: Any,
+        make: Callable[[int, int, int], Any],
+        *,
+        steps: int,
+        seed: int = 0,
+        pipeline: str = "ideal",
+        microbatches: int = 1,
+        table: Sequence[Any] = (),
+    ) -> None:
+        self.costs, self.batch, self.stats, self.make = costs, batch, stats, make
+        self.steps, self.seed = steps, seed
+        self.pipeline, self.microbatches = pipeline, microbatches
+        self.table = {row.r: row for row in table}
+        self.points: dict[int, RatioPoint] = {}
+
+    def run(self, r: int) -> RatioPoint:
+        from afdserve.planner import plan
+
+        if r in self.points:
+            return self.points[r]
+        B, steps = self.batch, self.steps
+        n_slots = r * B
+        mean_d = float(self.stats.mean_output or 1.0)
+        n_req = int(steps * n_slots / max(mean_d, 1.0) * 1.3) + 2 * n_slots
+        reqs = self.make(n_slots, n_req, self.seed)
+        cfg = BundleConfig(
+            attention_workers=r,
+            slots=B,
+            microbatches=self.microbatches,
+            pipeline=self.pipeline,
+            prefill="none",
+        )
+        run = simulate_closed_loop(self.costs, cfg, reqs, max_steps=steps)
+        rep = summarize([run])
+        row = self.table.get(r) or plan(self.costs.stages, B, self.stats, r_max=r).row(r)
+        point = RatioPoint(
+            r=r,
+            sim_throughput_per_instance=rep.throughput_per_instance,
+            theory_throughput_per_instance=row.throughput_per_instance * 1e3,
+            barrier_throughput_per_instance=(
+                None
+                if row.throughput_per_instance_barrier is None
+                else row.throughput_per_instance_barrier * 1e3
+            ),
+            sim_attention_idle=rep.attention_idle,
+            sim_ffn_idle=rep.ffn_idle if rep.ffn_idle is not None else math.nan,
+            theory_attention_idle=row.attention_idle,
+            theory_ffn_idle=row.ffn_idle,
+            sim_mean_context=rep.mean_context_per_slot or math.nan,
+            steps=rep.steps,
+        )
+        self.points[r] = point
+        return point
+
+
+def workload_source(w: WorkloadCase):
+    """(stats, make(num_slots, num_requests, seed) -> closed-loop RequestSet) of a workload."""
+    return _workload_source(w)
+
+
 def validate_case(
     cs: CoefficientSet,
     w: WorkloadCase,
@@ -226,36 +294,9 @@ def validate_case(
     if p.r_int_barrier is not None:
         r_hi = max(r_hi, p.r_int_barrier + 2)
     r_hi = min(r_hi, r_cap)
-    table = {row.r: row for row in p.table}
-    mean_d = float(stats.mean_output or 1.0)
-    points: dict[int, RatioPoint] = {}
-
-    def simulate_r(r: int) -> None:
-        if r in points:
-            return
-        n_slots = r * B
-        n_req = int(steps * n_slots / max(mean_d, 1.0) * 1.3) + 2 * n_slots
-        reqs = make(n_slots, n_req, seed)
-        cfg = BundleConfig(attention_workers=r, slots=B, pipeline="ideal", prefill="none")
-        run = simulate_closed_loop(cs.costs, cfg, reqs, max_steps=steps)
-        rep = summarize([run])
-        row = table.get(r) or plan(cs.costs.stages, B, stats, r_max=r).row(r)
-        points[r] = RatioPoint(
-            r=r,
-            sim_throughput_per_instance=rep.throughput_per_instance,
-            theory_throughput_per_instance=row.throughput_per_instance * 1e3,
-            barrier_throughput_per_instance=(
-                None
-                if row.throughput_per_instance_barrier is None
-                else row.throughput_per_instance_barrier * 1e3
-            ),
-            sim_attention_idle=rep.attention_idle,
-            sim_ffn_idle=rep.ffn_idle if rep.ffn_idle is not None else math.nan,
-            theory_attention_idle=row.attention_idle,
-            theory_ffn_idle=row.ffn_idle,
-            sim_mean_context=rep.mean_context_per_slot or math.nan,
-            steps=rep.steps,
-        )
+    sweep = RatioSweep(cs.costs, B, stats, make, steps=steps, seed=seed, table=p.table)
+    points = sweep.points
+    simulate_r = sweep.run
 
     for r in range(1, r_hi + 1):
         simulate_r(r)
