@@ -590,22 +590,24 @@ def run_validate_theory(args: argparse.Namespace) -> int:
 
 
 def _theory_plots(v: Any, out: Path) -> None:
-    from afdserve.sim.plots import plot_gap_histogram, plot_ratio_sweep
+    from afdserve.sim.plots import plot_gap_histogram, plot_theory_grid
 
     out.mkdir(parents=True, exist_ok=True)
     plot_gap_histogram(
         {"closed form": v.gaps("closed_form"), "barrier-aware": v.gaps("barrier")},
         out / "theory_gaps.png",
-        title=f"theory vs simulation, {len(v.cases)} cases",
+        title=f"theory vs simulation, {len(v.cases)} cases ({v.steps} steps a run)",
     )
+    by_set: dict[str, list[Any]] = {}
     for c in v.cases:
-        name = f"sweep_{c.coefficients}_{c.workload}".replace("/", "_").replace("+", "_")
-        marks = {"r*": c.r_star, "r sim": float(c.r_sim)}
-        plot_ratio_sweep(
-            [p for p in c.points if p.r <= max(16, 2 * c.r_sim)],
-            out / f"{name}.png",
-            title=f"{c.coefficients}, {c.workload}: B={c.batch}, theta={c.theta:.0f}",
-            marks=marks,
+        by_set.setdefault(c.coefficients, []).append(c)
+    for name, cases in by_set.items():
+        fname = "sweep_" + name.replace("/", "_").replace("+", "_") + ".png"
+        plot_theory_grid(
+            cases,
+            out / fname,
+            title=f"{name} (B = {cases[0].batch}): simulated vs closed-form throughput per "
+            "instance; lines: r closed form (orange), barrier-aware (green), simulated (blue)",
         )
 
 

@@ -290,3 +290,52 @@ def latency_samples(runs: Sequence[Any]) -> dict[str, Any]:
         "tpot": (finish[multi] - first[multi]) / (out[multi] - 1),
         "itl": (np.concatenate(itl_v), np.concatenate(itl_w)),
     }
+
+
+def plot_theory_grid(
+    cases: Sequence[Any], path: str | os.PathLike[str], *, title: str = ""
+) -> None:
+    """One panel per case (`validate_theory.CaseResult`): simulated throughput per instance
+    against r beside the closed form (mean field and barrier-aware), each normalised to its own
+    maximum, with the closed-form, barrier-aware and simulated best r marked."""
+    plt = _pyplot()
+    n = len(cases)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5 * cols, 3.2 * rows), constrained_layout=True, squeeze=False
+    )
+    for ax, c in zip(axes.ravel(), cases, strict=False):
+        pts = [p for p in c.points if p.r <= max(16, 2 * c.r_sim)]
+        rs = [p.r for p in pts]
+
+        def norm(vals: list[float]) -> list[float]:
+            top = max(vals)
+            return [v / top for v in vals]
+
+        ax.plot(
+            rs, norm([p.sim_throughput_per_instance for p in pts]), "o-", ms=3, label="simulated"
+        )
+        ax.plot(rs, norm([p.theory_throughput_per_instance for p in pts]), "--", label="mean field")
+        bar = [p.barrier_throughput_per_instance for p in pts]
+        if all(b is not None for b in bar):
+            ax.plot(rs, norm(bar), ":", label="barrier-aware")
+        ax.axvline(c.r_closed_form, color="C1", lw=1, alpha=0.6)
+        if c.r_barrier is not None:
+            ax.axvline(c.r_barrier, color="C2", lw=1, alpha=0.6, ls=":")
+        ax.axvline(c.r_sim, color="C0", lw=1, alpha=0.6)
+        gap = f"gap {c.gap_closed_form:.1%}"
+        if c.gap_barrier is not None:
+            gap += f" / {c.gap_barrier:.1%}"
+        ax.set_title(f"{c.workload}: r* {c.r_star:.1f}, sim best {c.r_sim} ({gap})", fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("r")
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("throughput / its maximum")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
