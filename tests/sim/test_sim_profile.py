@@ -1,0 +1,138 @@
+"""`afdserve profile` and `afdserve sim-validate runtime` on a tiny model (small grids).
+
+Timing decides nothing here (the machine is shared and noisy): the tests check that the
+pipeline runs on the runtime's own parts and produces well-formed, readable results. The
+measured gaps belong in benchmarks/bench_sim_vs_runtime.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from afdserve.cli import main
+from afdserve.planner import StageCosts
+from afdserve.sim import SimCosts
+
+pytest.importorskip("torch")
+
+
+def _finite_fit(entry: dict) -> None:
+    assert entry["alpha"] >= 0 and entry["beta"] >= 0
+    assert math.isfinite(entry["r2"]) and entry["max_rel_err"] >= 0
+
+
+def test_profile_command_writes_a_profile_the_planner_and_simulator_read(tmp_path, capsys) -> None:
+    out = tmp_path / "profile.json"
+    code = main(
+        [
+            "profile",
+            "--model",
+            "builtin:tiny-llama",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--grid",
+            "small",
+            "--threads",
+            "1",
+            "--transports",
+            "local,copy",
+            "--quiet",
+        ]
+    )
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    assert "attention" in text and "R^2" in text
+    data = json.loads(out.read_text())
+    assert data["source"] == "measured" and data["units"] == "ms"
+    assert data["num_layers"] == 2 and data["torch_threads"] == 1
+    for key in ("attention", "ffn", "comm", "step"):
+        _finite_fit(data[key])
+    assert data["ffn"]["alpha"] > 0  # more tokens cost more
+    assert set(data["transport"]) == {"local", "copy"}
+    assert data["comm_transport"] == "local"
+    assert len(data["points"]["attention_decode"]) == 4  # 2 batches x 2 contexts
+    costs = StageCosts.from_profile(out)
+    assert costs.num_layers == 2 and costs.source == "measured"
+    sim = SimCosts.from_profile(out)
+    assert sim.step_beta_ms == data["step"]["beta"]
+    assert sim.prefill_token_ms == data["prefill"]["token_ms"]
+    # the planner takes it as its --profile
+    code = main(["plan", "--profile", str(out), "--batch", "8", "--theta", "100", "--json"])
+    plan_out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(plan_out)["num_layers"] == 2
+
+
+def test_profile_rejects_bad_input(tmp_path, capsys) -> None:
+    for argv, needle in (
+        (["--transports", "local,pigeon"], "unknown transport"),
+        (["--comm-from", "shm", "--transports", "local"], "comm-from"),
+        (["--threads", "0"], "threads"),
+    ):
+        code = main(
+            [
+                "profile",
+                "--model",
+                "builtin:tiny-llama",
+                "--out",
+                str(tmp_path / "p.json"),
+                "--grid",
+                "small",
+                "--quiet",
+                *argv,
+            ]
+        )
+        _, err = capsys.readouterr()
+        assert code == 2 and needle in err, err
+    code = main(
+        ["profile", "--model", "/no/such/model", "--out", str(tmp_path / "p.json"), "--quiet"]
+    )
+    _, err = capsys.readouterr()
+    assert code == 2 and "does not exist" in err
+
+
+def test_runtime_validation_runs_and_is_well_formed(capsys) -> None:
+    code = main(
+        [
+            "sim-validate",
+            "runtime",
+            "--model",
+            "builtin:tiny-llama",
+            "--grid",
+            "small",
+            "--requests",
+            "4",
+            "--prompt-len",
+            "8",
+            "--output-len",
+            "6",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            "--quiet",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    d = json.loads(out)
+    assert [r["run"] for r in d["runs"]] == [
+        "aggregated M=1",
+        "AFD 1A1F M=1 (local)",
+        "AFD 1A1F M=2 (local)",
+    ]
+    for r in d["runs"]:
+        assert r["output_tokens"] == 4 * 6
+        assert r["real_steps"] == r["sim_steps"] == 6  # one prefill step, then 5 decode steps
+        assert r["real_step_ms"] > 0 and r["sim_step_ms"] > 0
+        assert r["real_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0
+        assert math.isfinite(r["step_ms_error"]) and math.isfinite(r["tokens_per_s_error"])
+    code = main(["sim-validate", "runtime", "--transport", "shm", "--grid", "small", "--quiet"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "multi-process" in err
