@@ -191,7 +191,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
-    pin(args.rank)
+    if not args.no_pin:
+        pin(args.rank)
     sizes = [parse_size(s) for s in args.sizes]
     if args.child == "gloo":
         res = gloo_peer(args.rank, args.port, sizes, args.budget)
@@ -206,7 +207,8 @@ def child(args: argparse.Namespace) -> None:
 def run_pair(kind: str, args: argparse.Namespace) -> dict | str:
     port = free_port()
     cmd = [sys.executable, __file__, "--child", kind, "--port", str(port), "--budget", str(args.budget),
-           "--options", json.dumps(args.opts.get(kind, {})), "--sizes", *args.sizes]  # fmt: skip
+           "--options", json.dumps(args.opts.get(kind, {})), "--sizes", *args.sizes,
+           *(["--no-pin"] if args.no_pin else [])]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in (0, 1)]  # fmt: skip
@@ -252,6 +254,7 @@ def main() -> None:
         help="a transport option, e.g. shm.ring_bytes=4194304 (numbers or strings)",
     )
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-pin", action="store_true", help="let the OS place the two processes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -269,7 +272,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    pin(0)
+    if not args.no_pin:
+        pin(0)
     results: dict[str, dict | str] = {"memcpy": {str(n): memcpy_row(n) for n in sizes}}
     kinds = ([] if args.no_gloo else ["gloo"]) + list(args.transports)
     if "nixl" in kinds:
@@ -282,7 +286,8 @@ def main() -> None:
         print(f"running {kind} ...", file=sys.stderr, flush=True)
         results[kind] = run_pair(kind, args)
     print(
-        f"host: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}; torch threads 1; processes pinned to 2 cores"
+        f"host: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}; torch threads 1; "
+        f"processes {'not pinned' if args.no_pin else 'pinned to 2 cores'}"
     )
     print(
         "round trip (median, us) for N bytes each way; bandwidth (GB/s) one way; memcpy GB/s in-process"

@@ -424,9 +424,10 @@ class ShmTransport(PumpedTransport):
                         f"STREAM prefix of {len(prefix)} bytes does not fit its header"
                     )
             except ProtocolError:
-                self._on_chunk(
-                    src, body[: _CHUNK.size]
-                )  # consume (and credit) its first chunk anyway
+                try:  # consume (and credit) its first chunk anyway, then report the prefix
+                    self._on_chunk(src, body[: _CHUNK.size])
+                except ProtocolError:
+                    pass
                 raise
             ring.header, ring.prefix, ring.filled = header, bytes(prefix), 0
             ring.dest = self._pool.take(header.tensor_nbytes)
