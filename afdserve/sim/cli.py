@@ -490,6 +490,8 @@ def _render_profile(d: dict[str, Any], out: Path) -> str:
         f"(R^2 {pre['r2']:.3f}, max rel err {pre['max_rel_err']:.3f}); AFD step extra "
         f"{d['step'].get('afd_beta', 0.0):.4g} ms"
     )
+    for w in d.get("warnings", []):
+        lines.append(f"warning: {w}")
     for name, t in d["transport"].items():
         if "alpha" in t:
             lines.append(f"transport {name:<6} {t['alpha']:.4e} ms/token + {t['beta']:.4e} ms")

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from afdserve.errors import UserInputError
-from afdserve.sim.fit import fit_affine, fit_nonneg, quality
+from afdserve.sim.fit import AffineFit, fit_affine, fit_nonneg, quality
 
 TRANSPORTS: tuple[str, ...] = ("local", "copy", "shm", "tcp")
 TRANSPORT_DEADLINE_S = 20.0
@@ -80,7 +80,7 @@ class ProfileGrid:
 SMALL_GRID = ProfileGrid(
     decode_batches=(1, 4),
     decode_contexts=(32, 128),
-    ffn_tokens=(1, 8, 32),
+    ffn_tokens=(1, 64, 512),
     prefill_chunks=(8, 32),
     prefill_starts=(0, 32),
     step_batches=(1, 4),
@@ -150,6 +150,19 @@ def run_profile(
     attn_fit = fit_affine(a[:, 2], a[:, 3])
     f = np.asarray(ffn_pts, dtype=np.float64)
     ffn_fit = fit_affine(f[:, 0], f[:, 1])
+    warnings: list[str] = []
+    if ffn_fit.alpha <= 0:
+        # the planner needs the FFN to grow with its batch; below the timer's resolution, take
+        # a 0.1% rise over the grid and say so
+        floor = 1e-3 * max(ffn_fit.beta, 1e-6) / float(f[:, 0].max())
+        warnings.append(
+            f"FFN time did not grow over {int(f[:, 0].min())}..{int(f[:, 0].max())} tokens; "
+            f"alpha_F set to {floor:.3g} ms/token (a 0.1% rise over the grid); profile larger "
+            "token counts for a measured slope"
+        )
+        ffn_fit = AffineFit(
+            floor, ffn_fit.beta, *quality(f[:, 1], floor * f[:, 0] + ffn_fit.beta), ffn_fit.n
+        )
     prefill = _fit_prefill(np.asarray(pre_pts, dtype=np.float64), attn_fit.alpha, attn_fit.beta)
     comm = transport[comm_from]
     if "alpha" not in comm:
@@ -202,6 +215,7 @@ def run_profile(
             "comm.alpha per token one way; step: ms per step per attention worker "
             "(alpha per sampling sequence)"
         ),
+        "warnings": warnings,
         "wall_s": time.perf_counter() - t_start,
     }
 
