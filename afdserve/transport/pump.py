@@ -90,9 +90,6 @@ class PumpedTransport(Transport):
 
         Returns pred's value, or None at the deadline; raises TransportClosed if closed meanwhile.
         """
-        value = pred()
-        if value is not None:
-            return value
         with self._state:
             self._waiters += 1
         idle_rounds = 0
