@@ -49,7 +49,6 @@ from afdserve.errors import UserInputError
 from afdserve.sim.clock import StepClock
 from afdserve.sim.config import BundleConfig
 from afdserve.sim.costs import SimCosts
-from afdserve.sim.pipeline import decode_load
 from afdserve.sim.requests import RequestSet
 from afdserve.sim.run import SimRun
 
@@ -179,19 +178,37 @@ class _Engine:
         """Requests `ids` start decoding on `workers` at step t_join with g0 tokens generated:
         add them to the sums and put their completion (step t_join + D - g0 - 1) in the ring."""
         P, D = self.P_all[ids], self.D_all[ids]
-        c0 = P + g0
-        self.n_dec += np.bincount(workers, minlength=self.r)
-        self.ctx += np.bincount(workers, weights=c0, minlength=self.r).astype(np.int64)
-        self.n_dec_total += ids.size
-        self.ctx_total += int(c0.sum())
         t_f = t_join + D - g0 - 1
         self.finish_step[ids] = t_f
+        c0 = P + g0
         H, ring_n, ring_pd, count = self.H, self.ring_n, self.ring_pd, self.ring_count
-        for t, k, pd in zip(t_f.tolist(), workers.tolist(), (P + D).tolist(), strict=True):
-            h = t % H
-            ring_n[h][k] += 1
-            ring_pd[h][k] += pd
-            count[h] += 1
+        if ids.size > 64:
+            self.n_dec += np.bincount(workers, minlength=self.r)
+            self.ctx += np.bincount(workers, weights=c0, minlength=self.r).astype(np.int64)
+            self.ctx_total += int(c0.sum())
+            for t, k, pd in zip(t_f.tolist(), workers.tolist(), (P + D).tolist(), strict=True):
+                h = t % H
+                ring_n[h][k] += 1
+                ring_pd[h][k] += pd
+                count[h] += 1
+        else:  # a few requests: one plain loop beats a dozen numpy calls
+            dn = [0] * self.r
+            dc = [0] * self.r
+            ctx_add = 0
+            for t, k, pd, c in zip(
+                t_f.tolist(), workers.tolist(), (P + D).tolist(), c0.tolist(), strict=True
+            ):
+                h = t % H
+                ring_n[h][k] += 1
+                ring_pd[h][k] += pd
+                count[h] += 1
+                dn[k] += 1
+                dc[k] += c
+                ctx_add += c
+            self.n_dec += dn
+            self.ctx += dc
+            self.ctx_total += ctx_add
+        self.n_dec_total += ids.size
 
     def _admit(self) -> None:
         want = min(self.arrived - self.head, self.n_free_total)
@@ -380,53 +397,61 @@ class _Engine:
 
     def _prefill(self) -> tuple[tuple[np.ndarray, ...], list[tuple[int, int]], int]:
         """Hand out prefill chunks: returns the step's per-(worker, microbatch) loads, the
-        (worker, request) pairs whose prefill completes, and the prefill tokens computed."""
+        (worker, request) pairs whose prefill completes, and the prefill tokens computed.
+        Plain lists inside: a handful of workers and chunks, where numpy calls cost more."""
         G = self.G
-        load = decode_load(self.n_dec[None, :], self.ctx[None, :], G)
-        tok, ctxg = load.tokens[0], load.context[0]
-        pt, pairs = load.prefill_tokens[0], load.prefill_pairs[0]
-        sampled = load.sampled[0]
+        nd_all, ctx_all = self.n_dec.tolist(), self.ctx.tolist()
+        budget_cap = self.cfg.token_budget
+        tok_rows, ctx_rows, pt_rows, pair_rows = [], [], [], []
+        sampled = [float(n) for n in nd_all]
         done: list[tuple[int, int]] = []
         total = 0
-        budget_all = self.cfg.token_budget - self.n_dec
         for k, queue in enumerate(self.queues):
+            n, c = nd_all[k], ctx_all[k]
             if not queue:
+                base, extra = divmod(n, G)
+                row = [base + (1 if i < extra else 0) for i in range(G)]
+                tok_rows.append(row)
+                ctx_rows.append([c * t / n if n else 0.0 for t in row])
+                pt_rows.append([0] * G)
+                pair_rows.append([0.0] * G)
                 continue
-            budget = int(budget_all[k])
-            chunks = []  # (start, n)
+            budget = budget_cap - n
+            loads = [0] * G
+            cctx = [0.0] * G
+            pairs = [0.0] * G
             for entry in queue:
                 if budget <= 0:
                     break
                 q, P, d0 = entry
-                c = min(P - d0, budget)
-                budget -= c
-                chunks.append((d0, c))
-                entry[2] = d0 + c
+                ch = min(P - d0, budget)
+                budget -= ch
+                entry[2] = d0 + ch
                 if entry[2] == P:
                     done.append((k, q))
                     sampled[k] += 1
+                i = loads.index(min(loads)) if G > 1 else 0  # a chunk is not split
+                total += ch
+                loads[i] += ch
+                cctx[i] += d0 + ch  # its attention reads its whole context so far
+                pairs[i] += ch * d0 + ch * (ch + 1) / 2.0
             while queue and queue[0][2] == queue[0][1]:
                 queue.popleft()
                 self.n_prefilling -= 1
-            loads = [0.0] * G
-            chunk_ctx = [0.0] * G
-            for d0, c in chunks:  # a chunk is not split: it goes to the emptiest microbatch
-                i = loads.index(min(loads)) if G > 1 else 0
-                total += c
-                loads[i] += c
-                chunk_ctx[i] += d0 + c  # its attention reads its whole context so far
-                pt[k, i] += c
-                pairs[k, i] += c * d0 + c * (c + 1) / 2.0
-            if G > 1:
-                # decode tokens even out the microbatches; their context follows in proportion
-                nd = int(self.n_dec[k])
-                dec = np.asarray(_water_fill(loads, nd), dtype=np.float64)
-                tok[k] = pt[k] + dec
-                ctxg[k] = (float(self.ctx[k]) / nd) * dec if nd else 0.0
-            else:
-                tok[k, 0] += pt[k, 0]
-            ctxg[k] += chunk_ctx
-        return (tok, ctxg, pt, pairs, sampled), done, total
+            # decode tokens even out the microbatches; their context follows in proportion
+            dec = _water_fill(loads, n) if G > 1 else [n]
+            tok_rows.append([loads[i] + dec[i] for i in range(G)])
+            ctx_rows.append([cctx[i] + (c * dec[i] / n if n else 0.0) for i in range(G)])
+            pt_rows.append(loads)
+            pair_rows.append(pairs)
+        loads_out = (
+            np.asarray(tok_rows, dtype=np.float64),
+            np.asarray(ctx_rows, dtype=np.float64),
+            np.asarray(pt_rows, dtype=np.float64),
+            np.asarray(pair_rows, dtype=np.float64),
+            np.asarray(sampled, dtype=np.float64),
+        )
+        return loads_out, done, total
 
     # ---- result ---------------------------------------------------------------------------
 

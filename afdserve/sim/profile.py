@@ -21,7 +21,9 @@ its layers:
   this process; skipped with the reason on any failure or past a deadline). The one named by
   `comm_from` gives the top-level `comm` coefficients (per token, one way).
 
-Each time is the median of `repeats` runs after `warmup` runs (CUDA: synchronised). The result
+Each time is the minimum of `repeats` runs after `warmup` runs (CUDA: synchronised): on a shared
+machine other load only ever adds time, so the least-disturbed run is the reproducible figure
+(`sim-validate runtime` takes the real runs the same way). The result
 is the planner's profile JSON (docs/planner.md 3.2) plus the simulator's keys (`prefill`,
 `step`) and everything measured (`transport`, `points`, `grid`), so `StageCosts.from_profile`
 and `SimCosts.from_profile` both read it. torch is imported inside the functions only.
@@ -30,7 +32,6 @@ and `SimCosts.from_profile` both read it. torch is imported inside the functions
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 import time
 import uuid
@@ -230,7 +231,8 @@ class _Timer:
         self.repeats, self.warmup = repeats, warmup
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def median_ms(self, fn: Callable[[], Any]) -> float:
+    def best_ms(self, fn: Callable[[], Any]) -> float:
+        """The least-disturbed time of `fn` (ms) over the repeats, after the warm-up."""
         for _ in range(self.warmup):
             fn()
         self.sync()
@@ -240,7 +242,7 @@ class _Timer:
             fn()
             self.sync()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+        return min(times) * 1e3
 
 
 def _device_name(device: str, threads: int) -> str:
@@ -280,7 +282,7 @@ def _attention_decode(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[
                 for layer in range(L):
                     part.layers[layer](x, meta, cos, sin, kv.k[layer], kv.v[layer])
 
-            out.append((b, c, b * c, timer.median_ms(run) / L))
+            out.append((b, c, b * c, timer.best_ms(run) / L))
             del kv
     return out
 
@@ -307,7 +309,7 @@ def _attention_prefill(m, timer: _Timer, grid: ProfileGrid, device: str) -> list
                 for layer in range(L):
                     part.layers[layer](x, meta, cos, sin, kv.k[layer], kv.v[layer])
 
-            out.append((n, d, timer.median_ms(run) / L))
+            out.append((n, d, timer.best_ms(run) / L))
     return out
 
 
@@ -324,7 +326,7 @@ def _ffn(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
             for layer in range(L):
                 ffn(layer, h)
 
-        out.append((n, timer.median_ms(run) / L))
+        out.append((n, timer.best_ms(run) / L))
     return out
 
 
@@ -361,7 +363,7 @@ def _engine_step_points(
                 engine.add_request(f"p{i}", list(range(3, 3 + prompt)), params)
             engine.step()  # the prefill step
             ctx0 = prompt + 1 + timer.warmup
-            ms = timer.median_ms(engine.step)
+            ms = timer.best_ms(engine.step)
             out.append((N, ctx0 + timer.repeats / 2.0, ms))
         finally:
             engine.close()
@@ -409,7 +411,7 @@ def _copy_points(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple
     for n in grid.transport_tokens:
         src = torch.randn(n, m.config.hidden_size, dtype=m.dtype, device=device)  # [n, D]
         dst = torch.empty_like(src)
-        out.append((n, timer.median_ms(lambda src=src, dst=dst: dst.copy_(src))))
+        out.append((n, timer.best_ms(lambda src=src, dst=dst: dst.copy_(src))))
     return out
 
 
@@ -447,7 +449,7 @@ def _ping_pong(a, b, m, timer: _Timer, grid: ProfileGrid, device: str) -> list[t
             if k >= timer.warmup:
                 times.append((time.perf_counter() - t0) / 2)
             step += 1
-        out.append((n, statistics.median(times) * 1e3))
+        out.append((n, min(times) * 1e3))
     th.join(timeout=TRANSPORT_DEADLINE_S)
     if errors:
         raise errors[0]

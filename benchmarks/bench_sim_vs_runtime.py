@@ -1,0 +1,85 @@
+"""Simulation vs the real in-process runtime: step time and tokens/s.
+
+    python benchmarks/bench_sim_vs_runtime.py [--model builtin:tiny-llama] [--threads 1] [--json]
+
+Profiles the model on this machine (`afdserve profile`, default grid), then for each workload
+runs the real engine (`LLM.generate`, aggregated M = 1, AFD 1A1F M = 1 and M = 2 over the
+in-process transport; the fastest of --repeats timed runs after a warm-up) and simulates the same
+runs from the profile. Same as `afdserve sim-validate runtime`, over several batch shapes.
+Multi-process runs (shm/tcp transports) are not compared yet: they come with the multi-process
+runtime (`RuntimeRun.transport`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from afdserve.sim.profile import ProfileGrid, run_profile
+from afdserve.sim.validate_runtime import Workload, validate_runtime
+
+WORKLOADS = (Workload(8, 32, 64), Workload(16, 64, 64), Workload(32, 128, 32))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="builtin:tiny-llama")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    profile = run_profile(
+        args.model,
+        device=args.device,
+        grid=ProfileGrid(repeats=11),
+        transports=("local", "copy"),
+        threads=args.threads,
+    )
+    results = []
+    for w in WORKLOADS:
+        v = validate_runtime(
+            args.model,
+            device=args.device,
+            profile=profile,
+            workload=w,
+            threads=args.threads,
+            repeats=args.repeats,
+        )
+        results.append(v.to_dict())
+    wall = time.perf_counter() - t0
+    if args.json:
+        print(
+            json.dumps(
+                {"profile": results[0]["profile"], "results": results, "wall_s": wall}, indent=2
+            )
+        )
+        return
+    p = results[0]["profile"]
+    print(f"{args.model} on {p['device']} ({p['dtype']}), profiled in {p['wall_s']:.1f} s")
+    for key in ("attention", "ffn", "comm", "step"):
+        e = p[key]
+        print(
+            f"  {key:<9} alpha {e['alpha']:.4e} beta {e['beta']:.4e} R^2 {e['r2']:.3f} max rel err {e['max_rel_err']:.3f}"
+        )
+    print(f"  AFD step extra {p['step'].get('afd_beta', 0):.4g} ms; prefill {p['prefill']}")
+    print(
+        f"{'workload':<22} {'run':<26} {'real ms/step':>12} {'sim ms/step':>11} {'error':>7} "
+        f"{'real tok/s':>10} {'sim tok/s':>9} {'error':>7}"
+    )
+    for res in results:
+        w = res["workload"]
+        name = f"{w['requests']} x ({w['prompt_len']}, {w['output_len']})"
+        for r in res["runs"]:
+            print(
+                f"{name:<22} {r['run']:<26} {r['real_step_ms']:>12.3f} {r['sim_step_ms']:>11.3f} "
+                f"{r['step_ms_error']:>+7.1%} {r['real_tokens_per_s']:>10.0f} "
+                f"{r['sim_tokens_per_s']:>9.0f} {r['tokens_per_s_error']:>+7.1%}"
+            )
+    print(f"total {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
