@@ -116,6 +116,15 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
         "--rate", type=float, help="with --ratio: requests/s (default: the trace's timestamps)"
     )
     p.add_argument("--closed-loop", action="store_true", help="with --ratio: saturated closed loop")
+    p.add_argument(
+        "--arrivals",
+        choices=("trace", "poisson", "gamma"),
+        default="trace",
+        help="with --ratio: the trace's timestamps (rescaled by --rate), or Poisson/Gamma at --rate",
+    )
+    p.add_argument(
+        "--cv", type=float, default=1.0, help="Gamma inter-arrival coefficient of variation (1)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
@@ -323,11 +332,20 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
             name=trace.name,
         )
     else:
-        arrivals = "trace" if trace.arrival_s is not None else "poisson"
-        if arrivals == "poisson" and args.rate is None:
-            raise UserInputError(f"trace {trace.name!r} has no timestamps: give --rate")
+        arrivals = args.arrivals
+        if arrivals == "trace" and trace.arrival_s is None:
+            raise UserInputError(
+                f"trace {trace.name!r} has no timestamps: use --arrivals poisson --rate R"
+            )
+        if arrivals != "trace" and args.rate is None:
+            raise UserInputError(f"--arrivals {arrivals} needs --rate (requests/s)")
         reqs = from_trace(
-            trace, limit=args.requests, arrivals=arrivals, rate=args.rate, seed=args.seed
+            trace,
+            limit=args.requests,
+            arrivals=arrivals,
+            rate=args.rate,
+            cv=args.cv,
+            seed=args.seed,
         )
     run = run_unit(costs, cfg, reqs, closed_loop=args.closed_loop)
     rep = summarize([run], label=f"{args.ratio}A1F M={M} B={args.batch}", slo=slo)
