@@ -26,8 +26,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _shm_entries() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+def _segments_of(pids: list[int]) -> list[str]:
+    """/dev/shm ring files created by any of `pids` (the shm transport names them by creator;
+    other sessions' files are none of this test's business)."""
+    from afdserve.transport.shm import _SEGMENT_RE
+
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return [n for n in names if (m := _SEGMENT_RE.match(n)) and int(m.group(1)) in pids]
 
 
 def _generate(model_dir, **engine) -> list[list[int]]:
@@ -68,7 +73,6 @@ def test_multiprocess_afd_equals_aggregated(tiny_model_dirs, reference, transpor
     arch = (
         "qwen3-moe" if (r + m) % 2 else "llama"
     )  # both a MoE and a dense model on every transport
-    before = _shm_entries()
     with LLM(
         str(tiny_model_dirs[arch]),
         mode="afd",
@@ -80,7 +84,7 @@ def test_multiprocess_afd_equals_aggregated(tiny_model_dirs, reference, transpor
         tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert tokens == reference(arch)
     assert not any(_alive(p) for p in pids)
-    assert _shm_entries() <= before, f"leftover shared memory: {_shm_entries() - before}"
+    assert not _segments_of(pids), f"leftover shared memory: {_segments_of(pids)}"
 
 
 def test_stalled_attention_worker_does_not_stop_the_others(tiny_model_dirs, reference, monkeypatch):
