@@ -9,7 +9,8 @@ of real serving also has to price
   pair (the attention itself, quadratic in the chunk), `prefill_token_ms` / `prefill_pair_ms`;
   the FFN and the links charge prefill tokens like any other token;
 - the per-step work outside the layers on each attention worker (scheduling, embedding, the LM
-  head, sampling): `step_alpha_ms` per sequence that samples a token plus `step_beta_ms`;
+  head, sampling): `step_alpha_ms` per sequence that samples a token, `step_prefill_token_ms`
+  per prefill token, plus `step_beta_ms`;
 - the KV transfer from a prefill to a decode instance (prefill/decode-split baseline):
   `kv_transfer_ms_per_token` per prompt token plus `kv_transfer_beta_ms`.
 
@@ -47,6 +48,9 @@ class SimCosts:
     """Per step and attention worker: ms per sequence that samples (LM head, sampler)."""
     step_beta_ms: float = 0.0
     """Per step and attention worker with work: fixed ms (scheduling, metadata, embedding)."""
+    step_prefill_token_ms: float = 0.0
+    """Per step and attention worker: ms per prefill token of its step's bookkeeping outside the
+    layers (attention metadata, embedding), beyond what the per-sequence term covers."""
     afd_step_ms: float = 0.0
     """Per step of an AFD bundle: extra fixed ms of its step machinery (dispatching the workers,
     the SYNC message), on each attention worker's critical path."""
@@ -118,7 +122,12 @@ class SimCosts:
             ("prefill", (("token_ms", "prefill_token_ms"), ("pair_ms", "prefill_pair_ms"))),
             (
                 "step",
-                (("alpha", "step_alpha_ms"), ("beta", "step_beta_ms"), ("afd_beta", "afd_step_ms")),
+                (
+                    ("alpha", "step_alpha_ms"),
+                    ("beta", "step_beta_ms"),
+                    ("afd_beta", "afd_step_ms"),
+                    ("prefill_token_ms", "step_prefill_token_ms"),
+                ),
             ),
             (
                 "kv_transfer",
@@ -144,7 +153,12 @@ class SimCosts:
         prefill = dict(d.get("prefill") or {})
         prefill.update(token_ms=self.prefill_token_ms, pair_ms=self.prefill_pair_ms)
         step = dict(d.get("step") or {})
-        step.update(alpha=self.step_alpha_ms, beta=self.step_beta_ms, afd_beta=self.afd_step_ms)
+        step.update(
+            alpha=self.step_alpha_ms,
+            beta=self.step_beta_ms,
+            afd_beta=self.afd_step_ms,
+            prefill_token_ms=self.step_prefill_token_ms,
+        )
         kv = dict(d.get("kv_transfer") or {})
         kv.update(alpha=self.kv_transfer_ms_per_token, beta=self.kv_transfer_beta_ms)
         d.update(prefill=prefill, step=step, kv_transfer=kv)
@@ -166,6 +180,7 @@ class SimCosts:
             "step_alpha_ms": self.step_alpha_ms,
             "step_beta_ms": self.step_beta_ms,
             "afd_step_ms": self.afd_step_ms,
+            "step_prefill_token_ms": self.step_prefill_token_ms,
             "kv_transfer_ms_per_token": self.kv_transfer_ms_per_token,
         }
 

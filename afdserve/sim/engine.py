@@ -333,7 +333,12 @@ class _Engine:
             tok_max, tok_sum = int(self.n_dec.max()), self.n_dec_total
         attn = s.attention.alpha * ctx_max + s.attention.beta + attn_extra
         ffn = s.ffn.alpha * tok_sum + G * s.ffn.beta
-        post = c.step_alpha_ms * tok_max + c.step_beta_ms + c.afd_step_ms
+        post = (
+            c.step_alpha_ms * tok_max
+            + c.step_prefill_token_ms * (cfg.token_budget if self.n_prefilling else 0)
+            + c.step_beta_ms
+            + c.afd_step_ms
+        )
         if cfg.pipeline == "colocated":
             return L * (G * attn + ffn) + post
         link_tok = tok_sum if s.comm_scales_with == "rB" else tok_max

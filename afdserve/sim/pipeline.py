@@ -132,7 +132,12 @@ def stage_times(costs: SimCosts, load: StepLoad, pipeline: str) -> StageTimes:
         up = np.where(sends, s.comm.alpha * tok + s.comm.beta, 0.0)
     worker_on = sends.any(axis=2)  # [S, r]
     fixed = costs.step_beta_ms + (0.0 if colocated else costs.afd_step_ms)
-    post = np.where(worker_on, costs.step_alpha_ms * load.sampled + fixed, 0.0)
+    per_step = (
+        costs.step_alpha_ms * load.sampled
+        + costs.step_prefill_token_ms * load.prefill_tokens.sum(axis=2)
+        + fixed
+    )
+    post = np.where(worker_on, per_step, 0.0)
     return StageTimes(attn, up, up, ffn, post, sends, shared)
 
 
@@ -311,7 +316,14 @@ def time_one_step(
         up_sh = [0.0] * G
     fixed = costs.step_beta_ms + (0.0 if colocated else costs.afd_step_ms)
     on = [any(row) for row in sends]
-    post = [costs.step_alpha_ms * sampled[k] + fixed if on[k] else 0.0 for k in range(r)]
+    post = [
+        costs.step_alpha_ms * sampled[k]
+        + costs.step_prefill_token_ms * sum(prefill_tokens[k])
+        + fixed
+        if on[k]
+        else 0.0
+        for k in range(r)
+    ]
     att_busy = [L * sum(a[k]) + post[k] for k in range(r)]
     ffn_busy = L * sum(f)
     link_busy = L * (sum(up_sh) if shared else max(sum(row) for row in up))

@@ -14,7 +14,9 @@ its layers:
   L * (attention + FFN); fitted t = step_alpha * N + step_beta (scheduling, metadata,
   embedding, LM head, sampling, bookkeeping). The same with an in-process AFD engine (1A1F)
   gives `step.afd_beta`, the extra per-step cost of AFD's step machinery (thread dispatch,
-  SYNC) beyond the per-layer transfers;
+  SYNC) beyond the per-layer transfers; the work that grows with a step's prefill tokens
+  (attention metadata, embedding, rotary tables for one sequence of n tokens) gives
+  `step.prefill_token_ms`;
 - transports: the in-process `local` transport (a message to a thread and back, halved: what a
   hand-over between the attention and FFN threads costs), a plain tensor copy (`copy`), and the
   multi-process backends from `afdserve.transport.registry` where they exist (two endpoints in
@@ -46,6 +48,8 @@ from afdserve.sim.fit import AffineFit, fit_affine, fit_nonneg, quality
 
 TRANSPORTS: tuple[str, ...] = ("local", "copy", "shm", "tcp")
 TRANSPORT_DEADLINE_S = 20.0
+ENGINE_STEP_REPEATS = 31
+"""Engine steps are timed at least this many times (they are cheap, and noise matters more)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class ProfileGrid:
     ffn_tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
     prefill_chunks: tuple[int, ...] = (16, 128, 512)
     prefill_starts: tuple[int, ...] = (0, 256)
-    step_batches: tuple[int, ...] = (1, 8, 32)
+    step_batches: tuple[int, ...] = (1, 8, 16, 32)
     transport_tokens: tuple[int, ...] = (1, 32, 256)
     repeats: int = 7
     warmup: int = 2
@@ -140,6 +144,8 @@ def run_profile(
         pre_pts = _attention_prefill(m, timer, grid, device)
         note("ffn")
         ffn_pts = _ffn(m, timer, grid, device)
+        note("per-token step work")
+        tok_pts = _step_token_points(m, timer, grid, device)
         note("engine steps (aggregated, AFD)")
         agg_pts = _engine_step_points(m, model, "aggregated", timer, grid, device)
         afd_pts = _engine_step_points(m, model, "afd", timer, grid, device)
@@ -178,7 +184,14 @@ def run_profile(
     afd = np.asarray(afd_pts, dtype=np.float64)
     comm_ms = comm["alpha"] * afd[:, 0] + comm["beta"]
     afd_extra = afd[:, 2] - agg[:, 2] - 2 * L * comm_ms
-    step = {**step_fit.to_dict(), "afd_beta": float(max(0.0, np.median(afd_extra)))}
+    tp = np.asarray(tok_pts, dtype=np.float64)
+    tok_fit = fit_affine(tp[:, 0], tp[:, 1])
+    step = {
+        **step_fit.to_dict(),
+        "afd_beta": float(max(0.0, np.median(afd_extra))),
+        "prefill_token_ms": tok_fit.alpha,
+        "prefill_token_r2": tok_fit.r2,
+    }
     threads_used = torch.get_num_threads()
     return {
         "source": "measured",
@@ -208,6 +221,7 @@ def run_profile(
             "attention_decode": [list(p) for p in attn_pts],
             "attention_prefill": [list(p) for p in pre_pts],
             "ffn": [list(p) for p in ffn_pts],
+            "step_tokens": [list(p) for p in tok_pts],
             "engine_step_aggregated": [list(p) for p in agg_pts],
             "engine_step_afd": [list(p) for p in afd_pts],
         },
@@ -330,6 +344,32 @@ def _ffn(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
     return out
 
 
+def _step_token_points(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
+    """The runtime's per-step work that grows with the tokens of a step (one sequence of n new
+    tokens): attention metadata, token ids, embedding and rotary tables. Its slope per token is
+    `step.prefill_token_ms`; decode steps have it in the per-sequence term already."""
+    import torch
+
+    from afdserve.model.attention import AttentionMetadata
+
+    part = m.attention
+    vocab = m.config.vocab_size
+    out = []
+    for n in grid.prefill_chunks:
+        table = list(range(1, _blocks(n, 16) + 1))
+
+        def run(n=n, table=table) -> None:
+            meta = AttentionMetadata.build([0], [n], [table], 16, device)
+            ids = torch.tensor(  # [n] any valid token ids
+                [3 + i % (vocab - 3) for i in range(n)], dtype=torch.int64, device=device
+            )
+            part.embed(ids)
+            part.rope(meta, m.dtype)
+
+        out.append((n, timer.best_ms(run)))
+    return out
+
+
 def _engine_step_points(
     m, model: str, mode: str, timer: _Timer, grid: ProfileGrid, device: str
 ) -> list[tuple]:
@@ -342,6 +382,8 @@ def _engine_step_points(
     from afdserve.types import SamplingParams
 
     prompt = 8
+    # a step costs a few ms: many repeats are cheap and the AFD extra is a small difference
+    timer = _Timer(device, max(timer.repeats, ENGINE_STEP_REPEATS), timer.warmup)
     max_len = min(m.config.max_position_embeddings, prompt + timer.warmup + timer.repeats + 16)
     out = []
     for N in grid.step_batches:

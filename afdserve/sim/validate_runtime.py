@@ -22,6 +22,7 @@ cost is what `afdserve profile` times as `shm` / `tcp`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -104,6 +105,9 @@ class RunComparison:
     """Mean of the engine's own per-step execute time (without scheduling)."""
     output_tokens: int
     real_wall_s: float
+    load_average: float
+    """1-minute load average of this machine right after the real run (timing is only
+    meaningful when it is below the core count: other load slows thread hand-offs most)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +131,7 @@ class RuntimeValidation:
             "device": self.device,
             "workload": asdict(self.workload),
             "profile": prof,
+            "cpu_count": os.cpu_count(),
             "runs": [r.to_dict() for r in self.runs],
             "max_abs_step_error": max(abs(r.step_ms_error) for r in self.runs),
             "max_abs_tokens_per_s_error": max(abs(r.tokens_per_s_error) for r in self.runs),
@@ -187,9 +192,17 @@ def validate_runtime(
                 real_execute_ms=real["execute_ms"],
                 output_tokens=real["tokens"],
                 real_wall_s=real["wall_s"],
+                load_average=_load_average(),
             )
         )
     return RuntimeValidation(model, str(profile.get("device")), workload, profile, out)
+
+
+def _load_average() -> float:
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:  # not available on this platform
+        return math.nan
 
 
 def _engine_options(run: RuntimeRun, w: Workload, device: str, dtype: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def test_profile_round_trip_through_planner_and_simulator(tmp_path) -> None:
         step_alpha_ms=0.01,
         step_beta_ms=0.5,
         afd_step_ms=0.2,
+        step_prefill_token_ms=2e-3,
         kv_transfer_ms_per_token=3e-3,
         kv_transfer_beta_ms=0.1,
     )

@@ -114,6 +114,7 @@ def test_scalar_path_equals_vectorised() -> None:
             step_alpha_ms=rng.random() * 0.1,
             step_beta_ms=rng.random(),
             afd_step_ms=rng.random(),
+            step_prefill_token_ms=rng.random() * 1e-3,
         )
         tok = rng.integers(0, 5, size=(1, r, G)) * (rng.random((1, r, G)) < 0.8)
         ctx = tok * rng.integers(1, 3000, size=(1, r, G))
