@@ -83,10 +83,11 @@ class ShmOptions(TransportOptions):
     session: str = ""
     """Group name shared by every rank (letters, digits, `._-`). Empty: derived from
     `rendezvous` (the address itself is never contacted)."""
-    ring_bytes: int = 16 << 20
-    """Ring size per ordered peer pair. /dev/shm is sparse, so only bytes that messages
-    actually pass through become resident."""
-    chunk_bytes: int = 2 << 20
+    ring_bytes: int = 2 << 20
+    """Ring size per ordered peer pair. Small on purpose: a ring that stays in the caches
+    streams several times faster than one that goes through DRAM (dev box, 16 MiB frames:
+    4.6 GB/s through a 2 MiB ring, 0.7 GB/s through 16 MiB); larger frames stream through."""
+    chunk_bytes: int = 512 << 10
     """Streaming granularity: the sender and receiver copy concurrently chunk by chunk."""
     inline_bytes: int = 32 << 10
     """Frames up to this size travel whole in the notification datagram."""
