@@ -67,7 +67,7 @@ def main() -> None:
     print(f"  AFD step extra {p['step'].get('afd_beta', 0):.4g} ms; prefill {p['prefill']}")
     print(
         f"{'workload':<22} {'run':<26} {'real ms/step':>12} {'sim ms/step':>11} {'error':>7} "
-        f"{'real tok/s':>10} {'sim tok/s':>9} {'error':>7} {'load':>5}"
+        f"{'real tok/s':>10} {'sim tok/s':>9} {'error':>7} {'load':>5} {'serial ms':>9} {'error':>7}"
     )
     for res in results:
         w = res["workload"]
@@ -77,7 +77,12 @@ def main() -> None:
                 f"{name:<22} {r['run']:<26} {r['real_step_ms']:>12.3f} {r['sim_step_ms']:>11.3f} "
                 f"{r['step_ms_error']:>+7.1%} {r['real_tokens_per_s']:>10.0f} "
                 f"{r['sim_tokens_per_s']:>9.0f} {r['tokens_per_s_error']:>+7.1%} "
-                f"{r['load_average']:>5.2f}"
+                f"{r['load_average']:>5.2f} "
+                + (
+                    f"{r['sim_serial_step_ms']:>9.3f} {r['serial_step_ms_error']:>+7.1%}"
+                    if r["sim_serial_step_ms"] is not None
+                    else f"{'-':>9} {'-':>7}"
+                )
             )
     print(
         f"total {wall:.0f} s; load: 1-minute load average after each real run ({results[0]['cpu_count']} CPUs)"

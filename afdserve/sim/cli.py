@@ -664,13 +664,18 @@ def run_validate_runtime(args: argparse.Namespace) -> int:
         f"{v.model} on {v.device}: {workload.requests} requests x (prompt {workload.prompt_len}, "
         f"output {workload.output_len})",
         f"{'run':<26} {'real ms/step':>12} {'sim ms/step':>11} {'error':>7} {'real tok/s':>10} "
-        f"{'sim tok/s':>9} {'error':>7} {'load':>5}",
+        f"{'sim tok/s':>9} {'error':>7} {'load':>5} {'serial ms':>9} {'error':>7}",
     ]
     for r in v.runs:
         lines.append(
             f"{r.run:<26} {r.real_step_ms:>12.3f} {r.sim_step_ms:>11.3f} {r.step_ms_error:>+7.1%} "
             f"{r.real_tokens_per_s:>10.0f} {r.sim_tokens_per_s:>9.0f} {r.tokens_per_s_error:>+7.1%} "
-            f"{r.load_average:>5.2f}"
+            f"{r.load_average:>5.2f} "
+            + (
+                f"{r.sim_serial_step_ms:>9.3f} {r.serial_step_ms_error:>+7.1%}"
+                if r.sim_serial_step_ms is not None
+                else f"{'-':>9} {'-':>7}"
+            )
         )
     print("\n".join(lines))
     return 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from afdserve.errors import UserInputError
 
-PIPELINES: tuple[str, ...] = ("microbatch", "ideal", "colocated")
+PIPELINES: tuple[str, ...] = ("microbatch", "ideal", "colocated", "serial")
 PREFILL_MODES: tuple[str, ...] = ("chunked", "none")
 
 
@@ -30,7 +30,9 @@ class BundleConfig:
       link each a server working in order (the runtime's loop); M = 1 is the unpipelined sum;
     - `ideal`: the planner's assumption, L * max(slowest attention worker, FFN, link) a step
       (perfect overlap at no extra cost, M ignored);
-    - `colocated`: one instance runs attention then FFN of each microbatch (aggregated serving)."""
+    - `colocated`: one instance runs attention then FFN of each microbatch (aggregated serving);
+    - `serial`: an AFD bundle whose workers share one executor (the in-process runtime: threads
+      of one interpreter on the same cores), so every job runs after the previous one."""
     prefill: str = "chunked"
     """`chunked`: prompts are prefilled in chunks within `token_budget`, through the same stages,
     and the first token comes at the end of the last chunk; `none`: the prompt is in the KV cache

@@ -343,6 +343,8 @@ class _Engine:
             return L * (G * attn + ffn) + post
         link_tok = tok_sum if s.comm_scales_with == "rB" else tok_max
         link = s.comm.alpha * link_tok + s.comm.beta
+        if cfg.pipeline == "serial":
+            return L * self.r * G * (attn + 2 * link) + L * ffn + self.r * post
         return L * (G * attn + 2 * G * link + ffn) + post
 
     def _step(self) -> None:

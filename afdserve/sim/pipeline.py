@@ -155,6 +155,11 @@ def step_timing(st: StageTimes, num_layers: int, pipeline: str) -> StepTiming:
         c = c if st.shared_link else c.max(axis=1)
         tau = np.maximum(np.maximum(a.max(axis=1), st.ffn.sum(axis=1)), c)
         duration = L * tau + st.post.max(axis=1)
+    elif pipeline == "serial":
+        links = st.up.sum(axis=-1) + st.down.sum(axis=-1)  # [S, r] or [S]
+        links = links if st.shared_link else links.sum(axis=1)
+        duration = L * (st.attention.sum(axis=(1, 2)) + st.ffn.sum(axis=1) + links)
+        duration = duration + st.post.sum(axis=1)
     elif pipeline == "microbatch":
         duration = microbatch_makespan(st, L)
     else:
@@ -332,6 +337,9 @@ def time_one_step(
     elif pipeline == "ideal":
         c = sum(up_sh) if shared else max(sum(row) for row in up)
         duration = L * max(max(sum(row) for row in a), sum(f), c) + max(post)
+    elif pipeline == "serial":
+        links = 2 * (sum(up_sh) if shared else sum(sum(row) for row in up))
+        duration = L * (sum(sum(row) for row in a) + sum(f) + links) + sum(post)
     else:
         duration = _makespan_one(a, up, up_sh, f, post, sends, on, L, shared)
     return duration, att_busy, ffn_busy, link_busy

@@ -11,7 +11,10 @@ A run is a batch of N identical requests (prompt P random token ids, D tokens ge
 
 The simulator gets the same requests (all arriving at 0), the same slot count, token budget and
 microbatch count, and the coefficients of the profile (`colocated` pipeline for aggregated,
-`microbatch` for AFD). Real time per step is the `generate` wall time divided by the engine's
+`microbatch` for AFD). AFD runs are also simulated with the `serial` pipeline: in this process
+the attention and FFN workers are threads sharing one interpreter and the same cores, so the
+overlap the microbatch pipeline assumes (separate devices) cannot fully happen; the two
+predictions bracket what the in-process runtime can do. Real time per step is the `generate` wall time divided by the engine's
 steps (so scheduling and Python overhead count, as they do in the simulator's per-step cost).
 
 `RuntimeRun.transport` names the transport; only `local` (in-process threads) exists here. The
@@ -101,6 +104,10 @@ class RunComparison:
     real_tokens_per_s: float
     sim_tokens_per_s: float
     tokens_per_s_error: float
+    sim_serial_step_ms: float | None
+    """AFD runs: the simulated step if the bundle's workers share one executor (`serial`
+    pipeline: the in-process runtime's threads share the interpreter and the cores)."""
+    serial_step_ms_error: float | None
     real_execute_ms: float
     """Mean of the engine's own per-step execute time (without scheduling)."""
     output_tokens: int
@@ -178,6 +185,7 @@ def validate_runtime(
         real = _real_run(model, run, workload, device, dtype, seed, repeats)
         note(f"simulated: {run.label}")
         sim = _sim_run(costs, run, workload)
+        serial = _sim_run(costs, run, workload, "serial") if run.mode == "afd" else None
         out.append(
             RunComparison(
                 run=run.label,
@@ -189,6 +197,10 @@ def validate_runtime(
                 real_tokens_per_s=real["tokens_per_s"],
                 sim_tokens_per_s=sim["tokens_per_s"],
                 tokens_per_s_error=sim["tokens_per_s"] / real["tokens_per_s"] - 1.0,
+                sim_serial_step_ms=None if serial is None else serial["step_ms"],
+                serial_step_ms_error=(
+                    None if serial is None else serial["step_ms"] / real["step_ms"] - 1.0
+                ),
                 real_execute_ms=real["execute_ms"],
                 output_tokens=real["tokens"],
                 real_wall_s=real["wall_s"],
@@ -259,12 +271,14 @@ def _real_run(
     }
 
 
-def _sim_run(costs: SimCosts, run: RuntimeRun, w: Workload) -> dict[str, Any]:
+def _sim_run(
+    costs: SimCosts, run: RuntimeRun, w: Workload, pipeline: str | None = None
+) -> dict[str, Any]:
     config = BundleConfig(
         attention_workers=run.attention_workers if run.mode == "afd" else 1,
         slots=w.requests,
         microbatches=run.microbatches,
-        pipeline="microbatch" if run.mode == "afd" else "colocated",
+        pipeline=pipeline or ("microbatch" if run.mode == "afd" else "colocated"),
         prefill="chunked",
         token_budget=w.max_num_batched_tokens,
     )

@@ -122,7 +122,7 @@ def test_scalar_path_equals_vectorised() -> None:
         load = StepLoad(
             tok.astype(float), ctx.astype(float), pt.astype(float), pt * 100.0, tok.sum(2) * 1.0
         )
-        pipes = ["microbatch", "ideal"] + (["colocated"] if r == 1 else [])
+        pipes = ["microbatch", "ideal", "serial"] + (["colocated"] if r == 1 else [])
         pipe = pipes[trial % len(pipes)]
         ref = step_timing(stage_times(c, load, pipe), L, pipe)
         d, att, ffn, link = time_one_step(
@@ -162,3 +162,16 @@ def test_periodic_extrapolation_matches_running_every_layer() -> None:
     finally:
         pipeline._REL_TOL = old
     np.testing.assert_allclose(fast, slow, rtol=1e-10)
+
+
+def test_serial_is_every_job_in_a_row() -> None:
+    L = 3
+    c = SimCosts.explicit(1e-4, 0.2, 1e-3, 0.4, 1e-3, 0.1, num_layers=L, step_beta_ms=0.5)
+    load = decode_load(np.array([[10, 20]]), np.array([[10_000, 30_000]]), 2)
+    t = step_timing(stage_times(c, load, "serial"), L, "serial").duration[0]
+    attn = 1e-4 * 40_000 + 4 * 0.2  # two workers x two microbatches
+    ffn = 1e-3 * 30 + 2 * 0.4
+    links = 2 * (1e-3 * 30 + 4 * 0.1)
+    assert t == pytest.approx(L * (attn + ffn + links) + 2 * 0.5)
+    pipelined = step_timing(stage_times(c, load, "microbatch"), L, "microbatch").duration[0]
+    assert pipelined < t

@@ -132,6 +132,10 @@ def test_runtime_validation_runs_and_is_well_formed(capsys) -> None:
         assert r["real_step_ms"] > 0 and r["sim_step_ms"] > 0
         assert r["real_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0
         assert math.isfinite(r["step_ms_error"]) and math.isfinite(r["tokens_per_s_error"])
+        if r["run"].startswith("AFD"):
+            assert r["sim_serial_step_ms"] >= r["sim_step_ms"] > 0  # no overlap is never faster
+        else:
+            assert r["sim_serial_step_ms"] is None
     code = main(["sim-validate", "runtime", "--transport", "shm", "--grid", "small", "--quiet"])
     _, err = capsys.readouterr()
     assert code == 2 and "multi-process" in err
