@@ -22,4 +22,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"
 fi
 .venv/bin/pip install -q -e ".${extras}"
+if [ -n "$extras" ] && ! .venv/bin/python -c "import nixl_cu12" 2>/dev/null; then
+  # the optional NIXL transport: its wheel needs only numpy (hence --no-deps); tests of it are
+  # skipped with a clear message where it cannot be installed
+  .venv/bin/pip install -q --no-deps nixl-cu12 || echo "setup: nixl-cu12 not installed (optional transport)"
+fi
 echo "setup: ok ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

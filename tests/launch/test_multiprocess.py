@@ -55,14 +55,9 @@ def reference(tiny_model_dirs):
 
 
 def _transports() -> list[str]:
-    names = ["shm", "torch", "tcp"]
-    try:
-        import nixl  # noqa: F401
+    from afdserve.transport.nixl import nixl_available
 
-        names.append("nixl")
-    except ImportError:
-        pass
-    return names
+    return ["shm", "torch", "tcp", *(["nixl"] if nixl_available() else [])]
 
 
 CASES = [(t, r, m) for t in _transports() for r in (1, 2, 3) for m in (1, 2)]
