@@ -4,7 +4,8 @@
 
 Profiles the model on this machine (`afdserve profile`, default grid), then for each workload
 runs the real engine (`LLM.generate`, aggregated M = 1, AFD 1A1F M = 1 and M = 2 over the
-in-process transport; the fastest of --repeats timed runs after a warm-up) and simulates the same
+in-process transport; the fastest of --repeats timed runs after a warm-up, over --rounds passes spread in time; the
+profile likewise keeps each point's fastest of --rounds passes) and simulates the same
 runs from the profile. Same as `afdserve sim-validate runtime`, over several batch shapes.
 Multi-process runs (shm/tcp transports) are not compared yet: they come with the multi-process
 runtime (`RuntimeRun.transport`).
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="passes through everything, fastest kept")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -37,6 +39,7 @@ def main() -> None:
         grid=ProfileGrid(repeats=11),
         transports=("local", "copy"),
         threads=args.threads,
+        rounds=args.rounds,
     )
     results = []
     for w in WORKLOADS:
@@ -47,6 +50,7 @@ def main() -> None:
             workload=w,
             threads=args.threads,
             repeats=args.repeats,
+            rounds=args.rounds,
         )
         results.append(v.to_dict())
     wall = time.perf_counter() - t0

@@ -545,7 +545,8 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--requests", type=int, default=16)
     r.add_argument("--prompt-len", type=int, default=64)
     r.add_argument("--output-len", type=int, default=64)
-    r.add_argument("--repeats", type=int, default=3, help="timed real runs per shape (median)")
+    r.add_argument("--repeats", type=int, default=3, help="timed real runs per shape (fastest)")
+    r.add_argument("--rounds", type=int, default=1, help="passes through all runs, fastest kept")
     r.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     r.add_argument(
         "--transport",
@@ -651,10 +652,12 @@ def run_validate_runtime(args: argparse.Namespace) -> int:
         device=args.device,
         profile=profile,
         profile_grid=SMALL_GRID if args.grid == "small" else ProfileGrid(),
+        profile_rounds=args.rounds,
         runs=runs,
         workload=workload,
         threads=args.threads,
         repeats=args.repeats,
+        rounds=args.rounds,
         progress=note,
     )
     if args.json:

@@ -112,6 +112,8 @@ def test_runtime_validation_runs_and_is_well_formed(capsys) -> None:
             "6",
             "--repeats",
             "1",
+            "--rounds",
+            "2",
             "--threads",
             "1",
             "--json",
@@ -121,6 +123,7 @@ def test_runtime_validation_runs_and_is_well_formed(capsys) -> None:
     out, err = capsys.readouterr()
     assert code == 0, err
     d = json.loads(out)
+    assert d["rounds"] == 2 and d["profile"]["rounds"] == 2
     assert [r["run"] for r in d["runs"]] == [
         "aggregated M=1",
         "AFD 1A1F M=1 (local)",
