@@ -5,9 +5,9 @@ its layers:
 
 - attention sub-block (`AttentionPart.layers[l]`), decode: a grid of batch size b x context c
   over a paged KV cache; fitted t = alpha_A * (b * c) + beta_A (context tokens read);
-- attention sub-block, prefill: chunks of n tokens after d cached tokens; with alpha_A and beta_A
-  fixed, the rest is fitted (non-negative least squares) as prefill_token_ms * n +
-  prefill_pair_ms * (n * d + n (n + 1) / 2);
+- attention sub-block, prefill: s sequences each prefilling a chunk of n tokens after d cached
+  ones; with alpha_A and beta_A fixed, the rest is fitted (non-negative least squares on relative
+  residuals) as prefill_token_ms * s n + prefill_pair_ms * s (n d + n (n + 1) / 2);
 - FFN sub-block (`FFNPart(layer, h)`, dense or MoE) over token counts: t = alpha_F * n + beta_F;
 - the per-step work outside the layers: the runtime's own `Engine.step()` (one attention
   worker, M = 1) with N sequences decoding at a short context, minus the fitted layer costs
@@ -57,8 +57,10 @@ class ProfileGrid:
     decode_batches: tuple[int, ...] = (1, 8, 32)
     decode_contexts: tuple[int, ...] = (64, 256, 1024)
     ffn_tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
-    prefill_chunks: tuple[int, ...] = (16, 128, 512)
+    prefill_chunks: tuple[int, ...] = (16, 64, 256)
     prefill_starts: tuple[int, ...] = (0, 256)
+    prefill_sequences: tuple[int, ...] = (1, 8)
+    """Sequences prefilled together in one chunk (a step batches several prompts)."""
     step_batches: tuple[int, ...] = (1, 8, 16, 32)
     transport_tokens: tuple[int, ...] = (1, 32, 256)
     repeats: int = 7
@@ -78,6 +80,10 @@ class ProfileGrid:
                 raise UserInputError(f"profile grid {name} needs at least two integers >= 1")
         if any(not isinstance(x, int) or x < 0 for x in self.prefill_starts):
             raise UserInputError("profile grid prefill_starts must be integers >= 0")
+        if not self.prefill_sequences or any(
+            not isinstance(x, int) or x < 1 for x in self.prefill_sequences
+        ):
+            raise UserInputError("profile grid prefill_sequences must be integers >= 1")
         if self.repeats < 1 or self.warmup < 0:
             raise UserInputError("profile grid needs repeats >= 1 and warmup >= 0")
 
@@ -88,6 +94,7 @@ SMALL_GRID = ProfileGrid(
     ffn_tokens=(1, 64, 512),
     prefill_chunks=(8, 32),
     prefill_starts=(0, 32),
+    prefill_sequences=(1, 4),
     step_batches=(1, 4),
     transport_tokens=(1, 16),
     repeats=3,
@@ -322,6 +329,8 @@ def _attention_decode(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[
 
 
 def _attention_prefill(m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
+    """Chunks of n new tokens after d cached ones, for s sequences at once.
+    Returns (s, n, d, ms per layer)."""
     import torch
 
     from afdserve.engine.kv_cache import KVCache
@@ -331,19 +340,21 @@ def _attention_prefill(m, timer: _Timer, grid: ProfileGrid, device: str) -> list
     bs = 16
     L = cfg.num_hidden_layers
     out = []
-    for n in grid.prefill_chunks:
-        for d in grid.prefill_starts:
-            nb = _blocks(d + n, bs)
-            kv = KVCache(cfg, nb + 1, bs, m.dtype, device)
-            meta = AttentionMetadata.build([d], [n], [list(range(1, nb + 1))], bs, device)
-            x = torch.randn(n, cfg.hidden_size, dtype=m.dtype, device=device) * 0.02  # [n, D]
-            cos, sin = part.rope(meta, m.dtype)
+    for seqs in grid.prefill_sequences:
+        for n in grid.prefill_chunks:
+            for d in grid.prefill_starts:
+                nb = _blocks(d + n, bs)
+                kv = KVCache(cfg, seqs * nb + 1, bs, m.dtype, device)
+                tables = [list(range(1 + i * nb, 1 + (i + 1) * nb)) for i in range(seqs)]
+                meta = AttentionMetadata.build([d] * seqs, [n] * seqs, tables, bs, device)
+                x = torch.randn(seqs * n, cfg.hidden_size, dtype=m.dtype, device=device) * 0.02
+                cos, sin = part.rope(meta, m.dtype)
 
-            def run(x=x, meta=meta, cos=cos, sin=sin, kv=kv) -> None:
-                for layer in range(L):
-                    part.layers[layer](x, meta, cos, sin, kv.k[layer], kv.v[layer])
+                def run(x=x, meta=meta, cos=cos, sin=sin, kv=kv) -> None:
+                    for layer in range(L):
+                        part.layers[layer](x, meta, cos, sin, kv.k[layer], kv.v[layer])
 
-            out.append((n, d, timer.best_ms(run) / L))
+                out.append((seqs, n, d, timer.best_ms(run) / L))
     return out
 
 
@@ -433,11 +444,16 @@ def _engine_step_points(
 
 
 def _fit_prefill(pts: np.ndarray, alpha: float, beta: float) -> dict[str, float]:
-    n, d, t = pts[:, 0], pts[:, 1], pts[:, 2]
-    base = alpha * (d + n) + beta
-    pairs = n * d + n * (n + 1) / 2.0
-    coef = fit_nonneg(np.stack([n, pairs], axis=1), t - base)
-    pred = base + coef[0] * n + coef[1] * pairs
+    """With the decode fit's alpha_A (per context token read) and beta_A fixed, fit the rest of
+    each chunk's time as token_ms * new tokens + pair_ms * (query, context) pairs, by
+    non-negative least squares on relative residuals (as `fit_affine`)."""
+    seqs, n, d, t = pts[:, 0], pts[:, 1], pts[:, 2], pts[:, 3]
+    base = alpha * seqs * (d + n) + beta
+    tokens = seqs * n
+    pairs = seqs * (n * d + n * (n + 1) / 2.0)
+    w = 1.0 / t
+    coef = fit_nonneg(np.stack([tokens * w, pairs * w], axis=1), (t - base) * w)
+    pred = base + coef[0] * tokens + coef[1] * pairs
     r2, err = quality(t, pred)
     return {"token_ms": float(coef[0]), "pair_ms": float(coef[1]), "r2": r2, "max_rel_err": err}
 

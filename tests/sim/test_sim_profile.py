@@ -55,6 +55,7 @@ def test_profile_command_writes_a_profile_the_planner_and_simulator_read(tmp_pat
     assert set(data["transport"]) == {"local", "copy"}
     assert data["comm_transport"] == "local"
     assert len(data["points"]["attention_decode"]) == 4  # 2 batches x 2 contexts
+    assert len(data["points"]["attention_prefill"]) == 8  # 2 sequences x 2 chunks x 2 starts
     costs = StageCosts.from_profile(out)
     assert costs.num_layers == 2 and costs.source == "measured"
     sim = SimCosts.from_profile(out)
