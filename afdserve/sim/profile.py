@@ -6,8 +6,9 @@ its layers:
 - attention sub-block (`AttentionPart.layers[l]`), decode: a grid of batch size b x context c
   over a paged KV cache; fitted t = alpha_A * (b * c) + beta_A (context tokens read);
 - attention sub-block, prefill: s sequences each prefilling a chunk of n tokens after d cached
-  ones; with alpha_A and beta_A fixed, the rest is fitted (non-negative least squares on relative
-  residuals) as prefill_token_ms * s n + prefill_pair_ms * s (n d + n (n + 1) / 2);
+  ones; with alpha_A and beta_A fixed, the rest is fitted (non-negative least squares on absolute
+  residuals, so that budget-sized steps fit best) as prefill_token_ms * s n + prefill_pair_ms *
+  s (n d + n (n + 1) / 2);
 - FFN sub-block (`FFNPart(layer, h)`, dense or MoE) over token counts: t = alpha_F * n + beta_F;
 - the per-step work outside the layers: the runtime's own `Engine.step()` (one attention
   worker, M = 1) with N sequences decoding at a short context, minus the fitted layer costs
@@ -59,7 +60,7 @@ class ProfileGrid:
     ffn_tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
     prefill_chunks: tuple[int, ...] = (16, 64, 256)
     prefill_starts: tuple[int, ...] = (0, 256)
-    prefill_sequences: tuple[int, ...] = (1, 8)
+    prefill_sequences: tuple[int, ...] = (1, 8, 16)
     """Sequences prefilled together in one chunk (a step batches several prompts)."""
     step_batches: tuple[int, ...] = (1, 8, 16, 32)
     transport_tokens: tuple[int, ...] = (1, 32, 256)
@@ -446,13 +447,13 @@ def _engine_step_points(
 def _fit_prefill(pts: np.ndarray, alpha: float, beta: float) -> dict[str, float]:
     """With the decode fit's alpha_A (per context token read) and beta_A fixed, fit the rest of
     each chunk's time as token_ms * new tokens + pair_ms * (query, context) pairs, by
-    non-negative least squares on relative residuals (as `fit_affine`)."""
+    non-negative least squares on absolute residuals: unlike decode, what matters is the big,
+    budget-sized prefill steps, and small kernels are superlinear in size on CPU."""
     seqs, n, d, t = pts[:, 0], pts[:, 1], pts[:, 2], pts[:, 3]
     base = alpha * seqs * (d + n) + beta
     tokens = seqs * n
     pairs = seqs * (n * d + n * (n + 1) / 2.0)
-    w = 1.0 / t
-    coef = fit_nonneg(np.stack([tokens * w, pairs * w], axis=1), (t - base) * w)
+    coef = fit_nonneg(np.stack([tokens, pairs], axis=1), t - base)
     pred = base + coef[0] * tokens + coef[1] * pairs
     r2, err = quality(t, pred)
     return {"token_ms": float(coef[0]), "pair_ms": float(coef[1]), "r2": r2, "max_rel_err": err}
