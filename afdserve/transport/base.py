@@ -8,12 +8,15 @@ is ever unbounded. Messages may arrive in any order; the mailbox keeps them unti
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
 
 from afdserve.errors import TransportClosed, TransportTimeout
 from afdserve.transport.protocol import Message, MsgType
+
+log = logging.getLogger(__name__)
 
 Key = tuple[int, int, int, int, int]
 
@@ -129,6 +132,17 @@ class Transport(ABC):
         self.rank = rank
         self.world_size = world_size
         self.mailbox = Mailbox()
+        self._dropped = 0
+
+    def _drop(self, why: str) -> None:
+        """Count and log a malformed frame; the endpoint keeps serving."""
+        self._dropped += 1
+        log.warning("%s rank %d dropped a bad frame %s", type(self).__name__, self.rank, why)
+
+    @property
+    def dropped_frames(self) -> int:
+        """Frames dropped as malformed or from unknown senders (for metrics and tests)."""
+        return self._dropped
 
     @abstractmethod
     def send(self, dst: int, msg: Message) -> None:

@@ -128,7 +128,6 @@ class NixlTransport(PumpedTransport):
         super().__init__(rank, world_size)
         self.options = opts
         self.spin_s = opts.spin_s
-        self._dropped = 0
         self._pool = RecvBufferPool()
         self._agent_lock = threading.Lock()  # every call into the agent
         self._rdv: Rendezvous | None = None
@@ -332,14 +331,6 @@ class NixlTransport(PumpedTransport):
                 except ProtocolError as e:
                     self._drop(f"from rank {src}: {e}")
         return handled
-
-    def _drop(self, why: str) -> None:
-        self._dropped += 1
-        log.warning("nixl rank %d dropped a bad frame %s", self.rank, why)
-
-    @property
-    def dropped_frames(self) -> int:
-        return self._dropped
 
     def _handle(self, src: int, data: bytes) -> None:
         if not data:

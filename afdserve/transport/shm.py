@@ -208,7 +208,6 @@ class ShmTransport(PumpedTransport):
         self._rank_of = {a: r for r, a in self._addr.items() if r in self.peers}
         self._out: dict[int, _OutRing] = {}
         self._in: dict[int, _InRing] = {}
-        self._dropped = 0
         self._dead: dict[int, str] = {}  # peer -> why it is known to be gone
         self._pool = RecvBufferPool()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -388,15 +387,6 @@ class ShmTransport(PumpedTransport):
                 self._handle(src, data)
             except ProtocolError as e:
                 self._drop(f"from rank {src}: {e}")
-
-    def _drop(self, why: str) -> None:
-        self._dropped += 1
-        log.warning("shm rank %d dropped a bad frame %s", self.rank, why)
-
-    @property
-    def dropped_frames(self) -> int:
-        """Frames dropped as malformed or from unknown senders (for metrics and tests)."""
-        return self._dropped
 
     def _handle(self, src: int, data: bytes) -> None:
         if not data:

@@ -77,7 +77,6 @@ class TcpTransport(PumpedTransport):
         super().__init__(rank, world_size)
         self.options = opts
         self.spin_s = opts.spin_s
-        self._dropped = 0
         self._pool = RecvBufferPool()
         self._ctx = zmq.Context(io_threads=1)
         self._push: dict[int, zmq.Socket] = {}
@@ -177,8 +176,7 @@ class TcpTransport(PumpedTransport):
             try:
                 self.mailbox.put(self._decode(frames))
             except ProtocolError as e:
-                self._dropped += 1
-                log.warning("tcp rank %d dropped a bad frame: %s", self.rank, e)
+                self._drop(f": {e}")
 
     def _decode(self, frames: list[zmq.Frame]) -> Message:
         if len(frames) not in (1, 2):
@@ -206,10 +204,6 @@ class TcpTransport(PumpedTransport):
                 dest[:] = raw
                 raw = dest
         return decode_parts(header, prefix, raw)
-
-    @property
-    def dropped_frames(self) -> int:
-        return self._dropped
 
     # -- teardown ------------------------------------------------------------------------------
 

@@ -98,7 +98,6 @@ class TorchDistTransport(Transport):
         self.options = opts
         self._closed = False
         self._dead: dict[int, str] = {}  # peer -> why we consider it gone
-        self._dropped = 0
         self._pool = RecvBufferPool()
         self._rdv = Rendezvous(
             opts.rendezvous, rank, world_size, opts.connect_timeout_s, "afd/torch"
@@ -220,10 +219,7 @@ class TorchDistTransport(Transport):
                     raise ProtocolError(f"frame from rank {peer} claims sender {header.sender}")
                 self.mailbox.put(decode_parts(header, prefix, data))
             except ProtocolError as e:
-                self._dropped += 1
-                log.warning(
-                    "torch rank %d dropped a bad frame from rank %d: %s", self.rank, peer, e
-                )
+                self._drop(f"from rank {peer}: {e}")
 
     def _mark_dead(self, peer: int, why: str) -> None:
         if peer not in self._dead:
@@ -261,10 +257,6 @@ class TorchDistTransport(Transport):
                     raise TransportTimeout(
                         f"torch rank {self.rank}: timed out after {timeout_s:.3f}s waiting for {_describe(key)}"
                     ) from None
-
-    @property
-    def dropped_frames(self) -> int:
-        return self._dropped
 
     # -- teardown ------------------------------------------------------------------------------
 
