@@ -551,7 +551,7 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--transport",
         default="local",
-        help="AFD transport (local; multi-process transports come with the multi-process runtime)",
+        help="AFD transport: local (threads) or shm/tcp (worker processes)",
     )
     r.add_argument("--json", action="store_true")
     r.add_argument("--quiet", action="store_true")
@@ -636,7 +636,10 @@ def run_validate_runtime(args: argparse.Namespace) -> int:
     from afdserve.sim.profile import SMALL_GRID, ProfileGrid
     from afdserve.sim.validate_runtime import DEFAULT_RUNS, RuntimeRun, Workload, validate_runtime
 
-    runs = tuple(RuntimeRun(r.mode, r.microbatches, transport=args.transport) for r in DEFAULT_RUNS)
+    runs = tuple(
+        RuntimeRun(r.mode, r.microbatches, transport=args.transport if r.mode == "afd" else "local")
+        for r in DEFAULT_RUNS
+    )
     workload = Workload(args.requests, args.prompt_len, args.output_len)
     if args.repeats < 1:
         raise UserInputError(f"--repeats must be >= 1, got {args.repeats}")

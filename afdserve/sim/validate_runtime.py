@@ -41,6 +41,8 @@ from afdserve.sim.metrics import summarize
 from afdserve.sim.requests import RequestSet
 
 IN_PROCESS_TRANSPORTS: tuple[str, ...] = ("local",)
+MULTI_PROCESS_TRANSPORTS: tuple[str, ...] = ("shm", "tcp")
+"""Worker-process transports the comparison can time (the profile times their transfers too)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,14 @@ class RuntimeRun:
     def __post_init__(self) -> None:
         if self.mode not in ("aggregated", "afd"):
             raise UserInputError(f"run mode must be aggregated or afd, got {self.mode!r}")
-        if self.transport not in IN_PROCESS_TRANSPORTS:
+        allowed = IN_PROCESS_TRANSPORTS + MULTI_PROCESS_TRANSPORTS
+        if self.transport not in allowed:
             raise UserInputError(
-                f"transport {self.transport!r}: only the in-process runtime ({', '.join(IN_PROCESS_TRANSPORTS)}) "
-                "can be compared so far; multi-process runs come with the multi-process runtime"
+                f"transport {self.transport!r}: choose one of {', '.join(allowed)}"
+            )
+        if self.transport != "local" and self.mode != "afd":
+            raise UserInputError(
+                "worker-process transports run AFD: use mode afd (aggregated is in-process)"
             )
         if self.microbatches < 1 or self.attention_workers < 1:
             raise UserInputError("microbatches and attention_workers must be >= 1")
@@ -173,6 +179,7 @@ def validate_runtime(
     note = progress or (lambda _s: None)
     if threads is not None:
         torch.set_num_threads(threads)
+    multi = sorted({r.transport for r in runs} - {"local"})
     if profile is None:
         note("profiling")
         profile = run_profile(
@@ -180,12 +187,12 @@ def validate_runtime(
             device=device,
             dtype=dtype,
             grid=profile_grid or ProfileGrid(),
-            transports=("local", "copy"),
+            transports=("local", "copy", *multi),
             threads=threads,
             rounds=profile_rounds,
         )
     check_profile(profile)
-    costs = SimCosts.from_profile_dict(profile, origin="profile")
+    costs_by_transport = {t: _costs_with_comm(profile, t) for t in {r.transport for r in runs}}
     reals: dict[RuntimeRun, dict[str, Any]] = {}
     for k in range(rounds):
         for run in runs:
@@ -198,6 +205,7 @@ def validate_runtime(
     for run in runs:
         real = reals[run]
         note(f"simulated: {run.label}")
+        costs = costs_by_transport[run.transport]
         sim = _sim_run(costs, run, workload)
         serial = _sim_run(costs, run, workload, "serial") if run.mode == "afd" else None
         out.append(
@@ -222,6 +230,22 @@ def validate_runtime(
             )
         )
     return RuntimeValidation(model, str(profile.get("device")), workload, profile, out, rounds)
+
+
+def _costs_with_comm(profile: dict[str, Any], transport: str) -> SimCosts:
+    """The profile's costs with `comm` taken from the timing of `transport` (each run is
+    simulated with the transfer cost of the transport it really used)."""
+    timed = profile.get("transport", {}).get(transport)
+    if transport == profile.get("comm_transport") or not timed or "alpha" not in timed:
+        if transport != profile.get("comm_transport", "local"):
+            raise UserInputError(f"the profile has no timing of transport {transport!r}")
+        return SimCosts.from_profile_dict(profile, origin="profile")
+    swapped = {
+        **profile,
+        "comm": {k: timed[k] for k in ("alpha", "beta", "r2", "max_rel_err") if k in timed},
+        "comm_transport": transport,
+    }
+    return SimCosts.from_profile_dict(swapped, origin="profile")
 
 
 def _load_average() -> float:
@@ -263,14 +287,21 @@ def _real_run(
         prompts = [rng.integers(3, vocab, size=w.prompt_len).tolist() for _ in range(w.requests)]
         llm.generate(prompts, params)  # warm-up: the same shapes as the timed runs
         walls, n_steps, execute = [], 0, []
+        in_process = hasattr(llm.engine, "step_times")
         for _ in range(repeats):
-            llm.engine.step_times.clear()  # a bounded deque of the engine's recent step times
+            if in_process:
+                llm.engine.step_times.clear()  # a bounded deque of the engine's recent step times
+            before = _worker_steps(llm.engine)
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params)
             walls.append(time.perf_counter() - t0)
-            steps = list(llm.engine.step_times)
-            n_steps = len(steps)
-            execute.append(float(np.mean(steps)) if steps else math.nan)
+            if in_process:
+                steps = list(llm.engine.step_times)
+                n_steps = len(steps)
+                execute.append(float(np.mean(steps)) if steps else math.nan)
+            else:  # worker processes: their own step counters, reported with every step
+                n_steps = _worker_steps(llm.engine) - before
+                execute.append(math.nan)
     finally:
         llm.close()
     tokens = sum(len(o.token_ids) for o in outs)
@@ -283,6 +314,11 @@ def _real_run(
         "tokens_per_s": tokens / wall,
         "wall_s": wall,
     }
+
+
+def _worker_steps(engine: Any) -> int:
+    """Steps attention worker 0 has run (the runs compared here have one attention worker)."""
+    return int(engine.state(afd=False).workers[0].counters.get("steps", 0))
 
 
 def _sim_run(
