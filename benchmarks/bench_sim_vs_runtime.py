@@ -1,14 +1,15 @@
-"""Simulation vs the real in-process runtime: step time and tokens/s.
+"""Simulation vs the real runtime: step time and tokens/s.
 
     python benchmarks/bench_sim_vs_runtime.py [--model builtin:tiny-llama] [--threads 1] [--json]
+    python benchmarks/bench_sim_vs_runtime.py --transport shm   # AFD runs in worker processes
 
 Profiles the model on this machine (`afdserve profile`, default grid), then for each workload
 runs the real engine (`LLM.generate`, aggregated M = 1, AFD 1A1F M = 1 and M = 2 over the
 in-process transport; the fastest of --repeats timed runs after a warm-up, over --rounds passes spread in time; the
 profile likewise keeps each point's fastest of --rounds passes) and simulates the same
 runs from the profile. Same as `afdserve sim-validate runtime`, over several batch shapes.
-Multi-process runs (shm/tcp transports) are not compared yet: they come with the multi-process
-runtime (`RuntimeRun.transport`).
+With --transport shm|tcp the AFD runs go through real worker processes and are simulated with
+that transport's timed transfer cost.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import time
 
 from afdserve.sim.profile import ProfileGrid, run_profile
-from afdserve.sim.validate_runtime import Workload, validate_runtime
+from afdserve.sim.validate_runtime import DEFAULT_RUNS, RuntimeRun, Workload, validate_runtime
 
 WORKLOADS = (Workload(8, 32, 64), Workload(16, 64, 64), Workload(32, 128, 32))
 
@@ -30,14 +31,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="passes through everything, fastest kept")
+    ap.add_argument("--transport", default="local", help="AFD runs: local (threads), shm or tcp")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    runs = tuple(
+        RuntimeRun(r.mode, r.microbatches, transport=args.transport if r.mode == "afd" else "local")
+        for r in DEFAULT_RUNS
+    )
     t0 = time.perf_counter()
     profile = run_profile(
         args.model,
         device=args.device,
         grid=ProfileGrid(repeats=11),
-        transports=("local", "copy"),
+        transports=("local", "copy", *([args.transport] if args.transport != "local" else [])),
         threads=args.threads,
         rounds=args.rounds,
     )
@@ -48,6 +54,7 @@ def main() -> None:
             device=args.device,
             profile=profile,
             workload=w,
+            runs=runs,
             threads=args.threads,
             repeats=args.repeats,
             rounds=args.rounds,
