@@ -33,6 +33,16 @@ VERB_MODULES: tuple[str, ...] = (
 
 
 
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse prints usage plus the error; keep malformed flags to one line, exit status 2."""
+
+    def error(message: str) -> None:
+        sys.stderr.write(f"{parser.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="afdserve", description="Attention-FFN Disaggregated LLM serving"

@@ -13,6 +13,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
+from afdserve.cli import one_line_errors
 from afdserve.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -45,15 +46,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_plan(subparsers)
     _add_workload(subparsers)
 
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """argparse prints usage plus the error; keep malformed flags to one line, exit status 2."""
-
-    def error(message: str) -> None:
-        sys.stderr.write(f"{parser.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
-
-    parser.error = error  # type: ignore[method-assign]
 
 
 # ---- parsers ----------------------------------------------------------------------------------
@@ -140,7 +132,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="plot throughput and idle fractions vs r")
     p.set_defaults(func=run_plan)
-    _one_line_errors(p)
+    one_line_errors(p)
 
 
 def _add_workload(subparsers: argparse._SubParsersAction) -> None:
@@ -158,7 +150,7 @@ def _add_workload(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="DIST", help="output length distribution")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=run_workload)
-    _one_line_errors(p)
+    one_line_errors(p)
 
 
 # ---- plan -------------------------------------------------------------------------------------

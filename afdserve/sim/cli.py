@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from afdserve.cli import one_line_errors
 from afdserve.errors import UserInputError
 
 
@@ -22,13 +23,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_profile(subparsers)
     _add_validate(subparsers)
 
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    def error(message: str) -> None:
-        sys.stderr.write(f"{parser.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
-
-    parser.error = error  # type: ignore[method-assign]
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -130,7 +124,7 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_simulate)
-    _one_line_errors(p)
+    one_line_errors(p)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -445,7 +439,7 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the profile JSON too")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_profile_cli)
-    _one_line_errors(p)
+    one_line_errors(p)
 
 
 def run_profile_cli(args: argparse.Namespace) -> int:
@@ -536,7 +530,7 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_validate_theory, verb="sim-validate theory")
-    _one_line_errors(t)
+    one_line_errors(t)
     r = sub.add_parser("runtime", help="simulated vs real step time and tokens/s (in-process)")
     r.add_argument("--model", default="builtin:tiny-llama")
     r.add_argument("--device", default="cpu")
@@ -556,13 +550,13 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=run_validate_runtime, verb="sim-validate runtime")
-    _one_line_errors(r)
+    one_line_errors(r)
 
     def no_target(_args: argparse.Namespace) -> int:
         raise UserInputError("say what to validate: sim-validate theory or sim-validate runtime")
 
     p.set_defaults(func=no_target)
-    _one_line_errors(p)
+    one_line_errors(p)
 
 
 def run_validate_theory(args: argparse.Namespace) -> int:

@@ -181,5 +181,8 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
     ]
     for r in d["runs"]:
         assert r["output_tokens"] == 4 * 6
-        assert r["real_steps"] == r["sim_steps"] == 6
+        assert r["sim_steps"] == 6
+        # a worker process may start stepping before the last of the 4 requests reaches it
+        # over the control plane, so its prefill can take one extra step
+        assert r["real_steps"] in (6, 7)
         assert math.isfinite(r["step_ms_error"]) and r["real_step_ms"] > 0
