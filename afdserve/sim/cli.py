@@ -24,7 +24,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_validate(subparsers)
 
 
-
 def _int_list(text: str) -> tuple[int, ...]:
     """'1-16' or '1,2,4' or '1-4,8' -> a tuple of ints."""
     out: list[int] = []
@@ -436,6 +435,11 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
         "--comm-from", default="local", help="transport whose fit becomes `comm` (local)"
     )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--no-worker-steps",
+        action="store_true",
+        help="do not time worker-process engines over shm/tcp (their per-step `afd_beta`)",
+    )
     p.add_argument("--json", action="store_true", help="print the profile JSON too")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_profile_cli)
@@ -465,6 +469,7 @@ def run_profile_cli(args: argparse.Namespace) -> int:
         transports=transports,
         comm_from=args.comm_from,
         threads=args.threads,
+        worker_steps=not args.no_worker_steps,
         progress=note,
     )
     check_profile(data)
@@ -507,6 +512,10 @@ def _render_profile(d: dict[str, Any], out: Path) -> str:
     for name, t in d["transport"].items():
         if "alpha" in t:
             lines.append(f"transport {name:<6} {t['alpha']:.4e} ms/token + {t['beta']:.4e} ms")
+            if "afd_beta" in t:
+                lines.append(f"  worker-process AFD step extra over {name}: {t['afd_beta']:.4g} ms")
+            elif "worker_step_skipped" in t:
+                lines.append(f"  worker-process steps skipped: {t['worker_step_skipped']}")
         else:
             lines.append(f"transport {name:<6} skipped: {t['skipped']}")
     return "\n".join(lines)

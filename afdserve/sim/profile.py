@@ -22,7 +22,14 @@ its layers:
   hand-over between the attention and FFN threads costs), a plain tensor copy (`copy`), and the
   multi-process backends from `afdserve.transport.registry` where they exist (two endpoints in
   this process; skipped with the reason on any failure or past a deadline). The one named by
-  `comm_from` gives the top-level `comm` coefficients (per token, one way).
+  `comm_from` gives the top-level `comm` coefficients (per token, one way);
+- worker processes: for each multi-process transport timed above, a real 1A1F engine of worker
+  processes joined by it (`MultiProcessEngine`, M = 1) decodes N sequences for N in the grid,
+  timed from the front as the median over windows of a few steps; minus the
+  in-process prediction of the same step (layers + `step`) and the fitted transfers, the
+  median residual is that transport's `afd_beta` (`transport.<name>.afd_beta`): what the
+  control plane, the per-frame transport work and the extra processes add to every step. The
+  simulator uses it instead of `step.afd_beta` when it simulates runs over that transport.
 
 Each time is the minimum of `repeats` runs after `warmup` runs (CUDA: synchronised): on a shared
 machine other load only ever adds time, so the least-disturbed run is the reproducible figure
@@ -48,6 +55,12 @@ from afdserve.errors import UserInputError
 from afdserve.sim.fit import AffineFit, fit_affine, fit_nonneg, quality
 
 TRANSPORTS: tuple[str, ...] = ("local", "copy", "shm", "tcp")
+WORKER_TRANSPORTS: tuple[str, ...] = ("shm", "tcp")
+"""Transports whose worker-process step overhead the profile measures (`worker_steps`)."""
+WORKER_WINDOW_STEPS = 8
+"""Steps per timed window of a worker-process engine (timed from the front, so a window
+averages out when a step's token events reach the front)."""
+WORKER_DEADLINE_S = 120.0
 TRANSPORT_DEADLINE_S = 20.0
 ENGINE_STEP_REPEATS = 31
 """Engine steps are timed at least this many times (they are cheap, and noise matters more)."""
@@ -63,7 +76,8 @@ class ProfileGrid:
     prefill_sequences: tuple[int, ...] = (1, 8, 16)
     """Sequences prefilled together in one chunk (a step batches several prompts)."""
     step_batches: tuple[int, ...] = (1, 8, 16, 32)
-    transport_tokens: tuple[int, ...] = (1, 32, 256)
+    transport_tokens: tuple[int, ...] = (1, 32, 256, 2048)
+    """Up to a default step budget: a prefill step ships that many hidden states per layer."""
     repeats: int = 7
     warmup: int = 2
 
@@ -114,9 +128,13 @@ def run_profile(
     comm_from: str = "local",
     threads: int | None = None,
     rounds: int = 1,
+    worker_steps: bool = True,
     progress: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Profile `model` (a directory or builtin:NAME) on `device`; returns the profile object.
+
+    `worker_steps`: also time a real worker-process engine over each timed multi-process
+    transport (a few seconds each: the workers start and load the model).
 
     With `rounds` > 1 the whole grid is measured that many times, one round after another, and
     each point keeps its fastest round: spreading the repeats over time keeps a burst of other
@@ -152,6 +170,9 @@ def run_profile(
         raise UserInputError(f"rounds must be an integer >= 1, got {rounds!r}")
     timer = _Timer(device, grid.repeats, grid.warmup)
     note = progress or (lambda _s: None)
+    worker_names = [t for t in transports if t in WORKER_TRANSPORTS] if worker_steps else []
+    worker_rounds: dict[str, list[list[tuple]]] = {}
+    worker_skipped: dict[str, str] = {}
     with torch.inference_mode():
         measured: list[tuple[list[tuple], ...]] = []
         for k in range(rounds):
@@ -168,6 +189,14 @@ def run_profile(
             g_pts = _engine_step_points(m, model, "aggregated", timer, grid, device)
             d_pts = _engine_step_points(m, model, "afd", timer, grid, device)
             measured.append((a_pts, p_pts, f_pts, t_pts, g_pts, d_pts))
+            for name in worker_names:
+                note(f"worker-process steps over {name}" + tag)
+                try:
+                    pts = _worker_step_points(model, name, timer, grid, device, dtype, threads)
+                except Exception as exc:  # workers that cannot start here: say why, go on
+                    worker_skipped[name] = f"{type(exc).__name__}: {exc}"
+                else:
+                    worker_rounds.setdefault(name, []).append(pts)
         attn_pts, pre_pts, ffn_pts, tok_pts, agg_pts, afd_pts = (
             _fastest([r[i] for r in measured]) for i in range(6)
         )
@@ -208,6 +237,15 @@ def run_profile(
     afd_extra = afd[:, 2] - agg[:, 2] - 2 * L * comm_ms
     tp = np.asarray(tok_pts, dtype=np.float64)
     tok_fit = fit_affine(tp[:, 0], tp[:, 1])
+    for name in worker_names:
+        if name in worker_skipped:
+            transport[name]["worker_step_skipped"] = worker_skipped[name]
+        elif "alpha" in transport[name]:
+            pts = _median_points(worker_rounds[name])
+            transport[name].update(
+                afd_beta=_worker_afd_beta(pts, L, attn_fit, ffn_fit, step_fit, transport[name]),
+                worker_step_points=[list(q) for q in pts],
+            )
     step = {
         **step_fit.to_dict(),
         "afd_beta": float(max(0.0, np.median(afd_extra))),
@@ -264,6 +302,14 @@ def run_profile(
 def _fastest(rounds: list[list[tuple]]) -> list[tuple]:
     """Per point (same grid in every round), the round with the smallest time (last field)."""
     return [min(pts, key=lambda p: p[-1]) for pts in zip(*rounds, strict=True)]
+
+
+def _median_points(rounds: list[list[tuple]]) -> list[tuple]:
+    """Per point, the median time over the rounds (for worker-process steps: see
+    `_worker_step_points` on why the typical rate, not the fastest)."""
+    return [
+        (*pts[0][:-1], float(np.median([p[-1] for p in pts]))) for pts in zip(*rounds, strict=True)
+    ]
 
 
 class _Timer:
@@ -441,6 +487,108 @@ def _engine_step_points(
             out.append((N, ctx0 + timer.repeats / 2.0, ms))
         finally:
             engine.close()
+    return out
+
+
+def _worker_afd_beta(
+    pts: list[tuple],
+    num_layers: int,
+    attn_fit: AffineFit,
+    ffn_fit: AffineFit,
+    step_fit: AffineFit,
+    comm: dict[str, Any],
+) -> float:
+    """A transport's `afd_beta`: measured worker-process decode steps (N, context, ms) minus
+    what the in-process profile predicts for them (layers, per-step work, 2 L fitted
+    transfers); the median residual, at least 0."""
+    p = np.asarray(pts, dtype=np.float64)
+    n, ctx, ms = p[:, 0], p[:, 1], p[:, 2]
+    predicted = (
+        num_layers * (attn_fit.predict(n * ctx) + ffn_fit.predict(n))
+        + step_fit.predict(n)
+        + 2 * num_layers * (comm["alpha"] * n + comm["beta"])
+    )
+    return float(max(0.0, np.median(ms - predicted)))
+
+
+def _worker_step_points(
+    model: str,
+    transport: str,
+    timer: _Timer,
+    grid: ProfileGrid,
+    device: str,
+    dtype: str,
+    threads: int | None,
+) -> list[tuple]:
+    """Decode steps of a real 1A1F engine in worker processes (M = 1) over `transport`, with N
+    sequences for N in the grid: (N, mean context, ms per step). A step is timed from the
+    front, which receives every step's token events: after the prefill and a warm-up, the
+    median of `repeats` (at least 5) windows of WORKER_WINDOW_STEPS steps, each the time the
+    slowest sequence took to gain that many tokens (every sequence gains one per step).
+
+    The median, not the fastest window as for the in-process points: three processes on few
+    cores step at a rate that wanders with where the scheduler puts them and how fast a
+    sleeping peer wakes, not only when other load disturbs them, and a real run (`generate`
+    of many steps) pays the typical rate; the fastest short window is a rare one."""
+    from afdserve.config import EngineConfig
+    from afdserve.launch.multiproc import MultiProcessEngine
+    from afdserve.types import SamplingParams
+
+    prompt = 8
+    warm = max(timer.warmup, 2)
+    windows = max(timer.repeats, 5)
+    decode = warm + windows * WORKER_WINDOW_STEPS
+    max_len = prompt + decode + 8
+    n_max = max(grid.step_batches)
+    cfg = EngineConfig(
+        model=model,
+        mode="afd",
+        attention_workers=1,
+        microbatches=1,
+        transport=transport,
+        max_num_seqs=n_max,
+        max_num_batched_tokens=max(2048, n_max * prompt),
+        max_model_len=max_len,
+        device=device,
+        dtype=dtype,
+        num_kv_blocks=n_max * _blocks(max_len, 16) + 2,
+        worker_threads=threads or 1,
+    )
+    engine = MultiProcessEngine(cfg)
+    out = []
+    try:
+        for N in grid.step_batches:
+            params = SamplingParams(max_tokens=1 + decode, temperature=0.0, ignore_eos=True)
+            counts = {f"w{N}-{i}": 0 for i in range(N)}
+            for rid in counts:
+                engine.add_request(rid, list(range(3, 3 + prompt)), params)
+            deadline = time.monotonic() + WORKER_DEADLINE_S
+
+            def until(tokens: int, counts=counts, deadline=deadline) -> float:
+                """Step the front until every sequence has `tokens` tokens; the time then."""
+                while min(counts.values()) < tokens:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"worker-process steps over {transport}: no progress within "
+                            f"{WORKER_DEADLINE_S:.0f} s"
+                        )
+                    for ev in engine.step(timeout_s=0.05):
+                        if ev.request_id in counts:
+                            counts[ev.request_id] += 1
+                return time.perf_counter()
+
+            base = 1 + warm  # the prefill's token, then the warm-up steps
+            t = until(base)
+            per_step = []
+            for k in range(1, windows + 1):
+                t_next = until(base + k * WORKER_WINDOW_STEPS)
+                per_step.append((t_next - t) / WORKER_WINDOW_STEPS)
+                t = t_next
+            until(1 + decode)  # finished: the KV blocks are free for the next batch
+            ctx = prompt + base + windows * WORKER_WINDOW_STEPS / 2.0
+            out.append((N, ctx, float(np.median(per_step)) * 1e3))
+    finally:
+        engine.close()
     return out
 
 

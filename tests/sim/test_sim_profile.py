@@ -179,6 +179,18 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
         "AFD 1A1F M=1 (shm)",
         "AFD 1A1F M=2 (shm)",
     ]
+    # the profile timed decode steps of real worker processes over shm, one point per grid N,
+    # and the AFD runs are simulated with the per-step extra fitted from them, not the
+    # in-process one
+    shm = d["profile"]["worker_steps"]["shm"]
+    assert [p[0] for p in shm["worker_step_points"]] == [1, 4]  # SMALL_GRID.step_batches
+    assert all(p[2] > 0 for p in shm["worker_step_points"])
+    assert shm["afd_beta"] >= 0
+    for r in d["runs"]:
+        if r["run"].startswith("AFD"):
+            assert r["sim_afd_step_ms"] == shm["afd_beta"]
+        else:
+            assert r["sim_afd_step_ms"] is None
     for r in d["runs"]:
         assert r["output_tokens"] == 4 * 6
         assert r["sim_steps"] == 6
@@ -186,3 +198,45 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
         # over the control plane, so its prefill can take one extra step
         assert r["real_steps"] in (6, 7)
         assert math.isfinite(r["step_ms_error"]) and r["real_step_ms"] > 0
+
+
+def test_worker_afd_beta_is_the_median_residual_over_the_in_process_prediction() -> None:
+    from afdserve.sim.fit import AffineFit
+    from afdserve.sim.profile import _worker_afd_beta
+
+    attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)  # ms per context token read, ms
+    ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
+    step = AffineFit(0.05, 1.0, 1.0, 0.0, 3)
+    comm = {"alpha": 0.002, "beta": 0.1}
+    L = 2
+
+    def predicted(n: int, ctx: float) -> float:
+        layers = L * (0.001 * n * ctx + 0.5 + 0.01 * n + 0.2)
+        return layers + 0.05 * n + 1.0 + 2 * L * (0.002 * n + 0.1)
+
+    extras = [1.5, 2.0, 9.0]  # one disturbed point: the median ignores it
+    pts = [(n, 40.0, predicted(n, 40.0) + e) for n, e in zip((1, 8, 16), extras, strict=True)]
+    assert _worker_afd_beta(pts, L, attn, ffn, step, comm) == pytest.approx(2.0)
+    # faster than the in-process prediction (it cannot be, but noise): clipped at 0
+    pts = [(n, 40.0, predicted(n, 40.0) - 0.3) for n in (1, 8)]
+    assert _worker_afd_beta(pts, L, attn, ffn, step, comm) == 0.0
+
+
+def test_worker_process_runs_combine_to_the_median_and_in_process_to_the_fastest() -> None:
+    from afdserve.sim.validate_runtime import _combine
+
+    def run(step_ms_each: list[float]) -> dict:
+        return {
+            "steps": 10,
+            "tokens": 40,
+            "step_ms": min(step_ms_each),
+            "wall_s": min(step_ms_each) * 10 / 1e3,
+            "tokens_per_s": 40 / (min(step_ms_each) * 10 / 1e3),
+            "step_ms_each": step_ms_each,
+        }
+
+    rounds = [run([5.0, 9.0, 6.0]), run([2.0, 7.0, 8.0])]
+    assert _combine(rounds, typical=False)["step_ms"] == 2.0
+    typical = _combine(rounds, typical=True)
+    assert typical["step_ms"] == pytest.approx(6.5)  # median of all six repeats
+    assert typical["tokens_per_s"] == pytest.approx(40 / (6.5 * 10 / 1e3))
