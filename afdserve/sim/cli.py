@@ -438,7 +438,7 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-worker-steps",
         action="store_true",
-        help="do not time worker-process engines over shm/tcp (their per-step `afd_beta`)",
+        help="do not time worker-process engines over shm/tcp (their `afd_alpha`, `afd_beta`)",
     )
     p.add_argument("--json", action="store_true", help="print the profile JSON too")
     p.add_argument("--quiet", action="store_true")
@@ -513,7 +513,10 @@ def _render_profile(d: dict[str, Any], out: Path) -> str:
         if "alpha" in t:
             lines.append(f"transport {name:<6} {t['alpha']:.4e} ms/token + {t['beta']:.4e} ms")
             if "afd_beta" in t:
-                lines.append(f"  worker-process AFD step extra over {name}: {t['afd_beta']:.4g} ms")
+                lines.append(
+                    f"  worker-process AFD step extra over {name}: {t['afd_alpha']:.4g} ms/sequence"
+                    f" + {t['afd_beta']:.4g} ms"
+                )
             elif "worker_step_skipped" in t:
                 lines.append(f"  worker-process steps skipped: {t['worker_step_skipped']}")
         else:

@@ -27,9 +27,10 @@ its layers:
   processes joined by it (`MultiProcessEngine`, M = 1) decodes N sequences for N in the grid,
   timed from the front as the median over windows of a few steps; minus the
   in-process prediction of the same step (layers + `step`) and the fitted transfers, the
-  median residual is that transport's `afd_beta` (`transport.<name>.afd_beta`): what the
-  control plane, the per-frame transport work and the extra processes add to every step. The
-  simulator uses it instead of `step.afd_beta` when it simulates runs over that transport.
+  residual, fitted as a line in N, is that transport's `afd_alpha` (per sequence) and
+  `afd_beta` (`transport.<name>.*`): what the control plane, the per-frame transport work and
+  the extra processes add to every step. The simulator uses them (`afd_beta` instead of
+  `step.afd_beta`, `afd_alpha` on top of `step.alpha`) for runs over that transport.
 
 Each time is the minimum of `repeats` runs after `warmup` runs (CUDA: synchronised): on a shared
 machine other load only ever adds time, so the least-disturbed run is the reproducible figure
@@ -242,9 +243,9 @@ def run_profile(
             transport[name]["worker_step_skipped"] = worker_skipped[name]
         elif "alpha" in transport[name]:
             pts = _median_points(worker_rounds[name])
+            alpha, beta = _worker_afd_fit(pts, L, attn_fit, ffn_fit, step_fit, transport[name])
             transport[name].update(
-                afd_beta=_worker_afd_beta(pts, L, attn_fit, ffn_fit, step_fit, transport[name]),
-                worker_step_points=[list(q) for q in pts],
+                afd_alpha=alpha, afd_beta=beta, worker_step_points=[list(q) for q in pts]
             )
     step = {
         **step_fit.to_dict(),
@@ -490,17 +491,22 @@ def _engine_step_points(
     return out
 
 
-def _worker_afd_beta(
+def _worker_afd_fit(
     pts: list[tuple],
     num_layers: int,
     attn_fit: AffineFit,
     ffn_fit: AffineFit,
     step_fit: AffineFit,
     comm: dict[str, Any],
-) -> float:
-    """A transport's `afd_beta`: measured worker-process decode steps (N, context, ms) minus
-    what the in-process profile predicts for them (layers, per-step work, 2 L fitted
-    transfers); the median residual, at least 0."""
+) -> tuple[float, float]:
+    """A transport's (`afd_alpha` per sequence, `afd_beta`): measured worker-process decode
+    steps (N, context, ms) minus what the in-process profile predicts for them (layers,
+    per-step work, 2 L fitted transfers), fitted as a line in N. Part of the extra grows with
+    the batch (every sequence's token event is encoded by the worker and decoded by the front,
+    which shares the cores), part does not (control messages, wake-ups). Theil-Sen (median of
+    pairwise slopes), so that one disturbed point does not tilt the line; both at least 0."""
+    from scipy.stats import theilslopes
+
     p = np.asarray(pts, dtype=np.float64)
     n, ctx, ms = p[:, 0], p[:, 1], p[:, 2]
     predicted = (
@@ -508,7 +514,13 @@ def _worker_afd_beta(
         + step_fit.predict(n)
         + 2 * num_layers * (comm["alpha"] * n + comm["beta"])
     )
-    return float(max(0.0, np.median(ms - predicted)))
+    resid = ms - predicted
+    slope = max(0.0, float(theilslopes(resid, n)[0])) if len(set(n.tolist())) > 1 else 0.0
+    beta = float(np.median(resid - slope * n))
+    if beta < 0:  # the line crosses below 0 at small N: keep it through the origin instead
+        beta = 0.0
+        slope = max(0.0, float(np.median(resid / n)))
+    return slope, beta
 
 
 def _worker_step_points(

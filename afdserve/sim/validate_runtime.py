@@ -116,8 +116,11 @@ class RunComparison:
     pipeline: the in-process runtime's threads share the interpreter and the cores)."""
     serial_step_ms_error: float | None
     sim_afd_step_ms: float | None
-    """AFD runs: the per-step AFD extra the simulation used (in-process `step.afd_beta`, or
-    the one the profile measured over the run's worker-process transport)."""
+    """AFD runs: the fixed per-step AFD extra the simulation used (in-process `step.afd_beta`,
+    or the `afd_beta` the profile measured over the run's worker-process transport)."""
+    sim_step_alpha_ms: float
+    """The per-sequence step cost the simulation used (`step.alpha`, plus the transport's
+    `afd_alpha` for a worker-process run)."""
     real_execute_ms: float
     """Mean of the engine's own per-step execute time (without scheduling)."""
     output_tokens: int
@@ -146,7 +149,9 @@ class RuntimeValidation:
         prof = {k: v for k, v in self.profile.items() if k not in ("points", "transport")}
         prof["worker_steps"] = {  # what calibrates the worker-process runs (profile docstring)
             name: {
-                k: t[k] for k in ("afd_beta", "worker_step_points", "worker_step_skipped") if k in t
+                k: t[k]
+                for k in ("afd_alpha", "afd_beta", "worker_step_points", "worker_step_skipped")
+                if k in t
             }
             for name, t in self.profile.get("transport", {}).items()
             if any(k.startswith("worker_step") for k in t)
@@ -235,6 +240,7 @@ def validate_runtime(
                     None if serial is None else serial["step_ms"] / real["step_ms"] - 1.0
                 ),
                 sim_afd_step_ms=costs.afd_step_ms if run.mode == "afd" else None,
+                sim_step_alpha_ms=costs.step_alpha_ms,
                 real_execute_ms=real["execute_ms"],
                 output_tokens=real["tokens"],
                 real_wall_s=real["wall_s"],
@@ -247,7 +253,8 @@ def validate_runtime(
 def _costs_with_comm(profile: dict[str, Any], transport: str) -> SimCosts:
     """The profile's costs with `comm` taken from the timing of `transport` (each run is
     simulated with the transfer cost of the transport it really used), and for a worker-process
-    transport the per-step AFD extra the profile measured over it (`afd_beta`), if it did."""
+    transport the per-step AFD extra the profile measured over it (`afd_beta`, and `afd_alpha`
+    per sequence on top of `step.alpha`), if it did."""
     timed = profile.get("transport", {}).get(transport)
     if transport == profile.get("comm_transport") or not timed or "alpha" not in timed:
         if transport != profile.get("comm_transport", "local"):
@@ -259,7 +266,10 @@ def _costs_with_comm(profile: dict[str, Any], transport: str) -> SimCosts:
         "comm_transport": transport,
     }
     if "afd_beta" in timed:
-        swapped["step"] = {**profile.get("step", {}), "afd_beta": timed["afd_beta"]}
+        step = dict(profile.get("step", {}))
+        step["afd_beta"] = timed["afd_beta"]
+        step["alpha"] = step.get("alpha", 0.0) + timed.get("afd_alpha", 0.0)
+        swapped["step"] = step
     return SimCosts.from_profile_dict(swapped, origin="profile")
 
 

@@ -185,12 +185,15 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
     shm = d["profile"]["worker_steps"]["shm"]
     assert [p[0] for p in shm["worker_step_points"]] == [1, 4]  # SMALL_GRID.step_batches
     assert all(p[2] > 0 for p in shm["worker_step_points"])
-    assert shm["afd_beta"] >= 0
+    assert shm["afd_beta"] >= 0 and shm["afd_alpha"] >= 0
+    in_process_alpha = d["profile"]["step"]["alpha"]
     for r in d["runs"]:
         if r["run"].startswith("AFD"):
             assert r["sim_afd_step_ms"] == shm["afd_beta"]
+            assert r["sim_step_alpha_ms"] == pytest.approx(in_process_alpha + shm["afd_alpha"])
         else:
             assert r["sim_afd_step_ms"] is None
+            assert r["sim_step_alpha_ms"] == in_process_alpha
     for r in d["runs"]:
         assert r["output_tokens"] == 4 * 6
         assert r["sim_steps"] == 6
@@ -200,9 +203,9 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
         assert math.isfinite(r["step_ms_error"]) and r["real_step_ms"] > 0
 
 
-def test_worker_afd_beta_is_the_median_residual_over_the_in_process_prediction() -> None:
+def test_worker_afd_fit_is_a_robust_line_through_the_residuals() -> None:
     from afdserve.sim.fit import AffineFit
-    from afdserve.sim.profile import _worker_afd_beta
+    from afdserve.sim.profile import _worker_afd_fit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)  # ms per context token read, ms
     ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
@@ -214,12 +217,19 @@ def test_worker_afd_beta_is_the_median_residual_over_the_in_process_prediction()
         layers = L * (0.001 * n * ctx + 0.5 + 0.01 * n + 0.2)
         return layers + 0.05 * n + 1.0 + 2 * L * (0.002 * n + 0.1)
 
-    extras = [1.5, 2.0, 9.0]  # one disturbed point: the median ignores it
-    pts = [(n, 40.0, predicted(n, 40.0) + e) for n, e in zip((1, 8, 16), extras, strict=True)]
-    assert _worker_afd_beta(pts, L, attn, ffn, step, comm) == pytest.approx(2.0)
+    ns = (1, 4, 8, 16, 32)
+    extra = {n: 1.5 + 0.03 * n for n in ns}
+    extra[16] += 4.0  # one disturbed point does not tilt the line
+    pts = [(n, 40.0, predicted(n, 40.0) + extra[n]) for n in ns]
+    alpha, beta = _worker_afd_fit(pts, L, attn, ffn, step, comm)
+    assert alpha == pytest.approx(0.03) and beta == pytest.approx(1.5)
     # faster than the in-process prediction (it cannot be, but noise): clipped at 0
     pts = [(n, 40.0, predicted(n, 40.0) - 0.3) for n in (1, 8)]
-    assert _worker_afd_beta(pts, L, attn, ffn, step, comm) == 0.0
+    assert _worker_afd_fit(pts, L, attn, ffn, step, comm) == (0.0, 0.0)
+    # a falling residual is no negative cost per sequence: flat, at its median
+    pts = [(n, 40.0, predicted(n, 40.0) + 2.0 - 0.01 * n) for n in (1, 8, 32)]
+    alpha, beta = _worker_afd_fit(pts, L, attn, ffn, step, comm)
+    assert alpha == 0.0 and beta == pytest.approx(2.0 - 0.08)
 
 
 def test_worker_process_runs_combine_to_the_median_and_in_process_to_the_fastest() -> None:
