@@ -146,6 +146,8 @@ class MultiProcessEngine:
         self.max_model_len = 0
         ffn_endpoint = f"tcp://127.0.0.1:{control.free_port()}"
         rendezvous = f"127.0.0.1:{control.free_port()}"
+        self.rendezvous = rendezvous
+        """HOST:PORT of the workers' rendezvous store (attention worker 0 hosts it)."""
         ncpu = os.cpu_count() or 1
         try:
             for rank in range(r + 1):

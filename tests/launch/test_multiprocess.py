@@ -157,6 +157,65 @@ def test_worker_survives_garbage_control_messages(tiny_model_dirs, reference):
     assert tokens == reference("llama")
 
 
+def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs, reference):
+    # an outsider dials the FFN worker's data-plane socket (its address from the workers' own
+    # rendezvous store) and sends malformed frames; the worker logs and drops each one, and
+    # then serves the attention worker's real traffic exactly
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    import zmq
+
+    from afdserve.transport.protocol import Message, MsgType, encode_parts
+
+    with LLM(
+        str(tiny_model_dirs["llama"]),
+        mode="afd",
+        attention_workers=1,
+        microbatches=1,
+        transport="tcp",
+    ) as llm:
+        host, port = llm.engine.rendezvous.rsplit(":", 1)
+        store = dist.PrefixStore(
+            "afd/tcp",
+            dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10)),
+        )
+        ffn_addr = store.get("addr/1").decode()  # rank 1 = the FFN worker (r = 1)
+        prefix, payload = encode_parts(
+            Message(MsgType.ACTIVATION_TRANSFER, 0, 0, 0, 0, tensor=torch.ones(2, 4))
+        )
+        bad_header = bytearray(prefix)
+        bad_header[-1] ^= 0x01  # a shape entry past ndim set: the header no longer validates
+        foreign = encode_parts(
+            Message(MsgType.ACTIVATION_TRANSFER, 0, 0, 0, 7, tensor=torch.ones(2, 4))
+        )  # well formed, but from rank 7: not a peer
+        garbage = [
+            [b"\x00\xffnot an AFD frame at all"],
+            [bytes(bad_header), bytes(payload)],
+            [prefix],  # the tensor part is missing
+            [foreign[0], bytes(foreign[1])],
+            [prefix, bytes(payload), b"one part too many"],
+        ]
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        try:
+            push.connect(ffn_addr)
+            for parts in garbage:
+                push.send_multipart(parts)
+        finally:
+            push.close()
+            ctx.term()
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        ffn_log = llm.engine._logs[-1]
+        deadline = time.monotonic() + 10
+        while ffn_log.read_text().count("dropped a bad frame") < len(garbage):
+            assert time.monotonic() < deadline, ffn_log.read_text()[-2000:]
+            time.sleep(0.1)
+    assert tokens == reference("llama")
+
+
 def test_handshake_refuses_mismatched_models(tiny_model_dirs, tmp_path):
     from afdserve.launch.control import free_port
 
