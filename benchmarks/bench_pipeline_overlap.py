@@ -2,10 +2,10 @@
 pinned to two cores, attention and FFN shaped to take about the same time.
 
 For a batch of B sequences decoding in lockstep at context ~C, it measures in this process (one
-thread) T_attn (the attention side of one decode step: every layer's attention block, LM head
-excluded) and T_ffn (every layer's FFN on the B tokens), then runs the real multi-process engine
-(`transport`, pinned, 1 thread per worker) with M = 1, 2, 3 microbatches and reports its decode
-step time against T_attn + T_ffn (no overlap) and max(T_attn, T_ffn) (perfect overlap).
+thread) T_attn (the attention worker's whole step: metadata, embedding, every layer's attention
+block, LM head, sampling) and T_ffn (every layer's FFN on the B tokens), then runs the real
+multi-process engine (`transport`, pinned, 1 thread per worker) with M = 1, 2, 3 microbatches
+and reports its decode step time against T_attn + T_ffn (no overlap) and max(T_attn, T_ffn) (perfect overlap).
 
     python benchmarks/bench_pipeline_overlap.py --transport shm
 """
@@ -23,24 +23,63 @@ import torch
 
 
 def measure_parts(model_dir: Path, batch: int, context: int, repeats: int) -> tuple[float, float]:
-    """(T_attn, T_ffn) in seconds for one decode step of `batch` sequences at `context`."""
+    """(T_attn, T_ffn) in seconds for one decode step of `batch` sequences at `context`.
+
+    T_attn is everything the attention worker computes in a step: `AttentionRunner.execute`
+    (metadata, embedding, every layer's attention block, LM head, sampling) with an FFN link
+    that costs nothing; T_ffn is every layer's FFN on the batch. Both bound the pipeline: its
+    step can be no shorter than either."""
+    from afdserve.afd.attention_runner import AttentionRunner
+    from afdserve.afd.ffn_link import FFNLink
+    from afdserve.afd.stats import AFDStats
     from afdserve.engine.kv_cache import KVCache
     from afdserve.launch.local import load_model
-    from afdserve.model.attention import AttentionMetadata
+    from afdserve.types import SamplingParams, ScheduledChunk, StepPlan
+
+    class FreeFFN(FFNLink):
+        """Returns zeros at once: the attention side's work alone."""
+
+        def __init__(self) -> None:
+            self.stats = AFDStats()
+            self._zeros: torch.Tensor | None = None
+
+        def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
+            pass
+
+        def submit(self, step, layer, microbatch, h) -> None:
+            if self._zeros is None or self._zeros.shape != h.shape:
+                self._zeros = torch.zeros_like(h)
+
+        def result(self, step, layer, microbatch) -> torch.Tensor:
+            assert self._zeros is not None
+            return self._zeros
 
     m = load_model(str(model_dir), "float32")
     cfg, bs = m.config, 16
     nb = -(-(context + 1) // bs)
     kv = KVCache(cfg, batch * nb + 1, bs, torch.float32)
-    tables = [list(range(1 + i * nb, 1 + (i + 1) * nb)) for i in range(batch)]
-    meta = AttentionMetadata.build([context] * batch, [1] * batch, tables, bs)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    plan = StepPlan(
+        0,
+        tuple(
+            ScheduledChunk(
+                seq_id=i,
+                token_ids=(5,),
+                start_pos=context,
+                block_table=tuple(range(1 + i * nb, 1 + (i + 1) * nb)),
+                sample=True,
+                params=params,
+                sampling_seed=i,
+                output_index=0,
+            )
+            for i in range(batch)
+        ),
+    )
+    runner = AttentionRunner(m.attention, kv, FreeFFN())
     x = torch.randn(batch, cfg.hidden_size)
-    cos, sin = m.attention.rope(meta, torch.float32)
 
     def attn() -> None:
-        h = x
-        for layer, block in enumerate(m.attention.layers):
-            h = block(h, meta, cos, sin, kv.k[layer], kv.v[layer])
+        runner.execute(plan, 0)
 
     def ffn() -> None:
         for layer in range(cfg.num_hidden_layers):
@@ -131,9 +170,13 @@ def main() -> None:
 
     if args.intermediate:
         model_dir, t_attn, t_ffn = build(args.intermediate)
-    else:  # FFN time grows linearly with its width: one probe, then size it to match attention
-        _, t_attn, t_ffn = build(1024)
-        model_dir, t_attn, t_ffn = build(max(64, round(1024 * t_attn / t_ffn / 64) * 64))
+    else:  # FFN time grows about linearly with its width: probe, size it to attention, refine
+        inter = 1024
+        for _ in range(3):
+            model_dir, t_attn, t_ffn = build(inter)
+            if abs(t_ffn / t_attn - 1) < 0.1:
+                break
+            inter = max(64, round(inter * t_attn / t_ffn / 64) * 64)
         args.intermediate = int(
             __import__("json").loads((model_dir / "config.json").read_text())["intermediate_size"]
         )
