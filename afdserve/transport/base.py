@@ -26,21 +26,37 @@ def make_key(src: int, type_: MsgType, step: int, layer: int = 0, microbatch: in
 
 
 class Mailbox:
-    """Messages that arrived, keyed by Message.key, with deadline-bounded waits."""
+    """Messages that arrived, keyed by Message.key, with deadline-bounded waits.
+
+    One plain lock guards the dict; `put` notifies the condition only when a thread blocks in
+    `take`/`wait_any` (pumped transports poll `try_take` instead, so usually nobody does).
+    """
 
     def __init__(self) -> None:
         self._items: dict[Key, Message] = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0  # threads in _cond.wait (guarded by _lock)
         self._closed = False
 
     def put(self, msg: Message) -> None:
-        with self._cond:
-            self._items[msg.key] = msg
-            self._cond.notify_all()
+        key = (msg.sender, int(msg.type), msg.step, msg.layer, msg.microbatch)  # msg.key
+        with self._lock:
+            self._items[key] = msg
+            if self._sleepers:
+                self._cond.notify_all()
+
+    def _sleep(self, timeout_s: float) -> None:
+        """Wait on the condition (lock held) for at most `timeout_s`."""
+        self._sleepers += 1
+        try:
+            self._cond.wait(timeout_s)
+        finally:
+            self._sleepers -= 1
 
     def take(self, key: Key, timeout_s: float) -> Message:
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        with self._cond:
+        with self._lock:
             while key not in self._items:
                 if self._closed:
                     raise TransportClosed(f"transport closed while waiting for {_describe(key)}")
@@ -49,7 +65,7 @@ class Mailbox:
                     raise TransportTimeout(
                         f"timed out after {timeout_s:.3f}s waiting for {_describe(key)}"
                     )
-                self._cond.wait(remaining)
+                self._sleep(remaining)
             return self._items.pop(key)
 
     def take_until(self, key: Key, deadline: float) -> Message | None:
@@ -61,7 +77,7 @@ class Mailbox:
 
     def drop_older_than_for(self, src: int, step: int) -> int:
         """Forget messages from rank `src` of steps before `step` (abandoned by their sender)."""
-        with self._cond:
+        with self._lock:
             stale = [k for k in self._items if k[0] == src and k[2] < step]
             for k in stale:
                 del self._items[k]
@@ -69,18 +85,18 @@ class Mailbox:
 
     def try_take(self, key: Key) -> Message | None:
         """The keyed message if it is there, else None (never waits)."""
-        with self._cond:
+        with self._lock:
             return self._items.pop(key, None)
 
     def has(self, key: Key) -> bool:
-        with self._cond:
+        with self._lock:
             return key in self._items
 
     def wait_any(self, types: frozenset[int], timeout_s: float) -> list[Key]:
         """Wait until a message of one of `types` is here (or the deadline passes, or close);
         return the keys of all such messages, oldest first (possibly none)."""
         deadline = time.monotonic() + max(timeout_s, 0.0)
-        with self._cond:
+        with self._lock:
             while True:
                 keys = [k for k in self._items if k[1] in types]
                 if keys or self._closed:
@@ -88,18 +104,18 @@ class Mailbox:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                self._cond.wait(remaining)
+                self._sleep(remaining)
 
     def drop_older_than(self, step: int) -> int:
         """Forget messages of steps before `step` (late arrivals nobody waits for any more)."""
-        with self._cond:
+        with self._lock:
             stale = [k for k in self._items if k[2] < step]
             for k in stale:
                 del self._items[k]
             return len(stale)
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._cond.notify_all()
 
@@ -108,7 +124,7 @@ class Mailbox:
         return self._closed
 
     def __len__(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._items)
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from afdserve.errors import TransportClosed, TransportTimeout
-from afdserve.transport.base import PeerUnreachable, Transport, _describe, make_key
+from afdserve.transport.base import Key, PeerUnreachable, Transport, _describe, make_key
 from afdserve.transport.protocol import Message, MsgType
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class PumpedTransport(Transport):
     def __init__(self, rank: int, world_size: int) -> None:
         super().__init__(rank, world_size)
         self._pump_lock = threading.Lock()  # serialises _drain: one reader of the backend at a time
-        self._state = threading.Condition()  # guards _waiters/_closed; the pump thread parks on it
+        self._state = threading.Condition(threading.Lock())  # guards _waiters/_closed; the pump
+        # thread parks on it (a plain Lock: cheaper to take than the default RLock)
         self._progress = threading.Condition()  # callers that could not pump wait here for others
         self._waiters = 0
         self._progress_waiters = 0
@@ -67,6 +68,11 @@ class PumpedTransport(Transport):
 
         Called with the pump lock held. Malformed input is logged and dropped here.
         """
+
+    def _drain_for(self, key: Key) -> int:
+        """`_drain` for a caller waiting on `key`: a backend may stop once that message is in
+        the mailbox and leave the rest queued for the next drain (the default drains it all)."""
+        return self._drain()
 
     def _fds(self) -> Sequence[int]:
         """File descriptors that turn readable when `_drain` may find input (empty: sleep-poll)."""
@@ -90,45 +96,65 @@ class PumpedTransport(Transport):
 
         Returns pred's value, or None at the deadline; raises TransportClosed if closed meanwhile.
         """
+        value = pred()
+        if value is not None:
+            return value
         with self._state:
             self._waiters += 1
+        pump = self._pump_lock
         idle_rounds = 0
         spin_until = time.monotonic() + self.spin_s
         try:
             while True:
-                value = pred()
-                if value is not None:
-                    return value
                 if self._closed:
                     raise TransportClosed(f"rank {self.rank}: transport closed while waiting")
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     return None
-                if self._pump_lock.acquire(blocking=False):
+                if pump.acquire(blocking=False):
                     try:
                         handled = self._drain()
                     finally:
-                        self._pump_lock.release()
+                        pump.release()
                     if handled:
                         idle_rounds = 0
-                        if self._progress_waiters:
-                            self._notify_progress()
-                        continue
-                    if self.spin_s and time.monotonic() < spin_until:
-                        continue  # a reply often comes within microseconds: skip the sleep/wake
-                    self._wait_ready(min(remaining, _SAFETY_WAIT_S), idle_rounds)
-                    idle_rounds += 1
+                        self._handed_over(1)
+                    elif now < spin_until:
+                        pass  # a reply often comes within microseconds: skip the sleep/wake
+                    else:
+                        self._wait_ready(min(remaining, _SAFETY_WAIT_S), idle_rounds)
+                        idle_rounds += 1
                 else:  # another thread is pumping; it notifies when it handled something
-                    with self._progress:
-                        self._progress_waiters += 1
-                        try:
-                            self._progress.wait(min(remaining, 0.001))
-                        finally:
-                            self._progress_waiters -= 1
+                    self._wait_progress(min(remaining, 0.001))
+                value = pred()
+                if value is not None:
+                    return value
         finally:
-            with self._state:
-                self._waiters -= 1
-                self._last_wait_end = time.monotonic()
+            self._end_wait()
+
+    def _end_wait(self) -> None:
+        with self._state:
+            self._waiters -= 1
+            self._last_wait_end = time.monotonic()
+
+    def _wait_progress(self, timeout_s: float) -> None:
+        with self._progress:
+            self._progress_waiters += 1
+            try:
+                self._progress.wait(timeout_s)
+            finally:
+                self._progress_waiters -= 1
+
+    def _handed_over(self, me: int) -> None:
+        """After a drain that handled input: wake the threads that may wait for what it put in
+        the mailbox (`me`: 1 if the caller counts among the waiters). Callers that could not
+        pump wait on _progress; other waiters may sit in select, where only the wake pipe
+        reaches them, since the socket input they wait for is no longer there."""
+        if self._progress_waiters:
+            self._notify_progress()
+        if self._waiters > me:
+            self._wake()
 
     def _notify_progress(self) -> None:
         with self._progress:
@@ -207,41 +233,97 @@ class PumpedTransport(Transport):
         *,
         timeout_s: float,
     ) -> Message:
-        key = make_key(src, type_, step, layer, microbatch)
-        msg = self.mailbox.try_take(key)
+        key = (src, int(type_), step, layer, microbatch)  # make_key
+        try_take = self.mailbox.try_take
+        msg = try_take(key)
         if msg is not None:
             return msg
         if self._closed:
             raise TransportClosed(
                 f"rank {self.rank}: transport closed while waiting for {_describe(key)}"
             )
-        deadline = time.monotonic() + max(timeout_s, 0.0)
-        next_check = [time.monotonic() + _PEER_CHECK_S]
+        # Pull whatever has arrived before counting as a waiter: a reply that is already in the
+        # backend costs one drain, not the waiter bookkeeping.
+        pump = self._pump_lock
+        drained = False
+        if pump.acquire(blocking=False):
+            try:
+                handled = self._drain_for(key)
+            finally:
+                pump.release()
+            if handled:
+                self._handed_over(0)
+                msg = try_take(key)
+                if msg is not None:
+                    return msg
+            else:
+                drained = True
+        return self._recv_wait(key, timeout_s, drained)
 
-        def arrived() -> Message | None:
-            msg = self.mailbox.try_take(key)
-            if msg is None and time.monotonic() >= next_check[0]:
-                next_check[0] = time.monotonic() + _PEER_CHECK_S
-                why = self._peer_gone(src)
-                if why is not None:
-                    msg = self.mailbox.try_take(key)  # it may have come in just before
-                    if msg is None:
-                        raise PeerUnreachable(
-                            f"rank {self.rank}: rank {src} is gone ({why}) while waiting for {_describe(key)}"
-                        )
-            return msg
+    def _recv_wait(self, key: Key, timeout_s: float, drained: bool) -> Message:
+        """recv's waiting part: `_wait_for` with the mailbox check and the peer check inlined.
 
+        `drained`: the caller just found the backend empty, so the first round can go straight
+        to spinning or sleeping (input that lands meanwhile makes the select return at once).
+        """
+        try_take = self.mailbox.try_take
+        pump = self._pump_lock
+        monotonic = time.monotonic
+        now = monotonic()
+        deadline = now + max(timeout_s, 0.0)
+        next_check = now + _PEER_CHECK_S
+        spin_until = now + self.spin_s
+        idle_rounds = 0
+        with self._state:
+            self._waiters += 1
         try:
-            msg = self._wait_for(arrived, deadline)
-        except TransportClosed:
-            raise TransportClosed(
-                f"rank {self.rank}: transport closed while waiting for {_describe(key)}"
-            ) from None
-        if msg is None:
-            raise TransportTimeout(
-                f"rank {self.rank}: timed out after {timeout_s:.3f}s waiting for {_describe(key)}"
-            )
-        return msg
+            while True:
+                if self._closed:
+                    raise TransportClosed(
+                        f"rank {self.rank}: transport closed while waiting for {_describe(key)}"
+                    )
+                now = monotonic()
+                if now >= next_check:
+                    next_check = now + _PEER_CHECK_S
+                    why = self._peer_gone(key[0])
+                    if why is not None:
+                        msg = try_take(key)  # it may have come in just before
+                        if msg is not None:
+                            return msg
+                        raise PeerUnreachable(
+                            f"rank {self.rank}: rank {key[0]} is gone ({why}) while waiting for {_describe(key)}"
+                        )
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise TransportTimeout(
+                        f"rank {self.rank}: timed out after {timeout_s:.3f}s waiting for {_describe(key)}"
+                    )
+                if drained:
+                    drained = handled = False
+                elif pump.acquire(blocking=False):
+                    try:
+                        handled = self._drain_for(key)
+                    finally:
+                        pump.release()
+                    if handled:
+                        idle_rounds = 0
+                        self._handed_over(1)
+                        msg = try_take(key)
+                        if msg is not None:
+                            return msg
+                else:  # another thread is pumping; it notifies when it handled something
+                    self._wait_progress(min(remaining, 0.001))
+                    msg = try_take(key)
+                    if msg is not None:
+                        return msg
+                    continue
+                if not handled:
+                    if now < spin_until:
+                        continue  # a reply often comes within microseconds: skip the sleep/wake
+                    self._wait_ready(min(remaining, _SAFETY_WAIT_S), idle_rounds)
+                    idle_rounds += 1
+        finally:
+            self._end_wait()
 
     def poll(
         self, src: int, type_: MsgType, step: int, layer: int = 0, microbatch: int = 0
@@ -254,10 +336,11 @@ class PumpedTransport(Transport):
             and self._pump_lock.acquire(blocking=False)
         ):
             try:
-                if self._drain():
-                    self._notify_progress()
+                handled = self._drain()
             finally:
                 self._pump_lock.release()
+            if handled:
+                self._handed_over(0)
         return self.mailbox.has(key)
 
     @property

@@ -5,7 +5,8 @@ that s creates and d maps read-only. Each endpoint also binds one Unix datagram 
 Linux *abstract* namespace (`\\0afdserve/<session>/<rank>`: no file, gone when the process is).
 
 - A frame up to `inline_bytes` travels whole inside one datagram (FRAME): one kernel copy each
-  way, the lowest latency for control frames and small activations.
+  way, the lowest latency for control frames and small activations. A frame without a tensor
+  (control frames, SYNC) always travels this way, whatever its size (only tensor bytes stream).
 - A larger frame sends its prefix (header, text) as STREAM, then its tensor bytes go through the
   ring in chunks: s copies a chunk from the tensor into the ring (the one sender-side copy) and
   sends CHUNK(pos, n); d copies it from the ring straight into the received tensor (the one
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from afdserve.errors import ProtocolError, TransportTimeout, UserInputError
-from afdserve.transport.base import PeerUnreachable
+from afdserve.transport.base import Key, PeerUnreachable
 from afdserve.transport.buffers import RecvBufferPool
 from afdserve.transport.options import TransportOptions, check_positive
 from afdserve.transport.protocol import (
@@ -51,6 +52,7 @@ from afdserve.transport.protocol import (
     decode_header,
     decode_parts,
     encode_parts,
+    encode_prefix,
 )
 from afdserve.transport.pump import PumpedTransport
 
@@ -75,6 +77,7 @@ _CREDIT = struct.Struct("<Q")
 _HELLO = struct.Struct("<IQ")
 _RANK = struct.Struct("<I")
 _KIND = [bytes([k]) for k in range(9)]
+_DELIVERS = (FRAME, CHUNK, STREAM)  # the envelopes that can complete a message
 _MAX_DGRAM = 1 << 20
 
 
@@ -272,6 +275,29 @@ class ShmTransport(PumpedTransport):
         self._check_open()
         if dst not in self._out:
             raise ValueError(f"rank {self.rank} cannot send to {dst}: peers are {list(self.peers)}")
+        if msg.tensor is None:
+            # Frames without a tensor (control frames, SYNC) travel whole in one datagram: only
+            # tensor bytes can stream through the ring.
+            frame = _KIND[FRAME] + encode_prefix(msg, sender=self.rank)
+            if len(frame) > _MAX_DGRAM:
+                raise ProtocolError(
+                    f"a frame of {len(frame)} bytes without a tensor does not fit "
+                    f"in one shm datagram ({_MAX_DGRAM} bytes)"
+                )
+            try:
+                self._sock.sendto(frame, self._addr[dst])
+                return
+            except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+                pass  # queue full or peer gone: the slow path waits or reports
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE:
+                    raise ProtocolError(
+                        f"a frame of {len(frame)} bytes without a tensor is "
+                        "larger than this host's datagram limit"
+                    ) from None
+                raise
+            self._send_blocking(dst, [frame])
+            return
         prefix, payload = encode_parts(msg, sender=self.rank)
         n = len(payload)
         if 1 + len(prefix) + n <= self.options.inline_bytes:
@@ -351,10 +377,11 @@ class ShmTransport(PumpedTransport):
                 )
             if self._pump_lock.acquire(blocking=False):
                 try:
-                    if self._drain():
-                        self._notify_progress()
+                    handled = self._drain()
                 finally:
                     self._pump_lock.release()
+                if handled:
+                    self._handed_over(0)
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
@@ -364,6 +391,10 @@ class ShmTransport(PumpedTransport):
         return [self._sock.fileno()]
 
     def _drain(self) -> int:
+        return self._drain_for(None)
+
+    def _drain_for(self, key: Key | None) -> int:
+        """`_drain`, stopping early once a frame delivered `key` (saves the final empty read)."""
         handled = 0
         for p, ring in self._in.items():  # credits that found the peer's queue full earlier
             due = ring.credit_due
@@ -387,6 +418,9 @@ class ShmTransport(PumpedTransport):
                 self._handle(src, data)
             except ProtocolError as e:
                 self._drop(f"from rank {src}: {e}")
+                continue
+            if key is not None and data[0] in _DELIVERS and self.mailbox.has(key):
+                return handled
 
     def _handle(self, src: int, data: bytes) -> None:
         if not data:

@@ -1,0 +1,145 @@
+"""The codec's fast paths for frames without payload, and the Message constructor, behave exactly
+like the fully checked paths: same bytes, same Messages, and ProtocolError for the same inputs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import pickle
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from afdserve.errors import ProtocolError
+from afdserve.transport import protocol
+from afdserve.transport.protocol import (
+    HEADER_SIZE,
+    Message,
+    MsgType,
+    SyncInfo,
+    decode,
+    encode,
+    encode_prefix,
+)
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Small(enum.IntEnum):  # an int subclass: the fast path leaves it to the checked path
+    ONE = 1
+
+
+def test_message_constructor_keeps_dataclass_semantics():
+    m = Message(MsgType.HEARTBEAT, 7, sender=2, text="ok")
+    assert (m.type, m.step, m.layer, m.microbatch, m.sender, m.tensor, m.sync, m.text) == (
+        MsgType.HEARTBEAT, 7, 0, 0, 2, None, None, "ok",
+    )  # fmt: skip
+    full = Message(MsgType.SYNC_ACK, 1, 2, 3, 4, None, SyncInfo((1,)), "t")
+    assert full == Message(
+        type=MsgType.SYNC_ACK,
+        step=1,
+        layer=2,
+        microbatch=3,
+        sender=4,
+        sync=SyncInfo((1,)),
+        text="t",
+    )
+    assert m == Message(MsgType.HEARTBEAT, 7, sender=2, text="ok")
+    assert hash(m) == hash(Message(MsgType.HEARTBEAT, 7, sender=2, text="ok"))
+    assert m != dataclasses.replace(m, step=8)
+    assert dataclasses.replace(m, step=8).step == 8
+    assert pickle.loads(pickle.dumps(m)) == m and copy.copy(m) == m
+    assert repr(m).startswith("Message(type=<MsgType.HEARTBEAT: 5>, step=7, layer=0")
+    assert [f.name for f in dataclasses.fields(Message)] == [
+        "type", "step", "layer", "microbatch", "sender", "tensor", "sync", "text",
+    ]  # fmt: skip
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.step = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Message(MsgType.HEARTBEAT)  # type: ignore[call-arg]
+
+
+def _outcome(fn, *args):
+    """fn's result, or the class of the error it raised (a non-str text fails in str.encode)."""
+    try:
+        return fn(*args)
+    except (ProtocolError, AttributeError) as e:
+        return type(e)
+
+
+odd_ints = st.one_of(
+    st.integers(-(2**64), 2**64),
+    st.sampled_from([True, False, 1.0, "1", None, Small.ONE, 2**31, -(2**31) - 1, 2**32, -1]),
+)
+
+
+@SETTINGS
+@given(
+    st.one_of(
+        st.sampled_from(list(MsgType)), st.sampled_from([0, 5, 9, True, 5.0, Small.ONE, (5,)])
+    ),
+    odd_ints,
+    odd_ints,
+    odd_ints,
+    odd_ints,
+    st.one_of(st.none(), odd_ints),
+    st.one_of(st.text(max_size=30), st.just("é" * 3000), st.just(None), st.just(b"x")),
+)
+def test_encode_prefix_fast_path_matches_the_checked_path(
+    type_, step, layer, mb, sender, over, text
+):
+    msg = Message(type_, step, layer, mb, sender, text=text)  # type: ignore[arg-type]
+    fast = _outcome(lambda: encode_prefix(msg, sender=over))
+    assert fast == _outcome(protocol._encode_prefix_checked, msg, over)
+
+
+plain_messages = st.builds(
+    Message,
+    st.sampled_from([MsgType.SYNC_ACK, MsgType.HEARTBEAT, MsgType.SHUTDOWN, MsgType.ERROR]),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(0, 2**32 - 1),
+    text=st.text(max_size=20),
+)
+
+
+def _decoded(buf: bytes, full: bool):
+    try:
+        return protocol._decode_checked(buf, True) if full else decode(buf)
+    except ProtocolError:
+        return ProtocolError
+
+
+@SETTINGS
+@given(plain_messages, st.data())
+def test_decode_fast_path_accepts_exactly_what_the_checked_path_accepts(msg, data):
+    frame = bytearray(encode(msg))
+    assert decode(bytes(frame)) == msg
+    op = data.draw(st.sampled_from(["none", "flip", "set", "truncate", "extend"]))
+    if op == "flip":
+        for _ in range(data.draw(st.integers(1, 3))):
+            i = data.draw(st.integers(0, len(frame) - 1))
+            frame[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif op == "set":
+        off = data.draw(
+            st.sampled_from([0, 4, 5, 6, 7, 8, 12, 16, 24, 28, 32, 36, 40, 48, 56, 104])
+        )
+        width = data.draw(st.sampled_from([1, 4, 8]))
+        frame[off : off + width] = data.draw(st.binary(min_size=width, max_size=width))
+    elif op == "truncate":
+        del frame[data.draw(st.integers(0, len(frame) - 1)) :]
+    elif op == "extend":
+        frame += data.draw(st.binary(min_size=1, max_size=8))
+    buf = bytes(frame)
+    assert _decoded(buf, full=False) == _decoded(buf, full=True)
+    assert _decoded(memoryview(buf), full=False) == _decoded(buf, full=True)
+
+
+def test_decode_fast_path_reports_bad_text_like_the_checked_path():
+    frame = bytearray(encode(Message(MsgType.ERROR, 1, text="ab")))
+    frame[HEADER_SIZE:] = b"\xff\xfe"
+    with pytest.raises(ProtocolError, match="not valid UTF-8"):
+        decode(bytes(frame))
