@@ -272,9 +272,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    allowed = os.sched_getaffinity(0)
     if not args.no_pin:
         pin(0)
     results: dict[str, dict | str] = {"memcpy": {str(n): memcpy_row(n) for n in sizes}}
+    os.sched_setaffinity(0, allowed)  # the children inherit the mask: give them every core back
     kinds = ([] if args.no_gloo else ["gloo"]) + list(args.transports)
     if "nixl" in kinds:
         from afdserve.transport.nixl import nixl_available
