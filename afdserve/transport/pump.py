@@ -318,6 +318,11 @@ class PumpedTransport(Transport):
                         return msg
                     continue
                 if not handled:
+                    # another thread's drain may have put our message in the mailbox (and woken
+                    # us through the pipe): look before spinning or sleeping again
+                    msg = try_take(key)
+                    if msg is not None:
+                        return msg
                     if now < spin_until:
                         continue  # a reply often comes within microseconds: skip the sleep/wake
                     self._wait_ready(min(remaining, _SAFETY_WAIT_S), idle_rounds)
