@@ -141,14 +141,19 @@ def test_killed_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
     assert not any(_alive(p) for p in pids)
 
 
-def test_worker_survives_garbage_control_messages(tiny_model_dirs, reference):
-    with LLM(
+def _one_to_one_over_tcp(tiny_model_dirs) -> LLM:
+    """1A1F over tcp on the tiny llama: the set-up of the garbage tests."""
+    return LLM(
         str(tiny_model_dirs["llama"]),
         mode="afd",
         attention_workers=1,
         microbatches=1,
         transport="tcp",
-    ) as llm:
+    )
+
+
+def test_worker_survives_garbage_control_messages(tiny_model_dirs, reference):
+    with _one_to_one_over_tcp(tiny_model_dirs) as llm:
         ctrl = llm.engine._controls[0]
         ctrl.send(b"\x00\xffnot json")
         ctrl.send(b'{"op": "add", "id": "bad", "prompt": "not a list", "params": {}, "seed": 1}')
@@ -169,13 +174,7 @@ def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs,
 
     from afdserve.transport.protocol import Message, MsgType, encode_parts
 
-    with LLM(
-        str(tiny_model_dirs["llama"]),
-        mode="afd",
-        attention_workers=1,
-        microbatches=1,
-        transport="tcp",
-    ) as llm:
+    with _one_to_one_over_tcp(tiny_model_dirs) as llm:
         host, port = llm.engine.rendezvous.rsplit(":", 1)
         store = dist.PrefixStore(
             "afd/tcp",
