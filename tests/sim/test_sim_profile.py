@@ -96,31 +96,16 @@ def test_profile_rejects_bad_input(tmp_path, capsys) -> None:
     assert code == 2 and "does not exist" in err
 
 
+SMALL_RUNTIME_VALIDATION = [
+    *("sim-validate", "runtime", "--model", "builtin:tiny-llama", "--grid", "small"),
+    *("--requests", "4", "--prompt-len", "8", "--output-len", "6", "--repeats", "1"),
+    *("--threads", "1", "--json", "--quiet"),
+]
+"""A CI-sized `sim-validate runtime`: 4 requests of 8 prompt and 6 output tokens."""
+
+
 def test_runtime_validation_runs_and_is_well_formed(capsys) -> None:
-    code = main(
-        [
-            "sim-validate",
-            "runtime",
-            "--model",
-            "builtin:tiny-llama",
-            "--grid",
-            "small",
-            "--requests",
-            "4",
-            "--prompt-len",
-            "8",
-            "--output-len",
-            "6",
-            "--repeats",
-            "1",
-            "--rounds",
-            "2",
-            "--threads",
-            "1",
-            "--json",
-            "--quiet",
-        ]
-    )
+    code = main([*SMALL_RUNTIME_VALIDATION, "--rounds", "2"])
     out, err = capsys.readouterr()
     assert code == 0, err
     d = json.loads(out)
@@ -148,29 +133,7 @@ def test_runtime_validation_runs_and_is_well_formed(capsys) -> None:
 
 def test_runtime_validation_over_worker_processes(capsys) -> None:
     # the AFD runs go through real worker processes over shm; the profile times shm transfers
-    args = [
-        "sim-validate",
-        "runtime",
-        "--model",
-        "builtin:tiny-llama",
-        "--transport",
-        "shm",
-        "--grid",
-        "small",
-        "--requests",
-        "4",
-        "--prompt-len",
-        "8",
-        "--output-len",
-        "6",
-        "--repeats",
-        "1",
-        "--threads",
-        "1",
-        "--json",
-        "--quiet",
-    ]
-    code = main(args)
+    code = main([*SMALL_RUNTIME_VALIDATION, "--transport", "shm"])
     out, err = capsys.readouterr()
     assert code == 0, err
     d = json.loads(out)
