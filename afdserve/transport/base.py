@@ -83,6 +83,15 @@ class Mailbox:
                 del self._items[k]
             return len(stale)
 
+    def replace(self, old: Message, new: Message) -> bool:
+        """Put `new` in the place of `old` if `old` is still waiting here (same key)."""
+        key = old.key
+        with self._lock:
+            if self._items.get(key) is not old:
+                return False
+            self._items[key] = new
+            return True
+
     def try_take(self, key: Key) -> Message | None:
         """The keyed message if it is there, else None (never waits)."""
         with self._lock:

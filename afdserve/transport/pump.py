@@ -4,7 +4,7 @@ Whoever waits drives progress: a thread blocked in `recv` (or a send waiting for
 reads the backend itself, so a reply reaches it without a hand-off between threads. Measured on
 the 2-core dev box, a Unix-datagram ping-pong took 14 us per round trip when the waiting thread
 read the socket itself and 64 us when a receiver thread read it and woke the waiter through a
-condition variable. A daemon pump thread reads while nobody waits, so credits, heartbeats and
+condition variable. A daemon pump thread reads while nobody waits, so FREEs, heartbeats and
 early activations are still taken in while the worker computes; it parks while callers wait.
 
 Backends implement `_drain` (process everything available now, never block) and `_fds` (file

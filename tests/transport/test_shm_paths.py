@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -94,3 +95,117 @@ def test_recv_of_a_message_already_queued_and_timeout(pair):
     assert b.recv(0, MsgType.HEARTBEAT, 1, timeout_s=5).step == 1
     with pytest.raises(TransportTimeout, match="timed out after"):
         b.recv(0, MsgType.HEARTBEAT, 3, timeout_s=0.05)
+
+
+# -- tensors received in place (the fixture's ring: 64 KiB, so frames up to 8 KiB are PLACED) ---
+
+
+def _frame(step: int, n: int = 2048) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float32) + 10_000 * step  # [n], 8 KiB at n=2048
+
+
+def _ring_range(ep: ShmTransport, peer: int) -> tuple[int, int]:
+    ring = ep._in[peer]
+    base = ring.buf.ctypes.data
+    return base, base + ring.size
+
+
+def test_a_placed_tensor_is_received_in_place_writable_and_freed_when_dropped(pair):
+    a, b = pair
+    a.send(1, Message(MsgType.ACTIVATION_TRANSFER, 1, sender=0, tensor=_frame(1)))
+    got = b.recv(0, MsgType.ACTIVATION_TRANSFER, 1, timeout_s=10).tensor
+    lo, hi = _ring_range(b, 0)
+    assert lo <= got.data_ptr() < hi  # no receive copy: the tensor is the ring
+    assert torch.equal(got, _frame(1))
+    view = got[100:200]
+    got.mul_(2)  # the caller's to modify (the receiver maps the ring read-write)
+    del got
+    assert b._in[0].held_bytes == 8192  # a view of it is alive: still held
+    assert torch.equal(view, _frame(1)[100:200] * 2)
+    del view
+    assert b._in[0].held_bytes == 0 and not b._in[0].inuse
+    # the sender gets the stretch back (lazily; a sender short of space asks for it)
+    for step in range(2, 40):
+        a.send(1, Message(MsgType.ACTIVATION_TRANSFER, step, sender=0, tensor=_frame(step)))
+        assert torch.equal(b.recv(0, MsgType.ACTIVATION_TRANSFER, step, timeout_s=10).tensor,
+                           _frame(step))  # fmt: skip
+    # everything but the FREEs still lazily due (< lazy_bytes) comes back (the sender's pump
+    # thread takes the FREE datagrams in)
+    deadline = time.monotonic() + 10
+    while a._out[1].busy_bytes >= b._in[0].lazy_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert a._out[1].busy_bytes < b._in[0].lazy_bytes
+    assert b.dropped_frames == 0
+
+
+def test_a_held_tensor_is_never_overwritten_while_traffic_goes_on(pair):
+    a, b = pair
+    a.send(1, Message(MsgType.ACTIVATION_TRANSFER, 0, sender=0, tensor=_frame(0)))
+    kept = b.recv(0, MsgType.ACTIVATION_TRANSFER, 0, timeout_s=10).tensor
+    kept_too = []
+    for step in range(1, 200):  # 200 x 8 KiB through a 64 KiB ring
+        a.send(1, Message(MsgType.ACTIVATION_TRANSFER, step, sender=0, tensor=_frame(step)))
+        got = b.recv(0, MsgType.ACTIVATION_TRANSFER, step, timeout_s=10).tensor
+        assert torch.equal(got, _frame(step))
+        if step % 25 == 0:
+            kept_too.append((step, got))  # holds more of the ring, scattered
+    assert torch.equal(kept, _frame(0))
+    for step, t in kept_too:
+        assert torch.equal(t, _frame(step))
+    assert b._in[0].held_bytes <= b._in[0].size // 2  # beyond that, frames were copied out
+    assert b.dropped_frames == 0 and a.dropped_frames == 0
+
+
+def test_frames_nobody_takes_do_not_stall_the_sender(pair):
+    a, b = pair
+    n = 100  # 800 KiB of frames nobody receives until all are sent: 12x the ring
+    for step in range(n):
+        a.send(1, Message(MsgType.ACTIVATION_TRANSFER, step, sender=0, tensor=_frame(step)))
+    for step in range(n):
+        got = b.recv(0, MsgType.ACTIVATION_TRANSFER, step, timeout_s=10)
+        assert torch.equal(got.tensor, _frame(step))
+    assert b.dropped_frames == 0
+
+
+def test_a_frame_streams_through_pieces_when_the_ring_is_fragmented(pair, monkeypatch):
+    a, b = pair
+    streamed = []
+    send_streamed = a._send_streamed
+    monkeypatch.setattr(
+        a, "_send_streamed", lambda *args: streamed.append(1) or send_streamed(*args)
+    )
+    ring = a._out[1]
+    # stretches the peer still holds, every other 4 KiB of the ring: 32 KiB free, in pieces
+    pieces = {off: 4096 for off in range(0, ring.size, 8192)}
+    ring.busy.update(pieces)
+    ring.busy_bytes += sum(pieces.values())
+    x = _frame(1)  # 8 KiB: no free stretch that long
+    a.send(1, Message(MsgType.ACTIVATION_TRANSFER, 1, sender=0, tensor=x))
+    assert torch.equal(b.recv(0, MsgType.ACTIVATION_TRANSFER, 1, timeout_s=10).tensor, x)
+    assert streamed
+    for off, n in pieces.items():
+        ring.free(off, n)
+    a.send(1, Message(MsgType.ACTIVATION_TRANSFER, 2, sender=0, tensor=_frame(2)))
+    assert torch.equal(b.recv(0, MsgType.ACTIVATION_TRANSFER, 2, timeout_s=10).tensor, _frame(2))
+    assert len(streamed) == 1  # placed again once the ring has room
+    assert b.dropped_frames == 0
+
+
+def test_ring_envelopes_that_break_the_bookkeeping_are_protocol_errors(pair):
+    from afdserve.errors import ProtocolError
+    from afdserve.transport import shm
+
+    a, b = pair
+    a.send(1, Message(MsgType.ACTIVATION_TRANSFER, 1, sender=0, tensor=_frame(1)))
+    kept = b.recv(0, MsgType.ACTIVATION_TRANSFER, 1, timeout_s=10).tensor
+    (off, n), = b._in[0].inuse.items()  # fmt: skip
+    prefix = shm.encode_prefix(Message(MsgType.ACTIVATION_TRANSFER, 2, sender=0, tensor=kept))
+    placed = bytes([shm.PLACED]) + shm._CHUNK.pack(off, n) + prefix
+    with pytest.raises(ProtocolError, match="overlaps"):
+        b._handle(0, placed)  # over bytes the receiver still holds
+    outside = bytes([shm.PLACED]) + shm._CHUNK.pack(b._in[0].size - 8, n) + prefix
+    with pytest.raises(ProtocolError, match="outside"):
+        b._handle(0, outside)
+    with pytest.raises(ProtocolError, match="not in use"):
+        a._handle(1, bytes([shm.FREE]) + shm._CHUNK.pack(12345, 8))
+    assert torch.equal(kept, _frame(1))
