@@ -31,8 +31,6 @@ VERB_MODULES: tuple[str, ...] = (
 )
 
 
-
-
 def one_line_errors(parser: argparse.ArgumentParser) -> None:
     """argparse prints usage plus the error; keep malformed flags to one line, exit status 2."""
 

@@ -67,8 +67,15 @@ class ModelConfig:
             raise ModelLoadError(
                 f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ModelLoadError(f"config.json: {name} must be a positive integer, got {v!r}")
@@ -78,13 +85,23 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.hidden_act != "silu":
-            raise ModelLoadError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+            raise ModelLoadError(
+                f"config.json: hidden_act {self.hidden_act!r} is not supported (only 'silu')"
+            )
         if self.dtype not in DTYPES:
-            raise ModelLoadError(f"config.json: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+            raise ModelLoadError(
+                f"config.json: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}"
+            )
         n_moe = sum(self.moe_layers)
-        if n_moe < self.num_hidden_layers and not (isinstance(self.intermediate_size, int) and self.intermediate_size >= 1):
-            raise ModelLoadError(f"config.json: intermediate_size must be a positive integer, got {self.intermediate_size!r}")
-        if n_moe and not (isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size >= 1):
+        if n_moe < self.num_hidden_layers and not (
+            isinstance(self.intermediate_size, int) and self.intermediate_size >= 1
+        ):
+            raise ModelLoadError(
+                f"config.json: intermediate_size must be a positive integer, got {self.intermediate_size!r}"
+            )
+        if n_moe and not (
+            isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size >= 1
+        ):
             raise ModelLoadError(
                 f"config.json: the MoE intermediate size must be a positive integer, got {self.moe_intermediate_size!r}"
             )
@@ -126,7 +143,9 @@ class ModelConfig:
             raise ModelLoadError(f"model directory {str(p)!r} does not exist or is not a directory")
         cfg = p / "config.json"
         if not cfg.is_file():
-            raise ModelLoadError(f"{str(p)!r} has no config.json; is it an HF-format model directory?")
+            raise ModelLoadError(
+                f"{str(p)!r} has no config.json; is it an HF-format model directory?"
+            )
         try:
             data = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -140,7 +159,8 @@ class ModelConfig:
         archs = d.get("architectures") or []
         if not isinstance(archs, list) or not archs:
             raise ModelLoadError(
-                "config.json has no 'architectures' entry; supported: " + ", ".join(SUPPORTED_ARCHITECTURES)
+                "config.json has no 'architectures' entry; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
             )
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -156,7 +176,11 @@ class ModelConfig:
         n_layers = need("num_hidden_layers")
         n_heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        head_dim = d.get("head_dim") or (hidden // n_heads if isinstance(hidden, int) and isinstance(n_heads, int) and n_heads else 0)
+        head_dim = d.get("head_dim") or (
+            hidden // n_heads
+            if isinstance(hidden, int) and isinstance(n_heads, int) and n_heads
+            else 0
+        )
         rope_theta, rope_scaling = _parse_rope(d)
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
@@ -182,14 +206,23 @@ class ModelConfig:
                 moe_intermediate_size=need("moe_intermediate_size"),
                 norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                 moe_layers=tuple(
-                    (i not in dense_only) and n_exp > 0 and (i + 1) % step == 0 for i in range(n_layers)
+                    (i not in dense_only) and n_exp > 0 and (i + 1) % step == 0
+                    for i in range(n_layers)
                 ),
             )
-        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and d.get("use_sliding_window"):
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and d.get(
+            "use_sliding_window"
+        ):
             raise ModelLoadError("config.json: use_sliding_window=true is not supported")
         window = d.get("sliding_window")
-        if arch == "MixtralForCausalLM" and isinstance(window, int) and window < d.get("max_position_embeddings", 2048):
-            raise ModelLoadError(f"config.json: sliding_window={window} (sliding-window attention) is not supported")
+        if (
+            arch == "MixtralForCausalLM"
+            and isinstance(window, int)
+            and window < d.get("max_position_embeddings", 2048)
+        ):
+            raise ModelLoadError(
+                f"config.json: sliding_window={window} (sliding-window attention) is not supported"
+            )
         if d.get("mlp_bias"):
             raise ModelLoadError("config.json: mlp_bias=true is not supported")
         attention_bias = bool(d.get("attention_bias", False))
@@ -208,7 +241,8 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             hidden_act=d.get("hidden_act", "silu"),
-            qkv_bias=arch == "Qwen2ForCausalLM" or (attention_bias and arch != "MixtralForCausalLM"),
+            qkv_bias=arch == "Qwen2ForCausalLM"
+            or (attention_bias and arch != "MixtralForCausalLM"),
             o_bias=attention_bias and arch not in ("Qwen2ForCausalLM", "MixtralForCausalLM"),
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             bos_token_id=d.get("bos_token_id"),

@@ -130,7 +130,11 @@ class MoE(nn.Module):
     def __init__(self, c: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         d, inter, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
-        self.num_experts, self.top_k, self.norm_topk_prob = e, c.num_experts_per_tok, c.norm_topk_prob
+        self.num_experts, self.top_k, self.norm_topk_prob = (
+            e,
+            c.num_experts_per_tok,
+            c.norm_topk_prob,
+        )
         self.gate = Linear(d, e, False, dtype)
         self.w_gate_up = _param(e, 2 * inter, d, dtype=dtype)  # [E, 2I, D]: gate rows, then up rows
         self.w_down = _param(e, d, inter, dtype=dtype)  # [E, D, I]
@@ -151,7 +155,9 @@ class MoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = linear(xs[start : start + n], self.w_gate_up[e]).chunk(2, dim=-1)  # [n, I]
+                gate, up = linear(xs[start : start + n], self.w_gate_up[e]).chunk(
+                    2, dim=-1
+                )  # [n, I]
                 ys[start : start + n] = linear(F.silu(gate) * up, self.w_down[e])  # [n, D]
                 start += n
         y = torch.empty_like(ys)

@@ -127,7 +127,9 @@ def _fuse(tensors: dict[str, torch.Tensor], first: str, second: str, fused: str,
     for name in [n for n in tensors if n.endswith("." + first)]:
         prefix = name[: -len(first)]
         if prefix + second in tensors:
-            tensors[prefix + fused] = torch.cat([tensors.pop(name), tensors.pop(prefix + second)], dim=dim)
+            tensors[prefix + fused] = torch.cat(
+                [tensors.pop(name), tensors.pop(prefix + second)], dim=dim
+            )
 
 
 def _copy_into(module: nn.Module, tensors: dict[str, torch.Tensor], side: str) -> None:

@@ -47,7 +47,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_workload(subparsers)
 
 
-
 # ---- parsers ----------------------------------------------------------------------------------
 
 

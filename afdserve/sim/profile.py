@@ -29,8 +29,12 @@ its layers:
   in-process prediction of the same step (layers + `step`) and the fitted transfers, the
   residual, fitted as a line in N, is that transport's `afd_alpha` (per sequence) and
   `afd_beta` (`transport.<name>.*`): what the control plane, the per-frame transport work and
-  the extra processes add to every step. The simulator uses them (`afd_beta` instead of
-  `step.afd_beta`, `afd_alpha` on top of `step.alpha`) for runs over that transport.
+  the extra processes add to every step. The same engine then times prefill steps (S prompts
+  of the grid's longest chunk, S in `prefill_sequences`, submission to the last first token);
+  their residual over the in-process prediction and those two, per prefill token, is
+  `afd_prefill_token_ms`. The simulator uses them (`afd_beta` instead of `step.afd_beta`,
+  `afd_alpha` on top of `step.alpha`, `afd_prefill_token_ms` on top of
+  `step.prefill_token_ms`) for runs over that transport.
 
 Each time is the minimum of `repeats` runs after `warmup` runs (CUDA: synchronised): on a shared
 machine other load only ever adds time, so the least-disturbed run is the reproducible figure
@@ -197,7 +201,7 @@ def run_profile(
                 except Exception as exc:  # workers that cannot start here: say why, go on
                     worker_skipped[name] = f"{type(exc).__name__}: {exc}"
                 else:
-                    worker_rounds.setdefault(name, []).append(pts)
+                    worker_rounds.setdefault(name, []).append(pts)  # (decode, prefill)
         attn_pts, pre_pts, ffn_pts, tok_pts, agg_pts, afd_pts = (
             _fastest([r[i] for r in measured]) for i in range(6)
         )
@@ -242,10 +246,19 @@ def run_profile(
         if name in worker_skipped:
             transport[name]["worker_step_skipped"] = worker_skipped[name]
         elif "alpha" in transport[name]:
-            pts = _median_points(worker_rounds[name])
+            pts = _median_points([r[0] for r in worker_rounds[name]])
+            pre = _median_points([r[1] for r in worker_rounds[name]])
             alpha, beta = _worker_afd_fit(pts, L, attn_fit, ffn_fit, step_fit, transport[name])
+            per_token = _worker_prefill_fit(
+                pre, L, attn_fit, prefill, ffn_fit, step_fit, tok_fit.alpha, transport[name],
+                alpha, beta,
+            )  # fmt: skip
             transport[name].update(
-                afd_alpha=alpha, afd_beta=beta, worker_step_points=[list(q) for q in pts]
+                afd_alpha=alpha,
+                afd_beta=beta,
+                afd_prefill_token_ms=per_token,
+                worker_step_points=[list(q) for q in pts],
+                worker_prefill_points=[list(q) for q in pre],
             )
     step = {
         **step_fit.to_dict(),
@@ -523,6 +536,47 @@ def _worker_afd_fit(
     return slope, beta
 
 
+def _worker_prefill_fit(
+    pts: list[tuple],
+    num_layers: int,
+    attn_fit: AffineFit,
+    prefill: dict[str, float],
+    ffn_fit: AffineFit,
+    step_fit: AffineFit,
+    step_prefill_token_ms: float,
+    comm: dict[str, Any],
+    afd_alpha: float,
+    afd_beta: float,
+) -> float:
+    """A transport's `afd_prefill_token_ms`: measured worker-process prefill steps (S
+    sequences, P prompt tokens each, ms) minus the in-process prediction of the same step (the
+    prefill fit's attention, the FFN, the per-step and per-prefill-token work, 2 L fitted
+    transfers of S P hidden states) and the decode-fitted worker extra (`afd_beta`,
+    `afd_alpha` per sequence), per prefill token: the median over the points, at least 0.
+    What it catches is what grows with a step's tokens only over worker processes: the hidden
+    states of a whole prefill step cross between processes (and caches) every layer."""
+    p = np.asarray(pts, dtype=np.float64)
+    if not len(p):
+        return 0.0
+    s, n, ms = p[:, 0], p[:, 1], p[:, 2]
+    tokens = s * n
+    attention = (
+        attn_fit.alpha * tokens
+        + attn_fit.beta
+        + prefill["token_ms"] * tokens
+        + prefill["pair_ms"] * s * n * (n + 1) / 2.0
+    )
+    predicted = (
+        num_layers * (attention + ffn_fit.predict(tokens))
+        + step_fit.predict(s)
+        + step_prefill_token_ms * tokens
+        + 2 * num_layers * (comm["alpha"] * tokens + comm["beta"])
+        + afd_alpha * s
+        + afd_beta
+    )
+    return max(0.0, float(np.median((ms - predicted) / tokens)))
+
+
 def _worker_step_points(
     model: str,
     transport: str,
@@ -531,9 +585,10 @@ def _worker_step_points(
     device: str,
     dtype: str,
     threads: int | None,
-) -> list[tuple]:
+) -> tuple[list[tuple], list[tuple]]:
     """Decode steps of a real 1A1F engine in worker processes (M = 1) over `transport`, with N
-    sequences for N in the grid: (N, mean context, ms per step). A step is timed from the
+    sequences for N in the grid: (N, mean context, ms per step); then prefill steps of S
+    prompts of the grid's longest chunk, S in the grid's prefill_sequences: (S, P, ms). A step is timed from the
     front, which receives every step's token events: after the prefill and a warm-up, the
     median of `repeats` (at least 5) windows of WORKER_WINDOW_STEPS steps, each the time the
     slowest sequence took to gain that many tokens (every sequence gains one per step).
@@ -550,8 +605,10 @@ def _worker_step_points(
     warm = max(timer.warmup, 2)
     windows = max(timer.repeats, 5)
     decode = warm + windows * WORKER_WINDOW_STEPS
-    max_len = prompt + decode + 8
-    n_max = max(grid.step_batches)
+    chunk = max(grid.prefill_chunks)
+    prefills = sorted({(s, chunk) for s in grid.prefill_sequences})
+    max_len = max(prompt + decode, chunk + 1) + 8
+    n_max = max(max(grid.step_batches), max(s for s, _ in prefills))
     cfg = EngineConfig(
         model=model,
         mode="afd",
@@ -559,7 +616,7 @@ def _worker_step_points(
         microbatches=1,
         transport=transport,
         max_num_seqs=n_max,
-        max_num_batched_tokens=max(2048, n_max * prompt),
+        max_num_batched_tokens=max(2048, n_max * prompt, max(s * c for s, c in prefills)),
         max_model_len=max_len,
         device=device,
         dtype=dtype,
@@ -599,9 +656,41 @@ def _worker_step_points(
             until(1 + decode)  # finished: the KV blocks are free for the next batch
             ctx = prompt + base + windows * WORKER_WINDOW_STEPS / 2.0
             out.append((N, ctx, float(np.median(per_step)) * 1e3))
+        pre = [
+            (S, P, _worker_prefill_ms(engine, S, P, max(timer.repeats, 3), transport))
+            for S, P in prefills
+        ]
     finally:
         engine.close()
-    return out
+    return out, pre
+
+
+def _worker_prefill_ms(engine: Any, seqs: int, prompt: int, repeats: int, transport: str) -> float:
+    """One prefill step of `seqs` prompts of `prompt` tokens (one token generated each) over
+    worker processes, timed from the front from submission to the last first token: the
+    median of `repeats` after one warm-up."""
+    from afdserve.types import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for k in range(repeats + 1):
+        ids = {f"p{seqs}x{prompt}-{k}-{i}" for i in range(seqs)}
+        deadline = time.monotonic() + WORKER_DEADLINE_S
+        t0 = time.perf_counter()
+        for i, rid in enumerate(sorted(ids)):
+            engine.add_request(rid, [3 + (i + j) % 97 for j in range(prompt)], params)
+        while ids:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"worker-process prefill over {transport}: no progress within "
+                    f"{WORKER_DEADLINE_S:.0f} s"
+                )
+            for ev in engine.step(timeout_s=0.05):
+                if ev.finished:
+                    ids.discard(ev.request_id)
+        if k:  # the first is the warm-up
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
 
 
 def _fit_prefill(pts: np.ndarray, alpha: float, beta: float) -> dict[str, float]:

@@ -121,6 +121,9 @@ class RunComparison:
     sim_step_alpha_ms: float
     """The per-sequence step cost the simulation used (`step.alpha`, plus the transport's
     `afd_alpha` for a worker-process run)."""
+    sim_step_prefill_token_ms: float
+    """The per-prefill-token step cost the simulation used (`step.prefill_token_ms`, plus the
+    transport's `afd_prefill_token_ms` for a worker-process run)."""
     real_execute_ms: float
     """Mean of the engine's own per-step execute time (without scheduling)."""
     output_tokens: int
@@ -150,7 +153,14 @@ class RuntimeValidation:
         prof["worker_steps"] = {  # what calibrates the worker-process runs (profile docstring)
             name: {
                 k: t[k]
-                for k in ("afd_alpha", "afd_beta", "worker_step_points", "worker_step_skipped")
+                for k in (
+                    "afd_alpha",
+                    "afd_beta",
+                    "afd_prefill_token_ms",
+                    "worker_step_points",
+                    "worker_prefill_points",
+                    "worker_step_skipped",
+                )
                 if k in t
             }
             for name, t in self.profile.get("transport", {}).items()
@@ -241,6 +251,7 @@ def validate_runtime(
                 ),
                 sim_afd_step_ms=costs.afd_step_ms if run.mode == "afd" else None,
                 sim_step_alpha_ms=costs.step_alpha_ms,
+                sim_step_prefill_token_ms=costs.step_prefill_token_ms,
                 real_execute_ms=real["execute_ms"],
                 output_tokens=real["tokens"],
                 real_wall_s=real["wall_s"],
@@ -269,6 +280,9 @@ def _costs_with_comm(profile: dict[str, Any], transport: str) -> SimCosts:
         step = dict(profile.get("step", {}))
         step["afd_beta"] = timed["afd_beta"]
         step["alpha"] = step.get("alpha", 0.0) + timed.get("afd_alpha", 0.0)
+        step["prefill_token_ms"] = step.get("prefill_token_ms", 0.0) + timed.get(
+            "afd_prefill_token_ms", 0.0
+        )
         swapped["step"] = step
     return SimCosts.from_profile_dict(swapped, origin="profile")
 

@@ -149,14 +149,23 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
     assert [p[0] for p in shm["worker_step_points"]] == [1, 4]  # SMALL_GRID.step_batches
     assert all(p[2] > 0 for p in shm["worker_step_points"])
     assert shm["afd_beta"] >= 0 and shm["afd_alpha"] >= 0
+    # and prefill steps: S in SMALL_GRID.prefill_sequences prompts of its longest chunk
+    assert [p[:2] for p in shm["worker_prefill_points"]] == [[1, 32], [4, 32]]
+    assert all(p[2] > 0 for p in shm["worker_prefill_points"])
+    assert shm["afd_prefill_token_ms"] >= 0
     in_process_alpha = d["profile"]["step"]["alpha"]
+    in_process_prefill = d["profile"]["step"]["prefill_token_ms"]
     for r in d["runs"]:
         if r["run"].startswith("AFD"):
             assert r["sim_afd_step_ms"] == shm["afd_beta"]
             assert r["sim_step_alpha_ms"] == pytest.approx(in_process_alpha + shm["afd_alpha"])
+            assert r["sim_step_prefill_token_ms"] == pytest.approx(
+                in_process_prefill + shm["afd_prefill_token_ms"]
+            )
         else:
             assert r["sim_afd_step_ms"] is None
             assert r["sim_step_alpha_ms"] == in_process_alpha
+            assert r["sim_step_prefill_token_ms"] == in_process_prefill
     for r in d["runs"]:
         assert r["output_tokens"] == 4 * 6
         assert r["sim_steps"] == 6
@@ -213,3 +222,30 @@ def test_worker_process_runs_combine_to_the_median_and_in_process_to_the_fastest
     typical = _combine(rounds, typical=True)
     assert typical["step_ms"] == pytest.approx(6.5)  # median of all six repeats
     assert typical["tokens_per_s"] == pytest.approx(40 / (6.5 * 10 / 1e3))
+
+
+def test_worker_prefill_fit_recovers_the_per_token_extra() -> None:
+    from afdserve.sim.fit import AffineFit
+    from afdserve.sim.profile import _worker_prefill_fit
+
+    attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)
+    ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
+    step = AffineFit(0.05, 1.0, 1.0, 0.0, 3)
+    prefill = {"token_ms": 0.002, "pair_ms": 1e-5}
+    comm = {"alpha": 0.002, "beta": 0.1}
+    L, tok_ms, afd_alpha, afd_beta = 2, 0.004, 0.03, 1.5
+
+    def predicted(s: int, n: int) -> float:
+        t = s * n
+        attention = 0.001 * t + 0.5 + 0.002 * t + 1e-5 * s * n * (n + 1) / 2
+        return (L * (attention + 0.01 * t + 0.2) + 0.05 * s + 1.0 + tok_ms * t
+                + 2 * L * (0.002 * t + 0.1) + afd_alpha * s + afd_beta)  # fmt: skip
+
+    args = (L, attn, prefill, ffn, step, tok_ms, comm, afd_alpha, afd_beta)
+    pts = [(s, 256, predicted(s, 256) + 0.007 * s * 256) for s in (1, 8, 16)]
+    assert _worker_prefill_fit(pts, *args) == pytest.approx(0.007)
+    pts[1] = (8, 256, pts[1][2] + 50.0)  # one disturbed point moves the median little
+    assert _worker_prefill_fit(pts, *args) == pytest.approx(0.007)
+    # no slower than in-process (noise): 0, never negative
+    assert _worker_prefill_fit([(4, 64, predicted(4, 64) - 1.0)], *args) == 0.0
+    assert _worker_prefill_fit([], *args) == 0.0
