@@ -14,6 +14,7 @@ descriptors that become readable when input may be waiting; none means "poll by 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -91,10 +92,21 @@ class PumpedTransport(Transport):
         self._thread = threading.Thread(target=self._pump_loop, name=name, daemon=True)
         self._thread.start()
 
-    def _wait_for(self, pred: Callable[[], T | None], deadline: float) -> T | None:
+    def _wait_for(
+        self,
+        pred: Callable[[], T | None],
+        deadline: float,
+        *,
+        key: Key | None = None,
+        drained: bool = False,
+    ) -> T | None:
         """Drive progress until `pred()` returns something other than None, or the deadline.
 
-        Returns pred's value, or None at the deadline; raises TransportClosed if closed meanwhile.
+        Returns pred's value, or None at the deadline; raises TransportClosed if closed
+        meanwhile. With `key` (a recv waiting for that message): drains with `_drain_for(key)`
+        and every _PEER_CHECK_S asks whether the sender is gone (PeerUnreachable). `drained`:
+        the caller just found the backend empty, so the first round goes straight to spinning
+        or sleeping (input that lands meanwhile makes the select return at once).
         """
         value = pred()
         if value is not None:
@@ -102,34 +114,56 @@ class PumpedTransport(Transport):
         with self._state:
             self._waiters += 1
         pump = self._pump_lock
+        drain = self._drain if key is None else lambda: self._drain_for(key)
+        now = time.monotonic()
+        spin_until = now + self.spin_s
+        next_check = now + _PEER_CHECK_S if key is not None else math.inf
         idle_rounds = 0
-        spin_until = time.monotonic() + self.spin_s
         try:
             while True:
                 if self._closed:
-                    raise TransportClosed(f"rank {self.rank}: transport closed while waiting")
+                    raise TransportClosed(
+                        f"rank {self.rank}: transport closed while waiting"
+                        + (f" for {_describe(key)}" if key is not None else "")
+                    )
                 now = time.monotonic()
+                if now >= next_check and key is not None:
+                    next_check = now + _PEER_CHECK_S
+                    why = self._peer_gone(key[0])
+                    if why is not None:
+                        value = pred()  # it may have come in just before
+                        if value is not None:
+                            return value
+                        raise PeerUnreachable(
+                            f"rank {self.rank}: rank {key[0]} is gone ({why}) while waiting "
+                            f"for {_describe(key)}"
+                        )
                 remaining = deadline - now
                 if remaining <= 0:
                     return None
-                if pump.acquire(blocking=False):
+                if drained:
+                    drained = handled = False
+                elif pump.acquire(blocking=False):
                     try:
-                        handled = self._drain()
+                        handled = drain()
                     finally:
                         pump.release()
                     if handled:
                         idle_rounds = 0
                         self._handed_over(1)
-                    elif now < spin_until:
-                        pass  # a reply often comes within microseconds: skip the sleep/wake
-                    else:
-                        self._wait_ready(min(remaining, _SAFETY_WAIT_S), idle_rounds)
-                        idle_rounds += 1
                 else:  # another thread is pumping; it notifies when it handled something
                     self._wait_progress(min(remaining, 0.001))
+                    handled = True  # look at pred, then pump again
+                # another thread's drain may have put what we wait for in place (and woken us
+                # through the pipe): look before spinning or sleeping again
                 value = pred()
                 if value is not None:
                     return value
+                if not handled:
+                    if now < spin_until:
+                        continue  # a reply often comes within microseconds: skip the sleep/wake
+                    self._wait_ready(min(remaining, _SAFETY_WAIT_S), idle_rounds)
+                    idle_rounds += 1
         finally:
             self._end_wait()
 
@@ -258,77 +292,14 @@ class PumpedTransport(Transport):
                     return msg
             else:
                 drained = True
-        return self._recv_wait(key, timeout_s, drained)
-
-    def _recv_wait(self, key: Key, timeout_s: float, drained: bool) -> Message:
-        """recv's waiting part: `_wait_for` with the mailbox check and the peer check inlined.
-
-        `drained`: the caller just found the backend empty, so the first round can go straight
-        to spinning or sleeping (input that lands meanwhile makes the select return at once).
-        """
-        try_take = self.mailbox.try_take
-        pump = self._pump_lock
-        monotonic = time.monotonic
-        now = monotonic()
-        deadline = now + max(timeout_s, 0.0)
-        next_check = now + _PEER_CHECK_S
-        spin_until = now + self.spin_s
-        idle_rounds = 0
-        with self._state:
-            self._waiters += 1
-        try:
-            while True:
-                if self._closed:
-                    raise TransportClosed(
-                        f"rank {self.rank}: transport closed while waiting for {_describe(key)}"
-                    )
-                now = monotonic()
-                if now >= next_check:
-                    next_check = now + _PEER_CHECK_S
-                    why = self._peer_gone(key[0])
-                    if why is not None:
-                        msg = try_take(key)  # it may have come in just before
-                        if msg is not None:
-                            return msg
-                        raise PeerUnreachable(
-                            f"rank {self.rank}: rank {key[0]} is gone ({why}) while waiting for {_describe(key)}"
-                        )
-                remaining = deadline - now
-                if remaining <= 0:
-                    raise TransportTimeout(
-                        f"rank {self.rank}: timed out after {timeout_s:.3f}s waiting for {_describe(key)}"
-                    )
-                if drained:
-                    drained = handled = False
-                elif pump.acquire(blocking=False):
-                    try:
-                        handled = self._drain_for(key)
-                    finally:
-                        pump.release()
-                    if handled:
-                        idle_rounds = 0
-                        self._handed_over(1)
-                        msg = try_take(key)
-                        if msg is not None:
-                            return msg
-                else:  # another thread is pumping; it notifies when it handled something
-                    self._wait_progress(min(remaining, 0.001))
-                    msg = try_take(key)
-                    if msg is not None:
-                        return msg
-                    continue
-                if not handled:
-                    # another thread's drain may have put our message in the mailbox (and woken
-                    # us through the pipe): look before spinning or sleeping again
-                    msg = try_take(key)
-                    if msg is not None:
-                        return msg
-                    if now < spin_until:
-                        continue  # a reply often comes within microseconds: skip the sleep/wake
-                    self._wait_ready(min(remaining, _SAFETY_WAIT_S), idle_rounds)
-                    idle_rounds += 1
-        finally:
-            self._end_wait()
+        msg = self._wait_for(
+            lambda: try_take(key), time.monotonic() + max(timeout_s, 0.0), key=key, drained=drained
+        )
+        if msg is None:
+            raise TransportTimeout(
+                f"rank {self.rank}: timed out after {timeout_s:.3f}s waiting for {_describe(key)}"
+            )
+        return msg
 
     def poll(
         self, src: int, type_: MsgType, step: int, layer: int = 0, microbatch: int = 0
