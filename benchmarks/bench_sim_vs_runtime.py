@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="passes through everything, fastest kept")
     ap.add_argument("--transport", default="local", help="AFD runs: local (threads), shm or tcp")
+    ap.add_argument("--pin-workers", action="store_true", help="pin worker processes to cores")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     runs = tuple(
@@ -46,6 +47,7 @@ def main() -> None:
         transports=("local", "copy", *([args.transport] if args.transport != "local" else [])),
         threads=args.threads,
         rounds=args.rounds,
+        pin_workers=args.pin_workers,
     )
     results = []
     for w in WORKLOADS:
@@ -58,6 +60,7 @@ def main() -> None:
             threads=args.threads,
             repeats=args.repeats,
             rounds=args.rounds,
+            pin_workers=args.pin_workers,
         )
         results.append(v.to_dict())
     wall = time.perf_counter() - t0
@@ -76,6 +79,14 @@ def main() -> None:
             f"  {key:<9} alpha {e['alpha']:.4e} beta {e['beta']:.4e} R^2 {e['r2']:.3f} max rel err {e['max_rel_err']:.3f}"
         )
     print(f"  AFD step extra {p['step'].get('afd_beta', 0):.4g} ms; prefill {p['prefill']}")
+    for name, t in p.get("worker_steps", {}).items():
+        if "afd_beta" in t:
+            print(
+                f"  worker processes over {name}: afd_alpha {t['afd_alpha']:.4g} ms/seq, "
+                f"afd_beta {t['afd_beta']:.4g} ms, afd_prefill_token_ms "
+                f"{t.get('afd_prefill_token_ms', 0):.4g}"
+                + (" (workers pinned)" if args.pin_workers else "")
+            )
     print(
         f"{'workload':<22} {'run':<26} {'real ms/step':>12} {'sim ms/step':>11} {'error':>7} "
         f"{'real tok/s':>10} {'sim tok/s':>9} {'error':>7} {'load':>5} {'serial ms':>9} {'error':>7}"

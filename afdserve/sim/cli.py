@@ -440,6 +440,9 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="do not time worker-process engines over shm/tcp (their `afd_alpha`, `afd_beta`)",
     )
+    p.add_argument(
+        "--pin-workers", action="store_true", help="pin the timed worker processes to cores"
+    )
     p.add_argument("--json", action="store_true", help="print the profile JSON too")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_profile_cli)
@@ -470,6 +473,7 @@ def run_profile_cli(args: argparse.Namespace) -> int:
         comm_from=args.comm_from,
         threads=args.threads,
         worker_steps=not args.no_worker_steps,
+        pin_workers=args.pin_workers,
         progress=note,
     )
     check_profile(data)
@@ -558,6 +562,9 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
         "--transport",
         default="local",
         help="AFD transport: local (threads) or shm/tcp (worker processes)",
+    )
+    r.add_argument(
+        "--pin-workers", action="store_true", help="pin worker processes to cores (shm/tcp)"
     )
     r.add_argument("--json", action="store_true")
     r.add_argument("--quiet", action="store_true")
@@ -667,6 +674,7 @@ def run_validate_runtime(args: argparse.Namespace) -> int:
         threads=args.threads,
         repeats=args.repeats,
         rounds=args.rounds,
+        pin_workers=args.pin_workers,
         progress=note,
     )
     if args.json:

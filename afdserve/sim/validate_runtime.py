@@ -193,11 +193,13 @@ def validate_runtime(
     seed: int = 0,
     repeats: int = 3,
     rounds: int = 1,
+    pin_workers: bool = False,
     progress: Callable[[str], Any] | None = None,
 ) -> RuntimeValidation:
     """Profile (unless given), then for each run: simulate it and run it for real. With
     `rounds` > 1, every run is measured in each of that many rounds through all runs and keeps
-    its fastest (spread over time, as `run_profile(rounds=...)` does)."""
+    its fastest (spread over time, as `run_profile(rounds=...)` does). `pin_workers`: worker
+    processes pinned to cores (`EngineConfig.pin_workers`), in the profile and the real runs."""
     import torch
 
     from afdserve.sim.profile import ProfileGrid, check_profile, run_profile
@@ -216,6 +218,7 @@ def validate_runtime(
             transports=("local", "copy", *multi),
             threads=threads,
             rounds=profile_rounds,
+            pin_workers=pin_workers,
         )
     check_profile(profile)
     costs_by_transport = {t: _costs_with_comm(profile, t) for t in {r.transport for r in runs}}
@@ -223,7 +226,7 @@ def validate_runtime(
     for k in range(rounds):
         for run in runs:
             note(f"real: {run.label}" + (f" (round {k + 1}/{rounds})" if rounds > 1 else ""))
-            real = _real_run(model, run, workload, device, dtype, seed, repeats)
+            real = _real_run(model, run, workload, device, dtype, seed, repeats, pin_workers)
             real["load"] = _load_average()
             measured.setdefault(run, []).append(real)
     reals = {run: _combine(rs, typical=run.transport != "local") for run, rs in measured.items()}
@@ -294,8 +297,11 @@ def _load_average() -> float:
         return math.nan
 
 
-def _engine_options(run: RuntimeRun, w: Workload, device: str, dtype: str) -> dict[str, Any]:
+def _engine_options(
+    run: RuntimeRun, w: Workload, device: str, dtype: str, pin_workers: bool = False
+) -> dict[str, Any]:
     return dict(
+        pin_workers=pin_workers and run.transport != "local",
         mode=run.mode,
         attention_workers=run.attention_workers,
         microbatches=run.microbatches,
@@ -309,7 +315,14 @@ def _engine_options(run: RuntimeRun, w: Workload, device: str, dtype: str) -> di
 
 
 def _real_run(
-    model: str, run: RuntimeRun, w: Workload, device: str, dtype: str, seed: int, repeats: int
+    model: str,
+    run: RuntimeRun,
+    w: Workload,
+    device: str,
+    dtype: str,
+    seed: int,
+    repeats: int,
+    pin_workers: bool = False,
 ) -> dict[str, Any]:
     """The fastest of `repeats` timed `generate` calls after one untimed call of the same batch
     (the least disturbed by other load, as the profile's timings); `step_ms_each` has every
@@ -321,7 +334,7 @@ def _real_run(
 
     rng = np.random.default_rng(seed)
     vocab = ModelConfig.from_dir(resolve_model(model)).vocab_size
-    llm = LLM(model, **_engine_options(run, w, device, dtype))
+    llm = LLM(model, **_engine_options(run, w, device, dtype, pin_workers))
     try:
         params = SamplingParams(max_tokens=w.output_len, temperature=0.0, ignore_eos=True)
         prompts = [rng.integers(3, vocab, size=w.prompt_len).tolist() for _ in range(w.requests)]

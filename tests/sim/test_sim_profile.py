@@ -249,3 +249,16 @@ def test_worker_prefill_fit_recovers_the_per_token_extra() -> None:
     # no slower than in-process (noise): 0, never negative
     assert _worker_prefill_fit([(4, 64, predicted(4, 64) - 1.0)], *args) == 0.0
     assert _worker_prefill_fit([], *args) == 0.0
+
+
+def test_pin_workers_reaches_worker_process_runs_only() -> None:
+    from afdserve.sim.validate_runtime import RuntimeRun, Workload, _engine_options
+
+    w = Workload(4, 8, 4)
+    assert _engine_options(RuntimeRun("afd", 1, transport="shm"), w, "cpu", "auto", True)[
+        "pin_workers"
+    ]
+    assert not _engine_options(RuntimeRun("afd", 1), w, "cpu", "auto", True)["pin_workers"]
+    assert not _engine_options(RuntimeRun("afd", 1, transport="shm"), w, "cpu", "auto")[
+        "pin_workers"
+    ]
