@@ -33,6 +33,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="passes through everything, fastest kept")
     ap.add_argument("--transport", default="local", help="AFD runs: local (threads), shm or tcp")
     ap.add_argument("--pin-workers", action="store_true", help="pin worker processes to cores")
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="re-time the worker-process extras right before each round's real runs",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     runs = tuple(
@@ -61,6 +66,7 @@ def main() -> None:
             repeats=args.repeats,
             rounds=args.rounds,
             pin_workers=args.pin_workers,
+            interleave=args.interleave,
         )
         results.append(v.to_dict())
     wall = time.perf_counter() - t0
@@ -105,6 +111,17 @@ def main() -> None:
                     if r["sim_serial_step_ms"] is not None
                     else f"{'-':>9} {'-':>7}"
                 )
+            )
+    for res in results:
+        for name, rounds in res.get("interleaved", {}).items():
+            w = res["workload"]
+            print(
+                f"re-timed over {name} before the {w['requests']} x ({w['prompt_len']}, "
+                f"{w['output_len']}) rounds: afd_beta "
+                + ", ".join(f"{e['afd_beta']:.3g}" for e in rounds)
+                + " ms; afd_alpha "
+                + ", ".join(f"{e['afd_alpha']:.3g}" for e in rounds)
+                + " ms/seq"
             )
     print(
         f"total {wall:.0f} s; load: 1-minute load average after each real run ({results[0]['cpu_count']} CPUs)"

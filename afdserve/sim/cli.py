@@ -566,6 +566,11 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--pin-workers", action="store_true", help="pin worker processes to cores (shm/tcp)"
     )
+    r.add_argument(
+        "--interleave",
+        action="store_true",
+        help="re-time the worker-process extras right before each round's runs (shm/tcp)",
+    )
     r.add_argument("--json", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=run_validate_runtime, verb="sim-validate runtime")
@@ -675,6 +680,7 @@ def run_validate_runtime(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         rounds=args.rounds,
         pin_workers=args.pin_workers,
+        interleave=args.interleave,
         progress=note,
     )
     if args.json:

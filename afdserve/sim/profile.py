@@ -540,6 +540,52 @@ def _worker_afd_fit(
     return slope, beta
 
 
+def remeasure_worker_extras(
+    profile: dict[str, Any],
+    model: str,
+    transport: str,
+    *,
+    grid: ProfileGrid = ProfileGrid(),
+    device: str = "cpu",
+    dtype: str = "auto",
+    threads: int | None = 1,
+    pin_workers: bool = False,
+) -> dict[str, Any]:
+    """Time worker-process steps over `transport` again now and fit them against the
+    in-process fits already in `profile`: the `transport.<name>` keys `run_profile` writes
+    (`afd_alpha`, `afd_beta`, `afd_prefill_token_ms` and their points). For comparisons
+    with real runs made right after (`validate_runtime(interleave=True)`): on a shared machine
+    the multi-process step rate drifts over minutes, so the profile's own timing can be from a
+    different regime than the runs."""
+    timed = profile.get("transport", {}).get(transport) or {}
+    if "alpha" not in timed:
+        raise UserInputError(f"the profile has no timing of transport {transport!r}")
+
+    def fit(d: dict[str, Any]) -> AffineFit:
+        return AffineFit(float(d["alpha"]), float(d["beta"]), 1.0, 0.0, 0)
+
+    step = profile["step"]
+    L = int(profile["num_layers"])
+    attn_fit, ffn_fit, step_fit = fit(profile["attention"]), fit(profile["ffn"]), fit(step)
+    timer = _Timer(device, grid.repeats, grid.warmup)
+    pts, pre = _worker_step_points(
+        model, transport, timer, grid, device, dtype, threads, pin_workers
+    )
+    alpha, beta = _worker_afd_fit(pts, L, attn_fit, ffn_fit, step_fit, timed)
+    per_token = _worker_prefill_fit(
+        pre, L, attn_fit, profile["prefill"], ffn_fit, step_fit,
+        float(step.get("prefill_token_ms", 0.0)), timed, alpha, beta,
+    )  # fmt: skip
+    return {
+        **timed,
+        "afd_alpha": alpha,
+        "afd_beta": beta,
+        "afd_prefill_token_ms": per_token,
+        "worker_step_points": [list(q) for q in pts],
+        "worker_prefill_points": [list(q) for q in pre],
+    }
+
+
 def _worker_prefill_fit(
     pts: list[tuple],
     num_layers: int,

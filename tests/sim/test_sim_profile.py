@@ -175,6 +175,26 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
         assert math.isfinite(r["step_ms_error"]) and r["real_step_ms"] > 0
 
 
+def test_runtime_validation_interleaves_worker_process_timing_with_the_runs(capsys) -> None:
+    code = main([*SMALL_RUNTIME_VALIDATION, "--transport", "shm", "--interleave", "--rounds", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    d = json.loads(out)
+    rounds = d["interleaved"]["shm"]  # re-timed before each round's worker-process runs
+    assert len(rounds) == 2
+    assert all(e["afd_beta"] >= 0 and e["afd_alpha"] >= 0 for e in rounds)
+    prefill = d["profile"]["step"]["prefill_token_ms"]
+    for r in d["runs"]:
+        if r["run"].startswith("AFD"):  # simulated with one round's own timing
+            used = [e for e in rounds if e["afd_beta"] == r["sim_afd_step_ms"]]
+            assert used
+            assert r["sim_step_prefill_token_ms"] == pytest.approx(
+                prefill + used[0]["afd_prefill_token_ms"]
+            )
+        else:
+            assert r["sim_afd_step_ms"] is None
+
+
 def test_worker_afd_fit_is_a_robust_line_through_the_residuals() -> None:
     from afdserve.sim.fit import AffineFit
     from afdserve.sim.profile import _worker_afd_fit
