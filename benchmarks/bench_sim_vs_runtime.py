@@ -90,7 +90,8 @@ def main() -> None:
             print(
                 f"  worker processes over {name}: afd_alpha {t['afd_alpha']:.4g} ms/seq, "
                 f"afd_beta {t['afd_beta']:.4g} ms, afd_prefill_token_ms "
-                f"{t.get('afd_prefill_token_ms', 0):.4g}"
+                f"{t.get('afd_prefill_token_ms', 0):.4g}, afd_microbatch_ms "
+                f"{t.get('afd_microbatch_ms', 0):.4g}"
                 + (" (workers pinned)" if args.pin_workers else "")
             )
     print(
@@ -121,7 +122,9 @@ def main() -> None:
                 + ", ".join(f"{e['afd_beta']:.3g}" for e in rounds)
                 + " ms; afd_alpha "
                 + ", ".join(f"{e['afd_alpha']:.3g}" for e in rounds)
-                + " ms/seq"
+                + " ms/seq; afd_microbatch_ms "
+                + ", ".join(f"{e['afd_microbatch_ms']:.3g}" for e in rounds)
+                + " ms"
             )
     print(
         f"total {wall:.0f} s; load: 1-minute load average after each real run ({results[0]['cpu_count']} CPUs)"

@@ -54,6 +54,10 @@ class SimCosts:
     afd_step_ms: float = 0.0
     """Per step of an AFD bundle: extra fixed ms of its step machinery (dispatching the workers,
     the SYNC message), on each attention worker's critical path."""
+    afd_microbatch_ms: float = 0.0
+    """Per step of an AFD bundle and attention worker: extra ms per microbatch beyond the first
+    (a worker-process runtime pays per-layer round trips, each with its wake-ups, per
+    microbatch), on the worker's critical path, outside the overlapped stages."""
     kv_transfer_ms_per_token: float = 0.0
     """Prefill/decode split: ms to move one prompt token's KV (all layers) to a decode instance."""
     kv_transfer_beta_ms: float = 0.0
@@ -127,6 +131,7 @@ class SimCosts:
                     ("beta", "step_beta_ms"),
                     ("afd_beta", "afd_step_ms"),
                     ("prefill_token_ms", "step_prefill_token_ms"),
+                    ("afd_microbatch_ms", "afd_microbatch_ms"),
                 ),
             ),
             (
@@ -158,6 +163,7 @@ class SimCosts:
             beta=self.step_beta_ms,
             afd_beta=self.afd_step_ms,
             prefill_token_ms=self.step_prefill_token_ms,
+            afd_microbatch_ms=self.afd_microbatch_ms,
         )
         kv = dict(d.get("kv_transfer") or {})
         kv.update(alpha=self.kv_transfer_ms_per_token, beta=self.kv_transfer_beta_ms)
@@ -180,6 +186,7 @@ class SimCosts:
             "step_alpha_ms": self.step_alpha_ms,
             "step_beta_ms": self.step_beta_ms,
             "afd_step_ms": self.afd_step_ms,
+            "afd_microbatch_ms": self.afd_microbatch_ms,
             "step_prefill_token_ms": self.step_prefill_token_ms,
             "kv_transfer_ms_per_token": self.kv_transfer_ms_per_token,
         }

@@ -338,6 +338,7 @@ class _Engine:
             + c.step_prefill_token_ms * (cfg.token_budget if self.n_prefilling else 0)
             + c.step_beta_ms
             + c.afd_step_ms
+            + c.afd_microbatch_ms * (G - 1)
         )
         if cfg.pipeline == "colocated":
             return L * (G * attn + ffn) + post

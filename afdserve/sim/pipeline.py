@@ -137,6 +137,9 @@ def stage_times(costs: SimCosts, load: StepLoad, pipeline: str) -> StageTimes:
         + costs.step_prefill_token_ms * load.prefill_tokens.sum(axis=2)
         + fixed
     )
+    if not colocated and costs.afd_microbatch_ms:
+        extra = np.maximum(sends.sum(axis=2) - 1, 0)  # [S, r] microbatches beyond the first
+        per_step = per_step + costs.afd_microbatch_ms * extra
     post = np.where(worker_on, per_step, 0.0)
     return StageTimes(attn, up, up, ffn, post, sends, shared)
 
@@ -321,10 +324,12 @@ def time_one_step(
         up_sh = [0.0] * G
     fixed = costs.step_beta_ms + (0.0 if colocated else costs.afd_step_ms)
     on = [any(row) for row in sends]
+    per_mb = 0.0 if colocated else costs.afd_microbatch_ms
     post = [
         costs.step_alpha_ms * sampled[k]
         + costs.step_prefill_token_ms * sum(prefill_tokens[k])
         + fixed
+        + per_mb * max(sum(sends[k]) - 1, 0)
         if on[k]
         else 0.0
         for k in range(r)

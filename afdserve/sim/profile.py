@@ -34,7 +34,10 @@ its layers:
   their residual over the in-process prediction and those two, per prefill token, is
   `afd_prefill_token_ms`. The simulator uses them (`afd_beta` instead of `step.afd_beta`,
   `afd_alpha` on top of `step.alpha`, `afd_prefill_token_ms` on top of
-  `step.prefill_token_ms`) for runs over that transport.
+  `step.prefill_token_ms`) for runs over that transport. Last, an engine with M = 2 times the
+  same decode steps; what a second microbatch costs beyond what the simulator says (median over
+  N >= 2 of the measured minus the simulated M=2 - M=1 difference) is `afd_microbatch_ms`,
+  charged per step for every microbatch beyond the first.
 
 Each time is the minimum of `repeats` runs after `warmup` runs (CUDA: synchronised): on a shared
 machine other load only ever adds time, so the least-disturbed run is the reproducible figure
@@ -46,6 +49,7 @@ and `SimCosts.from_profile` both read it. torch is imported inside the functions
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -57,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from afdserve.errors import UserInputError
+from afdserve.sim.costs import SimCosts
 from afdserve.sim.fit import AffineFit, fit_affine, fit_nonneg, quality
 
 TRANSPORTS: tuple[str, ...] = ("local", "copy", "shm", "tcp")
@@ -205,7 +210,7 @@ def run_profile(
                 except Exception as exc:  # workers that cannot start here: say why, go on
                     worker_skipped[name] = f"{type(exc).__name__}: {exc}"
                 else:
-                    worker_rounds.setdefault(name, []).append(pts)  # (decode, prefill)
+                    worker_rounds.setdefault(name, []).append(pts)  # decode, prefill, M=2
         attn_pts, pre_pts, ffn_pts, tok_pts, agg_pts, afd_pts = (
             _fastest([r[i] for r in measured]) for i in range(6)
         )
@@ -252,6 +257,7 @@ def run_profile(
         elif "alpha" in transport[name]:
             pts = _median_points([r[0] for r in worker_rounds[name]])
             pre = _median_points([r[1] for r in worker_rounds[name]])
+            pts2 = _median_points([r[2] for r in worker_rounds[name]])
             alpha, beta = _worker_afd_fit(pts, L, attn_fit, ffn_fit, step_fit, transport[name])
             per_token = _worker_prefill_fit(
                 pre, L, attn_fit, prefill, ffn_fit, step_fit, tok_fit.alpha, transport[name],
@@ -263,6 +269,7 @@ def run_profile(
                 afd_prefill_token_ms=per_token,
                 worker_step_points=[list(q) for q in pts],
                 worker_prefill_points=[list(q) for q in pre],
+                worker_step_points_m2=[list(q) for q in pts2],
             )
     step = {
         **step_fit.to_dict(),
@@ -271,7 +278,7 @@ def run_profile(
         "prefill_token_r2": tok_fit.r2,
     }
     threads_used = torch.get_num_threads()
-    return {
+    data = {
         "source": "measured",
         "model": model,
         "device": _device_name(device, threads_used),
@@ -312,6 +319,12 @@ def run_profile(
         "warnings": warnings,
         "wall_s": time.perf_counter() - t_start,
     }
+    for name, timed in transport.items():  # needs the whole profile: the simulator's M=2 step
+        if "worker_step_points_m2" in timed:
+            timed["afd_microbatch_ms"] = _worker_microbatch_fit(
+                timed["worker_step_points"], timed["worker_step_points_m2"], data, name
+            )
+    return data
 
 
 # ---- timing --------------------------------------------------------------------------------
@@ -540,6 +553,33 @@ def _worker_afd_fit(
     return slope, beta
 
 
+def costs_for_transport(profile: dict[str, Any], transport: str) -> SimCosts:
+    """The profile's costs with `comm` taken from the timing of `transport` (each run is
+    simulated with the transfer cost of the transport it really used), and for a worker-process
+    transport the per-step AFD extra the profile measured over it (`afd_beta`, and `afd_alpha`
+    per sequence on top of `step.alpha`), if it did."""
+    timed = profile.get("transport", {}).get(transport)
+    if transport == profile.get("comm_transport") or not timed or "alpha" not in timed:
+        if transport != profile.get("comm_transport", "local"):
+            raise UserInputError(f"the profile has no timing of transport {transport!r}")
+        return SimCosts.from_profile_dict(profile, origin="profile")
+    swapped = {
+        **profile,
+        "comm": {k: timed[k] for k in ("alpha", "beta", "r2", "max_rel_err") if k in timed},
+        "comm_transport": transport,
+    }
+    if "afd_beta" in timed:
+        step = dict(profile.get("step", {}))
+        step["afd_beta"] = timed["afd_beta"]
+        step["alpha"] = step.get("alpha", 0.0) + timed.get("afd_alpha", 0.0)
+        step["prefill_token_ms"] = step.get("prefill_token_ms", 0.0) + timed.get(
+            "afd_prefill_token_ms", 0.0
+        )
+        step["afd_microbatch_ms"] = timed.get("afd_microbatch_ms", 0.0)
+        swapped["step"] = step
+    return SimCosts.from_profile_dict(swapped, origin="profile")
+
+
 def remeasure_worker_extras(
     profile: dict[str, Any],
     model: str,
@@ -568,7 +608,7 @@ def remeasure_worker_extras(
     L = int(profile["num_layers"])
     attn_fit, ffn_fit, step_fit = fit(profile["attention"]), fit(profile["ffn"]), fit(step)
     timer = _Timer(device, grid.repeats, grid.warmup)
-    pts, pre = _worker_step_points(
+    pts, pre, pts2 = _worker_step_points(
         model, transport, timer, grid, device, dtype, threads, pin_workers
     )
     alpha, beta = _worker_afd_fit(pts, L, attn_fit, ffn_fit, step_fit, timed)
@@ -576,14 +616,19 @@ def remeasure_worker_extras(
         pre, L, attn_fit, profile["prefill"], ffn_fit, step_fit,
         float(step.get("prefill_token_ms", 0.0)), timed, alpha, beta,
     )  # fmt: skip
-    return {
+    out = {
         **timed,
         "afd_alpha": alpha,
         "afd_beta": beta,
         "afd_prefill_token_ms": per_token,
+        "afd_microbatch_ms": 0.0,
         "worker_step_points": [list(q) for q in pts],
         "worker_prefill_points": [list(q) for q in pre],
+        "worker_step_points_m2": [list(q) for q in pts2],
     }
+    again = {**profile, "transport": {**profile["transport"], transport: out}}
+    out["afd_microbatch_ms"] = _worker_microbatch_fit(pts, pts2, again, transport)
+    return out
 
 
 def _worker_prefill_fit(
@@ -654,7 +699,6 @@ def _worker_step_points(
     at 64 it did not)."""
     from afdserve.config import EngineConfig
     from afdserve.launch.multiproc import MultiProcessEngine
-    from afdserve.types import SamplingParams
 
     prompt = min(grid.decode_contexts)
     warm = max(timer.warmup, 2)
@@ -680,45 +724,84 @@ def _worker_step_points(
         pin_workers=pin_workers,
     )
     engine = MultiProcessEngine(cfg)
-    out = []
     try:
-        for N in grid.step_batches:
-            params = SamplingParams(max_tokens=1 + decode, temperature=0.0, ignore_eos=True)
-            counts = {f"w{N}-{i}": 0 for i in range(N)}
-            for rid in counts:
-                engine.add_request(rid, list(range(3, 3 + prompt)), params)
-            deadline = time.monotonic() + WORKER_DEADLINE_S
-
-            def until(tokens: int, counts=counts, deadline=deadline) -> float:
-                """Step the front until every sequence has `tokens` tokens; the time then."""
-                while min(counts.values()) < tokens:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(
-                            f"worker-process steps over {transport}: no progress within "
-                            f"{WORKER_DEADLINE_S:.0f} s"
-                        )
-                    for ev in engine.step(timeout_s=0.05):
-                        if ev.request_id in counts:
-                            counts[ev.request_id] += 1
-                return time.perf_counter()
-
-            base = 1 + warm  # the prefill's token, then the warm-up steps
-            t = until(base)
-            per_step = []
-            for k in range(1, windows + 1):
-                t_next = until(base + k * WORKER_WINDOW_STEPS)
-                per_step.append((t_next - t) / WORKER_WINDOW_STEPS)
-                t = t_next
-            until(1 + decode)  # finished: the KV blocks are free for the next batch
-            ctx = prompt + base + windows * WORKER_WINDOW_STEPS / 2.0
-            out.append((N, ctx, float(np.median(per_step)) * 1e3))
+        out = _worker_decode_points(engine, grid, prompt, warm, windows, transport)
         pre = [
             (S, P, _worker_prefill_ms(engine, S, P, max(timer.repeats, 3), transport))
             for S, P in prefills
         ]
     finally:
         engine.close()
-    return out, pre
+    engine = MultiProcessEngine(dataclasses.replace(cfg, microbatches=2))
+    try:
+        out2 = _worker_decode_points(engine, grid, prompt, warm, windows, transport)
+    finally:
+        engine.close()
+    return out, pre, out2
+
+
+def _worker_decode_points(
+    engine: Any, grid: ProfileGrid, prompt: int, warm: int, windows: int, transport: str
+) -> list[tuple]:
+    """(N, mean context, ms per step) of decode steps with N sequences, N in the grid."""
+    from afdserve.types import SamplingParams
+
+    decode = warm + windows * WORKER_WINDOW_STEPS
+    out = []
+    for N in grid.step_batches:
+        params = SamplingParams(max_tokens=1 + decode, temperature=0.0, ignore_eos=True)
+        counts = {f"w{N}-{i}": 0 for i in range(N)}
+        for rid in counts:
+            engine.add_request(rid, list(range(3, 3 + prompt)), params)
+        deadline = time.monotonic() + WORKER_DEADLINE_S
+
+        def until(tokens: int, counts=counts, deadline=deadline) -> float:
+            """Step the front until every sequence has `tokens` tokens; the time then."""
+            while min(counts.values()) < tokens:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"worker-process steps over {transport}: no progress within "
+                        f"{WORKER_DEADLINE_S:.0f} s"
+                    )
+                for ev in engine.step(timeout_s=0.05):
+                    if ev.request_id in counts:
+                        counts[ev.request_id] += 1
+            return time.perf_counter()
+
+        base = 1 + warm  # the prefill's token, then the warm-up steps
+        t = until(base)
+        per_step = []
+        for k in range(1, windows + 1):
+            t_next = until(base + k * WORKER_WINDOW_STEPS)
+            per_step.append((t_next - t) / WORKER_WINDOW_STEPS)
+            t = t_next
+        until(1 + decode)  # finished: the KV blocks are free for the next batch
+        ctx = prompt + base + windows * WORKER_WINDOW_STEPS / 2.0
+        out.append((N, ctx, float(np.median(per_step)) * 1e3))
+    return out
+
+
+def _worker_microbatch_fit(
+    pts1: list[tuple], pts2: list[tuple], profile: dict[str, Any], transport: str
+) -> float:
+    """A transport's `afd_microbatch_ms`: what a second microbatch costs a worker-process
+    decode step beyond what the simulator (with this transport's other extras) says it costs,
+    the median over N of (measured M=2 - measured M=1) - (simulated M=2 - simulated M=1),
+    at least 0. Taken as a difference so that the M = 1 fit's own misses at each N cancel."""
+    from afdserve.sim.pipeline import time_one_step
+
+    costs = costs_for_transport(profile, transport)
+    extra = []
+    for (n, ctx, ms1), (n2, _, ms2) in zip(pts1, pts2, strict=True):
+        if n != n2 or n < 2:  # one sequence fills one microbatch only
+            continue
+        halves = [n // 2 + n % 2, n // 2]
+        one = time_one_step(costs, "microbatch", [[n]], [[n * ctx]], [[0]], [[0]], [n])[0]
+        two = time_one_step(
+            costs, "microbatch", [halves], [[h * ctx for h in halves]], [[0, 0]], [[0, 0]], [n]
+        )[0]
+        extra.append((ms2 - ms1) - (two - one))
+    return max(0.0, float(np.median(extra))) if extra else 0.0
 
 
 def _worker_prefill_ms(engine: Any, seqs: int, prompt: int, repeats: int, transport: str) -> float:

@@ -39,6 +39,7 @@ from afdserve.sim.config import BundleConfig
 from afdserve.sim.costs import SimCosts
 from afdserve.sim.engine import simulate
 from afdserve.sim.metrics import summarize
+from afdserve.sim.profile import costs_for_transport
 from afdserve.sim.requests import RequestSet
 
 IN_PROCESS_TRANSPORTS: tuple[str, ...] = ("local",)
@@ -124,6 +125,9 @@ class RunComparison:
     sim_step_prefill_token_ms: float
     """The per-prefill-token step cost the simulation used (`step.prefill_token_ms`, plus the
     transport's `afd_prefill_token_ms` for a worker-process run)."""
+    sim_afd_microbatch_ms: float
+    """The per-extra-microbatch step cost the simulation used (the transport's
+    `afd_microbatch_ms` for a worker-process run, else 0)."""
     real_execute_ms: float
     """Mean of the engine's own per-step execute time (without scheduling)."""
     output_tokens: int
@@ -159,8 +163,10 @@ class RuntimeValidation:
                     "afd_alpha",
                     "afd_beta",
                     "afd_prefill_token_ms",
+                    "afd_microbatch_ms",
                     "worker_step_points",
                     "worker_prefill_points",
+                    "worker_step_points_m2",
                     "worker_step_skipped",
                 )
                 if k in t
@@ -237,7 +243,7 @@ def validate_runtime(
             pin_workers=pin_workers,
         )
     check_profile(profile)
-    costs_by_transport = {t: _costs_with_comm(profile, t) for t in {r.transport for r in runs}}
+    costs_by_transport = {t: costs_for_transport(profile, t) for t in {r.transport for r in runs}}
     measured: dict[RuntimeRun, list[dict[str, Any]]] = {}
     round_costs: dict[str, list[SimCosts]] = {}  # interleave: each round's re-timed costs
     round_extras: dict[str, list[dict[str, Any]]] = {}
@@ -251,9 +257,17 @@ def validate_runtime(
                     dtype=dtype, threads=threads, pin_workers=pin_workers,
                 )  # fmt: skip
                 again = {**profile, "transport": {**profile["transport"], t: timed}}
-                round_costs.setdefault(t, []).append(_costs_with_comm(again, t))
+                round_costs.setdefault(t, []).append(costs_for_transport(again, t))
                 round_extras.setdefault(t, []).append(
-                    {key: timed[key] for key in ("afd_alpha", "afd_beta", "afd_prefill_token_ms")}
+                    {
+                        key: timed[key]
+                        for key in (
+                            "afd_alpha",
+                            "afd_beta",
+                            "afd_prefill_token_ms",
+                            "afd_microbatch_ms",
+                        )
+                    }
                 )
         for run in runs:
             note(f"real: {run.label}" + tag)
@@ -288,6 +302,7 @@ def validate_runtime(
                 sim_afd_step_ms=costs.afd_step_ms if run.mode == "afd" else None,
                 sim_step_alpha_ms=costs.step_alpha_ms,
                 sim_step_prefill_token_ms=costs.step_prefill_token_ms,
+                sim_afd_microbatch_ms=costs.afd_microbatch_ms,
                 real_execute_ms=real["execute_ms"],
                 output_tokens=real["tokens"],
                 real_wall_s=real["wall_s"],
@@ -297,32 +312,6 @@ def validate_runtime(
     return RuntimeValidation(
         model, str(profile.get("device")), workload, profile, out, rounds, round_extras
     )
-
-
-def _costs_with_comm(profile: dict[str, Any], transport: str) -> SimCosts:
-    """The profile's costs with `comm` taken from the timing of `transport` (each run is
-    simulated with the transfer cost of the transport it really used), and for a worker-process
-    transport the per-step AFD extra the profile measured over it (`afd_beta`, and `afd_alpha`
-    per sequence on top of `step.alpha`), if it did."""
-    timed = profile.get("transport", {}).get(transport)
-    if transport == profile.get("comm_transport") or not timed or "alpha" not in timed:
-        if transport != profile.get("comm_transport", "local"):
-            raise UserInputError(f"the profile has no timing of transport {transport!r}")
-        return SimCosts.from_profile_dict(profile, origin="profile")
-    swapped = {
-        **profile,
-        "comm": {k: timed[k] for k in ("alpha", "beta", "r2", "max_rel_err") if k in timed},
-        "comm_transport": transport,
-    }
-    if "afd_beta" in timed:
-        step = dict(profile.get("step", {}))
-        step["afd_beta"] = timed["afd_beta"]
-        step["alpha"] = step.get("alpha", 0.0) + timed.get("afd_alpha", 0.0)
-        step["prefill_token_ms"] = step.get("prefill_token_ms", 0.0) + timed.get(
-            "afd_prefill_token_ms", 0.0
-        )
-        swapped["step"] = step
-    return SimCosts.from_profile_dict(swapped, origin="profile")
 
 
 def _load_average() -> float:

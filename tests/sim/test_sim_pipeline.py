@@ -175,3 +175,24 @@ def test_serial_is_every_job_in_a_row() -> None:
     assert t == pytest.approx(L * (attn + ffn + links) + 2 * 0.5)
     pipelined = step_timing(stage_times(c, load, "microbatch"), L, "microbatch").duration[0]
     assert pipelined < t
+
+
+@pytest.mark.parametrize("pipeline", ["microbatch", "serial", "colocated"])
+def test_afd_microbatch_ms_costs_each_microbatch_beyond_the_first(pipeline: str) -> None:
+    import dataclasses
+
+    L = 3
+    base = SimCosts.explicit(2e-4, 0.3, 3e-3, 0.5, 1e-3, 0.05, num_layers=L, step_beta_ms=0.2)
+    extra = dataclasses.replace(base, afd_microbatch_ms=0.7)
+    for M, busy in ((1, 1), (2, 2), (3, 3), (3, 2)):
+        tokens = [[16.0] * busy + [0.0] * (M - busy)]  # one worker, `busy` non-empty microbatches
+        args = (tokens, [[16.0 * 300] * M], [[0.0] * M], [[0.0] * M], [16.0 * busy])
+        d0 = time_one_step(base, pipeline, *args)[0]
+        d1 = time_one_step(extra, pipeline, *args)[0]
+        want = 0.0 if pipeline == "colocated" else 0.7 * (busy - 1)
+        assert d1 - d0 == pytest.approx(want, abs=1e-9)
+        nd = np.array([[16 * busy]])
+        load = decode_load(nd, np.array([[16 * busy * 300]]), busy)
+        v0 = step_timing(stage_times(base, load, pipeline), L, pipeline).duration[0]
+        v1 = step_timing(stage_times(extra, load, pipeline), L, pipeline).duration[0]
+        assert v1 - v0 == pytest.approx(want, abs=1e-9)  # the vectorised path agrees

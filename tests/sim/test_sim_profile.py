@@ -153,6 +153,9 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
     assert [p[:2] for p in shm["worker_prefill_points"]] == [[1, 32], [4, 32]]
     assert all(p[2] > 0 for p in shm["worker_prefill_points"])
     assert shm["afd_prefill_token_ms"] >= 0
+    # and decode steps of an M = 2 engine: what a second microbatch costs
+    assert [p[0] for p in shm["worker_step_points_m2"]] == [1, 4]
+    assert shm["afd_microbatch_ms"] >= 0
     in_process_alpha = d["profile"]["step"]["alpha"]
     in_process_prefill = d["profile"]["step"]["prefill_token_ms"]
     for r in d["runs"]:
@@ -162,6 +165,7 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
             assert r["sim_step_prefill_token_ms"] == pytest.approx(
                 in_process_prefill + shm["afd_prefill_token_ms"]
             )
+            assert r["sim_afd_microbatch_ms"] == shm["afd_microbatch_ms"]
         else:
             assert r["sim_afd_step_ms"] is None
             assert r["sim_step_alpha_ms"] == in_process_alpha
@@ -282,3 +286,29 @@ def test_pin_workers_reaches_worker_process_runs_only() -> None:
     assert not _engine_options(RuntimeRun("afd", 1, transport="shm"), w, "cpu", "auto")[
         "pin_workers"
     ]
+
+
+def test_worker_microbatch_fit_is_what_a_second_microbatch_adds_beyond_the_simulator() -> None:
+    from afdserve.sim.costs import SimCosts
+    from afdserve.sim.pipeline import time_one_step
+    from afdserve.sim.profile import _worker_microbatch_fit, costs_for_transport
+
+    profile = SimCosts.explicit(
+        1e-4, 0.3, 2e-3, 0.2, 1e-3, 0.01, num_layers=2, step_beta_ms=0.5
+    ).to_profile_dict()
+    profile["comm_transport"] = "local"
+    profile["transport"] = {"shm": {"alpha": 2e-3, "beta": 0.1, "afd_beta": 0.4, "afd_alpha": 0}}
+    costs = costs_for_transport(profile, "shm")
+
+    def sim(n: int, ctx: float, m: int) -> float:
+        parts = [n // m + (1 if i < n % m else 0) for i in range(m)]
+        return time_one_step(
+            costs, "microbatch", [parts], [[p * ctx for p in parts]], [[0] * m], [[0] * m], [n]
+        )[0]
+
+    ns, ctx = (1, 8, 16, 32), 70.0
+    pts1 = [(n, ctx, sim(n, ctx, 1) + 1.0) for n in ns]  # M=1: off by 1 ms (cancels)
+    pts2 = [(n, ctx, sim(n, ctx, 2) + 1.0 + (0.0 if n == 1 else 0.8)) for n in ns]
+    assert _worker_microbatch_fit(pts1, pts2, profile, "shm") == pytest.approx(0.8)
+    pts2 = [(n, ctx, sim(n, ctx, 2) + 0.5) for n in ns]  # cheaper than simulated: 0
+    assert _worker_microbatch_fit(pts1, pts2, profile, "shm") == 0.0
