@@ -480,13 +480,14 @@ class ShmTransport(PumpedTransport):
                 self._send_streamed(dst, ring, prefix, src, deadline)
 
     def _wait_space(
-        self, dst: int, ring: _OutRing, want: int, least: int, deadline: float
+        self, dst: int, take: Callable[[], tuple[int, int] | None], deadline: float
     ) -> tuple[int, int] | None:
-        """A stretch of the ring (see _OutRing.alloc), waiting for FREEs until `deadline`."""
-        got = ring.alloc(want, least)
+        """A stretch of the ring from `take` (see _OutRing.alloc), waiting for FREEs until
+        `deadline` (None then)."""
+        got = take()
         if got is None:
             self._send_blocking(dst, [_KIND[NEED]], deadline)  # flush your pending FREEs
-            got = self._wait_for(lambda: ring.alloc(want, least), deadline)
+            got = self._wait_for(take, deadline)
         return got
 
     def _ring_full(self, dst: int) -> TransportTimeout:
@@ -500,7 +501,8 @@ class ShmTransport(PumpedTransport):
     ) -> None:
         """The whole tensor into one contiguous stretch of the ring, then one datagram."""
         n = len(src)
-        got = self._wait_space(dst, ring, n, n, min(deadline, time.monotonic() + _PLACE_WAIT_S))
+        place_by = min(deadline, time.monotonic() + _PLACE_WAIT_S)
+        got = self._wait_space(dst, lambda: ring.alloc(n, n), place_by)
         if got is None:  # the free space is in pieces (the peer holds tensors): stream it
             self._send_streamed(dst, ring, prefix, src, deadline)
             return
@@ -527,10 +529,7 @@ class ShmTransport(PumpedTransport):
                     return None
                 return ring.alloc(want, min(want, _MIN_CHUNK))
 
-            got = room()
-            if got is None:
-                self._send_blocking(dst, [_KIND[NEED]], deadline)
-                got = self._wait_for(room, deadline)
+            got = self._wait_space(dst, room, deadline)
             if got is None:
                 raise self._ring_full(dst)
             off, k = got
