@@ -43,6 +43,13 @@ from afdserve.sim.profile import costs_for_transport
 from afdserve.sim.requests import RequestSet
 
 IN_PROCESS_TRANSPORTS: tuple[str, ...] = ("local",)
+WORKER_EXTRAS: tuple[str, ...] = (
+    "afd_alpha",
+    "afd_beta",
+    "afd_prefill_token_ms",
+    "afd_microbatch_ms",
+)
+"""The profile's worker-process coefficients per transport (`afdserve.sim.profile`)."""
 MULTI_PROCESS_TRANSPORTS: tuple[str, ...] = ("shm", "tcp")
 """Worker-process transports the comparison can time (the profile times their transfers too)."""
 
@@ -160,10 +167,7 @@ class RuntimeValidation:
             name: {
                 k: t[k]
                 for k in (
-                    "afd_alpha",
-                    "afd_beta",
-                    "afd_prefill_token_ms",
-                    "afd_microbatch_ms",
+                    *WORKER_EXTRAS,
                     "worker_step_points",
                     "worker_prefill_points",
                     "worker_step_points_m2",
@@ -211,10 +215,9 @@ def validate_runtime(
     its fastest (spread over time, as `run_profile(rounds=...)` does). `pin_workers`: worker
     processes pinned to cores (`EngineConfig.pin_workers`), in the profile and the real runs.
 
-    `interleave`: in every round, the worker-process extras (`afd_alpha`, `afd_beta`,
-    `afd_prefill_token_ms`) are timed again right before that round's worker-process runs
+    `interleave`: in every round, the worker-process extras (WORKER_EXTRAS) are timed again right before that round's worker-process runs
     (`remeasure_worker_extras`, against the profile's in-process fits), each round's runs are
-    simulated with its own timing, and the simulated figure is the median over the rounds, so
+    simulated with its own timing, and the simulated figure is the median round's, so
     that prediction and measurement come from the same stretch of time on a machine whose
     multi-process rate drifts."""
     import torch
@@ -258,17 +261,7 @@ def validate_runtime(
                 )  # fmt: skip
                 again = {**profile, "transport": {**profile["transport"], t: timed}}
                 round_costs.setdefault(t, []).append(costs_for_transport(again, t))
-                round_extras.setdefault(t, []).append(
-                    {
-                        key: timed[key]
-                        for key in (
-                            "afd_alpha",
-                            "afd_beta",
-                            "afd_prefill_token_ms",
-                            "afd_microbatch_ms",
-                        )
-                    }
-                )
+                round_extras.setdefault(t, []).append({key: timed[key] for key in WORKER_EXTRAS})
         for run in runs:
             note(f"real: {run.label}" + tag)
             real = _real_run(model, run, workload, device, dtype, seed, repeats, pin_workers)
