@@ -215,10 +215,11 @@ def validate_runtime(
     its fastest (spread over time, as `run_profile(rounds=...)` does). `pin_workers`: worker
     processes pinned to cores (`EngineConfig.pin_workers`), in the profile and the real runs.
 
-    `interleave`: in every round, the worker-process extras (WORKER_EXTRAS) are timed again right before that round's worker-process runs
-    (`remeasure_worker_extras`, against the profile's in-process fits), each round's runs are
-    simulated with its own timing, and the simulated figure is the median round's, so
-    that prediction and measurement come from the same stretch of time on a machine whose
+    `interleave`: in every round, the worker-process extras (WORKER_EXTRAS) are timed again
+    right before that round's worker-process runs (`remeasure_worker_extras`, against the
+    profile's in-process fits), and the runs are simulated with each coefficient's median over
+    the rounds (so a round disturbed in one coefficient does not carry the others with it):
+    prediction and measurement then come from the same stretch of time on a machine whose
     multi-process rate drifts."""
     import torch
 
@@ -248,8 +249,7 @@ def validate_runtime(
     check_profile(profile)
     costs_by_transport = {t: costs_for_transport(profile, t) for t in {r.transport for r in runs}}
     measured: dict[RuntimeRun, list[dict[str, Any]]] = {}
-    round_costs: dict[str, list[SimCosts]] = {}  # interleave: each round's re-timed costs
-    round_extras: dict[str, list[dict[str, Any]]] = {}
+    round_extras: dict[str, list[dict[str, Any]]] = {}  # interleave: each round's re-timing
     for k in range(rounds):
         tag = f" (round {k + 1}/{rounds})" if rounds > 1 else ""
         if interleave:
@@ -259,8 +259,6 @@ def validate_runtime(
                     profile, model, t, grid=profile_grid or ProfileGrid(), device=device,
                     dtype=dtype, threads=threads, pin_workers=pin_workers,
                 )  # fmt: skip
-                again = {**profile, "transport": {**profile["transport"], t: timed}}
-                round_costs.setdefault(t, []).append(costs_for_transport(again, t))
                 round_extras.setdefault(t, []).append({key: timed[key] for key in WORKER_EXTRAS})
         for run in runs:
             note(f"real: {run.label}" + tag)
@@ -268,14 +266,19 @@ def validate_runtime(
             real["load"] = _load_average()
             measured.setdefault(run, []).append(real)
     reals = {run: _combine(rs, typical=run.transport != "local") for run, rs in measured.items()}
+    for t, extras in round_extras.items():  # each coefficient's median over the rounds, so a
+        # round disturbed in one of them does not carry the others with it
+        med = {key: float(np.median([e[key] for e in extras])) for key in WORKER_EXTRAS}
+        timed = {**profile["transport"][t], **med}
+        costs_by_transport[t] = costs_for_transport(
+            {**profile, "transport": {**profile["transport"], t: timed}}, t
+        )
     out: list[RunComparison] = []
     for run in runs:
         real = reals[run]
         note(f"simulated: {run.label}")
-        candidates = round_costs.get(run.transport) or [costs_by_transport[run.transport]]
-        sims = [(_sim_run(c, run, workload), c) for c in candidates]
-        sims.sort(key=lambda sc: sc[0]["step_ms"])
-        sim, costs = sims[(len(sims) - 1) // 2]  # the median round (the lower of two middles)
+        costs = costs_by_transport[run.transport]
+        sim = _sim_run(costs, run, workload)
         serial = _sim_run(costs, run, workload, "serial") if run.mode == "afd" else None
         out.append(
             RunComparison(
