@@ -27,6 +27,7 @@ from afdserve.transport.protocol import (
     encode_parts,
     view_tensor,
 )
+from tests.transport.mutations import mutate_frame
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool]  # fmt: skip
@@ -192,22 +193,7 @@ def test_random_bytes_never_crash_decode(data):
 @given(messages, st.data())
 def test_mutated_frames_never_crash_decode(msg, data):
     frame = bytearray(encode(msg))
-    op = data.draw(st.sampled_from(["flip", "set", "truncate", "extend", "splice"]))
-    if op == "flip":
-        for _ in range(data.draw(st.integers(1, 4))):
-            i = data.draw(st.integers(0, len(frame) - 1))
-            frame[i] ^= 1 << data.draw(st.integers(0, 7))
-    elif op == "set":  # plant an arbitrary value into a header field
-        off = data.draw(st.sampled_from([4, 5, 6, 7, 8, 12, 16, 24, 28, 32, 36, 40, 48, 56, 104]))
-        width = data.draw(st.sampled_from([1, 4, 8]))
-        frame[off : off + width] = data.draw(st.binary(min_size=width, max_size=width))
-    elif op == "truncate":
-        del frame[data.draw(st.integers(0, len(frame) - 1)) :]
-    elif op == "extend":
-        frame += data.draw(st.binary(min_size=1, max_size=16))
-    else:
-        i = data.draw(st.integers(0, len(frame)))
-        frame[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+    mutate_frame(frame, data, ["flip", "set", "truncate", "extend", "splice"])
     decodes_or_rejects(bytes(frame))
 
 

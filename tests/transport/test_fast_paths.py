@@ -23,6 +23,7 @@ from afdserve.transport.protocol import (
     encode,
     encode_prefix,
 )
+from tests.transport.mutations import mutate_frame
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -118,21 +119,7 @@ def _decoded(buf: bytes, full: bool):
 def test_decode_fast_path_accepts_exactly_what_the_checked_path_accepts(msg, data):
     frame = bytearray(encode(msg))
     assert decode(bytes(frame)) == msg
-    op = data.draw(st.sampled_from(["none", "flip", "set", "truncate", "extend"]))
-    if op == "flip":
-        for _ in range(data.draw(st.integers(1, 3))):
-            i = data.draw(st.integers(0, len(frame) - 1))
-            frame[i] ^= 1 << data.draw(st.integers(0, 7))
-    elif op == "set":
-        off = data.draw(
-            st.sampled_from([0, 4, 5, 6, 7, 8, 12, 16, 24, 28, 32, 36, 40, 48, 56, 104])
-        )
-        width = data.draw(st.sampled_from([1, 4, 8]))
-        frame[off : off + width] = data.draw(st.binary(min_size=width, max_size=width))
-    elif op == "truncate":
-        del frame[data.draw(st.integers(0, len(frame) - 1)) :]
-    elif op == "extend":
-        frame += data.draw(st.binary(min_size=1, max_size=8))
+    mutate_frame(frame, data, ["none", "flip", "set", "truncate", "extend"])
     buf = bytes(frame)
     assert _decoded(buf, full=False) == _decoded(buf, full=True)
     assert _decoded(memoryview(buf), full=False) == _decoded(buf, full=True)
