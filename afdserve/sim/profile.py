@@ -251,26 +251,6 @@ def run_profile(
     afd_extra = afd[:, 2] - agg[:, 2] - 2 * L * comm_ms
     tp = np.asarray(tok_pts, dtype=np.float64)
     tok_fit = fit_affine(tp[:, 0], tp[:, 1])
-    for name in worker_names:
-        if name in worker_skipped:
-            transport[name]["worker_step_skipped"] = worker_skipped[name]
-        elif "alpha" in transport[name]:
-            pts = _median_points([r[0] for r in worker_rounds[name]])
-            pre = _median_points([r[1] for r in worker_rounds[name]])
-            pts2 = _median_points([r[2] for r in worker_rounds[name]])
-            alpha, beta = _worker_afd_fit(pts, L, attn_fit, ffn_fit, step_fit, transport[name])
-            per_token = _worker_prefill_fit(
-                pre, L, attn_fit, prefill, ffn_fit, step_fit, tok_fit.alpha, transport[name],
-                alpha, beta,
-            )  # fmt: skip
-            transport[name].update(
-                afd_alpha=alpha,
-                afd_beta=beta,
-                afd_prefill_token_ms=per_token,
-                worker_step_points=[list(q) for q in pts],
-                worker_prefill_points=[list(q) for q in pre],
-                worker_step_points_m2=[list(q) for q in pts2],
-            )
     step = {
         **step_fit.to_dict(),
         "afd_beta": float(max(0.0, np.median(afd_extra))),
@@ -319,11 +299,12 @@ def run_profile(
         "warnings": warnings,
         "wall_s": time.perf_counter() - t_start,
     }
-    for name, timed in transport.items():  # needs the whole profile: the simulator's M=2 step
-        if "worker_step_points_m2" in timed:
-            timed["afd_microbatch_ms"] = _worker_microbatch_fit(
-                timed["worker_step_points"], timed["worker_step_points_m2"], data, name
-            )
+    for name in worker_names:  # fitted against the profile's own (in-process) fits above
+        if name in worker_skipped:
+            transport[name]["worker_step_skipped"] = worker_skipped[name]
+        elif "alpha" in transport[name]:
+            pts, pre, pts2 = (_median_points([r[i] for r in worker_rounds[name]]) for i in range(3))
+            transport[name].update(_worker_extras(data, name, pts, pre, pts2))
     return data
 
 
@@ -593,7 +574,7 @@ def remeasure_worker_extras(
 ) -> dict[str, Any]:
     """Time worker-process steps over `transport` again now and fit them against the
     in-process fits already in `profile`: the `transport.<name>` keys `run_profile` writes
-    (`afd_alpha`, `afd_beta`, `afd_prefill_token_ms` and their points). For comparisons
+    (the coefficients of `_worker_extras` and their points). For comparisons
     with real runs made right after (`validate_runtime(interleave=True)`): on a shared machine
     the multi-process step rate drifts over minutes, so the profile's own timing can be from a
     different regime than the runs."""
@@ -601,23 +582,33 @@ def remeasure_worker_extras(
     if "alpha" not in timed:
         raise UserInputError(f"the profile has no timing of transport {transport!r}")
 
-    def fit(d: dict[str, Any]) -> AffineFit:
-        return AffineFit(float(d["alpha"]), float(d["beta"]), 1.0, 0.0, 0)
-
-    step = profile["step"]
-    L = int(profile["num_layers"])
-    attn_fit, ffn_fit, step_fit = fit(profile["attention"]), fit(profile["ffn"]), fit(step)
     timer = _Timer(device, grid.repeats, grid.warmup)
     pts, pre, pts2 = _worker_step_points(
         model, transport, timer, grid, device, dtype, threads, pin_workers
     )
+    return {**timed, **_worker_extras(profile, transport, pts, pre, pts2)}
+
+
+def _worker_extras(
+    profile: dict[str, Any], transport: str, pts: list[tuple], pre: list[tuple], pts2: list[tuple]
+) -> dict[str, Any]:
+    """A transport's worker-process coefficients (`afd_alpha`, `afd_beta`,
+    `afd_prefill_token_ms`, `afd_microbatch_ms`) and their points, from worker-process decode
+    steps (M = 1), prefill steps and M = 2 decode steps, fitted against the in-process fits in
+    `profile` (whose `transport.<name>` must hold that transport's transfer fit)."""
+
+    def fit(d: dict[str, Any]) -> AffineFit:  # only alpha and beta predict
+        return AffineFit(float(d["alpha"]), float(d["beta"]), 1.0, 0.0, 0)
+
+    timed, step = profile["transport"][transport], profile["step"]
+    L = int(profile["num_layers"])
+    attn_fit, ffn_fit, step_fit = fit(profile["attention"]), fit(profile["ffn"]), fit(step)
     alpha, beta = _worker_afd_fit(pts, L, attn_fit, ffn_fit, step_fit, timed)
     per_token = _worker_prefill_fit(
         pre, L, attn_fit, profile["prefill"], ffn_fit, step_fit,
         float(step.get("prefill_token_ms", 0.0)), timed, alpha, beta,
     )  # fmt: skip
     out = {
-        **timed,
         "afd_alpha": alpha,
         "afd_beta": beta,
         "afd_prefill_token_ms": per_token,
@@ -626,7 +617,8 @@ def remeasure_worker_extras(
         "worker_prefill_points": [list(q) for q in pre],
         "worker_step_points_m2": [list(q) for q in pts2],
     }
-    again = {**profile, "transport": {**profile["transport"], transport: out}}
+    # the M = 2 term is judged against the simulator with the other three in place
+    again = {**profile, "transport": {**profile["transport"], transport: {**timed, **out}}}
     out["afd_microbatch_ms"] = _worker_microbatch_fit(pts, pts2, again, transport)
     return out
 
