@@ -16,6 +16,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSPORTS = ("local", "shm", "torch", "tcp", "nixl")
 
 
+def check_device(device: object) -> str:
+    """`device` if it names cpu, cuda or cuda:N, else a UserInputError. Whether CUDA is there is
+    checked where torch is loaded (a config stays importable without torch)."""
+    if isinstance(device, str) and (
+        device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        return device
+    raise UserInputError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "builtin:tiny-qwen3-moe"
@@ -32,6 +42,8 @@ class EngineConfig:
     dtype: str = "auto"
     """Weights and activations; `auto` takes the checkpoint's dtype."""
     device: str = "cpu"
+    """Where weights, KV cache and activations live: `cpu`, `cuda` or `cuda:N`. Multi-process
+    workers all use this device; host transports stage device tensors through host memory."""
     block_size: int = 16
     num_kv_blocks: int | None = None
     """KV blocks per attention worker (plus one reserved); None sizes it from kv_cache_gib."""
@@ -60,6 +72,7 @@ class EngineConfig:
             raise UserInputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.dtype not in DTYPES:
             raise UserInputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_device(self.device)
         if self.transport not in TRANSPORTS:
             raise UserInputError(
                 f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}"

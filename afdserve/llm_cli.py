@@ -32,6 +32,7 @@ def add_engine_args(
     p.add_argument("--attention-workers", type=int, default=workers, metavar="R")
     p.add_argument("--microbatches", type=int, default=microbatches, metavar="M")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -45,6 +46,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         attention_workers=args.attention_workers,
         microbatches=args.microbatches,
         dtype=args.dtype,
+        device=args.device,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,

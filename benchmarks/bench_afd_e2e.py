@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=2)
     ap.add_argument("--pin", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (every engine and worker)")
+    ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from afdserve import LLM, SamplingParams
@@ -44,7 +46,8 @@ def main() -> None:
     total = sum(outs)
     print(
         f"{args.model}: {args.num_requests} requests, {sum(lens)} prompt tokens, {total} output tokens; "
-        f"{os.cpu_count()} cores, torch {torch.__version__}"
+        f"{os.cpu_count()} cores, torch {torch.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name(0)})" if args.device != "cpu" else "")
     )
     runs = [("aggregated, 1 process", dict(mode="aggregated", attention_workers=1, microbatches=1))]
     for r in (1, 2):
@@ -65,7 +68,9 @@ def main() -> None:
     print(f"{'engine':36s} {'seconds':>8s} {'out tok/s':>10s} {'vs aggregated':>14s}")
     base = None
     for name, opts in runs:
-        with LLM(args.model, max_num_batched_tokens=4096, **opts) as llm:
+        with LLM(
+            args.model, max_num_batched_tokens=4096, device=args.device, dtype=args.dtype, **opts
+        ) as llm:
             llm.generate(prompts[:2], params[:2])  # warm-up
             t0 = time.perf_counter()
             got = [o.token_ids for o in llm.generate(prompts, params)]

@@ -13,6 +13,10 @@ thread each. Rank 0 drives, rank 1 serves:
 Baselines: `memcpy` is an in-process tensor copy of N bytes into a preallocated buffer (and
 into a freshly allocated one, which is what a receiver that hands out a new tensor has to do);
 `gloo` is torch.distributed gloo send/recv of a uint8 tensor between the same two cores.
+
+`--device cuda` (a GPU host): every tensor sent and received lives on the GPU. The receiver moves
+what a host transport delivers onto the GPU before counting it, nixl registers VRAM slots (GPU to
+GPU), `memcpy` is a device-to-device copy, and the gloo baseline is left out (CPU only).
 """
 
 from __future__ import annotations
@@ -56,24 +60,28 @@ def plan(n: int, budget_s: float) -> tuple[int, int]:
 # -- baselines -----------------------------------------------------------------------------------
 
 
-def memcpy_row(n: int) -> dict:
+def memcpy_row(n: int, device: str = "cpu") -> dict:
     import torch
 
-    src = torch.ones(n, dtype=torch.uint8)
-    dst = torch.empty(n, dtype=torch.uint8)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
     dst.copy_(src)
+    sync()
     reps = max(3, min(2000, int(2e9 / n)))
     best_pre = best_fresh = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(reps):
             dst.copy_(src)
+        sync()
         best_pre = min(best_pre, (time.perf_counter() - t0) / reps)
         t0 = time.perf_counter()
         for _ in range(reps):
-            d = torch.empty(n, dtype=torch.uint8)
+            d = torch.empty(n, dtype=torch.uint8, device=device)
             d.copy_(src)
             del d
+        sync()
         best_fresh = min(best_fresh, (time.perf_counter() - t0) / reps)
     return {"memcpy_gbs": n / best_pre / 1e9, "memcpy_fresh_gbs": n / best_fresh / 1e9}
 
@@ -121,9 +129,14 @@ def gloo_peer(rank: int, port: int, sizes: list[int], budget_s: float) -> dict:
 
 
 def transport_peer(
-    name: str, rank: int, port: int, sizes: list[int], budget_s: float, options: dict
+    name: str, rank: int, port: int, sizes: list[int], budget_s: float, options: dict, device: str
 ) -> dict:
     import torch
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda" and name == "nixl":
+        options = {"device": "cuda"} | options
 
     from afdserve.transport.protocol import Message, MsgType
     from afdserve.transport.registry import create_transport
@@ -141,7 +154,7 @@ def transport_peer(
     try:
         for n in ["hb"] + sizes:
             rtts, frames = plan(64 if n == "hb" else n, budget_s)
-            x = None if n == "hb" else torch.ones(n // 4, dtype=torch.float32)
+            x = None if n == "hb" else torch.ones(n // 4, dtype=torch.float32, device=dev)
             times = []
             for _ in range(rtts + 3):
                 step += 1
@@ -155,12 +168,12 @@ def transport_peer(
                         tr.send(peer, Message(MsgType.HEARTBEAT, step, sender=rank))
                 elif rank == 0:
                     tr.send(peer, Message(MsgType.ACTIVATION_TRANSFER, step, sender=rank, tensor=x))
-                    tr.recv(peer, MsgType.ACTIVATION_RESULT, step, timeout_s=T)
+                    tr.recv(peer, MsgType.ACTIVATION_RESULT, step, timeout_s=T).tensor.to(dev)
+                    sync()
                 else:
                     m = tr.recv(peer, MsgType.ACTIVATION_TRANSFER, step, timeout_s=T)
-                    tr.send(
-                        peer, Message(MsgType.ACTIVATION_RESULT, step, sender=rank, tensor=m.tensor)
-                    )
+                    t = m.tensor.to(dev)  # [n/4] where the application wants it
+                    tr.send(peer, Message(MsgType.ACTIVATION_RESULT, step, sender=rank, tensor=t))
                 times.append(time.perf_counter() - t0)
             row = {"rtt_us": statistics.median(times[3:]) * 1e6}
             if n != "hb":
@@ -173,7 +186,9 @@ def transport_peer(
                             Message(MsgType.ACTIVATION_TRANSFER, first + i, sender=rank, tensor=x),
                         )
                     else:
-                        tr.recv(peer, MsgType.ACTIVATION_TRANSFER, first + i, timeout_s=T)
+                        m = tr.recv(peer, MsgType.ACTIVATION_TRANSFER, first + i, timeout_s=T)
+                        m.tensor.to(dev)
+                sync()
                 step = first + frames
                 if rank == 0:
                     tr.recv(peer, MsgType.HEARTBEAT, step, timeout_s=T)
@@ -198,8 +213,9 @@ def child(args: argparse.Namespace) -> None:
         res = gloo_peer(args.rank, args.port, sizes, args.budget)
     else:
         res = transport_peer(
-            args.child, args.rank, args.port, sizes, args.budget, json.loads(args.options)
-        )
+            args.child, args.rank, args.port, sizes, args.budget, json.loads(args.options),
+            args.device,
+        )  # fmt: skip
     if args.rank == 0:
         print("RESULT " + json.dumps({str(k): v for k, v in res.items()}), flush=True)
 
@@ -208,6 +224,7 @@ def run_pair(kind: str, args: argparse.Namespace) -> dict | str:
     port = free_port()
     cmd = [sys.executable, __file__, "--child", kind, "--port", str(port), "--budget", str(args.budget),
            "--options", json.dumps(args.opts.get(kind, {})), "--sizes", *args.sizes,
+           "--device", args.device,
            *(["--no-pin"] if args.no_pin else [])]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -235,6 +252,12 @@ def _number(value: str) -> int | float | str:
     return value
 
 
+def _device_name(device: str) -> str:
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(0)})" if device != "cpu" else "cpu"
+
+
 def fmt_size(n: int) -> str:
     return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K"
 
@@ -253,6 +276,7 @@ def main() -> None:
         metavar="KIND.NAME=VALUE",
         help="a transport option, e.g. shm.ring_bytes=4194304 (numbers or strings)",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the tensors live")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--no-pin", action="store_true", help="let the OS place the two processes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -275,9 +299,10 @@ def main() -> None:
     allowed = os.sched_getaffinity(0)
     if not args.no_pin:
         pin(0)
-    results: dict[str, dict | str] = {"memcpy": {str(n): memcpy_row(n) for n in sizes}}
+    results: dict[str, dict | str] = {"memcpy": {str(n): memcpy_row(n, args.device) for n in sizes}}
     os.sched_setaffinity(0, allowed)  # the children inherit the mask: give them every core back
-    kinds = ([] if args.no_gloo else ["gloo"]) + list(args.transports)
+    no_gloo = args.no_gloo or args.device != "cpu"
+    kinds = ([] if no_gloo else ["gloo"]) + list(args.transports)
     if "nixl" in kinds:
         from afdserve.transport.nixl import nixl_available
 
@@ -289,7 +314,8 @@ def main() -> None:
         results[kind] = run_pair(kind, args)
     print(
         f"host: {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}; torch threads 1; "
-        f"processes {'not pinned' if args.no_pin else 'pinned to 2 cores'}"
+        f"processes {'not pinned' if args.no_pin else 'pinned to 2 cores'}; "
+        f"tensors on {_device_name(args.device)}"
     )
     print(
         "round trip (median, us) for N bytes each way; bandwidth (GB/s) one way; memcpy GB/s in-process"

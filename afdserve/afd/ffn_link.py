@@ -68,8 +68,16 @@ class LocalFFN(FFNLink):
 class RemoteFFN(FFNLink):
     """Sends activations to FFN rank `ffn_rank` and waits for results, each wait bounded."""
 
-    def __init__(self, transport: Transport, ffn_rank: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        ffn_rank: int,
+        timeout_s: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.transport, self.ffn_rank, self.timeout_s = transport, ffn_rank, timeout_s
+        self.device = torch.device(device)
+        """Where results go: a host transport delivers them in host memory."""
         self.stats = AFDStats()
 
     def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
@@ -104,4 +112,4 @@ class RemoteFFN(FFNLink):
         finally:
             self.stats.add_idle(time.perf_counter() - t0)  # blocked on the FFN: this worker idles
         assert msg.tensor is not None
-        return msg.tensor
+        return msg.tensor.to(self.device)  # [T, D]; no copy when it is there already

@@ -59,6 +59,7 @@ class FFNWorker:
         self.num_layers = part.config.num_hidden_layers
         self.hidden_size = part.config.hidden_size
         self.dtype = next(part.parameters()).dtype
+        self.device = next(part.parameters()).device
         self.peers = {rank: _Peer() for rank in attention_ranks}
         self.stats = AFDStats()
         """AFD metrics of this worker (written only by the thread running the loop)."""
@@ -173,9 +174,14 @@ class FFNWorker:
                 continue
             batch.append((rank, h))
         if batch:
-            h = batch[0][1] if len(batch) == 1 else torch.cat([t for _, t in batch])  # [T, D]
+            hs = [t for _, t in batch]
+            if len({t.device for t in hs}) > 1:  # nixl: small frames land in host memory
+                hs = [t.to(self.device) for t in hs]
+            h = (hs[0] if len(hs) == 1 else torch.cat(hs)).to(self.device)  # [T, D]
             y = self.part(layer, h)  # [T, D]
             self.stats.record_ffn_batch(layer, mb, h.shape[0])
+            if not self.transport.carries(y.device):
+                y = y.cpu()  # one device-to-host copy for all r results, not one per send
             for (rank, _), y_k in zip(
                 batch, torch.split(y, [t.shape[0] for _, t in batch]), strict=True
             ):

@@ -25,6 +25,7 @@ WORKER_FLAGS: dict[str, tuple[Any, Any, str]] = {
     "control": (str, "", "front address to pull requests/commands from"),
     "events": (str, "", "front address to push events to"),
     "dtype": (str, "auto", "auto | float32 | bfloat16 | float16"),
+    "device": (str, "cpu", "cpu | cuda | cuda:N: where this worker's part and KV cache live"),
     "threads": (int, 1, "torch threads in this process"),
     "cpus": (str, "", "comma-separated cores to pin this process to"),
     "block-size": (int, 16, "KV block size"),

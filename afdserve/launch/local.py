@@ -114,7 +114,12 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     if cfg.is_afd:
         hub = LocalHub(r + 1)
         links = [
-            RemoteFFN(hub.endpoints[k], ffn_rank=r, timeout_s=result_timeout_s(cfg.sync_timeout_s))
+            RemoteFFN(
+                hub.endpoints[k],
+                ffn_rank=r,
+                timeout_s=result_timeout_s(cfg.sync_timeout_s),
+                device=cfg.device,
+            )
             for k in range(r)
         ]
         ffn_worker = FFNWorker(

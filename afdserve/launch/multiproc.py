@@ -468,6 +468,8 @@ def _worker_args(
         events,
         "--dtype",
         cfg.dtype,
+        "--device",
+        cfg.device,
         "--threads",
         str(cfg.worker_threads),
         "--block-size",

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from afdserve.config import check_device
 from afdserve.errors import UserInputError
 
 log = logging.getLogger("afdserve.worker")
@@ -59,6 +60,8 @@ class WorkerConfig:
     events: str = ""
     """Front's address this worker pushes events, errors and heartbeats to."""
     dtype: str = "auto"
+    device: str = "cpu"
+    """cpu, cuda or cuda:N. Host transports carry device tensors through host memory."""
     threads: int = 1
     cpus: str = ""
     """Comma-separated cores to pin this process to (empty: no pinning)."""
@@ -100,6 +103,10 @@ class WorkerConfig:
             )
         if self.threads < 1:
             raise UserInputError(f"--threads must be >= 1, got {self.threads}")
+        try:
+            check_device(self.device)
+        except UserInputError as exc:
+            raise UserInputError(f"--{exc}") from None
 
     @property
     def world_size(self) -> int:
@@ -138,6 +145,20 @@ def _setup_process(cfg: WorkerConfig) -> None:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except OSError:
             pass
+
+
+def _check_cuda(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {device}: this host has no CUDA device")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise UserInputError(
+                f"--device {device}: this host has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        torch.cuda.set_device(index)  # NIXL VRAM slots and pump threads use the current device
 
 
 def _install_stop(stop: threading.Event) -> None:
@@ -200,6 +221,8 @@ def _create_transport(cfg: WorkerConfig):
     from afdserve.transport.options import afd_peers
     from afdserve.transport.registry import create_transport
 
+    # nixl moves GPU memory itself: a GPU worker registers VRAM slots (no host staging)
+    backend = {"device": "cuda"} if cfg.transport == "nixl" and cfg.device != "cpu" else {}
     return create_transport(
         cfg.transport,
         cfg.rank,
@@ -207,6 +230,7 @@ def _create_transport(cfg: WorkerConfig):
         rendezvous=cfg.rendezvous,
         peers=afd_peers(cfg.rank, cfg.afd_attention_ratio),
         connect_timeout_s=cfg.connect_timeout_s,
+        **backend,
     )
 
 
@@ -220,7 +244,8 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
     from afdserve.launch import control
     from afdserve.launch.local import load_model
 
-    model = load_model(cfg.model, cfg.dtype, parts=("ffn",))
+    _check_cuda(cfg.device)
+    model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("ffn",))
     mine = fingerprint(model.path, model.config, model.dtype)
     _handshake_as_ffn(cfg, ctx, mine)
     transport = _create_transport(cfg)
@@ -338,7 +363,8 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     from afdserve.launch.local import cache_and_scheduler_configs, load_model
     from afdserve.types import Request, SamplingParams
 
-    model = load_model(cfg.model, cfg.dtype, parts=("attention",))
+    _check_cuda(cfg.device)
+    model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("attention",))
     mine = fingerprint(model.path, model.config, model.dtype)
     _handshake_as_attention(cfg, ctx, mine)
     ecfg = EngineConfig(
@@ -357,11 +383,14 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
         requests.connect(cfg.control)
     try:
         scheduler = Scheduler(sched_cfg, cache_cfg, eos_token_ids=model.config.eos_token_ids)
-        kv = KVCache(model.config, cache_cfg.num_blocks, cache_cfg.block_size, model.dtype)
+        kv = KVCache(
+            model.config, cache_cfg.num_blocks, cache_cfg.block_size, model.dtype, cfg.device
+        )
         link = RemoteFFN(
             transport,
             ffn_rank=cfg.afd_attention_ratio,
             timeout_s=result_timeout_s(cfg.sync_timeout_s),
+            device=cfg.device,
         )
         shipper = _StatsShipper(link.stats)  # the RemoteFFN's recorder (before any test wrapper)
         stall = os.environ.get("AFDSERVE_TEST_STALL", "").split(":")

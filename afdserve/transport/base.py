@@ -12,9 +12,13 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from afdserve.errors import TransportClosed, TransportTimeout
 from afdserve.transport.protocol import Message, MsgType
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +172,13 @@ class Transport(ABC):
     def dropped_frames(self) -> int:
         """Frames dropped as malformed or from unknown senders (for metrics and tests)."""
         return self._dropped
+
+    def carries(self, device: torch.device) -> bool:
+        """Whether tensors on `device` travel as they are. Host transports (the default) carry
+        host memory only: they copy a device tensor to host memory when sending it, and deliver
+        host tensors, which the receiver moves to its own device. Callers holding a device tensor
+        for several sends stage it once themselves."""
+        return device.type == "cpu"
 
     @abstractmethod
     def send(self, dst: int, msg: Message) -> None:

@@ -6,6 +6,8 @@ loops are the same code in-process (threads) and across processes.
 
 from __future__ import annotations
 
+import torch
+
 from afdserve.transport.base import Transport
 from afdserve.transport.protocol import Message
 
@@ -27,6 +29,9 @@ class LocalTransport(Transport):
     def __init__(self, hub: LocalHub, rank: int, world_size: int) -> None:
         super().__init__(rank, world_size)
         self._hub = hub
+
+    def carries(self, device: torch.device) -> bool:
+        return True  # by reference: any device
 
     def send(self, dst: int, msg: Message) -> None:
         self._hub.endpoints[dst].mailbox.put(msg)

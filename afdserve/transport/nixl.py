@@ -42,6 +42,8 @@ from afdserve.transport.protocol import (
     decode_header,
     decode_parts,
     encode_parts,
+    encode_prefix,
+    tensor_u8,
 )
 from afdserve.transport.pump import PumpedTransport
 from afdserve.transport.rendezvous import Rendezvous
@@ -94,7 +96,8 @@ class NixlOptions(TransportOptions):
     inline_bytes: int = 16 << 10
     """Frames up to this size travel whole inside one NIXL notification."""
     device: str = "cpu"
-    """Where the registered slots live: "cpu" (DRAM) or "cuda" (VRAM, untested on this box)."""
+    """Where the registered slots live: "cpu" (DRAM) or "cuda" (VRAM of the current CUDA device,
+    which a worker sets from its --device before building the transport)."""
     backend: str = "UCX"
 
     def __post_init__(self) -> None:
@@ -166,6 +169,7 @@ class NixlTransport(PumpedTransport):
         mem = "DRAM" if opts.device == "cpu" else "VRAM"
         dev_id = 0 if opts.device == "cpu" else self._rx.get_device()
         self._mem, self._dev_id = mem, dev_id
+        self._on_gpu = opts.device == "cuda"
         config = nixl.nixl_agent_config(
             enable_prog_thread=False,
             enable_listen_thread=False,
@@ -216,22 +220,20 @@ class NixlTransport(PumpedTransport):
         self._check_open()
         if dst not in self._names:
             raise ValueError(f"rank {self.rank} cannot send to {dst}: peers are {list(self.peers)}")
-        prefix, payload = encode_parts(msg, sender=self.rank)
-        n = len(payload)
-        if 1 + len(prefix) + n <= self.options.inline_bytes:
-            self._notify(dst, bytes([FRAME]) + prefix + bytes(payload))
-            return
-        src = torch.frombuffer(payload, dtype=torch.uint8) if n else None  # [n], host bytes
-        if (
-            msg.tensor is not None
-            and msg.tensor.device.type == "cuda"
-            and self.options.device == "cuda"
-        ):
-            from afdserve.transport.protocol import tensor_u8
-
-            src = tensor_u8(
-                msg.tensor, device=None
-            )  # stay on the GPU: slot copies are device copies
+        t = msg.tensor
+        if self._on_gpu and t is not None and t.is_cuda and t.nbytes >= self.options.inline_bytes:
+            # stay on the GPU: slot copies are device-to-device (no staging through host);
+            # smaller tensors go inline in a notification, through host memory
+            prefix = encode_prefix(msg, sender=self.rank)
+            src = tensor_u8(t, device=None)  # [n] on the GPU
+            n = src.numel()
+        else:
+            prefix, payload = encode_parts(msg, sender=self.rank)
+            n = len(payload)
+            if 1 + len(prefix) + n <= self.options.inline_bytes:
+                self._notify(dst, bytes([FRAME]) + prefix + bytes(payload))
+                return
+            src = torch.frombuffer(payload, dtype=torch.uint8) if n else None  # [n], host bytes
         slot_bytes = self.options.slot_bytes
         deadline = time.monotonic() + self.options.send_timeout_s
         with self._send_locks[dst]:
@@ -248,6 +250,8 @@ class NixlTransport(PumpedTransport):
                 k = min(slot_bytes, n - off)
                 local = self._slot_offset(dst, slot)
                 self._tx[local : local + k].copy_(src[off : off + k])
+                if self._on_gpu:  # the slot must be whole before NIXL reads it
+                    torch.cuda.synchronize(self._tx.device)
                 remote = self._remote_slots[dst] + slot * slot_bytes
                 notif = _CHUNK.pack(CHUNK, frame, slot, off, k)
                 with self._agent_lock:
@@ -269,6 +273,12 @@ class NixlTransport(PumpedTransport):
                         )
                     self._pending.append(handle)
                 off += k
+
+    def carries(self, device: torch.device) -> bool:
+        """VRAM slots carry tensors of this endpoint's GPU as they are; DRAM slots host memory."""
+        if self.options.device == "cuda":
+            return device.type == "cuda" and device.index in (None, self._rx.get_device())
+        return device.type == "cpu"
 
     def _peer_gone(self, peer: int) -> str | None:
         return self._dead.get(peer)
@@ -386,6 +396,8 @@ class NixlTransport(PumpedTransport):
                 )
             at = self._slot_offset(src, slot)
             inb.dest[off : off + n].copy_(self._rx[at : at + n])
+            if self._on_gpu:
+                torch.cuda.synchronize(self._rx.device)  # copied out before the slot is freed
             inb.filled += n
         finally:
             self._ack(src, slot)

@@ -82,6 +82,49 @@ def test_multiprocess_afd_equals_aggregated(tiny_model_dirs, reference, transpor
     assert not _segments_of(pids), f"leftover shared memory: {_segments_of(pids)}"
 
 
+GPU_CASES = [(t, r, m) for t in _transports() for r in (1, 2) for m in (1, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport,r,m", GPU_CASES)
+def test_multiprocess_afd_on_cuda_equals_aggregated_on_cuda(tiny_model_dirs, transport, r, m):
+    """Workers on the GPU: host transports stage activations through host memory, nixl moves
+    them between VRAM slots; every path gives the aggregated GPU engine's tokens."""
+    arch = "qwen3-moe" if (r + m) % 2 else "llama"
+    ref = _generate(
+        tiny_model_dirs[arch], mode="aggregated", attention_workers=1, microbatches=1, device="cuda"
+    )
+    with LLM(
+        str(tiny_model_dirs[arch]),
+        mode="afd",
+        attention_workers=r,
+        microbatches=m,
+        transport=transport,
+        device="cuda",
+    ) as llm:
+        pids = llm.engine.pids
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert tokens == ref
+    assert not any(_alive(p) for p in pids)
+    assert not _segments_of(pids), f"leftover shared memory: {_segments_of(pids)}"
+
+
+def test_worker_refuses_a_cuda_device_it_does_not_have(tiny_model_dirs):
+    """--device is checked before any model is loaded; a missing GPU is a clear error."""
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last (cuda:0 on a CPU host)
+    with pytest.raises(WorkerError, match="CUDA device"):
+        LLM(
+            str(tiny_model_dirs["llama"]),
+            mode="afd",
+            attention_workers=1,
+            microbatches=1,
+            transport="shm",
+            device=missing,
+        )
+
+
 def test_stalled_attention_worker_does_not_stop_the_others(tiny_model_dirs, reference, monkeypatch):
     # attention worker 1 sleeps 4 s before its layer-1 activation of step 2, far past the 0.5 s
     # sync timeout: the FFN must serve worker 0 without it, then serve worker 1 late.

@@ -20,11 +20,11 @@ def _prompts(vocab: int, lengths=(3, 9, 17, 30), seed: int = 1) -> list[list[int
 
 
 def hf_greedy(
-    model_dir, prompts: list[list[int]], new_tokens: int
+    model_dir, prompts: list[list[int]], new_tokens: int, device: str = "cpu"
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Batched (left-padded) HF generate; returns tokens and the log-prob of each chosen token."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model.to(device).eval()
     model.generation_config.eos_token_id = None  # like ignore_eos: always new_tokens tokens
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -34,8 +34,8 @@ def hf_greedy(
         mask[i, width - len(p) :] = 1
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
@@ -66,7 +66,7 @@ def ours(
 
 
 def _assert_match(model_dir, prompts, new_tokens=NEW_TOKENS, **engine):
-    ref_tokens, ref_lp = hf_greedy(model_dir, prompts, new_tokens)
+    ref_tokens, ref_lp = hf_greedy(model_dir, prompts, new_tokens, engine.get("device", "cpu"))
     got_tokens, got_lp = ours(model_dir, prompts, new_tokens, **engine)
     # the outputs must not be degenerate, or the comparison would prove little
     assert any(len(set(t)) > 3 for t in ref_tokens), ref_tokens
@@ -90,6 +90,25 @@ def test_afd_matches_hf(tiny_model_dir, arch):
     d = tiny_model_dir(arch)
     cfg = transformers.AutoConfig.from_pretrained(d)
     _assert_match(d, _prompts(cfg.vocab_size), mode="afd", attention_workers=2, microbatches=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3-moe"])
+@pytest.mark.parametrize("mode", ["aggregated", "afd"])
+def test_cuda_matches_hf_on_cuda(tiny_model_dir, arch, mode):
+    """The engine on a GPU (aggregated, and in-process AFD 2A1F M=2) against HF on the same GPU
+    (fp32; cuBLAS's fp32 matmuls, no TF32)."""
+    d = tiny_model_dir(arch)
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    workers = 1 if mode == "aggregated" else 2
+    _assert_match(
+        d,
+        _prompts(cfg.vocab_size),
+        mode=mode,
+        attention_workers=workers,
+        microbatches=workers,
+        device="cuda",
+    )
 
 
 ROPE_CASES = {

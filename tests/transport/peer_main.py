@@ -54,6 +54,8 @@ def main() -> int:
     cfg = json.loads(sys.argv[1])
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format=f"peer {cfg['rank']}: %(message)s")
+    if cfg["options"].get("device") == "cuda":
+        torch.cuda.set_device(0)
     tr = create_transport(cfg["backend"], cfg["rank"], cfg["world"], **cfg["options"])
     ffn = cfg["ffn"]
     timeout = cfg.get("timeout_s", 30.0)
