@@ -18,18 +18,32 @@ from afdserve.model.config import ModelConfig
 from afdserve.model.rope import apply_rotary
 
 ROW_MULTIPLE = 4
+GPU_ROW_TILE = 128
+"""Rows per GEMM on a GPU (see `linear`)."""
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear with the row count padded to a multiple of ROW_MULTIPLE ([M, in] -> [M, out]).
+    """F.linear ([M, in] -> [M, out]) whose rows do not depend on M, bit for bit.
 
-    Batch invariance: CPU GEMM kernels compute the 1-3 leftover rows of a matrix with a
-    different micro-kernel, so a token's output would depend on how many tokens share its batch
-    (measured: fp32 rows differ in the last bits for M = 1, 2, 3). Padding with zero rows makes
-    every row go through the same kernel, so AFD's smaller per-worker batches give exactly the
-    aggregated result.
+    Batch invariance: AFD gives exactly the aggregated tokens only if a token's output does not
+    depend on how many tokens share its batch (a worker's batch, a microbatch and the FFN's
+    gathered batch all differ in size from the aggregated batch).
+    - CPU GEMM kernels compute the 1-3 leftover rows of a matrix with a different micro-kernel
+      (measured: fp32 rows differ in the last bits for M = 1, 2, 3): the rows are padded to a
+      multiple of ROW_MULTIPLE with zero rows.
+    - cuBLAS picks its kernel (tile shape, split-K) by M, and the kernels round differently
+      (measured on an H100: fp32 and bf16 rows differ between M = 4 and M = 24..2048;
+      benchmarks/check_batch_invariance.py). On a GPU every GEMM therefore has exactly
+      GPU_ROW_TILE rows: the input is zero-padded to a multiple of it and multiplied one tile at
+      a time, so the kernel, and each row's result, is always the same.
     """
     m = x.shape[0]
+    if x.is_cuda:
+        pad = -m % GPU_ROW_TILE
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x  # [M + pad, in]
+        if xp.shape[0] == GPU_ROW_TILE:
+            return F.linear(xp, weight, bias)[:m]
+        return torch.cat([F.linear(t, weight, bias) for t in xp.split(GPU_ROW_TILE)])[:m]
     pad = -m % ROW_MULTIPLE
     if not pad:
         return F.linear(x, weight, bias)

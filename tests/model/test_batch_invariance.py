@@ -33,10 +33,14 @@ def _attend(seqs, q_all, k_all, v_all, cache_k, cache_v):
     return res
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
-def test_attention_is_batch_invariant(dtype, data):
+def test_attention_is_batch_invariant(device, dtype, data):
     n = data.draw(st.integers(2, 5))
     seqs, next_block, next_row = [], 1, 0
     for _ in range(n):
@@ -48,11 +52,11 @@ def test_attention_is_batch_invariant(dtype, data):
         seqs.append((start, qlen, table, list(range(next_row, next_row + qlen))))
         next_row += qlen
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
-    q = torch.randn(next_row, H, DH, generator=g).to(dtype)
-    k = torch.randn(next_row, HKV, DH, generator=g).to(dtype)
-    v = torch.randn(next_row, HKV, DH, generator=g).to(dtype)
-    ck = torch.randn(HKV, N_BLOCKS, BLOCK, DH, generator=g).to(dtype)
-    cv = torch.randn(HKV, N_BLOCKS, BLOCK, DH, generator=g).to(dtype)
+    q = torch.randn(next_row, H, DH, generator=g).to(dtype).to(device)
+    k = torch.randn(next_row, HKV, DH, generator=g).to(dtype).to(device)
+    v = torch.randn(next_row, HKV, DH, generator=g).to(dtype).to(device)
+    ck = torch.randn(HKV, N_BLOCKS, BLOCK, DH, generator=g).to(dtype).to(device)
+    cv = torch.randn(HKV, N_BLOCKS, BLOCK, DH, generator=g).to(dtype).to(device)
     together = _attend(seqs, q, k, v, ck, cv)
     order = data.draw(st.permutations(range(n)))
     shuffled = _attend([seqs[i] for i in order], q, k, v, ck, cv)
@@ -82,13 +86,16 @@ def test_attention_matches_reference_softmax():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_rows_do_not_depend_on_batch_size(dtype):
+@pytest.mark.parametrize("shape", [(48, 32), (4096, 1024)])
+def test_linear_rows_do_not_depend_on_batch_size(device, dtype, shape):
+    """(4096, 1024): on an H100, plain fp32 F.linear rows differ between M = 4 and M = 12."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(48, 32, generator=g).to(dtype)
-    x = torch.randn(40, 32, generator=g).to(dtype)
+    w = (torch.randn(*shape, generator=g) * shape[1] ** -0.5).to(dtype).to(device)
+    x = torch.randn(300, shape[1], generator=g).to(dtype).to(device)
     row = x[7:8]
     ref = linear(row, w)
-    for m in range(1, 40):
+    for m in [*range(1, 40), 127, 128, 129, 299]:
         batch = torch.cat([x[:m], row])
         assert torch.equal(linear(batch, w)[m:], ref), m
