@@ -21,7 +21,7 @@ def _attend(seqs, q_all, k_all, v_all, cache_k, cache_v):
     """Run attention for `seqs` [(start, qlen, table, rows)] in one batch; return per-seq outputs."""
     rows = [r for s in seqs for r in s[3]]
     meta = AttentionMetadata.build(
-        [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], BLOCK
+        [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], BLOCK, q_all.device
     )
     out = paged_attention(
         q_all[rows], k_all[rows], v_all[rows], cache_k.clone(), cache_v.clone(), meta, DH**-0.5
