@@ -192,6 +192,9 @@ _PLAIN_TYPES = {
     int(t): t for t in (MsgType.SYNC_ACK, MsgType.HEARTBEAT, MsgType.SHUTDOWN, MsgType.ERROR)
 }
 """The types a frame may carry without any payload (the others need a tensor or a SyncInfo)."""
+_ACTIVATION_TYPES = {int(t): t for t in (MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT)}
+"""The hot tensor frames, which `encode_prefix` packs on a fast path."""
+_NO_DIMS = tuple((0,) * (MAX_DIMS - n) for n in range(MAX_DIMS + 1))  # shape padding by ndim
 
 
 def itemsize(code: DType) -> int:
@@ -275,7 +278,11 @@ def encode_parts(msg: Message, *, sender: int | None = None) -> tuple[bytes, mem
 
 def encode_prefix(msg: Message, *, sender: int | None = None) -> bytes:
     """Header + text + SYNC payload of `msg` (everything but the tensor bytes)."""
-    if type(msg) is Message and msg.tensor is None and msg.sync is None:
+    if type(msg) is Message and msg.tensor is not None:
+        header = _encode_activation(msg, sender)
+        if header is not None:
+            return header
+    elif type(msg) is Message and msg.sync is None:
         # Fast path for frames without payload (heartbeats, acks, ...): the same checks as
         # below, on exact ints only; anything unusual (or invalid) takes the full path.
         mtype = msg.type
@@ -305,6 +312,43 @@ def encode_prefix(msg: Message, *, sender: int | None = None) -> bytes:
                         _ZERO_SHAPE,
                     ) + raw  # fmt: skip
     return _encode_prefix_checked(msg, sender)
+
+
+def _encode_activation(msg: Message, sender: int | None) -> bytes | None:
+    """Fast path for ACTIVATION_TRANSFER/RESULT frames (a tensor, no text, no SyncInfo): the
+    checked path's checks on exact ints only; None sends anything else to the checked path."""
+    mtype = msg.type
+    code = _ACTIVATION_TYPES.get(mtype) if type(mtype) is MsgType else None
+    src = msg.sender if sender is None else sender
+    step, layer, mb, t = msg.step, msg.layer, msg.microbatch, msg.tensor
+    if (
+        code is None
+        or msg.sync is not None
+        or msg.text
+        or type(step) is not int
+        or type(layer) is not int
+        or type(mb) is not int
+        or type(src) is not int
+        or not _INT64_MIN <= step <= _INT64_MAX
+        or not _INT32_MIN <= layer <= _INT32_MAX
+        or not _INT32_MIN <= mb <= _INT32_MAX
+        or not 0 <= src <= _UINT32_MAX
+    ):
+        return None
+    try:
+        shape, ndim = t.shape, t.dim()  # type: ignore[union-attr]
+        if ndim > MAX_DIMS:
+            return None
+        dcode = dtype_code(t.dtype)  # type: ignore[union-attr]  # ProtocolError if unknown
+        nbytes = t.numel() * t.element_size()  # type: ignore[union-attr]
+    except AttributeError:  # not a tensor: the checked path says so
+        return None
+    if nbytes > MAX_PAYLOAD_BYTES:
+        return None
+    return HEADER.pack(
+        MAGIC, VERSION, code, dcode, ndim, FLAG_TENSOR, src, step, layer, mb, 0, 0, nbytes,
+        *shape, *_NO_DIMS[ndim],
+    )  # fmt: skip
 
 
 def _encode_prefix_checked(msg: Message, sender: int | None) -> bytes:

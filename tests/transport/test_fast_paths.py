@@ -1,5 +1,6 @@
-"""The codec's fast paths for frames without payload, and the Message constructor, behave exactly
-like the fully checked paths: same bytes, same Messages, and ProtocolError for the same inputs."""
+"""The codec's fast paths (frames without payload, activation frames) and the Message constructor
+behave exactly like the fully checked paths: same bytes, same Messages, and ProtocolError for
+the same inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import dataclasses
 import enum
 import pickle
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -130,3 +133,53 @@ def test_decode_fast_path_reports_bad_text_like_the_checked_path():
     frame[HEADER_SIZE:] = b"\xff\xfe"
     with pytest.raises(ProtocolError, match="not valid UTF-8"):
         decode(bytes(frame))
+
+
+_tensors = st.builds(
+    lambda dtype, shape: torch.zeros(shape, dtype=dtype),
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool,
+                     torch.complex64]),  # complex64: a dtype the wire lacks
+    st.lists(st.integers(0, 3), max_size=9),  # up to 9 dims: one more than the wire carries
+)  # fmt: skip
+
+
+def _mostly(valid, odd):
+    """Valid values 4 times in 5: the fast path is taken often, and left for every odd field."""
+    return st.one_of(valid, valid, valid, valid, odd)
+
+
+_field = _mostly(st.integers(-5, 1000), odd_ints)
+
+
+@SETTINGS
+@given(
+    _mostly(
+        st.sampled_from([MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT]),
+        st.one_of(st.sampled_from(list(MsgType)), st.sampled_from([3, True, Small.ONE])),
+    ),
+    _field,
+    _field,
+    _field,
+    _mostly(st.integers(0, 1000), odd_ints),
+    st.one_of(st.none(), _field),
+    _mostly(_tensors, st.sampled_from([np.zeros(3, dtype=np.float32), b"abc"])),
+    _mostly(st.just(""), st.text(max_size=5)),
+    _mostly(st.none(), st.just(SyncInfo((1,)))),
+)
+def test_encode_prefix_activation_fast_path_matches_the_checked_path(
+    type_, step, layer, mb, sender, over, tensor, text, sync
+):
+    msg = Message(type_, step, layer, mb, sender, tensor, sync, text)  # type: ignore[arg-type]
+    fast = _outcome(lambda: encode_prefix(msg, sender=over))
+    assert fast == _outcome(protocol._encode_prefix_checked, msg, over)
+
+
+def test_activation_fast_path_is_taken_and_round_trips():
+    x = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    msg = Message(MsgType.ACTIVATION_RESULT, 9, 2, 1, 3, x)
+    assert protocol._encode_activation(msg, None) == protocol._encode_prefix_checked(msg, None)
+    got = decode(encode(msg))
+    assert (got.type, got.step, got.layer, got.microbatch, got.sender) == (
+        MsgType.ACTIVATION_RESULT, 9, 2, 1, 3,
+    )  # fmt: skip
+    assert torch.equal(got.tensor, x)
