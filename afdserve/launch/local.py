@@ -18,7 +18,7 @@ from afdserve.afd.attention_runner import AttentionRunner
 from afdserve.afd.attention_worker import AttentionWorker
 from afdserve.afd.ffn_link import FFNLink, LocalFFN, RemoteFFN, result_timeout_s
 from afdserve.afd.ffn_worker import FFNWorker
-from afdserve.config import EngineConfig
+from afdserve.config import EngineConfig, check_device
 from afdserve.engine.config import CacheConfig, SchedulerConfig
 from afdserve.engine.engine import Engine
 from afdserve.engine.kv_cache import KVCache
@@ -46,6 +46,21 @@ def resolve_dtype(requested: str, config: ModelConfig) -> torch.dtype:
     return TORCH_DTYPES[config.dtype if requested == "auto" else requested]
 
 
+def require_device(device: str) -> None:
+    """UserInputError unless `device` (cpu, cuda, cuda:N) is on this host: checked before any
+    weights are read, so a missing GPU is one clear message rather than a CUDA traceback."""
+    check_device(device)
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise UserInputError(f"device {device!r}: this host has no CUDA device")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise UserInputError(
+            f"device {device!r}: this host has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
 def load_model(
     model: str,
     dtype: str = "auto",
@@ -54,6 +69,7 @@ def load_model(
 ) -> LoadedModel:
     """Load `model` (a directory or builtin:NAME) and build the requested parts; an attention or
     FFN worker process reads only its own part's tensors."""
+    require_device(device)
     path = resolve_model(model)
     config = ModelConfig.from_dir(path)
     tdtype = resolve_dtype(dtype, config)

@@ -147,18 +147,15 @@ def _setup_process(cfg: WorkerConfig) -> None:
             pass
 
 
-def _check_cuda(device: str) -> None:
-    import torch
+def _use_device(device: str) -> None:
+    """Make `device` the current CUDA device (NIXL's VRAM slots and the pump threads use it)."""
+    from afdserve.launch.local import require_device
 
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserInputError(f"--device {device}: this host has no CUDA device")
-        index = int(device[5:]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise UserInputError(
-                f"--device {device}: this host has {torch.cuda.device_count()} CUDA device(s)"
-            )
-        torch.cuda.set_device(index)  # NIXL VRAM slots and pump threads use the current device
+    require_device(device)
+    if device != "cpu":
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
 
 
 def _install_stop(stop: threading.Event) -> None:
@@ -244,7 +241,7 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
     from afdserve.launch import control
     from afdserve.launch.local import load_model
 
-    _check_cuda(cfg.device)
+    _use_device(cfg.device)
     model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("ffn",))
     mine = fingerprint(model.path, model.config, model.dtype)
     _handshake_as_ffn(cfg, ctx, mine)
@@ -363,7 +360,7 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     from afdserve.launch.local import cache_and_scheduler_configs, load_model
     from afdserve.types import Request, SamplingParams
 
-    _check_cuda(cfg.device)
+    _use_device(cfg.device)
     model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("attention",))
     mine = fingerprint(model.path, model.config, model.dtype)
     _handshake_as_attention(cfg, ctx, mine)

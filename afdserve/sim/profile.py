@@ -153,15 +153,14 @@ def run_profile(
     load on a shared machine from spoiling a point."""
     import torch
 
-    from afdserve.launch.local import load_model
+    from afdserve.launch.local import load_model, require_device
 
     for t in transports:
         if t not in TRANSPORTS:
             raise UserInputError(f"unknown transport {t!r} to profile; choose from {TRANSPORTS}")
     if comm_from not in transports:
         raise UserInputError(f"--comm-from {comm_from!r} must be one of the profiled transports")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError("--device cuda: no CUDA device is available")
+    require_device(device)
     if threads is not None:
         if threads < 1:
             raise UserInputError(f"--threads must be >= 1, got {threads}")

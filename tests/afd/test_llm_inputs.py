@@ -70,10 +70,21 @@ def test_bad_models_are_clear_errors(tmp_path, tiny_model_dirs):
         LLM(str(tiny_model_dirs["llama"]), attention_wrkers=2)
 
 
+def test_bad_devices_are_clear_errors(tiny_model_dirs):
+    import torch
+
+    with pytest.raises(UserInputError, match="device must be cpu, cuda or cuda:N"):
+        LLM(str(tiny_model_dirs["llama"]), device="gpu0")
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last (cuda:0 on a CPU host)
+    with pytest.raises(UserInputError, match="CUDA device"):
+        LLM(str(tiny_model_dirs["llama"]), device=missing)
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
         (["--model", "/nonexistent/model", "--prompt", "hi"], "does not exist"),
+        (["--prompt", "hi", "--device", "tpu"], "device must be cpu, cuda or cuda:N"),
         (["--prompt-token-ids", "1,x"], "comma-separated integers"),
         (["--prompt", "hi", "--max-tokens", "0"], "max_tokens must be at least 1"),
         (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
