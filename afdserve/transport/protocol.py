@@ -194,6 +194,7 @@ _PLAIN_TYPES = {
 """The types a frame may carry without any payload (the others need a tensor or a SyncInfo)."""
 _ACTIVATION_TYPES = {int(t): t for t in (MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT)}
 """The hot tensor frames, which `encode_prefix` packs on a fast path."""
+_DIMS = struct.Struct(f"<{MAX_DIMS}Q")
 _NO_DIMS = tuple((0,) * (MAX_DIMS - n) for n in range(MAX_DIMS + 1))  # shape padding by ndim
 
 
@@ -588,7 +589,54 @@ def decode(buf: Buffer, *, copy: bool = True) -> Message:
                     pass  # the full path reports it
                 else:
                     return Message(mtype, step, layer, microbatch, sender, None, None, text)
+        elif flags == FLAG_TENSOR and copy:
+            msg = _decode_activation(buf, type_, dtype, ndim, sender, step, layer, microbatch,
+                                     text_len, reserved, payload_len, shape, magic, version)  # fmt: skip
+            if msg is not None:
+                return msg
     return _decode_checked(buf, copy)
+
+
+def _decode_activation(
+    buf: Buffer, type_: int, dtype: int, ndim: int, sender: int, step: int, layer: int,
+    microbatch: int, text_len: int, reserved: int, payload_len: int, shape: bytes, magic: bytes,
+    version: int,
+) -> Message | None:  # fmt: skip
+    """decode's fast path for a whole ACTIVATION_TRANSFER/RESULT frame (no text, a non-empty
+    tensor below HUGE_ALLOC_BYTES): decode_header's checks, fused, and one copy of the tensor
+    bytes. None sends the frame to the checked path, which names what is wrong with it."""
+    mtype = _ACTIVATION_TYPES.get(type_)
+    code = _DTYPES.get(dtype)
+    if (
+        mtype is None
+        or code is None
+        or text_len != 0
+        or reserved != 0
+        or magic != MAGIC
+        or version != VERSION
+        or ndim > MAX_DIMS
+        or not 0 < payload_len < HUGE_ALLOC_BYTES
+        or len(buf) != HEADER_SIZE + payload_len
+    ):
+        return None
+    dims = _DIMS.unpack(shape)
+    if any(dims[ndim:]):
+        return None
+    numel = 1
+    for d in dims[:ndim]:
+        if d > MAX_DIM:
+            return None
+        numel *= d
+    if numel * _ITEMSIZE[code] != payload_len:
+        return None
+    import numpy as np
+    import torch
+
+    raw = np.frombuffer(buf, dtype=np.uint8, count=payload_len, offset=HEADER_SIZE).copy()
+    t = torch.from_numpy(raw.view(_NP_DTYPES[code]).reshape(dims[:ndim]))
+    if code is DType.BFLOAT16:
+        t = t.view(torch.bfloat16)
+    return Message(mtype, step, layer, microbatch, sender, t)
 
 
 def _decode_checked(buf: Buffer, copy: bool) -> Message:

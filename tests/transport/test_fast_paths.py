@@ -183,3 +183,45 @@ def test_activation_fast_path_is_taken_and_round_trips():
         MsgType.ACTIVATION_RESULT, 9, 2, 1, 3,
     )  # fmt: skip
     assert torch.equal(got.tensor, x)
+
+
+activation_messages = st.builds(
+    Message,
+    st.sampled_from([MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT]),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(0, 2**32 - 1),
+    st.builds(
+        lambda dtype, shape: (torch.arange(int(np.prod(shape))) % 7).reshape(shape).to(dtype),
+        st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]),
+        st.lists(st.integers(0, 4), max_size=4),
+    ),
+    text=_mostly(st.just(""), st.text(max_size=5)),
+)
+
+
+def _comparable(outcome):
+    """A decode outcome with its tensor as (dtype, shape, bytes): Messages holding tensors do
+    not compare with ==."""
+    if not isinstance(outcome, Message):
+        return outcome
+    t = outcome.tensor
+    view = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    return (
+        outcome.type, outcome.step, outcome.layer, outcome.microbatch, outcome.sender,
+        outcome.sync, outcome.text, t.dtype, tuple(t.shape), view.numpy().tobytes(),
+    )  # fmt: skip
+
+
+@SETTINGS
+@given(activation_messages, st.data())
+def test_decode_activation_fast_path_accepts_exactly_what_the_checked_path_accepts(msg, data):
+    frame = bytearray(encode(msg))
+    assert _comparable(decode(bytes(frame))) == _comparable(msg)
+    mutate_frame(frame, data, ["none", "flip", "set", "truncate", "extend"])
+    buf = bytes(frame)
+    assert _comparable(_decoded(buf, full=False)) == _comparable(_decoded(buf, full=True))
+    assert _comparable(_decoded(memoryview(buf), full=False)) == _comparable(
+        _decoded(buf, full=True)
+    )
