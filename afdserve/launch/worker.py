@@ -148,10 +148,8 @@ def _setup_process(cfg: WorkerConfig) -> None:
 
 
 def _use_device(device: str) -> None:
-    """Make `device` the current CUDA device (NIXL's VRAM slots and the pump threads use it)."""
-    from afdserve.launch.local import require_device
-
-    require_device(device)
+    """Make `device` (checked by load_model) the current CUDA device: NIXL's VRAM slots and the
+    transport's threads use the current one."""
     if device != "cpu":
         import torch
 
@@ -241,8 +239,8 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
     from afdserve.launch import control
     from afdserve.launch.local import load_model
 
-    _use_device(cfg.device)
     model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("ffn",))
+    _use_device(cfg.device)
     mine = fingerprint(model.path, model.config, model.dtype)
     _handshake_as_ffn(cfg, ctx, mine)
     transport = _create_transport(cfg)
@@ -360,8 +358,8 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     from afdserve.launch.local import cache_and_scheduler_configs, load_model
     from afdserve.types import Request, SamplingParams
 
-    _use_device(cfg.device)
     model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("attention",))
+    _use_device(cfg.device)
     mine = fingerprint(model.path, model.config, model.dtype)
     _handshake_as_attention(cfg, ctx, mine)
     ecfg = EngineConfig(

@@ -221,7 +221,12 @@ class NixlTransport(PumpedTransport):
         if dst not in self._names:
             raise ValueError(f"rank {self.rank} cannot send to {dst}: peers are {list(self.peers)}")
         t = msg.tensor
-        if self._on_gpu and t is not None and t.is_cuda and t.nbytes >= self.options.inline_bytes:
+        if (
+            t is not None
+            and t.is_cuda
+            and self.carries(t.device)
+            and t.nbytes >= self.options.inline_bytes
+        ):
             # stay on the GPU: slot copies are device-to-device (no staging through host);
             # smaller tensors go inline in a notification, through host memory
             prefix = encode_prefix(msg, sender=self.rank)
@@ -276,7 +281,7 @@ class NixlTransport(PumpedTransport):
 
     def carries(self, device: torch.device) -> bool:
         """VRAM slots carry tensors of this endpoint's GPU as they are; DRAM slots host memory."""
-        if self.options.device == "cuda":
+        if self._on_gpu:
             return device.type == "cuda" and device.index in (None, self._rx.get_device())
         return device.type == "cpu"
 

@@ -20,6 +20,7 @@ import enum
 import functools
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -630,13 +631,17 @@ def _decode_activation(
     if numel * _ITEMSIZE[code] != payload_len:
         return None
     import numpy as np
-    import torch
 
     raw = np.frombuffer(buf, dtype=np.uint8, count=payload_len, offset=HEADER_SIZE).copy()
-    t = torch.from_numpy(raw.view(_NP_DTYPES[code]).reshape(dims[:ndim]))
-    if code is DType.BFLOAT16:
-        t = t.view(torch.bfloat16)
-    return Message(mtype, step, layer, microbatch, sender, t)
+    return Message(mtype, step, layer, microbatch, sender, _from_host_bytes(raw, code, dims[:ndim]))
+
+
+def _from_host_bytes(raw: np.ndarray, code: DType, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of dtype `code` and `shape` over `raw` (uint8, exactly its bytes), no copy."""
+    import torch
+
+    t = torch.from_numpy(raw.view(_NP_DTYPES[code]).reshape(shape))
+    return t.view(torch.bfloat16) if code is DType.BFLOAT16 else t
 
 
 def _decode_checked(buf: Buffer, copy: bool) -> Message:
@@ -706,9 +711,7 @@ def view_tensor(header: FrameHeader, raw: torch.Tensor | np.ndarray) -> torch.Te
             raise ProtocolError(f"received {raw.nbytes} tensor bytes, header says {n}")
         if n == 0:
             return torch.empty(header.shape, dtype=torch_dtype(header.dtype))
-        np_dtype = _NP_DTYPES[header.dtype]
-        t = torch.from_numpy(raw.view(np_dtype).reshape(header.shape))
-        return t.view(torch.bfloat16) if header.dtype is DType.BFLOAT16 else t
+        return _from_host_bytes(raw, header.dtype, header.shape)
     if raw.dtype != torch.uint8 or raw.numel() != n:
         raise ProtocolError(
             f"received {raw.numel() * raw.element_size()} tensor bytes, header says {n}"
