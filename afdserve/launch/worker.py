@@ -153,7 +153,7 @@ def _use_device(device: str) -> None:
     if device != "cpu":
         import torch
 
-        torch.cuda.set_device(torch.device(device))
+        torch.cuda.set_device(torch.device(device).index or 0)  # "cuda" alone means cuda:0
 
 
 def _install_stop(stop: threading.Event) -> None:
