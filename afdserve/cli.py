@@ -14,7 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from afdserve.errors import UserInputError
+from afdserve.errors import AfdserveError, UserInputError
 
 # verbs raise UserInputError (or this alias) for bad input: one line on stderr, exit status 2
 CLIError = UserInputError
@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"afdserve {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except AfdserveError as exc:  # a worker that failed, a peer that timed out: said in one line
+        print(f"afdserve {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `afdserve plan ... | head`: the reader left; not an error of ours
