@@ -42,14 +42,19 @@ def _generate(model_dir, **engine) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dirs):
-    cache: dict[str, list[list[int]]] = {}
+    """reference(arch, device="cpu"): the aggregated engine's tokens (computed once each)."""
+    cache: dict[tuple[str, str], list[list[int]]] = {}
 
-    def get(arch: str) -> list[list[int]]:
-        if arch not in cache:
-            cache[arch] = _generate(
-                tiny_model_dirs[arch], mode="aggregated", attention_workers=1, microbatches=1
+    def get(arch: str, device: str = "cpu") -> list[list[int]]:
+        if (arch, device) not in cache:
+            cache[arch, device] = _generate(
+                tiny_model_dirs[arch],
+                mode="aggregated",
+                attention_workers=1,
+                microbatches=1,
+                device=device,
             )
-        return cache[arch]
+        return cache[arch, device]
 
     return get
 
@@ -87,13 +92,12 @@ GPU_CASES = [(t, r, m) for t in _transports() for r in (1, 2) for m in (1, 2)]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("transport,r,m", GPU_CASES)
-def test_multiprocess_afd_on_cuda_equals_aggregated_on_cuda(tiny_model_dirs, transport, r, m):
+def test_multiprocess_afd_on_cuda_equals_aggregated_on_cuda(
+    tiny_model_dirs, reference, transport, r, m
+):
     """Workers on the GPU: host transports stage activations through host memory, nixl moves
     them between VRAM slots; every path gives the aggregated GPU engine's tokens."""
     arch = "qwen3-moe" if (r + m) % 2 else "llama"
-    ref = _generate(
-        tiny_model_dirs[arch], mode="aggregated", attention_workers=1, microbatches=1, device="cuda"
-    )
     with LLM(
         str(tiny_model_dirs[arch]),
         mode="afd",
@@ -104,7 +108,7 @@ def test_multiprocess_afd_on_cuda_equals_aggregated_on_cuda(tiny_model_dirs, tra
     ) as llm:
         pids = llm.engine.pids
         tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
-    assert tokens == ref
+    assert tokens == reference(arch, "cuda")
     assert not any(_alive(p) for p in pids)
     assert not _segments_of(pids), f"leftover shared memory: {_segments_of(pids)}"
 
