@@ -37,6 +37,8 @@ class AttentionGroup:
         torch.Tensor
     )  # [B, 1, Q, K] bool: True where the query may attend (broadcasts over Hkv, rep)
     out_rows: torch.Tensor  # [n_valid] int64 = token_index[token_valid]
+    max_query_len: int = 1
+    """The longest query run in the group (Q is its power-of-two bucket)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,13 @@ class AttentionMetadata:
 
 
 MIN_K_BUCKET = 16
+Q_BLOCK = 256
+"""Longest run of queries attended in one matmul. A longer prefill chunk is attended Q_BLOCK
+queries at a time, so its scores take Hkv x B x rep x Q_BLOCK x K floats, not x Q: without it, a
+2048-token chunk at a 32K context of a 32-head model would need 8.6 GB of fp32 scores (32 x 2048
+x 32768 x 4 bytes).
+Q buckets are powers of two, so every block is full, and a sequence is always split the same
+way whatever shares its batch (batch invariance holds)."""
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -140,6 +149,7 @@ def _build_group(
         kv_blocks=table.to(device),
         mask=mask[:, None].to(device),  # [B, 1, Q, K]
         out_rows=token_index[token_valid].to(device),
+        max_query_len=max(qlens[i] for i in idx),
     )
 
 
@@ -162,22 +172,44 @@ def paged_attention(
     v_flat = v_cache.view(n_kv, -1, dh)
     k_flat.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_flat.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    n_heads = q.shape[1]
-    rep = n_heads // n_kv  # query heads per KV head (GQA); head h reads KV head h // rep
     out = torch.empty_like(q)
     for g in meta.groups:  # one per shape bucket, a handful at most
         b, q_len = g.token_index.shape
-        # [B, Q, H, Dh] -> [Hkv, B, rep*Q, Dh], contiguous: matmul picks its kernel by layout
-        qg = q[g.token_index].view(b, q_len, n_kv, rep, dh).permute(2, 0, 3, 1, 4)
-        qg = qg.reshape(n_kv, b, rep * q_len, dh)
         kg = k_cache[:, g.kv_blocks].view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh] (gathered blocks)
         vg = v_cache[:, g.kv_blocks].view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
-        scores = torch.matmul(qg, kg.transpose(2, 3)) * scale  # [Hkv, B, rep*Q, K]
-        scores = scores.view(n_kv, b, rep, q_len, -1).masked_fill(~g.mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(
-            q.dtype
-        )  # [Hkv, B, rep, Q, K]
-        og = torch.matmul(probs.view(n_kv, b, rep * q_len, -1), vg)  # [Hkv, B, rep*Q, Dh]
-        og = og.view(n_kv, b, rep, q_len, dh).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, rep, Dh]
-        out[g.out_rows] = og[g.token_valid].reshape(-1, n_heads, dh)  # [n_valid, H, Dh]
+        if q_len <= Q_BLOCK:
+            _attend_block(q, kg, vg, g.token_index, g.token_valid, g.mask, g.out_rows, out, scale)
+            continue
+        for q0 in range(0, g.max_query_len, Q_BLOCK):  # long prefill: bounded score memory
+            index = g.token_index[:, q0 : q0 + Q_BLOCK]  # [B, Q_BLOCK]
+            valid = g.token_valid[:, q0 : q0 + Q_BLOCK]
+            mask = g.mask[:, :, q0 : q0 + Q_BLOCK]  # [B, 1, Q_BLOCK, K]
+            _attend_block(q, kg, vg, index, valid, mask, index[valid], out, scale)
     return out
+
+
+def _attend_block(
+    q: torch.Tensor,  # [T, H, Dh]
+    kg: torch.Tensor,  # [Hkv, B, K, Dh]
+    vg: torch.Tensor,  # [Hkv, B, K, Dh]
+    token_index: torch.Tensor,  # [B, Q]
+    token_valid: torch.Tensor,  # [B, Q]
+    mask: torch.Tensor,  # [B, 1, Q, K]
+    out_rows: torch.Tensor,  # [n_valid]
+    out: torch.Tensor,  # [T, H, Dh], written at out_rows
+    scale: float,
+) -> None:
+    """Attention of one group's queries (or one Q_BLOCK of them) over the gathered context."""
+    n_kv, b, _, dh = kg.shape
+    n_heads = q.shape[1]
+    rep = n_heads // n_kv  # query heads per KV head (GQA); head h reads KV head h // rep
+    q_len = token_index.shape[1]
+    # [B, Q, H, Dh] -> [Hkv, B, rep*Q, Dh], contiguous: matmul picks its kernel by layout
+    qg = q[token_index].view(b, q_len, n_kv, rep, dh).permute(2, 0, 3, 1, 4)
+    qg = qg.reshape(n_kv, b, rep * q_len, dh)
+    scores = torch.matmul(qg, kg.transpose(2, 3)) * scale  # [Hkv, B, rep*Q, K]
+    scores = scores.view(n_kv, b, rep, q_len, -1).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [Hkv, B, rep, Q, K]
+    og = torch.matmul(probs.view(n_kv, b, rep * q_len, -1), vg)  # [Hkv, B, rep*Q, Dh]
+    og = og.view(n_kv, b, rep, q_len, dh).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, rep, Dh]
+    out[out_rows] = og[token_valid].reshape(-1, n_heads, dh)  # [n_valid, H, Dh]

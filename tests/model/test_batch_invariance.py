@@ -99,3 +99,51 @@ def test_linear_rows_do_not_depend_on_batch_size(device, dtype, shape):
     for m in [*range(1, 40), 127, 128, 129, 299]:
         batch = torch.cat([x[:m], row])
         assert torch.equal(linear(batch, w)[m:], ref), m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_prefill_is_attended_in_blocks_exactly(device):
+    """Queries beyond Q_BLOCK are attended Q_BLOCK at a time: the result matches a dense causal
+    reference, and a long sequence gives the same bits alone and beside short ones."""
+    from afdserve.model.attention import Q_BLOCK
+
+    g = torch.Generator().manual_seed(3)
+    start, qlen = 9, Q_BLOCK * 2 + 37  # bucket 4 * Q_BLOCK: two full blocks, one partial, one empty
+    n_blocks = -(-(start + qlen) // BLOCK)
+    ck = torch.zeros(HKV, n_blocks + 40, BLOCK, DH)
+    cv = torch.zeros(HKV, n_blocks + 40, BLOCK, DH)
+    kk = torch.randn(start + qlen, HKV, DH, generator=g)
+    vv = torch.randn(start + qlen, HKV, DH, generator=g)
+    qq = torch.randn(start + qlen, H, DH, generator=g)
+    table = list(range(1, n_blocks + 1))
+    for p in range(start):  # the cached prefix
+        ck[:, table[p // BLOCK], p % BLOCK], cv[:, table[p // BLOCK], p % BLOCK] = kk[p], vv[p]
+    ck, cv, kk, vv, qq = (t.to(device) for t in (ck, cv, kk, vv, qq))
+    meta = AttentionMetadata.build([start], [qlen], [table], BLOCK, device)
+    out = paged_attention(
+        qq[start:], kk[start:], vv[start:], ck.clone(), cv.clone(), meta, DH**-0.5
+    )
+    kr = kk.repeat_interleave(H // HKV, dim=1)  # [S, H, DH]
+    vr = vv.repeat_interleave(H // HKV, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", qq[start:], kr) * DH**-0.5  # [H, qlen, S]
+    pos = torch.arange(start + qlen, device=device)
+    causal = pos[None, :] <= pos[start:, None]
+    ref = torch.einsum("hqk,khd->qhd", scores.masked_fill(~causal, float("-inf")).softmax(-1), vr)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # beside two short sequences (their own blocks after the long one's), the long one's rows
+    # are bit-identical to its rows alone
+    s_tables = [list(range(n_blocks + 1, n_blocks + 3)), list(range(n_blocks + 3, n_blocks + 5))]
+    extra_q = torch.randn(8, H, DH, generator=g).to(device)
+    extra_k = torch.randn(8, HKV, DH, generator=g).to(device)
+    extra_v = torch.randn(8, HKV, DH, generator=g).to(device)
+    meta2 = AttentionMetadata.build([start, 0, 2], [qlen, 3, 5], [table, *s_tables], BLOCK, device)
+    out2 = paged_attention(
+        torch.cat([qq[start:], extra_q]),
+        torch.cat([kk[start:], extra_k]),
+        torch.cat([vv[start:], extra_v]),
+        ck.clone(),
+        cv.clone(),
+        meta2,
+        DH**-0.5,
+    )
+    assert torch.equal(out2[:qlen], out)

@@ -164,3 +164,21 @@ def test_sharded_and_tied_models_match_hf(tmp_path):
         attention_workers=1,
         microbatches=1,
     )
+
+
+@pytest.mark.parametrize("mode", ["aggregated", "afd"])
+def test_long_prompts_match_hf(tiny_model_dir, mode):
+    """Prompts longer than attention's Q_BLOCK (one prefill chunk attended block by block)."""
+    from afdserve.model.attention import Q_BLOCK
+
+    d = tiny_model_dir("qwen3")
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    workers = 1 if mode == "aggregated" else 2
+    _assert_match(
+        d,
+        _prompts(cfg.vocab_size, lengths=(Q_BLOCK * 2 + 45, 7, Q_BLOCK + 1)),
+        new_tokens=8,
+        mode=mode,
+        attention_workers=workers,
+        microbatches=workers,
+    )
