@@ -46,3 +46,15 @@ def test_nonnegative_least_squares() -> None:
     c = fit_nonneg(X, X @ np.array([0.5, 0.25]))
     np.testing.assert_allclose(c, [0.5, 0.25], rtol=1e-9)
     assert np.all(fit_nonneg(X, -X @ np.array([1.0, 1.0])) == 0)
+
+
+def test_poor_fits_are_reported_and_good_ones_are_not() -> None:
+    from afdserve.sim.profile import poor_fit_warnings
+
+    x = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    good = fit_affine(x, 0.5 + 0.1 * x)
+    flat = fit_affine(x, np.array([1.0, 1.2, 0.9, 1.1, 1.0]))  # launch-bound: no trend
+    assert good.r2 > 0.99 and flat.r2 < 0.5
+    warnings = poor_fit_warnings({"attention": flat, "ffn": good})
+    assert len(warnings) == 1 and warnings[0].startswith("attention time barely follows")
+    assert poor_fit_warnings({"ffn": good}) == []
