@@ -69,6 +69,12 @@ def _gumbel_noise(
     return noise.log_().neg_().log_().neg_()
 
 
+TOP_P_CANDIDATES = 1024
+"""Top-p looks at this many of a row's largest logits first (see `apply_top_k_top_p`)."""
+TOP_P_MARGIN = 1e-4
+"""A candidate whose mass-before lies this close to top_p sends its row to the full sort."""
+
+
 def apply_top_k_top_p(
     scaled: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
 ) -> torch.Tensor:
@@ -76,33 +82,106 @@ def apply_top_k_top_p(
 
     top_k <= 0 or >= V disables top-k for that row; top_p >= 1 disables top-p. The result for
     a row depends only on that row (batch independence), whichever path the batch takes.
+
+    The definition is the full stable sort (`_top_k_top_p_sorted`), which costs ~2.5 ms per
+    row at a 152K vocabulary on this project's CPU. Top-p rows first take the fast path: the
+    TOP_P_CANDIDATES largest logits decide the row whenever the nucleus ends among them, no
+    logit outside them ties the last one, and no candidate's mass-before lies within
+    TOP_P_MARGIN of top_p (the two paths sum the softmax in different orders, which moves that
+    mass by about 1e-6). Every other top-p row goes through the full sort, so each row gets
+    exactly the full sort's answer, on whichever path.
     """
     rows, vocab = scaled.shape  # [R, V]
-    device = scaled.device
     ks = [k if 0 < k < vocab else 0 for k in top_k]
     use_p = [p < 1.0 for p in top_p]
+    if not any(use_p):
+        return _top_k_only(scaled, ks) if any(ks) else scaled
+    out = scaled.clone() if not any(ks) else _top_k_only(scaled, ks)  # rows without top-p
+    p_rows = [i for i, u in enumerate(use_p) if u]
+    fast, decided = _top_p_candidates(
+        scaled[p_rows], [ks[i] for i in p_rows], [top_p[i] for i in p_rows]
+    )
+    slow = [i for i, ok in zip(p_rows, decided, strict=True) if not ok]
+    done = [j for j, ok in enumerate(decided) if ok]
+    if done:
+        out[[p_rows[j] for j in done]] = fast[done]
+    if slow:
+        out[slow] = _top_k_top_p_sorted(
+            scaled[slow], [ks[i] for i in slow], [top_p[i] for i in slow]
+        )
+    return out
+
+
+def _top_k_only(scaled: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Top-k masking alone (k = 0: the row is kept whole)."""
     neg_inf = float("-inf")
-    if any(use_p):
-        sorted_vals, sorted_idx = scaled.sort(dim=-1, descending=True, stable=True)  # [R, V] x2
-        if any(ks):
-            k_col = torch.tensor([k or vocab for k in ks], device=device).unsqueeze(1)  # [R, 1]
-            kth = sorted_vals.gather(1, k_col - 1)  # [R, 1]
-            sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, neg_inf)
-        probs = sorted_vals.softmax(dim=-1)  # [R, V]
-        mass_before = probs.cumsum(dim=-1) - probs  # [R, V]; exactly 0 in column 0
-        p_col = torch.tensor(top_p, dtype=probs.dtype, device=device).unsqueeze(1)  # [R, 1]
-        rows_p = torch.tensor(use_p, device=device).unsqueeze(1)  # [R, 1]
-        drop = (mass_before >= p_col) & rows_p  # [R, V]
-        sorted_vals = sorted_vals.masked_fill(drop, neg_inf)
-        return torch.empty_like(scaled).scatter_(1, sorted_idx, sorted_vals)
+    device = scaled.device
+    top = scaled.topk(max(ks), dim=-1).values  # [R, kmax]
+    k_col = torch.tensor([max(k, 1) for k in ks], device=device).unsqueeze(1)  # [R, 1]
+    kth = top.gather(1, k_col - 1)  # [R, 1]
+    off = torch.tensor([k == 0 for k in ks], device=device).unsqueeze(1)  # [R, 1]
+    kth = kth.masked_fill(off, neg_inf)
+    return scaled.masked_fill(scaled < kth, neg_inf)
+
+
+def _top_k_top_p_sorted(
+    scaled: torch.Tensor, ks: Sequence[int], top_p: Sequence[float]
+) -> torch.Tensor:
+    """The definition: a full stable sort of every row (top-p on all of them)."""
+    rows, vocab = scaled.shape  # [R, V]
+    device = scaled.device
+    neg_inf = float("-inf")
+    sorted_vals, sorted_idx = scaled.sort(dim=-1, descending=True, stable=True)  # [R, V] x2
     if any(ks):
-        top = scaled.topk(max(ks), dim=-1).values  # [R, kmax]
-        k_col = torch.tensor([max(k, 1) for k in ks], device=device).unsqueeze(1)  # [R, 1]
-        kth = top.gather(1, k_col - 1)  # [R, 1]
-        off = torch.tensor([k == 0 for k in ks], device=device).unsqueeze(1)  # [R, 1]
-        kth = kth.masked_fill(off, neg_inf)
-        return scaled.masked_fill(scaled < kth, neg_inf)
-    return scaled
+        k_col = torch.tensor([k or vocab for k in ks], device=device).unsqueeze(1)  # [R, 1]
+        kth = sorted_vals.gather(1, k_col - 1)  # [R, 1]
+        sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, neg_inf)
+    probs = sorted_vals.softmax(dim=-1)  # [R, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [R, V]; exactly 0 in column 0
+    p_col = torch.tensor(top_p, dtype=probs.dtype, device=device).unsqueeze(1)  # [R, 1]
+    sorted_vals = sorted_vals.masked_fill(mass_before >= p_col, neg_inf)
+    return torch.empty_like(scaled).scatter_(1, sorted_idx, sorted_vals)
+
+
+def _top_p_candidates(
+    scaled: torch.Tensor, ks: Sequence[int], top_p: Sequence[float]
+) -> tuple[torch.Tensor, list[bool]]:
+    """Top-k then top-p from each row's TOP_P_CANDIDATES largest logits; returns the masked
+    rows [R, V] and, per row, whether the candidates decided it (see `apply_top_k_top_p`)."""
+    rows, vocab = scaled.shape  # [R, V]
+    device = scaled.device
+    neg_inf = float("-inf")
+    c = min(vocab, TOP_P_CANDIDATES)
+    vals, idx = scaled.topk(min(vocab, c + 1), dim=-1)  # [R, C+1]: by value, ties in no order
+    # no logit outside the candidates may equal the last one (the set would be ambiguous)
+    clean = vals[:, c] < vals[:, c - 1] if c < vocab else vals[:, 0] == vals[:, 0]  # [R]
+    vals, idx = vals[:, :c], idx[:, :c]  # [R, C]
+    by_id = idx.argsort(dim=-1)  # order ties by token id, as the stable full sort does
+    vals, idx = vals.gather(1, by_id), idx.gather(1, by_id)
+    vals, order = vals.sort(dim=-1, descending=True, stable=True)  # [R, C]
+    idx = idx.gather(1, order)
+    k_col = torch.tensor([k or vocab for k in ks], device=device).unsqueeze(1)  # [R, 1]
+    top_k_in = k_col <= c  # [R, 1]: the top-k set (if any) lies among the candidates
+    kth = vals.gather(1, k_col.clamp(max=c) - 1)  # [R, 1]
+    kept = (vals >= kth) | (k_col >= vocab)  # [R, C]: what top-k keeps of the candidates
+    vals = vals.masked_fill(~kept, neg_inf)
+    top = vals[:, :1]  # [R, 1]: the row's maximum
+    denom_all = torch.sub(scaled, top).exp_().sum(dim=-1, keepdim=True)  # [R, 1]: over V
+    denom_k = (vals - top).exp().sum(dim=-1, keepdim=True)  # [R, 1]: over the top-k set
+    with_k = torch.tensor([k != 0 for k in ks], device=device).unsqueeze(1)  # [R, 1]
+    probs = (vals - top).exp() / torch.where(with_k, denom_k, denom_all)  # [R, C]
+    mass_before = probs.cumsum(dim=-1) - probs  # [R, C]
+    p_col = torch.tensor(top_p, dtype=probs.dtype, device=device).unsqueeze(1)  # [R, 1]
+    # the nucleus ends among the candidates, or top-k drops everything else; a top-k set
+    # larger than the candidates would need its own denominator: the full sort takes it
+    ends_inside = torch.where(
+        with_k, top_k_in, probs.sum(dim=-1, keepdim=True) >= p_col + TOP_P_MARGIN
+    )  # [R, 1]
+    margin = ((mass_before - p_col).abs() <= TOP_P_MARGIN) & kept  # [R, C]
+    decided = (clean.unsqueeze(1) & ends_inside & ~margin.any(dim=-1, keepdim=True)).squeeze(1)
+    vals = vals.masked_fill(mass_before >= p_col, neg_inf)
+    out = torch.full_like(scaled, neg_inf).scatter_(1, idx, vals)
+    return out, decided.tolist()
 
 
 def sample(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:

@@ -231,3 +231,74 @@ def test_seeded_rows_are_batch_independent_on_each_device(device):
     reversed_batch = tokens(logits.flip(0), chunks[::-1])[::-1]
     assert together == alone == reversed_batch
     assert together[0] == int(logits[0].argmax())
+
+
+def _logit_rows(draw_vocab: int, data) -> torch.Tensor:
+    """Rows of every kind top-p meets: peaked, flat, quantised (ties), a plateau of tied top
+    values (ties across the candidates' boundary), with -inf."""
+    from hypothesis import strategies as st
+
+    rows = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["peaked", "flat", "ties", "plateau", "neg_inf"]))
+        g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
+        x = torch.randn(draw_vocab, generator=g)
+        if kind == "peaked":
+            x = x * 6.0
+        elif kind == "flat":
+            x = x * 0.01
+        elif kind == "ties":
+            x = (x * 2).round()  # a handful of distinct values
+        elif kind == "plateau":
+            x = x.round().clamp(max=1.0)  # many tokens tie at the top value
+        else:
+            x = x * 3.0
+            x[torch.randperm(draw_vocab, generator=g)[: draw_vocab // 3]] = float("-inf")
+        rows.append(x)
+    return torch.stack(rows)  # [R, V]
+
+
+@pytest.mark.parametrize("candidates", [4, 16, 1024])
+def test_top_p_fast_path_equals_the_full_sort(monkeypatch, candidates):
+    """Every row gets exactly the full stable sort's answer, whichever path decides it (with
+    few candidates the fast path's bail-outs are exercised on small vocabularies)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from afdserve.engine import sampler
+
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", candidates)
+    decided_rows = []
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.data())
+    def check(data):
+        vocab = data.draw(st.sampled_from([5, 17, 64, 2000]))
+        scaled = _logit_rows(vocab, data)
+        n = scaled.shape[0]
+        ks = data.draw(
+            st.lists(st.sampled_from([0, 1, 2, 3, 10, 50, vocab + 3]), min_size=n, max_size=n)
+        )
+        ps = data.draw(
+            st.lists(st.sampled_from([1.0, 0.999, 0.9, 0.5, 0.1, 1e-9]), min_size=n, max_size=n)
+        )
+        got = sampler.apply_top_k_top_p(scaled, ks, ps)
+        norm_ks = [k if 0 < k < vocab else 0 for k in ks]
+        for i in range(n):  # row by row through the definition
+            if ps[i] < 1.0:
+                want = sampler._top_k_top_p_sorted(scaled[i : i + 1], [norm_ks[i]], [ps[i]])[0]
+            elif norm_ks[i]:
+                want = sampler._top_k_only(scaled[i : i + 1], [norm_ks[i]])[0]
+            else:
+                want = scaled[i]
+            assert torch.equal(got[i], want), (i, ks[i], ps[i])
+        p_rows = [i for i in range(n) if ps[i] < 1.0]
+        if p_rows:
+            _, decided = sampler._top_p_candidates(
+                scaled[p_rows], [norm_ks[i] for i in p_rows], [ps[i] for i in p_rows]
+            )
+            decided_rows.extend(decided)
+
+    check()
+    # both paths were taken (else the comparison would say little about one of them)
+    assert any(decided_rows) and not all(decided_rows)
