@@ -48,7 +48,7 @@ def main() -> None:
             ks, ps = [top_k] * rows, [top_p] * rows
             slow = _ms(lambda: sampler._top_k_top_p_sorted(x, ks, ps))  # noqa: B023
             fast = _ms(lambda: sampler.apply_top_k_top_p(x, ks, ps))  # noqa: B023
-            _, decided = sampler._top_p_candidates(x, ks, ps)
+            _, _, decided = sampler._top_p_candidates(x, ks, ps)
             print(f"{spread:>6} {vocab:>7} {rows:>5} {top_k:>5} {top_p:>5} {slow:>10.2f} "
                   f"{fast:>9.2f} {slow / fast:>7.1f}x {sum(decided):>4}/{rows:<4}")  # fmt: skip
 

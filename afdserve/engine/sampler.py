@@ -98,13 +98,16 @@ def apply_top_k_top_p(
         return _top_k_only(scaled, ks) if any(ks) else scaled
     out = scaled.clone() if not any(ks) else _top_k_only(scaled, ks)  # rows without top-p
     p_rows = [i for i, u in enumerate(use_p) if u]
-    fast, decided = _top_p_candidates(
+    vals, idx, decided = _top_p_candidates(
         scaled[p_rows], [ks[i] for i in p_rows], [top_p[i] for i in p_rows]
     )
     slow = [i for i, ok in zip(p_rows, decided, strict=True) if not ok]
     done = [j for j, ok in enumerate(decided) if ok]
     if done:
-        out[[p_rows[j] for j in done]] = fast[done]
+        rows_out = torch.full(
+            (len(done), vocab), float("-inf"), dtype=scaled.dtype, device=scaled.device
+        )  # [D, V]
+        out[[p_rows[j] for j in done]] = rows_out.scatter_(1, idx[done], vals[done])
     if slow:
         out[slow] = _top_k_top_p_sorted(
             scaled[slow], [ks[i] for i in slow], [top_p[i] for i in slow]
@@ -145,9 +148,11 @@ def _top_k_top_p_sorted(
 
 def _top_p_candidates(
     scaled: torch.Tensor, ks: Sequence[int], top_p: Sequence[float]
-) -> tuple[torch.Tensor, list[bool]]:
-    """Top-k then top-p from each row's TOP_P_CANDIDATES largest logits; returns the masked
-    rows [R, V] and, per row, whether the candidates decided it (see `apply_top_k_top_p`)."""
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Top-k then top-p from each row's TOP_P_CANDIDATES largest logits. Returns the candidates'
+    values with the dropped ones at -inf [R, C], their token ids [R, C], and per row whether
+    the candidates decided it (see `apply_top_k_top_p`); every other token of a decided row is
+    dropped."""
     rows, vocab = scaled.shape  # [R, V]
     device = scaled.device
     neg_inf = float("-inf")
@@ -179,9 +184,7 @@ def _top_p_candidates(
     )  # [R, 1]
     margin = ((mass_before - p_col).abs() <= TOP_P_MARGIN) & kept  # [R, C]
     decided = (clean.unsqueeze(1) & ends_inside & ~margin.any(dim=-1, keepdim=True)).squeeze(1)
-    vals = vals.masked_fill(mass_before >= p_col, neg_inf)
-    out = torch.full_like(scaled, neg_inf).scatter_(1, idx, vals)
-    return out, decided.tolist()
+    return vals.masked_fill(mass_before >= p_col, neg_inf), idx, decided.tolist()
 
 
 def sample(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:

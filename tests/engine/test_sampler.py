@@ -294,7 +294,7 @@ def test_top_p_fast_path_equals_the_full_sort(monkeypatch, candidates):
             assert torch.equal(got[i], want), (i, ks[i], ps[i])
         p_rows = [i for i in range(n) if ps[i] < 1.0]
         if p_rows:
-            _, decided = sampler._top_p_candidates(
+            _, _, decided = sampler._top_p_candidates(
                 scaled[p_rows], [norm_ks[i] for i in p_rows], [ps[i] for i in p_rows]
             )
             decided_rows.extend(decided)
