@@ -96,13 +96,16 @@ def apply_top_k_top_p(
     use_p = [p < 1.0 for p in top_p]
     if not any(use_p):
         return _top_k_only(scaled, ks) if any(ks) else scaled
-    out = scaled.clone() if not any(ks) else _top_k_only(scaled, ks)  # rows without top-p
     p_rows = [i for i, u in enumerate(use_p) if u]
+    every = len(p_rows) == rows
     vals, idx, decided = _top_p_candidates(
-        scaled[p_rows], [ks[i] for i in p_rows], [top_p[i] for i in p_rows]
+        scaled if every else scaled[p_rows], [ks[i] for i in p_rows], [top_p[i] for i in p_rows]
     )
     slow = [i for i, ok in zip(p_rows, decided, strict=True) if not ok]
     done = [j for j, ok in enumerate(decided) if ok]
+    if every and not done:  # the candidates decided nothing: the full sort, with no copies
+        return _top_k_top_p_sorted(scaled, ks, top_p)
+    out = scaled.clone() if not any(ks) else _top_k_only(scaled, ks)  # rows without top-p
     if done:
         rows_out = torch.full(
             (len(done), vocab), float("-inf"), dtype=scaled.dtype, device=scaled.device
