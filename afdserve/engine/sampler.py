@@ -83,8 +83,8 @@ def apply_top_k_top_p(
     top_k <= 0 or >= V disables top-k for that row; top_p >= 1 disables top-p. The result for
     a row depends only on that row (batch independence), whichever path the batch takes.
 
-    The definition is the full stable sort (`_top_k_top_p_sorted`), which costs ~2.5 ms per
-    row at a 152K vocabulary on this project's CPU. Top-p rows first take the fast path: the
+    The definition is the full stable sort (`_top_k_top_p_sorted`), which costs 10-17 ms per
+    row at a 152K vocabulary on this project's 2-core CPU (benchmarks/bench_sampler.py). Top-p rows first take the fast path: the
     TOP_P_CANDIDATES largest logits decide the row whenever the nucleus ends among them, no
     logit outside them ties the last one, and no candidate's mass-before lies within
     TOP_P_MARGIN of top_p (the two paths sum the softmax in different orders, which moves that
