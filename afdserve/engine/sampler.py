@@ -84,12 +84,12 @@ def apply_top_k_top_p(
     a row depends only on that row (batch independence), whichever path the batch takes.
 
     The definition is the full stable sort (`_top_k_top_p_sorted`), which costs 10-17 ms per
-    row at a 152K vocabulary on this project's 2-core CPU (benchmarks/bench_sampler.py). Top-p rows first take the fast path: the
-    TOP_P_CANDIDATES largest logits decide the row whenever the nucleus ends among them, no
-    logit outside them ties the last one, and no candidate's mass-before lies within
-    TOP_P_MARGIN of top_p (the two paths sum the softmax in different orders, which moves that
-    mass by about 1e-6). Every other top-p row goes through the full sort, so each row gets
-    exactly the full sort's answer, on whichever path.
+    row at a 152K vocabulary on this project's 2-core CPU (benchmarks/bench_sampler.py).
+    Top-p rows first take the fast path: the TOP_P_CANDIDATES largest logits decide the row
+    whenever the nucleus ends among them, no logit outside them ties the last one, and no
+    candidate's mass-before lies within TOP_P_MARGIN of top_p (the two paths sum the softmax
+    in different orders, which moves that mass by about 1e-6). Every other top-p row goes
+    through the full sort, so each row gets exactly the full sort's answer, on whichever path.
     """
     rows, vocab = scaled.shape  # [R, V]
     ks = [k if 0 < k < vocab else 0 for k in top_k]
