@@ -49,7 +49,20 @@ log = logging.getLogger(__name__)
 
 
 class WorkerError(AfdserveError):
-    """A worker process died, failed to start, or reported a fatal error."""
+    """A worker process died, failed to start, reported a fatal error, or fell silent."""
+
+
+SILENCE_MARGIN_S = 10.0
+
+
+def silence_limit_s(sync_timeout_s: float) -> float:
+    """How long an attention worker that holds requests may send nothing before the front
+    calls it stopped or hung. A live one reports after every step and heartbeats when idle;
+    its longest silent wait is one FFN result (`result_timeout_s`), after which it reports an
+    error itself. A SIGSTOPped process never exits, so without this its requests hang."""
+    from afdserve.afd.ffn_link import result_timeout_s
+
+    return result_timeout_s(sync_timeout_s) + SILENCE_MARGIN_S
 
 
 ADD_TIMEOUT_S = 1.0
@@ -76,6 +89,8 @@ class _RemoteWorker:
     kv_blocks_total: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     afd: AFDStatsSnapshot = field(default_factory=AFDStatsSnapshot)
+    last_heard: float = field(default_factory=time.monotonic)
+    """When the front last got a message from this worker (time.monotonic)."""
 
     def load_score(self) -> int:
         return sum(self.outstanding.values())
@@ -203,6 +218,8 @@ class MultiProcessEngine:
                         self.max_model_len = int(m["max_model_len"])
                 elif m["op"] == "error":
                     raise WorkerError(f"worker {m.get('rank')} failed to start: {m.get('message')}")
+        for w in self.workers:  # silence counts from here, not from the spawn
+            w.last_heard = time.monotonic()
 
     def _check_alive(self, starting: bool = False) -> None:
         for rank, p in enumerate(self._procs):
@@ -211,6 +228,21 @@ class MultiProcessEngine:
                 tail = _tail(self._logs[rank])
                 what = "failed to start" if starting else "died"
                 self._failure = f"worker rank {rank} {what} (exit code {code}): {tail}"
+                raise WorkerError(self._failure)
+
+    def _check_heard(self) -> None:
+        """WorkerError if an attention worker holding requests has been silent too long (called
+        after reading what arrived, so a front that did not read for a while is not fooled)."""
+        if self._closed:
+            return
+        limit = silence_limit_s(self.cfg.sync_timeout_s)
+        now = time.monotonic()
+        for w in self.workers:  # alive but silent: stopped or wedged; its requests would hang
+            if w.outstanding and now - w.last_heard > limit:
+                self._failure = (
+                    f"attention worker {w.rank} holds {len(w.outstanding)} request(s) but sent "
+                    f"nothing for {now - w.last_heard:.0f}s (limit {limit:.0f}s): stopped or hung"
+                )
                 raise WorkerError(self._failure)
 
     # -- the Engine interface ---------------------------------------------------------------
@@ -289,6 +321,7 @@ class MultiProcessEngine:
             out, self._pending = self._pending, []
             for m in messages:
                 out.extend(self._handle(m))
+            self._check_heard()
         return out
 
     def poll_idle(self) -> None:
@@ -300,6 +333,7 @@ class MultiProcessEngine:
         with self._lock:
             for m in messages:
                 self._pending.extend(self._handle(m))
+            self._check_heard()
 
     def _receive(self, timeout_s: float) -> list[dict]:
         with self._recv_lock:
@@ -334,6 +368,7 @@ class MultiProcessEngine:
             log.warning("dropping a %s message from unknown rank %r", op, rank)
             return []
         w = self.workers[rank]
+        w.last_heard = time.monotonic()
         try:
             w.take_status(m)
         except (KeyError, TypeError, ValueError) as exc:

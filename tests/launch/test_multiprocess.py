@@ -345,3 +345,34 @@ def test_worker_flags_read_environment(monkeypatch, capsys):
         == 2
     )
     assert "--rank must be 2" in capsys.readouterr().err
+
+
+def test_stopped_attention_worker_is_an_error_in_bounded_time(tiny_model_dirs):
+    """SIGSTOP leaves a process alive but silent: the front must not wait for it forever."""
+    from afdserve.launch.multiproc import silence_limit_s
+
+    llm = LLM(
+        str(tiny_model_dirs["llama"]),
+        mode="afd",
+        attention_workers=2,
+        microbatches=1,
+        transport="shm",
+        sync_timeout_s=0.5,
+    )
+    pids = llm.engine.pids
+    try:
+        for k, p in enumerate(PROMPTS):
+            llm.engine.add_request(
+                f"r{k}", p, SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+            )
+        llm.engine.step(0.5)
+        os.kill(pids[0], signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match="stopped or hung"):
+            while time.monotonic() - t0 < 60:
+                llm.engine.step()
+        assert time.monotonic() - t0 < silence_limit_s(0.5) + 10
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+        llm.close()
+    assert not any(_alive(p) for p in pids)
