@@ -416,8 +416,8 @@ class MultiProcessEngine:
             return EngineState(workers, tuple(w.afd for w in self.workers), (self._ffn_afd,))
 
     def healthy(self) -> bool:
-        """False once any worker process exited or reported a fatal error (the server then
-        answers 503), or the engine was closed."""
+        """False once any worker process exited, reported a fatal error or fell silent while
+        holding requests (the server then answers 503), or the engine was closed."""
         if self._closed or self._failure is not None:
             return False
         return all(p.poll() is None for p in self._procs)
