@@ -222,7 +222,8 @@ def run_profile(
     f = np.asarray(ffn_pts, dtype=np.float64)
     ffn_fit = fit_affine(f[:, 0], f[:, 1])
     warnings: list[str] = []
-    if ffn_fit.alpha <= 0:
+    ffn_flat = ffn_fit.alpha <= 0
+    if ffn_flat:
         # the planner needs the FFN to grow with its batch; below the timer's resolution, take
         # a 0.1% rise over the grid and say so
         floor = 1e-3 * max(ffn_fit.beta, 1e-6) / float(f[:, 0].max())
@@ -234,7 +235,7 @@ def run_profile(
         ffn_fit = AffineFit(
             floor, ffn_fit.beta, *quality(f[:, 1], floor * f[:, 0] + ffn_fit.beta), ffn_fit.n
         )
-    fits = {"attention": attn_fit} | ({} if warnings else {"ffn": ffn_fit})  # a flat FFN: said
+    fits = {"attention": attn_fit} | ({} if ffn_flat else {"ffn": ffn_fit})  # flat: said above
     warnings += poor_fit_warnings(fits)
     prefill = _fit_prefill(np.asarray(pre_pts, dtype=np.float64), attn_fit.alpha, attn_fit.beta)
     comm = transport[comm_from]

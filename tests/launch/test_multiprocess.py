@@ -160,29 +160,41 @@ def test_stalled_attention_worker_does_not_stop_the_others(tiny_model_dirs, refe
     assert max(finished_at[r] for r in on0) < min(finished_at[r] for r in on1)
 
 
-@pytest.mark.parametrize("victim", ["ffn", "attention"])
-def test_killed_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
+def _busy_group(tiny_model_dirs, sync_timeout_s: float, max_tokens: int) -> LLM:
+    """2A1F over shm, every prompt added with a long output and one step taken: a group with
+    work in flight on both attention workers, for the failure tests."""
     llm = LLM(
         str(tiny_model_dirs["llama"]),
         mode="afd",
         attention_workers=2,
         microbatches=1,
         transport="shm",
-        sync_timeout_s=1.0,
+        sync_timeout_s=sync_timeout_s,
     )
+    for k, p in enumerate(PROMPTS):
+        llm.engine.add_request(
+            f"r{k}", p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        )
+    llm.engine.step(0.5)
+    return llm
+
+
+def _seconds_until_worker_error(llm: LLM, match: str | None, give_up_s: float) -> float:
+    """Step until the engine raises WorkerError (matching `match`); the seconds it took."""
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=match):
+        while time.monotonic() - t0 < give_up_s:
+            llm.engine.step()
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("victim", ["ffn", "attention"])
+def test_killed_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
+    llm = _busy_group(tiny_model_dirs, sync_timeout_s=1.0, max_tokens=400)
+    pids = llm.engine.pids
     try:
-        pids = llm.engine.pids
-        for k, p in enumerate(PROMPTS):
-            llm.engine.add_request(
-                f"r{k}", p, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-            )
-        llm.engine.step(0.5)
         os.kill(pids[-1] if victim == "ffn" else pids[0], signal.SIGKILL)
-        t0 = time.monotonic()
-        with pytest.raises(WorkerError):
-            while time.monotonic() - t0 < 30:
-                llm.engine.step()
-        assert time.monotonic() - t0 < 15
+        assert _seconds_until_worker_error(llm, None, give_up_s=30) < 15
     finally:
         llm.close()
     assert not any(_alive(p) for p in pids)
@@ -351,27 +363,12 @@ def test_stopped_attention_worker_is_an_error_in_bounded_time(tiny_model_dirs):
     """SIGSTOP leaves a process alive but silent: the front must not wait for it forever."""
     from afdserve.launch.multiproc import silence_limit_s
 
-    llm = LLM(
-        str(tiny_model_dirs["llama"]),
-        mode="afd",
-        attention_workers=2,
-        microbatches=1,
-        transport="shm",
-        sync_timeout_s=0.5,
-    )
+    llm = _busy_group(tiny_model_dirs, sync_timeout_s=0.5, max_tokens=2000)
     pids = llm.engine.pids
     try:
-        for k, p in enumerate(PROMPTS):
-            llm.engine.add_request(
-                f"r{k}", p, SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
-            )
-        llm.engine.step(0.5)
         os.kill(pids[0], signal.SIGSTOP)
-        t0 = time.monotonic()
-        with pytest.raises(WorkerError, match="stopped or hung"):
-            while time.monotonic() - t0 < 60:
-                llm.engine.step()
-        assert time.monotonic() - t0 < silence_limit_s(0.5) + 10
+        waited = _seconds_until_worker_error(llm, "stopped or hung", give_up_s=60)
+        assert waited < silence_limit_s(0.5) + 10
     finally:
         os.kill(pids[0], signal.SIGCONT)
         llm.close()
