@@ -122,13 +122,12 @@ def run_launch_cmd(args: argparse.Namespace) -> int:
     from afdserve.types import SamplingParams
 
     with LLM(**opts) as llm:
-        pids = llm.engine.pids
-        print(
-            f"afdserve launch: {args.attention_workers} attention workers + 1 FFN worker over {args.transport} "
-            f"ready (pids {pids})",
-            flush=True,
+        ready = (
+            f"afdserve launch: {args.attention_workers} attention workers + 1 FFN worker over "
+            f"{args.transport} ready (pids {llm.engine.pids})"
         )
         if args.prompt:
+            print(ready, flush=True)
             outs = llm.generate(
                 args.prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens)
             )
@@ -137,7 +136,8 @@ def run_launch_cmd(args: argparse.Namespace) -> int:
             return 0
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *a: stop.set())
-        try:
+        try:  # from the ready line on, Ctrl-C is a clean shutdown (exit 0)
+            print(ready, flush=True)
             while not stop.wait(1.0):
                 llm.engine.step(0)  # surfaces a dead worker as an error
         except KeyboardInterrupt:
