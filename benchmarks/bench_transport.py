@@ -15,7 +15,8 @@ into a freshly allocated one, which is what a receiver that hands out a new tens
 `gloo` is torch.distributed gloo send/recv of a uint8 tensor between the same two cores.
 
 `--device cuda` (a GPU host): every tensor sent and received lives on the GPU. The receiver moves
-what a host transport delivers onto the GPU before counting it, nixl registers VRAM slots (GPU to
+what a host transport delivers onto the GPU before counting it (through page-locked memory, as
+the runtime does: `afdserve.transport.staging`), nixl registers VRAM slots (GPU to
 GPU), `memcpy` is a device-to-device copy, and the gloo baseline is left out (CPU only).
 """
 
@@ -140,6 +141,7 @@ def transport_peer(
 
     from afdserve.transport.protocol import Message, MsgType
     from afdserve.transport.registry import create_transport
+    from afdserve.transport.staging import to_device
 
     tr = create_transport(
         name,
@@ -168,11 +170,13 @@ def transport_peer(
                         tr.send(peer, Message(MsgType.HEARTBEAT, step, sender=rank))
                 elif rank == 0:
                     tr.send(peer, Message(MsgType.ACTIVATION_TRANSFER, step, sender=rank, tensor=x))
-                    tr.recv(peer, MsgType.ACTIVATION_RESULT, step, timeout_s=T).tensor.to(dev)
+                    to_device(
+                        tr.recv(peer, MsgType.ACTIVATION_RESULT, step, timeout_s=T).tensor, dev
+                    )
                     sync()
                 else:
                     m = tr.recv(peer, MsgType.ACTIVATION_TRANSFER, step, timeout_s=T)
-                    t = m.tensor.to(dev)  # [n/4] where the application wants it
+                    t = to_device(m.tensor, dev)  # [n/4] where the application wants it
                     tr.send(peer, Message(MsgType.ACTIVATION_RESULT, step, sender=rank, tensor=t))
                 times.append(time.perf_counter() - t0)
             row = {"rtt_us": statistics.median(times[3:]) * 1e6}
@@ -187,7 +191,7 @@ def transport_peer(
                         )
                     else:
                         m = tr.recv(peer, MsgType.ACTIVATION_TRANSFER, first + i, timeout_s=T)
-                        m.tensor.to(dev)
+                        to_device(m.tensor, dev)
                 sync()
                 step = first + frames
                 if rank == 0:

@@ -18,6 +18,7 @@ from afdserve.errors import TransportTimeout
 from afdserve.model.parts import FFNPart
 from afdserve.transport.base import Transport
 from afdserve.transport.protocol import Message, MsgType, SyncInfo
+from afdserve.transport.staging import to_device
 
 
 def result_timeout_s(sync_timeout_s: float) -> float:
@@ -112,4 +113,4 @@ class RemoteFFN(FFNLink):
         finally:
             self.stats.add_idle(time.perf_counter() - t0)  # blocked on the FFN: this worker idles
         assert msg.tensor is not None
-        return msg.tensor.to(self.device)  # [T, D]; no copy when it is there already
+        return to_device(msg.tensor, self.device)  # [T, D]; no copy when it is there already

@@ -27,6 +27,7 @@ from afdserve.afd.stats import F2A, AFDStats
 from afdserve.model.parts import FFNPart
 from afdserve.transport.base import Transport, make_key
 from afdserve.transport.protocol import Message, MsgType, SyncInfo
+from afdserve.transport.staging import to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +177,12 @@ class FFNWorker:
         if batch:
             hs = [t for _, t in batch]
             if len({t.device for t in hs}) > 1:  # nixl: small frames land in host memory
-                hs = [t.to(self.device) for t in hs]
-            h = (hs[0] if len(hs) == 1 else torch.cat(hs)).to(self.device)  # [T, D]
+                hs = [to_device(t, self.device) for t in hs]
+            h = to_device(hs[0] if len(hs) == 1 else torch.cat(hs), self.device)  # [T, D]
             y = self.part(layer, h)  # [T, D]
             self.stats.record_ffn_batch(layer, mb, h.shape[0])
             if not self.transport.carries(y.device):
-                y = y.cpu()  # one device-to-host copy for all r results, not one per send
+                y = to_host(y)  # one device-to-host copy for all r results, not one per send
             for (rank, _), y_k in zip(
                 batch, torch.split(y, [t.shape[0] for _, t in batch]), strict=True
             ):

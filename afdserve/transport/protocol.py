@@ -419,7 +419,9 @@ def tensor_payload(tensor: torch.Tensor) -> memoryview:
     if t.requires_grad:
         t = t.detach()
     if t.device.type != "cpu":
-        t = t.cpu()
+        from afdserve.transport.staging import to_host
+
+        t = to_host(t)  # through page-locked memory from a GPU
     if not t.is_contiguous():
         t = t.contiguous()
     if t.dtype == torch.bfloat16:
@@ -441,7 +443,9 @@ def tensor_u8(tensor: torch.Tensor, *, device: str | None = "cpu") -> torch.Tens
         raise ProtocolError("the AFD wire format needs a little-endian host")
     t = tensor.detach()
     if device is not None and t.device.type != device:
-        t = t.to(device)
+        from afdserve.transport.staging import to_host
+
+        t = to_host(t) if device == "cpu" else t.to(device)
     if t.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=t.device)
     t = t.contiguous().view(-1)  # [N]
