@@ -33,9 +33,9 @@ class AttentionGroup:
     kv_blocks: (
         torch.Tensor
     )  # [B, nb] int64: KV blocks of each sequence, K = nb * block_size (pad: 0)
-    mask: (
+    masked_out: (
         torch.Tensor
-    )  # [B, 1, Q, K] bool: True where the query may attend (broadcasts over Hkv, rep)
+    )  # [B, 1, Q, K] bool: True where the query may NOT attend (broadcasts over Hkv, rep)
     out_rows: torch.Tensor  # [n_valid] int64 = token_index[token_valid]
     max_query_len: int = 1
     """The longest query run in the group (Q is its power-of-two bucket)."""
@@ -142,12 +142,15 @@ def _build_group(
     token_index = torch.tensor([offsets[i] for i in idx])[:, None] + q_off[None, :]  # [B, Q]
     token_index = torch.where(token_valid, token_index, 0)
     q_pos = start_t[:, None] + q_off[None, :]  # [B, Q] absolute position of each query
-    mask = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < ctx_t[:, None, None])
+    # built once per step for every layer, and inverted here so no layer has to invert it
+    masked_out = (pos[None, None, :] > q_pos[:, :, None]) | (
+        pos[None, None, :] >= ctx_t[:, None, None]
+    )
     return AttentionGroup(
         token_index=token_index.to(device),
         token_valid=token_valid.to(device),
         kv_blocks=table.to(device),
-        mask=mask[:, None].to(device),  # [B, 1, Q, K]
+        masked_out=masked_out[:, None].to(device),  # [B, 1, Q, K]
         out_rows=token_index[token_valid].to(device),
         max_query_len=max(qlens[i] for i in idx),
     )
@@ -175,16 +178,21 @@ def paged_attention(
     out = torch.empty_like(q)
     for g in meta.groups:  # one per shape bucket, a handful at most
         b, q_len = g.token_index.shape
-        kg = k_cache[:, g.kv_blocks].view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh] (gathered blocks)
-        vg = v_cache[:, g.kv_blocks].view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
+        # index_select on the flat block list: the same copy as k_cache[:, kv_blocks], about
+        # twice as fast on CPU (measured, fp32, 8-22 MB gathers)
+        blocks = g.kv_blocks.view(-1)  # [B * nb]
+        kg = k_cache.index_select(1, blocks).view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
+        vg = v_cache.index_select(1, blocks).view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
         if q_len <= Q_BLOCK:
-            _attend_block(q, kg, vg, g.token_index, g.token_valid, g.mask, g.out_rows, out, scale)
+            _attend_block(
+                q, kg, vg, g.token_index, g.token_valid, g.masked_out, g.out_rows, out, scale
+            )
             continue
         for q0 in range(0, g.max_query_len, Q_BLOCK):  # long prefill: bounded score memory
             index = g.token_index[:, q0 : q0 + Q_BLOCK]  # [B, Q_BLOCK]
             valid = g.token_valid[:, q0 : q0 + Q_BLOCK]
-            mask = g.mask[:, :, q0 : q0 + Q_BLOCK]  # [B, 1, Q_BLOCK, K]
-            _attend_block(q, kg, vg, index, valid, mask, index[valid], out, scale)
+            masked_out = g.masked_out[:, :, q0 : q0 + Q_BLOCK]  # [B, 1, Q_BLOCK, K]
+            _attend_block(q, kg, vg, index, valid, masked_out, index[valid], out, scale)
     return out
 
 
@@ -194,7 +202,7 @@ def _attend_block(
     vg: torch.Tensor,  # [Hkv, B, K, Dh]
     token_index: torch.Tensor,  # [B, Q]
     token_valid: torch.Tensor,  # [B, Q]
-    mask: torch.Tensor,  # [B, 1, Q, K]
+    masked_out: torch.Tensor,  # [B, 1, Q, K] bool, True: may not attend
     out_rows: torch.Tensor,  # [n_valid]
     out: torch.Tensor,  # [T, H, Dh], written at out_rows
     scale: float,
@@ -207,8 +215,10 @@ def _attend_block(
     # [B, Q, H, Dh] -> [Hkv, B, rep*Q, Dh], contiguous: matmul picks its kernel by layout
     qg = q[token_index].view(b, q_len, n_kv, rep, dh).permute(2, 0, 3, 1, 4)
     qg = qg.reshape(n_kv, b, rep * q_len, dh)
-    scores = torch.matmul(qg, kg.transpose(2, 3)) * scale  # [Hkv, B, rep*Q, K]
-    scores = scores.view(n_kv, b, rep, q_len, -1).masked_fill(~mask, float("-inf"))
+    # in place on the fresh scores: the same values as `* scale` and `masked_fill`, two fewer
+    # allocations of the largest tensor here
+    scores = torch.matmul(qg, kg.transpose(2, 3)).mul_(scale)  # [Hkv, B, rep*Q, K]
+    scores = scores.view(n_kv, b, rep, q_len, -1).masked_fill_(masked_out, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [Hkv, B, rep, Q, K]
     og = torch.matmul(probs.view(n_kv, b, rep * q_len, -1), vg)  # [Hkv, B, rep*Q, Dh]
     og = og.view(n_kv, b, rep, q_len, dh).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, rep, Dh]
