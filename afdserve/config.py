@@ -66,6 +66,13 @@ class EngineConfig:
     """Pin worker process k to core k mod cores (multi-process transports)."""
     seed: int = 0
     """Seeds the per-request sampling seeds of requests that bring none."""
+    front: str = ""
+    """HOST:PORT: do not start the workers, wait for workers started by hand (`afdserve worker`,
+    on this host or others) to connect. The front binds its events socket at PORT and worker
+    rank k's control socket at PORT + 1 + k (attention ranks 0..r-1, the FFN worker r), on HOST
+    (an address the workers can reach). Empty: the front starts every worker on this host."""
+    startup_timeout_s: float = 120.0
+    """Longest the front waits for every worker to report ready (multi-process transports)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -108,6 +115,31 @@ class EngineConfig:
             )
         if not self.sync_timeout_s > 0:
             raise UserInputError(f"sync_timeout_s must be > 0, got {self.sync_timeout_s!r}")
+        if not self.startup_timeout_s > 0:
+            raise UserInputError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
+        if self.front:
+            from afdserve.transport.options import parse_host_port
+
+            if self.transport == "local" or self.mode != "afd":
+                raise UserInputError(
+                    "front (workers started by hand) needs mode='afd' and a multi-process "
+                    f"transport (shm, torch, tcp, nixl), got mode={self.mode!r}, "
+                    f"transport={self.transport!r}"
+                )
+            _, port = parse_host_port(self.front, "front")
+            if port + 1 + self.attention_workers > 65535:
+                raise UserInputError(
+                    f"front port {port} leaves no room for the {self.attention_workers + 1} "
+                    "control ports after it (PORT + 1 .. PORT + 1 + r)"
+                )
+
+    @property
+    def front_addresses(self) -> tuple[str, list[str]]:
+        """With `front`: (events address, control address of each rank 0..r), as tcp:// URLs."""
+        host, _, port_s = self.front.rpartition(":")
+        port = int(port_s)
+        controls = [f"tcp://{host}:{port + 1 + k}" for k in range(self.attention_workers + 1)]
+        return f"tcp://{host}:{port}", controls
 
     @property
     def is_afd(self) -> bool:

@@ -39,6 +39,28 @@ def add_engine_args(
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
 
 
+def add_front_args(p: argparse.ArgumentParser) -> None:
+    """Flags for workers started by hand (`afdserve worker`), e.g. on other hosts."""
+    p.add_argument(
+        "--front",
+        default="",
+        metavar="HOST:PORT",
+        help="do not start the workers: wait for `afdserve worker` processes (here or on other "
+        "hosts) to connect; events at PORT, rank k's control at PORT+1+k (docs/protocol.md)",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="longest wait for every worker to be ready (seconds, default %(default)s)",
+    )
+
+
+def front_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(front=args.front, startup_timeout_s=args.startup_timeout)
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         model=args.model,

@@ -22,6 +22,12 @@ WORKER_FLAGS: dict[str, tuple[Any, Any, str]] = {
     "transport": (str, "shm", "shm | torch | tcp | nixl"),
     "rendezvous": (str, "", "HOST:PORT of the transport's rendezvous store (hosted by rank 0)"),
     "rank": (int, 0, "attention workers 0..r-1, the FFN worker r"),
+    "host": (
+        str,
+        "",
+        "address peers reach this worker's data sockets at (tcp, torch): set it to this host's "
+        "address when the workers run on several hosts (default: tcp 127.0.0.1, torch gloo's)",
+    ),
     "control": (str, "", "front address to pull requests/commands from"),
     "events": (str, "", "front address to push events to"),
     "dtype": (str, "auto", "auto | float32 | bfloat16 | float16"),
@@ -63,10 +69,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         )
     w.set_defaults(func=run_worker_cmd)
 
-    from afdserve.llm_cli import add_engine_args
+    from afdserve.llm_cli import add_engine_args, add_front_args
 
-    la = sub.add_parser("launch", help="start r attention workers and 1 FFN worker on this host")
+    la = sub.add_parser(
+        "launch",
+        help="start r attention workers and 1 FFN worker on this host (or, with --front, wait "
+        "for workers started by hand)",
+    )
     add_engine_args(la)
+    add_front_args(la)
     la.add_argument("--ffn-workers", type=int, default=1)
     la.add_argument("--transport", default="shm", choices=("shm", "torch", "tcp", "nixl"))
     la.add_argument("--worker-threads", type=int, default=1)
@@ -104,17 +115,21 @@ def run_launch_cmd(args: argparse.Namespace) -> int:
     import threading
 
     from afdserve.errors import UserInputError
-    from afdserve.llm_cli import engine_options
+    from afdserve.llm_cli import engine_options, front_options
 
     if args.ffn_workers != 1:
         raise UserInputError(
             "--ffn-workers must be 1 (expert parallelism across FFN workers is not built yet)"
         )
-    opts = engine_options(args) | dict(
-        transport=args.transport,
-        worker_threads=args.worker_threads,
-        pin_workers=args.pin,
-        sync_timeout_s=args.sync_timeout_ms / 1000,
+    opts = (
+        engine_options(args)
+        | front_options(args)
+        | dict(
+            transport=args.transport,
+            worker_threads=args.worker_threads,
+            pin_workers=args.pin,
+            sync_timeout_s=args.sync_timeout_ms / 1000,
+        )
     )
     if opts["mode"] != "afd":
         raise UserInputError("launch runs AFD workers: --mode must be afd")
@@ -122,9 +137,10 @@ def run_launch_cmd(args: argparse.Namespace) -> int:
     from afdserve.types import SamplingParams
 
     with LLM(**opts) as llm:
+        where = f"connected at front {args.front}" if args.front else f"pids {llm.engine.pids}"
         ready = (
             f"afdserve launch: {args.attention_workers} attention workers + 1 FFN worker over "
-            f"{args.transport} ready (pids {llm.engine.pids})"
+            f"{args.transport} ready ({where})"
         )
         if args.prompt:
             print(ready, flush=True)

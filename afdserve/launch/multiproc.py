@@ -2,8 +2,10 @@
 worker process, with the same interface as the in-process `Engine` (add_request, abort, step,
 has_unfinished, state, healthy, close), so `LLM` and the server run over either.
 
-The front spawns `afdserve worker` processes, waits until every one reports ready (which each
-does only after the attention/FFN handshake and the data transport are up), routes each request
+The front spawns `afdserve worker` processes (or, with `cfg.front`, binds known addresses and
+waits for workers started by hand, possibly on other hosts), waits until every one reports ready
+(which each does only after the attention/FFN handshake and the data transport are up) with the
+front's model, routes each request
 to the attention worker with the least outstanding tokens, and collects token events from all
 workers. It never waits without a deadline: a worker that dies or reports a fatal error is a
 `WorkerError` within a bounded time, and `close()` leaves no processes behind.
@@ -126,7 +128,7 @@ class _RemoteWorker:
 
 
 class MultiProcessEngine:
-    def __init__(self, cfg: EngineConfig, startup_timeout_s: float = 120.0) -> None:
+    def __init__(self, cfg: EngineConfig) -> None:
         if not cfg.is_afd:
             raise UserInputError(
                 "multi-process serving runs AFD: use mode='afd' (aggregated runs in-process)"
@@ -153,73 +155,139 @@ class MultiProcessEngine:
         self._closed = False
         self._ctx = zmq.Context()
         self._events = self._ctx.socket(zmq.PULL)
-        events_addr = f"tcp://127.0.0.1:{self._events.bind_to_random_port('tcp://127.0.0.1')}"
         self._controls: list[zmq.Socket] = []
         self._procs: list[subprocess.Popen] = []
         self._logs: list[Path] = []
-        self._logdir = tempfile.mkdtemp(prefix="afdserve-workers-")
+        self._logdir = ""
         self.max_model_len = 0
-        ffn_endpoint = f"tcp://127.0.0.1:{control.free_port()}"
-        rendezvous = f"127.0.0.1:{control.free_port()}"
-        self.rendezvous = rendezvous
-        """HOST:PORT of the workers' rendezvous store (attention worker 0 hosts it)."""
-        ncpu = os.cpu_count() or 1
+        self.rendezvous = ""
+        """HOST:PORT of the workers' rendezvous store (attention worker 0 hosts it); empty when
+        the workers were started by hand (`cfg.front`)."""
         try:
-            for rank in range(r + 1):
-                ctrl = self._ctx.socket(zmq.PUSH)
-                ctrl.setsockopt(zmq.LINGER, 0)
-                ctrl_addr = f"tcp://127.0.0.1:{ctrl.bind_to_random_port('tcp://127.0.0.1')}"
-                self._controls.append(ctrl)
-                args = _worker_args(
-                    cfg,
-                    self.model_path,
-                    rank,
-                    ffn_endpoint,
-                    rendezvous,
-                    ctrl_addr,
-                    events_addr,
-                    cpus=str(rank % ncpu) if cfg.pin_workers else "",
-                )
-                log_path = Path(self._logdir) / f"worker-{rank}.log"
-                self._logs.append(log_path)
-                with open(log_path, "wb") as logf:
-                    self._procs.append(
-                        subprocess.Popen(
-                            args,
-                            stdout=logf,
-                            stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL,
-                            # a terminal's Ctrl-C reaches the front only, which then shuts the
-                            # workers down in order (they die with it anyway: PR_SET_PDEATHSIG)
-                            start_new_session=True,
-                        )
-                    )
-            self._wait_ready(startup_timeout_s)
+            if cfg.front:
+                self._bind_front()
+            else:
+                self._spawn_workers()
+            self._wait_ready(cfg.startup_timeout_s)
         except BaseException:
             self.close()
             raise
 
     # -- start-up ---------------------------------------------------------------------------
 
+    def _bind_front(self) -> None:
+        """Workers started by hand: bind the addresses they were told (`cfg.front`)."""
+        events_addr, control_addrs = self.cfg.front_addresses
+        for sock, addr in [(self._events, events_addr)] + [
+            (self._new_control(), a) for a in control_addrs
+        ]:
+            try:
+                sock.bind(addr)
+            except zmq.ZMQError as exc:
+                raise UserInputError(f"the front cannot bind {addr}: {exc}") from None
+        r = self.cfg.attention_workers
+        ranks = ", ".join(
+            f"rank {k}{' (FFN)' if k == r else ''} {a}" for k, a in enumerate(control_addrs)
+        )
+        log.warning(
+            "afdserve front: waiting up to %.0fs for %d attention workers and 1 FFN worker, "
+            "started with `afdserve worker ... --events %s --control ADDR`: %s",
+            self.cfg.startup_timeout_s,
+            r,
+            events_addr,
+            ranks,
+        )
+
+    def _new_control(self) -> zmq.Socket:
+        ctrl = self._ctx.socket(zmq.PUSH)
+        ctrl.setsockopt(zmq.LINGER, 0)
+        self._controls.append(ctrl)
+        return ctrl
+
+    def _spawn_workers(self) -> None:
+        """Start every worker on this host, on loopback addresses the front picks."""
+        cfg, r = self.cfg, self.cfg.attention_workers
+        events_addr = f"tcp://127.0.0.1:{self._events.bind_to_random_port('tcp://127.0.0.1')}"
+        self._logdir = tempfile.mkdtemp(prefix="afdserve-workers-")
+        ffn_endpoint = f"tcp://127.0.0.1:{control.free_port()}"
+        self.rendezvous = f"127.0.0.1:{control.free_port()}"
+        ncpu = os.cpu_count() or 1
+        for rank in range(r + 1):
+            ctrl = self._new_control()
+            ctrl_addr = f"tcp://127.0.0.1:{ctrl.bind_to_random_port('tcp://127.0.0.1')}"
+            args = _worker_args(
+                cfg,
+                self.model_path,
+                rank,
+                ffn_endpoint,
+                self.rendezvous,
+                ctrl_addr,
+                events_addr,
+                cpus=str(rank % ncpu) if cfg.pin_workers else "",
+            )
+            log_path = Path(self._logdir) / f"worker-{rank}.log"
+            self._logs.append(log_path)
+            with open(log_path, "wb") as logf:
+                self._procs.append(
+                    subprocess.Popen(
+                        args,
+                        stdout=logf,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        # a terminal's Ctrl-C reaches the front only, which then shuts the
+                        # workers down in order (they die with it anyway: PR_SET_PDEATHSIG)
+                        start_new_session=True,
+                    )
+                )
+
     def _wait_ready(self, timeout_s: float) -> None:
+        """Until every rank 0..r has said `ready` (after its handshake and transport are up)
+        and serves the front's model; a worker's start-up error, a death (spawned workers) or
+        the deadline is a WorkerError naming the ranks."""
+        r = self.cfg.attention_workers
         deadline = time.monotonic() + timeout_s
         ready: set[int] = set()
-        while len(ready) < len(self._procs):
+        while len(ready) < r + 1:
             self._check_alive(starting=True)
             if time.monotonic() > deadline:
-                missing = sorted(set(range(len(self._procs))) - ready)
-                raise WorkerError(
-                    f"workers {missing} not ready within {timeout_s:.0f}s; logs: {self._logdir}"
-                )
+                missing = sorted(set(range(r + 1)) - ready)
+                where = f"logs: {self._logdir}" if self._procs else f"front {self.cfg.front}"
+                raise WorkerError(f"workers {missing} not ready within {timeout_s:.0f}s ({where})")
             for m in control.recv_all(self._events, 0.1):
-                if m["op"] == "ready":
-                    ready.add(int(m["rank"]))
-                    if m.get("role") == "attention":
-                        self.max_model_len = int(m["max_model_len"])
-                elif m["op"] == "error":
+                if m["op"] == "error":
                     raise WorkerError(f"worker {m.get('rank')} failed to start: {m.get('message')}")
+                if m["op"] != "ready":
+                    continue
+                rank, role = m.get("rank"), m.get("role")
+                if role != ("ffn" if rank == r else "attention") or not isinstance(rank, int):
+                    raise WorkerError(
+                        f"a {role} worker reported ready as rank {rank!r}, but this front runs "
+                        f"attention ranks 0..{r - 1} and the FFN worker as rank {r}"
+                    )
+                self._check_fingerprint(rank, m.get("fingerprint"))
+                ready.add(rank)
+                if role == "attention":
+                    self.max_model_len = int(m["max_model_len"])
         for w in self.workers:  # silence counts from here, not from the spawn
             w.last_heard = time.monotonic()
+
+    def _check_fingerprint(self, rank: int, theirs: object) -> None:
+        """A worker must serve the model the front tokenizes for (workers started by hand may
+        have been given another one); the workers check each other in their handshake."""
+        mine = self.model_config
+        want = {
+            "architecture": mine.architecture,
+            "layers": mine.num_hidden_layers,
+            "hidden_size": mine.hidden_size,
+            "vocab_size": mine.vocab_size,
+        }
+        if self.cfg.dtype != "auto":
+            want["dtype"] = self.cfg.dtype
+        got = theirs if isinstance(theirs, dict) else {}
+        diff = {k: (v, got.get(k)) for k, v in want.items() if got.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k} {b!r} (front: {a!r})" for k, (a, b) in diff.items())
+            raise WorkerError(f"worker rank {rank} serves a different model: {what}")
 
     def _check_alive(self, starting: bool = False) -> None:
         for rank, p in enumerate(self._procs):
@@ -301,7 +369,7 @@ class MultiProcessEngine:
             if k is None:
                 return False
             self.workers[k].outstanding.pop(request_id, None)
-            if self._closed or self._procs[k].poll() is not None:
+            if self._closed or (self._procs and self._procs[k].poll() is not None):
                 return True  # nobody left to tell
             try:
                 control.send(self._controls[k], "abort", timeout_s=ABORT_TIMEOUT_S, id=request_id)

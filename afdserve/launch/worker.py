@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -51,6 +52,9 @@ class WorkerConfig:
     rendezvous: str = ""
     """HOST:PORT of the data transport's rendezvous store (hosted by rank 0)."""
     rank: int = 0
+    host: str = ""
+    """Address peers reach this worker's data sockets at (tcp: bind and advertise; torch: gloo's
+    interface). Empty: tcp binds 127.0.0.1 (one host), torch picks by the rendezvous address."""
     afd_microbatches: int = 2
     afd_microbatch_size: int = 0
     """Cap on tokens per microbatch (0: none); the count of microbatches grows to respect it."""
@@ -103,6 +107,10 @@ class WorkerConfig:
             )
         if self.threads < 1:
             raise UserInputError(f"--threads must be >= 1, got {self.threads}")
+        if self.host and not re.fullmatch(r"[A-Za-z0-9._:-]+", self.host):
+            raise UserInputError(
+                f"--host must be a host name or IP address (no scheme or port), got {self.host!r}"
+            )
         try:
             check_device(self.device)
         except UserInputError as exc:
@@ -217,7 +225,13 @@ def _create_transport(cfg: WorkerConfig):
     from afdserve.transport.registry import create_transport
 
     # nixl moves GPU memory itself: a GPU worker registers VRAM slots (no host staging)
-    backend = {"device": "cuda"} if cfg.transport == "nixl" and cfg.device != "cpu" else {}
+    backend: dict[str, str] = {}
+    if cfg.transport == "nixl" and cfg.device != "cpu":
+        backend["device"] = "cuda"
+    if cfg.host and cfg.transport == "tcp":  # several hosts: bind where peers can dial
+        backend["bind_host"] = cfg.host
+    if cfg.host and cfg.transport == "torch":
+        backend["gloo_host"] = cfg.host
     return create_transport(
         cfg.transport,
         cfg.rank,

@@ -12,7 +12,13 @@ import threading
 from pathlib import Path
 
 from afdserve.errors import UserInputError
-from afdserve.llm_cli import DEFAULT_MODEL, add_engine_args, engine_options
+from afdserve.llm_cli import (
+    DEFAULT_MODEL,
+    add_engine_args,
+    add_front_args,
+    engine_options,
+    front_options,
+)
 
 DEFAULT_PORT = 8000
 
@@ -37,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="activation transport: local (every worker a thread of this process), or shm, "
         "torch, tcp, nixl (one process per worker) (default %(default)s)",
     )
+    add_front_args(s)
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV memory per attention worker")
     s.add_argument(
@@ -120,6 +127,7 @@ def serve_config(args: argparse.Namespace):
         )
     return EngineConfig(
         **engine_options(args),
+        **front_options(args),
         ffn_workers=args.ffn_workers,
         transport=args.transport,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -205,9 +213,10 @@ def _start_engine(cfg):
         return engine, model.path
     from afdserve.launch.multiproc import MultiProcessEngine
 
+    what = "waiting for" if cfg.front else "starting"
     print(
-        f"afdserve serve: starting {cfg.attention_workers} attention and {cfg.ffn_workers} FFN "
-        f"worker processes over {cfg.transport}",
+        f"afdserve serve: {what} {cfg.attention_workers} attention and {cfg.ffn_workers} FFN "
+        f"worker processes over {cfg.transport}" + (f" at front {cfg.front}" if cfg.front else ""),
         file=sys.stderr,
         flush=True,
     )

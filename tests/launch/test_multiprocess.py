@@ -357,6 +357,10 @@ def test_worker_flags_read_environment(monkeypatch, capsys):
         == 2
     )
     assert "--rank must be 2" in capsys.readouterr().err
+    monkeypatch.setenv("AFDSERVE_HOST", "tcp://10.0.0.1:5")
+    ffn = ["worker", "--disaggregation-mode", "ffn", "--rank", "2"]
+    assert main([*ffn, "--afd-ffn-endpoint", "tcp://127.0.0.1:1"]) == 2
+    assert "--host must be a host name or IP address" in capsys.readouterr().err
 
 
 def test_stopped_attention_worker_is_an_error_in_bounded_time(tiny_model_dirs):
@@ -373,3 +377,146 @@ def test_stopped_attention_worker_is_an_error_in_bounded_time(tiny_model_dirs):
         os.kill(pids[0], signal.SIGCONT)
         llm.close()
     assert not any(_alive(p) for p in pids)
+
+
+# -- workers started by hand (EngineConfig.front) ------------------------------------------------
+
+
+def _free_port_run(n: int) -> int:
+    """A port P such that P .. P + n - 1 are free on 127.0.0.1 right now."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports")
+
+
+def _hand_started_workers(model_dir, r: int, front_port: int) -> list[subprocess.Popen]:
+    """r attention workers and the FFN worker, started as a user would on several hosts (here
+    all on 127.0.0.1), told the front's events and control addresses."""
+    from afdserve.launch.control import free_port
+
+    common = [
+        sys.executable, "-m", "afdserve.cli", "worker", "--model", str(model_dir),
+        "--afd-attention-ratio", str(r), "--afd-ffn-endpoint", f"tcp://127.0.0.1:{free_port()}",
+        "--transport", "tcp", "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{free_port()}",
+        "--events", f"tcp://127.0.0.1:{front_port}", "--afd-microbatches", "2",
+        "--connect-timeout-s", "60",
+    ]  # fmt: skip
+    return [
+        subprocess.Popen(
+            [
+                *common,
+                "--rank",
+                str(k),
+                "--control",
+                f"tcp://127.0.0.1:{front_port + 1 + k}",
+                "--disaggregation-mode",
+                "ffn" if k == r else "attention",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for k in range(r + 1)
+    ]
+
+
+def _reap(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> list[int | None]:
+    """Exit codes once each has exited (None: it had to be killed)."""
+    codes: list[int | None] = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout_s))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            codes.append(None)
+    return codes
+
+
+def test_workers_started_by_hand_serve_through_a_front(tiny_model_dirs, reference):
+    r = 2
+    port = _free_port_run(r + 2)
+    procs = _hand_started_workers(tiny_model_dirs["llama"], r, port)
+    try:
+        with LLM(
+            str(tiny_model_dirs["llama"]),
+            mode="afd",
+            attention_workers=r,
+            transport="tcp",
+            front=f"127.0.0.1:{port}",
+            startup_timeout_s=90,
+        ) as llm:
+            assert llm.engine.pids == []  # nothing spawned
+            got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+            routed = [w.routed for w in llm.engine.state(afd=False).workers]
+    finally:
+        codes = _reap(procs)
+    assert got == reference("llama")
+    assert all(n > 0 for n in routed)  # both attention workers served
+    assert codes == [0] * (r + 1)  # the front's shutdown stopped every worker cleanly
+
+
+def test_front_refuses_workers_serving_another_model(tiny_model_dirs):
+    port = _free_port_run(3)
+    procs = _hand_started_workers(tiny_model_dirs["llama"], 1, port)
+    try:
+        with pytest.raises(WorkerError, match="serves a different model: architecture"):
+            LLM(
+                str(tiny_model_dirs["qwen2"]),
+                mode="afd",
+                attention_workers=1,
+                transport="tcp",
+                front=f"127.0.0.1:{port}",
+                startup_timeout_s=90,
+            )
+    finally:
+        codes = _reap(procs)
+    assert codes == [0, 0]  # told to shut down by the refusing front
+
+
+def test_front_without_workers_times_out_naming_the_missing_ranks(tiny_model_dirs):
+    port = _free_port_run(4)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"workers \[0, 1, 2\] not ready within 2s"):
+        LLM(
+            str(tiny_model_dirs["llama"]),
+            mode="afd",
+            attention_workers=2,
+            transport="tcp",
+            front=f"127.0.0.1:{port}",
+            startup_timeout_s=2,
+        )
+    assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        (dict(front="127.0.0.1:7000", transport="local"), "multi-process transport"),
+        (dict(front="127.0.0.1:7000", transport="tcp", mode="aggregated"), "mode='afd'"),
+        (dict(front="127.0.0.1", transport="tcp"), "front must be HOST:PORT"),
+        (dict(front="127.0.0.1:65534", transport="tcp"), "no room"),
+        (dict(startup_timeout_s=0), "startup_timeout_s"),
+    ],
+)
+def test_front_options_are_checked(opts, match):
+    from afdserve.config import EngineConfig
+    from afdserve.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=match):
+        EngineConfig(**opts)
