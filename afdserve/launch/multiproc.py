@@ -519,6 +519,11 @@ class MultiProcessEngine:
             self._ctx.term()
 
     @property
+    def exit_codes(self) -> list[int | None]:
+        """Spawned workers' exit codes (None while one runs): all 0 after a clean close."""
+        return [p.returncode for p in self._procs]
+
+    @property
     def pids(self) -> list[int]:
         """Worker process ids, attention ranks 0..r-1 then the FFN worker."""
         return [p.pid for p in self._procs]

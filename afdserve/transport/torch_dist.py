@@ -279,7 +279,11 @@ class TorchDistTransport(Transport):
         for t in self._threads:
             if t.name.startswith("afd-torch-send"):
                 t.join(max(deadline - time.monotonic(), 0.0))
-        for t in self._threads:  # receivers: short grace for peers that close at the same time
+        # receivers: wait (same deadline) for the goodbyes of peers closing at the same time.
+        # A receiver still blocked in gloo when the process exits makes it abort ("terminate
+        # called without an active exception", SIGABRT): with a 0.2 s grace, attention workers
+        # of a group of 3+ did so on most shutdowns, before their FFN worker had closed.
+        for t in self._threads:
             if t.name.startswith("afd-torch-recv"):
-                t.join(max(min(deadline - time.monotonic(), 0.2), 0.0))
+                t.join(max(deadline - time.monotonic(), 0.0))
         self._rdv.close()

@@ -83,6 +83,7 @@ def test_multiprocess_afd_equals_aggregated(tiny_model_dirs, reference, transpor
         pids = llm.engine.pids
         tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert tokens == reference(arch)
+    assert llm.engine.exit_codes == [0] * (r + 1)  # the shutdown message stopped each cleanly
     assert not any(_alive(p) for p in pids)
     assert not _segments_of(pids), f"leftover shared memory: {_segments_of(pids)}"
 
@@ -404,7 +405,9 @@ def _free_port_run(n: int) -> int:
     raise RuntimeError(f"no run of {n} free ports")
 
 
-def _hand_started_workers(model_dir, r: int, front_port: int) -> list[subprocess.Popen]:
+def _hand_started_workers(
+    model_dir, r: int, front_port: int, transport: str = "tcp"
+) -> list[subprocess.Popen]:
     """r attention workers and the FFN worker, started as a user would on several hosts (here
     all on 127.0.0.1), told the front's events and control addresses."""
     from afdserve.launch.control import free_port
@@ -412,7 +415,7 @@ def _hand_started_workers(model_dir, r: int, front_port: int) -> list[subprocess
     common = [
         sys.executable, "-m", "afdserve.cli", "worker", "--model", str(model_dir),
         "--afd-attention-ratio", str(r), "--afd-ffn-endpoint", f"tcp://127.0.0.1:{free_port()}",
-        "--transport", "tcp", "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{free_port()}",
+        "--transport", transport, "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{free_port()}",
         "--events", f"tcp://127.0.0.1:{front_port}", "--afd-microbatches", "2",
         "--connect-timeout-s", "60",
     ]  # fmt: skip
@@ -435,29 +438,32 @@ def _hand_started_workers(model_dir, r: int, front_port: int) -> list[subprocess
     ]
 
 
-def _reap(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> list[int | None]:
-    """Exit codes once each has exited (None: it had to be killed)."""
+def _reap(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> tuple[list, str]:
+    """(exit codes once each has exited (None: it had to be killed), their stderr)."""
     codes: list[int | None] = []
+    errs = []
     for p in procs:
         try:
-            codes.append(p.wait(timeout_s))
+            errs.append(p.communicate(timeout=timeout_s)[1])
+            codes.append(p.returncode)
         except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+            errs.append(p.communicate()[1])
             codes.append(None)
-    return codes
+    return codes, "\n".join(e[-2000:] for e in errs if e)
 
 
-def test_workers_started_by_hand_serve_through_a_front(tiny_model_dirs, reference):
+@pytest.mark.parametrize("transport", ["tcp", "torch"])
+def test_workers_started_by_hand_serve_through_a_front(tiny_model_dirs, reference, transport):
     r = 2
     port = _free_port_run(r + 2)
-    procs = _hand_started_workers(tiny_model_dirs["llama"], r, port)
+    procs = _hand_started_workers(tiny_model_dirs["llama"], r, port, transport)
     try:
         with LLM(
             str(tiny_model_dirs["llama"]),
             mode="afd",
             attention_workers=r,
-            transport="tcp",
+            transport=transport,
             front=f"127.0.0.1:{port}",
             startup_timeout_s=90,
         ) as llm:
@@ -465,10 +471,10 @@ def test_workers_started_by_hand_serve_through_a_front(tiny_model_dirs, referenc
             got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
             routed = [w.routed for w in llm.engine.state(afd=False).workers]
     finally:
-        codes = _reap(procs)
+        codes, errs = _reap(procs)
     assert got == reference("llama")
     assert all(n > 0 for n in routed)  # both attention workers served
-    assert codes == [0] * (r + 1)  # the front's shutdown stopped every worker cleanly
+    assert codes == [0] * (r + 1), errs  # the front's shutdown stopped every worker cleanly
 
 
 def test_front_refuses_workers_serving_another_model(tiny_model_dirs):
@@ -485,8 +491,8 @@ def test_front_refuses_workers_serving_another_model(tiny_model_dirs):
                 startup_timeout_s=90,
             )
     finally:
-        codes = _reap(procs)
-    assert codes == [0, 0]  # told to shut down by the refusing front
+        codes, errs = _reap(procs)
+    assert codes == [0, 0], errs  # told to shut down by the refusing front
 
 
 def test_front_without_workers_times_out_naming_the_missing_ranks(tiny_model_dirs):
