@@ -41,6 +41,12 @@ WORKER_FLAGS: dict[str, tuple[Any, Any, str]] = {
     "max-num-batched-tokens": (int, 2048, "token budget per step"),
     "max-model-len": (int, 0, "context limit (0: the model's)"),
     "connect-timeout-s": (float, 60.0, "deadline for the handshake and transport connection"),
+    "front-timeout-s": (
+        float,
+        30.0,
+        "exit once the front, after its first message, has sent nothing (not even its 1 s "
+        "ping) for this long; 0: never",
+    ),
 }
 
 

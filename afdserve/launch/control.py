@@ -18,8 +18,11 @@ import zmq
 log = logging.getLogger(__name__)
 
 OPS = frozenset(
-    {"hello", "ready", "add", "abort", "shutdown", "events", "error", "heartbeat", "refuse"}
+    {"hello", "ready", "add", "abort", "shutdown", "events", "error", "heartbeat", "refuse", "ping"}
 )
+PING_S = 1.0
+"""The front pings every worker's control socket this often, so a worker can tell that the
+front is gone (`afdserve worker --front-timeout-s`)."""
 
 
 def encode(op: str, **fields: Any) -> bytes:

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,24 @@ class MultiProcessEngine:
         except BaseException:
             self.close()
             raise
+        self._stop_pings = threading.Event()
+        self._pinger = threading.Thread(
+            target=_ping_loop,
+            args=(weakref.ref(self), self._stop_pings),
+            name="afd-front-ping",
+            daemon=True,
+        )
+        self._pinger.start()
+
+    def _ping_all(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            for ctrl in self._controls:
+                try:
+                    control.send(ctrl, "ping", timeout_s=0.0)
+                except (TimeoutError, zmq.ZMQError):
+                    pass  # a dead or busy worker: its queue is full; nothing to do here
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -492,6 +511,9 @@ class MultiProcessEngine:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker (shutdown message, then SIGTERM, then SIGKILL) and free sockets."""
+        if getattr(self, "_pinger", None) is not None:
+            self._stop_pings.set()
+            self._pinger.join(5.0)
         with self._lock:
             if self._closed:
                 return
@@ -532,6 +554,18 @@ class MultiProcessEngine:
         if not getattr(self, "_closed", True):
             for p in getattr(self, "_procs", []):
                 p.kill()
+
+
+def _ping_loop(engine: weakref.ref, stop: threading.Event) -> None:
+    """Ping every worker each `control.PING_S`: a worker that hears nothing from its front for
+    `--front-timeout-s` knows it is gone (one started by hand has no other way). Holds the
+    engine weakly, so an engine nobody references is still collected (and its workers killed)."""
+    while not stop.wait(control.PING_S):
+        front = engine()
+        if front is None:
+            return
+        front._ping_all()
+        del front
 
 
 def _worker_args(

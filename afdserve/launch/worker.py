@@ -10,7 +10,9 @@ FFN part. Start-up, in order:
 4. tell the front `ready` on the control plane, then run its one loop.
 
 Every wait has a deadline. SIGTERM/SIGINT stop the loop and close the transport (which unlinks
-shared memory); on Linux a worker also dies with its parent (PR_SET_PDEATHSIG).
+shared memory); on Linux a worker also dies with its parent (PR_SET_PDEATHSIG), and any worker
+exits (code 4) when the front, which pings it every second, falls silent for --front-timeout-s
+(the only sign a worker started by hand gets).
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 0
     connect_timeout_s: float = 60.0
+    front_timeout_s: float = 30.0
+    """Exit (code 4) once the front, after its first message, has been silent this long: it
+    pings every `control.PING_S`, so silence means it died (0: never). A worker the front
+    spawned also dies with it (PR_SET_PDEATHSIG); one started by hand relies on this."""
 
     def __post_init__(self) -> None:
         if self.disaggregation_mode not in ("attention", "ffn"):
@@ -107,6 +113,8 @@ class WorkerConfig:
             )
         if self.threads < 1:
             raise UserInputError(f"--threads must be >= 1, got {self.threads}")
+        if not self.front_timeout_s >= 0:
+            raise UserInputError(f"--front-timeout-s must be >= 0, got {self.front_timeout_s}")
         if self.host and not re.fullmatch(r"[A-Za-z0-9._:-]+", self.host):
             raise UserInputError(
                 f"--host must be a host name or IP address (no scheme or port), got {self.host!r}"
@@ -203,6 +211,37 @@ def run_worker(cfg: WorkerConfig) -> int:
         ctx.term()
 
 
+FRONT_GONE = 4
+"""Exit code of a worker whose front fell silent."""
+
+
+class _FrontWatch:
+    """Whether the front is gone: silent for `timeout_s` since its last message (the clock
+    starts at its first one, so a worker started before its front waits for it)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.last: float | None = None
+
+    def heard(self, messages: list) -> None:
+        if messages:
+            self.last = time.monotonic()
+
+    def gone(self, cfg: WorkerConfig) -> bool:
+        if not self.timeout_s or self.last is None:
+            return False
+        silent = time.monotonic() - self.last
+        if silent <= self.timeout_s:
+            return False
+        log.error(
+            "the front (%s) sent nothing for %.0fs (limit %.0fs): it is gone; exiting",
+            cfg.control,
+            silent,
+            self.timeout_s,
+        )
+        return True
+
+
 def _report(events: Any, cfg: WorkerConfig, message: str, fatal: bool) -> None:
     from afdserve.launch import control
 
@@ -265,13 +304,18 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
         worker = FFNWorker(model.ffn, transport, range(cfg.afd_attention_ratio), cfg.sync_timeout_s)
         control.send(events, "ready", rank=cfg.rank, role="ffn", pid=os.getpid(), fingerprint=mine)
         last_beat = 0.0
+        front = _FrontWatch(cfg.front_timeout_s)
         while not stop.is_set():  # the FFN worker's loop
             worker.serve_once(0.05)
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_S:
                 last_beat = now
-                if any(m["op"] == "shutdown" for m in control.recv_all(commands, 0)):
+                msgs = control.recv_all(commands, 0)
+                front.heard(msgs)
+                if any(m["op"] == "shutdown" for m in msgs):
                     break
+                if front.gone(cfg):
+                    return FRONT_GONE
                 snap = worker.stats.snapshot()
                 control.send(
                     events,
@@ -420,12 +464,17 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
             max_model_len=scheduler.max_model_len,
         )
         step, last_beat = 0, time.monotonic()
+        front = _FrontWatch(cfg.front_timeout_s)
         while not stop.is_set():  # the attention worker's loop
             idle = not scheduler.has_unfinished()
-            for m in control.recv_all(requests, HEARTBEAT_S if idle else 0):
+            msgs = control.recv_all(requests, HEARTBEAT_S if idle else 0)
+            front.heard(msgs)
+            for m in msgs:
                 if m["op"] == "shutdown":
                     return 0
                 _apply(m, scheduler, events, cfg, Request, SamplingParams)
+            if front.gone(cfg):
+                return FRONT_GONE
             if not scheduler.has_unfinished():
                 if time.monotonic() - last_beat >= HEARTBEAT_S:
                     last_beat = time.monotonic()

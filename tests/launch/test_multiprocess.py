@@ -406,7 +406,7 @@ def _free_port_run(n: int) -> int:
 
 
 def _hand_started_workers(
-    model_dir, r: int, front_port: int, transport: str = "tcp"
+    model_dir, r: int, front_port: int, transport: str = "tcp", extra: tuple[str, ...] = ()
 ) -> list[subprocess.Popen]:
     """r attention workers and the FFN worker, started as a user would on several hosts (here
     all on 127.0.0.1), told the front's events and control addresses."""
@@ -417,7 +417,7 @@ def _hand_started_workers(
         "--afd-attention-ratio", str(r), "--afd-ffn-endpoint", f"tcp://127.0.0.1:{free_port()}",
         "--transport", transport, "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{free_port()}",
         "--events", f"tcp://127.0.0.1:{front_port}", "--afd-microbatches", "2",
-        "--connect-timeout-s", "60",
+        "--connect-timeout-s", "60", *extra,
     ]  # fmt: skip
     return [
         subprocess.Popen(
@@ -526,3 +526,33 @@ def test_front_options_are_checked(opts, match):
 
     with pytest.raises(UserInputError, match=match):
         EngineConfig(**opts)
+
+
+def test_hand_started_workers_exit_when_their_front_dies(tiny_model_dirs):
+    """A front pings its workers every second; one killed with SIGKILL sends nothing more, and
+    its hand-started workers (no parent to die with) exit with code 4 after --front-timeout-s."""
+    port = _free_port_run(3)
+    model = str(tiny_model_dirs["llama"])
+    procs = _hand_started_workers(model, 1, port, extra=("--front-timeout-s", "2"))
+    script = (
+        "import time; from afdserve import LLM; "
+        f"llm = LLM({model!r}, mode='afd', attention_workers=1, transport='tcp', "
+        f"front='127.0.0.1:{port}', startup_timeout_s=90); print('ready', flush=True); "
+        "time.sleep(600)"
+    )
+    front = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert front.stdout is not None and front.stdout.readline().strip() == "ready"
+        time.sleep(4)  # twice the timeout: the pings keep them serving
+        assert [p.poll() for p in procs] == [None, None]
+        front.kill()
+        t0 = time.monotonic()
+        codes, errs = _reap(procs)
+        waited = time.monotonic() - t0
+    finally:
+        front.kill()
+        front.wait()
+        _reap(procs, 1.0)
+    assert codes == [4, 4], errs
+    assert "it is gone" in errs
+    assert waited < 15  # 2 s of silence, noticed within a heartbeat period
