@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,9 +40,9 @@ def parse_size(s: str) -> int:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from afdserve.transport.options import free_port as pick
+
+    return pick()
 
 
 def pin(cpu: int) -> None:

@@ -71,11 +71,3 @@ def send(sock: zmq.Socket, op: str, timeout_s: float = 5.0, **fields: Any) -> No
                     f"control: peer did not take a {op!r} message within {timeout_s}s"
                 ) from None
             time.sleep(0.001)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -46,6 +46,7 @@ from afdserve.afd.stats import AFDStatsSnapshot, EngineState, WorkerState
 from afdserve.config import EngineConfig
 from afdserve.errors import AfdserveError, UserInputError
 from afdserve.launch import control
+from afdserve.transport.options import free_port
 from afdserve.types import FinishReason, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,8 @@ class MultiProcessEngine:
         cfg, r = self.cfg, self.cfg.attention_workers
         events_addr = f"tcp://127.0.0.1:{self._events.bind_to_random_port('tcp://127.0.0.1')}"
         self._logdir = tempfile.mkdtemp(prefix="afdserve-workers-")
-        ffn_endpoint = f"tcp://127.0.0.1:{control.free_port()}"
-        self.rendezvous = f"127.0.0.1:{control.free_port()}"
+        ffn_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.rendezvous = f"127.0.0.1:{free_port()}"
         ncpu = os.cpu_count() or 1
         for rank in range(r + 1):
             ctrl = self._new_control()

@@ -936,13 +936,10 @@ def _ping_pong(a, b, m, timer: _Timer, grid: ProfileGrid, device: str) -> list[t
 
 def _registry_points(name: str, m, timer: _Timer, grid: ProfileGrid, device: str) -> list[tuple]:
     """Two endpoints of a multi-process backend in this process (threads), then a ping-pong."""
-    import socket
-
+    from afdserve.transport.options import free_port
     from afdserve.transport.registry import create_transport
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     opts: dict[str, Any] = {"rendezvous": f"127.0.0.1:{port}", "connect_timeout_s": 10.0}
     if name == "shm":
         opts["session"] = f"afdprofile-{uuid.uuid4().hex[:12]}"

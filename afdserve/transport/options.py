@@ -30,6 +30,42 @@ def parse_host_port(value: str, what: str = "rendezvous") -> tuple[str, int]:
     return host, port
 
 
+LOW_PORT = 10000
+"""free_port picks from [LOW_PORT, the kernel's first ephemeral port)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, chosen outside the kernel's ephemeral range.
+
+    Whoever asks binds it only later (a worker, seconds after the front chose it). A port of
+    the ephemeral range may be taken meanwhile by any socket on the host that binds port 0 or
+    connects (gloo opens dozens): "Address already in use" in the tests, now and then. Below
+    that range only another explicit choice can collide."""
+    import random
+    import socket
+
+    lo = ephemeral_low()
+    for _ in range(200 if lo > LOW_PORT + 1000 else 0):
+        port = random.randint(LOW_PORT, lo - 1)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: any free port
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
     if integer:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -276,7 +276,7 @@ def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs,
 
 
 def test_handshake_refuses_mismatched_models(tiny_model_dirs, tmp_path):
-    from afdserve.launch.control import free_port
+    from afdserve.transport.options import free_port
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     common = [
@@ -388,8 +388,10 @@ def _free_port_run(n: int) -> int:
     import random
     import socket
 
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
+    from afdserve.transport.options import LOW_PORT, ephemeral_low
+
+    for _ in range(200):  # below the ephemeral range: no connect() can take them meanwhile
+        base = random.randint(LOW_PORT, ephemeral_low() - n)
         socks = []
         try:
             for p in range(base, base + n):
@@ -410,7 +412,7 @@ def _hand_started_workers(
 ) -> list[subprocess.Popen]:
     """r attention workers and the FFN worker, started as a user would on several hosts (here
     all on 127.0.0.1), told the front's events and control addresses."""
-    from afdserve.launch.control import free_port
+    from afdserve.transport.options import free_port
 
     common = [
         sys.executable, "-m", "afdserve.cli", "worker", "--model", str(model_dir),

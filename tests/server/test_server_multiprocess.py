@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -68,9 +67,9 @@ class MPServer:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from afdserve.transport.options import free_port
+
+    return free_port()
 
 
 def _alive(pid: int) -> bool:

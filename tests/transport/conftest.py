@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from afdserve.transport.options import free_port
+
 PEER_MAIN = Path(__file__).with_name("peer_main.py")
 BACKENDS = ("shm", "tcp", "torch", "nixl")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shm_segments() -> set[str]:
