@@ -5,9 +5,9 @@ has_unfinished, state, healthy, close), so `LLM` and the server run over either.
 The front spawns `afdserve worker` processes (or, with `cfg.front`, binds known addresses and
 waits for workers started by hand, possibly on other hosts), waits until every one reports ready
 (which each does only after the attention/FFN handshake and the data transport are up) with the
-front's model, routes each request
-to the attention worker with the least outstanding tokens, and collects token events from all
-workers. It never waits without a deadline: a worker that dies or reports a fatal error is a
+front's model, routes each request to the attention worker with the least outstanding tokens,
+and collects token events from all workers. It pings every worker each second, so a worker can
+tell when its front is gone. It never waits without a deadline: a worker that dies or reports a fatal error is a
 `WorkerError` within a bounded time, and `close()` leaves no processes behind.
 
 What `state()` reports comes from the workers' own messages: every events message and
