@@ -455,7 +455,7 @@ def _reap(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> tuple[list,
     return codes, "\n".join(e[-2000:] for e in errs if e)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "torch"])
+@pytest.mark.parametrize("transport", ["tcp", "torch", "shm"])
 def test_workers_started_by_hand_serve_through_a_front(tiny_model_dirs, reference, transport):
     r = 2
     port = _free_port_run(r + 2)
