@@ -105,9 +105,16 @@ def median_s(fn: Callable, repeats: int) -> float:
 
 
 def measure_parts(model_dir: Path, batch: int, context: int, repeats: int) -> tuple[float, float]:
-    """(T_attn, T_ffn) in seconds, each alone on this machine (one thread)."""
-    attn, ffn = part_fns(model_dir, batch, context)
-    return median_s(attn, repeats), median_s(ffn, repeats)
+    """(T_attn, T_ffn) in seconds, each alone on this machine (one thread), pinned to the first
+    core like the pinned attention worker (unpinned, a process may migrate between cores, or
+    NUMA nodes on a large host, and time slower than the worker it is a reference for)."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        attn, ffn = part_fns(model_dir, batch, context)
+        return median_s(attn, repeats), median_s(ffn, repeats)
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def _neighbour(model_dir: str, batch: int, context: int, which: str, cpu: int, stop, ready) -> None:
