@@ -455,20 +455,25 @@ def _reap(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> tuple[list,
     return codes, "\n".join(e[-2000:] for e in errs if e)
 
 
+def _front(model_dir, r: int, port: int, transport: str = "tcp", timeout_s: float = 90) -> LLM:
+    """An LLM whose front waits at 127.0.0.1:port for r + 1 workers started by hand."""
+    return LLM(
+        str(model_dir),
+        mode="afd",
+        attention_workers=r,
+        transport=transport,
+        front=f"127.0.0.1:{port}",
+        startup_timeout_s=timeout_s,
+    )
+
+
 @pytest.mark.parametrize("transport", ["tcp", "torch", "shm"])
 def test_workers_started_by_hand_serve_through_a_front(tiny_model_dirs, reference, transport):
     r = 2
     port = _free_port_run(r + 2)
     procs = _hand_started_workers(tiny_model_dirs["llama"], r, port, transport)
     try:
-        with LLM(
-            str(tiny_model_dirs["llama"]),
-            mode="afd",
-            attention_workers=r,
-            transport=transport,
-            front=f"127.0.0.1:{port}",
-            startup_timeout_s=90,
-        ) as llm:
+        with _front(tiny_model_dirs["llama"], r, port, transport) as llm:
             assert llm.engine.pids == []  # nothing spawned
             got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
             routed = [w.routed for w in llm.engine.state(afd=False).workers]
@@ -484,14 +489,7 @@ def test_front_refuses_workers_serving_another_model(tiny_model_dirs):
     procs = _hand_started_workers(tiny_model_dirs["llama"], 1, port)
     try:
         with pytest.raises(WorkerError, match="serves a different model: architecture"):
-            LLM(
-                str(tiny_model_dirs["qwen2"]),
-                mode="afd",
-                attention_workers=1,
-                transport="tcp",
-                front=f"127.0.0.1:{port}",
-                startup_timeout_s=90,
-            )
+            _front(tiny_model_dirs["qwen2"], 1, port)
     finally:
         codes, errs = _reap(procs)
     assert codes == [0, 0], errs  # told to shut down by the refusing front
@@ -501,14 +499,7 @@ def test_front_without_workers_times_out_naming_the_missing_ranks(tiny_model_dir
     port = _free_port_run(4)
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"workers \[0, 1, 2\] not ready within 2s"):
-        LLM(
-            str(tiny_model_dirs["llama"]),
-            mode="afd",
-            attention_workers=2,
-            transport="tcp",
-            front=f"127.0.0.1:{port}",
-            startup_timeout_s=2,
-        )
+        _front(tiny_model_dirs["llama"], 2, port, timeout_s=2)
     assert time.monotonic() - t0 < 20
 
 
