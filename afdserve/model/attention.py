@@ -179,7 +179,7 @@ def paged_attention(
     for g in meta.groups:  # one per shape bucket, a handful at most
         b, q_len = g.token_index.shape
         # index_select on the flat block list: the same copy as k_cache[:, kv_blocks], about
-        # twice as fast on CPU (measured, fp32, 8-22 MB gathers)
+        # twice as fast on CPU (a scratch timing on the dev VM, fp32, 8-22 MB gathers)
         blocks = g.kv_blocks.view(-1)  # [B * nb]
         kg = k_cache.index_select(1, blocks).view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
         vg = v_cache.index_select(1, blocks).view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
