@@ -73,6 +73,10 @@ class EngineConfig:
     (an address the workers can reach). Empty: the front starts every worker on this host."""
     startup_timeout_s: float = 120.0
     """Longest the front waits for every worker to report ready (multi-process transports)."""
+    batch_invariant: bool = False
+    """Exact mode: every GEMM runs on fixed row tiles, so a token's result never depends on what
+    shares its batch and AFD gives the aggregated tokens bit for bit (model/kernels.py). Off:
+    the fastest kernels; AFD then agrees with aggregated within rounding."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -115,6 +119,8 @@ class EngineConfig:
             )
         if not self.sync_timeout_s > 0:
             raise UserInputError(f"sync_timeout_s must be > 0, got {self.sync_timeout_s!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise UserInputError(f"batch_invariant must be a bool, got {self.batch_invariant!r}")
         if not self.startup_timeout_s > 0:
             raise UserInputError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
         if self.front:

@@ -37,6 +37,11 @@ def add_engine_args(
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="exact mode: AFD gives the aggregated tokens bit for bit (GEMMs on fixed row tiles)",
+    )
 
 
 def add_front_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +77,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
+        batch_invariant=args.batch_invariant,
     )
 
 

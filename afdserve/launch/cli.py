@@ -40,6 +40,7 @@ WORKER_FLAGS: dict[str, tuple[Any, Any, str]] = {
     "max-num-seqs": (int, 128, "most running sequences"),
     "max-num-batched-tokens": (int, 2048, "token budget per step"),
     "max-model-len": (int, 0, "context limit (0: the model's)"),
+    "batch-invariant": (int, 0, "1: exact (batch-invariant) kernels, as the front's group"),
     "connect-timeout-s": (float, 60.0, "deadline for the handshake and transport connection"),
     "front-timeout-s": (
         float,

@@ -26,6 +26,7 @@ from afdserve.engine.scheduler import Scheduler
 from afdserve.errors import UserInputError
 from afdserve.model.builtin import resolve_model
 from afdserve.model.config import ModelConfig
+from afdserve.model.kernels import Kernels
 from afdserve.model.loader import load_weights
 from afdserve.model.parts import AttentionPart, FFNPart, is_ffn_weight
 from afdserve.transport.local import LocalHub
@@ -66,9 +67,10 @@ def load_model(
     dtype: str = "auto",
     device: str = "cpu",
     parts: tuple[str, ...] = ("attention", "ffn"),
+    kernels: Kernels = Kernels(),
 ) -> LoadedModel:
-    """Load `model` (a directory or builtin:NAME) and build the requested parts; an attention or
-    FFN worker process reads only its own part's tensors."""
+    """Load `model` (a directory or builtin:NAME) and build the requested parts, running
+    `kernels`; an attention or FFN worker process reads only its own part's tensors."""
     require_device(device)
     path = resolve_model(model)
     config = ModelConfig.from_dir(path)
@@ -82,10 +84,10 @@ def load_model(
     weights = load_weights(path, config, tdtype, device, select=select)
     attention = ffn = None
     if "attention" in parts:
-        attention = AttentionPart(config, tdtype).to(device)
+        attention = AttentionPart(config, tdtype, kernels).to(device)
         attention.load(weights)
     if "ffn" in parts:
-        ffn = FFNPart(config, tdtype).to(device)
+        ffn = FFNPart(config, tdtype, kernels).to(device)
         ffn.load(weights)
     return LoadedModel(path, config, tdtype, attention, ffn)
 
@@ -121,7 +123,9 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
         raise UserInputError(
             f"transport {cfg.transport!r} runs workers in separate processes: use the multi-process launcher"
         )
-    m = model or load_model(cfg.model, cfg.dtype, cfg.device)
+    m = model or load_model(
+        cfg.model, cfg.dtype, cfg.device, kernels=Kernels(batch_invariant=cfg.batch_invariant)
+    )
     cache_cfg, sched_cfg = cache_and_scheduler_configs(cfg, m.config, m.dtype)
     r = cfg.attention_workers
     links: list[FFNLink]

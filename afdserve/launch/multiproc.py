@@ -300,6 +300,7 @@ class MultiProcessEngine:
             "layers": mine.num_hidden_layers,
             "hidden_size": mine.hidden_size,
             "vocab_size": mine.vocab_size,
+            "batch_invariant": self.cfg.batch_invariant,
         }
         if self.cfg.dtype != "auto":
             want["dtype"] = self.cfg.dtype
@@ -626,6 +627,8 @@ def _worker_args(
     ]
     if cfg.num_kv_blocks:
         args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]
+    if cfg.batch_invariant:
+        args += ["--batch-invariant", "1"]
     if cfg.max_model_len:
         args += ["--max-model-len", str(cfg.max_model_len)]
     if cpus:

@@ -77,6 +77,8 @@ class WorkerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int = 0
+    batch_invariant: int = 0
+    """1: exact (batch-invariant) kernels; every worker of a group must agree."""
     connect_timeout_s: float = 60.0
     front_timeout_s: float = 30.0
     """Exit (code 4) once the front, after its first message, has been silent this long: it
@@ -133,9 +135,12 @@ class WorkerConfig:
         return self.afd_sync_timeout_ms / 1000.0
 
 
-def fingerprint(model_path: str, config: Any, dtype: Any) -> dict[str, Any]:
+def fingerprint(
+    model_path: str, config: Any, dtype: Any, batch_invariant: bool = False
+) -> dict[str, Any]:
     """What two workers must agree on to serve one model together."""
     return {
+        "batch_invariant": bool(batch_invariant),
         "model": os.path.basename(os.path.normpath(str(model_path))),
         "architecture": config.architecture,
         "layers": config.num_hidden_layers,
@@ -143,6 +148,12 @@ def fingerprint(model_path: str, config: Any, dtype: Any) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "dtype": str(dtype).replace("torch.", ""),
     }
+
+
+def _kernels(cfg: WorkerConfig):  # -> Kernels (imported late: torch loads after setup)
+    from afdserve.model.kernels import Kernels
+
+    return Kernels(batch_invariant=bool(cfg.batch_invariant))
 
 
 def _setup_process(cfg: WorkerConfig) -> None:
@@ -292,9 +303,11 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
     from afdserve.launch import control
     from afdserve.launch.local import load_model
 
-    model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("ffn",))
+    model = load_model(
+        cfg.model, cfg.dtype, cfg.device, parts=("ffn",), kernels=_kernels(cfg)
+    )
     _use_device(cfg.device)
-    mine = fingerprint(model.path, model.config, model.dtype)
+    mine = fingerprint(model.path, model.config, model.dtype, bool(cfg.batch_invariant))
     _handshake_as_ffn(cfg, ctx, mine)
     transport = _create_transport(cfg)
     commands = ctx.socket(zmq.PULL)
@@ -416,9 +429,11 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     from afdserve.launch.local import cache_and_scheduler_configs, load_model
     from afdserve.types import Request, SamplingParams
 
-    model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("attention",))
+    model = load_model(
+        cfg.model, cfg.dtype, cfg.device, parts=("attention",), kernels=_kernels(cfg)
+    )
     _use_device(cfg.device)
-    mine = fingerprint(model.path, model.config, model.dtype)
+    mine = fingerprint(model.path, model.config, model.dtype, bool(cfg.batch_invariant))
     _handshake_as_attention(cfg, ctx, mine)
     ecfg = EngineConfig(
         model=cfg.model,

@@ -1,29 +1,37 @@
 """Batched attention over a paged KV cache, for mixed prefill/decode batches.
 
-Legend: T = tokens in the (micro)batch, B = sequences in a group, Q = padded query length,
-K = padded context length, H = query heads, Hkv = KV heads, Dh = head dim.
+Legend: T = tokens in the (micro)batch, S = sequences, B = sequences in a group, Q = padded
+query length, K = padded context length, H = query heads, Hkv = KV heads, Dh = head dim.
 
-The KV cache of one layer is a pair of tensors [num_blocks, block_size, Hkv, Dh]. A sequence's
+The KV cache of one layer is a pair of tensors [Hkv, num_blocks, block_size, Dh]. A sequence's
 token at position p lives in slot block_table[p // block_size] * block_size + p % block_size.
-Sequences are grouped by shape bucket and each group runs one batched attention over keys
-gathered from the cache with a padded slot index: no Python loop over sequences on the hot path.
-Padding slots point at slot 0; the mask hides them.
 
-Batch invariance (why buckets): a sequence's result must not depend on which other sequences
-share its batch, or AFD (which splits the batch across workers and microbatches) could not give
-exactly the aggregated tokens. CPU attention kernels block their reductions by the padded
-lengths, so a sequence is always padded to a size that depends only on itself: Q to the next
-power of two (1 for decode), K to the next of 4 steps per octave of its context (16, 20, 24, 28,
-32, 40, ..., at most 25% padding; at least 16). Sequences
-with equal buckets share one batched matmul; the batch dimension itself does not change results.
+Two implementations of one contract, both batch-invariant (a sequence's result does not depend
+on which other sequences share its batch, or AFD, which splits the batch across workers and
+microbatches, could not give exactly the aggregated tokens):
+
+- On a CPU, the native kernel (csrc/paged_attention.c, built on first use by model/native.py)
+  reads each sequence's blocks in place and computes every query row from its own q and its own
+  sequence's keys and values in an order fixed by its position alone. It is invariant by
+  construction: to the batch, to how a prompt was chunked, to the thread count, to the CPU.
+- On a GPU, or where the kernel cannot be built, torch ops: sequences are grouped by shape
+  bucket and each group runs one batched attention over keys gathered from the cache with a
+  padded slot index. Kernels block their reductions by the padded lengths, so a sequence is
+  always padded to a size that depends only on itself: Q to the next power of two (1 for
+  decode), K to the next of 4 steps per octave of its context (16, 20, 24, 28, 32, 40, ..., at
+  most 25% padding; at least 16). Sequences with equal buckets share one batched matmul; the
+  batch dimension itself does not change results. Padding slots point at slot 0; the mask hides
+  them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from afdserve.model import native
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,43 @@ class AttentionMetadata:
 
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V is written
-    groups: tuple[AttentionGroup, ...]
     num_tokens: int
+    start_positions: tuple[int, ...]
+    query_lens: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...]
+    block_size: int
+    device: torch.device
+    _groups: list[tuple[AttentionGroup, ...]] = field(default_factory=list, repr=False)
+    _native: list[tuple[torch.Tensor, ...]] = field(default_factory=list, repr=False)
+
+    @property
+    def groups(self) -> tuple[AttentionGroup, ...]:
+        """The shape-bucket groups of the torch implementation, built on first use."""
+        if not self._groups:
+            self._groups.append(_build_groups(self))
+        return self._groups[0]
+
+    @property
+    def native_inputs(self) -> tuple[torch.Tensor, ...]:
+        """(block tables [S, nb], first row [S], query length [S], start position [S]), int64
+        on the CPU, for the native kernel; built on first use."""
+        if not self._native:
+            nb = max((len(t) for t in self.block_tables), default=1) or 1
+            tables = torch.zeros(len(self.block_tables), nb, dtype=torch.int64)
+            for i, t in enumerate(self.block_tables):
+                tables[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+            rows = [0]
+            for n in self.query_lens[:-1]:
+                rows.append(rows[-1] + n)
+            self._native.append(
+                (
+                    tables,
+                    torch.tensor(rows, dtype=torch.int64),
+                    torch.tensor(self.query_lens, dtype=torch.int64),
+                    torch.tensor(self.start_positions, dtype=torch.int64),
+                )
+            )
+        return self._native[0]
 
     @classmethod
     def build(
@@ -63,35 +106,42 @@ class AttentionMetadata:
         tokens already in the cache; tokens are laid out sequence after sequence."""
         positions: list[int] = []
         slots: list[int] = []
-        offsets: list[int] = []
+        tables: list[tuple[int, ...]] = []
         for start, qlen, table in zip(start_positions, query_lens, block_tables, strict=True):
-            offsets.append(len(positions))
+            need = -(-(start + qlen) // block_size)
+            if len(table) < need:
+                raise ValueError(f"block table of {len(table)} blocks, {need} needed")
+            tables.append(tuple(table[:need]))
             for p in range(start, start + qlen):
                 positions.append(p)
                 slots.append(table[p // block_size] * block_size + p % block_size)
-        buckets: dict[tuple[int, int], list[int]] = {}
-        for i, (start, qlen) in enumerate(zip(start_positions, query_lens, strict=True)):
-            buckets.setdefault((_bucket(qlen, 1), _k_bucket(start + qlen)), []).append(i)
-        groups = tuple(
-            _build_group(
-                idx,
-                q_b,
-                k_b,
-                start_positions,
-                query_lens,
-                block_tables,
-                offsets,
-                block_size,
-                device,
-            )
-            for (q_b, k_b), idx in sorted(buckets.items())
-        )
         return cls(
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            groups=groups,
             num_tokens=len(positions),
+            start_positions=tuple(start_positions),
+            query_lens=tuple(query_lens),
+            block_tables=tuple(tables),
+            block_size=block_size,
+            device=torch.device(device),
         )
+
+
+def _build_groups(meta: AttentionMetadata) -> tuple[AttentionGroup, ...]:
+    starts, qlens = meta.start_positions, meta.query_lens
+    offsets, at = [], 0
+    for n in qlens:
+        offsets.append(at)
+        at += n
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for i, (start, qlen) in enumerate(zip(starts, qlens, strict=True)):
+        buckets.setdefault((_bucket(qlen, 1), _k_bucket(start + qlen)), []).append(i)
+    return tuple(
+        _build_group(
+            idx, q_b, k_b, starts, qlens, meta.block_tables, offsets, meta.block_size, meta.device
+        )
+        for (q_b, k_b), idx in sorted(buckets.items())
+    )
 
 
 MIN_K_BUCKET = 16
@@ -175,6 +225,10 @@ def paged_attention(
     v_flat = v_cache.view(n_kv, -1, dh)
     k_flat.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_flat.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    if q.device.type == "cpu" and dh <= native.MAX_HEAD_DIM and q.dtype in native.KINDS:
+        lib = native.paged_attention_kernel()
+        if lib is not None:
+            return _native_attention(lib, q.contiguous(), k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     for g in meta.groups:  # one per shape bucket, a handful at most
         b, q_len = g.token_index.shape
@@ -193,6 +247,51 @@ def paged_attention(
             valid = g.token_valid[:, q0 : q0 + Q_BLOCK]
             masked_out = g.masked_out[:, :, q0 : q0 + Q_BLOCK]  # [B, 1, Q_BLOCK, K]
             _attend_block(q, kg, vg, index, valid, masked_out, index[valid], out, scale)
+    return out
+
+
+def _native_attention(
+    lib,
+    q: torch.Tensor,  # [T, H, Dh]
+    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, H, Dh]
+    """Call the native kernel; its pointers are checked here, since C cannot check them."""
+    tables, rows, qlens, starts = meta.native_inputs
+    n_kv, num_blocks, block_size, dh = k_cache.shape
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape):
+        raise ValueError("KV cache tensors must be contiguous [Hkv, num_blocks, block_size, Dh]")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.shape[0] != meta.num_tokens:
+        raise ValueError("queries and KV cache disagree in dtype or token count")
+    if q.shape[1] % n_kv or q.shape[2] != dh or block_size != meta.block_size:
+        raise ValueError("query heads, head dim or block size do not match the KV cache")
+    if tables.numel() and not 0 <= int(tables.min()) <= int(tables.max()) < num_blocks:
+        raise ValueError(f"block table names a block outside [0, {num_blocks})")
+    out = torch.empty_like(q)
+    rc = lib.afd_paged_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        rows.data_ptr(),
+        qlens.data_ptr(),
+        starts.data_ptr(),
+        len(meta.query_lens),
+        q.shape[1],
+        n_kv,
+        dh,
+        num_blocks,
+        block_size,
+        scale,
+        out.data_ptr(),
+        native.KINDS[q.dtype],
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("native paged attention could not allocate its scratch memory")
     return out
 
 

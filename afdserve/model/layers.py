@@ -15,39 +15,8 @@ from torch import nn
 
 from afdserve.model.attention import AttentionMetadata, paged_attention
 from afdserve.model.config import ModelConfig
+from afdserve.model.kernels import Kernels, PreparedWeight
 from afdserve.model.rope import apply_rotary
-
-ROW_MULTIPLE = 4
-GPU_ROW_TILE = 128
-"""Rows per GEMM on a GPU (see `linear`)."""
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear ([M, in] -> [M, out]) whose rows do not depend on M, bit for bit.
-
-    Batch invariance: AFD gives exactly the aggregated tokens only if a token's output does not
-    depend on how many tokens share its batch (a worker's batch, a microbatch and the FFN's
-    gathered batch all differ in size from the aggregated batch).
-    - CPU GEMM kernels compute the 1-3 leftover rows of a matrix with a different micro-kernel
-      (measured: fp32 rows differ in the last bits for M = 1, 2, 3): the rows are padded to a
-      multiple of ROW_MULTIPLE with zero rows.
-    - cuBLAS picks its kernel (tile shape, split-K) by M, and the kernels round differently
-      (measured on an H100: fp32 and bf16 rows differ between M = 4 and M = 24..2048;
-      benchmarks/check_batch_invariance.py). On a GPU every GEMM therefore has exactly
-      GPU_ROW_TILE rows: the input is zero-padded to a multiple of it and multiplied one tile at
-      a time, so the kernel, and each row's result, is always the same.
-    """
-    m = x.shape[0]
-    if x.is_cuda:
-        pad = -m % GPU_ROW_TILE
-        xp = F.pad(x, (0, 0, 0, pad)) if pad else x  # [M + pad, in]
-        if xp.shape[0] == GPU_ROW_TILE:
-            return F.linear(xp, weight, bias)[:m]
-        return torch.cat([F.linear(t, weight, bias) for t in xp.split(GPU_ROW_TILE)])[:m]
-    pad = -m % ROW_MULTIPLE
-    if not pad:
-        return F.linear(x, weight, bias)
-    return F.linear(F.pad(x, (0, 0, 0, pad)), weight, bias)[:m]
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -55,13 +24,33 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    def __init__(self, d_in: int, d_out: int, bias: bool, dtype: torch.dtype) -> None:
+    """y = x W^T + b. The loader fills `weight`; `prepare()` then turns it into the kernels'
+    form (model/kernels.py) and drops the plain copy."""
+
+    def __init__(
+        self, d_in: int, d_out: int, bias: bool, dtype: torch.dtype, kernels: Kernels
+    ) -> None:
         super().__init__()
         self.weight = _param(d_out, d_in, dtype=dtype)
         self.bias = _param(d_out, dtype=dtype) if bias else None
+        self.kernels = kernels
+        self.prepared: PreparedWeight | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def prepare(self) -> None:
+        self.prepared = self.kernels.prepare(self.weight.detach())
+        self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.prepared is None:
+            raise RuntimeError("Linear used before prepare_weights() (load the part first)")
+        return self.kernels.linear(x, self.prepared, self.bias)
+
+
+def prepare_weights(module: nn.Module) -> None:
+    """Prepare every GEMM weight under `module` for its kernels, once, after loading."""
+    for m in module.modules():
+        if isinstance(m, Linear | MoE) and getattr(m, "prepared", None) is None:
+            m.prepare()
 
 
 class RMSNorm(nn.Module):
@@ -80,17 +69,17 @@ class RMSNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, c: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = (
             c.num_attention_heads,
             c.num_key_value_heads,
             c.head_dim,
         )
-        self.q_proj = Linear(c.hidden_size, c.q_size, c.qkv_bias, dtype)
-        self.k_proj = Linear(c.hidden_size, c.kv_size, c.qkv_bias, dtype)
-        self.v_proj = Linear(c.hidden_size, c.kv_size, c.qkv_bias, dtype)
-        self.o_proj = Linear(c.q_size, c.hidden_size, c.o_bias, dtype)
+        self.q_size, self.kv_size = c.q_size, c.kv_size
+        # q, k and v in one GEMM: the loader stores HF's three projections as its row blocks
+        self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, c.qkv_bias, dtype, kernels)
+        self.o_proj = Linear(c.q_size, c.hidden_size, c.o_bias, dtype, kernels)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype) if c.qk_norm else None
         self.scale = c.head_dim**-0.5
@@ -105,9 +94,10 @@ class SelfAttention(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:  # [T, D]
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # [T, H, Dh]
-        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, Dh]
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)  # [T, Hkv, Dh]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.n_heads, self.head_dim)  # [T, H, Dh]
+        k = k.view(t, self.n_kv, self.head_dim)  # [T, Hkv, Dh]
+        v = v.view(t, self.n_kv, self.head_dim)  # [T, Hkv, Dh]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -121,14 +111,14 @@ class MLP(nn.Module):
     The loader stores HF's gate_proj and up_proj as the two halves of `gate_up_proj`.
     """
 
-    def __init__(self, d: int, inter: int, dtype: torch.dtype) -> None:
+    def __init__(self, d: int, inter: int, dtype: torch.dtype, kernels: Kernels) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(d, 2 * inter, False, dtype)
-        self.down_proj = Linear(inter, d, False, dtype)
+        self.gate_up_proj = Linear(d, 2 * inter, False, dtype, kernels)
+        self.down_proj = Linear(inter, d, False, dtype, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each, views of one output
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: same values
 
 
 class MoE(nn.Module):
@@ -141,7 +131,7 @@ class MoE(nn.Module):
     other tokens share its batch.
     """
 
-    def __init__(self, c: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels) -> None:
         super().__init__()
         d, inter, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
         self.num_experts, self.top_k, self.norm_topk_prob = (
@@ -149,9 +139,19 @@ class MoE(nn.Module):
             c.num_experts_per_tok,
             c.norm_topk_prob,
         )
-        self.gate = Linear(d, e, False, dtype)
+        self.gate = Linear(d, e, False, dtype, kernels)
+        self.kernels = kernels
         self.w_gate_up = _param(e, 2 * inter, d, dtype=dtype)  # [E, 2I, D]: gate rows, then up rows
         self.w_down = _param(e, d, inter, dtype=dtype)  # [E, D, I]
+        self.prepared: tuple[list[PreparedWeight], list[PreparedWeight]] | None = None
+
+    def prepare(self) -> None:
+        """Each expert's two weights in the kernels' form; the stacked plain copies are dropped."""
+        self.prepared = (
+            [self.kernels.prepare(w) for w in self.w_gate_up.detach()],  # E x [2I, D]
+            [self.kernels.prepare(w) for w in self.w_down.detach()],  # E x [D, I]
+        )
+        self.w_gate_up = self.w_down = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         t, d = x.shape
@@ -166,13 +166,16 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # [E]
         xs = x[order // self.top_k]  # [T*k, D] token rows in expert order
         ys = torch.empty_like(xs)  # [T*k, D]
+        if self.prepared is None:
+            raise RuntimeError("MoE used before prepare_weights() (load the part first)")
+        w_gate_up, w_down = self.prepared
         start = 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = linear(xs[start : start + n], self.w_gate_up[e]).chunk(
+                gate, up = self.kernels.linear(xs[start : start + n], w_gate_up[e]).chunk(
                     2, dim=-1
                 )  # [n, I]
-                ys[start : start + n] = linear(F.silu(gate) * up, self.w_down[e])  # [n, D]
+                ys[start : start + n] = self.kernels.linear(F.silu(gate) * up, w_down[e])
                 start += n
         y = torch.empty_like(ys)
         y[order] = ys  # back to (token, slot) order
@@ -186,10 +189,10 @@ class MoE(nn.Module):
 class AttentionBlock(nn.Module):
     """The attention side of one decoder layer: h = x + attn(input_layernorm(x))."""
 
-    def __init__(self, c: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.self_attn = SelfAttention(c, dtype)
+        self.self_attn = SelfAttention(c, dtype, kernels)
 
     def forward(self, x, meta, cos, sin, k_cache, v_cache) -> torch.Tensor:  # [T, D] -> [T, D]
         return x + self.self_attn(self.input_layernorm(x), meta, cos, sin, k_cache, v_cache)
@@ -198,13 +201,13 @@ class AttentionBlock(nn.Module):
 class FFNBlock(nn.Module):
     """The FFN side of one decoder layer: y = mlp(post_attention_layernorm(h)); caller adds h."""
 
-    def __init__(self, c: ModelConfig, layer: int, dtype: torch.dtype) -> None:
+    def __init__(self, c: ModelConfig, layer: int, dtype: torch.dtype, kernels: Kernels) -> None:
         super().__init__()
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp: nn.Module = (
-            MoE(c, dtype)
+            MoE(c, dtype, kernels)
             if c.is_moe_layer(layer)
-            else MLP(c.hidden_size, c.intermediate_size, dtype)
+            else MLP(c.hidden_size, c.intermediate_size, dtype, kernels)
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]

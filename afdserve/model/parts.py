@@ -20,7 +20,8 @@ from torch import nn
 from afdserve.errors import ModelLoadError
 from afdserve.model.attention import AttentionMetadata
 from afdserve.model.config import ModelConfig
-from afdserve.model.layers import AttentionBlock, FFNBlock, RMSNorm, linear
+from afdserve.model.kernels import Kernels, PreparedWeight
+from afdserve.model.layers import AttentionBlock, FFNBlock, RMSNorm, prepare_weights
 from afdserve.model.rope import RotaryEmbedding
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -46,14 +47,16 @@ def is_ffn_weight(name: str) -> bool:
 class AttentionPart(nn.Module):
     """Embeddings, per-layer attention blocks, final norm, LM head, and the rotary table."""
 
-    def __init__(self, c: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels = Kernels()) -> None:
         super().__init__()
-        self.config = c
+        self.config, self.kernels = c, kernels
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(AttentionBlock(c, dtype) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            AttentionBlock(c, dtype, kernels) for _ in range(c.num_hidden_layers)
+        )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.lm_head_weight: torch.Tensor | None = None  # set by load (tied or own)
+        self.lm_head: PreparedWeight | None = None  # set by load (tied or own)
         self.rotary = RotaryEmbedding(c)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, D]
@@ -65,7 +68,9 @@ class AttentionPart(nn.Module):
         return self.rotary(meta.positions, dtype)  # [T, Dh] each
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V] float32
-        return linear(self.norm(x), self.lm_head_weight).float()
+        if self.lm_head is None:
+            raise RuntimeError("AttentionPart used before load()")
+        return self.kernels.linear(self.norm(x), self.lm_head).float()
 
     def load(self, weights: Mapping[str, torch.Tensor]) -> None:
         c = self.config
@@ -79,24 +84,31 @@ class AttentionPart(nn.Module):
                 continue
             elif (m := _LAYER.match(name)) and not is_ffn_weight(name):
                 own[f"layers.{m.group(1)}.{m.group(2)}"] = t
+        for kind in ("weight", "bias"):  # [q + 2 kv, D] (and [q + 2 kv] biases)
+            proj = tuple(f"self_attn.{x}_proj.{kind}" for x in "qkv")
+            _fuse(own, proj, f"self_attn.qkv_proj.{kind}", dim=0)
         _copy_into(self, own, "attention")
         if c.tie_word_embeddings:
-            self.lm_head_weight = self.embed_tokens.weight
+            head = self.embed_tokens.weight.detach()
         else:
             if "lm_head.weight" not in weights:
                 raise ModelLoadError(
                     "checkpoint has no lm_head.weight and tie_word_embeddings is false"
                 )
-            self.lm_head_weight = weights["lm_head.weight"].to(self.embed_tokens.weight.dtype)
+            head = weights["lm_head.weight"].to(self.embed_tokens.weight)
+        self.lm_head = self.kernels.prepare(head)  # [V, D], a copy when tied (packed or not)
+        prepare_weights(self)
 
 
 class FFNPart(nn.Module):
     """Per-layer post-attention norm plus MLP or MoE."""
 
-    def __init__(self, c: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels = Kernels()) -> None:
         super().__init__()
-        self.config = c
-        self.layers = nn.ModuleList(FFNBlock(c, i, dtype) for i in range(c.num_hidden_layers))
+        self.config, self.kernels = c, kernels
+        self.layers = nn.ModuleList(
+            FFNBlock(c, i, dtype, kernels) for i in range(c.num_hidden_layers)
+        )
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         return self.layers[layer](h)
@@ -117,19 +129,19 @@ class FFNPart(nn.Module):
             own[f"layers.{layer}.mlp.{proj}"] = torch.stack(
                 [by_expert[e] for e in sorted(by_expert)]
             )
-        _fuse(own, "mlp.w_gate", "mlp.w_up", "mlp.w_gate_up", dim=1)  # [E, I, D] x2 -> [E, 2I, D]
-        _fuse(own, "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_up_proj.weight", dim=0)
+        _fuse(own, ("mlp.w_gate", "mlp.w_up"), "mlp.w_gate_up", dim=1)  # [E, I, D] x2 -> [E, 2I, D]
+        _fuse(own, ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.gate_up_proj.weight", dim=0)
         _copy_into(self, own, "FFN")
+        prepare_weights(self)
 
 
-def _fuse(tensors: dict[str, torch.Tensor], first: str, second: str, fused: str, dim: int) -> None:
-    """Replace each layer's pair of gate/up tensors by their concatenation (one GEMM, not two)."""
-    for name in [n for n in tensors if n.endswith("." + first)]:
-        prefix = name[: -len(first)]
-        if prefix + second in tensors:
-            tensors[prefix + fused] = torch.cat(
-                [tensors.pop(name), tensors.pop(prefix + second)], dim=dim
-            )
+def _fuse(tensors: dict[str, torch.Tensor], parts: tuple[str, ...], fused: str, dim: int) -> None:
+    """Replace each layer's group of tensors (gate and up; q, k and v) by their concatenation
+    along `dim`: one GEMM instead of several, which is faster at every batch size."""
+    for name in [n for n in tensors if n.endswith("." + parts[0])]:
+        prefix = name[: -len(parts[0])]
+        if all(prefix + p in tensors for p in parts):
+            tensors[prefix + fused] = torch.cat([tensors.pop(prefix + p) for p in parts], dim=dim)
 
 
 def _copy_into(module: nn.Module, tensors: dict[str, torch.Tensor], side: str) -> None:

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from afdserve.model.attention import AttentionMetadata, paged_attention
-from afdserve.model.layers import linear
+from afdserve.model.kernels import Kernels
+
+linear = Kernels(batch_invariant=True).linear
 
 BLOCK = 4
 N_BLOCKS = 64
