@@ -72,6 +72,14 @@ def load_model(
     """Load `model` (a directory or builtin:NAME) and build the requested parts, running
     `kernels`; an attention or FFN worker process reads only its own part's tensors."""
     require_device(device)
+    if kernels.batch_invariant and device == "cpu":
+        from afdserve.model import native
+
+        if native.paged_attention_kernel() is None:
+            raise UserInputError(
+                "batch_invariant on a CPU needs the native attention kernel (a C compiler: "
+                f"cc, gcc or clang), which could not be built here: {native.build_error()}"
+            )
     path = resolve_model(model)
     config = ModelConfig.from_dir(path)
     tdtype = resolve_dtype(dtype, config)

@@ -303,9 +303,7 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
     from afdserve.launch import control
     from afdserve.launch.local import load_model
 
-    model = load_model(
-        cfg.model, cfg.dtype, cfg.device, parts=("ffn",), kernels=_kernels(cfg)
-    )
+    model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("ffn",), kernels=_kernels(cfg))
     _use_device(cfg.device)
     mine = fingerprint(model.path, model.config, model.dtype, bool(cfg.batch_invariant))
     _handshake_as_ffn(cfg, ctx, mine)

@@ -61,6 +61,9 @@ class AttentionMetadata:
     block_tables: tuple[tuple[int, ...], ...]
     block_size: int
     device: torch.device
+    min_block: int = 0
+    max_block: int = 0
+    """The smallest and largest block any table names (checked against the cache)."""
     _groups: list[tuple[AttentionGroup, ...]] = field(default_factory=list, repr=False)
     _native: list[tuple[torch.Tensor, ...]] = field(default_factory=list, repr=False)
 
@@ -76,6 +79,8 @@ class AttentionMetadata:
         """(block tables [S, nb], first row [S], query length [S], start position [S]), int64
         on the CPU, for the native kernel; built on first use."""
         if not self._native:
+            if self.min_block < 0:
+                raise ValueError(f"block table names block {self.min_block}")
             nb = max((len(t) for t in self.block_tables), default=1) or 1
             tables = torch.zeros(len(self.block_tables), nb, dtype=torch.int64)
             for i, t in enumerate(self.block_tables):
@@ -124,6 +129,8 @@ class AttentionMetadata:
             block_tables=tuple(tables),
             block_size=block_size,
             device=torch.device(device),
+            min_block=min((min(t) for t in tables if t), default=0),
+            max_block=max((max(t) for t in tables if t), default=0),
         )
 
 
@@ -215,20 +222,41 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, H, Dh]
-    """Write this batch's K/V into the cache, then attend over each sequence's whole context.
-
-    The cache is head-major, so gathering a group's blocks yields [Hkv, B, K, Dh] with (Dh)
-    rows contiguous: matmul reads it in place, with no transposing copy of the context.
-    """
+    """Write this batch's K/V into the cache, then attend over each sequence's whole context:
+    with the native kernel on a CPU where it builds, with torch ops otherwise."""
     n_kv, dh = k.shape[1], k.shape[2]
     k_flat = k_cache.view(n_kv, -1, dh)  # [Hkv, S, Dh], S = num_blocks * block_size
     v_flat = v_cache.view(n_kv, -1, dh)
     k_flat.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_flat.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    if q.device.type == "cpu" and dh <= native.MAX_HEAD_DIM and q.dtype in native.KINDS:
-        lib = native.paged_attention_kernel()
-        if lib is not None:
-            return _native_attention(lib, q.contiguous(), k_cache, v_cache, meta, scale)
+    if native_available(q):
+        return attend_native(q, k_cache, v_cache, meta, scale)
+    return attend_torch(q, k_cache, v_cache, meta, scale)
+
+
+def native_available(q: torch.Tensor) -> bool:
+    """Whether the native kernel can attend for queries like `q` here."""
+    return (
+        q.device.type == "cpu"
+        and q.shape[-1] <= native.MAX_HEAD_DIM
+        and q.dtype in native.KINDS
+        and native.paged_attention_kernel() is not None
+    )
+
+
+def attend_torch(
+    q: torch.Tensor,  # [T, H, Dh]
+    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, H, Dh]
+    """Attention with torch ops, one batched matmul per shape bucket (the module docstring).
+
+    The cache is head-major, so gathering a group's blocks yields [Hkv, B, K, Dh] with (Dh)
+    rows contiguous: matmul reads it in place, with no transposing copy of the context.
+    """
+    n_kv, dh = k_cache.shape[0], k_cache.shape[3]
     out = torch.empty_like(q)
     for g in meta.groups:  # one per shape bucket, a handful at most
         b, q_len = g.token_index.shape
@@ -250,15 +278,19 @@ def paged_attention(
     return out
 
 
-def _native_attention(
-    lib,
+def attend_native(
     q: torch.Tensor,  # [T, H, Dh]
     k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, H, Dh]
-    """Call the native kernel; its pointers are checked here, since C cannot check them."""
+    """Attention with the native kernel (csrc/paged_attention.c). What it is given is checked
+    here, since C cannot check pointers."""
+    lib = native.paged_attention_kernel()
+    if lib is None:
+        raise RuntimeError("the native paged-attention kernel is not available here")
+    q = q.contiguous()
     tables, rows, qlens, starts = meta.native_inputs
     n_kv, num_blocks, block_size, dh = k_cache.shape
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape):
@@ -267,8 +299,8 @@ def _native_attention(
         raise ValueError("queries and KV cache disagree in dtype or token count")
     if q.shape[1] % n_kv or q.shape[2] != dh or block_size != meta.block_size:
         raise ValueError("query heads, head dim or block size do not match the KV cache")
-    if tables.numel() and not 0 <= int(tables.min()) <= int(tables.max()) < num_blocks:
-        raise ValueError(f"block table names a block outside [0, {num_blocks})")
+    if meta.max_block >= num_blocks:
+        raise ValueError(f"block table names block {meta.max_block}, the cache has {num_blocks}")
     out = torch.empty_like(q)
     rc = lib.afd_paged_attention(
         q.data_ptr(),

@@ -55,6 +55,7 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_errors: list[str] = []
 
 
 def _compiler() -> str | None:
@@ -116,6 +117,18 @@ def paged_attention_kernel() -> ctypes.CDLL | None:
                 ]
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 log.warning("native paged attention unavailable, using torch ops (%s)", exc)
+                _errors.append(str(exc))
                 lib = None
         _loaded["lib"] = lib
         return lib
+
+
+def build_error() -> str:
+    """Why the kernel is unavailable ('' if it is available or was not tried)."""
+    return (
+        _errors[-1]
+        if _errors
+        else (
+            "disabled by AFDSERVE_NATIVE=0" if os.environ.get("AFDSERVE_NATIVE", "1") == "0" else ""
+        )
+    )
