@@ -62,6 +62,13 @@ class EngineConfig:
     """Cap on tokens per microbatch; when set, a step's microbatch count follows from it."""
     worker_threads: int = 1
     """Torch threads in each worker process (multi-process transports)."""
+    ffn_threads: int | None = None
+    """Torch threads of the FFN worker process; None: worker_threads. The FFN does most of a
+    layer's FLOPs, so on cores it shares with the attention workers it wants all of them."""
+    ffn_gather_wait_s: float | None = None
+    """How long the FFN waits for attention workers at the same (layer, microbatch) to batch
+    them together (afd/ffn_worker.py). None: the sync timeout (always gather); 0: serve
+    whoever has arrived, which keeps shared cores busy."""
     pin_workers: bool = False
     """Pin worker process k to core k mod cores (multi-process transports)."""
     seed: int = 0
@@ -119,6 +126,20 @@ class EngineConfig:
             )
         if not self.sync_timeout_s > 0:
             raise UserInputError(f"sync_timeout_s must be > 0, got {self.sync_timeout_s!r}")
+        if self.ffn_threads is not None and (
+            isinstance(self.ffn_threads, bool)
+            or not isinstance(self.ffn_threads, int)
+            or self.ffn_threads < 1
+        ):
+            raise UserInputError(f"ffn_threads must be an integer >= 1, got {self.ffn_threads!r}")
+        if self.ffn_gather_wait_s is not None and not (
+            isinstance(self.ffn_gather_wait_s, (int, float))
+            and not isinstance(self.ffn_gather_wait_s, bool)
+            and self.ffn_gather_wait_s >= 0
+        ):
+            raise UserInputError(
+                f"ffn_gather_wait_s must be a number of seconds >= 0, got {self.ffn_gather_wait_s!r}"
+            )
         if not isinstance(self.batch_invariant, bool):
             raise UserInputError(f"batch_invariant must be a bool, got {self.batch_invariant!r}")
         if not self.startup_timeout_s > 0:

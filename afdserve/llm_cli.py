@@ -38,6 +38,21 @@ def add_engine_args(
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument(
+        "--ffn-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads of the FFN worker (default: as the attention workers')",
+    )
+    p.add_argument(
+        "--ffn-gather-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds the FFN waits to batch attention workers at one layer (default: the sync "
+        "timeout, always gather; 0: serve whoever has arrived, best on shared cores)",
+    )
+    p.add_argument(
         "--batch-invariant",
         action="store_true",
         help="exact mode: AFD gives the aggregated tokens bit for bit (GEMMs on fixed row tiles)",
@@ -78,6 +93,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
         batch_invariant=args.batch_invariant,
+        ffn_threads=args.ffn_threads,
+        ffn_gather_wait_s=args.ffn_gather_wait,
     )
 
 

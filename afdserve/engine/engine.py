@@ -35,6 +35,7 @@ class Engine:
         seed: int = 0,
         on_close: Sequence = (),
         vocab_size: int | None = None,
+        ffn_threads: int | None = None,
     ) -> None:
         self.workers = list(workers)
         self.vocab_size = vocab_size
@@ -47,7 +48,10 @@ class Engine:
         self._ffn_thread: threading.Thread | None = None
         if ffn is not None:  # the FFN worker's loop runs for the engine's lifetime
             self._ffn_thread = threading.Thread(
-                target=ffn.serve_forever, args=(self._ffn_stop,), name="afd-ffn", daemon=True
+                target=_serve_ffn,
+                args=(ffn, self._ffn_stop, ffn_threads),
+                name="afd-ffn",
+                daemon=True,
             )
             self._ffn_thread.start()
         self._lock = threading.Lock()
@@ -179,6 +183,14 @@ class Engine:
         for fn in self._on_close:
             fn()
         self._on_close.clear()
+
+
+def _serve_ffn(ffn: FFNWorker, stop: threading.Event, threads: int | None) -> None:
+    if threads is not None:  # this thread's own OpenMP team size (a per-thread setting)
+        import torch
+
+        torch.set_num_threads(threads)
+    ffn.serve_forever(stop)
 
 
 def _link_stats(worker: AttentionWorker) -> AFDStats:

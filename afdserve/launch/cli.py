@@ -19,6 +19,12 @@ WORKER_FLAGS: dict[str, tuple[Any, Any, str]] = {
     "afd-microbatch-size": (int, 0, "cap on tokens per microbatch (0: use --afd-microbatches)"),
     "afd-microbatches": (int, 2, "microbatches per step"),
     "afd-sync-timeout-ms": (float, 30000.0, "longest wait for a peer before a timeout"),
+    "afd-gather-wait-ms": (
+        float,
+        -1.0,
+        "FFN: how long a batch waits for attention workers at its position (-1: the sync "
+        "timeout, always gather; 0: serve whoever has arrived)",
+    ),
     "transport": (str, "shm", "shm | torch | tcp | nixl"),
     "rendezvous": (str, "", "HOST:PORT of the transport's rendezvous store (hosted by rank 0)"),
     "rank": (int, 0, "attention workers 0..r-1, the FFN worker r"),

@@ -151,7 +151,11 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
             for k in range(r)
         ]
         ffn_worker = FFNWorker(
-            m.ffn, hub.endpoints[r], attention_ranks=range(r), timeout_s=cfg.sync_timeout_s
+            m.ffn,
+            hub.endpoints[r],
+            attention_ranks=range(r),
+            timeout_s=cfg.sync_timeout_s,
+            gather_wait_s=cfg.ffn_gather_wait_s,
         )
         on_close.append(hub.close)
     else:
@@ -164,6 +168,12 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
             dataclasses.replace(sched_cfg), cache_cfg, eos_token_ids=m.config.eos_token_ids
         )
         workers.append(AttentionWorker(k, scheduler, runner))
-    return Engine(
-        workers, ffn_worker, seed=cfg.seed, on_close=on_close, vocab_size=m.config.vocab_size
-    ), m
+    engine = Engine(
+        workers,
+        ffn_worker,
+        seed=cfg.seed,
+        on_close=on_close,
+        vocab_size=m.config.vocab_size,
+        ffn_threads=cfg.ffn_threads,
+    )
+    return engine, m

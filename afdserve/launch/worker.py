@@ -61,6 +61,9 @@ class WorkerConfig:
     afd_microbatch_size: int = 0
     """Cap on tokens per microbatch (0: none); the count of microbatches grows to respect it."""
     afd_sync_timeout_ms: float = 30_000.0
+    afd_gather_wait_ms: float = -1.0
+    """FFN: how long a batch waits for attention workers at its position (-1: the sync
+    timeout, always gather; 0: serve whoever has arrived)."""
     control: str = ""
     """Front's address this worker pulls requests from (attention) or commands from (ffn)."""
     events: str = ""
@@ -312,7 +315,10 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
     if cfg.control:
         commands.connect(cfg.control)
     try:
-        worker = FFNWorker(model.ffn, transport, range(cfg.afd_attention_ratio), cfg.sync_timeout_s)
+        gather = None if cfg.afd_gather_wait_ms < 0 else cfg.afd_gather_wait_ms / 1000.0
+        worker = FFNWorker(
+            model.ffn, transport, range(cfg.afd_attention_ratio), cfg.sync_timeout_s, gather
+        )
         control.send(events, "ready", rank=cfg.rank, role="ffn", pid=os.getpid(), fingerprint=mine)
         last_beat = 0.0
         front = _FrontWatch(cfg.front_timeout_s)
