@@ -2,10 +2,10 @@
 
 AFD gives exactly the aggregated tokens only if it is: an attention worker's batch, a microbatch
 and the FFN's gathered batch all hold different numbers of rows than the aggregated engine's
-batch. afdserve's `linear` pads the row count to a multiple of 4 because CPU GEMM kernels treat
-the last 1-3 rows differently. This prints, for a device, dtype and layer shape, the row counts M
-whose shared rows differ from the same rows computed at M = 4, for plain F.linear and for
-afdserve's `linear`, and what the invariance costs in time (ms per call at a few M).
+batch. This prints, for a device, dtype and layer shape, the row counts M whose shared rows
+differ from the same rows computed at M = 4, for plain F.linear, afdserve's fast mode (one call
+on the prepared weight: oneDNN's packed layout on a CPU) and its exact mode (fixed row tiles,
+model/kernels.py), and what exactness costs in time (ms per call at a few M).
 
     python benchmarks/check_batch_invariance.py --device cuda
 """
@@ -18,7 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from afdserve.model.layers import linear
+from afdserve.model.kernels import Kernels
+
+FAST, EXACT = Kernels(), Kernels(batch_invariant=True)
 
 SHAPES = [(64, 256), (1024, 4096), (4096, 4096), (4096, 14336), (14336, 4096)]
 ROWS = [1, 2, 3, 4, 5, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048]
@@ -69,17 +71,25 @@ def main() -> None:
         for d_in, d_out in SHAPES:
             w = (torch.randn(d_out, d_in, generator=g) * d_in**-0.5).to(dt).to(dev)  # [out, in]
             x = torch.randn(max(ROWS), d_in, generator=g).to(dt).to(dev)  # [Mmax, in]
-            for label, fn in (("F.linear", F.linear), ("afdserve linear", linear)):
+            prepared = FAST.prepare(w)
+            fast = lambda x, _w, p=prepared: FAST.linear(x, p)  # noqa: E731
+            exact = lambda x, _w, p=prepared: EXACT.linear(x, p)  # noqa: E731
+            for label, fn in (
+                ("F.linear", F.linear),
+                ("afdserve fast", fast),
+                ("afdserve exact", exact),
+            ):
                 differ = _differing(fn, x, w)
                 print(
                     f"{dt_name:9s} [{d_in:5d} -> {d_out:5d}] {label:16s} "
                     + (", ".join(differ) if differ else "none")
                 )
             times = [
-                f"M={m}: {_ms(F.linear, x[:m], w, sync):.3f} vs {_ms(linear, x[:m], w, sync):.3f}"
+                f"M={m}: {_ms(F.linear, x[:m], w, sync):.3f} / {_ms(fast, x[:m], w, sync):.3f}"
+                f" / {_ms(exact, x[:m], w, sync):.3f}"
                 for m in args.time_rows
             ]
-            print(f"{'':9s} {'':17s} ms F.linear vs afdserve linear: " + "; ".join(times))
+            print(f"{'':9s} {'':17s} ms F.linear / fast / exact: " + "; ".join(times))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ compare log-probabilities, docs/architecture.md), as vLLM's default mode does.
 Weights are prepared once, after loading (`Kernels.prepare`): on a CPU with oneDNN (which
 torch bundles, and vLLM's CPU build uses), each is reordered into oneDNN's blocked layout, the
 form its GEMM reads fastest (measured on AMD EPYC, fp32, 2 threads: 80-118 GFLOP/s against
-MKL's 33-78 on the same shapes; benchmarks/bench_linear.py). Where the CPU has no native
+MKL's 33-78 on the same shapes; benchmarks/bench_kernels.py). Where the CPU has no native
 bfloat16/float16 GEMM (AVX2 without AVX512-BF16 or AMX), half-precision weights are prepared in
 float32 and the GEMM runs there, rounding its output to the activation dtype: the same
 products and float32 accumulation a native half-precision GEMM performs, several times faster
@@ -107,11 +107,19 @@ def _onednn_usable() -> bool:
         return False
 
 
+def compute_dtype(w: torch.Tensor) -> torch.dtype:
+    """What GEMMs on weight `w` compute in: its dtype, except half precision on a CPU without
+    a native GEMM for it (float32 there, see the module docstring)."""
+    if w.device.type != "cpu" or _native_half(w.dtype):
+        return w.dtype
+    return torch.float32
+
+
 def prepare_weight(w: torch.Tensor) -> PreparedWeight:
     """The fastest form of weight `w` [N, K] on its device (see the module docstring)."""
     if w.device.type != "cpu":
         return PreparedWeight(w, False, w.dtype)
-    compute = w.dtype if _native_half(w.dtype) else torch.float32
+    compute = compute_dtype(w)
     plain = w.to(compute).contiguous()
     if not _onednn_usable():
         return PreparedWeight(plain, False, compute)

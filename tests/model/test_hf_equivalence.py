@@ -85,6 +85,15 @@ def test_greedy_matches_hf(tiny_model_dir, arch):
     )
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3-moe"])
+def test_exact_mode_matches_hf(tiny_model_dir, arch):
+    d = tiny_model_dir(arch)
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    _assert_match(
+        d, _prompts(cfg.vocab_size), mode="afd", attention_workers=2, batch_invariant=True
+    )
+
+
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_afd_matches_hf(tiny_model_dir, arch):
     d = tiny_model_dir(arch)

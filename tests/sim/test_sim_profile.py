@@ -175,8 +175,9 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
         assert r["output_tokens"] == 4 * 6
         assert r["sim_steps"] == 6
         # a worker process may start stepping before the last of the 4 requests reaches it
-        # over the control plane, so its prefill can take one extra step
-        assert r["real_steps"] in (6, 7)
+        # over the control plane: each request that arrives after a step began prefills in a
+        # step of its own, so up to 3 extra steps (seen: 8 on a loaded 2-core machine)
+        assert 6 <= r["real_steps"] <= 9
         assert math.isfinite(r["step_ms_error"]) and r["real_step_ms"] > 0
 
 

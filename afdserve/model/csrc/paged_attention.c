@@ -40,7 +40,7 @@ runtime, loaded before this library); which thread runs an item does not change 
 
 #define KB 8       /* keys per score block (the vector lanes of the score loop) */
 #define QT 8       /* queries per work item */
-#define JB 64      /* keys per block converted to float32 at a time */
+#define PREFETCH 8 /* key groups the score pass asks for ahead of the one it computes */
 #define MAX_DH 512 /* largest head dim (checked by the caller) */
 
 typedef uint16_t u16;
@@ -163,11 +163,67 @@ static inline int64_t slot_of(const int64_t *table, int64_t j, int64_t g, int64_
     return ((g * NB + table[j / BS]) * BS + j % BS) * Dh;
 }
 
-/* Rows of keys or values j0 .. j0 + n - 1 of KV head g, as float32 rows [n, Dh]. */
-static void load_block(float *dst, const void *cache, const int64_t *table, int64_t j0, int64_t n,
-                       int64_t g, int64_t NB, int64_t BS, int64_t Dh, int kind) {
-    for (int64_t i = 0; i < n; i++)
-        load_row(dst + i * Dh, cache, slot_of(table, j0 + i, g, NB, BS, Dh), Dh, kind);
+/* Row pointers (float32) to keys or values j0 .. j0 + KB - 1 (at element offsets `offs`): into
+   the cache itself for float32, into `stage` ([KB, Dh]) converted otherwise; `zeros` past
+   jmax. */
+static inline void rows_of(const float **rows, float *stage, const float *zeros, const void *cache,
+                           const int64_t *offs, int64_t j0, int64_t jmax, int64_t Dh, int kind) {
+    for (int l = 0; l < KB; l++) {
+        const int64_t j = j0 + l;
+        if (j >= jmax) {
+            rows[l] = zeros;
+        } else if (kind == 0) {
+            rows[l] = (const float *)cache + offs[j];
+        } else {
+            load_row(stage + l * Dh, cache, offs[j], Dh, kind);
+            rows[l] = stage + l * Dh;
+        }
+    }
+}
+
+/* Ask for rows j0 .. j0 + KB - 1 to be on their way to the cache (the blocks of a sequence lie
+   anywhere in memory, so the hardware prefetcher cannot guess the next one). */
+static inline void prefetch_rows(const void *cache, const int64_t *offs, int64_t j0, int64_t jmax,
+                                 int64_t Dh, int kind) {
+    const int64_t elem = kind == 0 ? 4 : 2;
+    for (int64_t j = j0; j < j0 + KB && j < jmax; j++) {
+        const char *p = (const char *)cache + offs[j] * elem;
+        for (int64_t b = 0; b < Dh * elem; b += 64) __builtin_prefetch(p + b);
+    }
+}
+
+/* kt[d * KB + l] = rows[l][d]: eight 8x8 transposes per 64 features, in registers */
+static inline void transpose_rows(float *kt, const float **rows, int64_t Dh) {
+    int64_t d0 = 0;
+#if defined(__clang__) || __GNUC__ >= 12
+    for (; d0 + 8 <= Dh; d0 += 8) {
+        const v8f r0 = v8_load(rows[0] + d0), r1 = v8_load(rows[1] + d0);
+        const v8f r2 = v8_load(rows[2] + d0), r3 = v8_load(rows[3] + d0);
+        const v8f r4 = v8_load(rows[4] + d0), r5 = v8_load(rows[5] + d0);
+        const v8f r6 = v8_load(rows[6] + d0), r7 = v8_load(rows[7] + d0);
+#define LO(a, b) __builtin_shufflevector(a, b, 0, 8, 1, 9, 4, 12, 5, 13)
+#define HI(a, b) __builtin_shufflevector(a, b, 2, 10, 3, 11, 6, 14, 7, 15)
+#define LO2(a, b) __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13)
+#define HI2(a, b) __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15)
+#define LO4(a, b) __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11)
+#define HI4(a, b) __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15)
+        const v8f t0 = LO(r0, r1), t1 = HI(r0, r1), t2 = LO(r2, r3), t3 = HI(r2, r3);
+        const v8f t4 = LO(r4, r5), t5 = HI(r4, r5), t6 = LO(r6, r7), t7 = HI(r6, r7);
+        const v8f u0 = LO2(t0, t2), u1 = HI2(t0, t2), u2 = LO2(t1, t3), u3 = HI2(t1, t3);
+        const v8f u4 = LO2(t4, t6), u5 = HI2(t4, t6), u6 = LO2(t5, t7), u7 = HI2(t5, t7);
+        const v8f c[8] = {LO4(u0, u4), LO4(u1, u5), LO4(u2, u6), LO4(u3, u7),
+                          HI4(u0, u4), HI4(u1, u5), HI4(u2, u6), HI4(u3, u7)};
+#undef LO
+#undef HI
+#undef LO2
+#undef HI2
+#undef LO4
+#undef HI4
+        memcpy(kt + d0 * KB, c, sizeof c);
+    }
+#endif
+    for (; d0 < Dh; d0++)
+        for (int l = 0; l < KB; l++) kt[d0 * KB + l] = rows[l][d0];
 }
 
 /* scores[row, j0 + l] for the KB keys kt (transposed, [Dh, KB]) and rows row0 .. R - 1: a plain
@@ -201,13 +257,13 @@ static void score_block(float *scores, int64_t jpad, int64_t j0, const float *qf
     }
 }
 
-/* acc[row, :] += sum over the n keys of block vb ([n, Dh]), in key order, of p[row, j] * v_j:
-   rows four at a time, 16 features at a time, the accumulators kept in registers over the
-   block (stored and reloaded exactly between blocks, so the order is a plain loop over j). A
-   row's probabilities past its own position are 0 (see the softmax), so adding them changes
+/* acc[row, :] += sum over the KB keys j0.. (rows `vrows`), in key order, of p[row, j] * v_j:
+   rows four at a time, 8 features at a time, the accumulators in registers over the keys
+   (stored and reloaded exactly between groups, so the order is a plain loop over j). A row's
+   probabilities past its own position are 0 (see the softmax), so adding them changes
    nothing. */
-static void value_block(float *acc, const float *probs, int64_t jpad, int64_t j0, int64_t n,
-                        const float *vb, int64_t row0, int64_t R, int64_t Dh) {
+static void value_block(float *acc, const float *probs, int64_t jpad, int64_t j0,
+                        const float **vrows, int64_t row0, int64_t R, int64_t Dh) {
     int64_t row = row0;
     for (; row + 4 <= R; row += 4) {
         const float *p0 = probs + row * jpad + j0, *p1 = p0 + jpad, *p2 = p1 + jpad,
@@ -216,8 +272,8 @@ static void value_block(float *acc, const float *probs, int64_t jpad, int64_t j0
         for (; d + 8 <= Dh; d += 8) {
             float *c0 = acc + row * Dh + d, *c1 = c0 + Dh, *c2 = c1 + Dh, *c3 = c2 + Dh;
             v8f a0 = v8_load(c0), a1 = v8_load(c1), a2 = v8_load(c2), a3 = v8_load(c3);
-            for (int64_t j = 0; j < n; j++) {
-                const v8f v = v8_load(vb + j * Dh + d);
+            for (int j = 0; j < KB; j++) {
+                const v8f v = v8_load(vrows[j] + d);
                 a0 = v8_fma(v8_splat(p0[j]), v, a0);
                 a1 = v8_fma(v8_splat(p1[j]), v, a1);
                 a2 = v8_fma(v8_splat(p2[j]), v, a2);
@@ -228,78 +284,101 @@ static void value_block(float *acc, const float *probs, int64_t jpad, int64_t j0
         }
         for (; d < Dh; d++) /* Dh % 8 features, one at a time (same order) */
             for (int64_t r = 0; r < 4; r++)
-                for (int64_t j = 0; j < n; j++)
+                for (int j = 0; j < KB; j++)
                     acc[(row + r) * Dh + d] =
-                        fmaf(probs[(row + r) * jpad + j0 + j], vb[j * Dh + d], acc[(row + r) * Dh + d]);
+                        fmaf(probs[(row + r) * jpad + j0 + j], vrows[j][d], acc[(row + r) * Dh + d]);
     }
-    for (; row < R; row++)
-        for (int64_t j = 0; j < n; j++) {
-            const float p = probs[row * jpad + j0 + j];
-            for (int64_t d = 0; d < Dh; d++) acc[row * Dh + d] = fmaf(p, vb[j * Dh + d], acc[row * Dh + d]);
+    for (; row < R; row++) {
+        const float *pr = probs + row * jpad + j0;
+        int64_t d = 0;
+        for (; d + 32 <= Dh; d += 32) { /* 32 features in four registers */
+            float *c = acc + row * Dh + d;
+            v8f a0 = v8_load(c), a1 = v8_load(c + 8), a2 = v8_load(c + 16), a3 = v8_load(c + 24);
+            for (int j = 0; j < KB; j++) {
+                const v8f p = v8_splat(pr[j]);
+                a0 = v8_fma(p, v8_load(vrows[j] + d), a0);
+                a1 = v8_fma(p, v8_load(vrows[j] + d + 8), a1);
+                a2 = v8_fma(p, v8_load(vrows[j] + d + 16), a2);
+                a3 = v8_fma(p, v8_load(vrows[j] + d + 24), a3);
+            }
+            memcpy(c, &a0, sizeof a0), memcpy(c + 8, &a1, sizeof a1);
+            memcpy(c + 16, &a2, sizeof a2), memcpy(c + 24, &a3, sizeof a3);
         }
+        for (; d < Dh; d++)
+            for (int j = 0; j < KB; j++) acc[row * Dh + d] = fmaf(pr[j], vrows[j][d], acc[row * Dh + d]);
+    }
 }
 
 static void work_item(const void *q, const void *kc, const void *vc, const int64_t *table,
                       int64_t row0, int64_t q0, int64_t nq, int64_t start, int64_t g, int64_t H,
                       int64_t rep, int64_t Dh, int64_t NB, int64_t BS, float scale, void *out,
                       int kind, float *scratch) {
-    const int64_t R = nq * rep;            /* query rows of this item: (query, head in group) */
+    /* query rows of this item, (query, head in group), padded to a multiple of 4 with zero
+       rows so that every score and value loop runs four independent accumulator chains (the
+       padding rows' results are computed and dropped; no real row depends on them) */
+    const int64_t R = (nq * rep + 3) / 4 * 4;
     const int64_t jmax = start + q0 + nq;  /* keys 0 .. jmax - 1 are read by some row */
     const int64_t jpad = (jmax + KB - 1) / KB * KB;
     float *qf = scratch;                   /* [R, Dh] the queries, in float32 */
-    float *blk = qf + R * Dh;              /* [JB, Dh] a block of keys or values, float32 */
-    float *kt = blk + JB * Dh;             /* [Dh, KB] KB keys, transposed */
+    float *stage = qf + R * Dh;            /* [KB, Dh] converted rows (bfloat16, float16) */
+    float *zeros = stage + KB * Dh;        /* [Dh] the row past the last key */
+    float *kt = zeros + Dh;                /* [Dh, KB] KB keys, transposed */
     float *acc = kt + Dh * KB;             /* [R, Dh] value sums */
     float *sums = acc + R * Dh;            /* [R] softmax denominators */
     float *scores = sums + R;              /* [R, jpad] scores, then probabilities */
+    int64_t *offs = (int64_t *)(scores + R * jpad); /* [jmax] element offset of each position */
+    const float *rows[KB];
+    for (int64_t j = 0, jb = 0; j < jmax; jb++) /* one block-table lookup per block */
+        for (int64_t o = 0; o < BS && j < jmax; o++, j++)
+            offs[j] = ((g * NB + table[jb]) * BS + o) * Dh;
+    memset(zeros, 0, sizeof(float) * Dh);
+    memset(qf, 0, sizeof(float) * R * Dh);
     for (int64_t t = 0; t < nq; t++)
         for (int64_t r = 0; r < rep; r++) {
             const int64_t base = ((row0 + q0 + t) * H + g * rep + r) * Dh;
             load_row(qf + (t * rep + r) * Dh, q, base, Dh, kind);
         }
     /* pass 1, scores: score(row, j) = (sum over d in order of q[d] * k_j[d]) * scale, one fused
-       multiply-add per term; a block's KB lanes are KB independent keys */
-    for (int64_t b0 = 0; b0 < jmax; b0 += JB) {
-        const int64_t nb = jmax - b0 < JB ? jmax - b0 : JB;
-        load_block(blk, kc, table, b0, nb, g, NB, BS, Dh, kind);
-        for (int64_t j0 = b0; j0 < b0 + nb; j0 += KB) {
-            for (int64_t l = 0; l < KB; l++) {
-                const float *k = blk + (j0 - b0 + l) * Dh;
-                const int live = j0 + l < b0 + nb;
-                for (int64_t d = 0; d < Dh; d++) kt[d * KB + l] = live ? k[d] : 0.0f;
-            }
-            /* rows that see a key of this block: query t sees positions <= start + q0 + t */
-            const int64_t t_first = j0 - start - q0 > 0 ? j0 - start - q0 : 0;
-            score_block(scores, jpad, j0, qf, kt, t_first * rep, R, Dh, scale);
-        }
+       multiply-add per term; a group's KB lanes are KB independent keys */
+    for (int64_t j0 = 0; j0 < jmax; j0 += KB) {
+        /* keys PREFETCH groups ahead (the blocks of a sequence lie anywhere in memory) */
+        prefetch_rows(kc, offs, j0 + PREFETCH * KB, jmax, Dh, kind);
+        rows_of(rows, stage, zeros, kc, offs, j0, jmax, Dh, kind);
+        transpose_rows(kt, rows, Dh);
+        /* rows that see a key of this group: query t sees positions <= start + q0 + t */
+        const int64_t t_first = j0 - start - q0 > 0 ? j0 - start - q0 : 0;
+        score_block(scores, jpad, j0, qf, kt, t_first * rep / 4 * 4, R, Dh, scale);
     }
     /* softmax over the row's own positions 0 .. n - 1: the maximum (order-free), exp, and the
        sum in KB lanes by position (lane j % KB), added up in a fixed tree */
-    for (int64_t t = 0; t < nq; t++) {
-        const int64_t n = start + q0 + t + 1;
-        for (int64_t r = 0; r < rep; r++) {
-            float *s = scores + (t * rep + r) * jpad;
-            float m = s[0];
-            for (int64_t j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
-            /* positions n .. jpad - 1 are not this row's: -inf there makes their exp 0 */
-            for (int64_t j = n; j < jpad; j++) s[j] = -INFINITY;
-            v8f lane = v8_splat(0.0f);
-            for (int64_t j = 0; j < jpad; j += KB) {
-                const v8f e = v8_exp_nonpos(v8_load(s + j) - v8_splat(m));
-                memcpy(s + j, &e, sizeof e);
-                lane = lane + e;
-            }
-            sums[t * rep + r] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
-                                ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (int64_t row = 0; row < R; row++) {
+        float *s = scores + row * jpad;
+        if (row >= nq * rep) { /* a padding row: probabilities 0, never stored */
+            memset(s, 0, sizeof(float) * jpad);
+            sums[row] = 1.0f;
+            continue;
         }
+        const int64_t n = start + q0 + row / rep + 1;
+        float m = s[0];
+        for (int64_t j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
+        /* positions n .. jpad - 1 are not this row's: -inf there makes their exp 0 */
+        for (int64_t j = n; j < jpad; j++) s[j] = -INFINITY;
+        v8f lane = v8_splat(0.0f);
+        for (int64_t j = 0; j < jpad; j += KB) {
+            const v8f e = v8_exp_nonpos(v8_load(s + j) - v8_splat(m));
+            memcpy(s + j, &e, sizeof e);
+            lane = lane + e;
+        }
+        sums[row] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+                    ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     }
     /* pass 2, values: acc[d] = fma(p_j, v_j[d], acc[d]) over j in order, for each feature d */
     memset(acc, 0, sizeof(float) * R * Dh);
-    for (int64_t b0 = 0; b0 < jmax; b0 += JB) {
-        const int64_t nb = jmax - b0 < JB ? jmax - b0 : JB;
-        load_block(blk, vc, table, b0, nb, g, NB, BS, Dh, kind);
-        const int64_t t_first = b0 - start - q0 > 0 ? b0 - start - q0 : 0;
-        value_block(acc, scores, jpad, b0, nb, blk, t_first * rep, R, Dh);
+    for (int64_t j0 = 0; j0 < jmax; j0 += KB) {
+        prefetch_rows(vc, offs, j0 + PREFETCH * KB, jmax, Dh, kind);
+        rows_of(rows, stage, zeros, vc, offs, j0, jmax, Dh, kind);
+        const int64_t t_first = j0 - start - q0 > 0 ? j0 - start - q0 : 0;
+        value_block(acc, scores, jpad, j0, rows, t_first * rep / 4 * 4, R, Dh);
     }
     for (int64_t t = 0; t < nq; t++)
         for (int64_t r = 0; r < rep; r++) {
@@ -336,10 +415,10 @@ int afd_paged_attention(const void *q, const void *k_cache, const void *v_cache,
         const int64_t b = w / Hkv, g = w % Hkv;
         const int64_t s = items[2 * b], q0 = items[2 * b + 1];
         const int64_t nq = qlen[s] - q0 < QT ? qlen[s] - q0 : QT;
-        const int64_t R = nq * rep, jmax = start[s] + q0 + nq;
+        const int64_t R = (nq * rep + 3) / 4 * 4, jmax = start[s] + q0 + nq;
         const int64_t jpad = (jmax + KB - 1) / KB * KB;
-        float *scratch =
-            (float *)malloc(sizeof(float) * (2 * R * Dh + (JB + KB) * Dh + R + R * jpad));
+        float *scratch = (float *)malloc(sizeof(float) * (2 * R * Dh + (2 * KB + 1) * Dh + R + R * jpad) +
+                                         sizeof(int64_t) * jmax);
         if (!scratch) {
             failed = 1;
             continue;
