@@ -5,17 +5,18 @@ each layer (two extra passes over the cache, the largest memory traffic of a dec
 its matmuls round according to the padded shapes. Here every query row is computed from its own
 q vector and its own sequence's keys and values only, in an order fixed by nothing but its
 position:
-- score(j) = (sum over d = 0 .. Dh-1, in order, of q[d] * k_j[d], each term one fused
-  multiply-add) * scale;
+- score(j) = (dot product of q and k_j in 8 lanes: lane i sums q[d] * k_j[d] over d = i, i + 8,
+  i + 16, ... in order, each term one fused multiply-add; the 8 lanes added in a fixed tree)
+  * scale;
 - softmax over positions 0 .. p: the maximum, a fixed polynomial exp (no libm), and the sum in
   KB lanes by position (lane j % KB) added in a fixed tree;
 - out[d] = (sum over j = 0 .. p, in order, of p_j * v_j[d], fused multiply-adds) / sum.
 So a row's result is independent of the other rows of the batch, of whether it is computed in a
 prefill chunk (of any length) or a decode step, of the thread count and of the CPU: fmaf() is
 correctly rounded everywhere (one instruction on AVX2, AVX-512 and NEON), the build forbids any
-other contraction or reassociation (native.py), and the vector lanes (KB keys in the score
-loop, Dh features in the value loop) are independent, so SIMD code computes exactly what scalar
-code would.
+other contraction or reassociation (native.py), and the vector lanes (the 8 partial sums of a
+score, Dh features in the value loop) are independent, so SIMD code computes exactly what
+scalar code would.
 
 Layout (model/attention.py): q, out [T, H, Dh]; k_cache, v_cache [Hkv, NB, BS, Dh] (head-major),
 block_tables [S, MB] int64, per sequence s its first row in q (row0), query count (qlen) and the
@@ -192,138 +193,113 @@ static inline void prefetch_rows(const void *cache, const int64_t *offs, int64_t
     }
 }
 
-/* kt[d * KB + l] = rows[l][d]: eight 8x8 transposes per 64 features, in registers */
-static inline void transpose_rows(float *kt, const float **rows, int64_t Dh) {
-    int64_t d0 = 0;
+/* The fixed tree every lane sum uses: ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)). sum8(a)
+   returns it for each of the eight vectors a[l], as lane l of one vector (pairwise even/odd
+   shuffles: 14 shuffles and 7 adds for 8 sums, no horizontal add of one vector at a time). */
+static inline v8f sum8(const v8f *a) {
 #if defined(__clang__) || __GNUC__ >= 12
-    for (; d0 + 8 <= Dh; d0 += 8) {
-        const v8f r0 = v8_load(rows[0] + d0), r1 = v8_load(rows[1] + d0);
-        const v8f r2 = v8_load(rows[2] + d0), r3 = v8_load(rows[3] + d0);
-        const v8f r4 = v8_load(rows[4] + d0), r5 = v8_load(rows[5] + d0);
-        const v8f r6 = v8_load(rows[6] + d0), r7 = v8_load(rows[7] + d0);
-#define LO(a, b) __builtin_shufflevector(a, b, 0, 8, 1, 9, 4, 12, 5, 13)
-#define HI(a, b) __builtin_shufflevector(a, b, 2, 10, 3, 11, 6, 14, 7, 15)
-#define LO2(a, b) __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13)
-#define HI2(a, b) __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15)
-#define LO4(a, b) __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11)
-#define HI4(a, b) __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15)
-        const v8f t0 = LO(r0, r1), t1 = HI(r0, r1), t2 = LO(r2, r3), t3 = HI(r2, r3);
-        const v8f t4 = LO(r4, r5), t5 = HI(r4, r5), t6 = LO(r6, r7), t7 = HI(r6, r7);
-        const v8f u0 = LO2(t0, t2), u1 = HI2(t0, t2), u2 = LO2(t1, t3), u3 = HI2(t1, t3);
-        const v8f u4 = LO2(t4, t6), u5 = HI2(t4, t6), u6 = LO2(t5, t7), u7 = HI2(t5, t7);
-        const v8f c[8] = {LO4(u0, u4), LO4(u1, u5), LO4(u2, u6), LO4(u3, u7),
-                          HI4(u0, u4), HI4(u1, u5), HI4(u2, u6), HI4(u3, u7)};
-#undef LO
-#undef HI
-#undef LO2
-#undef HI2
-#undef LO4
-#undef HI4
-        memcpy(kt + d0 * KB, c, sizeof c);
-    }
+#define EV(x, y) __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14)
+#define OD(x, y) __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15)
+    /* b01 = (a0_01, a0_23, a1_01, a1_23 | a0_45, a0_67, a1_45, a1_67), xi_jk = xi_j + xi_k */
+    const v8f b01 = EV(a[0], a[1]) + OD(a[0], a[1]), b23 = EV(a[2], a[3]) + OD(a[2], a[3]);
+    const v8f b45 = EV(a[4], a[5]) + OD(a[4], a[5]), b67 = EV(a[6], a[7]) + OD(a[6], a[7]);
+    /* c0 = (a0_0123, a1_0123, a2_0123, a3_0123 | a0_4567, ..., a3_4567) */
+    const v8f c0 = EV(b01, b23) + OD(b01, b23), c1 = EV(b45, b67) + OD(b45, b67);
+#undef EV
+#undef OD
+    return __builtin_shufflevector(c0, c1, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(c0, c1, 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+    v8f r;
+    for (int l = 0; l < 8; l++)
+        r[l] = ((a[l][0] + a[l][1]) + (a[l][2] + a[l][3])) + ((a[l][4] + a[l][5]) + (a[l][6] + a[l][7]));
+    return r;
 #endif
-    for (; d0 < Dh; d0++)
-        for (int l = 0; l < KB; l++) kt[d0 * KB + l] = rows[l][d0];
 }
 
-/* scores[row, j0 + l] for the KB keys kt (transposed, [Dh, KB]) and rows row0 .. R - 1: a plain
-   loop over d per row, four rows at a time so that four accumulator chains run in parallel */
-static void score_block(float *scores, int64_t jpad, int64_t j0, const float *qf, const float *kt,
-                        int64_t row0, int64_t R, int64_t Dh, float scale) {
+/* scores[row, j0 + l] for the KB keys `rows` and query rows row0 .. R - 1. A score is a dot
+   product in 8 lanes: lane i sums q[d] * k[d] over d = i, i + 8, i + 16, ... in order, one fused
+   multiply-add per term, and the lanes are added in sum8's tree; times scale. The KB keys' 8
+   accumulators are 8 independent chains; the keys stay in L1 across the rows. */
+static void score_block(float *scores, int64_t jpad, int64_t j0, const float *qf,
+                        const float **rows, int64_t row0, int64_t R, int64_t Dh, float scale) {
     const v8f sc = v8_splat(scale);
-    int64_t row = row0;
-    for (; row + 4 <= R; row += 4) {
-        const float *q0 = qf + row * Dh, *q1 = q0 + Dh, *q2 = q1 + Dh, *q3 = q2 + Dh;
-        v8f a0 = v8_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t d = 0; d < Dh; d++) {
-            const v8f k = v8_load(kt + d * KB);
-            a0 = v8_fma(v8_splat(q0[d]), k, a0);
-            a1 = v8_fma(v8_splat(q1[d]), k, a1);
-            a2 = v8_fma(v8_splat(q2[d]), k, a2);
-            a3 = v8_fma(v8_splat(q3[d]), k, a3);
-        }
-        a0 = a0 * sc, a1 = a1 * sc, a2 = a2 * sc, a3 = a3 * sc;
-        memcpy(scores + (row + 0) * jpad + j0, &a0, sizeof a0);
-        memcpy(scores + (row + 1) * jpad + j0, &a1, sizeof a1);
-        memcpy(scores + (row + 2) * jpad + j0, &a2, sizeof a2);
-        memcpy(scores + (row + 3) * jpad + j0, &a3, sizeof a3);
-    }
-    for (; row < R; row++) {
+    const int64_t dv = Dh / 8 * 8;
+    for (int64_t row = row0; row < R; row++) {
         const float *qr = qf + row * Dh;
-        v8f a = v8_splat(0.0f);
-        for (int64_t d = 0; d < Dh; d++) a = v8_fma(v8_splat(qr[d]), v8_load(kt + d * KB), a);
-        a = a * sc;
-        memcpy(scores + row * jpad + j0, &a, sizeof a);
+        v8f a[KB];
+        for (int l = 0; l < KB; l++) a[l] = v8_splat(0.0f);
+        for (int64_t d = 0; d < dv; d += 8) {
+            const v8f qv = v8_load(qr + d);
+            for (int l = 0; l < KB; l++) a[l] = v8_fma(qv, v8_load(rows[l] + d), a[l]);
+        }
+        for (int64_t d = dv; d < Dh; d++) /* Dh % 8 features: lane d % 8, same order */
+            for (int l = 0; l < KB; l++) a[l][d - dv] = fmaf(qr[d], rows[l][d], a[l][d - dv]);
+        const v8f s = sum8(a) * sc;
+        memcpy(scores + row * jpad + j0, &s, sizeof s);
     }
 }
 
-/* acc[row, :] += sum over the KB keys j0.. (rows `vrows`), in key order, of p[row, j] * v_j:
-   rows four at a time, 8 features at a time, the accumulators in registers over the keys
-   (stored and reloaded exactly between groups, so the order is a plain loop over j). A row's
-   probabilities past its own position are 0 (see the softmax), so adding them changes
-   nothing. */
+/* acc[row + r, d .. d + 8 * NV) += sum over the KB keys j0.. (rows `vrows`), in key order, of
+   p[row + r, j] * v_j, for NR rows: NR * NV accumulators in registers over the group (stored
+   and reloaded exactly between groups, so the order is a plain loop over j). Called with
+   constants, so that the loops unroll and the arrays live in registers. */
+static inline __attribute__((always_inline)) void value_tile(float *acc, const float *probs,
+                                                             int64_t jpad, int64_t j0,
+                                                             const float **vrows, int64_t row,
+                                                             int64_t d, int64_t Dh, const int NR,
+                                                             const int NV) {
+    v8f a[3][4];
+    for (int r = 0; r < NR; r++)
+        for (int v = 0; v < NV; v++) a[r][v] = v8_load(acc + (row + r) * Dh + d + 8 * v);
+    for (int j = 0; j < KB; j++) {
+        const float *vr = vrows[j] + d;
+        for (int r = 0; r < NR; r++) {
+            const v8f p = v8_splat(probs[(row + r) * jpad + j0 + j]);
+            for (int v = 0; v < NV; v++) a[r][v] = v8_fma(p, v8_load(vr + 8 * v), a[r][v]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int v = 0; v < NV; v++) memcpy(acc + (row + r) * Dh + d + 8 * v, &a[r][v], sizeof(v8f));
+}
+
+/* value_tile over features d .. Dh - 1 for NR rows: 32 features at a time, then 8, then one */
+static inline __attribute__((always_inline)) void value_rows(float *acc, const float *probs,
+                                                             int64_t jpad, int64_t j0,
+                                                             const float **vrows, int64_t row,
+                                                             int64_t Dh, const int NR) {
+    int64_t d = 0;
+    for (; d + 32 <= Dh; d += 32) value_tile(acc, probs, jpad, j0, vrows, row, d, Dh, NR, 4);
+    for (; d + 8 <= Dh; d += 8) value_tile(acc, probs, jpad, j0, vrows, row, d, Dh, NR, 1);
+    for (; d < Dh; d++) /* Dh % 8 features, one at a time (same order) */
+        for (int r = 0; r < NR; r++)
+            for (int j = 0; j < KB; j++)
+                acc[(row + r) * Dh + d] =
+                    fmaf(probs[(row + r) * jpad + j0 + j], vrows[j][d], acc[(row + r) * Dh + d]);
+}
+
+/* acc[row, :] += sum over the KB keys j0.., in key order, of p[row, j] * v_j, rows row0 .. R - 1
+   three at a time. A row's probabilities past its own position are 0 (see the softmax), so
+   adding them changes nothing. */
 static void value_block(float *acc, const float *probs, int64_t jpad, int64_t j0,
                         const float **vrows, int64_t row0, int64_t R, int64_t Dh) {
     int64_t row = row0;
-    for (; row + 4 <= R; row += 4) {
-        const float *p0 = probs + row * jpad + j0, *p1 = p0 + jpad, *p2 = p1 + jpad,
-                    *p3 = p2 + jpad;
-        int64_t d = 0;
-        for (; d + 8 <= Dh; d += 8) {
-            float *c0 = acc + row * Dh + d, *c1 = c0 + Dh, *c2 = c1 + Dh, *c3 = c2 + Dh;
-            v8f a0 = v8_load(c0), a1 = v8_load(c1), a2 = v8_load(c2), a3 = v8_load(c3);
-            for (int j = 0; j < KB; j++) {
-                const v8f v = v8_load(vrows[j] + d);
-                a0 = v8_fma(v8_splat(p0[j]), v, a0);
-                a1 = v8_fma(v8_splat(p1[j]), v, a1);
-                a2 = v8_fma(v8_splat(p2[j]), v, a2);
-                a3 = v8_fma(v8_splat(p3[j]), v, a3);
-            }
-            memcpy(c0, &a0, sizeof a0), memcpy(c1, &a1, sizeof a1);
-            memcpy(c2, &a2, sizeof a2), memcpy(c3, &a3, sizeof a3);
-        }
-        for (; d < Dh; d++) /* Dh % 8 features, one at a time (same order) */
-            for (int64_t r = 0; r < 4; r++)
-                for (int j = 0; j < KB; j++)
-                    acc[(row + r) * Dh + d] =
-                        fmaf(probs[(row + r) * jpad + j0 + j], vrows[j][d], acc[(row + r) * Dh + d]);
-    }
-    for (; row < R; row++) {
-        const float *pr = probs + row * jpad + j0;
-        int64_t d = 0;
-        for (; d + 32 <= Dh; d += 32) { /* 32 features in four registers */
-            float *c = acc + row * Dh + d;
-            v8f a0 = v8_load(c), a1 = v8_load(c + 8), a2 = v8_load(c + 16), a3 = v8_load(c + 24);
-            for (int j = 0; j < KB; j++) {
-                const v8f p = v8_splat(pr[j]);
-                a0 = v8_fma(p, v8_load(vrows[j] + d), a0);
-                a1 = v8_fma(p, v8_load(vrows[j] + d + 8), a1);
-                a2 = v8_fma(p, v8_load(vrows[j] + d + 16), a2);
-                a3 = v8_fma(p, v8_load(vrows[j] + d + 24), a3);
-            }
-            memcpy(c, &a0, sizeof a0), memcpy(c + 8, &a1, sizeof a1);
-            memcpy(c + 16, &a2, sizeof a2), memcpy(c + 24, &a3, sizeof a3);
-        }
-        for (; d < Dh; d++)
-            for (int j = 0; j < KB; j++) acc[row * Dh + d] = fmaf(pr[j], vrows[j][d], acc[row * Dh + d]);
-    }
+    for (; row + 3 <= R; row += 3) value_rows(acc, probs, jpad, j0, vrows, row, Dh, 3);
+    if (R - row == 2) value_rows(acc, probs, jpad, j0, vrows, row, Dh, 2);
+    if (R - row == 1) value_rows(acc, probs, jpad, j0, vrows, row, Dh, 1);
 }
 
 static void work_item(const void *q, const void *kc, const void *vc, const int64_t *table,
                       int64_t row0, int64_t q0, int64_t nq, int64_t start, int64_t g, int64_t H,
                       int64_t rep, int64_t Dh, int64_t NB, int64_t BS, float scale, void *out,
                       int kind, float *scratch) {
-    /* query rows of this item, (query, head in group), padded to a multiple of 4 with zero
-       rows so that every score and value loop runs four independent accumulator chains (the
-       padding rows' results are computed and dropped; no real row depends on them) */
-    const int64_t R = (nq * rep + 3) / 4 * 4;
+    const int64_t R = nq * rep; /* query rows of this item: (query, head in group) */
     const int64_t jmax = start + q0 + nq;  /* keys 0 .. jmax - 1 are read by some row */
     const int64_t jpad = (jmax + KB - 1) / KB * KB;
     float *qf = scratch;                   /* [R, Dh] the queries, in float32 */
     float *stage = qf + R * Dh;            /* [KB, Dh] converted rows (bfloat16, float16) */
     float *zeros = stage + KB * Dh;        /* [Dh] the row past the last key */
-    float *kt = zeros + Dh;                /* [Dh, KB] KB keys, transposed */
-    float *acc = kt + Dh * KB;             /* [R, Dh] value sums */
+    float *acc = zeros + Dh;               /* [R, Dh] value sums */
     float *sums = acc + R * Dh;            /* [R] softmax denominators */
     float *scores = sums + R;              /* [R, jpad] scores, then probabilities */
     int64_t *offs = (int64_t *)(scores + R * jpad); /* [jmax] element offset of each position */
@@ -332,32 +308,24 @@ static void work_item(const void *q, const void *kc, const void *vc, const int64
         for (int64_t o = 0; o < BS && j < jmax; o++, j++)
             offs[j] = ((g * NB + table[jb]) * BS + o) * Dh;
     memset(zeros, 0, sizeof(float) * Dh);
-    memset(qf, 0, sizeof(float) * R * Dh);
     for (int64_t t = 0; t < nq; t++)
         for (int64_t r = 0; r < rep; r++) {
             const int64_t base = ((row0 + q0 + t) * H + g * rep + r) * Dh;
             load_row(qf + (t * rep + r) * Dh, q, base, Dh, kind);
         }
-    /* pass 1, scores: score(row, j) = (sum over d in order of q[d] * k_j[d]) * scale, one fused
-       multiply-add per term; a group's KB lanes are KB independent keys */
+    /* pass 1, scores: the 8-lane dot products of score_block, KB keys at a time */
     for (int64_t j0 = 0; j0 < jmax; j0 += KB) {
         /* keys PREFETCH groups ahead (the blocks of a sequence lie anywhere in memory) */
         prefetch_rows(kc, offs, j0 + PREFETCH * KB, jmax, Dh, kind);
         rows_of(rows, stage, zeros, kc, offs, j0, jmax, Dh, kind);
-        transpose_rows(kt, rows, Dh);
         /* rows that see a key of this group: query t sees positions <= start + q0 + t */
         const int64_t t_first = j0 - start - q0 > 0 ? j0 - start - q0 : 0;
-        score_block(scores, jpad, j0, qf, kt, t_first * rep / 4 * 4, R, Dh, scale);
+        score_block(scores, jpad, j0, qf, rows, t_first * rep, R, Dh, scale);
     }
     /* softmax over the row's own positions 0 .. n - 1: the maximum (order-free), exp, and the
        sum in KB lanes by position (lane j % KB), added up in a fixed tree */
     for (int64_t row = 0; row < R; row++) {
         float *s = scores + row * jpad;
-        if (row >= nq * rep) { /* a padding row: probabilities 0, never stored */
-            memset(s, 0, sizeof(float) * jpad);
-            sums[row] = 1.0f;
-            continue;
-        }
         const int64_t n = start + q0 + row / rep + 1;
         float m = s[0];
         for (int64_t j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
@@ -378,7 +346,7 @@ static void work_item(const void *q, const void *kc, const void *vc, const int64
         prefetch_rows(vc, offs, j0 + PREFETCH * KB, jmax, Dh, kind);
         rows_of(rows, stage, zeros, vc, offs, j0, jmax, Dh, kind);
         const int64_t t_first = j0 - start - q0 > 0 ? j0 - start - q0 : 0;
-        value_block(acc, scores, jpad, j0, rows, t_first * rep / 4 * 4, R, Dh);
+        value_block(acc, scores, jpad, j0, rows, t_first * rep, R, Dh);
     }
     for (int64_t t = 0; t < nq; t++)
         for (int64_t r = 0; r < rep; r++) {
@@ -415,9 +383,9 @@ int afd_paged_attention(const void *q, const void *k_cache, const void *v_cache,
         const int64_t b = w / Hkv, g = w % Hkv;
         const int64_t s = items[2 * b], q0 = items[2 * b + 1];
         const int64_t nq = qlen[s] - q0 < QT ? qlen[s] - q0 : QT;
-        const int64_t R = (nq * rep + 3) / 4 * 4, jmax = start[s] + q0 + nq;
+        const int64_t R = nq * rep, jmax = start[s] + q0 + nq;
         const int64_t jpad = (jmax + KB - 1) / KB * KB;
-        float *scratch = (float *)malloc(sizeof(float) * (2 * R * Dh + (2 * KB + 1) * Dh + R + R * jpad) +
+        float *scratch = (float *)malloc(sizeof(float) * (2 * R * Dh + (KB + 1) * Dh + R + R * jpad) +
                                          sizeof(int64_t) * jmax);
         if (!scratch) {
             failed = 1;
