@@ -42,7 +42,7 @@ class LLM:
     """An in-process engine plus tokenizer. Options are EngineConfig's fields."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
-        from afdserve.launch.local import build_engine
+        from afdserve.launch.start import start_engine
         from afdserve.model.tokenizer import Tokenizer
 
         if model is not None:
@@ -51,14 +51,7 @@ class LLM:
         if unknown:
             raise UserInputError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
         self.config = EngineConfig(**options)
-        if self.config.transport == "local":
-            self.engine, model = build_engine(self.config)
-            path = model.path
-        else:  # one process per worker, joined by the chosen transport
-            from afdserve.launch.multiproc import MultiProcessEngine
-
-            self.engine = MultiProcessEngine(self.config)
-            path = self.engine.model_path
+        self.engine, path = start_engine(self.config)  # in-process, or a process per worker
         self.tokenizer = Tokenizer(path)
         self._counter = 0
         self.last_stats: dict[str, float] = {}

@@ -1,50 +1,35 @@
-"""The control plane between the front (LLM or server) and worker processes: ZeroMQ PUSH/PULL
-sockets carrying small JSON objects (requests in, token events and status out).
+"""The control plane's sockets: ZeroMQ PUSH/PULL between the front (LLM or server) and worker
+processes, carrying the typed messages of `messages.py` (requests in, token events and status
+out).
 
-Hidden states never travel here (they use the data transports and the binary wire protocol);
-these messages are few per step, so JSON keeps them readable and easy to validate. Every
-receive takes a timeout, and a malformed message is logged and dropped, never fatal.
+Every receive takes a timeout and every send a deadline; a malformed frame comes back as a
+`Malformed` (logged), never as an exception, so a worker that receives garbage keeps serving.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from typing import Any
 
 import zmq
 
-log = logging.getLogger(__name__)
+from afdserve.launch.messages import Codec, FrontMessage, HandshakeMessage, WorkerMessage
 
-OPS = frozenset(
-    {"hello", "ready", "add", "abort", "shutdown", "events", "error", "heartbeat", "refuse", "ping"}
-)
 PING_S = 1.0
 """The front pings every worker's control socket this often, so a worker can tell that the
 front is gone (`afdserve worker --front-timeout-s`)."""
 
-
-def encode(op: str, **fields: Any) -> bytes:
-    return json.dumps({"op": op, **fields}, separators=(",", ":")).encode()
-
-
-def decode(frame: bytes) -> dict[str, Any] | None:
-    """The message, or None (logged) when the frame is not a JSON object with a known op."""
-    try:
-        msg = json.loads(frame)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        log.warning("control: dropping a frame that is not JSON (%d bytes)", len(frame))
-        return None
-    if not isinstance(msg, dict) or msg.get("op") not in OPS:
-        log.warning("control: dropping a message with no known op: %.200r", msg)
-        return None
-    return msg
+TO_WORKER = Codec(FrontMessage)
+"""What a worker decodes (requests, aborts, pings, shutdown)."""
+TO_FRONT = Codec(WorkerMessage)
+"""What the front decodes (ready, step outputs, heartbeats, errors)."""
+HANDSHAKE = Codec(HandshakeMessage)
 
 
-def recv_all(sock: zmq.Socket, timeout_s: float) -> list[dict[str, Any]]:
-    """Wait up to `timeout_s` for a first message, then take every message already queued."""
-    out: list[dict[str, Any]] = []
+def recv_all(sock: zmq.Socket, timeout_s: float, codec: Codec) -> list[Any]:
+    """Wait up to `timeout_s` for a first frame, then take every frame already queued; each
+    decoded by `codec` (a message, or a `Malformed`)."""
+    out: list[Any] = []
     if not sock.poll(max(0, int(timeout_s * 1000))):
         return out
     while True:
@@ -52,15 +37,13 @@ def recv_all(sock: zmq.Socket, timeout_s: float) -> list[dict[str, Any]]:
             frame = sock.recv(zmq.NOBLOCK)
         except zmq.Again:
             return out
-        msg = decode(frame)
-        if msg is not None:
-            out.append(msg)
+        out.append(codec.decode(frame))
 
 
-def send(sock: zmq.Socket, op: str, timeout_s: float = 5.0, **fields: Any) -> None:
+def send(sock: zmq.Socket, msg: Any, timeout_s: float = 5.0) -> None:
     """Send one message, waiting at most `timeout_s` for the peer to take it."""
     deadline = time.monotonic() + timeout_s
-    frame = encode(op, **fields)
+    frame = TO_FRONT.encode(msg)  # any codec encodes any message
     while True:
         try:
             sock.send(frame, zmq.NOBLOCK)
@@ -68,6 +51,6 @@ def send(sock: zmq.Socket, op: str, timeout_s: float = 5.0, **fields: Any) -> No
         except zmq.Again:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"control: peer did not take a {op!r} message within {timeout_s}s"
+                    f"control: peer did not take a {type(msg).__name__} message within {timeout_s}s"
                 ) from None
             time.sleep(0.001)

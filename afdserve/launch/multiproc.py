@@ -46,6 +46,19 @@ from afdserve.afd.stats import AFDStatsSnapshot, EngineState, WorkerState
 from afdserve.config import EngineConfig
 from afdserve.errors import AfdserveError, UserInputError
 from afdserve.launch import control
+from afdserve.launch.messages import (
+    SCHEMA_VERSION,
+    Abort,
+    AddRequest,
+    AttentionStatus,
+    Failed,
+    Fingerprint,
+    Heartbeat,
+    Ping,
+    Ready,
+    Shutdown,
+    StepOutputs,
+)
 from afdserve.transport.options import free_port
 from afdserve.types import FinishReason, SamplingParams, TokenEvent
 
@@ -104,29 +117,19 @@ class _RemoteWorker:
         taken = int(self.counters.get("requests_added", 0)) + self.adds_failed
         return max(0, self.adds_sent - taken)
 
-    def take_status(self, m: dict) -> None:
-        """Apply the status fields of an events message or heartbeat (ValueError: malformed)."""
-        ints = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
-        values = {k: m.get(k) for k in ints}
-        if not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values.values()
-        ):
-            raise ValueError(f"bad status counts {values}")
-        counters = m.get("counters")
-        if not isinstance(counters, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in counters.values()
-        ):
-            raise ValueError(f"bad scheduler counters {counters!r}")
-        afd = AFDStatsSnapshot.from_dict(m["afd"]) if "afd" in m else None
-        kv = m.get("kv_usage")
-        if isinstance(kv, bool) or not isinstance(kv, int | float):
-            raise ValueError(f"bad kv_usage {kv!r}")
-        for k, v in values.items():
-            setattr(self, k, v)
-        self.kv_usage = float(kv)
-        self.counters = counters
-        if afd is not None:
-            self.afd = afd
+    def take_status(self, status: AttentionStatus, afd: dict | None) -> None:
+        """Apply a step's or heartbeat's status (the codec checked its types); ValueError when
+        a count is negative or the AFD stats are malformed."""
+        counts = (status.num_running, status.num_waiting, status.kv_blocks_used)
+        if min(*counts, status.kv_blocks_total) < 0:
+            raise ValueError(f"negative status counts {status}")
+        snapshot = AFDStatsSnapshot.from_dict(afd) if afd is not None else None
+        self.num_running, self.num_waiting, self.kv_blocks_used = counts
+        self.kv_blocks_total = status.kv_blocks_total
+        self.kv_usage = status.kv_usage
+        self.counters = dataclasses.asdict(status.counters)
+        if snapshot is not None:
+            self.afd = snapshot
 
 
 class MultiProcessEngine:
@@ -189,7 +192,7 @@ class MultiProcessEngine:
                 return
             for ctrl in self._controls:
                 try:
-                    control.send(ctrl, "ping", timeout_s=0.0)
+                    control.send(ctrl, Ping(), timeout_s=0.0)
                 except (TimeoutError, zmq.ZMQError):
                     pass  # a dead or busy worker: its queue is full; nothing to do here
 
@@ -275,25 +278,29 @@ class MultiProcessEngine:
                 missing = sorted(set(range(r + 1)) - ready)
                 where = f"logs: {self._logdir}" if self._procs else f"front {self.cfg.front}"
                 raise WorkerError(f"workers {missing} not ready within {timeout_s:.0f}s ({where})")
-            for m in control.recv_all(self._events, 0.1):
-                if m["op"] == "error":
-                    raise WorkerError(f"worker {m.get('rank')} failed to start: {m.get('message')}")
-                if m["op"] != "ready":
+            for m in control.recv_all(self._events, 0.1, control.TO_FRONT):
+                if isinstance(m, Failed):
+                    raise WorkerError(f"worker {m.rank} failed to start: {m.message}")
+                if not isinstance(m, Ready):
                     continue
-                rank, role = m.get("rank"), m.get("role")
-                if role != ("ffn" if rank == r else "attention") or not isinstance(rank, int):
+                if m.role != ("ffn" if m.rank == r else "attention"):
                     raise WorkerError(
-                        f"a {role} worker reported ready as rank {rank!r}, but this front runs "
-                        f"attention ranks 0..{r - 1} and the FFN worker as rank {r}"
+                        f"a {m.role} worker reported ready as rank {m.rank!r}, but this front "
+                        f"runs attention ranks 0..{r - 1} and the FFN worker as rank {r}"
                     )
-                self._check_fingerprint(rank, m.get("fingerprint"))
-                ready.add(rank)
-                if role == "attention":
-                    self.max_model_len = int(m["max_model_len"])
+                if m.schema != SCHEMA_VERSION:
+                    raise WorkerError(
+                        f"worker rank {m.rank} speaks control schema {m.schema}, this front "
+                        f"{SCHEMA_VERSION}: run one afdserve version for the front and workers"
+                    )
+                self._check_fingerprint(m.rank, m.fingerprint)
+                ready.add(m.rank)
+                if m.role == "attention":
+                    self.max_model_len = m.max_model_len
         for w in self.workers:  # silence counts from here, not from the spawn
             w.last_heard = time.monotonic()
 
-    def _check_fingerprint(self, rank: int, theirs: object) -> None:
+    def _check_fingerprint(self, rank: int, theirs: Fingerprint) -> None:
         """A worker must serve the model the front tokenizes for (workers started by hand may
         have been given another one); the workers check each other in their handshake."""
         mine = self.model_config
@@ -306,8 +313,7 @@ class MultiProcessEngine:
         }
         if self.cfg.dtype != "auto":
             want["dtype"] = self.cfg.dtype
-        got = theirs if isinstance(theirs, dict) else {}
-        diff = {k: (v, got.get(k)) for k, v in want.items() if got.get(k) != v}
+        diff = {k: (v, getattr(theirs, k)) for k, v in want.items() if getattr(theirs, k) != v}
         if diff:
             what = ", ".join(f"{k} {b!r} (front: {a!r})" for k, (a, b) in diff.items())
             raise WorkerError(f"worker rank {rank} serves a different model: {what}")
@@ -367,15 +373,8 @@ class MultiProcessEngine:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             k = self.router.choose()
             try:
-                control.send(
-                    self._controls[k],
-                    "add",
-                    timeout_s=ADD_TIMEOUT_S,
-                    id=request_id,
-                    prompt=ids,
-                    params=dataclasses.asdict(params),
-                    seed=seed,
-                )
+                add = AddRequest(request_id, tuple(ids), params, seed)
+                control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
             except (TimeoutError, zmq.ZMQError) as exc:
                 self.router.routed[k] -= 1
                 raise WorkerError(f"attention worker {k} does not take requests: {exc}") from None
@@ -395,7 +394,7 @@ class MultiProcessEngine:
             if self._closed or (self._procs and self._procs[k].poll() is not None):
                 return True  # nobody left to tell
             try:
-                control.send(self._controls[k], "abort", timeout_s=ABORT_TIMEOUT_S, id=request_id)
+                control.send(self._controls[k], Abort(request_id), timeout_s=ABORT_TIMEOUT_S)
             except (TimeoutError, zmq.ZMQError) as exc:
                 log.warning("abort of %s not delivered to worker %d: %s", request_id, k, exc)
             return True
@@ -426,61 +425,55 @@ class MultiProcessEngine:
                 self._pending.extend(self._handle(m))
             self._check_heard()
 
-    def _receive(self, timeout_s: float) -> list[dict]:
+    def _receive(self, timeout_s: float) -> list:
         with self._recv_lock:
             if self._closed:
                 return []
-            return control.recv_all(self._events, timeout_s)
+            return control.recv_all(self._events, timeout_s, control.TO_FRONT)
 
-    def _handle(self, m: dict) -> list[TokenEvent]:
+    def _handle(self, m: object) -> list[TokenEvent]:
         """Apply one worker message (under the lock); the token events it carries."""
-        op, rank = m["op"], m.get("rank")
-        if op == "error":
-            if m.get("fatal"):
-                self._failure = f"{m.get('role')} worker {rank}: {m.get('message')}"
+        if isinstance(m, Failed):
+            if m.fatal:
+                self._failure = f"{m.role} worker {m.rank}: {m.message}"
                 raise WorkerError(self._failure)
-            rid = m.get("request_id")
-            if isinstance(rank, int) and 0 <= rank < len(self.workers):
-                self.workers[rank].adds_failed += 1  # only a refused add names a request id
+            rid = m.request_id
+            if 0 <= m.rank < len(self.workers) and rid is not None:
+                self.workers[m.rank].adds_failed += 1  # only a refused add names a request id
             if rid in self._owner:
-                log.warning("request %s failed on worker %s: %s", rid, rank, m.get("message"))
+                log.warning("request %s failed on worker %s: %s", rid, m.rank, m.message)
                 self.workers[self._owner.pop(rid)].outstanding.pop(rid, None)
                 return [TokenEvent(rid, -1, True, FinishReason.ABORT)]
             return []
-        if op not in ("events", "heartbeat"):
-            return []
-        if m.get("role") == "ffn":
+        if not isinstance(m, StepOutputs | Heartbeat):
+            return []  # a Malformed (logged by the codec) or a late Ready
+        if isinstance(m, Heartbeat) and m.role == "ffn":
             try:
-                self._ffn_afd = AFDStatsSnapshot.from_dict(m["afd"])
-            except (KeyError, ValueError) as exc:
+                self._ffn_afd = AFDStatsSnapshot.from_dict(m.afd)
+            except ValueError as exc:
                 log.warning("dropping a malformed FFN heartbeat: %s", exc)
             return []
-        if not (isinstance(rank, int) and 0 <= rank < len(self.workers)):
-            log.warning("dropping a %s message from unknown rank %r", op, rank)
+        if not 0 <= m.rank < len(self.workers):
+            log.warning("dropping a %s from unknown rank %r", type(m).__name__, m.rank)
             return []
-        w = self.workers[rank]
+        w = self.workers[m.rank]
         w.last_heard = time.monotonic()
-        try:
-            w.take_status(m)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("dropping malformed status from attention worker %d: %s", rank, exc)
+        if m.status is not None:
+            try:
+                w.take_status(m.status, m.afd)
+            except ValueError as exc:
+                log.warning("dropping malformed status from attention worker %d: %s", m.rank, exc)
+        if isinstance(m, Heartbeat):
+            return []
         out: list[TokenEvent] = []
-        for rid, tok, finished, reason, logprob in m.get("events", ()):
-            if rid not in self._owner:
+        for ev in m.events:
+            if ev.request_id not in self._owner:
                 continue  # aborted meanwhile
-            w.outstanding[rid] = w.outstanding.get(rid, 0) + 1
-            if finished:
-                self._owner.pop(rid, None)
-                w.outstanding.pop(rid, None)
-            out.append(
-                TokenEvent(
-                    rid,
-                    int(tok),
-                    bool(finished),
-                    FinishReason(reason) if reason else None,
-                    logprob,
-                )
-            )
+            w.outstanding[ev.request_id] = w.outstanding.get(ev.request_id, 0) + 1
+            if ev.finished:
+                self._owner.pop(ev.request_id, None)
+                w.outstanding.pop(ev.request_id, None)
+            out.append(ev)
         return out
 
     def state(self, afd: bool = True) -> EngineState:
@@ -524,7 +517,7 @@ class MultiProcessEngine:
             self._closed = True
             for ctrl in self._controls:
                 try:
-                    control.send(ctrl, "shutdown", timeout_s=0.2)
+                    control.send(ctrl, Shutdown(), timeout_s=0.2)
                 except (TimeoutError, zmq.ZMQError):
                     pass
         deadline = time.monotonic() + timeout_s / 2

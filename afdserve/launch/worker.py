@@ -138,19 +138,19 @@ class WorkerConfig:
         return self.afd_sync_timeout_ms / 1000.0
 
 
-def fingerprint(
-    model_path: str, config: Any, dtype: Any, batch_invariant: bool = False
-) -> dict[str, Any]:
-    """What two workers must agree on to serve one model together."""
-    return {
-        "batch_invariant": bool(batch_invariant),
-        "model": os.path.basename(os.path.normpath(str(model_path))),
-        "architecture": config.architecture,
-        "layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "vocab_size": config.vocab_size,
-        "dtype": str(dtype).replace("torch.", ""),
-    }
+def fingerprint(model_path: str, config: Any, dtype: Any, batch_invariant: bool = False):
+    """What two workers must agree on to serve one model together (a messages.Fingerprint)."""
+    from afdserve.launch.messages import Fingerprint
+
+    return Fingerprint(
+        model=os.path.basename(os.path.normpath(str(model_path))),
+        architecture=config.architecture,
+        layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        dtype=str(dtype).replace("torch.", ""),
+        batch_invariant=bool(batch_invariant),
+    )
 
 
 def _kernels(cfg: WorkerConfig):  # -> Kernels (imported late: torch loads after setup)
@@ -256,19 +256,16 @@ class _FrontWatch:
         return True
 
 
-def _report(events: Any, cfg: WorkerConfig, message: str, fatal: bool) -> None:
+def _report(
+    events: Any, cfg: WorkerConfig, message: str, fatal: bool, request_id: str | None = None
+) -> None:
+    """Tell the front about an error (best effort: a front that does not listen is gone)."""
     from afdserve.launch import control
+    from afdserve.launch.messages import Failed
 
+    msg = Failed(cfg.rank, cfg.disaggregation_mode, message, fatal, request_id)  # type: ignore[arg-type]
     try:
-        control.send(
-            events,
-            "error",
-            timeout_s=1.0,
-            rank=cfg.rank,
-            role=cfg.disaggregation_mode,
-            message=message,
-            fatal=fatal,
-        )
+        control.send(events, msg, timeout_s=1.0)
     except TimeoutError:
         pass
 
@@ -305,6 +302,7 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
     from afdserve.afd.ffn_worker import FFNWorker
     from afdserve.launch import control
     from afdserve.launch.local import load_model
+    from afdserve.launch.messages import Heartbeat, Ready, Shutdown
 
     model = load_model(cfg.model, cfg.dtype, cfg.device, parts=("ffn",), kernels=_kernels(cfg))
     _use_device(cfg.device)
@@ -319,7 +317,7 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
         worker = FFNWorker(
             model.ffn, transport, range(cfg.afd_attention_ratio), cfg.sync_timeout_s, gather
         )
-        control.send(events, "ready", rank=cfg.rank, role="ffn", pid=os.getpid(), fingerprint=mine)
+        control.send(events, Ready(cfg.rank, "ffn", os.getpid(), mine))
         last_beat = 0.0
         front = _FrontWatch(cfg.front_timeout_s)
         while not stop.is_set():  # the FFN worker's loop
@@ -327,23 +325,14 @@ def _run_ffn(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Event) ->
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_S:
                 last_beat = now
-                msgs = control.recv_all(commands, 0)
+                msgs = control.recv_all(commands, 0, control.TO_WORKER)
                 front.heard(msgs)
-                if any(m["op"] == "shutdown" for m in msgs):
+                if any(isinstance(m, Shutdown) for m in msgs):
                     break
                 if front.gone(cfg):
                     return FRONT_GONE
-                snap = worker.stats.snapshot()
-                control.send(
-                    events,
-                    "heartbeat",
-                    timeout_s=1.0,
-                    rank=cfg.rank,
-                    role="ffn",
-                    busy_fraction=snap.busy_fraction,
-                    sync_timeouts=snap.sync_timeouts,
-                    afd=snap.to_dict(),
-                )
+                beat = Heartbeat(cfg.rank, "ffn", afd=worker.stats.snapshot().to_dict())
+                control.send(events, beat, timeout_s=1.0)
         return 0
     finally:
         transport.close()
@@ -355,6 +344,7 @@ def _handshake_as_ffn(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -> None
     import zmq
 
     from afdserve.launch import control
+    from afdserve.launch.messages import SCHEMA_VERSION, Hello, Refuse, Welcome
 
     rep = ctx.socket(zmq.REP)
     rep.bind(cfg.afd_ffn_endpoint)
@@ -368,29 +358,28 @@ def _handshake_as_ffn(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -> None
                 raise TimeoutError(
                     f"FFN handshake: no hello from attention rank(s) {missing} within {cfg.connect_timeout_s}s"
                 )
-            msg = control.decode(rep.recv())
-            if msg is None or msg.get("op") != "hello":
-                rep.send(control.encode("refuse", reason="expected a hello message"))
+            msg = control.HANDSHAKE.decode(rep.recv())
+            if not isinstance(msg, Hello):
+                rep.send(control.HANDSHAKE.encode(Refuse("expected a hello message")))
                 continue
-            theirs, rank = msg.get("fingerprint"), msg.get("rank")
-            diff = {
-                k: (mine[k], (theirs or {}).get(k))
-                for k in mine
-                if (theirs or {}).get(k) != mine[k]
-            }
-            if diff or not isinstance(rank, int) or not 0 <= rank < cfg.afd_attention_ratio:
+            rank, diff = msg.rank, mine.differences(msg.fingerprint)
+            if msg.schema != SCHEMA_VERSION:
                 reason = (
-                    f"attention rank {rank} does not match the FFN worker: "
-                    + ", ".join(
-                        f"{k} {a!r} (ffn) != {b!r} (attention)" for k, (a, b) in diff.items()
-                    )
-                    if diff
-                    else f"bad rank {rank!r}"
+                    f"attention rank {rank} speaks control schema {msg.schema}, the FFN worker "
+                    f"{SCHEMA_VERSION}: run one afdserve version in a group"
                 )
-                rep.send(control.encode("refuse", reason=reason))
-                raise UserInputError(reason)
-            seen.add(rank)
-            rep.send(control.encode("ready", rank=cfg.rank))
+            elif diff:
+                reason = f"attention rank {rank} does not match the FFN worker: " + ", ".join(
+                    f"{k} {a!r} (ffn) != {b!r} (attention)" for k, (a, b) in diff.items()
+                )
+            elif not 0 <= rank < cfg.afd_attention_ratio:
+                reason = f"bad rank {rank!r}"
+            else:
+                seen.add(rank)
+                rep.send(control.HANDSHAKE.encode(Welcome(cfg.rank)))
+                continue
+            rep.send(control.HANDSHAKE.encode(Refuse(reason)))
+            raise UserInputError(reason)
     finally:
         rep.close(linger=500)
 
@@ -402,21 +391,21 @@ def _handshake_as_attention(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -
     import zmq
 
     from afdserve.launch import control
+    from afdserve.launch.messages import Hello, Refuse, Welcome
 
     req = ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
     req.connect(cfg.afd_ffn_endpoint)
     try:
-        req.send(control.encode("hello", rank=cfg.rank, fingerprint=mine))
+        req.send(control.HANDSHAKE.encode(Hello(cfg.rank, mine)))
         if not req.poll(int(cfg.connect_timeout_s * 1000)):
             raise TimeoutError(
                 f"no answer from the FFN worker at {cfg.afd_ffn_endpoint} within {cfg.connect_timeout_s}s"
             )
-        reply = control.decode(req.recv())
-        if reply is None or reply.get("op") != "ready":
-            raise UserInputError(
-                f"the FFN worker refused this attention worker: {(reply or {}).get('reason', 'no reason')}"
-            )
+        reply = control.HANDSHAKE.decode(req.recv())
+        if not isinstance(reply, Welcome):
+            why = reply.reason if isinstance(reply, Refuse) else f"a malformed answer ({reply})"
+            raise UserInputError(f"the FFN worker refused this attention worker: {why}")
     finally:
         req.close()
 
@@ -431,7 +420,7 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
     from afdserve.engine.scheduler import Scheduler
     from afdserve.launch import control
     from afdserve.launch.local import cache_and_scheduler_configs, load_model
-    from afdserve.types import Request, SamplingParams
+    from afdserve.launch.messages import Heartbeat, Ready, Shutdown, StepOutputs
 
     model = load_model(
         cfg.model, cfg.dtype, cfg.device, parts=("attention",), kernels=_kernels(cfg)
@@ -473,39 +462,28 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
         runner = AttentionRunner(
             model.attention, kv, link, cfg.afd_microbatches, cfg.afd_microbatch_size or None
         )
-        control.send(
-            events,
-            "ready",
-            rank=cfg.rank,
-            role="attention",
-            pid=os.getpid(),
-            fingerprint=mine,
-            max_model_len=scheduler.max_model_len,
+        ready = Ready(
+            cfg.rank, "attention", os.getpid(), mine, max_model_len=scheduler.max_model_len
         )
+        control.send(events, ready)
         step, last_beat = 0, time.monotonic()
         front = _FrontWatch(cfg.front_timeout_s)
         while not stop.is_set():  # the attention worker's loop
             idle = not scheduler.has_unfinished()
-            msgs = control.recv_all(requests, HEARTBEAT_S if idle else 0)
+            msgs = control.recv_all(requests, HEARTBEAT_S if idle else 0, control.TO_WORKER)
             front.heard(msgs)
             for m in msgs:
-                if m["op"] == "shutdown":
+                if isinstance(m, Shutdown):
                     return 0
-                _apply(m, scheduler, events, cfg, Request, SamplingParams)
+                _apply(m, scheduler, events, cfg)
             if front.gone(cfg):
                 return FRONT_GONE
             if not scheduler.has_unfinished():
                 if time.monotonic() - last_beat >= HEARTBEAT_S:
                     last_beat = time.monotonic()
-                    control.send(
-                        events,
-                        "heartbeat",
-                        timeout_s=1.0,
-                        rank=cfg.rank,
-                        role="attention",
-                        **_attention_status(scheduler),
-                        **shipper.fields(force=True),
-                    )
+                    status, afd = _attention_status(scheduler), shipper.take(force=True)
+                    beat = Heartbeat(cfg.rank, "attention", status, afd)
+                    control.send(events, beat, timeout_s=1.0)
                 continue
             plan = scheduler.schedule()
             if plan.is_empty:
@@ -515,22 +493,9 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
             shipper.stats.add_active(time.perf_counter() - t0)  # as the in-process Engine does
             step += 1
             evs = scheduler.update(plan, result)
+            afd = shipper.take(force=not scheduler.has_unfinished())  # final stats at once
             control.send(
-                events,
-                "events",
-                rank=cfg.rank,
-                **_attention_status(scheduler),
-                **shipper.fields(force=not scheduler.has_unfinished()),  # final stats at once
-                events=[
-                    [
-                        e.request_id,
-                        e.token_id,
-                        e.finished,
-                        e.finish_reason.value if e.finish_reason else None,
-                        e.logprob,
-                    ]
-                    for e in evs
-                ],
+                events, StepOutputs(cfg.rank, _attention_status(scheduler), tuple(evs), afd)
             )
         return 0
     finally:
@@ -538,36 +503,36 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
         requests.close(linger=0)
 
 
-def _attention_status(scheduler: Any) -> dict[str, Any]:
-    """What the front's `state()` needs from an attention worker: its queues, KV blocks and
-    scheduler counters (a few numbers, sent with every events message and heartbeat).
-    `requests_added` in the counters lets the front count adds this worker has not seen yet."""
+def _attention_status(scheduler: Any):  # -> messages.AttentionStatus
+    """The queues, KV blocks and counters sent with every step's outputs and heartbeat."""
+    from afdserve.launch.messages import AttentionStatus
+
     load = scheduler.load()
-    return {
-        "load": load.score,
-        "kv_usage": scheduler.kv_usage,
-        "num_running": load.num_running,
-        "num_waiting": load.num_waiting,
-        "kv_blocks_used": load.kv_blocks_used,
-        "kv_blocks_total": load.kv_blocks_total,
-        "counters": dataclasses.asdict(scheduler.counters),
-    }
+    return AttentionStatus(
+        load=load.score,
+        kv_usage=scheduler.kv_usage,
+        num_running=load.num_running,
+        num_waiting=load.num_waiting,
+        kv_blocks_used=load.kv_blocks_used,
+        kv_blocks_total=load.kv_blocks_total,
+        counters=dataclasses.replace(scheduler.counters),  # a copy: the scheduler's moves on
+    )
 
 
 class _StatsShipper:
-    """Adds an `afd` field (the recorder's snapshot as JSON) to a status message, at most every
-    STATS_EVERY_S unless forced: a snapshot copies a few histograms, too much for every step."""
+    """The recorder's snapshot (as `to_dict`) for a status message, at most every STATS_EVERY_S
+    unless forced, else None: a snapshot copies a few histograms, too much for every step."""
 
     def __init__(self, stats: Any) -> None:
         self.stats = stats
         self._last = float("-inf")
 
-    def fields(self, force: bool = False) -> dict[str, Any]:
+    def take(self, force: bool = False) -> dict[str, Any] | None:
         now = time.monotonic()
         if not force and now - self._last < STATS_EVERY_S:
-            return {}
+            return None
         self._last = now
-        return {"afd": self.stats.snapshot().to_dict()}
+        return self.stats.snapshot().to_dict()
 
 
 class _StallingLink:
@@ -593,40 +558,23 @@ class _StallingLink:
         return self.link.result(step, layer, microbatch)
 
 
-def _apply(
-    m: dict[str, Any],
-    scheduler: Any,
-    events: Any,
-    cfg: WorkerConfig,
-    Request: Any,
-    SamplingParams: Any,
-) -> None:
-    from afdserve.launch import control
+def _apply(m: Any, scheduler: Any, events: Any, cfg: WorkerConfig) -> None:
+    """One front message to the scheduler. A request the scheduler refuses, or an add that did
+    not decode, is answered with a non-fatal `Failed` naming it: the worker keeps serving and
+    the front does not wait for that request forever."""
+    from afdserve.launch.messages import Abort, AddRequest, Malformed
+    from afdserve.types import Request
 
     try:
-        if m["op"] == "add":
-            params = SamplingParams(**m["params"])
-            scheduler.add_request(
-                Request(str(m["id"]), tuple(m["prompt"]), params, time.monotonic(), int(m["seed"]))
-            )
-        elif m["op"] == "abort":
-            scheduler.abort_request(str(m["id"]))
-    except (
-        UserInputError,
-        KeyError,
-        TypeError,
-        ValueError,
-    ) as exc:  # a bad request never kills the worker
-        control.send(
-            events,
-            "error",
-            timeout_s=1.0,
-            rank=cfg.rank,
-            role="attention",
-            fatal=False,
-            request_id=str(m.get("id")),
-            message=str(exc),
-        )
+        if isinstance(m, AddRequest):
+            request = Request(m.request_id, m.prompt, m.params, time.monotonic(), m.seed)
+            scheduler.add_request(request)
+        elif isinstance(m, Abort):
+            scheduler.abort_request(m.request_id)
+        elif isinstance(m, Malformed) and m.request_id is not None:
+            _report(events, cfg, f"malformed request: {m.error}", False, m.request_id)
+    except (UserInputError, TypeError, ValueError) as exc:  # never kills the worker
+        _report(events, cfg, str(exc), False, getattr(m, "request_id", None))
 
 
 def config_from_args(args: Any) -> WorkerConfig:

@@ -206,22 +206,18 @@ def _raise_exit(signum: int, frame: object) -> None:
 def _start_engine(cfg):
     """The engine `serve` runs over, and its model directory: in-process for `--transport
     local`, else one process per worker (`MultiProcessEngine`, the same EngineLike surface)."""
-    if cfg.transport == "local":
-        from afdserve.launch.local import build_engine
+    from afdserve.launch.start import start_engine
 
-        engine, model = build_engine(cfg)
-        return engine, model.path
-    from afdserve.launch.multiproc import MultiProcessEngine
-
-    what = "waiting for" if cfg.front else "starting"
-    print(
-        f"afdserve serve: {what} {cfg.attention_workers} attention and {cfg.ffn_workers} FFN "
-        f"worker processes over {cfg.transport}" + (f" at front {cfg.front}" if cfg.front else ""),
-        file=sys.stderr,
-        flush=True,
-    )
-    engine = MultiProcessEngine(cfg)
-    return engine, engine.model_path
+    if cfg.transport != "local":
+        what = "waiting for" if cfg.front else "starting"
+        print(
+            f"afdserve serve: {what} {cfg.attention_workers} attention and {cfg.ffn_workers} FFN "
+            f"worker processes over {cfg.transport}"
+            + (f" at front {cfg.front}" if cfg.front else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    return start_engine(cfg)
 
 
 def _rate(text: str) -> float:

@@ -214,11 +214,15 @@ def _one_to_one_over_tcp(tiny_model_dirs) -> LLM:
 
 def test_worker_survives_garbage_control_messages(tiny_model_dirs, reference):
     with _one_to_one_over_tcp(tiny_model_dirs) as llm:
+        import msgspec
+
         ctrl = llm.engine._controls[0]
-        ctrl.send(b"\x00\xffnot json")
-        ctrl.send(b'{"op": "add", "id": "bad", "prompt": "not a list", "params": {}, "seed": 1}')
-        ctrl.send(b'{"no": "op"}')
+        ctrl.send(b"\x00\xffnot msgpack")
+        bad_add = {"op": "add", "request_id": "bad", "prompt": "not a list", "params": {}}
+        ctrl.send(msgspec.msgpack.encode({**bad_add, "seed": 1}))
+        ctrl.send(msgspec.msgpack.encode({"no": "op"}))
         tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert llm.engine.workers[0].adds_failed == 1  # the bad add was answered, by its id
     assert tokens == reference("llama")
 
 

@@ -84,22 +84,22 @@ def live_server(model: str = MODEL, max_queue: int = 1024, **options: Any) -> It
     import uvicorn
 
     from afdserve.config import EngineConfig
-    from afdserve.launch.local import build_engine
+    from afdserve.launch.start import start_engine
     from afdserve.model.tokenizer import Tokenizer
     from afdserve.server.api import build_app
 
     cfg = EngineConfig(model=model, **options)
-    engine, loaded = build_engine(cfg)
+    engine, path = start_engine(cfg)  # in-process, or worker processes (transport != local)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     thread = None
     server = None
     try:
         app = build_app(
             engine,
-            Tokenizer(loaded.path),
+            Tokenizer(path),
             cfg,
             served_model_name=SERVED,
-            model_root=str(loaded.path),
+            model_root=str(path),
             max_queue=max_queue,
         )
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,5 +1,5 @@
 """What the multi-process front reports to the server, without processes: AFD stats survive the
-JSON control plane exactly, malformed reports are refused with a reason, and a worker's status
+control plane exactly, malformed reports are refused with a reason, and a worker's status
 report becomes the same `WorkerState` numbers the in-process engine gives (requests it has not
 taken in yet count as waiting)."""
 
@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from afdserve.afd.stats import A2F, F2A, AFDStats, AFDStatsSnapshot
+from afdserve.engine.scheduler import SchedulerCounters
+from afdserve.launch import control
+from afdserve.launch.messages import AttentionStatus, Heartbeat, Malformed
 from afdserve.launch.multiproc import _RemoteWorker
 
 
@@ -63,49 +67,63 @@ def test_malformed_snapshot_is_refused_with_the_field(patch, match):
         AFDStatsSnapshot.from_dict([1, 2])
 
 
-def _status(**kw) -> dict:
-    base = {
-        "load": 40,
-        "kv_usage": 0.25,
-        "num_running": 2,
-        "num_waiting": 1,
-        "kv_blocks_used": 4,
-        "kv_blocks_total": 16,
-        "counters": {"requests_added": 3, "generation_tokens": 9},
-    }
-    return {**base, **kw}
+def _status(**kw) -> AttentionStatus:
+    base = dict(
+        load=40,
+        kv_usage=0.25,
+        num_running=2,
+        num_waiting=1,
+        kv_blocks_used=4,
+        kv_blocks_total=16,
+        counters=SchedulerCounters(requests_added=3, generation_tokens=9),
+    )
+    return AttentionStatus(**{**base, **kw})
 
 
 def test_status_report_and_requests_not_yet_taken_in():
     w = _RemoteWorker(0)
     w.adds_sent = 5  # the front sent five adds; the worker reported three, refused one
     w.adds_failed = 1
-    w.take_status({**_status(), "afd": _recorded().to_dict()})
+    w.take_status(_status(), _recorded().to_dict())
     assert (w.num_running, w.num_waiting, w.kv_blocks_used, w.kv_blocks_total) == (2, 1, 4, 16)
     assert w.kv_usage == 0.25 and w.counters["generation_tokens"] == 9
     assert w.unseen_adds() == 1
     assert w.afd.transfer_bytes[(A2F, 0)] == 1536
     kept = w.afd
-    w.take_status(_status(counters={"requests_added": 4}))  # no `afd`: the last one stays
+    w.take_status(_status(counters=SchedulerCounters(requests_added=4)), None)  # the last stays
     assert w.unseen_adds() == 0 and w.afd is kept
     w.outstanding.update(a=10, b=7)
     assert w.load_score() == 17
 
 
 @pytest.mark.parametrize(
+    "status,afd",
+    [
+        (_status(num_running=-1), None),
+        (_status(kv_blocks_total=-16), None),
+        (_status(), {"active_s": "soon"}),
+    ],
+)
+def test_malformed_status_changes_nothing(status, afd):
+    w = _RemoteWorker(1)
+    w.take_status(_status(), None)
+    before = (w.num_running, w.num_waiting, w.kv_usage, dict(w.counters), w.afd)
+    with pytest.raises(ValueError):
+        w.take_status(status, afd)
+    assert (w.num_running, w.num_waiting, w.kv_usage, dict(w.counters), w.afd) == before
+
+
+@pytest.mark.parametrize(
     "bad",
     [
-        {"num_running": -1},
         {"num_waiting": "2"},
         {"kv_usage": None},
         {"counters": {"requests_added": "x"}},
-        {"afd": {"active_s": "soon"}},
+        {"counters": {"requests_added": 1.5}},
     ],
 )
-def test_malformed_status_changes_nothing(bad):
-    w = _RemoteWorker(1)
-    w.take_status(_status())
-    before = (w.num_running, w.num_waiting, w.kv_usage, dict(w.counters))
-    with pytest.raises(ValueError):
-        w.take_status(_status(**bad))
-    assert (w.num_running, w.num_waiting, w.kv_usage, dict(w.counters)) == before
+def test_status_of_the_wrong_types_never_reaches_the_front(bad):
+    # the codec checks every field's type: such a report arrives as a Malformed, dropped
+    good = msgspec.to_builtins(Heartbeat(0, "attention", _status()))
+    frame = msgspec.msgpack.encode({**good, "status": {**good["status"], **bad}})
+    assert isinstance(control.TO_FRONT.decode(frame), Malformed)

@@ -1,0 +1,214 @@
+"""Every message of the control plane, declared once and used by both ends.
+
+The control plane carries requests to attention workers, token events and status back to the
+front, and the attention/FFN handshake (hidden states never travel here: they use the data
+transports and the binary wire protocol). Each message is a msgspec Struct tagged by its `op`;
+one `Codec` encodes them as MessagePack and decodes a frame into exactly one of the declared
+types, checking every field's type, so a field that is added on one side cannot be dropped on
+the other (the way top log-probabilities were when events were positional JSON lists).
+
+Domain types travel as themselves: `SamplingParams` (its `__post_init__` checks run again on
+decode), `TokenEvent` (every field: token, logprob, top logprobs, finish reason) and
+`SchedulerCounters`. AFD stats travel as `AFDStatsSnapshot.to_dict()`, whose reader validates
+them.
+
+SCHEMA_VERSION is in the handshake (`Hello`) and in `Ready`: a worker of another version is
+refused by name, not misread. (The Structs refuse unknown fields; msgspec decodes the domain
+dataclasses leniently, ignoring keys they do not declare, which the version check covers.)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from afdserve.engine.scheduler import SchedulerCounters
+from afdserve.types import SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""Bump when a message changes shape; both ends of a group must agree."""
+
+Role = Literal["attention", "ffn"]
+
+
+class Fingerprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What two workers (and a worker and its front) must agree on to serve one model."""
+
+    model: str
+    """The model directory's base name."""
+    architecture: str
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    batch_invariant: bool
+
+    def differences(self, other: Fingerprint, fields: tuple[str, ...] = ()) -> dict[str, Any]:
+        """field -> (mine, theirs) where they differ (only `fields`, when given)."""
+        names = fields or self.__struct_fields__
+        return {
+            k: (getattr(self, k), getattr(other, k))
+            for k in names
+            if getattr(self, k) != getattr(other, k)
+        }
+
+
+class _Message(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_fields=True):
+    pass
+
+
+# -- the handshake: attention worker -> FFN worker (ZeroMQ REQ/REP) -----------------------------
+
+
+class Hello(_Message, tag="hello"):
+    rank: int
+    fingerprint: Fingerprint
+    schema: int = SCHEMA_VERSION
+
+
+class Welcome(_Message, tag="welcome"):
+    """The FFN worker accepts this attention worker into its group."""
+
+    rank: int
+
+
+class Refuse(_Message, tag="refuse"):
+    reason: str
+
+
+# -- front -> worker ----------------------------------------------------------------------------
+
+
+class AddRequest(_Message, tag="add"):
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    """The request's sampling seed (the front draws one when params.seed is None)."""
+
+
+class Abort(_Message, tag="abort"):
+    request_id: str
+
+
+class Ping(_Message, tag="ping"):
+    """The front is alive (sent every control.PING_S)."""
+
+
+class Shutdown(_Message, tag="shutdown"):
+    pass
+
+
+# -- worker -> front ----------------------------------------------------------------------------
+
+
+class Ready(_Message, tag="ready"):
+    """Sent once the worker's handshake and data transport are up."""
+
+    rank: int
+    role: Role
+    pid: int
+    fingerprint: Fingerprint
+    schema: int = SCHEMA_VERSION
+    max_model_len: int = 0
+    """An attention worker's context limit (0 from the FFN worker)."""
+
+
+class AttentionStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the front's `state()` and router need from an attention worker: its queues, KV
+    blocks and scheduler counters (`counters.requests_added` lets the front count the adds
+    this worker has not taken in yet)."""
+
+    load: int
+    kv_usage: float
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    counters: SchedulerCounters
+
+
+class StepOutputs(_Message, tag="events"):
+    """An attention worker's token events of one step, with its status after it."""
+
+    rank: int
+    status: AttentionStatus
+    events: tuple[TokenEvent, ...]
+    afd: dict[str, Any] | None = None
+    """AFDStatsSnapshot.to_dict() of its FFN link, at most every STATS_EVERY_S."""
+
+
+class Heartbeat(_Message, tag="heartbeat"):
+    """An idle worker's report every HEARTBEAT_S: attention workers send their status, the FFN
+    worker its AFD stats."""
+
+    rank: int
+    role: Role
+    status: AttentionStatus | None = None
+    afd: dict[str, Any] | None = None
+
+
+class Failed(_Message, tag="error"):
+    """An error: fatal (the worker is exiting) or about one request (`request_id`), which the
+    worker refused while it keeps serving."""
+
+    rank: int
+    role: Role
+    message: str
+    fatal: bool
+    request_id: str | None = None
+
+
+HandshakeMessage = Hello | Welcome | Refuse
+FrontMessage = AddRequest | Abort | Ping | Shutdown
+WorkerMessage = Ready | StepOutputs | Heartbeat | Failed
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A frame that is not one of the expected messages (never sent: what `decode` returns in
+    its place). `request_id` is set when the frame was an add whose id could be read,
+    so the receiver can answer for that request instead of leaving it to hang."""
+
+    error: str
+    request_id: str | None = None
+
+
+class Codec:
+    """Encodes any message; decodes frames of one direction's messages (`FrontMessage` for a
+    worker, `WorkerMessage` for the front, `HandshakeMessage` for the handshake)."""
+
+    def __init__(self, accepts: Any) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(accepts)
+
+    def encode(self, msg: _Message) -> bytes:
+        return self._encoder.encode(msg)
+
+    def decode(self, frame: bytes) -> Any:
+        """The message, or a `Malformed` (logged) when the frame is not one of the types this
+        codec accepts or a field does not validate (SamplingParams' own checks included)."""
+        try:
+            return self._decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+            # UserInputError (a ValueError) comes from a dataclass's __post_init__
+            rid = _request_id(frame)
+            log.warning("control: dropping a malformed message (%d bytes): %s", len(frame), exc)
+            return Malformed(str(exc), rid)
+
+
+def _request_id(frame: bytes) -> str | None:
+    """The request id of an add frame that failed to validate, if it can be read."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(raw, dict) and raw.get("op") == "add":
+        rid = raw.get("request_id")
+        return rid if isinstance(rid, str) else None
+    return None

@@ -1,0 +1,116 @@
+"""The control plane's typed messages: every field survives the codec, and anything else a
+socket delivers comes out as a `Malformed` (naming the request where one can be read)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from afdserve.engine.scheduler import SchedulerCounters
+from afdserve.launch import control
+from afdserve.launch.messages import (
+    SCHEMA_VERSION,
+    Abort,
+    AddRequest,
+    AttentionStatus,
+    Failed,
+    Fingerprint,
+    Heartbeat,
+    Hello,
+    Malformed,
+    Ping,
+    Ready,
+    Refuse,
+    Shutdown,
+    StepOutputs,
+    Welcome,
+)
+from afdserve.types import FinishReason, SamplingParams, TokenEvent
+
+FP = Fingerprint("m", "LlamaForCausalLM", 30, 576, 49152, "float32", True)
+STATUS = AttentionStatus(7, 0.25, 2, 1, 10, 40, SchedulerCounters(requests_added=3, steps=9))
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+events = st.builds(
+    TokenEvent,
+    request_id=st.text(min_size=1, max_size=8),
+    token_id=st.integers(-1, 200_000),
+    finished=st.booleans(),
+    finish_reason=st.none() | st.sampled_from(list(FinishReason)),
+    logprob=st.none() | finite,
+    top_logprobs=st.lists(st.tuples(st.integers(0, 200_000), finite), max_size=5).map(tuple),
+)
+
+
+@given(st.lists(events, max_size=6))
+def test_step_outputs_keep_every_field_of_every_token_event(evs):
+    msg = StepOutputs(1, STATUS, tuple(evs), afd={"active_s": 1.5})
+    back = control.TO_FRONT.decode(control.TO_FRONT.encode(msg))
+    assert back == msg
+    assert [type(e) for e in back.events] == [TokenEvent] * len(evs)
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Ready(0, "attention", 123, FP, max_model_len=2048),
+        Ready(2, "ffn", 124, FP),
+        Heartbeat(0, "attention", STATUS, None),
+        Heartbeat(2, "ffn", afd={"idle_s": 0.5}),
+        Failed(1, "attention", "bad prompt", False, "r-1"),
+        Failed(2, "ffn", "CUDA out of memory", True),
+    ],
+)
+def test_worker_messages_round_trip(msg):
+    assert control.TO_FRONT.decode(control.TO_FRONT.encode(msg)) == msg
+
+
+def test_front_and_handshake_messages_round_trip():
+    params = SamplingParams(
+        max_tokens=5, temperature=0.7, top_p=0.9, top_k=20, seed=3, stop_token_ids=(2,),
+        stop=("\n",), ignore_eos=True, logprobs=5,
+    )  # fmt: skip
+    for msg in (AddRequest("r", (1, 2, 3), params, 99), Abort("r"), Ping(), Shutdown()):
+        assert control.TO_WORKER.decode(control.TO_WORKER.encode(msg)) == msg
+    for msg in (Hello(0, FP), Welcome(2), Refuse("no")):
+        assert control.HANDSHAKE.decode(control.HANDSHAKE.encode(msg)) == msg
+    assert Hello(0, FP).schema == Ready(0, "ffn", 1, FP).schema == SCHEMA_VERSION
+
+
+def _raw(obj) -> bytes:
+    return msgspec.msgpack.encode(obj)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"\x00\xffnot msgpack",
+        _raw({"no": "op"}),
+        _raw({"op": "launch-missiles"}),
+        _raw({"op": "abort"}),  # a field missing
+        _raw({"op": "abort", "request_id": 5}),  # a field of the wrong type
+        _raw({"op": "ping", "extra": 1}),  # a field nobody declared
+        control.TO_FRONT.encode(Ready(0, "attention", 1, FP)),  # the other direction's message
+    ],
+)
+def test_garbage_is_malformed_not_an_exception(frame):
+    out = control.TO_WORKER.decode(frame)
+    assert isinstance(out, Malformed) and out.request_id is None
+
+
+def test_an_add_that_does_not_validate_names_its_request():
+    good = msgspec.to_builtins(AddRequest("r-7", (1, 2), SamplingParams(), 1))
+    for bad in ({"temperature": -1.0}, {"max_tokens": 0}, {"top_p": "high"}):
+        frame = _raw({**good, "params": {**good["params"], **bad}})  # SamplingParams' checks
+        out = control.TO_WORKER.decode(frame)
+        assert isinstance(out, Malformed) and out.request_id == "r-7", bad
+    out = control.TO_WORKER.decode(_raw({**good, "prompt": "not a list"}))
+    assert isinstance(out, Malformed) and out.request_id == "r-7"
+
+
+def test_fingerprint_differences_name_the_fields():
+    other = msgspec.structs.replace(FP, dtype="bfloat16", layers=2)
+    assert FP.differences(other) == {"layers": (30, 2), "dtype": ("float32", "bfloat16")}
+    assert FP.differences(other, ("vocab_size",)) == {}

@@ -1,0 +1,78 @@
+"""The in-process engine and worker processes over every transport are two placements of one
+runtime: the same requests give the same token events, every field of every one (token,
+finished, finish reason, logprob, top logprobs), and the same OpenAI responses (n=2, stop
+strings, logprobs=5) through the server.
+
+Both run the exact (batch-invariant) kernels, so that how the FFN worker happens to batch the
+attention workers' rows cannot change a bit; requests without a seed get theirs from the
+front's generator (seeded by the config) in arrival order, as in both placements.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from afdserve import LLM, SamplingParams
+from afdserve.types import TokenEvent
+from tests.launch.test_multiprocess import _transports
+from tests.server.conftest import live_server
+
+ENGINE = dict(mode="afd", attention_workers=2, microbatches=2, batch_invariant=True, seed=11)
+REQUESTS = [
+    ([5, 9, 200], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=5)),
+    ([7] * 21, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=4, logprobs=5)),
+    ([1], SamplingParams(temperature=1.0, top_k=20, max_tokens=7, logprobs=0)),  # front's seed
+    ([100, 101, 102, 103], SamplingParams(temperature=0.6, max_tokens=6, stop_token_ids=(17,))),
+    ([42] * 5, SamplingParams(temperature=0, max_tokens=5)),  # no logprobs asked
+]
+
+
+def _events(model_dir, **placement) -> dict[str, list[TokenEvent]]:
+    with LLM(str(model_dir), **ENGINE, **placement) as llm:
+        engine = llm.engine
+        for i, (prompt, params) in enumerate(REQUESTS):
+            engine.add_request(f"r{i}", prompt, params)
+        out: dict[str, list[TokenEvent]] = {f"r{i}": [] for i in range(len(REQUESTS))}
+        deadline = time.monotonic() + 120
+        while engine.has_unfinished():
+            assert time.monotonic() < deadline, "requests did not finish within 120 s"
+            for ev in engine.step():
+                out[ev.request_id].append(ev)
+        return out
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_model_dirs):
+    return _events(tiny_model_dirs["qwen3-moe"], transport="local")
+
+
+@pytest.mark.parametrize("transport", _transports())
+def test_token_events_are_identical_in_every_placement(tiny_model_dirs, in_process, transport):
+    got = _events(tiny_model_dirs["qwen3-moe"], transport=transport)
+    assert got == in_process
+    lp = [ev for ev in in_process["r0"]]
+    assert all(len(ev.top_logprobs) == 5 and ev.logprob is not None for ev in lp)  # asked for
+    assert all(ev.top_logprobs == () for ev in in_process["r3"] + in_process["r4"])
+    assert in_process["r4"][-1].finished and all(len(v) for v in in_process.values())
+
+
+def _completions(client) -> list[dict]:
+    kw = dict(model="tiny", max_tokens=8, seed=5, logprobs=5)
+    return [
+        client.completions.create(prompt="The quick brown fox", n=2, temperature=0.9, **kw),
+        client.completions.create(prompt=[5, 9, 200, 17], temperature=0, stop=["e", " t"], **kw),
+    ]
+
+
+def test_server_responses_are_identical_over_worker_processes():
+    # the server's own model (builtin:tiny-qwen3-moe); n=2 and stop strings live in the front,
+    # logprobs' alternatives cross the control plane from the worker processes
+    with live_server(**ENGINE, transport="local") as s:
+        want = [r.model_dump(exclude={"id", "created"}) for r in _completions(s.openai())]
+    with live_server(**ENGINE, transport="shm") as s:
+        got = [r.model_dump(exclude={"id", "created"}) for r in _completions(s.openai())]
+    assert got == want
+    assert len(want[0]["choices"]) == 2
+    assert all(len(t) == 5 for t in want[0]["choices"][0]["logprobs"]["top_logprobs"])
