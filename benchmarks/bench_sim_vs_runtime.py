@@ -18,8 +18,13 @@ import argparse
 import json
 import time
 
-from afdserve.sim.profile import ProfileGrid, run_profile
-from afdserve.sim.validate_runtime import DEFAULT_RUNS, RuntimeRun, Workload, validate_runtime
+from afdserve.calibration.profile import ProfileGrid, run_profile
+from afdserve.calibration.validate_runtime import (
+    DEFAULT_RUNS,
+    RuntimeRun,
+    Workload,
+    validate_runtime,
+)
 
 WORKLOADS = (Workload(8, 32, 64), Workload(16, 64, 64), Workload(32, 128, 32))
 

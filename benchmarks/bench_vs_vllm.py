@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -249,6 +250,14 @@ def main() -> None:
     ap.add_argument("--install-vllm", action="store_true", help="create vLLM's venv, then exit")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact-mode afdserve rows")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="per engine run")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the engines this many rounds, one after another in each round; the table "
+        "gives each engine's median and range (a shared VM's speed drifts by tens of percent "
+        "within minutes)",
+    )
     # child mode
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -278,28 +287,33 @@ def main() -> None:
     )
     rows = []
     for dtype in args.dtypes:
-        results: dict[str, dict] = {}
-        for engine in args.engines:
-            modes = [False] + (
-                [True] if engine.startswith(("agg", "afd")) and not args.no_exact else []
-            )
-            for exact in modes:
-                key = engine + (" exact" if exact else "")
-                if engine == "vllm":
-                    if not vllm_python.exists():
-                        print(f"  vLLM: skipped, no venv at {venv} (run with --install-vllm)")
-                        continue
-                    r = run_child(
-                        str(vllm_python), args, engine, dtype, False, env=vllm_env(args.threads)
-                    )
-                else:
-                    r = run_child(sys.executable, args, engine, dtype, exact)
-                if r is not None:
-                    results[key] = r
-                    tps = r["output_tokens"] / r["seconds"]
-                    print(
-                        f"  {dtype:9s} {key:16s} {r['seconds']:8.1f} s {tps:8.1f} tok/s", flush=True
-                    )
+        results: dict[str, dict] = {}  # the first run of each engine (its tokens)
+        speeds: dict[str, list[float]] = {}  # tok/s of every run
+        for rnd in range(args.repeats):
+            for engine in args.engines:
+                modes = [False] + (
+                    [True] if engine.startswith(("agg", "afd")) and not args.no_exact else []
+                )
+                for exact in modes:
+                    key = engine + (" exact" if exact else "")
+                    if engine == "vllm":
+                        if not vllm_python.exists():
+                            if rnd == 0:
+                                print(f"  vLLM: skipped, no venv at {venv} (--install-vllm)")
+                            continue
+                        env = vllm_env(args.threads)
+                        r = run_child(str(vllm_python), args, engine, dtype, False, env=env)
+                    else:
+                        r = run_child(sys.executable, args, engine, dtype, exact)
+                    if r is not None:
+                        results.setdefault(key, r)
+                        tps = r["output_tokens"] / r["seconds"]
+                        speeds.setdefault(key, []).append(tps)
+                        print(
+                            f"  {dtype:9s} {key:16s} {r['seconds']:8.1f} s {tps:8.1f} tok/s"
+                            + (f"  (round {rnd + 1})" if args.repeats > 1 else ""),
+                            flush=True,
+                        )
         if "agg exact" in results:
             for key in ("afd-local exact", "afd-shm exact"):
                 if key in results:
@@ -312,18 +326,18 @@ def main() -> None:
                 f"  {dtype}: afdserve aggregated and vLLM give the same tokens on "
                 f"{same}/{len(ours)} requests (greedy; near-ties may differ)"
             )
-        rows.append((dtype, results))
+        rows.append((dtype, {k: statistics.median(v) for k, v in speeds.items()}, speeds))
     print()
-    print(f"{'dtype':9s} {'engine':52s} {'tok/s':>8s} {'vs vLLM':>8s} {'vs HF':>7s}")
-    for dtype, results in rows:
-        ref_v = results.get("vllm")
-        ref_h = results.get("hf")
-        for key, r in results.items():
-            tps = r["output_tokens"] / r["seconds"]
+    what = "tok/s" if args.repeats == 1 else f"median tok/s of {args.repeats} (range)"
+    print(f"{'dtype':9s} {'engine':44s} {what:>28s} {'vs vLLM':>8s} {'vs HF':>7s}")
+    for dtype, median, speeds in rows:
+        ref_v, ref_h = median.get("vllm"), median.get("hf")
+        for key, tps in median.items():
             label = LABELS[key.split()[0]] + (" [exact]" if key.endswith("exact") else "")
-            vs_v = f"{tps / (ref_v['output_tokens'] / ref_v['seconds']):7.2f}x" if ref_v else ""
-            vs_h = f"{tps / (ref_h['output_tokens'] / ref_h['seconds']):6.2f}x" if ref_h else ""
-            print(f"{dtype:9s} {label:52s} {tps:8.1f} {vs_v:>8s} {vs_h:>7s}")
+            spread = f"({min(speeds[key]):.1f}-{max(speeds[key]):.1f})" if args.repeats > 1 else ""
+            vs_v = f"{tps / ref_v:7.2f}x" if ref_v else ""
+            vs_h = f"{tps / ref_h:6.2f}x" if ref_h else ""
+            print(f"{dtype:9s} {label:44s} {tps:14.1f} {spread:>13s} {vs_v:>8s} {vs_h:>7s}")
 
 
 if __name__ == "__main__":

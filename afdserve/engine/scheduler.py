@@ -137,6 +137,27 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 
+    # ---- inspection (metrics, tests): read-only views ---------------------------------------
+
+    @property
+    def running(self) -> tuple[Sequence, ...]:
+        """Running sequences in admission order (the last is preempted first)."""
+        return tuple(self._running)
+
+    @property
+    def waiting(self) -> tuple[Sequence, ...]:
+        """Waiting sequences in the order they will be admitted."""
+        return tuple(self._waiting)
+
+    def sequence_by_seq_id(self, seq_id: int) -> Sequence | None:
+        """The live sequence with this id (None once it finished or was aborted)."""
+        return self._by_seq.get(seq_id)
+
+    @property
+    def live_seq_ids(self) -> frozenset[int]:
+        """Ids of every sequence the scheduler tracks (running or waiting)."""
+        return frozenset(self._by_seq)
+
     @property
     def kv_usage(self) -> float:
         """Fraction of usable KV blocks held by sequences, in [0, 1]."""

@@ -20,10 +20,10 @@ from afdserve.afd.ffn_link import FFNLink, LocalFFN, RemoteFFN, result_timeout_s
 from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.config import EngineConfig, check_device
 from afdserve.engine.config import CacheConfig, SchedulerConfig
-from afdserve.engine.engine import Engine
 from afdserve.engine.kv_cache import KVCache
 from afdserve.engine.scheduler import Scheduler
 from afdserve.errors import UserInputError
+from afdserve.launch.inprocess import Engine
 from afdserve.model.builtin import resolve_model
 from afdserve.model.config import ModelConfig
 from afdserve.model.kernels import Kernels

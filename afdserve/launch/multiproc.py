@@ -403,6 +403,15 @@ class MultiProcessEngine:
         with self._lock:
             return bool(self._owner or self._pending)
 
+    def owner(self, request_id: str) -> int | None:
+        """The attention worker serving `request_id` (None once it finished or was aborted)."""
+        with self._lock:
+            return self._owner.get(request_id)
+
+    def worker_log(self, rank: int) -> Path | None:
+        """The log file of spawned worker `rank` (None for workers started by hand)."""
+        return self._logs[rank] if rank < len(self._logs) else None
+
     def step(self, timeout_s: float = 0.05) -> list[TokenEvent]:
         """Token events that arrived within `timeout_s` (raises WorkerError if a worker failed)."""
         self._check_alive()

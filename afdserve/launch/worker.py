@@ -453,12 +453,7 @@ def _run_attention(cfg: WorkerConfig, ctx: Any, events: Any, stop: threading.Eve
             timeout_s=result_timeout_s(cfg.sync_timeout_s),
             device=cfg.device,
         )
-        shipper = _StatsShipper(link.stats)  # the RemoteFFN's recorder (before any test wrapper)
-        stall = os.environ.get("AFDSERVE_TEST_STALL", "").split(":")
-        if len(stall) == 4 and stall[0] == str(
-            cfg.rank
-        ):  # fault injection for the sync-timeout tests
-            link = _StallingLink(link, *map(float, stall[1:]))
+        shipper = _StatsShipper(link.stats)
         runner = AttentionRunner(
             model.attention, kv, link, cfg.afd_microbatches, cfg.afd_microbatch_size or None
         )
@@ -533,29 +528,6 @@ class _StatsShipper:
             return None
         self._last = now
         return self.stats.snapshot().to_dict()
-
-
-class _StallingLink:
-    """Test hook (AFDSERVE_TEST_STALL="RANK:STEP:LAYER:SECONDS"): attention worker RANK sleeps
-    before sending the activation of (STEP, LAYER), to play a slow worker that misses the FFN's
-    sync deadline."""
-
-    def __init__(self, link: Any, step: float, layer: float, seconds: float) -> None:
-        self.link, self.at, self.seconds = link, (int(step), int(layer)), seconds
-
-    def begin_step(self, step: int, tokens: Any, seq_ids: Any) -> None:
-        self.link.begin_step(step, tokens, seq_ids)
-
-    def submit(self, step: int, layer: int, microbatch: int, h: Any) -> None:
-        if (step, layer) == self.at and microbatch == 0:
-            log.warning(
-                "AFDSERVE_TEST_STALL: sleeping %.1fs at step %d layer %d", self.seconds, step, layer
-            )
-            time.sleep(self.seconds)
-        self.link.submit(step, layer, microbatch, h)
-
-    def result(self, step: int, layer: int, microbatch: int) -> Any:
-        return self.link.result(step, layer, microbatch)
 
 
 def _apply(m: Any, scheduler: Any, events: Any, cfg: WorkerConfig) -> None:

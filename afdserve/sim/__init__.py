@@ -1,9 +1,10 @@
 """AFD simulator: rA-1F bundles (and aggregated and prefill/decode-split baselines) at step
 granularity, calibrated from the planner's cost models or a measured profile.
 
-Pure numpy (scipy and matplotlib only where a function needs them); importing it never loads
-torch. Only `afdserve.sim.profile` and `afdserve.sim.validate_runtime` use torch, imported inside
-their functions. See docs/simulator.md. The public API:
+Pure numpy (scipy and matplotlib only where a function needs them); it imports nothing of the
+runtime and never loads torch. What measures the runtime to calibrate it (`afdserve profile`,
+`afdserve sim-validate runtime`) lives above it, in `afdserve.calibration`. See
+docs/simulator.md. The public API:
 
 - costs: `SimCosts` (planner `StageCosts` plus prefill, per-step and KV-transfer costs),
   `roofline_sim_costs`;

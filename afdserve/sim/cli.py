@@ -452,7 +452,7 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
 def run_profile_cli(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from afdserve.sim.profile import SMALL_GRID, ProfileGrid, check_profile, run_profile
+    from afdserve.calibration.profile import SMALL_GRID, ProfileGrid, check_profile, run_profile
 
     grid = SMALL_GRID if args.grid == "small" else ProfileGrid()
     if args.repeats is not None:
@@ -651,8 +651,13 @@ def _theory_plots(v: Any, out: Path) -> None:
 
 
 def run_validate_runtime(args: argparse.Namespace) -> int:
-    from afdserve.sim.profile import SMALL_GRID, ProfileGrid
-    from afdserve.sim.validate_runtime import DEFAULT_RUNS, RuntimeRun, Workload, validate_runtime
+    from afdserve.calibration.profile import SMALL_GRID, ProfileGrid
+    from afdserve.calibration.validate_runtime import (
+        DEFAULT_RUNS,
+        RuntimeRun,
+        Workload,
+        validate_runtime,
+    )
 
     runs = tuple(
         RuntimeRun(r.mode, r.microbatches, transport=args.transport if r.mode == "afd" else "local")

@@ -433,6 +433,14 @@ class ShmTransport(PumpedTransport):
 
     # -- sending -------------------------------------------------------------------------------
 
+    def inbound(self, peer: int) -> _InRing:
+        """The ring `peer` writes to this endpoint (inspection: metrics and tests)."""
+        return self._in[peer]
+
+    def outbound(self, peer: int) -> _OutRing:
+        """The ring this endpoint writes to `peer` (inspection: metrics and tests)."""
+        return self._out[peer]
+
     def send(self, dst: int, msg: Message) -> None:
         """Send `msg` to `dst`. Returns once the frame is in the peer's socket queue or ring
         (the receiver copies out asynchronously). Raises PeerUnreachable if dst's endpoint is

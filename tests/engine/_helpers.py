@@ -97,7 +97,7 @@ def check_plan(sched: Scheduler, plan: StepPlan) -> None:
     for c in plan.chunks:
         assert c.seq_id not in seen_seqs
         seen_seqs.add(c.seq_id)
-        seq = sched._by_seq[c.seq_id]
+        seq = sched.sequence_by_seq_id(c.seq_id)
         assert seq.status is SequenceStatus.RUNNING
         assert c.num_tokens >= 1
         assert c.start_pos == seq.num_computed_tokens
@@ -123,19 +123,19 @@ def check_invariants(sched: Scheduler) -> None:
     bs = sched.cache_config.block_size
     held: list[int] = []
     assert sched.num_running <= sched.config.max_num_seqs
-    for seq in sched._running:
+    for seq in sched.running:
         assert seq.status is SequenceStatus.RUNNING
         assert len(seq.block_table) == -(-seq.num_computed_tokens // bs)
         assert 1 <= seq.num_uncomputed_tokens
         assert seq.num_tokens <= sched.max_model_len
         held.extend(seq.block_table)
-    for seq in sched._waiting:
+    for seq in sched.waiting:
         assert seq.status is SequenceStatus.WAITING
         assert seq.block_table == [] and seq.num_computed_tokens == 0
     assert len(held) == len(set(held)), "a KV block is held by two sequences"
     assert NULL_BLOCK not in held
     assert sched.allocator.num_used == len(held)
     assert sched.allocator.num_free + len(held) == sched.cache_config.num_usable_blocks
-    live = {s.seq_id for s in sched._running} | {s.seq_id for s in sched._waiting}
-    assert live == set(sched._by_seq)
-    assert len(sched._running) + len(sched._waiting) == len(live)
+    live = {s.seq_id for s in sched.running} | {s.seq_id for s in sched.waiting}
+    assert live == set(sched.live_seq_ids)
+    assert len(sched.running) + len(sched.waiting) == len(live)

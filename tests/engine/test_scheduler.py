@@ -43,7 +43,7 @@ def test_token_budget_is_respected_every_step_and_fully_used_when_work_exists():
     for i in range(12):
         s.add_request(make_request(f"r{i}", 7 + 3 * i, max_tokens=5, seed=i))
     while s.has_unfinished():
-        queued = sum(q.num_uncomputed_tokens for q in [*s._running, *s._waiting])
+        queued = sum(q.num_uncomputed_tokens for q in [*s.running, *s.waiting])
         plan, _ = step(s)
         assert plan.num_tokens <= 20
         # with ample blocks and seats the scheduler leaves no budget unused
@@ -96,9 +96,9 @@ def test_max_num_seqs_limits_running_and_admission_is_fcfs():
         s.add_request(make_request(f"r{i}", 4, max_tokens=2 + i))
     admitted: list[int] = []
     while s.has_unfinished():
-        before = {q.seq_id for q in s._running}
+        before = {q.seq_id for q in s.running}
         step(s)
-        admitted += [q.seq_id for q in s._running if q.seq_id not in before]
+        admitted += [q.seq_id for q in s.running if q.seq_id not in before]
         assert s.num_running <= 2
     assert admitted == sorted(admitted)  # first come, first served
 
@@ -112,7 +112,7 @@ def test_head_of_queue_is_not_overtaken_when_blocks_are_short():
     s.add_request(make_request("small", 2, max_tokens=1))  # would fit, but may not overtake
     plan, _ = step(s)
     assert [c.seq_id for c in plan.chunks] == [0]
-    assert [q.request_id for q in s._waiting] == ["big", "small"]
+    assert [q.request_id for q in s.waiting] == ["big", "small"]
 
 
 def _preemption_workload(num_blocks: int) -> Scheduler:
@@ -134,19 +134,19 @@ def test_preemption_recomputes_and_keeps_outputs():
     outputs: dict[str, list[int]] = {}
     done = {}
     while s.has_unfinished():
-        running_before = [q.seq_id for q in s._running]
+        running_before = [q.seq_id for q in s.running]
         plan, events = step(s)
         if plan.preempted:
             preempted_seen.extend(plan.preempted)
             # victims are the most recently admitted running sequences, newest first
             assert list(plan.preempted) == running_before[::-1][: len(plan.preempted)]
             # and go to the front of the waiting queue, oldest victim first
-            front = [q.seq_id for q in list(s._waiting)[: len(plan.preempted)]]
+            front = [q.seq_id for q in list(s.waiting)[: len(plan.preempted)]]
             assert front == sorted(plan.preempted)
             # nothing new is admitted in a step that preempted
             assert {c.seq_id for c in plan.chunks} <= set(running_before)
         for c in plan.chunks:
-            seq = s._by_seq.get(c.seq_id)  # None once it finished in this step
+            seq = s.sequence_by_seq_id(c.seq_id)  # None once it finished in this step
             if c.start_pos == 0 and c.output_index > 0 and seq is not None:
                 assert seq.num_preemptions > 0
                 # a recompute that feeds the prompt and the outputs generated before
@@ -303,7 +303,7 @@ def test_update_rejects_results_that_do_not_answer_the_plan_and_changes_nothing(
         s.update(plan, StepResult(plan.step_id, (SampledToken(0, 5), SampledToken(0, 6))))
     with pytest.raises(ValueError, match="result of step 7"):
         s.update(plan, StepResult(7, ()))
-    assert all(q.num_computed_tokens == 0 for q in s._running)
+    assert all(q.num_computed_tokens == 0 for q in s.running)
     events = s.update(plan, answer(plan))
     assert len(events) == 2
     with pytest.raises(ValueError, match="not the step in flight"):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,7 +134,11 @@ def test_worker_refuses_a_cuda_device_it_does_not_have(tiny_model_dirs):
 def test_stalled_attention_worker_does_not_stop_the_others(tiny_model_dirs, reference, monkeypatch):
     # attention worker 1 sleeps 4 s before its layer-1 activation of step 2, far past the 0.5 s
     # sync timeout: the FFN must serve worker 0 without it, then serve worker 1 late.
-    monkeypatch.setenv("AFDSERVE_TEST_STALL", "1:2:1:4")
+    monkeypatch.setenv("AFDSERVE_TEST_STALL", "1:2:1:4")  # read by faults/sitecustomize.py
+    faults = str(Path(__file__).with_name("faults"))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [faults, os.getenv("PYTHONPATH")]))
+    )
     with LLM(
         str(tiny_model_dirs["llama"]),
         mode="afd",
@@ -144,7 +149,7 @@ def test_stalled_attention_worker_does_not_stop_the_others(tiny_model_dirs, refe
     ) as llm:
         for k, p in enumerate(PROMPTS):
             llm.engine.add_request(f"r{k}", p, GREEDY)
-        owner = dict(llm.engine._owner)
+        owner = {f"r{k}": llm.engine.owner(f"r{k}") for k in range(len(PROMPTS))}
         finished_at: dict[str, float] = {}
         t0 = time.monotonic()
         tokens: dict[str, list[int]] = {f"r{k}": [] for k in range(len(PROMPTS))}
@@ -271,7 +276,7 @@ def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs,
             push.close()
             ctx.term()
         tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
-        ffn_log = llm.engine._logs[-1]
+        ffn_log = llm.engine.worker_log(llm.engine.cfg.attention_workers)
         deadline = time.monotonic() + 10
         while ffn_log.read_text().count("dropped a bad frame") < len(garbage):
             assert time.monotonic() < deadline, ffn_log.read_text()[-2000:]

@@ -206,7 +206,7 @@ SCRIPT = """
 import pkgutil, importlib, sys
 import afdserve.sim as sim
 for mod in pkgutil.iter_modules(sim.__path__):
-    importlib.import_module("afdserve.sim." + mod.name)  # profile/validate_runtime: torch lazily
+    importlib.import_module("afdserve.sim." + mod.name)
 from afdserve.cli import main
 assert main(["simulate", "--model", "llama-3.1-8b", "--hardware", "h100", "--workload",
              "azure-conv", "--ratio", "2", "--batch", "16", "--requests", "30", "--json"]) == 0

@@ -207,8 +207,8 @@ def test_runtime_validation_interleaves_worker_process_timing_with_the_runs(caps
 
 
 def test_worker_afd_fit_is_a_robust_line_through_the_residuals() -> None:
+    from afdserve.calibration.profile import _worker_afd_fit
     from afdserve.sim.fit import AffineFit
-    from afdserve.sim.profile import _worker_afd_fit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)  # ms per context token read, ms
     ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
@@ -236,7 +236,7 @@ def test_worker_afd_fit_is_a_robust_line_through_the_residuals() -> None:
 
 
 def test_worker_process_runs_combine_to_the_median_and_in_process_to_the_fastest() -> None:
-    from afdserve.sim.validate_runtime import _combine
+    from afdserve.calibration.validate_runtime import _combine
 
     def run(step_ms_each: list[float]) -> dict:
         return {
@@ -256,8 +256,8 @@ def test_worker_process_runs_combine_to_the_median_and_in_process_to_the_fastest
 
 
 def test_worker_prefill_fit_recovers_the_per_token_extra() -> None:
+    from afdserve.calibration.profile import _worker_prefill_fit
     from afdserve.sim.fit import AffineFit
-    from afdserve.sim.profile import _worker_prefill_fit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)
     ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
@@ -283,7 +283,7 @@ def test_worker_prefill_fit_recovers_the_per_token_extra() -> None:
 
 
 def test_pin_workers_reaches_worker_process_runs_only() -> None:
-    from afdserve.sim.validate_runtime import RuntimeRun, Workload, _engine_options
+    from afdserve.calibration.validate_runtime import RuntimeRun, Workload, _engine_options
 
     w = Workload(4, 8, 4)
     assert _engine_options(RuntimeRun("afd", 1, transport="shm"), w, "cpu", "auto", True)[
@@ -296,9 +296,9 @@ def test_pin_workers_reaches_worker_process_runs_only() -> None:
 
 
 def test_worker_microbatch_fit_is_what_a_second_microbatch_adds_beyond_the_simulator() -> None:
+    from afdserve.calibration.profile import _worker_microbatch_fit, costs_for_transport
     from afdserve.sim.costs import SimCosts
     from afdserve.sim.pipeline import time_one_step
-    from afdserve.sim.profile import _worker_microbatch_fit, costs_for_transport
 
     profile = SimCosts.explicit(
         1e-4, 0.3, 2e-3, 0.2, 1e-3, 0.01, num_layers=2, step_beta_ms=0.5

@@ -105,7 +105,7 @@ def _frame(step: int, n: int = 2048) -> torch.Tensor:
 
 
 def _ring_range(ep: ShmTransport, peer: int) -> tuple[int, int]:
-    ring = ep._in[peer]
+    ring = ep.inbound(peer)
     base = ring.buf.ctypes.data
     return base, base + ring.size
 
@@ -120,10 +120,10 @@ def test_a_placed_tensor_is_received_in_place_writable_and_freed_when_dropped(pa
     view = got[100:200]
     got.mul_(2)  # the caller's to modify (the receiver maps the ring read-write)
     del got
-    assert b._in[0].held_bytes == 8192  # a view of it is alive: still held
+    assert b.inbound(0).held_bytes == 8192  # a view of it is alive: still held
     assert torch.equal(view, _frame(1)[100:200] * 2)
     del view
-    assert b._in[0].held_bytes == 0 and not b._in[0].inuse
+    assert b.inbound(0).held_bytes == 0 and not b.inbound(0).inuse
     # the sender gets the stretch back (lazily; a sender short of space asks for it)
     for step in range(2, 40):
         a.send(1, Message(MsgType.ACTIVATION_TRANSFER, step, sender=0, tensor=_frame(step)))
@@ -132,9 +132,9 @@ def test_a_placed_tensor_is_received_in_place_writable_and_freed_when_dropped(pa
     # everything but the FREEs still lazily due (< lazy_bytes) comes back (the sender's pump
     # thread takes the FREE datagrams in)
     deadline = time.monotonic() + 10
-    while a._out[1].busy_bytes >= b._in[0].lazy_bytes and time.monotonic() < deadline:
+    while a.outbound(1).busy_bytes >= b.inbound(0).lazy_bytes and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert a._out[1].busy_bytes < b._in[0].lazy_bytes
+    assert a.outbound(1).busy_bytes < b.inbound(0).lazy_bytes
     assert b.dropped_frames == 0
 
 
@@ -152,7 +152,7 @@ def test_a_held_tensor_is_never_overwritten_while_traffic_goes_on(pair):
     assert torch.equal(kept, _frame(0))
     for step, t in kept_too:
         assert torch.equal(t, _frame(step))
-    assert b._in[0].held_bytes <= b._in[0].size // 2  # beyond that, frames were copied out
+    assert b.inbound(0).held_bytes <= b.inbound(0).size // 2  # beyond that, frames were copied out
     assert b.dropped_frames == 0 and a.dropped_frames == 0
 
 
@@ -174,7 +174,7 @@ def test_a_frame_streams_through_pieces_when_the_ring_is_fragmented(pair, monkey
     monkeypatch.setattr(
         a, "_send_streamed", lambda *args: streamed.append(1) or send_streamed(*args)
     )
-    ring = a._out[1]
+    ring = a.outbound(1)
     # stretches the peer still holds, every other 4 KiB of the ring: 32 KiB free, in pieces
     pieces = {off: 4096 for off in range(0, ring.size, 8192)}
     ring.busy.update(pieces)
@@ -198,12 +198,12 @@ def test_ring_envelopes_that_break_the_bookkeeping_are_protocol_errors(pair):
     a, b = pair
     a.send(1, Message(MsgType.ACTIVATION_TRANSFER, 1, sender=0, tensor=_frame(1)))
     kept = b.recv(0, MsgType.ACTIVATION_TRANSFER, 1, timeout_s=10).tensor
-    (off, n), = b._in[0].inuse.items()  # fmt: skip
+    (off, n), = b.inbound(0).inuse.items()  # fmt: skip
     prefix = shm.encode_prefix(Message(MsgType.ACTIVATION_TRANSFER, 2, sender=0, tensor=kept))
     placed = bytes([shm.PLACED]) + shm._CHUNK.pack(off, n) + prefix
     with pytest.raises(ProtocolError, match="overlaps"):
         b._handle(0, placed)  # over bytes the receiver still holds
-    outside = bytes([shm.PLACED]) + shm._CHUNK.pack(b._in[0].size - 8, n) + prefix
+    outside = bytes([shm.PLACED]) + shm._CHUNK.pack(b.inbound(0).size - 8, n) + prefix
     with pytest.raises(ProtocolError, match="outside"):
         b._handle(0, outside)
     with pytest.raises(ProtocolError, match="not in use"):

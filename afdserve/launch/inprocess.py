@@ -112,6 +112,11 @@ class Engine:
         with self._lock:
             return any(w.scheduler.has_unfinished() for w in self.workers)
 
+    def owner(self, request_id: str) -> int | None:
+        """The attention worker serving `request_id` (None once it finished or was aborted)."""
+        with self._lock:
+            return self._owner.get(request_id)
+
     def step(self) -> list[TokenEvent]:
         """Run one bundle step; returns the token events of every worker (empty if idle)."""
         with self._lock:

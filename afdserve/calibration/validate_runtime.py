@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from afdserve.calibration.profile import costs_for_transport
 from afdserve.errors import UserInputError
 from afdserve.sim.config import BundleConfig
 from afdserve.sim.costs import SimCosts
 from afdserve.sim.engine import simulate
 from afdserve.sim.metrics import summarize
-from afdserve.sim.profile import costs_for_transport
 from afdserve.sim.requests import RequestSet
 
 IN_PROCESS_TRANSPORTS: tuple[str, ...] = ("local",)
@@ -49,7 +49,7 @@ WORKER_EXTRAS: tuple[str, ...] = (
     "afd_prefill_token_ms",
     "afd_microbatch_ms",
 )
-"""The profile's worker-process coefficients per transport (`afdserve.sim.profile`)."""
+"""The profile's worker-process coefficients per transport (`afdserve.calibration.profile`)."""
 MULTI_PROCESS_TRANSPORTS: tuple[str, ...] = ("shm", "tcp")
 """Worker-process transports the comparison can time (the profile times their transfers too)."""
 
@@ -223,7 +223,7 @@ def validate_runtime(
     multi-process rate drifts."""
     import torch
 
-    from afdserve.sim.profile import (
+    from afdserve.calibration.profile import (
         ProfileGrid,
         check_profile,
         remeasure_worker_extras,
