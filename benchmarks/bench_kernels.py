@@ -23,10 +23,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from afdserve.engine.kv_cache import new_cache_tensor
 from afdserve.model.attention import AttentionMetadata, attend_native, attend_torch
 from afdserve.model.kernels import Kernels
 
-H, HKV, DH, BS = 9, 3, 64, 16
+H, HKV, DH = 9, 3, 64
+BLOCK_SIZES = (16, 64, 128)
+"""KV block sizes timed for the decode step (the engine's default is 64)."""
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)]
 
 
@@ -38,8 +41,8 @@ def _ms(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def _tables(lengths: list[int], rng: random.Random) -> tuple[list[list[int]], int]:
-    need = [-(-n // BS) for n in lengths]
+def _tables(lengths: list[int], rng: random.Random, bs: int) -> tuple[list[list[int]], int]:
+    need = [-(-n // bs) for n in lengths]
     blocks = list(range(1, sum(need) + 1))
     rng.shuffle(blocks)  # a cache that has seen traffic: blocks out of order
     tables, at = [], 0
@@ -49,26 +52,33 @@ def _tables(lengths: list[int], rng: random.Random) -> tuple[list[list[int]], in
     return tables, sum(need) + 1
 
 
+def _cache(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """A KV cache tensor as the engine allocates it (huge pages where Linux allows), random."""
+    t = new_cache_tensor(shape, dtype, "cpu")
+    t.copy_(torch.randn(shape, generator=g))
+    return t
+
+
 def attention(dtype: torch.dtype, reps: int) -> None:
     rng = random.Random(0)
     g = torch.Generator().manual_seed(0)
     ctx = [rng.randint(100, 700) for _ in range(48)]
     prompts = [128, 256, 300, 512]
-    for label, starts, qlens in (
-        ("decode, 48 seqs, ctx 100-700", [c - 1 for c in ctx], [1] * len(ctx)),
-        ("prefill, 4 prompts of 128-512", [0] * len(prompts), prompts),
-    ):
-        tables, nblocks = _tables([s + q for s, q in zip(starts, qlens, strict=True)], rng)
-        kc = torch.randn(HKV, nblocks, BS, DH, generator=g).to(dtype)
-        vc = torch.randn(HKV, nblocks, BS, DH, generator=g).to(dtype)
+    cases = [
+        (f"decode, 48 seqs, ctx 100-700, block {bs}", [c - 1 for c in ctx], [1] * len(ctx), bs)
+        for bs in BLOCK_SIZES
+    ] + [("prefill, 4 prompts of 128-512, block 64", [0] * len(prompts), prompts, 64)]
+    for label, starts, qlens, bs in cases:
+        tables, nblocks = _tables([s + q for s, q in zip(starts, qlens, strict=True)], rng, bs)
+        kc, vc = (_cache((HKV, nblocks, bs, DH), dtype, g) for _ in range(2))
         q = torch.randn(sum(qlens), H, DH, generator=g).to(dtype)
-        meta = AttentionMetadata.build(starts, qlens, tables, BS)
+        meta = AttentionMetadata.build(starts, qlens, tables, bs)
         kv_mb = 2 * HKV * DH * sum(s + n for s, n in zip(starts, qlens, strict=True)) * kc.itemsize
         args = (q, kc, vc, meta, DH**-0.5)
         native = _ms(lambda a=args: attend_native(*a), reps)
         torch_ms = _ms(lambda a=args: attend_torch(*a), reps)
         print(
-            f"attention {str(dtype)[6:]:9s} {label:32s} native {native:7.2f} ms   torch "
+            f"attention {str(dtype)[6:]:9s} {label:42s} native {native:7.2f} ms   torch "
             f"{torch_ms:7.2f} ms   ({torch_ms / native:4.1f}x; KV read {kv_mb / 1e6:.1f} MB)"
         )
 
@@ -83,12 +93,13 @@ def alternatives(reps: int) -> None:
     ctx = [rng.randint(100, 700) for _ in range(48)]
     q = torch.randn(len(ctx), H, DH, generator=g)
     # SDPA: the blocks of a 16-token-page cache gathered into [B, Hkv, K, Dh], padded, masked
-    tables, nblocks = _tables(ctx, rng)
-    kc = torch.randn(HKV, nblocks, BS, DH, generator=g)
-    vc = torch.randn(HKV, nblocks, BS, DH, generator=g)
+    bs = 16  # the engine's block size before it became 64
+    tables, nblocks = _tables(ctx, rng, bs)
+    kc = torch.randn(HKV, nblocks, bs, DH, generator=g)
+    vc = torch.randn(HKV, nblocks, bs, DH, generator=g)
     width = max(len(t) for t in tables)
     flat = torch.tensor([t + [0] * (width - len(t)) for t in tables]).view(-1)  # [B * nb]
-    valid = torch.arange(width * BS)[None, :] < torch.tensor(ctx)[:, None]  # [B, K]
+    valid = torch.arange(width * bs)[None, :] < torch.tensor(ctx)[:, None]  # [B, K]
 
     def sdpa() -> torch.Tensor:
         k = kc.index_select(1, flat).view(HKV, len(ctx), -1, DH).transpose(0, 1)
@@ -97,7 +108,7 @@ def alternatives(reps: int) -> None:
             q[:, :, None], k, v, attn_mask=valid[:, None, None, :], enable_gqa=True
         )
 
-    meta = AttentionMetadata.build([c - 1 for c in ctx], [1] * len(ctx), tables, BS)
+    meta = AttentionMetadata.build([c - 1 for c in ctx], [1] * len(ctx), tables, bs)
     native = _ms(lambda: attend_native(q, kc, vc, meta, DH**-0.5), reps)
     print(f"alternatives, fp32 decode of 48 seqs: native {native:.2f} ms")
     print(f"  SDPA over a gathered, padded copy: {_ms(sdpa, reps):.2f} ms")

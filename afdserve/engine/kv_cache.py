@@ -29,8 +29,8 @@ class KVCache:
     ) -> None:
         shape = (config.num_key_value_heads, num_blocks, block_size, config.head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.k = [_zeros(shape, dtype, device) for _ in range(config.num_hidden_layers)]
-        self.v = [_zeros(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.k = [new_cache_tensor(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.v = [new_cache_tensor(shape, dtype, device) for _ in range(config.num_hidden_layers)]
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -42,7 +42,9 @@ MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 << 20
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def new_cache_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
     """A zeroed cache tensor; on a Linux CPU, backed by transparent huge pages where the kernel
     allows them (madvise before the first touch). Why: a sequence's blocks lie anywhere in the
     cache, so with 4 KiB pages a decode step's attention takes a TLB miss on nearly every block;

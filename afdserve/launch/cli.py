@@ -40,7 +40,7 @@ WORKER_FLAGS: dict[str, tuple[Any, Any, str]] = {
     "device": (str, "cpu", "cpu | cuda | cuda:N: where this worker's part and KV cache live"),
     "threads": (int, 1, "torch threads in this process"),
     "cpus": (str, "", "comma-separated cores to pin this process to"),
-    "block-size": (int, 16, "KV block size"),
+    "block-size": (int, 64, "KV block size"),
     "num-kv-blocks": (int, 0, "KV blocks (0: from --kv-cache-gib)"),
     "kv-cache-gib": (float, 1.0, "KV memory budget"),
     "max-num-seqs": (int, 128, "most running sequences"),

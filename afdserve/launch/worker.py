@@ -74,7 +74,7 @@ class WorkerConfig:
     threads: int = 1
     cpus: str = ""
     """Comma-separated cores to pin this process to (empty: no pinning)."""
-    block_size: int = 16
+    block_size: int = 64
     num_kv_blocks: int = 0
     kv_cache_gib: float = 1.0
     max_num_seqs: int = 128
