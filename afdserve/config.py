@@ -47,9 +47,9 @@ class EngineConfig:
     block_size: int = 64
     """Tokens per KV block. 64, not the 16 of GPU engines: the CPU attention reads a sequence's
     blocks one by one, and a 16-token block (4 KiB per head in fp32) is one page, so the
-    hardware prefetcher restarts at every block; 64 took a decode step's attention from 3.01 to
-    2.63 ms in fp32 and 2.03 to 1.59 ms in bf16 (benchmarks/bench_kernels.py). vLLM's CPU
-    backend defaults to 128."""
+    hardware prefetcher restarts at every block; 64 took a decode step's attention from 3.36 to
+    3.02 ms in fp32 and 2.29 to 1.82 ms in bf16 (BENCHMARKS.md, kernels). vLLM's CPU backend
+    defaults to 128."""
     num_kv_blocks: int | None = None
     """KV blocks per attention worker (plus one reserved); None sizes it from kv_cache_gib."""
     kv_cache_gib: float = 1.0

@@ -329,7 +329,7 @@ def main() -> None:
         rows.append((dtype, {k: statistics.median(v) for k, v in speeds.items()}, speeds))
     print()
     what = "tok/s" if args.repeats == 1 else f"median tok/s of {args.repeats} (range)"
-    print(f"{'dtype':9s} {'engine':44s} {what:>28s} {'vs vLLM':>8s} {'vs HF':>7s}")
+    print(f"{'dtype':9s} {'engine':54s} {what:>28s} {'vs vLLM':>8s} {'vs HF':>7s}")
     for dtype, median, speeds in rows:
         ref_v, ref_h = median.get("vllm"), median.get("hf")
         for key, tps in median.items():
@@ -337,7 +337,7 @@ def main() -> None:
             spread = f"({min(speeds[key]):.1f}-{max(speeds[key]):.1f})" if args.repeats > 1 else ""
             vs_v = f"{tps / ref_v:7.2f}x" if ref_v else ""
             vs_h = f"{tps / ref_h:6.2f}x" if ref_h else ""
-            print(f"{dtype:9s} {label:44s} {tps:14.1f} {spread:>13s} {vs_v:>8s} {vs_h:>7s}")
+            print(f"{dtype:9s} {label:54s} {tps:14.1f} {spread:>13s} {vs_v:>8s} {vs_h:>7s}")
 
 
 if __name__ == "__main__":
