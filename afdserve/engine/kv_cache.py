@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 import torch
@@ -67,11 +68,7 @@ def _advise_hugepages(ptr: int, nbytes: int) -> bool:
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE) == 0
 
 
-_LIBC: list[ctypes.CDLL | None] = []
-
-
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    if not _LIBC:
-        name = ctypes.util.find_library("c")
-        _LIBC.append(ctypes.CDLL(name, use_errno=True) if name else None)
-    return _LIBC[0]
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name, use_errno=True) if name else None

@@ -13,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from afdserve.launch.messages import Codec, FrontMessage, HandshakeMessage, WorkerMessage
+from afdserve.launch.messages import Codec, FrontMessage, HandshakeMessage, WorkerMessage, encode
 
 PING_S = 1.0
 """The front pings every worker's control socket this often, so a worker can tell that the
@@ -43,7 +43,7 @@ def recv_all(sock: zmq.Socket, timeout_s: float, codec: Codec) -> list[Any]:
 def send(sock: zmq.Socket, msg: Any, timeout_s: float = 5.0) -> None:
     """Send one message, waiting at most `timeout_s` for the peer to take it."""
     deadline = time.monotonic() + timeout_s
-    frame = TO_FRONT.encode(msg)  # any codec encodes any message
+    frame = encode(msg)
     while True:
         try:
             sock.send(frame, zmq.NOBLOCK)

@@ -48,12 +48,11 @@ class Fingerprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dtype: str
     batch_invariant: bool
 
-    def differences(self, other: Fingerprint, fields: tuple[str, ...] = ()) -> dict[str, Any]:
-        """field -> (mine, theirs) where they differ (only `fields`, when given)."""
-        names = fields or self.__struct_fields__
+    def differences(self, other: Fingerprint) -> dict[str, Any]:
+        """field -> (mine, theirs) where they differ."""
         return {
             k: (getattr(self, k), getattr(other, k))
-            for k in names
+            for k in self.__struct_fields__
             if getattr(self, k) != getattr(other, k)
         }
 
@@ -179,16 +178,20 @@ class Malformed:
     request_id: str | None = None
 
 
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def encode(msg: _Message) -> bytes:
+    """Any message as one MessagePack frame."""
+    return _ENCODER.encode(msg)
+
+
 class Codec:
-    """Encodes any message; decodes frames of one direction's messages (`FrontMessage` for a
-    worker, `WorkerMessage` for the front, `HandshakeMessage` for the handshake)."""
+    """Decodes frames of one direction's messages (`FrontMessage` for a worker,
+    `WorkerMessage` for the front, `HandshakeMessage` for the handshake)."""
 
     def __init__(self, accepts: Any) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(accepts)
-
-    def encode(self, msg: _Message) -> bytes:
-        return self._encoder.encode(msg)
 
     def decode(self, frame: bytes) -> Any:
         """The message, or a `Malformed` (logged) when the frame is not one of the types this

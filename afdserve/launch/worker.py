@@ -344,7 +344,7 @@ def _handshake_as_ffn(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -> None
     import zmq
 
     from afdserve.launch import control
-    from afdserve.launch.messages import SCHEMA_VERSION, Hello, Refuse, Welcome
+    from afdserve.launch.messages import SCHEMA_VERSION, Hello, Refuse, Welcome, encode
 
     rep = ctx.socket(zmq.REP)
     rep.bind(cfg.afd_ffn_endpoint)
@@ -360,7 +360,7 @@ def _handshake_as_ffn(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -> None
                 )
             msg = control.HANDSHAKE.decode(rep.recv())
             if not isinstance(msg, Hello):
-                rep.send(control.HANDSHAKE.encode(Refuse("expected a hello message")))
+                rep.send(encode(Refuse("expected a hello message")))
                 continue
             rank, diff = msg.rank, mine.differences(msg.fingerprint)
             if msg.schema != SCHEMA_VERSION:
@@ -376,9 +376,9 @@ def _handshake_as_ffn(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -> None
                 reason = f"bad rank {rank!r}"
             else:
                 seen.add(rank)
-                rep.send(control.HANDSHAKE.encode(Welcome(cfg.rank)))
+                rep.send(encode(Welcome(cfg.rank)))
                 continue
-            rep.send(control.HANDSHAKE.encode(Refuse(reason)))
+            rep.send(encode(Refuse(reason)))
             raise UserInputError(reason)
     finally:
         rep.close(linger=500)
@@ -391,13 +391,13 @@ def _handshake_as_attention(cfg: WorkerConfig, ctx: Any, mine: dict[str, Any]) -
     import zmq
 
     from afdserve.launch import control
-    from afdserve.launch.messages import Hello, Refuse, Welcome
+    from afdserve.launch.messages import Hello, Refuse, Welcome, encode
 
     req = ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
     req.connect(cfg.afd_ffn_endpoint)
     try:
-        req.send(control.HANDSHAKE.encode(Hello(cfg.rank, mine)))
+        req.send(encode(Hello(cfg.rank, mine)))
         if not req.poll(int(cfg.connect_timeout_s * 1000)):
             raise TimeoutError(
                 f"no answer from the FFN worker at {cfg.afd_ffn_endpoint} within {cfg.connect_timeout_s}s"
@@ -510,7 +510,7 @@ def _attention_status(scheduler: Any):  # -> messages.AttentionStatus
         num_waiting=load.num_waiting,
         kv_blocks_used=load.kv_blocks_used,
         kv_blocks_total=load.kv_blocks_total,
-        counters=dataclasses.replace(scheduler.counters),  # a copy: the scheduler's moves on
+        counters=scheduler.counters,  # encoded at once by control.send: no copy needed
     )
 
 

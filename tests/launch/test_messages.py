@@ -26,6 +26,7 @@ from afdserve.launch.messages import (
     Shutdown,
     StepOutputs,
     Welcome,
+    encode,
 )
 from afdserve.types import FinishReason, SamplingParams, TokenEvent
 
@@ -47,7 +48,7 @@ events = st.builds(
 @given(st.lists(events, max_size=6))
 def test_step_outputs_keep_every_field_of_every_token_event(evs):
     msg = StepOutputs(1, STATUS, tuple(evs), afd={"active_s": 1.5})
-    back = control.TO_FRONT.decode(control.TO_FRONT.encode(msg))
+    back = control.TO_FRONT.decode(encode(msg))
     assert back == msg
     assert [type(e) for e in back.events] == [TokenEvent] * len(evs)
 
@@ -64,7 +65,7 @@ def test_step_outputs_keep_every_field_of_every_token_event(evs):
     ],
 )
 def test_worker_messages_round_trip(msg):
-    assert control.TO_FRONT.decode(control.TO_FRONT.encode(msg)) == msg
+    assert control.TO_FRONT.decode(encode(msg)) == msg
 
 
 def test_front_and_handshake_messages_round_trip():
@@ -73,9 +74,9 @@ def test_front_and_handshake_messages_round_trip():
         stop=("\n",), ignore_eos=True, logprobs=5,
     )  # fmt: skip
     for msg in (AddRequest("r", (1, 2, 3), params, 99), Abort("r"), Ping(), Shutdown()):
-        assert control.TO_WORKER.decode(control.TO_WORKER.encode(msg)) == msg
+        assert control.TO_WORKER.decode(encode(msg)) == msg
     for msg in (Hello(0, FP), Welcome(2), Refuse("no")):
-        assert control.HANDSHAKE.decode(control.HANDSHAKE.encode(msg)) == msg
+        assert control.HANDSHAKE.decode(encode(msg)) == msg
     assert Hello(0, FP).schema == Ready(0, "ffn", 1, FP).schema == SCHEMA_VERSION
 
 
@@ -92,7 +93,7 @@ def _raw(obj) -> bytes:
         _raw({"op": "abort"}),  # a field missing
         _raw({"op": "abort", "request_id": 5}),  # a field of the wrong type
         _raw({"op": "ping", "extra": 1}),  # a field nobody declared
-        control.TO_FRONT.encode(Ready(0, "attention", 1, FP)),  # the other direction's message
+        encode(Ready(0, "attention", 1, FP)),  # the other direction's message
     ],
 )
 def test_garbage_is_malformed_not_an_exception(frame):
@@ -113,4 +114,4 @@ def test_an_add_that_does_not_validate_names_its_request():
 def test_fingerprint_differences_name_the_fields():
     other = msgspec.structs.replace(FP, dtype="bfloat16", layers=2)
     assert FP.differences(other) == {"layers": (30, 2), "dtype": ("float32", "bfloat16")}
-    assert FP.differences(other, ("vocab_size",)) == {}
+    assert FP.differences(FP) == {}

@@ -158,12 +158,6 @@ static inline void store_row(void *dst, int64_t base, const float *src, float di
     }
 }
 
-/* The KV cache slot of position j of a sequence (its block table `table`), for KV head g. */
-static inline int64_t slot_of(const int64_t *table, int64_t j, int64_t g, int64_t NB, int64_t BS,
-                              int64_t Dh) {
-    return ((g * NB + table[j / BS]) * BS + j % BS) * Dh;
-}
-
 /* Row pointers (float32) to keys or values j0 .. j0 + KB - 1 (at element offsets `offs`): into
    the cache itself for float32, into `stage` ([KB, Dh]) converted otherwise; `zeros` past
    jmax. */
