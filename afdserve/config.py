@@ -79,10 +79,11 @@ class EngineConfig:
     seed: int = 0
     """Seeds the per-request sampling seeds of requests that bring none."""
     front: str = ""
-    """HOST:PORT: do not start the workers, wait for workers started by hand (`afdserve worker`,
-    on this host or others) to connect. The front binds its events socket at PORT and worker
-    rank k's control socket at PORT + 1 + k (attention ranks 0..r-1, the FFN worker r), on HOST
-    (an address the workers can reach). Empty: the front starts every worker on this host."""
+    """HOST:PORT: do not start the workers, wait for workers started by hand (`afdserve worker
+    --front HOST:PORT --rank K`, on this host or others) to connect. The front binds its events
+    socket at PORT, worker rank k's control socket at PORT + 1 + k (attention ranks 0..r-1, the
+    FFN worker r) and hosts the data transport's rendezvous store at PORT + 2 + r, on HOST (an
+    address the workers can reach). Empty: the front starts every worker on this host."""
     startup_timeout_s: float = 120.0
     """Longest the front waits for every worker to report ready (multi-process transports)."""
     batch_invariant: bool = False
@@ -159,19 +160,21 @@ class EngineConfig:
                     f"transport={self.transport!r}"
                 )
             _, port = parse_host_port(self.front, "front")
-            if port + 1 + self.attention_workers > 65535:
+            if port + 2 + self.attention_workers > 65535:
                 raise UserInputError(
                     f"front port {port} leaves no room for the {self.attention_workers + 1} "
-                    "control ports after it (PORT + 1 .. PORT + 1 + r)"
+                    "control ports and the rendezvous port after it (PORT + 1 .. PORT + 2 + r)"
                 )
 
     @property
-    def front_addresses(self) -> tuple[str, list[str]]:
-        """With `front`: (events address, control address of each rank 0..r), as tcp:// URLs."""
+    def front_addresses(self) -> tuple[str, list[str], str]:
+        """With `front`: (events address, control address of each rank 0..r, as tcp:// URLs;
+        the rendezvous store's HOST:PORT)."""
         host, _, port_s = self.front.rpartition(":")
         port = int(port_s)
-        controls = [f"tcp://{host}:{port + 1 + k}" for k in range(self.attention_workers + 1)]
-        return f"tcp://{host}:{port}", controls
+        r = self.attention_workers
+        controls = [f"tcp://{host}:{port + 1 + k}" for k in range(r + 1)]
+        return f"tcp://{host}:{port}", controls, f"{host}:{port + 2 + r}"
 
     @property
     def is_afd(self) -> bool:

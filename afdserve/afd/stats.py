@@ -28,11 +28,16 @@ the multi-process runtime ships each worker's snapshot to the front over its con
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
+
+from afdserve.engine.scheduler import SchedulerCounters
 
 A2F = "a2f"
 """Direction label: attention worker -> FFN worker (ACTIVATION_TRANSFER)."""
@@ -281,9 +286,23 @@ class AFDStats:
         )
 
 
+class AttentionStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a front's `state()` and router need from an attention worker: its queues, KV
+    blocks and scheduler counters (`counters.requests_added` lets a remote front count the adds
+    this worker has not taken in yet). A msgspec Struct: it crosses the control plane as is."""
+
+    load: int
+    kv_usage: float
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    counters: SchedulerCounters
+
+
 @dataclass(frozen=True)
 class WorkerState:
-    """One attention worker as the metrics see it (taken under the engine's lock)."""
+    """One attention worker as the metrics see it."""
 
     index: int
     num_running: int
@@ -298,6 +317,31 @@ class WorkerState:
     """The scheduler's monotonic counters (SchedulerCounters as a dict)."""
     routed: int
     """Requests the router has sent to this worker."""
+
+    @classmethod
+    def of(
+        cls,
+        index: int,
+        status: AttentionStatus,
+        routed: int,
+        *,
+        unseen_adds: int = 0,
+        load_score: int | None = None,
+    ) -> WorkerState:
+        """From a worker's status. A remote front adds the requests it sent that the worker
+        had not taken in when it reported (`unseen_adds`, counted as waiting) and routes by
+        its own `load_score`."""
+        return cls(
+            index=index,
+            num_running=status.num_running,
+            num_waiting=status.num_waiting + unseen_adds,
+            kv_usage=status.kv_usage,
+            kv_blocks_used=status.kv_blocks_used,
+            kv_blocks_total=status.kv_blocks_total,
+            load_score=status.load if load_score is None else load_score,
+            counters=dataclasses.asdict(status.counters),
+            routed=routed,
+        )
 
 
 @dataclass(frozen=True)

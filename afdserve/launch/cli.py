@@ -6,48 +6,26 @@ import argparse
 import os
 from typing import Any
 
-# flag -> (type, default, help); each also reads AFDSERVE_<FLAG> (e.g. AFDSERVE_AFD_ATTENTION_RATIO)
+# flag -> (type, default, help); each also reads AFDSERVE_<FLAG> (e.g. AFDSERVE_FRONT). Only where
+# the front is and what is local to this host: the model, the group's shape, the cache and the
+# kernels come from the front (its one EngineConfig, in `Configure`).
 WORKER_FLAGS: dict[str, tuple[Any, Any, str]] = {
-    "disaggregation-mode": (str, None, "attention or ffn"),
-    "model": (str, "builtin:tiny-qwen3-moe", "HF-format model dir or builtin:NAME"),
-    "afd-attention-ratio": (int, None, "r: attention workers in the group"),
-    "afd-ffn-endpoint": (
-        str,
-        None,
-        "ZeroMQ address of the FFN worker's handshake socket (tcp://HOST:PORT)",
-    ),
-    "afd-microbatch-size": (int, 0, "cap on tokens per microbatch (0: use --afd-microbatches)"),
-    "afd-microbatches": (int, 2, "microbatches per step"),
-    "afd-sync-timeout-ms": (float, 30000.0, "longest wait for a peer before a timeout"),
-    "afd-gather-wait-ms": (
-        float,
-        -1.0,
-        "FFN: how long a batch waits for attention workers at its position (-1: the sync "
-        "timeout, always gather; 0: serve whoever has arrived)",
-    ),
-    "transport": (str, "shm", "shm | torch | tcp | nixl"),
-    "rendezvous": (str, "", "HOST:PORT of the transport's rendezvous store (hosted by rank 0)"),
-    "rank": (int, 0, "attention workers 0..r-1, the FFN worker r"),
+    "front": (str, "", "HOST:PORT of a front started with --front (needs --rank)"),
+    "rank": (int, None, "this worker's rank: attention workers 0..r-1, the FFN worker r"),
+    "control": (str, "", "or: the front's control address for this worker (tcp://...)"),
+    "events": (str, "", "and the front's events address (tcp://...)"),
     "host": (
         str,
         "",
         "address peers reach this worker's data sockets at (tcp, torch): set it to this host's "
         "address when the workers run on several hosts (default: tcp 127.0.0.1, torch gloo's)",
     ),
-    "control": (str, "", "front address to pull requests/commands from"),
-    "events": (str, "", "front address to push events to"),
-    "dtype": (str, "auto", "auto | float32 | bfloat16 | float16"),
-    "device": (str, "cpu", "cpu | cuda | cuda:N: where this worker's part and KV cache live"),
-    "threads": (int, 1, "torch threads in this process"),
     "cpus": (str, "", "comma-separated cores to pin this process to"),
-    "block-size": (int, 64, "KV block size"),
-    "num-kv-blocks": (int, 0, "KV blocks (0: from --kv-cache-gib)"),
-    "kv-cache-gib": (float, 1.0, "KV memory budget"),
-    "max-num-seqs": (int, 128, "most running sequences"),
-    "max-num-batched-tokens": (int, 2048, "token budget per step"),
-    "max-model-len": (int, 0, "context limit (0: the model's)"),
-    "batch-invariant": (int, 0, "1: exact (batch-invariant) kernels, as the front's group"),
-    "connect-timeout-s": (float, 60.0, "deadline for the handshake and transport connection"),
+    "connect-timeout-s": (
+        float,
+        60.0,
+        "deadline for the front's configuration and the data transport's connection",
+    ),
     "front-timeout-s": (
         float,
         30.0,
@@ -72,7 +50,10 @@ def _env_default(flag: str, type_: Any, default: Any) -> Any:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    w = sub.add_parser("worker", help="run one AFD worker process (attention or FFN)")
+    w = sub.add_parser(
+        "worker",
+        help="run one AFD worker process (attention or FFN, as its front configures it)",
+    )
     for flag, (type_, _default, help_) in WORKER_FLAGS.items():
         w.add_argument(
             f"--{flag}",
@@ -107,7 +88,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_worker_cmd(args: argparse.Namespace) -> int:
-    from afdserve.errors import UserInputError
     from afdserve.launch.worker import config_from_args, run_worker
 
     values = {}
@@ -115,11 +95,6 @@ def run_worker_cmd(args: argparse.Namespace) -> int:
         dest = flag.replace("-", "_")
         v = getattr(args, dest)
         values[dest] = v if v is not None else _env_default(flag, type_, default)
-    for need in ("disaggregation_mode", "afd_attention_ratio", "afd_ffn_endpoint"):
-        if values[need] is None:
-            raise UserInputError(
-                f"--{need.replace('_', '-')} is required (or AFDSERVE_{need.upper()})"
-            )
     return run_worker(config_from_args(argparse.Namespace(**values)))
 
 

@@ -13,17 +13,16 @@ from typing import Any
 
 import zmq
 
-from afdserve.launch.messages import Codec, FrontMessage, HandshakeMessage, WorkerMessage, encode
+from afdserve.launch.messages import Codec, FrontMessage, WorkerMessage, encode
 
 PING_S = 1.0
 """The front pings every worker's control socket this often, so a worker can tell that the
 front is gone (`afdserve worker --front-timeout-s`)."""
 
 TO_WORKER = Codec(FrontMessage)
-"""What a worker decodes (requests, aborts, pings, shutdown)."""
+"""What a worker decodes (its configuration, requests, aborts, pings, shutdown)."""
 TO_FRONT = Codec(WorkerMessage)
 """What the front decodes (ready, step outputs, heartbeats, errors)."""
-HANDSHAKE = Codec(HandshakeMessage)
 
 
 def recv_all(sock: zmq.Socket, timeout_s: float, codec: Codec) -> list[Any]:

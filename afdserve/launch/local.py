@@ -8,7 +8,6 @@ its own scheduler and KV cache, exactly as it would in its own process.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from afdserve.model.config import ModelConfig
 from afdserve.model.kernels import Kernels
 from afdserve.model.loader import load_weights
 from afdserve.model.parts import AttentionPart, FFNPart, is_ffn_weight
+from afdserve.transport.base import Transport
 from afdserve.transport.local import LocalHub
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,6 +125,30 @@ def cache_and_scheduler_configs(
     return cache, sched
 
 
+def make_attention_worker(
+    index: int, cfg: EngineConfig, model: LoadedModel, link: FFNLink
+) -> AttentionWorker:
+    """Attention worker `index` of `cfg`: its own scheduler and KV cache, and a runner on the
+    loaded attention part that reaches the FFN through `link`. The one recipe both placements
+    (threads here, a worker process in launch/worker.py) use."""
+    cache_cfg, sched_cfg = cache_and_scheduler_configs(cfg, model.config, model.dtype)
+    kv = KVCache(model.config, cache_cfg.num_blocks, cache_cfg.block_size, model.dtype, cfg.device)
+    runner = AttentionRunner(model.attention, kv, link, cfg.microbatches, cfg.microbatch_tokens)
+    scheduler = Scheduler(sched_cfg, cache_cfg, eos_token_ids=model.config.eos_token_ids)
+    return AttentionWorker(index, scheduler, runner)
+
+
+def make_ffn_worker(cfg: EngineConfig, model: LoadedModel, transport: Transport) -> FFNWorker:
+    """The FFN worker of `cfg` on `transport`, serving attention ranks 0..r-1 (both placements)."""
+    return FFNWorker(
+        model.ffn,
+        transport,
+        attention_ranks=range(cfg.attention_workers),
+        timeout_s=cfg.sync_timeout_s,
+        gather_wait_s=cfg.ffn_gather_wait_s,
+    )
+
+
 def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[Engine, LoadedModel]:
     """An in-process engine for `cfg` (transport `local`). Returns it with the loaded model."""
     if cfg.transport != "local":
@@ -134,7 +158,7 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     m = model or load_model(
         cfg.model, cfg.dtype, cfg.device, kernels=Kernels(batch_invariant=cfg.batch_invariant)
     )
-    cache_cfg, sched_cfg = cache_and_scheduler_configs(cfg, m.config, m.dtype)
+    cache_and_scheduler_configs(cfg, m.config, m.dtype)  # a bad max_model_len: before any hub
     r = cfg.attention_workers
     links: list[FFNLink]
     ffn_worker = None
@@ -150,30 +174,17 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
             )
             for k in range(r)
         ]
-        ffn_worker = FFNWorker(
-            m.ffn,
-            hub.endpoints[r],
-            attention_ranks=range(r),
-            timeout_s=cfg.sync_timeout_s,
-            gather_wait_s=cfg.ffn_gather_wait_s,
-        )
+        ffn_worker = make_ffn_worker(cfg, m, hub.endpoints[r])
         on_close.append(hub.close)
     else:
         links = [LocalFFN(m.ffn) for _ in range(r)]
-    workers = []
-    for k in range(r):
-        kv = KVCache(m.config, cache_cfg.num_blocks, cache_cfg.block_size, m.dtype, cfg.device)
-        runner = AttentionRunner(m.attention, kv, links[k], cfg.microbatches)
-        scheduler = Scheduler(
-            dataclasses.replace(sched_cfg), cache_cfg, eos_token_ids=m.config.eos_token_ids
-        )
-        workers.append(AttentionWorker(k, scheduler, runner))
+    workers = [make_attention_worker(k, cfg, m, links[k]) for k in range(r)]
     engine = Engine(
         workers,
+        m.config.vocab_size,
         ffn_worker,
         seed=cfg.seed,
         on_close=on_close,
-        vocab_size=m.config.vocab_size,
         ffn_threads=cfg.ffn_threads,
     )
     return engine, m

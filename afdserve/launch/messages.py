@@ -1,19 +1,19 @@
 """Every message of the control plane, declared once and used by both ends.
 
-The control plane carries requests to attention workers, token events and status back to the
-front, and the attention/FFN handshake (hidden states never travel here: they use the data
-transports and the binary wire protocol). Each message is a msgspec Struct tagged by its `op`;
+The control plane carries each worker's configuration and the requests to attention workers,
+and token events and status back to the front (hidden states never travel here: they use the
+data transports and the binary wire protocol). Each message is a msgspec Struct tagged by its `op`;
 one `Codec` encodes them as MessagePack and decodes a frame into exactly one of the declared
 types, checking every field's type, so a field that is added on one side cannot be dropped on
 the other (the way top log-probabilities were when events were positional JSON lists).
 
 Domain types travel as themselves: `SamplingParams` (its `__post_init__` checks run again on
-decode), `TokenEvent` (every field: token, logprob, top logprobs, finish reason) and
-`SchedulerCounters`. AFD stats travel as `AFDStatsSnapshot.to_dict()`, whose reader validates
+decode), `EngineConfig` (likewise), `TokenEvent` (every field: token, logprob, top logprobs,
+finish reason) and `SchedulerCounters`. AFD stats travel as `AFDStatsSnapshot.to_dict()`, whose reader validates
 them.
 
-SCHEMA_VERSION is in the handshake (`Hello`) and in `Ready`: a worker of another version is
-refused by name, not misread. (The Structs refuse unknown fields; msgspec decodes the domain
+SCHEMA_VERSION is in `Configure` and in `Ready`: a worker of another version is refused by name,
+not misread. (The Structs refuse unknown fields; msgspec decodes the domain
 dataclasses leniently, ignoring keys they do not declare, which the version check covers.)
 """
 
@@ -25,12 +25,13 @@ from typing import Any, Literal
 
 import msgspec
 
-from afdserve.engine.scheduler import SchedulerCounters
+from afdserve.afd.stats import AttentionStatus
+from afdserve.config import EngineConfig
 from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bump when a message changes shape; both ends of a group must agree."""
 
 Role = Literal["attention", "ffn"]
@@ -61,26 +62,22 @@ class _Message(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_field
     pass
 
 
-# -- the handshake: attention worker -> FFN worker (ZeroMQ REQ/REP) -----------------------------
-
-
-class Hello(_Message, tag="hello"):
-    rank: int
-    fingerprint: Fingerprint
-    schema: int = SCHEMA_VERSION
-
-
-class Welcome(_Message, tag="welcome"):
-    """The FFN worker accepts this attention worker into its group."""
-
-    rank: int
-
-
-class Refuse(_Message, tag="refuse"):
-    reason: str
-
-
 # -- front -> worker ----------------------------------------------------------------------------
+
+
+class Configure(_Message, tag="configure"):
+    """The first message a worker gets: the group's one EngineConfig (its `__post_init__`
+    checks run again on decode), this worker's rank (rank `attention_workers` is the FFN
+    worker) and where the front hosts the data transport's rendezvous store. A worker has no
+    other source of configuration, so the workers of a group cannot disagree on it."""
+
+    rank: int
+    config: EngineConfig
+    model: str
+    """The model directory, as the front resolved it (the same path on every host)."""
+    rendezvous: str
+    """HOST:PORT of the store the front hosts for the data transport."""
+    schema: int = SCHEMA_VERSION
 
 
 class AddRequest(_Message, tag="add"):
@@ -118,20 +115,6 @@ class Ready(_Message, tag="ready"):
     """An attention worker's context limit (0 from the FFN worker)."""
 
 
-class AttentionStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What the front's `state()` and router need from an attention worker: its queues, KV
-    blocks and scheduler counters (`counters.requests_added` lets the front count the adds
-    this worker has not taken in yet)."""
-
-    load: int
-    kv_usage: float
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    counters: SchedulerCounters
-
-
 class StepOutputs(_Message, tag="events"):
     """An attention worker's token events of one step, with its status after it."""
 
@@ -163,8 +146,7 @@ class Failed(_Message, tag="error"):
     request_id: str | None = None
 
 
-HandshakeMessage = Hello | Welcome | Refuse
-FrontMessage = AddRequest | Abort | Ping | Shutdown
+FrontMessage = Configure | AddRequest | Abort | Ping | Shutdown
 WorkerMessage = Ready | StepOutputs | Heartbeat | Failed
 
 
@@ -188,7 +170,7 @@ def encode(msg: _Message) -> bytes:
 
 class Codec:
     """Decodes frames of one direction's messages (`FrontMessage` for a worker,
-    `WorkerMessage` for the front, `HandshakeMessage` for the handshake)."""
+    `WorkerMessage` for the front)."""
 
     def __init__(self, accepts: Any) -> None:
         self._decoder = msgspec.msgpack.Decoder(accepts)

@@ -26,10 +26,10 @@ thread that steps (`step`, `poll_idle`), under `self._recv_lock`, which `close` 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,9 +41,11 @@ from pathlib import Path
 
 import zmq
 
+from afdserve.afd.admission import admit
 from afdserve.afd.router import Router
 from afdserve.afd.stats import AFDStatsSnapshot, EngineState, WorkerState
 from afdserve.config import EngineConfig
+from afdserve.engine.scheduler import SchedulerCounters
 from afdserve.errors import AfdserveError, UserInputError
 from afdserve.launch import control
 from afdserve.launch.messages import (
@@ -51,6 +53,7 @@ from afdserve.launch.messages import (
     Abort,
     AddRequest,
     AttentionStatus,
+    Configure,
     Failed,
     Fingerprint,
     Heartbeat,
@@ -59,6 +62,7 @@ from afdserve.launch.messages import (
     Shutdown,
     StepOutputs,
 )
+from afdserve.model.config import ModelConfig
 from afdserve.transport.options import free_port
 from afdserve.types import FinishReason, SamplingParams, TokenEvent
 
@@ -99,12 +103,9 @@ class _RemoteWorker:
     adds_sent: int = 0
     adds_failed: int = 0
     """Adds the worker refused (an `error` naming a request id)."""
-    kv_usage: float = 0.0
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
+    status: AttentionStatus = field(
+        default_factory=lambda: AttentionStatus(0, 0.0, 0, 0, 0, 0, SchedulerCounters())
+    )
     afd: AFDStatsSnapshot = field(default_factory=AFDStatsSnapshot)
     last_heard: float = field(default_factory=time.monotonic)
     """When the front last got a message from this worker (time.monotonic)."""
@@ -114,7 +115,7 @@ class _RemoteWorker:
 
     def unseen_adds(self) -> int:
         """Requests sent to this worker that it had not taken in when it last reported."""
-        taken = int(self.counters.get("requests_added", 0)) + self.adds_failed
+        taken = self.status.counters.requests_added + self.adds_failed
         return max(0, self.adds_sent - taken)
 
     def take_status(self, status: AttentionStatus, afd: dict | None) -> None:
@@ -124,10 +125,7 @@ class _RemoteWorker:
         if min(*counts, status.kv_blocks_total) < 0:
             raise ValueError(f"negative status counts {status}")
         snapshot = AFDStatsSnapshot.from_dict(afd) if afd is not None else None
-        self.num_running, self.num_waiting, self.kv_blocks_used = counts
-        self.kv_blocks_total = status.kv_blocks_total
-        self.kv_usage = status.kv_usage
-        self.counters = dataclasses.asdict(status.counters)
+        self.status = status
         if snapshot is not None:
             self.afd = snapshot
 
@@ -139,7 +137,6 @@ class MultiProcessEngine:
                 "multi-process serving runs AFD: use mode='afd' (aggregated runs in-process)"
             )
         from afdserve.model.builtin import resolve_model
-        from afdserve.model.config import ModelConfig
 
         self.cfg = cfg
         self.model_path = resolve_model(cfg.model)
@@ -166,17 +163,9 @@ class MultiProcessEngine:
         self._logdir = ""
         self.max_model_len = 0
         self.rendezvous = ""
-        """HOST:PORT of the workers' rendezvous store (attention worker 0 hosts it); empty when
-        the workers were started by hand (`cfg.front`)."""
-        try:
-            if cfg.front:
-                self._bind_front()
-            else:
-                self._spawn_workers()
-            self._wait_ready(cfg.startup_timeout_s)
-        except BaseException:
-            self.close()
-            raise
+        """HOST:PORT of the data transport's rendezvous store, which this front hosts (for shm,
+        only the name its session is derived from)."""
+        self._store = None
         self._stop_pings = threading.Event()
         self._pinger = threading.Thread(
             target=_ping_loop,
@@ -184,7 +173,20 @@ class MultiProcessEngine:
             name="afd-front-ping",
             daemon=True,
         )
-        self._pinger.start()
+        try:
+            if cfg.front:
+                self._bind_front()
+            else:
+                self._spawn_workers()
+            if cfg.transport != "shm":
+                from afdserve.transport.rendezvous import StoreServer
+
+                self._store = StoreServer(self.rendezvous, r + 1, cfg.startup_timeout_s)
+            self._pinger.start()  # from the start: a ready worker must not think us gone
+            self._wait_ready(cfg.startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
 
     def _ping_all(self) -> None:
         with self._lock:
@@ -200,7 +202,7 @@ class MultiProcessEngine:
 
     def _bind_front(self) -> None:
         """Workers started by hand: bind the addresses they were told (`cfg.front`)."""
-        events_addr, control_addrs = self.cfg.front_addresses
+        events_addr, control_addrs, self.rendezvous = self.cfg.front_addresses
         for sock, addr in [(self._events, events_addr)] + [
             (self._new_control(), a) for a in control_addrs
         ]:
@@ -214,10 +216,10 @@ class MultiProcessEngine:
         )
         log.warning(
             "afdserve front: waiting up to %.0fs for %d attention workers and 1 FFN worker, "
-            "started with `afdserve worker ... --events %s --control ADDR`: %s",
+            "started with `afdserve worker --front %s --rank K`: %s",
             self.cfg.startup_timeout_s,
             r,
-            events_addr,
+            self.cfg.front,
             ranks,
         )
 
@@ -228,27 +230,22 @@ class MultiProcessEngine:
         return ctrl
 
     def _spawn_workers(self) -> None:
-        """Start every worker on this host, on loopback addresses the front picks."""
+        """Start every worker on this host, on loopback addresses the front picks; each is told
+        only where the front is, its rank (which `ps` then shows) and its cores; the rest
+        comes in `Configure`."""
         cfg, r = self.cfg, self.cfg.attention_workers
         events_addr = f"tcp://127.0.0.1:{self._events.bind_to_random_port('tcp://127.0.0.1')}"
         self._logdir = tempfile.mkdtemp(prefix="afdserve-workers-")
-        ffn_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.rendezvous = f"127.0.0.1:{free_port()}"
         ncpu = os.cpu_count() or 1
         env = _worker_env(cfg, ncpu)
         for rank in range(r + 1):
             ctrl = self._new_control()
             ctrl_addr = f"tcp://127.0.0.1:{ctrl.bind_to_random_port('tcp://127.0.0.1')}"
-            args = _worker_args(
-                cfg,
-                self.model_path,
-                rank,
-                ffn_endpoint,
-                self.rendezvous,
-                ctrl_addr,
-                events_addr,
-                cpus=str(rank % ncpu) if cfg.pin_workers else "",
-            )
+            args = [sys.executable, "-m", "afdserve.cli", "worker"]
+            args += ["--rank", str(rank), "--control", ctrl_addr, "--events", events_addr]
+            if cfg.pin_workers:
+                args += ["--cpus", str(rank % ncpu)]
             log_path = Path(self._logdir) / f"worker-{rank}.log"
             self._logs.append(log_path)
             with open(log_path, "wb") as logf:
@@ -265,19 +262,35 @@ class MultiProcessEngine:
                     )
                 )
 
+    def _configure(self, pending: set[int]) -> None:
+        """Send `Configure` to each rank in `pending` whose worker has connected (a PUSH socket
+        takes a message only once its peer is there); those sent leave `pending`."""
+        with self._lock:
+            for rank in sorted(pending):
+                msg = Configure(rank, self.cfg, str(self.model_path), self.rendezvous)
+                try:
+                    control.send(self._controls[rank], msg, timeout_s=0.0)
+                except (TimeoutError, zmq.ZMQError):
+                    continue  # not connected yet
+                pending.discard(rank)
+
     def _wait_ready(self, timeout_s: float) -> None:
-        """Until every rank 0..r has said `ready` (after its handshake and transport are up)
-        and serves the front's model; a worker's start-up error, a death (spawned workers) or
-        the deadline is a WorkerError naming the ranks."""
+        """Configure every rank 0..r as it connects, then wait until each has said `ready`
+        (after loading its part and connecting the data transport) serving the front's model;
+        a worker's start-up error, a death (spawned workers) or the deadline is a WorkerError
+        naming the ranks."""
         r = self.cfg.attention_workers
         deadline = time.monotonic() + timeout_s
-        ready: set[int] = set()
+        unconfigured = set(range(r + 1))
+        ready: dict[int, Fingerprint] = {}
         while len(ready) < r + 1:
             self._check_alive(starting=True)
             if time.monotonic() > deadline:
-                missing = sorted(set(range(r + 1)) - ready)
+                missing = sorted(set(range(r + 1)) - set(ready))
                 where = f"logs: {self._logdir}" if self._procs else f"front {self.cfg.front}"
                 raise WorkerError(f"workers {missing} not ready within {timeout_s:.0f}s ({where})")
+            if unconfigured:
+                self._configure(unconfigured)
             for m in control.recv_all(self._events, 0.1, control.TO_FRONT):
                 if isinstance(m, Failed):
                     raise WorkerError(f"worker {m.rank} failed to start: {m.message}")
@@ -293,29 +306,22 @@ class MultiProcessEngine:
                         f"worker rank {m.rank} speaks control schema {m.schema}, this front "
                         f"{SCHEMA_VERSION}: run one afdserve version for the front and workers"
                     )
-                self._check_fingerprint(m.rank, m.fingerprint)
-                ready.add(m.rank)
+                self._check_fingerprint(m.rank, m.fingerprint, ready)
+                ready[m.rank] = m.fingerprint
                 if m.role == "attention":
-                    self.max_model_len = m.max_model_len
+                    self.max_model_len = min(self.max_model_len or m.max_model_len, m.max_model_len)
         for w in self.workers:  # silence counts from here, not from the spawn
             w.last_heard = time.monotonic()
 
-    def _check_fingerprint(self, rank: int, theirs: Fingerprint) -> None:
-        """A worker must serve the model the front tokenizes for (workers started by hand may
-        have been given another one); the workers check each other in their handshake."""
-        mine = self.model_config
-        want = {
-            "architecture": mine.architecture,
-            "layers": mine.num_hidden_layers,
-            "hidden_size": mine.hidden_size,
-            "vocab_size": mine.vocab_size,
-            "batch_invariant": self.cfg.batch_invariant,
-        }
-        if self.cfg.dtype != "auto":
-            want["dtype"] = self.cfg.dtype
-        diff = {k: (v, getattr(theirs, k)) for k, v in want.items() if getattr(theirs, k) != v}
-        if diff:
-            what = ", ".join(f"{k} {b!r} (front: {a!r})" for k, (a, b) in diff.items())
+    def _check_fingerprint(
+        self, rank: int, theirs: Fingerprint, others: dict[int, Fingerprint]
+    ) -> None:
+        """Every worker loads the model the front told it, but a host may hold another model
+        at that path: a worker must serve the model the front tokenizes for, and all the
+        workers of a group the same one (an attention and an FFN part of different models
+        would exchange hidden states that mean nothing)."""
+        what = mismatch(self.model_config, self.cfg, theirs, others)
+        if what:
             raise WorkerError(f"worker rank {rank} serves a different model: {what}")
 
     def _check_alive(self, starting: bool = False) -> None:
@@ -351,36 +357,35 @@ class MultiProcessEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
     ) -> int:
-        """Route a request to the least-loaded attention worker; returns that worker's index.
-        Thread-safe (the server calls it on its event loop while `step` runs elsewhere)."""
-        ids = list(prompt_token_ids)
-        if not ids:
-            raise UserInputError("prompt must not be empty")
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise UserInputError(
-                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-            )
-        if len(ids) > self.max_model_len:
-            raise UserInputError(
-                f"prompt has {len(ids)} tokens but the context length is {self.max_model_len}"
-            )
+        """Admit a request and route it to the least-loaded attention worker; returns that
+        worker's index. Thread-safe (the server calls it on its event loop while `step` runs
+        elsewhere)."""
         with self._lock:
             if self._closed or self._failure is not None:
                 raise WorkerError(self._failure or "the multi-process engine is closed")
             if request_id in self._owner:
                 raise UserInputError(f"duplicate request id {request_id!r}")
-            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            request = admit(
+                request_id,
+                prompt_token_ids,
+                params,
+                arrival_time,
+                vocab_size=self.vocab_size,
+                max_model_len=self.max_model_len,
+                rng=self._rng,
+            )
             k = self.router.choose()
             try:
-                add = AddRequest(request_id, tuple(ids), params, seed)
+                add = AddRequest(
+                    request_id, request.prompt_token_ids, params, request.sampling_seed
+                )
                 control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
             except (TimeoutError, zmq.ZMQError) as exc:
                 self.router.routed[k] -= 1
                 raise WorkerError(f"attention worker {k} does not take requests: {exc}") from None
             self._owner[request_id] = k
             w = self.workers[k]
-            w.outstanding[request_id] = len(ids)
+            w.outstanding[request_id] = len(request.prompt_token_ids)
             w.adds_sent += 1
             return k
 
@@ -490,16 +495,12 @@ class MultiProcessEngine:
         stats each worker reported: the same types the in-process `Engine` returns."""
         with self._lock:
             workers = tuple(
-                WorkerState(
-                    index=k,
-                    num_running=w.num_running,
-                    num_waiting=w.num_waiting + w.unseen_adds(),
-                    kv_usage=w.kv_usage,
-                    kv_blocks_used=w.kv_blocks_used,
-                    kv_blocks_total=w.kv_blocks_total,
+                WorkerState.of(
+                    k,
+                    w.status,
+                    self.router.routed[k],
+                    unseen_adds=w.unseen_adds(),
                     load_score=w.load_score(),
-                    counters=dict(w.counters),
-                    routed=self.router.routed[k],
                 )
                 for k, w in enumerate(self.workers)
             )
@@ -517,9 +518,10 @@ class MultiProcessEngine:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker (shutdown message, then SIGTERM, then SIGKILL) and free sockets."""
-        if getattr(self, "_pinger", None) is not None:
+        pinger = getattr(self, "_pinger", None)
+        if pinger is not None and pinger.ident is not None:  # started
             self._stop_pings.set()
-            self._pinger.join(5.0)
+            pinger.join(5.0)
         with self._lock:
             if self._closed:
                 return
@@ -545,6 +547,10 @@ class MultiProcessEngine:
             for s in [*self._controls, self._events]:
                 s.close(linger=0)
             self._ctx.term()
+        if self._store is not None:
+            self._store.close()
+        if self._logdir and all(code == 0 for code in self.exit_codes):
+            shutil.rmtree(self._logdir, ignore_errors=True)  # kept when a worker failed
 
     @property
     def exit_codes(self) -> list[int | None]:
@@ -562,6 +568,30 @@ class MultiProcessEngine:
                 p.kill()
 
 
+def mismatch(
+    model: ModelConfig, cfg: EngineConfig, theirs: Fingerprint, others: dict[int, Fingerprint]
+) -> str:
+    """What differs between a worker's fingerprint and the front's model and config, or the
+    workers already ready ("" when nothing does)."""
+    want = {
+        "architecture": model.architecture,
+        "layers": model.num_hidden_layers,
+        "hidden_size": model.hidden_size,
+        "vocab_size": model.vocab_size,
+        "batch_invariant": cfg.batch_invariant,
+    }
+    if cfg.dtype != "auto":
+        want["dtype"] = cfg.dtype
+    diff = [
+        f"{k} {getattr(theirs, k)!r} (front: {v!r})"
+        for k, v in want.items()
+        if getattr(theirs, k) != v
+    ]
+    for rank, fp in sorted(others.items()):
+        diff += [f"{k} {b!r} (rank {rank}: {a!r})" for k, (b, a) in theirs.differences(fp).items()]
+    return ", ".join(diff)
+
+
 def _ping_loop(engine: weakref.ref, stop: threading.Event) -> None:
     """Ping every worker each `control.PING_S`: a worker that hears nothing from its front for
     `--front-timeout-s` knows it is gone (one started by hand has no other way). Holds the
@@ -572,74 +602,6 @@ def _ping_loop(engine: weakref.ref, stop: threading.Event) -> None:
             return
         front._ping_all()
         del front
-
-
-def _worker_args(
-    cfg: EngineConfig,
-    model: Path,
-    rank: int,
-    ffn_endpoint: str,
-    rendezvous: str,
-    ctrl: str,
-    events: str,
-    cpus: str,
-) -> list[str]:
-    r = cfg.attention_workers
-    args = [
-        sys.executable,
-        "-m",
-        "afdserve.cli",
-        "worker",
-        "--disaggregation-mode",
-        "ffn" if rank == r else "attention",
-        "--model",
-        str(model),
-        "--afd-attention-ratio",
-        str(r),
-        "--afd-ffn-endpoint",
-        ffn_endpoint,
-        "--transport",
-        cfg.transport,
-        "--rendezvous",
-        rendezvous,
-        "--rank",
-        str(rank),
-        "--afd-microbatches",
-        str(cfg.microbatches),
-        "--afd-microbatch-size",
-        str(cfg.microbatch_tokens or 0),
-        "--afd-sync-timeout-ms",
-        str(int(cfg.sync_timeout_s * 1000)),
-        "--control",
-        ctrl,
-        "--events",
-        events,
-        "--dtype",
-        cfg.dtype,
-        "--device",
-        cfg.device,
-        "--threads",
-        str(cfg.ffn_threads or cfg.worker_threads if rank == r else cfg.worker_threads),
-        "--block-size",
-        str(cfg.block_size),
-        "--kv-cache-gib",
-        str(cfg.kv_cache_gib),
-        "--max-num-seqs",
-        str(cfg.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(cfg.max_num_batched_tokens),
-    ]
-    if cfg.num_kv_blocks:
-        args += ["--num-kv-blocks", str(cfg.num_kv_blocks)]
-    if cfg.batch_invariant:
-        args += ["--batch-invariant", "1"]
-    if cfg.ffn_gather_wait_s is not None:
-        args += ["--afd-gather-wait-ms", str(cfg.ffn_gather_wait_s * 1000.0)]
-    if cfg.max_model_len:
-        args += ["--max-model-len", str(cfg.max_model_len)]
-    if cpus:
-        args += ["--cpus", cpus]
-    return args
 
 
 def _worker_env(cfg: EngineConfig, ncpu: int) -> dict[str, str]:

@@ -85,6 +85,9 @@ class TransportOptions:
     rendezvous: str = ""
     """HOST:PORT of the group's rendezvous TCPStore, hosted by rank 0 (torch, tcp, nixl). The shm
     backend only derives its session name from it (no TCP); it can be given `session` instead."""
+    external_store: bool = False
+    """The store at `rendezvous` is hosted outside the group (by the front: StoreServer), not
+    by rank 0."""
     peers: tuple[int, ...] | None = None
     """Ranks this endpoint exchanges messages with; None means every other rank. Must be
     symmetric across the group (attention ranks list the FFN ranks and vice versa)."""

@@ -1,8 +1,10 @@
 """Rendezvous: how the ranks of a group find each other before any data moves.
 
-Rank 0 hosts a torch.distributed TCPStore at the group's HOST:PORT; every rank connects to it,
-publishes what its peers need (a ZeroMQ address, NIXL agent metadata) and reads theirs. Every
-read has a deadline. The store only serves setup; it is released when the transport closes.
+A torch.distributed TCPStore at the group's HOST:PORT, hosted by rank 0 or, when the group has
+a front that outlives its workers (launch/multiproc.py), by that front (`StoreServer`, and the
+transports' `external_store` option); every rank connects to it, publishes what its peers need
+(a ZeroMQ address, NIXL agent metadata) and reads theirs. Every read has a deadline. The store
+only serves setup; a rank releases it when its transport closes.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ class Rendezvous:
     """Keys live under `namespace/`, so several transports of one group can share a store."""
 
     def __init__(
-        self, address: str, rank: int, world_size: int, timeout_s: float, namespace: str
+        self,
+        address: str,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        namespace: str,
+        host_store: bool = True,
     ) -> None:
+        """`host_store`: rank 0 hosts the store (False: someone else does, e.g. the front)."""
         import torch.distributed as dist
 
         if not address:
@@ -34,12 +43,12 @@ class Rendezvous:
                 self.host,
                 self.port,
                 world_size,
-                is_master=rank == 0,
+                is_master=host_store and rank == 0,
                 timeout=timeout,
                 wait_for_workers=False,
             )
         except RuntimeError as e:  # DistNetworkError / DistStoreError are RuntimeErrors
-            if rank == 0:
+            if host_store and rank == 0:
                 raise UserInputError(
                     f"rank 0 cannot host the rendezvous store at {address}: {e}"
                 ) from None
@@ -68,3 +77,28 @@ class Rendezvous:
     def close(self) -> None:
         self.prefixed = None  # type: ignore[assignment]
         self.store = None  # type: ignore[assignment]
+
+
+class StoreServer:
+    """Hosts a group's rendezvous store outside the group (the front of worker processes,
+    whose ranks then run with `external_store`): every worker is told one address, the
+    front's, and no worker's host needs to be known in advance."""
+
+    def __init__(self, address: str, world_size: int, timeout_s: float) -> None:
+        import torch.distributed as dist
+
+        host, port = parse_host_port(address)
+        try:
+            self.store = dist.TCPStore(
+                host,
+                port,
+                world_size,
+                is_master=True,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                wait_for_workers=False,
+            )
+        except RuntimeError as e:
+            raise UserInputError(f"cannot host the rendezvous store at {address}: {e}") from None
+
+    def close(self) -> None:
+        self.store = None

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from afdserve.config import EngineConfig
 from afdserve.engine.scheduler import SchedulerCounters
 from afdserve.launch import control
 from afdserve.launch.messages import (
@@ -15,17 +16,15 @@ from afdserve.launch.messages import (
     Abort,
     AddRequest,
     AttentionStatus,
+    Configure,
     Failed,
     Fingerprint,
     Heartbeat,
-    Hello,
     Malformed,
     Ping,
     Ready,
-    Refuse,
     Shutdown,
     StepOutputs,
-    Welcome,
     encode,
 )
 from afdserve.types import FinishReason, SamplingParams, TokenEvent
@@ -68,16 +67,31 @@ def test_worker_messages_round_trip(msg):
     assert control.TO_FRONT.decode(encode(msg)) == msg
 
 
-def test_front_and_handshake_messages_round_trip():
+CONFIG = EngineConfig(
+    model="builtin:tiny-llama", attention_workers=3, microbatches=4, dtype="bfloat16",
+    block_size=32, num_kv_blocks=99, max_model_len=512, sync_timeout_s=2.5, transport="tcp",
+    microbatch_tokens=64, worker_threads=2, ffn_threads=3, ffn_gather_wait_s=0.0,
+    batch_invariant=True, front="10.0.0.1:7000",
+)  # fmt: skip
+
+
+def test_front_messages_round_trip():
     params = SamplingParams(
         max_tokens=5, temperature=0.7, top_p=0.9, top_k=20, seed=3, stop_token_ids=(2,),
         stop=("\n",), ignore_eos=True, logprobs=5,
     )  # fmt: skip
-    for msg in (AddRequest("r", (1, 2, 3), params, 99), Abort("r"), Ping(), Shutdown()):
+    configure = Configure(3, CONFIG, "/models/llama", "10.0.0.1:7005")
+    for msg in (configure, AddRequest("r", (1, 2, 3), params, 99), Abort("r"), Ping(), Shutdown()):
         assert control.TO_WORKER.decode(encode(msg)) == msg
-    for msg in (Hello(0, FP), Welcome(2), Refuse("no")):
-        assert control.HANDSHAKE.decode(encode(msg)) == msg
-    assert Hello(0, FP).schema == Ready(0, "ffn", 1, FP).schema == SCHEMA_VERSION
+    assert configure.schema == Ready(0, "ffn", 1, FP).schema == SCHEMA_VERSION
+
+
+def test_a_configuration_that_does_not_validate_is_malformed():
+    """The worker gets the EngineConfig's own checks: a bad value is refused, not served."""
+    good = msgspec.to_builtins(Configure(0, CONFIG, "/m", "h:1"))
+    for bad in ({"transport": "carrier-pigeon"}, {"microbatches": 0}, {"block_size": "big"}):
+        frame = _raw({**good, "config": {**good["config"], **bad}})
+        assert isinstance(control.TO_WORKER.decode(frame), Malformed), bad
 
 
 def _raw(obj) -> bytes:

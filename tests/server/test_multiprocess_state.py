@@ -85,8 +85,9 @@ def test_status_report_and_requests_not_yet_taken_in():
     w.adds_sent = 5  # the front sent five adds; the worker reported three, refused one
     w.adds_failed = 1
     w.take_status(_status(), _recorded().to_dict())
-    assert (w.num_running, w.num_waiting, w.kv_blocks_used, w.kv_blocks_total) == (2, 1, 4, 16)
-    assert w.kv_usage == 0.25 and w.counters["generation_tokens"] == 9
+    st = w.status
+    assert (st.num_running, st.num_waiting, st.kv_blocks_used, st.kv_blocks_total) == (2, 1, 4, 16)
+    assert st.kv_usage == 0.25 and st.counters.generation_tokens == 9
     assert w.unseen_adds() == 1
     assert w.afd.transfer_bytes[(A2F, 0)] == 1536
     kept = w.afd
@@ -107,10 +108,10 @@ def test_status_report_and_requests_not_yet_taken_in():
 def test_malformed_status_changes_nothing(status, afd):
     w = _RemoteWorker(1)
     w.take_status(_status(), None)
-    before = (w.num_running, w.num_waiting, w.kv_usage, dict(w.counters), w.afd)
+    before = (w.status, w.afd)
     with pytest.raises(ValueError):
         w.take_status(status, afd)
-    assert (w.num_running, w.num_waiting, w.kv_usage, dict(w.counters), w.afd) == before
+    assert (w.status, w.afd) == before
 
 
 @pytest.mark.parametrize(

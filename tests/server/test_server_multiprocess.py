@@ -165,12 +165,9 @@ def mp_server(tmp_path_factory: pytest.TempPathFactory):
         cmds = {pid: _cmdline(pid) for pid in _children(proc.pid)}
         cmds = {pid: c for pid, c in cmds.items() if "worker" in c}
         workers = list(cmds)
-        roles = {pid: _flag(c, "--disaggregation-mode") for pid, c in cmds.items()}
-        attention = sorted(
-            (p for p in workers if roles[p] == "attention"),
-            key=lambda p: int(_flag(cmds[p], "--rank")),
-        )
-        ffn = [p for p in workers if roles[p] == "ffn"]
+        ranks = {pid: int(_flag(c, "--rank")) for pid, c in cmds.items()}  # r = 2: FFN is 2
+        attention = sorted((p for p in workers if ranks[p] < 2), key=ranks.__getitem__)
+        ffn = [p for p in workers if ranks[p] == 2]
         assert len(attention) == 2 and len(ffn) == 1, cmds
         yield MPServer(proc, url, log, attention, ffn[0])
     finally:

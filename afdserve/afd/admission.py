@@ -1,0 +1,46 @@
+"""Admission: the one check a request gets on its way in, at the front that routes it.
+
+Both fronts (the in-process engine and the multi-process one) admit through `admit`, before
+routing, so a request a worker could not take is refused synchronously with a clear message
+(a remote worker's refusal would only come back later). The limits are the workers' own:
+`max_model_len` is what an attention worker reports it can hold (the context, or its KV cache
+when that is smaller), so a request admitted here is never refused by a scheduler.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+
+from afdserve.errors import UserInputError
+from afdserve.types import Request, SamplingParams
+
+
+def admit(
+    request_id: str,
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    arrival_time: float | None,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    rng: random.Random,
+) -> Request:
+    """The Request to route, with its sampling seed drawn when `params` brings none; a
+    UserInputError naming the problem for an empty prompt, a token id outside the vocabulary
+    or a prompt longer than the workers hold. (Duplicate ids are the caller's check: it owns
+    the table of live requests.)"""
+    if not isinstance(request_id, str) or not request_id:
+        raise UserInputError(f"request id must be a non-empty string, got {request_id!r}")
+    ids = Request(request_id, prompt_token_ids, params).prompt_token_ids  # non-negative ints
+    bad = next((t for t in ids if t >= vocab_size), None)
+    if bad is not None:
+        raise UserInputError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len(ids) > max_model_len:
+        raise UserInputError(
+            f"prompt has {len(ids)} tokens but the context length is {max_model_len}"
+        )
+    seed = params.seed if params.seed is not None else rng.getrandbits(63)  # refused: no draw
+    arrival = time.monotonic() if arrival_time is None else arrival_time
+    return Request(request_id, ids, params, arrival, seed)
