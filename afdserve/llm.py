@@ -39,7 +39,8 @@ class RequestOutput:
 
 
 class LLM:
-    """An in-process engine plus tokenizer. Options are EngineConfig's fields."""
+    """An engine (in-process or worker processes, by `transport`) plus its tokenizer. Options
+    are EngineConfig's fields."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         from afdserve.launch.start import start_engine

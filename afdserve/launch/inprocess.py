@@ -108,6 +108,9 @@ class Engine:
     def has_unfinished(self) -> bool:
         return any(w.has_unfinished() for w in self.workers)
 
+    def poll_idle(self) -> None:
+        """Nothing to read: in-process workers report by being looked at (`state`)."""
+
     def owner(self, request_id: str) -> int | None:
         """The attention worker serving `request_id` (None once it finished or was aborted)."""
         with self._lock:

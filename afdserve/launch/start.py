@@ -1,20 +1,20 @@
 """One way to get an engine for a config, whatever its placement.
 
-`transport="local"` runs every worker in this process (`launch/local.py`'s `Engine`); any other
-transport runs one process per worker (`MultiProcessEngine`). Both have the same surface
-(add_request, abort, step, has_unfinished, state, healthy, close), so `LLM`, the server and
-tests start either through `start_engine` and never ask which one they got.
+`transport="local"` runs every worker in this process (`launch/inprocess.py`'s `Engine`); any
+other transport runs one process per worker (`MultiProcessEngine`). Both implement
+`EngineClient` (launch/client.py), so `LLM`, the server and tests start either through
+`start_engine` and never ask which one they got.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from afdserve.config import EngineConfig
+from afdserve.launch.client import EngineClient
 
 
-def start_engine(cfg: EngineConfig) -> tuple[Any, Path]:
+def start_engine(cfg: EngineConfig) -> tuple[EngineClient, Path]:
     """The engine for `cfg`, started, and the model directory it serves."""
     if cfg.transport == "local":
         from afdserve.launch.local import build_engine

@@ -35,7 +35,7 @@ from afdserve.errors import UserInputError
 from afdserve.model.tokenizer import Tokenizer
 from afdserve.server.async_engine import (
     AsyncEngine,
-    EngineLike,
+    EngineClient,
     GenerationOutput,
     RequestHandle,
     TokenLogprob,
@@ -92,7 +92,7 @@ class _Prompt:
 
 
 def build_app(
-    engine: EngineLike,
+    engine: EngineClient,
     tokenizer: Tokenizer,
     config: EngineConfig,
     served_model_name: str | None = None,
@@ -111,7 +111,7 @@ def build_app(
     async_engine.observer = metrics
     vocab = min(
         tokenizer.vocab_size,
-        vocab_size or getattr(engine, "vocab_size", None) or tokenizer.vocab_size,
+        vocab_size or engine.vocab_size,
     )
     state = ServingState(
         async_engine, tokenizer, metrics, config, model_name, str(model_root or config.model), vocab

@@ -15,9 +15,8 @@ one is refused (429) instead of growing memory without limit. A request whose co
 away (client disconnect, stop string) is aborted in the engine, which frees its KV blocks at
 once.
 
-The engine is anything with the in-process `Engine`'s surface (`EngineLike`): the in-process
-`Engine`, or `MultiProcessEngine` (afdserve/launch/multiproc.py) for `--transport shm|torch|
-tcp|nixl`, which is served the same way.
+The engine is an `EngineClient` (afdserve/launch/client.py): the in-process `Engine`, or
+`MultiProcessEngine` for `--transport shm|torch|tcp|nixl`, served the same way.
 """
 
 from __future__ import annotations
@@ -30,48 +29,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from afdserve.afd.stats import EngineState
+from afdserve.launch.client import EngineClient
 from afdserve.model.tokenizer import Tokenizer
 from afdserve.server.errors import APIError, EngineDead, QueueFull
 from afdserve.server.text_stream import TextStream
 from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger("afdserve.server")
-
-
-class EngineLike(Protocol):
-    """What the server needs from an engine (the in-process `Engine` has all of it).
-
-    `add_request`/`abort`/`has_unfinished`/`state` are called from the event loop thread while
-    `step` runs on the engine thread, so they must be thread-safe. An engine may also offer
-    `healthy() -> bool` (a supervisor's view of its worker processes); when it says False,
-    the server reports 503; and `poll_idle() -> None`, which the engine thread calls about
-    every 0.5 s while nothing is unfinished, so an engine whose workers report over messages
-    (`MultiProcessEngine`) keeps reading them between requests; it may raise, like `step`.
-    """
-
-    @property
-    def max_model_len(self) -> int: ...
-
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        params: SamplingParams,
-        arrival_time: float | None = None,
-    ) -> int: ...
-
-    def abort(self, request_id: str) -> bool: ...
-
-    def owner(self, request_id: str) -> int | None: ...
-
-    def has_unfinished(self) -> bool: ...
-
-    def step(self) -> list[TokenEvent]: ...
-
-    def state(self, afd: bool = True) -> EngineState: ...
-
-    def close(self) -> None: ...
 
 
 class RequestObserver(Protocol):
@@ -166,7 +130,7 @@ class RequestHandle:
 class AsyncEngine:
     def __init__(
         self,
-        engine: EngineLike,
+        engine: EngineClient,
         tokenizer: Tokenizer,
         max_queue: int = 1024,
         observer: RequestObserver | None = None,
@@ -219,8 +183,7 @@ class AsyncEngine:
             return False
         if self._thread is not None and not self._thread.is_alive():
             return False
-        probe = getattr(self.engine, "healthy", None)
-        return bool(probe()) if callable(probe) else True
+        return self.engine.healthy()
 
     @property
     def max_model_len(self) -> int:
@@ -346,14 +309,12 @@ class AsyncEngine:
     # ---- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        poll_idle = getattr(self.engine, "poll_idle", None)
         try:
             while not self._stopping:
                 self._wake.clear()
                 if not self.engine.has_unfinished():
                     self._wake.wait(0.5)
-                    if poll_idle is not None:
-                        poll_idle()
+                    self.engine.poll_idle()
                     continue
                 t0 = time.perf_counter()
                 events = self.engine.step()

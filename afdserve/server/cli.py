@@ -205,7 +205,7 @@ def _raise_exit(signum: int, frame: object) -> None:
 
 def _start_engine(cfg):
     """The engine `serve` runs over, and its model directory: in-process for `--transport
-    local`, else one process per worker (`MultiProcessEngine`, the same EngineLike surface)."""
+    local`, else one process per worker (`MultiProcessEngine`, the same EngineClient interface)."""
     from afdserve.launch.start import start_engine
 
     if cfg.transport != "local":
