@@ -188,7 +188,11 @@ class NixlTransport(PumpedTransport):
             )
             self._regs.append(descs)
         self._rdv = Rendezvous(
-            opts.rendezvous, rank, self.world_size, opts.connect_timeout_s, "afd/nixl",
+            opts.rendezvous,
+            rank,
+            self.world_size,
+            opts.connect_timeout_s,
+            "afd/nixl",
             host_store=not opts.external_store,
         )
         self._rdv.publish(f"md/{rank}", self._agent.get_agent_metadata())

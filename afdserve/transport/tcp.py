@@ -95,7 +95,11 @@ class TcpTransport(PumpedTransport):
             self.address = f"tcp://{opts.advertise_host or opts.bind_host}:{port}"
             deadline = time.monotonic() + opts.connect_timeout_s
             self._rdv = Rendezvous(
-                opts.rendezvous, rank, world_size, opts.connect_timeout_s, "afd/tcp",
+                opts.rendezvous,
+                rank,
+                world_size,
+                opts.connect_timeout_s,
+                "afd/tcp",
                 host_store=not opts.external_store,
             )
             self._rdv.publish(f"addr/{rank}", self.address.encode())

@@ -100,7 +100,11 @@ class TorchDistTransport(Transport):
         self._dead: dict[int, str] = {}  # peer -> why we consider it gone
         self._pool = RecvBufferPool()
         self._rdv = Rendezvous(
-            opts.rendezvous, rank, world_size, opts.connect_timeout_s, "afd/torch",
+            opts.rendezvous,
+            rank,
+            world_size,
+            opts.connect_timeout_s,
+            "afd/torch",
             host_store=not opts.external_store,
         )
         gloo_opts = dist.ProcessGroupGloo._Options()
