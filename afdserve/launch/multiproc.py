@@ -1,14 +1,16 @@
-"""Multi-process AFD on one host: the front side of r attention worker processes and one FFN
-worker process, with the same interface as the in-process `Engine` (add_request, abort, step,
-has_unfinished, state, healthy, close), so `LLM` and the server run over either.
+"""Multi-process AFD: the front of r attention worker processes and one FFN worker process, an
+`EngineClient` (launch/client.py) like the in-process `Engine`, so `LLM` and the server run
+over either.
 
-The front spawns `afdserve worker` processes (or, with `cfg.front`, binds known addresses and
-waits for workers started by hand, possibly on other hosts), waits until every one reports ready
-(which each does only after the attention/FFN handshake and the data transport are up) with the
-front's model, routes each request to the attention worker with the least outstanding tokens,
-and collects token events from all workers. It pings every worker each second, so a worker can
-tell when its front is gone. It never waits without a deadline: a worker that dies or reports a fatal error is a
-`WorkerError` within a bounded time, and `close()` leaves no processes behind.
+The front spawns `afdserve worker` processes (launch/processes.py; or, with `cfg.front`, binds
+known addresses and waits for workers started by hand, possibly on other hosts), hosts the
+data transport's rendezvous store, sends each worker its `Configure` as it connects, waits
+until every one reports ready (after loading its part and connecting the data transport)
+serving the front's model, admits and routes each request to the attention worker with the
+least outstanding tokens, and collects token events from all workers. It pings every worker
+each second from its start, so a worker can tell when its front is gone. It never waits
+without a deadline: a worker that dies or reports a fatal error is a `WorkerError` within a
+bounded time, and `close()` leaves no processes behind.
 
 What `state()` reports comes from the workers' own messages: every events message and
 heartbeat of an attention worker carries its queues, KV blocks and scheduler counters, and
@@ -27,16 +29,10 @@ thread that steps (`step`, `poll_idle`), under `self._recv_lock`, which `close` 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -45,14 +41,12 @@ from afdserve.afd.admission import admit
 from afdserve.afd.router import Router
 from afdserve.afd.stats import AFDStatsSnapshot, EngineState, WorkerState
 from afdserve.config import EngineConfig
-from afdserve.engine.scheduler import SchedulerCounters
 from afdserve.errors import AfdserveError, UserInputError
 from afdserve.launch import control
 from afdserve.launch.messages import (
     SCHEMA_VERSION,
     Abort,
     AddRequest,
-    AttentionStatus,
     Configure,
     Failed,
     Fingerprint,
@@ -62,6 +56,8 @@ from afdserve.launch.messages import (
     Shutdown,
     StepOutputs,
 )
+from afdserve.launch.processes import WorkerProcesses
+from afdserve.launch.remote_worker import RemoteWorker, mismatch
 from afdserve.model.config import ModelConfig
 from afdserve.transport.options import free_port
 from afdserve.types import FinishReason, SamplingParams, TokenEvent
@@ -92,44 +88,6 @@ practice they never wait); aborts wait less, as they run on the server's event l
 ABORT_TIMEOUT_S = 0.2
 
 
-@dataclass
-class _RemoteWorker:
-    """The front's view of one attention worker process: what the front itself tracks, and the
-    latest status the worker reported."""
-
-    rank: int
-    outstanding: dict[str, int] = field(default_factory=dict)
-    """request id -> tokens it holds or will hold (prompt + generated so far)."""
-    adds_sent: int = 0
-    adds_failed: int = 0
-    """Adds the worker refused (an `error` naming a request id)."""
-    status: AttentionStatus = field(
-        default_factory=lambda: AttentionStatus(0, 0.0, 0, 0, 0, 0, SchedulerCounters())
-    )
-    afd: AFDStatsSnapshot = field(default_factory=AFDStatsSnapshot)
-    last_heard: float = field(default_factory=time.monotonic)
-    """When the front last got a message from this worker (time.monotonic)."""
-
-    def load_score(self) -> int:
-        return sum(self.outstanding.values())
-
-    def unseen_adds(self) -> int:
-        """Requests sent to this worker that it had not taken in when it last reported."""
-        taken = self.status.counters.requests_added + self.adds_failed
-        return max(0, self.adds_sent - taken)
-
-    def take_status(self, status: AttentionStatus, afd: dict | None) -> None:
-        """Apply a step's or heartbeat's status (the codec checked its types); ValueError when
-        a count is negative or the AFD stats are malformed."""
-        counts = (status.num_running, status.num_waiting, status.kv_blocks_used)
-        if min(*counts, status.kv_blocks_total) < 0:
-            raise ValueError(f"negative status counts {status}")
-        snapshot = AFDStatsSnapshot.from_dict(afd) if afd is not None else None
-        self.status = status
-        if snapshot is not None:
-            self.afd = snapshot
-
-
 class MultiProcessEngine:
     def __init__(self, cfg: EngineConfig) -> None:
         if not cfg.is_afd:
@@ -143,7 +101,7 @@ class MultiProcessEngine:
         self.model_config = ModelConfig.from_dir(self.model_path)
         self.vocab_size = self.model_config.vocab_size
         r = cfg.attention_workers
-        self.workers = [_RemoteWorker(k) for k in range(r)]
+        self.workers = [RemoteWorker(k) for k in range(r)]
         self.router = Router(self.workers)
         self._rng = random.Random(cfg.seed)
         self._owner: dict[str, int] = {}
@@ -158,9 +116,8 @@ class MultiProcessEngine:
         self._ctx = zmq.Context()
         self._events = self._ctx.socket(zmq.PULL)
         self._controls: list[zmq.Socket] = []
-        self._procs: list[subprocess.Popen] = []
-        self._logs: list[Path] = []
-        self._logdir = ""
+        self._procs = WorkerProcesses()
+        """The workers this front spawned (none when they were started by hand)."""
         self.max_model_len = 0
         self.rendezvous = ""
         """HOST:PORT of the data transport's rendezvous store, which this front hosts (for shm,
@@ -233,34 +190,13 @@ class MultiProcessEngine:
         """Start every worker on this host, on loopback addresses the front picks; each is told
         only where the front is, its rank (which `ps` then shows) and its cores; the rest
         comes in `Configure`."""
-        cfg, r = self.cfg, self.cfg.attention_workers
-        events_addr = f"tcp://127.0.0.1:{self._events.bind_to_random_port('tcp://127.0.0.1')}"
-        self._logdir = tempfile.mkdtemp(prefix="afdserve-workers-")
+        events = f"tcp://127.0.0.1:{self._events.bind_to_random_port('tcp://127.0.0.1')}"
         self.rendezvous = f"127.0.0.1:{free_port()}"
-        ncpu = os.cpu_count() or 1
-        env = _worker_env(cfg, ncpu)
-        for rank in range(r + 1):
-            ctrl = self._new_control()
-            ctrl_addr = f"tcp://127.0.0.1:{ctrl.bind_to_random_port('tcp://127.0.0.1')}"
-            args = [sys.executable, "-m", "afdserve.cli", "worker"]
-            args += ["--rank", str(rank), "--control", ctrl_addr, "--events", events_addr]
-            if cfg.pin_workers:
-                args += ["--cpus", str(rank % ncpu)]
-            log_path = Path(self._logdir) / f"worker-{rank}.log"
-            self._logs.append(log_path)
-            with open(log_path, "wb") as logf:
-                self._procs.append(
-                    subprocess.Popen(
-                        args,
-                        stdout=logf,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        env=env,
-                        # a terminal's Ctrl-C reaches the front only, which then shuts the
-                        # workers down in order (they die with it anyway: PR_SET_PDEATHSIG)
-                        start_new_session=True,
-                    )
-                )
+        controls = []
+        for _ in range(self.cfg.attention_workers + 1):
+            port = self._new_control().bind_to_random_port("tcp://127.0.0.1")
+            controls.append(f"tcp://127.0.0.1:{port}")
+        self._procs.spawn(self.cfg, events, controls)
 
     def _configure(self, pending: set[int]) -> None:
         """Send `Configure` to each rank in `pending` whose worker has connected (a PUSH socket
@@ -287,7 +223,8 @@ class MultiProcessEngine:
             self._check_alive(starting=True)
             if time.monotonic() > deadline:
                 missing = sorted(set(range(r + 1)) - set(ready))
-                where = f"logs: {self._logdir}" if self._procs else f"front {self.cfg.front}"
+                logdir = self._procs.logdir
+                where = f"logs: {logdir}" if logdir else f"front {self.cfg.front}"
                 raise WorkerError(f"workers {missing} not ready within {timeout_s:.0f}s ({where})")
             if unconfigured:
                 self._configure(unconfigured)
@@ -325,13 +262,10 @@ class MultiProcessEngine:
             raise WorkerError(f"worker rank {rank} serves a different model: {what}")
 
     def _check_alive(self, starting: bool = False) -> None:
-        for rank, p in enumerate(self._procs):
-            code = p.poll()
-            if code is not None and not self._closed:
-                tail = _tail(self._logs[rank])
-                what = "failed to start" if starting else "died"
-                self._failure = f"worker rank {rank} {what} (exit code {code}): {tail}"
-                raise WorkerError(self._failure)
+        why = None if self._closed else self._procs.first_exit(starting)
+        if why is not None:
+            self._failure = why
+            raise WorkerError(why)
 
     def _check_heard(self) -> None:
         """WorkerError if an attention worker holding requests has been silent too long (called
@@ -396,7 +330,7 @@ class MultiProcessEngine:
             if k is None:
                 return False
             self.workers[k].outstanding.pop(request_id, None)
-            if self._closed or (self._procs and self._procs[k].poll() is not None):
+            if self._closed or (self._procs.pids and not self._procs.alive(k)):
                 return True  # nobody left to tell
             try:
                 control.send(self._controls[k], Abort(request_id), timeout_s=ABORT_TIMEOUT_S)
@@ -415,7 +349,8 @@ class MultiProcessEngine:
 
     def worker_log(self, rank: int) -> Path | None:
         """The log file of spawned worker `rank` (None for workers started by hand)."""
-        return self._logs[rank] if rank < len(self._logs) else None
+        logs = self._procs.logs
+        return logs[rank] if rank < len(logs) else None
 
     def step(self, timeout_s: float = 0.05) -> list[TokenEvent]:
         """Token events that arrived within `timeout_s` (raises WorkerError if a worker failed)."""
@@ -514,7 +449,7 @@ class MultiProcessEngine:
         holding requests (the server then answers 503), or the engine was closed."""
         if self._closed or self._failure is not None:
             return False
-        return all(p.poll() is None for p in self._procs)
+        return self._procs.all_alive()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker (shutdown message, then SIGTERM, then SIGKILL) and free sockets."""
@@ -531,65 +466,27 @@ class MultiProcessEngine:
                     control.send(ctrl, Shutdown(), timeout_s=0.2)
                 except (TimeoutError, zmq.ZMQError):
                     pass
-        deadline = time.monotonic() + timeout_s / 2
-        for p in self._procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.terminate()
-        for p in self._procs:
-            try:
-                p.wait(timeout_s / 2)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        self._procs.stop(timeout_s)
         with self._recv_lock, self._lock:
             for s in [*self._controls, self._events]:
                 s.close(linger=0)
             self._ctx.term()
         if self._store is not None:
             self._store.close()
-        if self._logdir and all(code == 0 for code in self.exit_codes):
-            shutil.rmtree(self._logdir, ignore_errors=True)  # kept when a worker failed
 
     @property
     def exit_codes(self) -> list[int | None]:
         """Spawned workers' exit codes (None while one runs): all 0 after a clean close."""
-        return [p.returncode for p in self._procs]
+        return self._procs.exit_codes
 
     @property
     def pids(self) -> list[int]:
         """Worker process ids, attention ranks 0..r-1 then the FFN worker."""
-        return [p.pid for p in self._procs]
+        return self._procs.pids
 
     def __del__(self) -> None:  # last resort: never leave workers behind
-        if not getattr(self, "_closed", True):
-            for p in getattr(self, "_procs", []):
-                p.kill()
-
-
-def mismatch(
-    model: ModelConfig, cfg: EngineConfig, theirs: Fingerprint, others: dict[int, Fingerprint]
-) -> str:
-    """What differs between a worker's fingerprint and the front's model and config, or the
-    workers already ready ("" when nothing does)."""
-    want = {
-        "architecture": model.architecture,
-        "layers": model.num_hidden_layers,
-        "hidden_size": model.hidden_size,
-        "vocab_size": model.vocab_size,
-        "batch_invariant": cfg.batch_invariant,
-    }
-    if cfg.dtype != "auto":
-        want["dtype"] = cfg.dtype
-    diff = [
-        f"{k} {getattr(theirs, k)!r} (front: {v!r})"
-        for k, v in want.items()
-        if getattr(theirs, k) != v
-    ]
-    for rank, fp in sorted(others.items()):
-        diff += [f"{k} {b!r} (rank {rank}: {a!r})" for k, (b, a) in theirs.differences(fp).items()]
-    return ", ".join(diff)
+        if not getattr(self, "_closed", True) and hasattr(self, "_procs"):
+            self._procs.kill()
 
 
 def _ping_loop(engine: weakref.ref, stop: threading.Event) -> None:
@@ -604,29 +501,4 @@ def _ping_loop(engine: weakref.ref, stop: threading.Event) -> None:
         del front
 
 
-def _worker_env(cfg: EngineConfig, ncpu: int) -> dict[str, str]:
-    """The workers' environment: this one, plus OpenMP told to sleep rather than spin between
-    parallel regions when the workers' threads outnumber the cores (a spinning thread of one
-    worker would take the core another worker needs; measured on 2 cores, 2A1F with a 2-thread
-    FFN: 6 tok/s spinning, 21 sleeping). An OMP_WAIT_POLICY already set is kept."""
-    env = dict(os.environ)
-    threads = cfg.attention_workers * cfg.worker_threads + (cfg.ffn_threads or cfg.worker_threads)
-    if threads > ncpu:
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
-
-
-def _tail(path: Path, lines: int = 6) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    errors = [ln for ln in text if "error" in ln.lower()]
-    return " | ".join((errors or text)[-lines:]) or "(empty log)"
-
-
-def engine_kind(cfg: EngineConfig) -> str:
-    return "multiprocess" if cfg.transport != "local" else "local"
-
-
-__all__ = ["MultiProcessEngine", "WorkerError", "engine_kind"]
+__all__ = ["MultiProcessEngine", "WorkerError"]

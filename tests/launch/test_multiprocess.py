@@ -293,7 +293,7 @@ def test_front_names_what_differs_between_the_workers_and_its_model():
 
     from afdserve.config import EngineConfig
     from afdserve.launch.messages import Fingerprint
-    from afdserve.launch.multiproc import mismatch
+    from afdserve.launch.remote_worker import mismatch
 
     model = SimpleNamespace(  # the ModelConfig fields a fingerprint has
         architecture="LlamaForCausalLM", hidden_size=64, num_hidden_layers=2, vocab_size=256

@@ -14,7 +14,7 @@ from afdserve.afd.stats import A2F, F2A, AFDStats, AFDStatsSnapshot
 from afdserve.engine.scheduler import SchedulerCounters
 from afdserve.launch import control
 from afdserve.launch.messages import AttentionStatus, Heartbeat, Malformed
-from afdserve.launch.multiproc import _RemoteWorker
+from afdserve.launch.remote_worker import RemoteWorker
 
 
 def _recorded() -> AFDStatsSnapshot:
@@ -81,7 +81,7 @@ def _status(**kw) -> AttentionStatus:
 
 
 def test_status_report_and_requests_not_yet_taken_in():
-    w = _RemoteWorker(0)
+    w = RemoteWorker(0)
     w.adds_sent = 5  # the front sent five adds; the worker reported three, refused one
     w.adds_failed = 1
     w.take_status(_status(), _recorded().to_dict())
@@ -106,7 +106,7 @@ def test_status_report_and_requests_not_yet_taken_in():
     ],
 )
 def test_malformed_status_changes_nothing(status, afd):
-    w = _RemoteWorker(1)
+    w = RemoteWorker(1)
     w.take_status(_status(), None)
     before = (w.status, w.afd)
     with pytest.raises(ValueError):

@@ -1,0 +1,117 @@
+"""WorkerProcesses: the worker processes a front spawned on this host, and their supervision.
+
+A front that spawns its workers (no `EngineConfig.front`) starts each as `afdserve worker
+--rank K --control ADDR --events ADDR`, with its output in a log file, and must never leave one
+behind: `stop` asks nothing (the front has sent its shutdown message already), waits, then
+SIGTERMs, then SIGKILLs. A worker that exits early is reported with the tail of its log. Logs
+are removed when every worker exited cleanly, kept (and named in errors) otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from afdserve.config import EngineConfig
+
+
+class WorkerProcesses:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        self.logdir = ""
+
+    def spawn(self, cfg: EngineConfig, events: str, controls: list[str]) -> None:
+        """Start rank k (0..r) told `controls[k]` and `events`, pinned to core k mod cores
+        when `cfg.pin_workers`; the rest of its configuration comes from the front."""
+        self.logdir = tempfile.mkdtemp(prefix="afdserve-workers-")
+        ncpu = os.cpu_count() or 1
+        env = _worker_env(cfg, ncpu)
+        for rank, ctrl in enumerate(controls):
+            args = [sys.executable, "-m", "afdserve.cli", "worker"]
+            args += ["--rank", str(rank), "--control", ctrl, "--events", events]
+            if cfg.pin_workers:
+                args += ["--cpus", str(rank % ncpu)]
+            log_path = Path(self.logdir) / f"worker-{rank}.log"
+            self.logs.append(log_path)
+            with open(log_path, "wb") as logf:
+                self.procs.append(
+                    subprocess.Popen(
+                        args,
+                        stdout=logf,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env=env,
+                        # a terminal's Ctrl-C reaches the front only, which then shuts the
+                        # workers down in order (they die with it anyway: PR_SET_PDEATHSIG)
+                        start_new_session=True,
+                    )
+                )
+
+    def first_exit(self, starting: bool = False) -> str | None:
+        """Why the first worker that exited is gone (with its log's tail), or None."""
+        for rank, p in enumerate(self.procs):
+            code = p.poll()
+            if code is not None:
+                what = "failed to start" if starting else "died"
+                return f"worker rank {rank} {what} (exit code {code}): {_tail(self.logs[rank])}"
+        return None
+
+    def alive(self, rank: int) -> bool:
+        return rank < len(self.procs) and self.procs[rank].poll() is None
+
+    def all_alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def stop(self, timeout_s: float) -> None:
+        """Wait up to half of `timeout_s` for every worker to exit, SIGTERM those left, wait the
+        other half, SIGKILL the rest; then remove the logs if every exit was clean."""
+        for signal_them in (subprocess.Popen.terminate, subprocess.Popen.kill):
+            deadline = time.monotonic() + timeout_s / 2
+            for p in self.procs:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    signal_them(p)
+        for p in self.procs:
+            p.wait()
+        if self.logdir and all(p.returncode == 0 for p in self.procs):
+            shutil.rmtree(self.logdir, ignore_errors=True)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            p.kill()
+
+    @property
+    def exit_codes(self) -> list[int | None]:
+        return [p.returncode for p in self.procs]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+
+def _worker_env(cfg: EngineConfig, ncpu: int) -> dict[str, str]:
+    """The workers' environment: this one, plus OpenMP told to sleep rather than spin between
+    parallel regions when the workers' threads outnumber the cores (a spinning thread of one
+    worker would take the core another worker needs; measured on 2 cores, 2A1F with a 2-thread
+    FFN: 6 tok/s spinning, 21 sleeping). An OMP_WAIT_POLICY already set is kept."""
+    env = dict(os.environ)
+    threads = cfg.attention_workers * cfg.worker_threads + (cfg.ffn_threads or cfg.worker_threads)
+    if threads > ncpu:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def _tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    errors = [ln for ln in text if "error" in ln.lower()]
+    return " | ".join((errors or text)[-lines:]) or "(empty log)"
