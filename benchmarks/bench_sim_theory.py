@@ -31,9 +31,9 @@ def main() -> None:
     v = validate_theory(steps=args.steps, seed=args.seed)
     wall = time.perf_counter() - t0
     if args.plot:
-        from afdserve.sim.cli import _theory_plots
+        from afdserve.sim.plots import plot_theory_validation
 
-        _theory_plots(v, Path(args.plot))
+        plot_theory_validation(v, Path(args.plot))
     if args.json:
         d = v.to_dict()
         d["wall_s"] = wall

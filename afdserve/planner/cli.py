@@ -1,8 +1,10 @@
-"""`afdserve plan` (the Attention/FFN ratio) and `afdserve workload` (trace statistics).
+"""`afdserve plan` (the Attention/FFN ratio) and `afdserve workload` (trace statistics): the
+flags, their checks, and the library calls they come down to; what the verbs compute lives in
+`plan`, `stats` and `deployment` (a roofline-sized model on hardware), what they print in
+`render`.
 
-Nothing heavy is imported at module level: the planner (numpy, scipy) loads inside the verb
-functions and matplotlib only for `--plot`. Every bad input raises UserInputError, which
-`afdserve.cli.main` prints as one line with exit status 2.
+Importing the planner's package loads numpy; matplotlib loads only for `--plot`. Every bad
+input raises UserInputError, which `afdserve.cli.main` prints as one line with exit status 2.
 """
 
 from __future__ import annotations
@@ -10,15 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from typing import TYPE_CHECKING, Any
 
 from afdserve.cli import one_line_errors
 from afdserve.errors import UserInputError
+from afdserve.planner.render import json_default, plan_title, render_plan, render_workload
 
 if TYPE_CHECKING:
     from afdserve.planner.costs import StageCosts
-    from afdserve.planner.plan import PlanResult
     from afdserve.planner.ratio import CostWeights
     from afdserve.planner.roofline import MemoryModel
     from afdserve.planner.stats import WorkloadStats
@@ -187,13 +188,13 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.plot:
         from afdserve.planner.plot import plot_plan
 
-        plot_plan(result, args.plot, title=_title(result, extra))
+        plot_plan(result, args.plot, title=plan_title(result, extra))
     if args.json:
         out = result.to_dict()
         out.update(extra)
-        print(json.dumps(out, indent=2, default=_json_default))
+        print(json.dumps(out, indent=2, default=json_default))
     else:
-        print(_render(result, extra))
+        print(render_plan(result, extra))
     return 0
 
 
@@ -331,17 +332,11 @@ def _check_prices(args: argparse.Namespace) -> None:
 def _roofline(
     args: argparse.Namespace, stats: WorkloadStats
 ) -> tuple[StageCosts, MemoryModel, CostWeights, dict[str, Any]]:
+    from afdserve.planner.deployment import roofline_deployment
     from afdserve.planner.hardware_catalog import load_hardware
     from afdserve.planner.model_catalog import load_model
     from afdserve.planner.ratio import CostWeights
-    from afdserve.planner.roofline import (
-        Efficiency,
-        RooflineSetup,
-        memory_model,
-        roofline_costs,
-        smallest_device_count,
-        unit_costs,
-    )
+    from afdserve.planner.roofline import Efficiency, RooflineSetup
 
     if args.hw and (args.attention_hw or args.ffn_hw):
         raise UserInputError("give --hw, or --attention-hw and --ffn-hw, not both")
@@ -364,7 +359,7 @@ def _roofline(
         link_latency_ms=args.link_latency_ms,
         usable_memory=args.usable_memory,
     )
-    base = RooflineSetup(
+    setup = RooflineSetup(
         batch=args.batch,
         kv_dtype=args.kv_dtype,
         link=args.link,
@@ -372,188 +367,26 @@ def _roofline(
         comm_scales_with=args.comm_scales_with or "B",
         efficiency=eff,
     )
-    # size each side from its memory need at g = 1 (which does not depend on g)
-    need = memory_model(model, a_hw, f_hw, base)
-    notes = []
-    g_a = args.attention_devices
-    if g_a is None:
-        kv = args.batch * stats.theta * need.kv_bytes_per_context_token
-        g_a = (
-            smallest_device_count(
-                need.attention_fixed_bytes + kv, a_hw.memory_bytes, eff.usable_memory
-            )
-            or 1
-        )
-        notes.append(f"attention instance sized to {g_a} x {a_hw.name} by memory")
-    g_f = args.ffn_devices
-    if g_f is None:
-        act = args.batch * need.ffn_bytes_per_token
-        g_f = (
-            smallest_device_count(need.ffn_fixed_bytes + act, f_hw.memory_bytes, eff.usable_memory)
-            or 1
-        )
-        notes.append(f"FFN instance sized to {g_f} x {f_hw.name} by memory")
-    import dataclasses
-
-    setup = dataclasses.replace(base, attention_devices=g_a, ffn_devices=g_f)
-    derivation = roofline_costs(model, a_hw, f_hw, setup)
-    memory = memory_model(model, a_hw, f_hw, setup)
-
+    dep = roofline_deployment(
+        model,
+        a_hw,
+        f_hw,
+        setup,
+        stats.theta,
+        attention_devices=args.attention_devices,
+        ffn_devices=args.ffn_devices,
+    )
+    extra = dep.to_dict()
     _check_prices(args)
     if (args.attention_price is None) != (args.ffn_price is None):
         raise UserInputError("--attention-price and --ffn-price go together")
     if args.attention_price is not None:
         weights = CostWeights(args.attention_price, args.ffn_price, "$/h")
-    elif a_hw.price_per_hour is not None and f_hw.price_per_hour is not None:
-        weights = CostWeights(g_a * a_hw.price_per_hour, g_f * f_hw.price_per_hour, "$/h")
-        notes.append("instance prices from the hardware catalog")
-    elif g_a != g_f:
-        weights = CostWeights(float(g_a), float(g_f), "device")
-        notes.append("no catalog price for both sides: objective is throughput per device")
     else:
-        weights = CostWeights()  # equal device counts: per device is per instance
-
-    unit = {}
-    for side, hw in (("attention", a_hw), ("ffn", f_hw)):
-        if hw.price_per_hour is not None:
-            u_flop, u_byte = unit_costs(
-                hw.price_per_hour, hw.flops(model.weight_dtype), hw.memory_bw
-            )
-            unit[side] = {"hardware": hw.name, "usd_per_flop": u_flop, "usd_per_byte": u_byte}
-    extra = {
-        "model": {
-            "name": model.name,
-            "source": model.source,
-            "weight_dtype": model.weight_dtype,
-            "num_layers": model.num_layers,
-            "total_params": model.total_params,
-        },
-        "hardware": {
-            "attention": {
-                "name": a_hw.name,
-                "devices": g_a,
-                "source": a_hw.source,
-                "approximate": a_hw.approximate,
-            },
-            "ffn": {
-                "name": f_hw.name,
-                "devices": g_f,
-                "source": f_hw.source,
-                "approximate": f_hw.approximate,
-            },
-        },
-        "efficiency": dataclasses.asdict(eff),
-        "roofline": derivation.to_dict(),
-        "unit_costs": unit,
-        "sizing_notes": notes,
-    }
-    return derivation.costs, memory, weights, extra
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy scalars
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _title(result: PlanResult, extra: dict[str, Any]) -> str:
-    head = f"B = {result.batch}, theta = {result.theta:.1f} ({result.workload.source})"
-    if "model" in extra:
-        hw = extra["hardware"]
-        head = (
-            f"{extra['model']['name']}: attention {hw['attention']['devices']}x"
-            f"{hw['attention']['name']}, FFN {hw['ffn']['devices']}x{hw['ffn']['name']}\n{head}"
-        )
-    return head
-
-
-def _fmt(v: float | None, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if not math.isfinite(v):
-        return "-inf" if v < 0 else "inf"
-    return f"{v:.{digits}g}"
-
-
-def _render(result: PlanResult, extra: dict[str, Any]) -> str:
-    c = result.costs
-    w = result.workload
-    lines = []
-    if "model" in extra:
-        lines.append(_title(result, extra).split("\n")[0])
-        lines.extend(f"  note: {n}" for n in extra["sizing_notes"])
-    lines.append(
-        f"workload: {w.source}: theta = {w.theta:.1f} tokens/slot"
-        + (f", sigma_X^2 = {w.sigma2:.6g}" if w.sigma2 is not None else "")
-    )
-    lines.append(
-        f"costs ({c.source}, ms per layer, {c.num_layers} layer(s)/step): "
-        f"attention {_fmt(c.attention.alpha)}*T + {_fmt(c.attention.beta)}, "
-        f"FFN {_fmt(c.ffn.alpha)}*n + {_fmt(c.ffn.beta)}, "
-        f"comm {_fmt(c.comm.alpha)}*{c.comm_scales_with} + {_fmt(c.comm.beta)}"
-    )
-    lines.append(
-        f"B = {result.batch}: r_A = {_fmt(result.r_a)}, r_C = {_fmt(result.r_c)}, "
-        f"r_peak = {_fmt(result.r_peak)}, r* = {_fmt(result.r_star)}"
-    )
-    obj = result.weights
-    lines.append(
-        f"best integer r: {result.r_int if result.r_int is not None else 'none feasible'}"
-        f" (mean field; closed form gives {result.r_int_unconstrained})"
-        + (f", barrier-aware: {result.r_int_barrier}" if w.sigma2 is not None else "")
-        + f"; objective: throughput per {obj.unit}"
-        + (f" (attention {obj.attention:g}, FFN {obj.ffn:g})" if obj.unit != "instance" else "")
-    )
-    if result.microbatches is not None:
-        mb = result.microbatches
-        lines.append(
-            f"microbatches to hide communication: {mb.microbatches} (T_c/T_f = {mb.tc_over_tf:.3g})"
-        )
-    if result.memory is not None:
-        m = result.memory
-        lines.append(
-            f"memory: attention {m.attention_bytes / 1e9:.1f}/{m.attention_capacity_bytes / 1e9:.1f} GB"
-            f" ({'ok' if m.attention_ok else 'DOES NOT FIT'}, max B {m.max_batch}), "
-            f"FFN {m.ffn_bytes / 1e9:.1f}/{m.ffn_capacity_bytes / 1e9:.1f} GB "
-            f"({'ok' if m.ffn_ok else 'DOES NOT FIT'})"
-        )
-    if result.tpot_slo_ms is not None:
-        lines.append(f"TPOT SLO: {result.tpot_slo_ms:g} ms per step")
-    lines.extend(f"note: {n}" for n in result.notes)
-    barrier = w.sigma2 is not None
-    header = ["r", "t_A", "t_F", "t_C", "tau", "step", "thr/inst", "A idle", "F idle"]
-    if obj.unit != "instance":
-        header.append(f"thr/{obj.unit}")
-    if barrier:
-        header += ["E[tau]", "thr/inst(b)"]
-    header.append("ok")
-    table = [header]
-    for row in result.table:
-        cells = [
-            str(row.r),
-            _fmt(row.t_attention),
-            _fmt(row.t_ffn),
-            _fmt(row.t_comm),
-            _fmt(row.cycle_ms),
-            _fmt(row.step_ms),
-            _fmt(row.throughput_per_instance),
-            f"{row.attention_idle:.2f}",
-            f"{row.ffn_idle:.2f}",
-        ]
-        if obj.unit != "instance":
-            cells.append(_fmt(row.throughput_per_cost))
-        if barrier:
-            cells += [_fmt(row.expected_cycle_ms), _fmt(row.throughput_per_instance_barrier)]
-        mark = "yes" if row.feasible else "no"
-        if row.r == result.r_int:
-            mark += " <- best"
-        cells.append(mark)
-        table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines.append("times in ms (per layer; step = all layers), throughput in tokens/ms:")
-    for r in table:
-        lines.append("  ".join(cell.rjust(wd) for cell, wd in zip(r, widths, strict=True)))
-    return "\n".join(lines)
+        weights, note = dep.default_weights()
+        if note:
+            extra["sizing_notes"].append(note)
+    return dep.costs, dep.memory, weights, extra
 
 
 # ---- workload ---------------------------------------------------------------------------------
@@ -583,34 +416,6 @@ def run_workload(args: argparse.Namespace) -> int:
             rows.append(stats_from_trace(trace))
     if args.json:
         print(json.dumps([s.to_dict() for s in rows], indent=2))
-        return 0
-    header = ["workload", "requests", "mean P", "mean D", "P + D/2", "theta", "sigma_X"]
-    table = [header]
-    for s in rows:
-        naive = None
-        if s.mean_prompt is not None and s.mean_output is not None:
-            naive = s.mean_prompt + s.mean_output / 2
-        table.append(
-            [
-                s.source,
-                "-" if s.num_requests is None else str(s.num_requests),
-                _fmt(s.mean_prompt, 6),
-                _fmt(s.mean_output, 6),
-                _fmt(naive, 6),
-                f"{s.theta:.1f}",
-                _fmt(None if s.sigma2 is None else math.sqrt(s.sigma2), 6),
-            ]
-        )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        print(
-            "  ".join(
-                cell.ljust(wd) if i == 0 else cell.rjust(wd)
-                for i, (cell, wd) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-    print(
-        "theta = sum(D*P + D*(D-1)/2) / sum(D): context tokens per decode slot, step-weighted",
-        file=sys.stdout,
-    )
+    else:
+        print(render_workload(rows))
     return 0

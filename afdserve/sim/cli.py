@@ -1,8 +1,11 @@
-"""`afdserve simulate`, `afdserve profile` and `afdserve sim-validate theory|runtime`.
+"""`afdserve simulate`, `afdserve profile` and `afdserve sim-validate theory|runtime`: the flags,
+their checks, and which library function each verb calls; what the verbs compute and print lives
+in the modules they call (`search`, `bundle`, `validate_theory`, `render`, the plots, and
+`afdserve.calibration` for the two that measure the runtime).
 
-Nothing heavy at module level: numpy and the simulator load inside the verb functions, torch
-only for `profile` and `sim-validate runtime`, matplotlib only with `--plot`. Bad input raises
-UserInputError, which `afdserve.cli.main` prints as one line with exit status 2.
+Importing the simulator's package loads numpy; torch loads only inside `profile` and
+`sim-validate runtime`, matplotlib only with `--plot`. Bad input raises UserInputError, which
+`afdserve.cli.main` prints as one line with exit status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ from typing import Any
 
 from afdserve.cli import one_line_errors
 from afdserve.errors import UserInputError
+from afdserve.planner.render import json_default
+from afdserve.sim.render import (
+    render_profile,
+    render_report,
+    render_runtime,
+    render_search,
+    render_theory,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -191,108 +202,20 @@ def run_simulate(args: argparse.Namespace) -> int:
         for b in bars.values():
             b.close()
     if args.plot:
-        _search_plots(result, Path(args.plot), args.seed)
+        from afdserve.sim.search_plots import plot_search
+
+        plot_search(result, Path(args.plot), args.seed)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=_json_default))
+        print(json.dumps(result.to_dict(), indent=2, default=json_default))
     else:
-        print(_render_search(result))
+        print(render_search(result))
     return 0
-
-
-def _render_search(result: Any) -> str:
-    lines = [
-        f"{result.model} on {result.devices} x {result.hardware}, workload {result.workload}: "
-        f"SLO TTFT <= {result.slo.ttft_ms} ms, TPOT <= {result.slo.tpot_ms} ms for "
-        f"{result.space.attainment:.0%} of requests ({len(result.screened)} candidates screened)",
-        "",
-        f"{'family':<11} {'devices':>7} {'goodput tok/s':>13} {'per device':>10} "
-        f"{'tok/s/user':>10} {'TTFT p90':>9} {'TPOT p90':>9} {'attain':>6}  configuration",
-    ]
-    for fam, c in result.best.items():
-        if c is None or c.report is None:
-            lines.append(f"{fam:<11} {'-':>7}  no configuration meets the SLOs")
-            continue
-        rep = c.report
-        lines.append(
-            f"{fam:<11} {c.devices:>7d} {rep.goodput_tok_s or 0:>13.0f} "
-            f"{(rep.goodput_tok_s or 0) / c.devices:>10.0f} {rep.tokens_per_user_s:>10.1f} "
-            f"{rep.ttft_ms.p90:>9.1f} {rep.tpot_ms.p90:>9.2f} {rep.slo_attainment or 0:>6.2f}  "
-            f"{c.describe()} @ {c.max_rate:.3g} req/s"
-        )
-    for note in result.notes:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
-
-
-def _search_plots(result: Any, out: Path, seed: int) -> None:
-    from afdserve.planner import load_trace, plan, stats_from_trace
-    from afdserve.sim.closed_loop import simulate_closed_loop
-    from afdserve.sim.config import BundleConfig
-    from afdserve.sim.pipeline import StageTimes
-    from afdserve.sim.plots import plot_latency_cdfs, plot_ratio_sweep, plot_timeline
-    from afdserve.sim.validate_theory import RatioSweep, WorkloadCase, workload_source
-
-    out.mkdir(parents=True, exist_ok=True)
-    samples = {
-        f"{fam}: {c.describe()}": c.samples for fam, c in result.best.items() if c and c.samples
-    }
-    if samples:
-        plot_latency_cdfs(
-            samples,
-            out / "latency_cdf.png",
-            slo={"ttft_ms": result.slo.ttft_ms, "tpot_ms": result.slo.tpot_ms},
-            title=f"{result.model} on {result.hardware}, {result.workload} (best of each family)",
-        )
-    afd = result.best.get("afd") or next((c for c in result.finalists if c.family == "afd"), None)
-    if afd is None:
-        return
-    trace = load_trace(result.workload)
-    stats = stats_from_trace(trace)
-    _, make = workload_source(WorkloadCase(result.workload, trace=result.workload))
-    B, M = afd.params["batch"], afd.params["microbatches"]
-    p = plan(afd.costs.stages, B, stats, r_max=max(result.space.ratios))
-    sweep = RatioSweep(
-        afd.costs,
-        B,
-        stats,
-        make,
-        steps=result.space.closed_loop_steps,
-        seed=seed,
-        pipeline="microbatch",
-        microbatches=M,
-        table=p.table,
-    )
-    points = [sweep.run(r) for r in result.space.ratios]
-    plot_ratio_sweep(
-        points,
-        out / "ratio_sweep.png",
-        title=f"{result.model} on {result.hardware}, {result.workload}: B={B}, M={M} "
-        "(simulated: exact microbatch pipeline; closed form: planner)",
-        marks={"r*": p.r_star},
-    )
-    r = afd.params["r"]
-    cfg = BundleConfig(
-        attention_workers=r, slots=B, microbatches=M, pipeline="microbatch", prefill="none"
-    )
-    reqs = make(r * B, 4 * r * B, seed)
-    run = simulate_closed_loop(afd.costs, cfg, reqs, max_steps=3, timeline_steps=3)
-    if run.timeline:
-        plot_timeline(
-            StageTimes.concat(run.timeline),
-            afd.costs.num_layers,
-            out / "timeline.png",
-            steps=2,
-            title=f"{r}A1F, M={M}, B={B}: two steps in steady state ({result.workload})",
-        )
 
 
 def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
     from afdserve.planner import RooflineSetup, load_hardware, load_model, load_trace
-    from afdserve.sim.config import BundleConfig
+    from afdserve.sim.bundle import bundle_config, plot_bundle, simulate_bundle
     from afdserve.sim.costs import SimCosts, roofline_sim_costs
-    from afdserve.sim.deployments import run_unit
-    from afdserve.sim.metrics import summarize
-    from afdserve.sim.requests import closed_loop, from_trace
 
     if args.ratio < 1 or args.batch < 1:
         raise UserInputError("--ratio and --batch must be >= 1")
@@ -307,103 +230,33 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
     else:
         raise UserInputError("--ratio needs stage costs: --profile FILE, or --model and --hardware")
     trace = load_trace(args.workload)
-    cfg = BundleConfig(
-        attention_workers=args.ratio,
-        slots=args.batch,
-        microbatches=M,
-        pipeline="microbatch",
-        prefill="none" if args.closed_loop else "chunked",
-        token_budget=max(args.token_budget, args.batch),
-    )
-    if args.closed_loop:
-        reqs = closed_loop(
-            trace.prompt_len,
-            trace.output_len,
-            num_slots=cfg.num_slots,
-            num_requests=max(args.requests, 4 * cfg.num_slots),
-            seed=args.seed,
-            name=trace.name,
-        )
-    else:
-        arrivals = args.arrivals
-        if arrivals == "trace" and trace.arrival_s is None:
+    cfg = bundle_config(args.ratio, args.batch, M, args.token_budget, saturated=args.closed_loop)
+    if not args.closed_loop:
+        if args.arrivals == "trace" and trace.arrival_s is None:
             raise UserInputError(
                 f"trace {trace.name!r} has no timestamps: use --arrivals poisson --rate R"
             )
-        if arrivals != "trace" and args.rate is None:
-            raise UserInputError(f"--arrivals {arrivals} needs --rate (requests/s)")
-        reqs = from_trace(
-            trace,
-            limit=args.requests,
-            arrivals=arrivals,
-            rate=args.rate,
-            cv=args.cv,
-            seed=args.seed,
-        )
-    run = run_unit(costs, cfg, reqs, closed_loop=args.closed_loop)
-    rep = summarize([run], label=f"{args.ratio}A1F M={M} B={args.batch}", slo=slo)
+        if args.arrivals != "trace" and args.rate is None:
+            raise UserInputError(f"--arrivals {args.arrivals} needs --rate (requests/s)")
+    sim = simulate_bundle(
+        costs,
+        trace,
+        cfg,
+        requests=args.requests,
+        saturated=args.closed_loop,
+        arrivals=args.arrivals,
+        rate=args.rate,
+        cv=args.cv,
+        seed=args.seed,
+        slo=slo,
+    )
     if args.plot:
-        import dataclasses
-
-        from afdserve.sim.pipeline import StageTimes
-        from afdserve.sim.plots import latency_samples, plot_latency_cdfs, plot_timeline
-
-        out = Path(args.plot)
-        out.mkdir(parents=True, exist_ok=True)
-        # the timeline in steady state: a short closed loop of the same bundle
-        steady = closed_loop(
-            trace.prompt_len,
-            trace.output_len,
-            num_slots=cfg.num_slots,
-            num_requests=4 * cfg.num_slots,
-            seed=args.seed,
-        )
-        cl = run_unit(
-            costs,
-            dataclasses.replace(cfg, prefill="none"),
-            steady,
-            closed_loop=True,
-            max_steps=3,
-            timeline_steps=3,
-        )
-        plot_timeline(
-            StageTimes.concat(cl.timeline),
-            costs.num_layers,
-            out / "timeline.png",
-            steps=2,
-            title=f"{rep.label}: two steps in steady state (closed loop, {trace.name})",
-        )
-        plot_latency_cdfs(
-            {rep.label: latency_samples([run])},
-            out / "latency_cdf.png",
-            slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
-        )
+        plot_bundle(sim, Path(args.plot), slo=slo, seed=args.seed)
     if args.json:
-        print(json.dumps(rep.to_dict(), indent=2, default=_json_default))
+        print(json.dumps(sim.report.to_dict(), indent=2, default=json_default))
     else:
-        print(_render_report(rep))
+        print(render_report(sim.report))
     return 0
-
-
-def _render_report(rep: Any) -> str:
-    def lat(s: Any) -> str:
-        return f"mean {s.mean:.4g}  median {s.median:.4g}  p90 {s.p90:.4g}  p99 {s.p99:.4g} ms"
-
-    lines = [
-        f"{rep.label}: {rep.steps} steps, {rep.requests_finished} requests finished "
-        f"({rep.unfinished} unfinished), {rep.span_s:.4g} s simulated in {rep.wall_s:.3g} s "
-        f"({rep.speed:.0f}x real time)",
-        f"throughput {rep.throughput_tok_s:.5g} tok/s, {rep.throughput_per_instance:.5g} per instance",
-        f"idle: attention {rep.attention_idle:.3f}, FFN {'-' if rep.ffn_idle is None else f'{rep.ffn_idle:.3f}'}",
-        f"TTFT {lat(rep.ttft_ms)}",
-        f"TPOT {lat(rep.tpot_ms)}",
-        f"ITL  {lat(rep.itl_ms)}",
-    ]
-    if rep.slo_attainment is not None:
-        lines.append(
-            f"SLO attainment {rep.slo_attainment:.3f}, goodput {rep.goodput_tok_s:.5g} tok/s"
-        )
-    return "\n".join(lines)
 
 
 # ---- profile ----------------------------------------------------------------------------------
@@ -484,48 +337,8 @@ def run_profile_cli(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        print(_render_profile(data, out))
+        print(render_profile(data, out))
     return 0
-
-
-def _render_profile(d: dict[str, Any], out: Path) -> str:
-    lines = [
-        f"{d['model']} on {d['device']}, {d['num_layers']} layers, {d['dtype']}: "
-        f"profiled in {d['wall_s']:.1f} s -> {out}",
-        f"{'stage':<22} {'alpha':>12} {'beta (ms)':>12} {'R^2':>7} {'max rel err':>11}",
-    ]
-    for key, label in (
-        ("attention", "attention (ms/ctx tok)"),
-        ("ffn", "ffn (ms/token)"),
-        ("comm", "comm (ms/token)"),
-        ("step", "step (ms/sequence)"),
-    ):
-        e = d[key]
-        lines.append(
-            f"{label:<22} {e['alpha']:>12.4e} {e['beta']:>12.4e} {e.get('r2', float('nan')):>7.3f} "
-            f"{e.get('max_rel_err', float('nan')):>11.3f}"
-        )
-    pre = d["prefill"]
-    lines.append(
-        f"prefill: {pre['token_ms']:.4e} ms/token + {pre['pair_ms']:.4e} ms/pair "
-        f"(R^2 {pre['r2']:.3f}, max rel err {pre['max_rel_err']:.3f}); AFD step extra "
-        f"{d['step'].get('afd_beta', 0.0):.4g} ms"
-    )
-    for w in d.get("warnings", []):
-        lines.append(f"warning: {w}")
-    for name, t in d["transport"].items():
-        if "alpha" in t:
-            lines.append(f"transport {name:<6} {t['alpha']:.4e} ms/token + {t['beta']:.4e} ms")
-            if "afd_beta" in t:
-                lines.append(
-                    f"  worker-process AFD step extra over {name}: {t['afd_alpha']:.4g} ms/sequence"
-                    f" + {t['afd_beta']:.4g} ms"
-                )
-            elif "worker_step_skipped" in t:
-                lines.append(f"  worker-process steps skipped: {t['worker_step_skipped']}")
-        else:
-            lines.append(f"transport {name:<6} skipped: {t['skipped']}")
-    return "\n".join(lines)
 
 
 # ---- sim-validate -----------------------------------------------------------------------------
@@ -600,54 +413,14 @@ def run_validate_theory(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.plot:
-        _theory_plots(v, Path(args.plot))
+        from afdserve.sim.plots import plot_theory_validation
+
+        plot_theory_validation(v, Path(args.plot))
     if args.json:
-        print(json.dumps(v.to_dict(), indent=2, default=_json_default))
-        return 0
-    lines = [
-        f"{'coefficients':<28} {'workload':<19} {'r*':>7} {'r_cf':>4} {'r_bar':>5} {'r_sim':>5} "
-        f"{'gap_cf':>7} {'gap_bar':>7}"
-    ]
-    for c in v.cases:
-        gb = "-" if c.gap_barrier is None else f"{c.gap_barrier:.3f}"
-        rb = "-" if c.r_barrier is None else str(c.r_barrier)
-        lines.append(
-            f"{c.coefficients:<28} {c.workload:<19} {c.r_star:>7.2f} {c.r_closed_form:>4d} "
-            f"{rb:>5} {c.r_sim:>5d} {c.gap_closed_form:>7.3f} {gb:>7}"
-        )
-    s = v.summary()
-    for which in ("closed_form", "barrier"):
-        if which in s:
-            g = s[which]
-            lines.append(
-                f"{which}: gap median {g['median']:.3f}, p90 {g['p90']:.3f}, max {g['max']:.3f}; "
-                f"within 5%: {g['within_5pct']:.0%}, within 10%: {g['within_10pct']:.0%}, "
-                f"same r: {g['exact_r']:.0%} ({g['n']} cases, {v.steps} steps a run)"
-            )
-    print("\n".join(lines))
+        print(json.dumps(v.to_dict(), indent=2, default=json_default))
+    else:
+        print(render_theory(v))
     return 0
-
-
-def _theory_plots(v: Any, out: Path) -> None:
-    from afdserve.sim.plots import plot_gap_histogram, plot_theory_grid
-
-    out.mkdir(parents=True, exist_ok=True)
-    plot_gap_histogram(
-        {"closed form": v.gaps("closed_form"), "barrier-aware": v.gaps("barrier")},
-        out / "theory_gaps.png",
-        title=f"theory vs simulation, {len(v.cases)} cases ({v.steps} steps a run)",
-    )
-    by_set: dict[str, list[Any]] = {}
-    for c in v.cases:
-        by_set.setdefault(c.coefficients, []).append(c)
-    for name, cases in by_set.items():
-        fname = "sweep_" + name.replace("/", "_").replace("+", "_") + ".png"
-        plot_theory_grid(
-            cases,
-            out / fname,
-            title=f"{name} (B = {cases[0].batch}): simulated vs closed-form throughput per "
-            "instance; lines: r closed form (orange), barrier-aware (green), simulated (blue)",
-        )
 
 
 def run_validate_runtime(args: argparse.Namespace) -> int:
@@ -689,39 +462,7 @@ def run_validate_runtime(args: argparse.Namespace) -> int:
         progress=note,
     )
     if args.json:
-        print(json.dumps(v.to_dict(), indent=2, default=_json_default))
-        return 0
-    lines = [
-        f"{v.model} on {v.device}: {workload.requests} requests x (prompt {workload.prompt_len}, "
-        f"output {workload.output_len})",
-        f"{'run':<26} {'real ms/step':>12} {'sim ms/step':>11} {'error':>7} {'real tok/s':>10} "
-        f"{'sim tok/s':>9} {'error':>7} {'load':>5} {'serial ms':>9} {'error':>7}",
-    ]
-    for r in v.runs:
-        lines.append(
-            f"{r.run:<26} {r.real_step_ms:>12.3f} {r.sim_step_ms:>11.3f} {r.step_ms_error:>+7.1%} "
-            f"{r.real_tokens_per_s:>10.0f} {r.sim_tokens_per_s:>9.0f} {r.tokens_per_s_error:>+7.1%} "
-            f"{r.load_average:>5.2f} "
-            + (
-                f"{r.sim_serial_step_ms:>9.3f} {r.serial_step_ms_error:>+7.1%}"
-                if r.sim_serial_step_ms is not None
-                else f"{'-':>9} {'-':>7}"
-            )
-        )
-    print("\n".join(lines))
+        print(json.dumps(v.to_dict(), indent=2, default=json_default))
+    else:
+        print(render_runtime(v))
     return 0
-
-
-def _json_default(obj: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -4,7 +4,9 @@
   field and barrier-aware), and the attention and FFN idle fractions, simulated and closed form;
 - `plot_timeline`: a few steps of one bundle, one row per server (each attention worker, its
   links, the FFN), bars coloured by microbatch, so pipelining and barrier stalls show;
-- `plot_latency_cdfs`: TTFT, TPOT and ITL distributions of several deployments side by side.
+- `plot_latency_cdfs`: TTFT, TPOT and ITL distributions of several deployments side by side;
+- `plot_gap_histogram`, `plot_theory_grid`: theory against simulation, and
+  `plot_theory_validation`, which writes both for a whole `sim-validate theory` run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -339,3 +342,26 @@ def plot_theory_grid(
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_theory_validation(v: Any, out: Path) -> None:
+    """The pictures of a `validate_theory.TheoryValidation` in `out`: theory_gaps.png (the gap
+    histogram of both rules) and one sweep_<coefficients>.png per coefficient set, a panel per
+    workload: a set's cases share their costs and B, so its panels differ by workload alone."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_gap_histogram(
+        {"closed form": v.gaps("closed_form"), "barrier-aware": v.gaps("barrier")},
+        out / "theory_gaps.png",
+        title=f"theory vs simulation, {len(v.cases)} cases ({v.steps} steps a run)",
+    )
+    by_set: dict[str, list[Any]] = {}
+    for c in v.cases:
+        by_set.setdefault(c.coefficients, []).append(c)
+    for name, cases in by_set.items():
+        fname = "sweep_" + name.replace("/", "_").replace("+", "_") + ".png"
+        plot_theory_grid(
+            cases,
+            out / fname,
+            title=f"{name} (B = {cases[0].batch}): simulated vs closed-form throughput per "
+            "instance; lines: r closed form (orange), barrier-aware (green), simulated (blue)",
+        )

@@ -172,3 +172,11 @@ def test_missing_unreadable_and_binary(tmp_path) -> None:
     b.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserInputError, match="UTF-8"):
         load_trace(b)
+
+
+def test_an_empty_trace_names_its_file(tmp_path) -> None:
+    f = tmp_path / "empty.csv"
+    f.write_text("")
+    with pytest.raises(UserInputError, match="empty trace") as err:
+        load_trace(f)
+    assert str(f) in str(err.value)

@@ -1,8 +1,10 @@
 """`afdserve profile` and `afdserve sim-validate runtime` on a tiny model (small grids).
 
 Timing decides nothing here (the machine is shared and noisy): the tests check that the
-pipeline runs on the runtime's own parts and produces well-formed, readable results. The
-measured gaps belong in benchmarks/bench_sim_vs_runtime.py.
+pipeline runs on the runtime's own parts and that what it reports follows from what it measured
+(each fit's quality from its stored points, each worker-process coefficient from its points and
+the in-process fits, each simulation from the coefficients it names). The measured gaps belong
+in benchmarks/bench_sim_vs_runtime.py. Both verbs also run once as commands.
 """
 
 from __future__ import annotations
@@ -13,132 +15,176 @@ import math
 import numpy as np
 import pytest
 
+from afdserve.calibration.profile import SMALL_GRID, _worker_extras, check_profile, run_profile
+from afdserve.calibration.validate_runtime import (
+    WORKER_EXTRAS,
+    RuntimeRun,
+    Workload,
+    validate_runtime,
+)
 from afdserve.cli import main
-from afdserve.planner import StageCosts
+from afdserve.errors import UserInputError
+from afdserve.planner import StageCosts, WorkloadStats, plan
 from afdserve.sim import SimCosts
+from afdserve.sim.fit import AffineFit, fit_affine, quality
 
-pytest.importorskip("torch")
+pytest.importorskip("torch")  # the calibration imports it when it runs
 
-
-def _finite_fit(entry: dict) -> None:
-    assert entry["alpha"] >= 0 and entry["beta"] >= 0
-    assert math.isfinite(entry["r2"]) and entry["max_rel_err"] >= 0
+TINY = "builtin:tiny-llama"
 
 
-def test_profile_command_writes_a_profile_the_planner_and_simulator_read(tmp_path, capsys) -> None:
+def _fit(d: dict) -> AffineFit:
+    return AffineFit(d["alpha"], d["beta"], 1.0, 0.0, 0)
+
+
+def _describes(entry: dict, x: np.ndarray, t: np.ndarray) -> None:
+    """The R^2 and worst relative error reported are those of the reported line on the points."""
+    r2, err = quality(t, entry["alpha"] * x + entry["beta"])
+    assert entry["r2"] == pytest.approx(r2) and entry["max_rel_err"] == pytest.approx(err)
+
+
+@pytest.fixture(scope="module")
+def profile() -> dict:
+    data = run_profile(TINY, grid=SMALL_GRID, threads=1, transports=("local", "copy"))
+    check_profile(data)
+    return data
+
+
+def test_a_profile_is_fitted_from_the_points_it_stores(profile) -> None:
+    d = profile
+    assert d["source"] == "measured" and d["units"] == "ms"
+    assert d["num_layers"] == 2 and d["torch_threads"] == 1
+    assert set(d["transport"]) == {"local", "copy"} and d["comm_transport"] == "local"
+    pts = d["points"]
+    assert len(pts["attention_decode"]) == 4  # 2 batches x 2 contexts
+    assert len(pts["attention_prefill"]) == 8  # 2 sequences x 2 chunks x 2 starts
+    a = np.asarray(pts["attention_decode"], dtype=np.float64)  # batch, context, tokens read, ms
+    fit = fit_affine(a[:, 2], a[:, 3])
+    assert (d["attention"]["alpha"], d["attention"]["beta"]) == (fit.alpha, fit.beta)
+    _describes(d["attention"], a[:, 2], a[:, 3])
+    f = np.asarray(pts["ffn"], dtype=np.float64)  # tokens, ms
+    _describes(d["ffn"], f[:, 0], f[:, 1])
+    c = np.asarray(d["transport"]["local"]["points"], dtype=np.float64)  # tokens, ms one way
+    _describes(d["comm"], c[:, 0], c[:, 1])
+    assert {k: d["comm"][k] for k in ("alpha", "beta")} == {
+        k: d["transport"]["local"][k] for k in ("alpha", "beta")
+    }
+    # the per-step cost is what an engine step takes beyond its layers
+    g = np.asarray(pts["engine_step_aggregated"], dtype=np.float64)  # sequences, context, ms
+    n, ctx, L = g[:, 0], g[:, 1], d["num_layers"]
+    layers = L * (_fit(d["attention"]).predict(n * ctx) + _fit(d["ffn"]).predict(n))
+    step = fit_affine(n, np.maximum(g[:, 2] - layers, 1e-6))
+    assert (d["step"]["alpha"], d["step"]["beta"]) == pytest.approx((step.alpha, step.beta))
+
+
+def test_the_planner_and_the_simulator_read_a_profile(profile) -> None:
+    costs = StageCosts.from_profile_dict(profile)
+    assert costs.num_layers == 2 and costs.source == "measured"
+    sim = SimCosts.from_profile_dict(profile)
+    assert sim.step_beta_ms == profile["step"]["beta"]
+    assert sim.prefill_token_ms == profile["prefill"]["token_ms"]
+    assert plan(costs, 8, WorkloadStats(100.0)).costs.num_layers == 2
+
+
+def test_profile_command(tmp_path, capsys) -> None:
     out = tmp_path / "profile.json"
     code = main(
         [
-            "profile",
-            "--model",
-            "builtin:tiny-llama",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--grid",
-            "small",
-            "--threads",
-            "1",
-            "--transports",
-            "local,copy",
-            "--quiet",
+            *("profile", "--model", TINY, "--out", str(out), "--grid", "small"),
+            *("--threads", "1", "--transports", "local", "--quiet"),
         ]
     )
     text, err = capsys.readouterr()
     assert code == 0, err
-    assert "attention" in text and "R^2" in text
-    data = json.loads(out.read_text())
-    assert data["source"] == "measured" and data["units"] == "ms"
-    assert data["num_layers"] == 2 and data["torch_threads"] == 1
-    for key in ("attention", "ffn", "comm", "step"):
-        _finite_fit(data[key])
-    assert set(data["transport"]) == {"local", "copy"}
-    assert data["comm_transport"] == "local"
-    assert len(data["points"]["attention_decode"]) == 4  # 2 batches x 2 contexts
-    assert len(data["points"]["attention_prefill"]) == 8  # 2 sequences x 2 chunks x 2 starts
-    costs = StageCosts.from_profile(out)
-    assert costs.num_layers == 2 and costs.source == "measured"
-    sim = SimCosts.from_profile(out)
-    assert sim.step_beta_ms == data["step"]["beta"]
-    assert sim.prefill_token_ms == data["prefill"]["token_ms"]
-    # the planner takes it as its --profile
-    code = main(["plan", "--profile", str(out), "--batch", "8", "--theta", "100", "--json"])
-    plan_out, err = capsys.readouterr()
-    assert code == 0, err
-    assert json.loads(plan_out)["num_layers"] == 2
+    lines = text.splitlines()
+    assert lines[0].startswith(f"{TINY} on cpu") and lines[0].endswith(f"-> {out}")
+    assert lines[1].split()[:3] == ["stage", "alpha", "beta"]
+    assert [line.split()[0] for line in lines[2:6]] == ["attention", "ffn", "comm", "step"]
+    assert lines[-1].startswith("transport local ")
+    assert StageCosts.from_profile(out).num_layers == 2  # the file it wrote
 
 
-def test_profile_rejects_bad_input(tmp_path, capsys) -> None:
-    for argv, needle in (
-        (["--transports", "local,pigeon"], "unknown transport"),
-        (["--comm-from", "shm", "--transports", "local"], "comm-from"),
-        (["--threads", "0"], "threads"),
+def test_profile_rejects_bad_input(tmp_path) -> None:
+    for kwargs, needle in (
+        ({"transports": ("local", "pigeon")}, "unknown transport"),
+        ({"comm_from": "shm", "transports": ("local",)}, "comm-from"),
+        ({"threads": 0}, "threads"),
     ):
-        code = main(
-            [
-                "profile",
-                "--model",
-                "builtin:tiny-llama",
-                "--out",
-                str(tmp_path / "p.json"),
-                "--grid",
-                "small",
-                "--quiet",
-                *argv,
-            ]
-        )
-        _, err = capsys.readouterr()
-        assert code == 2 and needle in err, err
-    code = main(
-        ["profile", "--model", "/no/such/model", "--out", str(tmp_path / "p.json"), "--quiet"]
+        with pytest.raises(UserInputError, match=needle):
+            run_profile(TINY, grid=SMALL_GRID, **kwargs)
+    with pytest.raises(UserInputError, match="does not exist"):
+        run_profile("/no/such/model", grid=SMALL_GRID)
+
+
+SMALL = Workload(4, 8, 6)
+"""A CI-sized runtime validation: 4 requests of 8 prompt and 6 output tokens."""
+
+
+def _runs(transport: str) -> tuple[RuntimeRun, ...]:
+    return (
+        RuntimeRun("aggregated", 1),
+        RuntimeRun("afd", 1, transport=transport),
+        RuntimeRun("afd", 2, transport=transport),
     )
-    _, err = capsys.readouterr()
-    assert code == 2 and "does not exist" in err
 
 
-SMALL_RUNTIME_VALIDATION = [
-    *("sim-validate", "runtime", "--model", "builtin:tiny-llama", "--grid", "small"),
-    *("--requests", "4", "--prompt-len", "8", "--output-len", "6", "--repeats", "1"),
-    *("--threads", "1", "--json", "--quiet"),
-]
-"""A CI-sized `sim-validate runtime`: 4 requests of 8 prompt and 6 output tokens."""
+def _validate(transport: str = "local", **kwargs):
+    return validate_runtime(
+        TINY,
+        profile_grid=SMALL_GRID,
+        runs=_runs(transport),
+        workload=SMALL,
+        threads=1,
+        repeats=1,
+        **kwargs,
+    )
 
 
-def test_runtime_validation_runs_and_is_well_formed(capsys) -> None:
-    code = main([*SMALL_RUNTIME_VALIDATION, "--rounds", "2"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    d = json.loads(out)
-    assert d["rounds"] == 2 and d["profile"]["rounds"] == 2
-    assert [r["run"] for r in d["runs"]] == [
+def test_runtime_validation_compares_each_run_with_its_simulation() -> None:
+    v = _validate(profile_rounds=2, rounds=2)
+    assert v.rounds == 2 and v.profile["rounds"] == 2
+    assert [r.run for r in v.runs] == [
         "aggregated M=1",
         "AFD 1A1F M=1 (local)",
         "AFD 1A1F M=2 (local)",
     ]
-    for r in d["runs"]:
-        assert r["output_tokens"] == 4 * 6
-        assert r["real_steps"] == r["sim_steps"] == 6  # one prefill step, then 5 decode steps
-        assert r["real_step_ms"] > 0 and r["sim_step_ms"] > 0
-        assert r["real_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0
-        assert math.isfinite(r["step_ms_error"]) and math.isfinite(r["tokens_per_s_error"])
-        if r["run"].startswith("AFD"):
+    for r in v.runs:
+        assert r.output_tokens == 4 * 6
+        assert r.real_steps == r.sim_steps == 6  # one prefill step, then 5 decode steps
+        assert r.real_step_ms > 0 and r.sim_step_ms > 0
+        assert r.real_tokens_per_s > 0 and r.sim_tokens_per_s > 0
+        assert r.step_ms_error == pytest.approx(r.sim_step_ms / r.real_step_ms - 1)
+        assert r.tokens_per_s_error == pytest.approx(r.sim_tokens_per_s / r.real_tokens_per_s - 1)
+        if r.run.startswith("AFD"):
             # no overlap is never faster (up to float rounding)
-            assert r["sim_serial_step_ms"] >= r["sim_step_ms"] * (1 - 1e-9) > 0
+            assert r.sim_serial_step_ms >= r.sim_step_ms * (1 - 1e-9) > 0
         else:
-            assert r["sim_serial_step_ms"] is None
-    code = main(["sim-validate", "runtime", "--transport", "udp", "--grid", "small", "--quiet"])
-    _, err = capsys.readouterr()
-    assert code == 2 and "choose one of" in err
+            assert r.sim_serial_step_ms is None
+    with pytest.raises(UserInputError, match="choose one of"):
+        RuntimeRun("afd", 1, transport="udp")
 
 
-def test_runtime_validation_over_worker_processes(capsys) -> None:
-    # the AFD runs go through real worker processes over shm; the profile times shm transfers
-    code = main([*SMALL_RUNTIME_VALIDATION, "--transport", "shm"])
+def test_sim_validate_runtime_command(capsys) -> None:
+    code = main(
+        [
+            *("sim-validate", "runtime", "--model", TINY, "--grid", "small", "--requests", "4"),
+            *("--prompt-len", "8", "--output-len", "6", "--repeats", "1", "--threads", "1"),
+            "--quiet",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
-    d = json.loads(out)
-    assert [r["run"] for r in d["runs"]] == [
+    lines = out.splitlines()
+    assert lines[0].endswith("4 requests x (prompt 8, output 6)")
+    assert lines[1].split()[:3] == ["run", "real", "ms/step"]
+    runs = ["aggregated M=1", "AFD 1A1F M=1 (local)", "AFD 1A1F M=2 (local)"]
+    assert [line[:26].rstrip() for line in lines[2:]] == runs
+
+
+def test_runtime_validation_over_worker_processes() -> None:
+    # the AFD runs go through real worker processes over shm; the profile times shm transfers
+    v = _validate("shm")
+    assert [r.run for r in v.runs] == [
         "aggregated M=1",
         "AFD 1A1F M=1 (shm)",
         "AFD 1A1F M=2 (shm)",
@@ -146,69 +192,75 @@ def test_runtime_validation_over_worker_processes(capsys) -> None:
     # the profile timed decode steps of real worker processes over shm, one point per grid N,
     # and the AFD runs are simulated with the per-step extra fitted from them, not the
     # in-process one
-    shm = d["profile"]["worker_steps"]["shm"]
+    shm = v.profile["transport"]["shm"]
     assert [p[0] for p in shm["worker_step_points"]] == [1, 4]  # SMALL_GRID.step_batches
     assert all(p[2] > 0 for p in shm["worker_step_points"])
-    assert shm["afd_beta"] >= 0 and shm["afd_alpha"] >= 0
     # and prefill steps: S in SMALL_GRID.prefill_sequences prompts of its longest chunk
     assert [p[:2] for p in shm["worker_prefill_points"]] == [[1, 32], [4, 32]]
     assert all(p[2] > 0 for p in shm["worker_prefill_points"])
-    assert shm["afd_prefill_token_ms"] >= 0
     # and decode steps of an M = 2 engine: what a second microbatch costs
     assert [p[0] for p in shm["worker_step_points_m2"]] == [1, 4]
-    assert shm["afd_microbatch_ms"] >= 0
-    in_process_alpha = d["profile"]["step"]["alpha"]
-    in_process_prefill = d["profile"]["step"]["prefill_token_ms"]
-    for r in d["runs"]:
-        if r["run"].startswith("AFD"):
-            assert r["sim_afd_step_ms"] == shm["afd_beta"]
-            assert r["sim_step_alpha_ms"] == pytest.approx(in_process_alpha + shm["afd_alpha"])
-            assert r["sim_step_prefill_token_ms"] == pytest.approx(
+    # each coefficient is the fit of those points against the profile's in-process fits
+    refit = _worker_extras(
+        v.profile,
+        "shm",
+        shm["worker_step_points"],
+        shm["worker_prefill_points"],
+        shm["worker_step_points_m2"],
+    )
+    assert {k: shm[k] for k in WORKER_EXTRAS} == pytest.approx({k: refit[k] for k in WORKER_EXTRAS})
+    in_process_alpha = v.profile["step"]["alpha"]
+    in_process_prefill = v.profile["step"]["prefill_token_ms"]
+    for r in v.runs:
+        if r.run.startswith("AFD"):
+            assert r.sim_afd_step_ms == shm["afd_beta"]
+            assert r.sim_step_alpha_ms == pytest.approx(in_process_alpha + shm["afd_alpha"])
+            assert r.sim_step_prefill_token_ms == pytest.approx(
                 in_process_prefill + shm["afd_prefill_token_ms"]
             )
-            assert r["sim_afd_microbatch_ms"] == shm["afd_microbatch_ms"]
+            assert r.sim_afd_microbatch_ms == shm["afd_microbatch_ms"]
         else:
-            assert r["sim_afd_step_ms"] is None
-            assert r["sim_step_alpha_ms"] == in_process_alpha
-            assert r["sim_step_prefill_token_ms"] == in_process_prefill
-    for r in d["runs"]:
-        assert r["output_tokens"] == 4 * 6
-        assert r["sim_steps"] == 6
+            assert r.sim_afd_step_ms is None
+            assert r.sim_step_alpha_ms == in_process_alpha
+            assert r.sim_step_prefill_token_ms == in_process_prefill
+    for r in v.runs:
+        assert r.output_tokens == 4 * 6
+        assert r.sim_steps == 6
         # a worker process may start stepping before the last of the 4 requests reaches it
         # over the control plane: each request that arrives after a step began prefills in a
         # step of its own, so up to 3 extra steps (seen: 8 on a loaded 2-core machine)
-        assert 6 <= r["real_steps"] <= 9
-        assert math.isfinite(r["step_ms_error"]) and r["real_step_ms"] > 0
+        assert 6 <= r.real_steps <= 9
+        assert math.isfinite(r.step_ms_error) and r.real_step_ms > 0
+    # what `--json` writes of it: the worker-process coefficients, without the raw transports
+    d = json.loads(json.dumps(v.to_dict()))
+    assert "transport" not in d["profile"]
+    assert d["profile"]["worker_steps"]["shm"]["afd_beta"] == shm["afd_beta"]
 
 
-def test_runtime_validation_interleaves_worker_process_timing_with_the_runs(capsys) -> None:
-    code = main([*SMALL_RUNTIME_VALIDATION, "--transport", "shm", "--interleave", "--rounds", "2"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    d = json.loads(out)
-    rounds = d["interleaved"]["shm"]  # re-timed before each round's worker-process runs
+def test_runtime_validation_interleaves_worker_process_timing_with_the_runs() -> None:
+    v = _validate("shm", interleave=True, rounds=2)
+    rounds = v.interleaved["shm"]  # re-timed before each round's worker-process runs
     assert len(rounds) == 2
-    assert all(e["afd_beta"] >= 0 and e["afd_alpha"] >= 0 for e in rounds)
-    prefill = d["profile"]["step"]["prefill_token_ms"]
+    assert all(set(e) == set(WORKER_EXTRAS) for e in rounds)
+    prefill = v.profile["step"]["prefill_token_ms"]
 
     def median(key: str) -> float:
         return float(np.median([e[key] for e in rounds]))
 
-    for r in d["runs"]:
-        if r["run"].startswith("AFD"):  # simulated with each coefficient's median over rounds
-            assert r["sim_afd_step_ms"] == pytest.approx(median("afd_beta"))
-            assert r["sim_step_prefill_token_ms"] == pytest.approx(
+    for r in v.runs:
+        if r.run.startswith("AFD"):  # simulated with each coefficient's median over rounds
+            assert r.sim_afd_step_ms == pytest.approx(median("afd_beta"))
+            assert r.sim_step_prefill_token_ms == pytest.approx(
                 prefill + median("afd_prefill_token_ms")
             )
-            assert r["sim_afd_microbatch_ms"] == pytest.approx(median("afd_microbatch_ms"))
-            assert r["sim_afd_step_ms"] != d["profile"]["worker_steps"]["shm"]["afd_beta"]
+            assert r.sim_afd_microbatch_ms == pytest.approx(median("afd_microbatch_ms"))
+            assert r.sim_afd_step_ms != v.profile["transport"]["shm"]["afd_beta"]
         else:
-            assert r["sim_afd_step_ms"] is None
+            assert r.sim_afd_step_ms is None
 
 
 def test_worker_afd_fit_is_a_robust_line_through_the_residuals() -> None:
     from afdserve.calibration.profile import _worker_afd_fit
-    from afdserve.sim.fit import AffineFit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)  # ms per context token read, ms
     ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
@@ -257,7 +309,6 @@ def test_worker_process_runs_combine_to_the_median_and_in_process_to_the_fastest
 
 def test_worker_prefill_fit_recovers_the_per_token_extra() -> None:
     from afdserve.calibration.profile import _worker_prefill_fit
-    from afdserve.sim.fit import AffineFit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)
     ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
@@ -283,7 +334,7 @@ def test_worker_prefill_fit_recovers_the_per_token_extra() -> None:
 
 
 def test_pin_workers_reaches_worker_process_runs_only() -> None:
-    from afdserve.calibration.validate_runtime import RuntimeRun, Workload, _engine_options
+    from afdserve.calibration.validate_runtime import _engine_options
 
     w = Workload(4, 8, 4)
     assert _engine_options(RuntimeRun("afd", 1, transport="shm"), w, "cpu", "auto", True)[
@@ -297,7 +348,6 @@ def test_pin_workers_reaches_worker_process_runs_only() -> None:
 
 def test_worker_microbatch_fit_is_what_a_second_microbatch_adds_beyond_the_simulator() -> None:
     from afdserve.calibration.profile import _worker_microbatch_fit, costs_for_transport
-    from afdserve.sim.costs import SimCosts
     from afdserve.sim.pipeline import time_one_step
 
     profile = SimCosts.explicit(
