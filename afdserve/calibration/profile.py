@@ -898,7 +898,7 @@ def _ping_pong(a, b, m, timer: _Timer, grid: ProfileGrid, device: str) -> list[t
     echoes from its own thread (as the FFN worker does); every wait has a deadline."""
     import torch
 
-    from afdserve.transport.protocol import Message, MsgType
+    from afdserve.transport.message import Message, MsgType
 
     per_size = timer.warmup + timer.repeats
     total = per_size * len(grid.transport_tokens)

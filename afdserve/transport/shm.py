@@ -58,16 +58,10 @@ import numpy as np
 from afdserve.errors import ProtocolError, TransportTimeout, UserInputError
 from afdserve.transport.base import Key, PeerUnreachable
 from afdserve.transport.buffers import RecvBufferPool
+from afdserve.transport.codec import decode, encode_parts, encode_prefix
+from afdserve.transport.message import Message
 from afdserve.transport.options import TransportOptions, check_positive
-from afdserve.transport.protocol import (
-    FrameHeader,
-    Message,
-    decode,
-    decode_header,
-    decode_parts,
-    encode_parts,
-    encode_prefix,
-)
+from afdserve.transport.protocol import FrameHeader, decode_header, decode_parts
 from afdserve.transport.pump import PumpedTransport
 
 log = logging.getLogger(__name__)

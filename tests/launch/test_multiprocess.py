@@ -241,7 +241,8 @@ def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs,
     import torch.distributed as dist
     import zmq
 
-    from afdserve.transport.protocol import Message, MsgType, encode_parts
+    from afdserve.transport.codec import encode_parts
+    from afdserve.transport.message import Message, MsgType
 
     with _one_to_one_over_tcp(tiny_model_dirs) as llm:
         host, port = llm.engine.rendezvous.rsplit(":", 1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from afdserve.errors import TransportTimeout
-from afdserve.transport.protocol import Message, MsgType, SyncInfo
+from afdserve.transport.message import Message, MsgType, SyncInfo
 from afdserve.transport.shm import ShmOptions, ShmTransport
 
 pytestmark = pytest.mark.timeout(120)
