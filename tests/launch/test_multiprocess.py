@@ -30,10 +30,10 @@ def _alive(pid: int) -> bool:
 def _segments_of(pids: list[int]) -> list[str]:
     """/dev/shm ring files created by any of `pids` (the shm transport names them by creator;
     other sessions' files are none of this test's business)."""
-    from afdserve.transport.shm import _SEGMENT_RE
+    from afdserve.transport.shm_segments import SEGMENT_RE
 
     names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
-    return [n for n in names if (m := _SEGMENT_RE.match(n)) and int(m.group(1)) in pids]
+    return [n for n in names if (m := SEGMENT_RE.match(n)) and int(m.group(1)) in pids]
 
 
 def _generate(model_dir, **engine) -> list[list[int]]:
