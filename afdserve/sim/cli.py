@@ -452,7 +452,8 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
 def run_profile_cli(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from afdserve.calibration.profile import SMALL_GRID, ProfileGrid, check_profile, run_profile
+    from afdserve.calibration.grid import SMALL_GRID, ProfileGrid
+    from afdserve.calibration.profile import check_profile, run_profile
 
     grid = SMALL_GRID if args.grid == "small" else ProfileGrid()
     if args.repeats is not None:
@@ -651,7 +652,7 @@ def _theory_plots(v: Any, out: Path) -> None:
 
 
 def run_validate_runtime(args: argparse.Namespace) -> int:
-    from afdserve.calibration.profile import SMALL_GRID, ProfileGrid
+    from afdserve.calibration.grid import SMALL_GRID, ProfileGrid
     from afdserve.calibration.validate_runtime import (
         DEFAULT_RUNS,
         RuntimeRun,

@@ -207,7 +207,7 @@ def test_runtime_validation_interleaves_worker_process_timing_with_the_runs(caps
 
 
 def test_worker_afd_fit_is_a_robust_line_through_the_residuals() -> None:
-    from afdserve.calibration.profile import _worker_afd_fit
+    from afdserve.calibration.fit_workers import _worker_afd_fit
     from afdserve.sim.fit import AffineFit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)  # ms per context token read, ms
@@ -256,7 +256,7 @@ def test_worker_process_runs_combine_to_the_median_and_in_process_to_the_fastest
 
 
 def test_worker_prefill_fit_recovers_the_per_token_extra() -> None:
-    from afdserve.calibration.profile import _worker_prefill_fit
+    from afdserve.calibration.fit_workers import _worker_prefill_fit
     from afdserve.sim.fit import AffineFit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)
@@ -296,7 +296,7 @@ def test_pin_workers_reaches_worker_process_runs_only() -> None:
 
 
 def test_worker_microbatch_fit_is_what_a_second_microbatch_adds_beyond_the_simulator() -> None:
-    from afdserve.calibration.profile import _worker_microbatch_fit, costs_for_transport
+    from afdserve.calibration.fit_workers import _worker_microbatch_fit, costs_for_transport
     from afdserve.sim.costs import SimCosts
     from afdserve.sim.pipeline import time_one_step
 
