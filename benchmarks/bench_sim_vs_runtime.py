@@ -18,7 +18,8 @@ import argparse
 import json
 import time
 
-from afdserve.calibration.profile import ProfileGrid, run_profile
+from afdserve.calibration.grid import ProfileGrid
+from afdserve.calibration.profile import run_profile
 from afdserve.calibration.validate_runtime import (
     DEFAULT_RUNS,
     RuntimeRun,

@@ -138,7 +138,7 @@ def transport_peer(
     if dev.type == "cuda" and name == "nixl":
         options = {"device": "cuda"} | options
 
-    from afdserve.transport.protocol import Message, MsgType
+    from afdserve.transport.message import Message, MsgType
     from afdserve.transport.registry import create_transport
     from afdserve.transport.staging import to_device
 

@@ -37,7 +37,7 @@ def spawn_pairs() -> None:
 
 
 def main(rank: int, port: str, name: str, dev: str) -> None:
-    from afdserve.transport.protocol import Message, MsgType
+    from afdserve.transport.message import Message, MsgType
     from afdserve.transport.registry import create_transport
     from afdserve.transport.staging import to_device
 

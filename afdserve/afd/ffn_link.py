@@ -17,7 +17,7 @@ from afdserve.afd.stats import A2F, AFDStats
 from afdserve.errors import TransportTimeout
 from afdserve.model.parts import FFNPart
 from afdserve.transport.base import Transport
-from afdserve.transport.protocol import Message, MsgType, SyncInfo
+from afdserve.transport.message import Message, MsgType, SyncInfo
 from afdserve.transport.staging import to_device
 
 

@@ -26,7 +26,7 @@ import torch
 from afdserve.afd.stats import F2A, AFDStats
 from afdserve.model.parts import FFNPart
 from afdserve.transport.base import Transport, make_key
-from afdserve.transport.protocol import Message, MsgType, SyncInfo
+from afdserve.transport.message import Message, MsgType, SyncInfo
 from afdserve.transport.staging import to_device, to_host
 
 log = logging.getLogger(__name__)

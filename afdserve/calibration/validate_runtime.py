@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from afdserve.calibration.profile import costs_for_transport
+from afdserve.calibration.fit_workers import costs_for_transport
 from afdserve.errors import UserInputError
 from afdserve.sim.config import BundleConfig
 from afdserve.sim.costs import SimCosts
@@ -49,7 +49,7 @@ WORKER_EXTRAS: tuple[str, ...] = (
     "afd_prefill_token_ms",
     "afd_microbatch_ms",
 )
-"""The profile's worker-process coefficients per transport (`afdserve.calibration.profile`)."""
+"""The profile's worker-process coefficients per transport (`afdserve.calibration.fit_workers`)."""
 MULTI_PROCESS_TRANSPORTS: tuple[str, ...] = ("shm", "tcp")
 """Worker-process transports the comparison can time (the profile times their transfers too)."""
 
@@ -223,12 +223,8 @@ def validate_runtime(
     multi-process rate drifts."""
     import torch
 
-    from afdserve.calibration.profile import (
-        ProfileGrid,
-        check_profile,
-        remeasure_worker_extras,
-        run_profile,
-    )
+    from afdserve.calibration.grid import ProfileGrid
+    from afdserve.calibration.profile import check_profile, remeasure_worker_extras, run_profile
 
     note = progress or (lambda _s: None)
     if threads is not None:

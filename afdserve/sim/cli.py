@@ -305,7 +305,8 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
 def run_profile_cli(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from afdserve.calibration.profile import SMALL_GRID, ProfileGrid, check_profile, run_profile
+    from afdserve.calibration.grid import SMALL_GRID, ProfileGrid
+    from afdserve.calibration.profile import check_profile, run_profile
 
     grid = SMALL_GRID if args.grid == "small" else ProfileGrid()
     if args.repeats is not None:
@@ -424,7 +425,7 @@ def run_validate_theory(args: argparse.Namespace) -> int:
 
 
 def run_validate_runtime(args: argparse.Namespace) -> int:
-    from afdserve.calibration.profile import SMALL_GRID, ProfileGrid
+    from afdserve.calibration.grid import SMALL_GRID, ProfileGrid
     from afdserve.calibration.validate_runtime import (
         DEFAULT_RUNS,
         RuntimeRun,

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 from afdserve.errors import TransportClosed, TransportTimeout
-from afdserve.transport.protocol import Message, MsgType
+from afdserve.transport.message import Message, MsgType
 
 if TYPE_CHECKING:
     import torch

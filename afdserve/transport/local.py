@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from afdserve.transport.base import Transport
-from afdserve.transport.protocol import Message
+from afdserve.transport.message import Message
 
 
 class LocalHub:

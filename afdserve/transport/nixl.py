@@ -34,19 +34,13 @@ import torch
 from afdserve.errors import ProtocolError, TransportTimeout, UserInputError
 from afdserve.transport.base import PeerUnreachable
 from afdserve.transport.buffers import RecvBufferPool
+from afdserve.transport.codec import decode, encode_parts, encode_prefix
+from afdserve.transport.message import Message
 from afdserve.transport.options import TransportOptions, check_positive
-from afdserve.transport.protocol import (
-    FrameHeader,
-    Message,
-    decode,
-    decode_header,
-    decode_parts,
-    encode_parts,
-    encode_prefix,
-    tensor_u8,
-)
+from afdserve.transport.protocol import FrameHeader, decode_header, decode_parts
 from afdserve.transport.pump import PumpedTransport
 from afdserve.transport.rendezvous import Rendezvous
+from afdserve.transport.tensor_bytes import tensor_u8
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from afdserve.errors import TransportClosed, TransportTimeout
 from afdserve.transport.base import Key, PeerUnreachable, Transport, _describe, make_key
-from afdserve.transport.protocol import Message, MsgType
+from afdserve.transport.message import Message, MsgType
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,8 +23,10 @@ import zmq
 
 from afdserve.errors import ProtocolError, TransportTimeout, UserInputError
 from afdserve.transport.buffers import RecvBufferPool
+from afdserve.transport.codec import encode_parts
+from afdserve.transport.message import Message
 from afdserve.transport.options import TransportOptions
-from afdserve.transport.protocol import Message, decode_header, decode_parts, encode_parts
+from afdserve.transport.protocol import decode_header, decode_parts
 from afdserve.transport.pump import PumpedTransport
 from afdserve.transport.rendezvous import Rendezvous
 

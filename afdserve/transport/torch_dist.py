@@ -36,17 +36,12 @@ import torch
 from afdserve.errors import ProtocolError, TransportClosed, TransportTimeout, UserInputError
 from afdserve.transport.base import PeerUnreachable, Transport, _describe, make_key
 from afdserve.transport.buffers import RecvBufferPool
+from afdserve.transport.codec import encode_prefix
+from afdserve.transport.message import Message, MsgType
 from afdserve.transport.options import TransportOptions
-from afdserve.transport.protocol import (
-    MAX_PAYLOAD_BYTES,
-    Message,
-    MsgType,
-    decode_header,
-    decode_parts,
-    encode_prefix,
-    tensor_u8,
-)
+from afdserve.transport.protocol import MAX_PAYLOAD_BYTES, decode_header, decode_parts
 from afdserve.transport.rendezvous import Rendezvous
+from afdserve.transport.tensor_bytes import tensor_u8
 
 log = logging.getLogger(__name__)
 

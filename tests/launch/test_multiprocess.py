@@ -31,10 +31,10 @@ def _alive(pid: int) -> bool:
 def _segments_of(pids: list[int]) -> list[str]:
     """/dev/shm ring files created by any of `pids` (the shm transport names them by creator;
     other sessions' files are none of this test's business)."""
-    from afdserve.transport.shm import _SEGMENT_RE
+    from afdserve.transport.shm_segments import SEGMENT_RE
 
     names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
-    return [n for n in names if (m := _SEGMENT_RE.match(n)) and int(m.group(1)) in pids]
+    return [n for n in names if (m := SEGMENT_RE.match(n)) and int(m.group(1)) in pids]
 
 
 def _generate(model_dir, **engine) -> list[list[int]]:
@@ -242,7 +242,8 @@ def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs,
     import torch.distributed as dist
     import zmq
 
-    from afdserve.transport.protocol import Message, MsgType, encode_parts
+    from afdserve.transport.codec import encode_parts
+    from afdserve.transport.message import Message, MsgType
 
     with _one_to_one_over_tcp(tiny_model_dirs) as llm:
         host, port = llm.engine.rendezvous.rsplit(":", 1)

@@ -108,11 +108,11 @@ def _flag(cmd: list[str], name: str) -> str:
 
 def _segments_of(pids: list[int]) -> list[str]:
     """/dev/shm ring files created by any of `pids` (the shm transport names them by creator)."""
-    from afdserve.transport.shm import _SEGMENT_RE
+    from afdserve.transport.shm_segments import SEGMENT_RE
 
     found = []
     for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else ():
-        m = _SEGMENT_RE.match(name)
+        m = SEGMENT_RE.match(name)
         if m is not None and int(m.group(1)) in pids:
             found.append(name)
     return found

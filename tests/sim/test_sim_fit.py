@@ -49,7 +49,7 @@ def test_nonnegative_least_squares() -> None:
 
 
 def test_poor_fits_are_reported_and_good_ones_are_not() -> None:
-    from afdserve.calibration.profile import poor_fit_warnings
+    from afdserve.calibration.fit_in_process import poor_fit_warnings
 
     x = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
     good = fit_affine(x, 0.5 + 0.1 * x)

@@ -15,7 +15,9 @@ import math
 import numpy as np
 import pytest
 
-from afdserve.calibration.profile import SMALL_GRID, _worker_extras, check_profile, run_profile
+from afdserve.calibration.fit_workers import worker_extras
+from afdserve.calibration.grid import SMALL_GRID
+from afdserve.calibration.profile import check_profile, run_profile
 from afdserve.calibration.validate_runtime import (
     WORKER_EXTRAS,
     RuntimeRun,
@@ -201,7 +203,7 @@ def test_runtime_validation_over_worker_processes() -> None:
     # and decode steps of an M = 2 engine: what a second microbatch costs
     assert [p[0] for p in shm["worker_step_points_m2"]] == [1, 4]
     # each coefficient is the fit of those points against the profile's in-process fits
-    refit = _worker_extras(
+    refit = worker_extras(
         v.profile,
         "shm",
         shm["worker_step_points"],
@@ -260,7 +262,7 @@ def test_runtime_validation_interleaves_worker_process_timing_with_the_runs() ->
 
 
 def test_worker_afd_fit_is_a_robust_line_through_the_residuals() -> None:
-    from afdserve.calibration.profile import _worker_afd_fit
+    from afdserve.calibration.fit_workers import _worker_afd_fit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)  # ms per context token read, ms
     ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
@@ -308,7 +310,7 @@ def test_worker_process_runs_combine_to_the_median_and_in_process_to_the_fastest
 
 
 def test_worker_prefill_fit_recovers_the_per_token_extra() -> None:
-    from afdserve.calibration.profile import _worker_prefill_fit
+    from afdserve.calibration.fit_workers import _worker_prefill_fit
 
     attn = AffineFit(0.001, 0.5, 1.0, 0.0, 3)
     ffn = AffineFit(0.01, 0.2, 1.0, 0.0, 3)
@@ -347,7 +349,7 @@ def test_pin_workers_reaches_worker_process_runs_only() -> None:
 
 
 def test_worker_microbatch_fit_is_what_a_second_microbatch_adds_beyond_the_simulator() -> None:
-    from afdserve.calibration.profile import _worker_microbatch_fit, costs_for_transport
+    from afdserve.calibration.fit_workers import _worker_microbatch_fit, costs_for_transport
     from afdserve.sim.pipeline import time_one_step
 
     profile = SimCosts.explicit(

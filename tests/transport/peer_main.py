@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from afdserve.transport.protocol import Message, MsgType, encode
+from afdserve.transport.codec import encode
+from afdserve.transport.message import Message, MsgType
 from afdserve.transport.registry import create_transport
 
 

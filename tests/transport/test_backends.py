@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from afdserve.errors import TransportClosed, TransportTimeout
-from afdserve.transport.protocol import Message, MsgType, SyncInfo, encode
+from afdserve.transport.codec import encode
+from afdserve.transport.message import Message, MsgType, SyncInfo
 
 from .conftest import BACKENDS, shm_segments
 from .peer_main import key_of

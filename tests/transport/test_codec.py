@@ -12,21 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from afdserve.errors import ProtocolError
+from afdserve.transport.codec import decode, encode, encode_parts
+from afdserve.transport.message import Message, MsgType, SyncInfo
 from afdserve.transport.protocol import (
     HEADER,
     HEADER_SIZE,
     MAX_DIMS,
     MAX_TEXT_BYTES,
-    Message,
-    MsgType,
-    SyncInfo,
-    decode,
     decode_header,
     decode_parts,
-    encode,
-    encode_parts,
-    view_tensor,
 )
+from afdserve.transport.tensor_bytes import view_tensor
 from tests.transport.mutations import mutate_frame
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,

@@ -16,16 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from afdserve.errors import ProtocolError
-from afdserve.transport import protocol
-from afdserve.transport.protocol import (
-    HEADER_SIZE,
-    Message,
-    MsgType,
-    SyncInfo,
-    decode,
-    encode,
-    encode_prefix,
-)
+from afdserve.transport import codec
+from afdserve.transport.codec import decode, encode, encode_prefix
+from afdserve.transport.message import Message, MsgType, SyncInfo
+from afdserve.transport.protocol import HEADER_SIZE, decode_checked, encode_prefix_checked
 from tests.transport.mutations import mutate_frame
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -96,7 +90,7 @@ def test_encode_prefix_fast_path_matches_the_checked_path(
 ):
     msg = Message(type_, step, layer, mb, sender, text=text)  # type: ignore[arg-type]
     fast = _outcome(lambda: encode_prefix(msg, sender=over))
-    assert fast == _outcome(protocol._encode_prefix_checked, msg, over)
+    assert fast == _outcome(encode_prefix_checked, msg, over)
 
 
 plain_messages = st.builds(
@@ -112,7 +106,7 @@ plain_messages = st.builds(
 
 def _decoded(buf: bytes, full: bool):
     try:
-        return protocol._decode_checked(buf, True) if full else decode(buf)
+        return decode_checked(buf, True) if full else decode(buf)
     except ProtocolError:
         return ProtocolError
 
@@ -171,13 +165,13 @@ def test_encode_prefix_activation_fast_path_matches_the_checked_path(
 ):
     msg = Message(type_, step, layer, mb, sender, tensor, sync, text)  # type: ignore[arg-type]
     fast = _outcome(lambda: encode_prefix(msg, sender=over))
-    assert fast == _outcome(protocol._encode_prefix_checked, msg, over)
+    assert fast == _outcome(encode_prefix_checked, msg, over)
 
 
 def test_activation_fast_path_is_taken_and_round_trips():
     x = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
     msg = Message(MsgType.ACTIVATION_RESULT, 9, 2, 1, 3, x)
-    assert protocol._encode_activation(msg, None) == protocol._encode_prefix_checked(msg, None)
+    assert codec._encode_activation(msg, None) == encode_prefix_checked(msg, None)
     got = decode(encode(msg))
     assert (got.type, got.step, got.layer, got.microbatch, got.sender) == (
         MsgType.ACTIVATION_RESULT, 9, 2, 1, 3,
@@ -225,3 +219,39 @@ def test_decode_activation_fast_path_accepts_exactly_what_the_checked_path_accep
     assert _comparable(_decoded(memoryview(buf), full=False)) == _comparable(
         _decoded(buf, full=True)
     )
+
+
+def _checked_path_unreachable(*_args):
+    raise AssertionError("the fast path left this frame to the checked path")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+              torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool],
+)  # fmt: skip
+@pytest.mark.parametrize("shape", [(1,), (3, 4), (2, 1, 5), (1, 2, 1, 2, 1, 2, 1, 3)])
+def test_activation_fast_paths_alone_give_the_spec_frames(monkeypatch, dtype, shape):
+    x = (torch.arange(int(np.prod(shape))) % 7).reshape(shape).to(dtype)
+    msg = Message(MsgType.ACTIVATION_RESULT, -(2**63), 2**31 - 1, -(2**31), 2**32 - 1, x)
+    spec_prefix = encode_prefix_checked(msg, None)
+    spec_frame = spec_prefix + x.contiguous().view(torch.uint8).numpy().tobytes()
+    spec_msg = _comparable(decode_checked(spec_frame, True))
+    monkeypatch.setattr(codec, "encode_prefix_checked", _checked_path_unreachable)
+    monkeypatch.setattr(codec, "decode_checked", _checked_path_unreachable)
+    assert encode_prefix(msg) == spec_prefix
+    assert encode(msg) == spec_frame
+    assert _comparable(decode(spec_frame)) == spec_msg == _comparable(msg)
+
+
+@pytest.mark.parametrize(
+    "type_", [MsgType.SYNC_ACK, MsgType.HEARTBEAT, MsgType.SHUTDOWN, MsgType.ERROR]
+)
+@pytest.mark.parametrize("text", ["", "ok", "é" * 2048])
+def test_plain_fast_paths_alone_give_the_spec_frames(monkeypatch, type_, text):
+    msg = Message(type_, 2**63 - 1, -1, 7, 3, text=text)
+    spec_frame = encode_prefix_checked(msg, 5)
+    spec_msg = decode_checked(spec_frame, True)
+    monkeypatch.setattr(codec, "encode_prefix_checked", _checked_path_unreachable)
+    monkeypatch.setattr(codec, "decode_checked", _checked_path_unreachable)
+    assert encode_prefix(msg, sender=5) == encode(msg, sender=5) == spec_frame
+    assert decode(spec_frame) == spec_msg == dataclasses.replace(msg, sender=5)

@@ -43,7 +43,7 @@ def gpu_group():
 
 def _echo(g: Group, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Send each tensor to every peer (steps 1..n), collect the echoes; returns them in order."""
-    from afdserve.transport.protocol import Message, MsgType, SyncInfo
+    from afdserve.transport.message import Message, MsgType, SyncInfo
 
     tr = g.transport
     for peer in range(g.r):

@@ -10,7 +10,8 @@ from afdserve.errors import TransportTimeout, UserInputError
 from afdserve.transport import nixl as nixl_mod
 from afdserve.transport.options import TransportOptions, afd_peers, parse_host_port
 from afdserve.transport.registry import create_transport, option_names, transport_names
-from afdserve.transport.shm import ShmOptions, ShmTransport, socket_name, sweep_stale_segments
+from afdserve.transport.shm import ShmOptions, ShmTransport, socket_name
+from afdserve.transport.shm_segments import sweep_stale_segments
 
 from .conftest import free_port, shm_segments
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from afdserve.errors import TransportTimeout
-from afdserve.transport.protocol import Message, MsgType, SyncInfo
+from afdserve.transport.message import Message, MsgType, SyncInfo
 from afdserve.transport.shm import ShmOptions, ShmTransport
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,19 +193,20 @@ def test_a_frame_streams_through_pieces_when_the_ring_is_fragmented(pair, monkey
 
 def test_ring_envelopes_that_break_the_bookkeeping_are_protocol_errors(pair):
     from afdserve.errors import ProtocolError
-    from afdserve.transport import shm
+    from afdserve.transport.codec import encode_prefix
+    from afdserve.transport.shm_envelope import FREE, PLACED, SPAN
 
     a, b = pair
     a.send(1, Message(MsgType.ACTIVATION_TRANSFER, 1, sender=0, tensor=_frame(1)))
     kept = b.recv(0, MsgType.ACTIVATION_TRANSFER, 1, timeout_s=10).tensor
     (off, n), = b.inbound(0).inuse.items()  # fmt: skip
-    prefix = shm.encode_prefix(Message(MsgType.ACTIVATION_TRANSFER, 2, sender=0, tensor=kept))
-    placed = bytes([shm.PLACED]) + shm._CHUNK.pack(off, n) + prefix
+    prefix = encode_prefix(Message(MsgType.ACTIVATION_TRANSFER, 2, sender=0, tensor=kept))
+    placed = bytes([PLACED]) + SPAN.pack(off, n) + prefix
     with pytest.raises(ProtocolError, match="overlaps"):
         b._handle(0, placed)  # over bytes the receiver still holds
-    outside = bytes([shm.PLACED]) + shm._CHUNK.pack(b.inbound(0).size - 8, n) + prefix
+    outside = bytes([PLACED]) + SPAN.pack(b.inbound(0).size - 8, n) + prefix
     with pytest.raises(ProtocolError, match="outside"):
         b._handle(0, outside)
     with pytest.raises(ProtocolError, match="not in use"):
-        a._handle(1, bytes([shm.FREE]) + shm._CHUNK.pack(12345, 8))
+        a._handle(1, bytes([FREE]) + SPAN.pack(12345, 8))
     assert torch.equal(kept, _frame(1))
