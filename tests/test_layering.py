@@ -4,7 +4,10 @@ Each library package has a layer; a module may import its own package and packag
 layers only, so there is no cycle between packages and a reader can learn the code bottom up.
 Entry points are exempt: the `cli.py` / `*_cli.py` modules (argparse verbs, which wire layers
 together) and the package root, which re-exports the public API. `sim` must stay free of the
-runtime (and of torch): only `calibration` runs the engine for it.
+runtime (and of torch): only `calibration` runs the engine for it. The one exception is the
+torch-free half of `engine` (scheduler, block allocator, sequences, configs, microbatch split),
+which the simulator's reference replica drives exactly as an attention worker does; `sim` sits
+a layer above `engine` for that.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ LAYERS: dict[str, int] = {
     "planner": 2,
     "config": 3,
     "engine": 3,
-    "sim": 3,
+    "sim": 4,
     "afd": 4,
     "launch": 5,
     "llm": 6,
@@ -33,7 +36,16 @@ LAYERS: dict[str, int] = {
     "calibration": 7,
 }
 RUNTIME = {"model", "transport", "engine", "afd", "launch", "llm", "server", "calibration"}
-"""What `sim` may not import: it is the torch-free model of these."""
+"""What `sim` may not import: it is the torch-free model of these..."""
+SIM_MAY_DRIVE = {
+    "afdserve.engine",
+    "afdserve.engine.block_allocator",
+    "afdserve.engine.config",
+    "afdserve.engine.microbatch",
+    "afdserve.engine.scheduler",
+    "afdserve.engine.sequence",
+}
+"""...but for these torch-free modules of `engine`: the scheduler the reference replica runs."""
 
 
 def _package(module: str) -> str:
@@ -65,8 +77,9 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def _edges() -> list[tuple[str, str, str]]:
-    """(importing package, imported package, where) for every cross-package library import."""
+def _edges() -> list[tuple[str, str, str, str]]:
+    """(importing package, imported package, imported module, where) for every cross-package
+    library import."""
     edges = []
     for path in sorted(ROOT.rglob("*.py")):
         if _is_entry_point(path):
@@ -76,7 +89,7 @@ def _edges() -> list[tuple[str, str, str]]:
         for line, module in _imports(path):
             dst = _package(module)
             if dst != src:
-                edges.append((src, dst, f"afdserve/{rel}:{line} imports {module}"))
+                edges.append((src, dst, module, f"afdserve/{rel}:{line} imports {module}"))
     return edges
 
 
@@ -90,14 +103,18 @@ def test_every_package_has_a_layer():
 def test_packages_import_only_lower_layers():
     bad = [
         f"{where} ({src}: layer {LAYERS[src]}, {dst}: layer {LAYERS.get(dst)})"
-        for src, dst, where in _edges()
+        for src, dst, _, where in _edges()
         if dst not in LAYERS or LAYERS[dst] >= LAYERS[src]
     ]
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
 def test_the_simulator_imports_nothing_of_the_runtime():
-    bad = [where for src, dst, where in _edges() if src == "sim" and dst in RUNTIME]
+    bad = [
+        where
+        for src, dst, module, where in _edges()
+        if src == "sim" and dst in RUNTIME and module not in SIM_MAY_DRIVE
+    ]
     assert not bad, "\n".join(bad)
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from afdserve.afd.ffn_link import FFNLink
-from afdserve.afd.microbatch import split_microbatches
 from afdserve.engine.kv_cache import KVCache
+from afdserve.engine.microbatch import split_microbatches
 from afdserve.engine.sampler import sample
 from afdserve.model.attention import AttentionMetadata
 from afdserve.model.parts import AttentionPart

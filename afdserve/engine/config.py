@@ -73,3 +73,32 @@ class SchedulerConfig:
         _check_int(
             "SchedulerConfig", "long_prefill_token_threshold", self.long_prefill_token_threshold, 0
         )
+
+
+def worker_configs(
+    *,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    max_model_len: int,
+    block_size: int,
+    num_blocks: int | None = None,
+    budget_blocks: int | None = None,
+) -> tuple[CacheConfig, SchedulerConfig]:
+    """One attention worker's cache and scheduler configs from an engine's flags.
+
+    The runtime (`launch.local`, from `EngineConfig` and the model's KV bytes per block) and the
+    simulator's reference replica both build them here, so a simulated worker schedules under
+    the same rules as a real one. `num_blocks` is taken as given; otherwise the cache gets
+    `budget_blocks` (what the KV memory holds; None: unbounded) but never more than every slot at
+    full context needs, plus the null block, since more could never be used.
+    """
+    if num_blocks is None:
+        need = max_num_seqs * -(-max_model_len // block_size) + 1
+        num_blocks = max(2, need if budget_blocks is None else min(budget_blocks, need))
+    cache = CacheConfig(block_size=block_size, num_blocks=num_blocks)
+    sched = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+    )
+    return cache, sched

@@ -18,7 +18,7 @@ from afdserve.afd.attention_worker import AttentionWorker
 from afdserve.afd.ffn_link import FFNLink, LocalFFN, RemoteFFN, result_timeout_s
 from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.config import EngineConfig, check_device
-from afdserve.engine.config import CacheConfig, SchedulerConfig
+from afdserve.engine.config import CacheConfig, SchedulerConfig, worker_configs
 from afdserve.engine.kv_cache import KVCache
 from afdserve.engine.scheduler import Scheduler
 from afdserve.errors import UserInputError
@@ -108,21 +108,18 @@ def cache_and_scheduler_configs(
         raise UserInputError(
             f"max_model_len {max_len} exceeds the model's max_position_embeddings {model.max_position_embeddings}"
         )
-    if cfg.num_kv_blocks is not None:
-        num_blocks = cfg.num_kv_blocks
-    else:
+    budget_blocks = None
+    if cfg.num_kv_blocks is None:
         per_block = KVCache.bytes_per_block(model, cfg.block_size, dtype)
         budget_blocks = int(cfg.kv_cache_gib * 2**30) // per_block
-        # never more than every slot at full context needs (+1 for the reserved null block)
-        need = cfg.max_num_seqs * -(-max_len // cfg.block_size) + 1
-        num_blocks = max(2, min(budget_blocks, need))
-    cache = CacheConfig(block_size=cfg.block_size, num_blocks=num_blocks)
-    sched = SchedulerConfig(
+    return worker_configs(
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_model_len=max_len,
+        block_size=cfg.block_size,
+        num_blocks=cfg.num_kv_blocks,
+        budget_blocks=budget_blocks,
     )
-    return cache, sched
 
 
 def make_attention_worker(

@@ -1,16 +1,17 @@
 """AFD simulator: rA-1F bundles (and aggregated and prefill/decode-split baselines) at step
 granularity, calibrated from the planner's cost models or a measured profile.
 
-Pure numpy (scipy and matplotlib only where a function needs them); it imports nothing of the
-runtime and never loads torch. What measures the runtime to calibrate it (`afdserve profile`,
-`afdserve sim-validate runtime`) lives above it, in `afdserve.calibration`. See
-docs/simulator.md. The public API:
+Pure numpy (scipy and matplotlib only where a function needs them); of the runtime it imports
+only the torch-free scheduler, which its reference replica drives, and it never loads torch.
+What measures the runtime to calibrate it (`afdserve profile`, `afdserve sim-validate runtime`)
+lives above it, in `afdserve.calibration`. See docs/simulator.md. The public API:
 
 - costs: `SimCosts` (planner `StageCosts` plus prefill, per-step and KV-transfer costs),
   `roofline_sim_costs`;
 - a unit: `BundleConfig`; requests: `RequestSet`, `from_trace`, `from_distributions`,
   `closed_loop`, `closed_loop_from_distributions`, `arrival_times`;
-- simulating: `simulate` (step engine), `simulate_closed_loop` (bulk closed loop), `run_unit`;
+- simulating: `simulate` (the fast step engine), `simulate_closed_loop` (bulk closed loop),
+  `simulate_reference` (the reference replica: the runtime's scheduler, slow), `run_unit`;
   deployments: `run_afd`, `run_aggregated`, `run_pd_split`;
 - results: `SimRun` (raw arrays), `summarize` -> `SimReport`, `LatencyStats`, `SLO`;
 - step timing: `StepLoad`, `decode_load`, `stage_times`, `step_timing`, `microbatch_makespan`.
@@ -31,6 +32,7 @@ from afdserve.sim.pipeline import (
     stage_times,
     step_timing,
 )
+from afdserve.sim.replica import simulate_reference
 from afdserve.sim.requests import (
     RequestSet,
     arrival_times,
@@ -67,6 +69,7 @@ __all__ = [
     "run_unit",
     "simulate",
     "simulate_closed_loop",
+    "simulate_reference",
     "stage_times",
     "step_timing",
     "summarize",

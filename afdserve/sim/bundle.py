@@ -60,11 +60,13 @@ def simulate_bundle(
     cv: float = 1.0,
     seed: int = 0,
     slo: SLO | None = None,
+    engine: str = "fast",
 ) -> BundleSimulation:
     """Simulate `config` on `trace`'s requests: with `saturated`, a closed loop of lengths drawn
     from the trace (at least 4 per slot, so the loop reaches steady state); otherwise the first
     `requests` of the trace, arriving by its timestamps (`rate` rescales them) or as a Poisson
-    or Gamma (`cv`) process at `rate`."""
+    or Gamma (`cv`) process at `rate`. `engine`: "fast" (the step engine) or "reference" (the
+    replica on the runtime's scheduler, sim/replica.py)."""
     if saturated:
         reqs = closed_loop(
             trace.prompt_len,
@@ -76,7 +78,7 @@ def simulate_bundle(
         )
     else:
         reqs = from_trace(trace, limit=requests, arrivals=arrivals, rate=rate, cv=cv, seed=seed)
-    run = run_unit(costs, config, reqs, closed_loop=saturated)
+    run = run_unit(costs, config, reqs, closed_loop=saturated, engine=engine)
     label = f"{config.attention_workers}A1F M={config.microbatches} B={config.slots}"
     report = summarize([run], label=label, slo=slo)
     return BundleSimulation(costs, config, trace, run, report)

@@ -121,6 +121,13 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--closed-loop", action="store_true", help="with --ratio: saturated closed loop")
     p.add_argument(
+        "--engine",
+        choices=("fast", "reference"),
+        default="fast",
+        help="with --ratio: `fast`, the step engine (default), or `reference`, the replica that "
+        "drives the runtime's scheduler (slower, open loop only)",
+    )
+    p.add_argument(
         "--arrivals",
         choices=("trace", "poisson", "gamma"),
         default="trace",
@@ -151,6 +158,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
     if args.ratio is not None:
         return _simulate_one(args, slo)
+    if args.engine != "fast":
+        raise UserInputError("--engine reference goes with --ratio (the search runs the fast one)")
     missing = [f for f in ("model", "hardware", "gpus") if getattr(args, f) is None]
     if missing:
         raise UserInputError(
@@ -249,6 +258,7 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
         cv=args.cv,
         seed=args.seed,
         slo=slo,
+        engine=args.engine,
     )
     if args.plot:
         plot_bundle(sim, Path(args.plot), slo=slo, seed=args.seed)

@@ -24,8 +24,13 @@ from afdserve.sim.config import BundleConfig
 from afdserve.sim.costs import SimCosts
 from afdserve.sim.engine import simulate
 from afdserve.sim.metrics import SLO, SimReport, summarize
+from afdserve.sim.replica import simulate_reference
 from afdserve.sim.requests import RequestSet
 from afdserve.sim.run import SimRun
+
+ENGINES: tuple[str, ...] = ("fast", "reference")
+"""`fast`: the step engine (`sim.engine`, or the bulk closed loop); `reference`: the replica that
+drives the runtime's scheduler (`sim.replica`), slower, open loop only."""
 
 
 def run_unit(
@@ -37,8 +42,19 @@ def run_unit(
     max_steps: int | None = None,
     timeline_steps: int = 0,
     label: str = "",
+    engine: str = "fast",
 ) -> SimRun:
-    """Simulate one unit; a closed loop with no prefill and no KV limit takes the bulk path."""
+    """Simulate one unit; a closed loop with no prefill and no KV limit takes the bulk path.
+    `engine="reference"` runs the reference replica instead (every request to its end)."""
+    if engine not in ENGINES:
+        raise UserInputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "reference":
+        if closed_loop or max_steps is not None or timeline_steps:
+            raise UserInputError(
+                "the reference engine runs open-loop requests to completion: no closed loop, "
+                "step limit or timeline"
+            )
+        return simulate_reference(costs, config, requests, label=label)
     if closed_loop and can_bulk(config, requests):
         return simulate_closed_loop(
             costs, config, requests, max_steps=max_steps, timeline_steps=timeline_steps, label=label

@@ -5,6 +5,7 @@ test_sim_search, test_sim_bundle, test_sim_validate_theory."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,37 @@ def test_sim_validate_theory_command(capsys, monkeypatch) -> None:
     assert all(line.startswith("barrier: ") for line in lines[3:]) and len(lines) <= 4
 
 
+@needs_traces
+def test_single_bundle_on_the_reference_engine(capsys) -> None:
+    argv = [
+        "simulate",
+        "--model",
+        "llama-3.1-8b",
+        "--hardware",
+        "h100",
+        "--workload",
+        "azure-conv",
+        "--ratio",
+        "2",
+        "--batch",
+        "16",
+        "--requests",
+        "40",
+        "--json",
+    ]
+    reports = {}
+    for engine in (None, "fast", "reference"):
+        code, out, err = run(capsys, *argv, *(["--engine", engine] if engine else []))
+        assert code == 0, err
+        d = json.loads(out)
+        for timing in ("wall_s", "speed"):
+            d.pop(timing)
+        reports[engine] = d
+    assert reports["fast"] == reports[None]  # the default is the fast engine, unchanged
+    ref = reports["reference"]
+    assert ref["requests_finished"] == 40 and ref["output_tokens"] == reports[None]["output_tokens"]
+
+
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -118,6 +150,20 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path) -> None:
         ([*base, "--gpus", "4", "--workload", "azure-conv", "--hardware", "nope"], "hardware"),
         (["simulate", "--workload", "azure-conv", "--gpus", "2"], "needs --model"),
         (["simulate", "--workload", "azure-conv", "--ratios", "0-3"], "integers >= 1"),
+        ([*base, "--gpus", "4", "--workload", "azure-conv", "--engine", "reference"], "--ratio"),
+        (
+            [
+                *base,
+                "--workload",
+                "azure-conv",
+                "--ratio",
+                "2",
+                "--closed-loop",
+                "--engine",
+                "reference",
+            ],
+            "no closed loop",
+        ),
         (["sim-validate"], "theory or sim-validate runtime"),
     ]
     for argv, needle in cases:
@@ -135,6 +181,9 @@ for mod in pkgutil.iter_modules(sim.__path__):
 from afdserve.cli import main
 assert main(["simulate", "--model", "llama-3.1-8b", "--hardware", "h100", "--workload",
              "azure-conv", "--ratio", "2", "--batch", "16", "--requests", "30", "--json"]) == 0
+assert main(["simulate", "--model", "llama-3.1-8b", "--hardware", "h100", "--workload",
+             "azure-conv", "--ratio", "2", "--batch", "16", "--requests", "30", "--json",
+             "--engine", "reference"]) == 0
 heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
 print("LOADED", heavy)
 sys.exit(1 if heavy else 0)

@@ -1,4 +1,8 @@
-"""Splitting one step's chunks into M microbatches for ping-pong pipelining."""
+"""Splitting one step's chunks into M microbatches for ping-pong pipelining.
+
+Torch-free and beside the scheduler whose plans it splits, so that the simulator's reference
+replica (`afdserve.sim.replica`) splits steps with the very function the attention runner uses.
+"""
 
 from __future__ import annotations
 
