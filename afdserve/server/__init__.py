@@ -2,6 +2,8 @@
 the `afdserve bench` load generator.
 
 `async_engine` bridges the blocking engine (stepped on one background thread) to asyncio;
-`api` is the FastAPI app; `protocol` the request/response schemas; `metrics` the Prometheus
-registry; `cli` the `serve` and `bench` verbs.
+`api` is the FastAPI app (wiring, routes, error handlers) over `state` (what the handlers
+share), `admission` (requests to engine requests), `streaming` (outputs to one body or SSE) and
+`logprobs`; `protocol` the request/response schemas; `metrics` the Prometheus registry; `cli`
+the `serve` and `bench` verbs.
 """
