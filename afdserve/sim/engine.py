@@ -30,16 +30,11 @@ number of slots, and admission is O(1) Python work per request.
 Per-request latencies come from the step indices of a request's first and last token and the
 step clock; ITL samples are step durations weighted by the tokens each step generated.
 
-Approximations, on purpose, measured against the reference replica (`sim.replica`, which drives
-the runtime's scheduler; tests/sim/test_replica.py): with r = 1 and M = 1 this engine is the
-scheduler step for step. With r > 1, requests wait in one queue for the bundle (the runtime
-routes each on arrival to one worker's queue): a few percent. With M > 1, a prefill chunk gets a
-microbatch of its own and decode context is spread evenly (the runtime splits its plan
-contiguously, so a chunk that is more than half of the step stays with the decodes before it,
-and the oldest decodes, the longest contexts, go to the first microbatch): with arrivals, TTFT
-and TPOT come out 4-47% lower than the reference's. KV is reserved for the whole output at
-admission (the runtime allocates as it goes and preempts by recompute): when KV binds, TPOT
-comes out about 35-40% lower.
+Approximations, on purpose, and what they cost against the reference replica (`sim.replica`,
+on the runtime's scheduler): exact with r = 1 and M = 1; a few percent from one queue per bundle
+with r > 1; optimistic with M > 1 under arrivals (own microbatch per prefill chunk, where the
+runtime splits contiguously) and when KV binds (the whole output reserved at admission, where
+the runtime preempts). The numbers are in docs/simulator.md and tests/sim/test_replica.py.
 """
 
 from __future__ import annotations
