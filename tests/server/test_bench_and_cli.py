@@ -152,7 +152,7 @@ def test_serve_defaults():
     from afdserve.server.cli import serve_config
 
     cfg = serve_config(args)
-    assert cfg.model == "builtin:tiny-qwen3-moe" and cfg.is_afd
+    assert cfg.model == "builtin:smollm2-135m-instruct" and cfg.is_afd  # a real model
     cfg = serve_config(
         build_parser().parse_args(["serve", "builtin:tiny-llama", "--mode", "aggregated"])
     )
