@@ -99,12 +99,14 @@ def build_app(
     model_root: str | Path | None = None,
     max_queue: int = 1024,
     vocab_size: int | None = None,
+    sampling_defaults: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The app serving `engine`; it owns the engine from startup on and closes it at shutdown."""
     model_name = served_model_name or config.model
     async_engine = AsyncEngine(
         engine, tokenizer, max_queue=max_queue, step_timeout_s=config.sync_timeout_s + 30.0
     )
+    async_engine.sampling_defaults = dict(sampling_defaults or {})  # generation_config.json's
     metrics = ServerMetrics(
         model_name, config, state=lambda: engine.state(), healthy=lambda: async_engine.healthy
     )
@@ -365,7 +367,7 @@ def _admit(
     try:
         for pi, (p, mt) in enumerate(zip(prompts, plan, strict=True)):
             for i in range(body.n):
-                params = body.sampling_params(mt, logprobs, i)
+                params = body.sampling_params(mt, logprobs, i, ae.sampling_defaults)
                 handles.append((pi, ae.add_request(f"{base}-{len(handles)}", p.token_ids, params)))
     except BaseException:
         for _, h in handles:
