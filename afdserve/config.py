@@ -90,6 +90,10 @@ class EngineConfig:
     """Exact mode: every GEMM runs on fixed row tiles, so a token's result never depends on what
     shares its batch and AFD gives the aggregated tokens bit for bit (model/kernels.py). Off:
     the fastest kernels; AFD then agrees with aggregated within rounding."""
+    skip_tokenizer_init: bool = False
+    """vLLM's option: load no tokenizer, serve token-id prompts only (outputs carry token ids and
+    empty text; text prompts, chat and stop strings are refused). A model directory without
+    tokenizer files is served this way whatever this says."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -148,6 +152,10 @@ class EngineConfig:
             )
         if not isinstance(self.batch_invariant, bool):
             raise UserInputError(f"batch_invariant must be a bool, got {self.batch_invariant!r}")
+        if not isinstance(self.skip_tokenizer_init, bool):
+            raise UserInputError(
+                f"skip_tokenizer_init must be a bool, got {self.skip_tokenizer_init!r}"
+            )
         if not self.startup_timeout_s > 0:
             raise UserInputError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
         if self.front:

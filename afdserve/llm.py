@@ -3,6 +3,11 @@
 from afdserve import LLM, SamplingParams
 llm = LLM(model="builtin:tiny-qwen3-moe", mode="afd", attention_workers=2, microbatches=2)
 outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
+
+As vLLM's: `generate` without params samples with the model's generation_config.json defaults
+(`get_default_sampling_params`); a directory without tokenizer files, or
+`skip_tokenizer_init=True`, serves token-id prompts only, with outputs of token ids and empty
+text; ids past the tokenizer's vocabulary (a padded model vocabulary) decode to no text.
 """
 
 from __future__ import annotations
@@ -40,11 +45,12 @@ class RequestOutput:
 
 class LLM:
     """An engine (in-process or worker processes, by `transport`) plus its tokenizer. Options
-    are EngineConfig's fields."""
+    are EngineConfig's fields (`skip_tokenizer_init` among them)."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         from afdserve.launch.start import start_engine
-        from afdserve.model.tokenizer import Tokenizer
+        from afdserve.model.config import ModelConfig
+        from afdserve.model.tokenizer import load_tokenizer
 
         if model is not None:
             options["model"] = model
@@ -53,19 +59,37 @@ class LLM:
             raise UserInputError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
         self.config = EngineConfig(**options)
         self.engine, path = start_engine(self.config)  # in-process, or a process per worker
-        self.tokenizer = Tokenizer(path)
+        try:
+            self.tokenizer = load_tokenizer(
+                path, self.engine.vocab_size, self.config.skip_tokenizer_init
+            )
+            self.model_config = ModelConfig.from_dir(path)
+        except BaseException:
+            self.engine.close()
+            raise
         self._counter = 0
         self.last_stats: dict[str, float] = {}
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` samples with when given no params: SamplingParams' defaults, with the
+        temperature, top_p, top_k and max_new_tokens (as max_tokens) the model's
+        generation_config.json sets (vLLM's `generation_config="auto"`)."""
+        from afdserve.model.config import sampling_params_with
+
+        return sampling_params_with(SamplingParams(), self.model_config.sampling_defaults)
 
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); one SamplingParams or one per prompt."""
+        """Generate for every prompt (text or token ids); one SamplingParams or one per prompt
+        (None: `get_default_sampling_params()`). Text prompts and stop strings need a tokenizer."""
+        from afdserve.model.tokenizer import NoTokenizer, with_tokenizer_eos
+
         prompt_list = _as_prompt_list(prompts)
         if params is None:
-            params = SamplingParams()
+            params = self.get_default_sampling_params()
         param_list = (
             [params] * len(prompt_list) if isinstance(params, SamplingParams) else list(params)
         )
@@ -80,9 +104,11 @@ class LLM:
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
                 if not ids:
                     raise UserInputError("prompt must not be empty")
+                if p.stop and isinstance(self.tokenizer, NoTokenizer):
+                    raise self.tokenizer.unavailable("stop strings (matched on the output text)")
                 rid = f"gen-{self._counter}"
                 self._counter += 1
-                self.engine.add_request(rid, ids, p)
+                self.engine.add_request(rid, ids, with_tokenizer_eos(p, self.tokenizer))
                 outputs[rid] = RequestOutput(
                     rid,
                     prompt if isinstance(prompt, str) else None,
@@ -110,7 +136,7 @@ class LLM:
             "seconds": elapsed,
             "tokens_per_second": n_tokens / elapsed if elapsed > 0 else 0.0,
         }
-        for out in outputs.values():
+        for out in outputs.values():  # ids the tokenizer lacks add no text; none: "" (vLLM)
             out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return [outputs[rid] for rid in order]
 

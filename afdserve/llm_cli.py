@@ -60,6 +60,12 @@ def add_engine_args(
         action="store_true",
         help="exact mode: AFD gives the aggregated tokens bit for bit (GEMMs on fixed row tiles)",
     )
+    p.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="load no tokenizer: token-id prompts only, outputs carry token ids and empty text "
+        "(a model directory without tokenizer files is served so anyway)",
+    )
 
 
 def add_front_args(p: argparse.ArgumentParser) -> None:
@@ -98,6 +104,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         batch_invariant=args.batch_invariant,
         ffn_threads=args.ffn_threads,
         ffn_gather_wait_s=args.ffn_gather_wait,
+        skip_tokenizer_init=args.skip_tokenizer_init,
     )
 
 

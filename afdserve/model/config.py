@@ -3,16 +3,25 @@
 One dataclass covers the five supported architectures; the differences between them are flags
 (q/k/v bias, q/k norm, MoE shape, routing renormalisation). Both the classic HF spelling
 (`rope_theta`, `rope_scaling`) and the transformers-v5 one (`rope_parameters`) are accepted.
+
+A directory is read as HF reads it: a config.json without `architectures` is identified by its
+`model_type` (HF's AutoModelForCausalLM mapping, as vLLM does), and generation_config.json, when
+it names `eos_token_id`, supplies the stop ids (HF's GenerationConfig.from_pretrained wins over
+config.json) and the sampling defaults vLLM's `--generation-config auto` takes from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from afdserve.errors import ModelLoadError
+from afdserve.errors import ModelLoadError, UserInputError
+from afdserve.types import SamplingParams
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -22,6 +31,21 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3MoeForCausalLM",
 )
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+MODEL_TYPES: Mapping[str, str] = MappingProxyType(
+    {
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+    }
+)
+"""config.json `model_type` -> architecture, for configs without `architectures` (the entries
+of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES for the supported architectures)."""
+GENERATION_CONFIG = "generation_config.json"
+SAMPLING_DEFAULT_KEYS: tuple[str, ...] = ("temperature", "top_p", "top_k", "max_new_tokens")
+"""generation_config.json fields that become default sampling parameters (vLLM's
+get_diff_sampling_param also takes repetition_penalty and min_p, which afdserve lacks)."""
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -60,6 +84,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
     """The checkpoint's dtype (config.json `torch_dtype` / `dtype`)."""
+    sampling_defaults: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """generation_config.json's temperature, top_p, top_k and max_new_tokens, where it sets them
+    (only these keys; `max_new_tokens` is HF's name for max_tokens)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -152,21 +179,14 @@ class ModelConfig:
             raise ModelLoadError(f"{cfg}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ModelLoadError(f"{cfg}: expected a JSON object")
-        return cls.from_hf_dict(data)
+        return cls.from_hf_dict(data, generation=read_generation_config(p))
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        archs = d.get("architectures") or []
-        if not isinstance(archs, list) or not archs:
-            raise ModelLoadError(
-                "config.json has no 'architectures' entry; supported: "
-                + ", ".join(SUPPORTED_ARCHITECTURES)
-            )
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+    def from_hf_dict(
+        cls, d: dict[str, Any], generation: dict[str, Any] | None = None
+    ) -> ModelConfig:
+        """`d` is config.json; `generation` generation_config.json (None: the directory has none)."""
+        arch = _architecture(d)
 
         def need(key: str) -> Any:
             if key not in d:
@@ -182,8 +202,14 @@ class ModelConfig:
             else 0
         )
         rope_theta, rope_scaling = _parse_rope(d)
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        # HF generate reads eos from generation_config.json when there is one (vLLM likewise)
+        gen = generation or {}
+        eos_source, eos = (
+            (GENERATION_CONFIG, gen["eos_token_id"])
+            if gen.get("eos_token_id") is not None
+            else ("config.json", d.get("eos_token_id"))
+        )
+        eos_ids = _token_ids(eos, eos_source, "eos_token_id")
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
 
         moe: dict[str, Any] = {}
@@ -248,9 +274,79 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(dtype).replace("torch.", ""),
+            sampling_defaults=_sampling_defaults(gen),
             extra={k: v for k, v in d.items()},
             **moe,
         )
+
+
+def _architecture(d: dict[str, Any]) -> str:
+    """config.json's first `architectures` entry, or, when it has none, the one its `model_type`
+    names (as HF's AutoModelForCausalLM and vLLM do)."""
+    archs = d.get("architectures")
+    if archs:
+        if not isinstance(archs, list) or not isinstance(archs[0], str):
+            raise ModelLoadError(
+                f"config.json: architectures must be a list of class names, got {archs!r}"
+            )
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        return arch
+    model_type = d.get("model_type")
+    if isinstance(model_type, str) and model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    what = (
+        f"its model_type {model_type!r} is not a supported one"
+        if model_type is not None
+        else "no 'model_type' either"
+    )
+    raise ModelLoadError(
+        f"config.json has no 'architectures' entry and {what}; supported model types: "
+        f"{', '.join(MODEL_TYPES)} (architectures {', '.join(SUPPORTED_ARCHITECTURES)})"
+    )
+
+
+def read_generation_config(model_dir: str | Path) -> dict[str, Any] | None:
+    """generation_config.json of `model_dir` as a dict, or None when there is none."""
+    path = Path(model_dir) / GENERATION_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_ids(value: Any, source: str, key: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ModelLoadError(f"{source}: {key} must be a token id or a list of them, got {value!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def _sampling_defaults(gen: dict[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a generation_config.json sets, checked as SamplingParams checks them
+    (a bad value fails the load, not the first request)."""
+    out = {k: gen[k] for k in SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
+    try:
+        sampling_params_with(SamplingParams(), out)
+    except UserInputError as exc:
+        raise ModelLoadError(f"{GENERATION_CONFIG}: {exc}") from None
+    return out
+
+
+def sampling_params_with(params: SamplingParams, defaults: dict[str, Any]) -> SamplingParams:
+    """`params` with `defaults` (ModelConfig.sampling_defaults) applied."""
+    fields = {("max_tokens" if k == "max_new_tokens" else k): v for k, v in defaults.items()}
+    return dataclasses.replace(params, **fields)
 
 
 def _number(d: dict[str, Any], key: str, default: float) -> float:

@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from afdserve.errors import UserInputError
-from afdserve.model.config import DTYPES, SUPPORTED_ARCHITECTURES, ModelConfig
+from afdserve.model.config import DTYPES, MODEL_TYPES, SUPPORTED_ARCHITECTURES, ModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -51,15 +51,7 @@ ARCH_ALIASES: Mapping[str, str] = MappingProxyType(
 
 PRESETS: tuple[str, ...] = ("tiny", "small")
 
-_MODEL_TYPE = MappingProxyType(
-    {
-        "LlamaForCausalLM": "llama",
-        "Qwen2ForCausalLM": "qwen2",
-        "Qwen3ForCausalLM": "qwen3",
-        "MixtralForCausalLM": "mixtral",
-        "Qwen3MoeForCausalLM": "qwen3_moe",
-    }
-)
+_MODEL_TYPE = MappingProxyType({arch: mt for mt, arch in MODEL_TYPES.items()})
 
 LOGIT_STD = 4.0
 """Target std of a random model's logits: top-1 vs top-2 gaps far above rounding error."""

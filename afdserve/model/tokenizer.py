@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer: built for generated models, loaded from any HF-format model dir.
 
-Two halves:
+Three parts:
 
 - `build_tokenizer()` makes the tokenizer that `make-model` ships with every generated model: the
   256 byte tokens (id == byte value), merges learnt deterministically on a small built-in English
@@ -9,6 +9,16 @@ Two halves:
 - `Tokenizer` is the thin runtime wrapper the engine and server use: encode, decode, eos, chat
   template. `IncrementalDetokenizer` turns a stream of token ids into a stream of text deltas
   that never splits a UTF-8 character, for streaming responses.
+- `load_tokenizer()` is how front ends get one: a `Tokenizer`, or, for a directory without
+  tokenizer files or with `skip_tokenizer_init` (vLLM's option), a `NoTokenizer` that serves
+  token ids only: text prompts, chat and stop strings are a clear UserInputError, output text is
+  "" (as vLLM's with skip_tokenizer_init).
+
+Model directories are read as HF transformers reads them: the chat template comes from
+chat_template.jinja (where transformers >= 4.43 saves it), else tokenizer_config.json, else the
+legacy processor file chat_template.json; ids the tokenizer does not know (a model vocabulary
+padded past the tokenizer's, as Qwen2's 151936 rows for 151665 tokens) decode to "", as HF's
+`tokenizers` decodes them, so a sampled padding id never loses a generation.
 
 The merges are learnt by a small pure-Python trainer (not `tokenizers`' BpeTrainer) so that the
 vocabulary, and with it every generated model, depends only on this file, never on the version
@@ -18,13 +28,18 @@ of the tokenizers library.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
+import logging
+import operator
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from afdserve.errors import ModelLoadError, UserInputError
+from afdserve.types import SamplingParams
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -36,6 +51,27 @@ NUM_MERGES = 125
 """256 bytes + 125 merges + 3 special tokens = 384 ids."""
 
 VOCAB_SIZE = 256 + NUM_MERGES + len(SPECIAL_TOKENS)
+
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Where transformers >= 4.43 saves a tokenizer's chat template (and 5 always)."""
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+"""transformers' named templates, NAME.jinja; `default.jinja` there counts as the template."""
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
+"""transformers' older processor file, {"chat_template": "..."}."""
+OTHER_TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.tiktoken",
+    "tekken.json",
+)
+"""Tokenizer formats afdserve does not read: a directory with one of these but no
+tokenizer.json is refused (its tokenizer would be silently lost), not served token-ids-only."""
+
+log = logging.getLogger("afdserve.tokenizer")
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -213,15 +249,20 @@ class Tokenizer:
     """Runtime tokenizer of one model directory (tokenizer.json + tokenizer_config.json).
 
     `encode` adds no special tokens (chat formatting is the template's job); `decode` keeps
-    special tokens unless asked to skip them, as HF does. The chat template comes from
-    tokenizer_config.json, or is ChatML (`CHATML_TEMPLATE`) when the model ships none.
+    special tokens unless asked to skip them, as HF does, and drops ids the tokenizer does not
+    know (padding ids of a larger model vocabulary), as HF's `tokenizers` does. The chat
+    template comes from chat_template.jinja, tokenizer_config.json or chat_template.json, in
+    transformers' order, or is ChatML (`CHATML_TEMPLATE`) when the model ships none.
     """
+
+    available = True
+    """A real tokenizer (False for `NoTokenizer`)."""
 
     def __init__(self, model_dir: str | Path) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         self.model_dir = Path(model_dir)
-        path = self.model_dir / "tokenizer.json"
+        path = self.model_dir / TOKENIZER_FILE
         if not path.is_file():
             raise ModelLoadError(f"{str(self.model_dir)!r} has no tokenizer.json")
         try:
@@ -229,7 +270,11 @@ class Tokenizer:
         except Exception as exc:  # the Rust library raises plain Exception on bad files
             raise ModelLoadError(f"{path}: not a valid tokenizer.json ({exc})") from None
         cfg = _read_json(self.model_dir / "tokenizer_config.json")
-        self.chat_template: str = _template_from(cfg.get("chat_template")) or CHATML_TEMPLATE
+        template, source = _find_chat_template(self.model_dir, cfg)
+        self.chat_template: str = template or CHATML_TEMPLATE
+        """The template `apply_chat_template` renders."""
+        self.chat_template_source: str = source if template else "ChatML (the model has none)"
+        """Where `chat_template` came from: a file of the directory, or ChatML."""
         self.eos_token: str | None = _token_content(cfg.get("eos_token"))
         self.bos_token: str | None = _token_content(cfg.get("bos_token"))
         self.eos_token_id: int | None = self._id_of(self.eos_token)
@@ -261,11 +306,10 @@ class Tokenizer:
             raise UserInputError("text is not valid unicode (it has lone surrogates)") from None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        ids = list(ids)
-        bad = [i for i in ids if not (0 <= i < self.vocab_size)]
-        if bad:
-            raise UserInputError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        """The text of `ids`; ids at or past `vocab_size` (a padded model vocabulary) add none."""
+        ids = _check_ids(ids)
+        n = self.vocab_size
+        return self._tok.decode([i for i in ids if i < n], skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes | None:
         """The exact bytes one token stands for, or None if the tokenizer is not byte-level."""
@@ -274,9 +318,10 @@ class Tokenizer:
         cached = self._bytes_cache.get(token_id)
         if cached is not None:
             return cached
+        _check_ids([token_id])
         piece = self._tok.id_to_token(token_id)
-        if piece is None:
-            raise UserInputError(f"token id {token_id} out of range [0, {self.vocab_size})")
+        if piece is None:  # an id the tokenizer does not know (padded vocabulary): no text
+            return b""
         if token_id in self.special_token_ids or any(
             c not in self._inverse_alphabet for c in piece
         ):
@@ -298,13 +343,26 @@ class Tokenizer:
             if not isinstance(m.get("content"), str):
                 raise UserInputError(f"messages[{i}].content must be a string")
         from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
             raise UserInputError(f"chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(x: Any, ensure_ascii: bool = False, **kw: Any) -> str:
+            return json.dumps(x, ensure_ascii=ensure_ascii, **kw)  # indent, separators, sort_keys
+
+        def strftime_now(fmt: str) -> str:
+            return datetime.now().strftime(fmt)
+
+        # the environment transformers renders templates in: published templates use {% break %},
+        # tojson without HTML escaping and strftime_now (Llama 3.x's date line)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        )
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
         try:
             template = env.from_string(self.chat_template)
             return template.render(
@@ -315,6 +373,93 @@ class Tokenizer:
             )
         except TemplateError as exc:
             raise UserInputError(f"chat template failed: {exc}") from None
+
+
+class NoTokenizer(Tokenizer):
+    """Stands in for the tokenizer of a model served by token ids only: a directory without
+    tokenizer files, or `skip_tokenizer_init` (vLLM's option).
+
+    Whatever needs text (encoding a prompt, a chat template, stop strings) raises a
+    UserInputError that says why there is no tokenizer; decoding gives "" for every id, so
+    outputs carry their token ids and empty text, as vLLM's do with skip_tokenizer_init.
+    `vocab_size` is the model's: every id the model has is a valid (textless) token.
+    """
+
+    available = False
+
+    def __init__(self, model_dir: str | Path, vocab_size: int, reason: str) -> None:
+        self.model_dir = Path(model_dir)
+        self.reason = reason
+        """Why there is no tokenizer, for error messages."""
+        self.chat_template = ""
+        self.chat_template_source = "none"
+        self.eos_token = self.bos_token = None
+        self.eos_token_id = self.bos_token_id = None
+        self.special_token_ids = frozenset()
+        self._inverse_alphabet = None
+        self._vocab_size = vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def unavailable(self, what: str) -> UserInputError:
+        return UserInputError(f"{what} needs a tokenizer, and {self.reason}")
+
+    def encode(self, text: str) -> list[int]:
+        raise self.unavailable("a text prompt (give the prompt as token ids instead)")
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        _check_ids(ids)
+        return ""
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return None
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        raise self.unavailable("chat (its template and the prompt's text)")
+
+
+def load_tokenizer(
+    model_dir: str | Path, model_vocab_size: int, skip_tokenizer_init: bool = False
+) -> Tokenizer:
+    """The tokenizer front ends use for `model_dir`: a `Tokenizer`, or a `NoTokenizer` when
+    `skip_tokenizer_init` is set or the directory has no tokenizer files at all (then a warning
+    is logged: the model serves token-id prompts only). A directory with tokenizer files in a
+    format afdserve does not read (tokenizer.model, vocab.json, ...) but no tokenizer.json is a
+    ModelLoadError rather than a silent loss of its tokenizer."""
+    path = Path(model_dir)
+    if skip_tokenizer_init:
+        return NoTokenizer(path, model_vocab_size, "skip_tokenizer_init is set")
+    if (path / TOKENIZER_FILE).is_file():
+        return Tokenizer(path)
+    others = [name for name in OTHER_TOKENIZER_FILES if (path / name).is_file()]
+    if others:
+        raise ModelLoadError(
+            f"{str(path)!r} has a tokenizer in a format afdserve does not read ({', '.join(others)}) "
+            "and no tokenizer.json; save it as tokenizer.json (transformers' fast tokenizer, "
+            "tokenizer.save_pretrained), or serve token-id prompts only with skip_tokenizer_init "
+            "(--skip-tokenizer-init)"
+        )
+    log.warning(
+        "%s has no tokenizer files: serving token-id prompts only, outputs carry token ids and "
+        "empty text (as with skip_tokenizer_init)",
+        path,
+    )
+    return NoTokenizer(path, model_vocab_size, f"{str(path)!r} has no tokenizer.json")
+
+
+def with_tokenizer_eos(params: SamplingParams, tokenizer: Tokenizer) -> SamplingParams:
+    """`params` that also stop at the tokenizer's eos token (unless `ignore_eos`), as vLLM's
+    front end adds it to the model's eos ids (generation_config.json / config.json, which the
+    scheduler applies); a model whose tokenizer_config names an eos the generation config
+    lacks then still stops there."""
+    eos = tokenizer.eos_token_id
+    if eos is None or params.ignore_eos or eos in params.stop_token_ids:
+        return params
+    return dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, eos))
 
 
 class IncrementalDetokenizer:
@@ -330,6 +475,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._textless = not tokenizer.available  # NoTokenizer: every delta is ""
         self._utf8 = (
             codecs.getincrementaldecoder("utf-8")(errors="replace")
             if tokenizer.is_byte_level
@@ -341,6 +487,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became final (may be "")."""
+        if self._textless:
+            return ""
         if self._utf8 is not None:
             if self._skip and token_id in self._tok.special_token_ids:
                 return ""
@@ -357,12 +505,50 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of the stream: whatever was held back (as U+FFFD if incomplete)."""
+        if self._textless:
+            return ""
         if self._utf8 is not None:
             return self._utf8.decode(b"", final=True)
         before = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
         after = self._tok.decode(self._ids[self._prefix :], self._skip)
         self._prefix = self._read = len(self._ids)
         return after[len(before) :]
+
+
+def _check_ids(ids: Sequence[int]) -> list[int]:
+    """`ids` as a list of ints; a UserInputError for anything that is not a token id at all
+    (negative, not an integer). Ids past the vocabulary are the caller's: they decode to nothing."""
+    try:
+        out = [operator.index(i) for i in ids]
+    except TypeError:
+        raise UserInputError(f"token ids must be integers, got {list(ids)[:5]}") from None
+    bad = [i for i in out if i < 0]
+    if bad:
+        raise UserInputError(f"token ids must be non-negative, got {bad[:5]}")
+    return out
+
+
+def _find_chat_template(
+    model_dir: Path, tokenizer_config: dict[str, Any]
+) -> tuple[str | None, str]:
+    """(template, the file it came from), in transformers' order: chat_template.jinja (and
+    additional_chat_templates/default.jinja), which override tokenizer_config.json's
+    `chat_template`; then chat_template.json, the processors' legacy file. (None, "none") when
+    the directory has no template."""
+    for path in (model_dir / CHAT_TEMPLATE_FILE, model_dir / CHAT_TEMPLATE_DIR / "default.jinja"):
+        if path.is_file():
+            try:
+                return path.read_text(encoding="utf-8"), str(path.relative_to(model_dir))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelLoadError(f"{path}: cannot read the chat template ({exc})") from None
+    template = _template_from(tokenizer_config.get("chat_template"))
+    if template is not None:
+        return template, "tokenizer_config.json"
+    legacy = _read_json(model_dir / LEGACY_CHAT_TEMPLATE_FILE)
+    template = _template_from(legacy.get("chat_template"))
+    if template is not None:
+        return template, LEGACY_CHAT_TEMPLATE_FILE
+    return None, "none"
 
 
 def _has_byte_level_decoder(path: Path) -> bool:

@@ -93,7 +93,7 @@ def admit(
     try:
         for pi, (p, mt) in enumerate(zip(prompts, plan, strict=True)):
             for i in range(body.n):
-                params = body.sampling_params(mt, logprobs, i)
+                params = body.sampling_params(mt, logprobs, i, ae.sampling_defaults)
                 handles.append((pi, ae.add_request(f"{base}-{len(handles)}", p.token_ids, params)))
     except BaseException:
         for _, h in handles:

@@ -67,12 +67,14 @@ def build_app(
     model_root: str | Path | None = None,
     max_queue: int = 1024,
     vocab_size: int | None = None,
+    sampling_defaults: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The app serving `engine`; it owns the engine from startup on and closes it at shutdown."""
     model_name = served_model_name or config.model
     async_engine = AsyncEngine(
         engine, tokenizer, max_queue=max_queue, step_timeout_s=config.sync_timeout_s + 30.0
     )
+    async_engine.sampling_defaults = dict(sampling_defaults or {})  # generation_config.json's
     metrics = ServerMetrics(
         model_name, config, state=lambda: engine.state(), healthy=lambda: async_engine.healthy
     )

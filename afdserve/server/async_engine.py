@@ -25,12 +25,12 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from afdserve.launch.client import EngineClient
-from afdserve.model.tokenizer import Tokenizer
+from afdserve.model.tokenizer import Tokenizer, with_tokenizer_eos
 from afdserve.server.errors import APIError, EngineDead, QueueFull
 from afdserve.server.text_stream import TextStream
 from afdserve.types import SamplingParams, TokenEvent
@@ -135,13 +135,17 @@ class AsyncEngine:
         max_queue: int = 1024,
         observer: RequestObserver | None = None,
         step_timeout_s: float = 60.0,
+        sampling_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         """`step_timeout_s` bounds how long shutdown waits for a step in progress (a step's
-        own waits are bounded by the engine's sync timeout; give at least that)."""
+        own waits are bounded by the engine's sync timeout; give at least that).
+        `sampling_defaults` (the model's generation_config.json, ModelConfig.sampling_defaults)
+        are what requests that leave temperature, top_p or top_k out sample with."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.engine = engine
         self.tokenizer = tokenizer
+        self.sampling_defaults: Mapping[str, Any] = dict(sampling_defaults or {})
         self.max_queue = max_queue
         self.observer = observer
         self.step_timeout_s = step_timeout_s
@@ -217,14 +221,15 @@ class AsyncEngine:
             request_id,
             len(prompt_token_ids),
             params,
-            TextStream(self.tokenizer, params.stop),
+            TextStream(self.tokenizer, params.stop),  # stop strings without a tokenizer: 400
             arrival=time.monotonic(),
         )
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         self._streams[request_id] = stream
+        engine_params = with_tokenizer_eos(params, self.tokenizer)
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params, stream.arrival)
+            self.engine.add_request(request_id, prompt_token_ids, engine_params, stream.arrival)
         except BaseException:
             del self._streams[request_id]
             raise

@@ -21,6 +21,7 @@ from afdserve.llm_cli import (
 )
 
 DEFAULT_PORT = 8000
+log = logging.getLogger("afdserve.server")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -149,7 +150,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from afdserve.model.tokenizer import Tokenizer
+    from afdserve.model.config import ModelConfig
+    from afdserve.model.tokenizer import load_tokenizer
     from afdserve.server.api import build_app, describe
 
     if args.threads is not None:
@@ -165,7 +167,13 @@ def run_serve(args: argparse.Namespace) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     try:
-        tokenizer = Tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, engine.vocab_size, cfg.skip_tokenizer_init)
+        defaults = ModelConfig.from_dir(model_path).sampling_defaults
+        if defaults:
+            log.info(
+                "generation_config.json sampling defaults (temperature, top_p, top_k apply to requests that leave them out): %s",
+                defaults,
+            )
         name = args.served_model_name or cfg.model
         app = build_app(
             engine,
@@ -174,6 +182,7 @@ def run_serve(args: argparse.Namespace) -> int:
             served_model_name=name,
             model_root=str(model_path),
             max_queue=args.max_queue,
+            sampling_defaults=defaults,
         )
         print(
             f"afdserve serve: {name}, {describe(cfg)}, on http://{args.host}:{args.port}/v1",

@@ -12,6 +12,7 @@ as OpenAI clients may send newer ones.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
@@ -66,15 +67,27 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
-        """The engine's params for choice `index` (seeded choices get seed + index)."""
+    def sampling_params(
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        index: int,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> SamplingParams:
+        """The engine's params for choice `index` (seeded choices get seed + index). `defaults`
+        (the model's generation_config.json: ModelConfig.sampling_defaults) give temperature,
+        top_p and top_k where the request leaves them out, as vLLM's server does."""
         seed = None if self.seed is None else self.seed + index
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k")}
+        for key in given:
+            if key not in self.model_fields_set and defaults and defaults.get(key) is not None:
+                given[key] = defaults[key]
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=float(self.temperature),
-            top_p=float(self.top_p),
-            top_k=self.top_k,
+            temperature=float(given["temperature"]),
+            top_p=float(given["top_p"]),
+            top_k=given["top_k"],
             seed=seed,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             stop=stop,

@@ -5,17 +5,23 @@ the middle of one), which is why the front end, not the scheduler, applies them.
 and OpenAI, the text ends just before the earliest stop string and the stop string itself is
 not returned. While streaming, a tail of the text that could still grow into a stop string is
 held back until it either does (and is dropped) or cannot any more (and is sent).
+
+Token ids the tokenizer does not know (a model vocabulary padded past it) add no text and never
+raise; with no tokenizer at all (`NoTokenizer`) the text stays "" and stop strings are refused
+up front, since nothing could match them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from afdserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from afdserve.model.tokenizer import IncrementalDetokenizer, NoTokenizer, Tokenizer
 
 
 class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        if stop and isinstance(tokenizer, NoTokenizer):
+            raise tokenizer.unavailable("stop strings (matched on the output text)")
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self._stop = tuple(stop)
         self._longest = max((len(s) for s in self._stop), default=0)

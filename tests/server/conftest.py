@@ -85,7 +85,8 @@ def live_server(model: str = MODEL, max_queue: int = 1024, **options: Any) -> It
 
     from afdserve.config import EngineConfig
     from afdserve.launch.start import start_engine
-    from afdserve.model.tokenizer import Tokenizer
+    from afdserve.model.config import ModelConfig
+    from afdserve.model.tokenizer import load_tokenizer
     from afdserve.server.api import build_app
 
     cfg = EngineConfig(model=model, **options)
@@ -94,13 +95,14 @@ def live_server(model: str = MODEL, max_queue: int = 1024, **options: Any) -> It
     thread = None
     server = None
     try:
-        app = build_app(
+        app = build_app(  # as `afdserve serve` builds it (server/cli.py)
             engine,
-            Tokenizer(path),
+            load_tokenizer(path, engine.vocab_size, cfg.skip_tokenizer_init),
             cfg,
             served_model_name=SERVED,
             model_root=str(path),
             max_queue=max_queue,
+            sampling_defaults=ModelConfig.from_dir(path).sampling_defaults,
         )
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
