@@ -67,6 +67,7 @@ def build_app(
     model_root: str | Path | None = None,
     max_queue: int = 1024,
     vocab_size: int | None = None,
+    legacy_metric_names: bool = False,
 ) -> FastAPI:
     """The app serving `engine`; it owns the engine from startup on and closes it at shutdown."""
     model_name = served_model_name or config.model
@@ -74,7 +75,12 @@ def build_app(
         engine, tokenizer, max_queue=max_queue, step_timeout_s=config.sync_timeout_s + 30.0
     )
     metrics = ServerMetrics(
-        model_name, config, state=lambda: engine.state(), healthy=lambda: async_engine.healthy
+        model_name,
+        config,
+        state=lambda: engine.state(),
+        healthy=lambda: async_engine.healthy,
+        max_model_len=engine.max_model_len,
+        legacy_names=legacy_metric_names,
     )
     async_engine.observer = metrics
     vocab = min(
@@ -96,6 +102,7 @@ def build_app(
 
     app = FastAPI(title="afdserve", version=__version__, lifespan=lifespan)
     app.state.serving = state
+    metrics.instrument(app)
     _install_error_handlers(app)
     _add_routes(app, state)
     return app
