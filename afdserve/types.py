@@ -186,6 +186,13 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    queue_s: float | None = field(default=None, compare=False)
+    """On a request's first token only: seconds, on its attention worker's clock, from the
+    scheduler taking the request in to first scheduling it (vLLM's queued interval). Timings
+    are left out of `==`: the same tokens compare equal however long they took."""
+    prefill_s: float | None = field(default=None, compare=False)
+    """On a request's first token only: seconds from its first scheduling to this token's
+    sampling (every prefill chunk, and any preemption between them, included)."""
 
 
 @dataclass

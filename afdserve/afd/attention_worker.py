@@ -74,6 +74,7 @@ class AttentionWorker:
         t0 = time.perf_counter()
         result = self.runner.execute(plan, self._steps)
         self.stats.add_active(time.perf_counter() - t0)
+        self.stats.record_step(plan.num_tokens)
         self._steps += 1
         with self._lock:
             return self.scheduler.update(plan, result)

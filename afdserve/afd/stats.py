@@ -20,7 +20,9 @@ What is recorded, per component (an attention worker, or the FFN worker):
   or the FFN worker's loop runs; `idle` is the part of it spent blocked (attention: waiting for
   FFN results; FFN: waiting for SYNCs and activations, with or without work pending);
   busy = active - idle;
-- sync timeouts: waits that passed their deadline.
+- sync timeouts: waits that passed their deadline;
+- step tokens (attention workers only): tokens each step scheduled (prefill chunks, recomputes
+  and one per decoding sequence), the server's `vllm:iteration_tokens_total`.
 
 Snapshots are plain picklable data, and `to_dict`/`from_dict` turn them into JSON and back, so
 the multi-process runtime ships each worker's snapshot to the front over its control plane.
@@ -54,6 +56,11 @@ BATCH_TOKEN_BUCKETS: tuple[float, ...] = (
     1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 )  # fmt: skip
 """Upper bounds of the FFN batch-token histogram buckets; +Inf is implicit."""
+
+STEP_TOKEN_BUCKETS: tuple[float, ...] = (
+    1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+)  # fmt: skip
+"""Upper bounds of the tokens-per-step histogram: vLLM's `iteration_tokens_total` buckets."""
 
 
 class BucketCounts:
@@ -126,6 +133,8 @@ class AFDStatsSnapshot:
     active_s: float = 0.0
     idle_s: float = 0.0
     sync_timeouts: int = 0
+    step_tokens: BucketCounts | None = None
+    """Tokens per step of an attention worker; None before its first step (and for the FFN)."""
 
     @property
     def busy_s(self) -> float:
@@ -154,6 +163,11 @@ class AFDStatsSnapshot:
         self.active_s += other.active_s
         self.idle_s += other.idle_s
         self.sync_timeouts += other.sync_timeouts
+        if other.step_tokens is not None:
+            if self.step_tokens is None:
+                self.step_tokens = other.step_tokens.copy()
+            else:
+                self.step_tokens.merge(other.step_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, for the multi-process control plane (see `from_dict`).
@@ -172,6 +186,11 @@ class AFDStatsSnapshot:
             "active_s": self.active_s,
             "idle_s": self.idle_s,
             "sync_timeouts": self.sync_timeouts,
+            "step_tokens": (
+                None
+                if self.step_tokens is None
+                else [self.step_tokens.counts, self.step_tokens.sum]
+            ),
         }
 
     @classmethod
@@ -199,6 +218,11 @@ class AFDStatsSnapshot:
             out.ffn_batch_tokens[key] = _histogram(
                 BATCH_TOKEN_BUCKETS, counts, total, "ffn_batches"
             )
+        steps = data.get("step_tokens")
+        if steps is not None:
+            if not isinstance(steps, list) or len(steps) != 2:
+                raise ValueError("AFD stats: step_tokens must be null or [counts, sum]")
+            out.step_tokens = _histogram(STEP_TOKEN_BUCKETS, steps[0], steps[1], "step_tokens")
         return out
 
 
@@ -247,6 +271,7 @@ class AFDStats:
         self.active_s = 0.0
         self.idle_s = 0.0
         self.sync_timeouts = 0
+        self._steps: BucketCounts | None = None
 
     def record_transfer(self, direction: str, layer: int, seconds: float, nbytes: int) -> None:
         t = self._transfers.get((direction, layer))
@@ -272,10 +297,19 @@ class AFDStats:
     def record_sync_timeout(self) -> None:
         self.sync_timeouts += 1
 
+    def record_step(self, tokens: int) -> None:
+        """One attention-worker step that scheduled `tokens` tokens."""
+        h = self._steps
+        if h is None:
+            with self._new_key:
+                h = self._steps = BucketCounts(STEP_TOKEN_BUCKETS)
+        h.observe(tokens)
+
     def snapshot(self) -> AFDStatsSnapshot:
         with self._new_key:
             transfers = list(self._transfers.items())
             batches = list(self._batches.items())
+            steps = self._steps
         return AFDStatsSnapshot(
             transfer_seconds={k: t.hist.copy() for k, t in transfers},
             transfer_bytes={k: t.nbytes for k, t in transfers},
@@ -283,6 +317,7 @@ class AFDStats:
             active_s=self.active_s,
             idle_s=self.idle_s,
             sync_timeouts=self.sync_timeouts,
+            step_tokens=steps.copy() if steps is not None else None,
         )
 
 

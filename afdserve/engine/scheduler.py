@@ -16,7 +16,9 @@ step is a strict pair, `plan = schedule()` then `events = update(plan, result)`:
   output_index (seeded sampling therefore gives the same tokens as without preemption). No
   waiting request is admitted in a step that preempted.
 * `update()` advances the computed counts, appends sampled tokens, applies the stop rules and
-  frees the blocks of finished sequences.
+  frees the blocks of finished sequences. A request's first token event also carries its
+  queue time (taken in -> first scheduled) and prefill time (first scheduled -> first token),
+  on the scheduler's `clock`, for the server's metrics.
 
 Termination: the oldest running sequence always gets at least one token per step and can
 preempt every other one, and any single sequence fits the cache alone (the usable context is
@@ -33,8 +35,9 @@ Stop rules, checked after each sampled token, in this order:
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from afdserve.engine.block_allocator import BlockAllocator
@@ -100,7 +103,10 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         eos_token_ids: Iterable[int] = (),
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` times what the metrics report (queue and prefill time of each request)."""
         if not isinstance(scheduler_config, SchedulerConfig):
             raise TypeError(f"scheduler_config must be a SchedulerConfig, got {scheduler_config!r}")
         if not isinstance(cache_config, CacheConfig):
@@ -108,6 +114,7 @@ class Scheduler:
         self.config = scheduler_config
         self.cache_config = cache_config
         self.eos_token_ids: frozenset[int] = frozenset(int(t) for t in eos_token_ids)
+        self._clock = clock
         self.allocator = BlockAllocator(cache_config.num_blocks)
         self.counters = SchedulerCounters()
         self._waiting: deque[Sequence] = deque()
@@ -199,7 +206,7 @@ class Scheduler:
                     f"{self.cache_config.block_size})"
                 )
             raise UserInputError(f"request {request.request_id!r}: prompt has {n} tokens but {why}")
-        seq = Sequence(seq_id=self._next_seq_id, request=request)
+        seq = Sequence(seq_id=self._next_seq_id, request=request, queued_at=self._clock())
         self._next_seq_id += 1
         self._waiting.append(seq)
         self._by_request[request.request_id] = seq
@@ -259,6 +266,8 @@ class Scheduler:
                 self._waiting.popleft()
                 seq.block_table.extend(self.allocator.allocate(need))
                 seq.status = SequenceStatus.RUNNING
+                if seq.first_scheduled_at is None:
+                    seq.first_scheduled_at = self._clock()
                 self._running.append(seq)
                 chunks.append(self._make_chunk(seq, n))
                 budget -= n
@@ -308,6 +317,11 @@ class Scheduler:
             if not chunk.sample:
                 continue
             tok = sampled[chunk.seq_id]
+            queue_s = prefill_s = None
+            if seq.output_index == 0:  # the request's first token: report its queue and prefill
+                now = self._clock()
+                scheduled = seq.first_scheduled_at if seq.first_scheduled_at is not None else now
+                queue_s, prefill_s = scheduled - seq.queued_at, now - scheduled
             seq.append_token(tok.token_id)
             self.counters.generation_tokens += 1
             reason = self._stop_reason(seq, tok.token_id)
@@ -322,6 +336,8 @@ class Scheduler:
                     finish_reason=reason,
                     logprob=tok.logprob,
                     top_logprobs=tok.top_logprobs,
+                    queue_s=queue_s,
+                    prefill_s=prefill_s,
                 )
             )
         return events

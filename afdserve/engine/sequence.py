@@ -39,6 +39,10 @@ class Sequence:
     num_preemptions: int = 0
     max_computed_tokens: int = 0
     """High-water mark of `num_computed_tokens`, to tell first computes from recomputes."""
+    queued_at: float = 0.0
+    """When the scheduler took the request in (its clock), for the queue-time metric."""
+    first_scheduled_at: float | None = None
+    """When a step first scheduled it (preemptions do not move it), for queue/prefill time."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -99,4 +99,5 @@ def admit(
         for _, h in handles:
             h.abort()
         raise
+    st.metrics.on_admitted(len(prompts), body.n)
     return handles

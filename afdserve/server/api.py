@@ -68,6 +68,7 @@ def build_app(
     max_queue: int = 1024,
     vocab_size: int | None = None,
     sampling_defaults: dict[str, Any] | None = None,
+    legacy_metric_names: bool = False,
 ) -> FastAPI:
     """The app serving `engine`; it owns the engine from startup on and closes it at shutdown."""
     model_name = served_model_name or config.model
@@ -76,7 +77,12 @@ def build_app(
     )
     async_engine.sampling_defaults = dict(sampling_defaults or {})  # generation_config.json's
     metrics = ServerMetrics(
-        model_name, config, state=lambda: engine.state(), healthy=lambda: async_engine.healthy
+        model_name,
+        config,
+        state=lambda: engine.state(),
+        healthy=lambda: async_engine.healthy,
+        max_model_len=engine.max_model_len,
+        legacy_names=legacy_metric_names,
     )
     async_engine.observer = metrics
     vocab = min(
@@ -98,6 +104,7 @@ def build_app(
 
     app = FastAPI(title="afdserve", version=__version__, lifespan=lifespan)
     app.state.serving = state
+    metrics.instrument(app)
     _install_error_handlers(app)
     _add_routes(app, state)
     return app

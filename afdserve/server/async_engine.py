@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from afdserve.launch.client import EngineClient
 from afdserve.model.tokenizer import Tokenizer, with_tokenizer_eos
 from afdserve.server.errors import APIError, EngineDead, QueueFull
+from afdserve.server.metrics import FinishedRequest
 from afdserve.server.text_stream import TextStream
 from afdserve.types import SamplingParams, TokenEvent
 
@@ -45,14 +46,7 @@ class RequestObserver(Protocol):
 
     def on_token(self, itl_s: float) -> None: ...
 
-    def on_finished(
-        self,
-        reason: str,
-        e2e_s: float,
-        prompt_tokens: int,
-        output_tokens: int,
-        tpot_s: float | None,
-    ) -> None: ...
+    def on_finished(self, req: FinishedRequest) -> None: ...
 
     def on_rejected(self, reason: str) -> None: ...
 
@@ -245,13 +239,18 @@ class AsyncEngine:
             self.engine.abort(stream.request_id)
             if self.observer is not None:
                 e2e = time.monotonic() - stream.arrival
-                self.observer.on_finished("abort", e2e, stream.num_prompt_tokens, 0, None)
+                self.observer.on_finished(
+                    FinishedRequest(
+                        "abort", e2e, stream.num_prompt_tokens, 0, stream.params.max_tokens
+                    )
+                )
 
     async def _iterate(self, s: _Stream) -> AsyncIterator[GenerationOutput]:
         reason: str | None = None
         n_out = 0
         last_t = s.arrival
         first_t: float | None = None
+        first: TokenEvent | None = None  # carries the scheduler's queue and prefill times
         engine_done = False
         try:
             while reason is None:
@@ -268,7 +267,7 @@ class AsyncEngine:
                         raise item
                     t, ev = item
                     if first_t is None:
-                        first_t = t
+                        first_t, first = t, ev
                         if self.observer is not None:
                             self.observer.on_first_token(t - s.arrival)
                     elif self.observer is not None:
@@ -304,11 +303,17 @@ class AsyncEngine:
                 self.engine.abort(s.request_id)  # frees its KV blocks now
             if self.observer is not None:
                 end = last_t if reason not in (None, "error") else time.monotonic()
-                tpot = (
-                    (last_t - first_t) / (n_out - 1) if first_t is not None and n_out > 1 else None
-                )
                 self.observer.on_finished(
-                    reason or "abort", end - s.arrival, s.num_prompt_tokens, n_out, tpot
+                    FinishedRequest(
+                        reason or "abort",
+                        end - s.arrival,
+                        s.num_prompt_tokens,
+                        n_out,
+                        s.params.max_tokens,
+                        queue_s=first.queue_s if first is not None else None,
+                        prefill_s=first.prefill_s if first is not None else None,
+                        decode_s=last_t - first_t if first_t is not None else None,
+                    )
                 )
 
     # ---- the engine thread -------------------------------------------------------------------

@@ -70,6 +70,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
+    s.add_argument(
+        "--legacy-metric-names",
+        action="store_true",
+        help="/metrics also under the afdserve: names it used before vLLM's (afdserve:"
+        "time_per_output_token_seconds is per request there)",
+    )
     s.set_defaults(func=run_serve)
 
     b = sub.add_parser(
@@ -183,6 +189,7 @@ def run_serve(args: argparse.Namespace) -> int:
             model_root=str(model_path),
             max_queue=args.max_queue,
             sampling_defaults=defaults,
+            legacy_metric_names=args.legacy_metric_names,
         )
         print(
             f"afdserve serve: {name}, {describe(cfg)}, on http://{args.host}:{args.port}/v1",

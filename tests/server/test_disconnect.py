@@ -21,10 +21,7 @@ def _aborted(srv) -> float:
 
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if (
-                s.name == "afdserve:request_success_total"
-                and s.labels["finished_reason"] == "abort"
-            ):
+            if s.name == "vllm:request_success_total" and s.labels["finished_reason"] == "abort":
                 return s.value
     return 0.0
 

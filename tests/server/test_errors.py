@@ -217,7 +217,7 @@ def test_503_when_a_worker_is_down():
             text = h.get("/metrics").text
         assert _metric(text, "afdserve:healthy") == 0.0
         assert _metric(text, "afdserve:afd_sync_timeouts_total") >= 1.0
-        assert _metric(text, "afdserve:request_success_total", finished_reason="error") == 2.0
+        assert _metric(text, "vllm:request_success_total", finished_reason="error") == 2.0
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

@@ -27,6 +27,8 @@ def _recorded() -> AFDStatsSnapshot:
     s.add_active(1.5)
     s.add_idle(0.25)
     s.record_sync_timeout()
+    s.record_step(5)
+    s.record_step(20_000)  # the +Inf bucket
     return s.snapshot()
 
 
@@ -43,6 +45,12 @@ def test_snapshot_json_roundtrip_is_exact():
     assert back.transfer_seconds[(A2F, 0)].counts[-1] == 1
     assert (back.active_s, back.idle_s, back.sync_timeouts) == (1.5, 0.25, 1)
     assert back.busy_fraction == snap.busy_fraction
+    assert back.step_tokens is not None and snap.step_tokens is not None
+    assert (back.step_tokens.counts, back.step_tokens.sum) == (
+        snap.step_tokens.counts,
+        snap.step_tokens.sum,
+    )
+    assert back.step_tokens.count == 2 and back.step_tokens.counts[-1] == 1
     empty = AFDStatsSnapshot.from_dict(AFDStatsSnapshot().to_dict())
     assert empty == AFDStatsSnapshot()
 
@@ -57,6 +65,8 @@ def test_snapshot_json_roundtrip_is_exact():
         ({"transfers": [["a2f", -1, [0] * 20, 0.0, 0]]}, "layer"),
         ({"ffn_batches": [[0, 0, [0] * 16]]}, "4-element"),
         ({"ffn_batches": "no"}, "ffn_batches"),
+        ({"step_tokens": [[0] * 3, 0.0]}, "14 bucket counts"),
+        ({"step_tokens": "no"}, "step_tokens"),
     ],
 )
 def test_malformed_snapshot_is_refused_with_the_field(patch, match):

@@ -214,9 +214,9 @@ def _wait_metrics(srv: MPServer, ok, what: str, deadline_s: float = 20.0) -> dic
 
 def _idle(m: dict) -> bool:
     return (
-        _total(m, "afdserve:num_requests_running") == 0
-        and _total(m, "afdserve:num_requests_waiting") == 0
-        and _total(m, "afdserve:kv_cache_usage_perc") == 0
+        _total(m, "vllm:num_requests_running") == 0
+        and _total(m, "vllm:num_requests_waiting") == 0
+        and _total(m, "vllm:kv_cache_usage_perc") == 0
     )
 
 
@@ -313,8 +313,14 @@ def test_metrics_come_from_the_worker_processes(mp_server):
 
     after = _wait_metrics(srv, afd_reported, "the final AFD stats from every worker")
     # the schedulers' counters, reported by the attention worker processes, moved exactly
-    assert moved(after, "afdserve:prompt_tokens_total") == sum(len(p) for p in prompts)
-    assert moved(after, "afdserve:generation_tokens_total") == 12 * len(prompts)
+    assert moved(after, "vllm:prompt_tokens_total") == sum(len(p) for p in prompts)
+    assert moved(after, "vllm:generation_tokens_total") == 12 * len(prompts)
+    # the schedulers' queue and prefill times crossed with each first token, and the tokens
+    # of every attention-worker step with their AFD stats
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert moved(after, f"vllm:request_{phase}_time_seconds_count") == len(prompts), phase
+    assert moved(after, "vllm:request_prefill_time_seconds_sum") > 0
+    assert moved(after, "vllm:iteration_tokens_total_sum") == tokens
     routed = [moved(after, "afdserve:router_requests_total", worker=str(k)) for k in range(2)]
     assert sum(routed) == len(prompts) and min(routed) >= 1, routed
     for k in range(2):  # per-worker gauges exist for both workers
@@ -370,13 +376,13 @@ def test_load_shows_per_worker_and_disconnect_frees_worker_kv(mp_server):
                 ),
                 "load on both workers",
             )
-            assert _total(busy, "afdserve:num_requests_running") == 2
+            assert _total(busy, "vllm:num_requests_running") == 2
         # leaving the blocks closes both half-read responses: the clients went away
     after = _wait_metrics(srv, _idle, "KV freed in the workers after the disconnect")
     assert all(_total(after, "afdserve:worker_load", worker=str(k)) == 0 for k in range(2))
-    generated = _total(after, "afdserve:generation_tokens_total")
+    generated = _total(after, "vllm:generation_tokens_total")
     time.sleep(1.5)  # a heartbeat later, nothing has run
-    assert _total(_scrape(srv), "afdserve:generation_tokens_total") == generated
+    assert _total(_scrape(srv), "vllm:generation_tokens_total") == generated
     assert generated < 2 * 1500
 
 
