@@ -31,8 +31,9 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-"""Bump when a message changes shape; both ends of a group must agree."""
+SCHEMA_VERSION = 3
+"""Bump when a message changes shape; both ends of a group must agree. (3: SamplingParams'
+penalties, min_p, min_tokens and logit_bias, which a worker of 2 would drop unread.)"""
 
 Role = Literal["attention", "ffn"]
 

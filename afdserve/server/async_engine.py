@@ -217,7 +217,7 @@ class AsyncEngine:
             request_id,
             len(prompt_token_ids),
             params,
-            TextStream(self.tokenizer, params.stop),
+            TextStream(self.tokenizer, params.stop, params.min_tokens),
             arrival=time.monotonic(),
         )
         if request_id in self._streams:
