@@ -7,7 +7,8 @@ hand-made `StepResult`s, and the planner/simulator never need torch at all.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from afdserve.errors import UserInputError
@@ -48,6 +49,23 @@ class SamplingParams:
     """Keep generating past the model's EOS token (benchmarks use this)."""
     logprobs: int | None = None
     """Return the log-probability of each sampled token (and this many top alternatives)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated so far (once), in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Times each token's count among the generated tokens, subtracted from its logit, in
+    [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """vLLM's (and HF's): the logit of every token seen in the prompt or the output is divided
+    by it when positive, multiplied by it otherwise; > 0, 1 disables it."""
+    min_p: float = 0.0
+    """Drop the tokens less likely than min_p times the most likely one (after temperature),
+    in [0, 1]; 0 disables it."""
+    min_tokens: int = 0
+    """EOS and stop_token_ids cannot end the request before this many tokens were generated
+    (their logits are masked until then); at most max_tokens."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """Token id -> bias added to its logit, in [-100, 100]; given as a mapping (or pairs),
+    kept as (id, bias) pairs sorted by id."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -81,10 +99,76 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stop):
             raise UserInputError("stop must be a non-empty string or a list of non-empty strings")
         object.__setattr__(self, "stop", stop)
+        self._check_logits_processing()
+
+    def _check_logits_processing(self) -> None:
+        """The penalties, min_p, min_tokens and logit_bias (normalised to floats and pairs)."""
+        for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
+            v = _number(getattr(self, name), name)
+            if not lo <= v <= hi:
+                raise UserInputError(f"{name} must be in [{lo:g}, {hi:g}], got {v}")
+            object.__setattr__(self, name, v)
+        rep = _number(self.repetition_penalty, "repetition_penalty")
+        if not (math.isfinite(rep) and rep > 0.0):
+            raise UserInputError(f"repetition_penalty must be a finite number > 0, got {rep}")
+        object.__setattr__(self, "repetition_penalty", rep)
+        min_p = _number(self.min_p, "min_p")
+        if not 0.0 <= min_p <= 1.0:
+            raise UserInputError(f"min_p must be in [0, 1], got {min_p}")
+        object.__setattr__(self, "min_p", min_p)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
+            raise UserInputError(f"min_tokens must be an integer, got {self.min_tokens!r}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise UserInputError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether sampling needs the sequence's token history (prompt and output tokens)."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+
+def _number(v: object, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        raise UserInputError(f"{name} must be a number, got {v!r}")
+    return float(v)
+
+
+def _logit_bias(
+    bias: Mapping[int, float] | Sequence[tuple[int, float]] | None,
+) -> tuple[tuple[int, float], ...]:
+    if bias is None:
+        return ()
+    if isinstance(bias, (str, bytes)):
+        raise UserInputError("logit_bias must map token ids to biases, got a string")
+    try:
+        pairs = list(bias.items()) if isinstance(bias, Mapping) else [tuple(p) for p in bias]
+    except TypeError:
+        raise UserInputError(f"logit_bias must map token ids to biases, got {bias!r}") from None
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if len(pair) != 2:
+            raise UserInputError(f"logit_bias entries must be (token id, bias), got {pair!r}")
+        tok, b = pair
+        if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+            raise UserInputError(f"logit_bias keys must be non-negative token ids, got {tok!r}")
+        b = _number(b, f"logit_bias[{tok}]")
+        if not -100.0 <= b <= 100.0:
+            raise UserInputError(f"logit_bias[{tok}] must be in [-100, 100], got {b}")
+        if tok in out:
+            raise UserInputError(f"logit_bias gives token id {tok} twice")
+        out[tok] = b
+    return tuple(sorted(out.items()))
 
 
 class FinishReason(enum.StrEnum):

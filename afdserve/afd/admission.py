@@ -29,14 +29,19 @@ def admit(
 ) -> Request:
     """The Request to route, with its sampling seed drawn when `params` brings none; a
     UserInputError naming the problem for an empty prompt, a token id outside the vocabulary
-    or a prompt longer than the workers hold. (Duplicate ids are the caller's check: it owns
-    the table of live requests.)"""
+    (in the prompt or in logit_bias) or a prompt longer than the workers hold. (Duplicate ids
+    are the caller's check: it owns the table of live requests.)"""
     if not isinstance(request_id, str) or not request_id:
         raise UserInputError(f"request id must be a non-empty string, got {request_id!r}")
     ids = Request(request_id, prompt_token_ids, params).prompt_token_ids  # non-negative ints
     bad = next((t for t in ids if t >= vocab_size), None)
     if bad is not None:
         raise UserInputError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    bad = next((t for t, _ in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise UserInputError(
+            f"logit_bias token id {bad} is outside the vocabulary [0, {vocab_size})"
+        )
     if len(ids) > max_model_len:
         raise UserInputError(
             f"prompt has {len(ids)} tokens but the context length is {max_model_len}"

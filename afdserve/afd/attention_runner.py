@@ -9,6 +9,7 @@ Legend: T = tokens in a microbatch, D = hidden size, N = sequences sampled this 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from afdserve.afd.ffn_link import FFNLink
 from afdserve.engine.kv_cache import KVCache
 from afdserve.engine.microbatch import split_microbatches
+from afdserve.engine.penalties import TokenHistory
 from afdserve.engine.sampler import sample
 from afdserve.model.attention import AttentionMetadata
 from afdserve.model.parts import AttentionPart
@@ -41,17 +43,24 @@ class AttentionRunner:
         link: FFNLink,
         num_microbatches: int = 1,
         microbatch_tokens: int | None = None,
+        eos_token_ids: Iterable[int] = (),
     ) -> None:
         self.part, self.kv, self.link = part, kv, link
         self.num_microbatches = num_microbatches
         self.microbatch_tokens = microbatch_tokens
         """When set, the step is split into ceil(tokens / microbatch_tokens) microbatches instead."""
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        """The model's EOS ids: min_tokens masks them (with each request's stop_token_ids)."""
+        self.history = TokenHistory()
+        """The token history of this worker's sequences with penalties (engine/penalties.py);
+        its owner drops finished sequences from it (`AttentionWorker.step`)."""
         self.device = part.embed_tokens.weight.device
         self.dtype = part.embed_tokens.weight.dtype
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, step: int) -> StepResult:
         """Run `plan` as bundle step `step` (the id every worker of the bundle shares)."""
+        self.history.observe(plan.chunks)
         mbs = [
             self._prepare(g) for g in split_microbatches(plan.chunks, self._microbatch_count(plan))
         ]
@@ -74,7 +83,8 @@ class AttentionRunner:
             return StepResult(plan.step_id, ())
         hidden = torch.cat([mb.x[mb.sample_rows] for mb in mbs])  # [N, D]
         logits = self.part.logits(hidden)  # [N, V]
-        return StepResult(plan.step_id, tuple(sample(logits, chunks)))
+        sampled = sample(logits, chunks, self.history, self.eos_token_ids)
+        return StepResult(plan.step_id, tuple(sampled))
 
     def _microbatch_count(self, plan: StepPlan) -> int:
         if self.microbatch_tokens:

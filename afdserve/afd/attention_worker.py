@@ -77,7 +77,10 @@ class AttentionWorker:
         self.stats.record_step(plan.num_tokens)
         self._steps += 1
         with self._lock:
-            return self.scheduler.update(plan, result)
+            events = self.scheduler.update(plan, result)
+            if len(self.runner.history):  # forget the sequences that finished or were aborted
+                self.runner.history.retain(self.scheduler.live_seq_ids)
+            return events
 
     def status(self) -> AttentionStatus:
         """Queues, KV blocks and counters now (the counters are a copy: safe to keep)."""

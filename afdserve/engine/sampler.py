@@ -3,9 +3,10 @@
 Legend: N = rows (one per chunk that samples), R = rows that sample at random (temperature > 0),
 V = vocabulary.
 
-Order of operations per row (vLLM's): temperature 0 (below 1e-5, to avoid overflow) is greedy
-argmax, ties to the lowest token id; otherwise logits / temperature, then top-k, then top-p on
-the top-k-renormalised distribution, then one draw.
+Order of operations per row (vLLM's): first min_tokens, logit_bias and the penalties
+(engine/penalties.py); then temperature 0 (below 1e-5, to avoid overflow) is greedy argmax,
+ties to the lowest token id; otherwise logits / temperature, then min_p, then top-k, then top-p
+on the top-k-renormalised distribution, then one draw.
 
 Top-k keeps every token whose scaled logit is >= the k-th largest (ties with the k-th value
 are all kept). Top-p keeps the smallest prefix of the tokens sorted by probability (ties ordered
@@ -23,15 +24,17 @@ not depend on which other requests share its batch, nor on a preemption that rec
 logits' device, so the same seed gives the same tokens on the same kind of device.
 
 Logprobs, when asked for, are those of the raw model distribution (log_softmax of the logits
-before temperature and filtering), as vLLM reports by default.
+before any penalty, bias, temperature or filter), as vLLM reports by default (its
+logprobs_mode "raw_logprobs").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
+from afdserve.engine.penalties import TokenHistory, apply_min_p, process_logits
 from afdserve.types import SampledToken, ScheduledChunk
 
 GREEDY_TEMPERATURE = 1e-5
@@ -190,11 +193,19 @@ def _top_p_candidates(
     return vals.masked_fill(mass_before >= p_col, neg_inf), idx, decided.tolist()
 
 
-def sample(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[SampledToken]:
+def sample(
+    logits: torch.Tensor,
+    chunks: Sequence[ScheduledChunk],
+    history: TokenHistory | None = None,
+    eos_token_ids: Collection[int] = (),
+) -> list[SampledToken]:
     """One token per row of `logits` [N, V]; row i belongs to `chunks[i]` (all with sample=True).
 
-    Greedy and random rows are handled as two vectorised groups; only drawing each random row's
-    seeded noise is a Python loop. Any float dtype is accepted and computed in float32.
+    `history` holds the token history of the sequences with penalties (required when any chunk
+    asks for one; the sampled tokens are counted into it); `eos_token_ids` are the model's EOS
+    ids, which min_tokens masks. Greedy and random rows are handled as two vectorised groups;
+    only drawing each random row's seeded noise is a Python loop. Any float dtype is accepted
+    and computed in float32.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
@@ -206,23 +217,25 @@ def sample(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[Sampl
             raise ValueError(f"chunk of sequence {chunk.seq_id} does not ask for a sample")
     if n == 0:
         return []
-    logits = logits.float()  # [N, V]
+    logits = logits.float()  # [N, V]: the raw logits, for logprobs
     device = logits.device
+    processed = process_logits(logits, chunks, history, eos_token_ids)  # [N, V]
     tokens = torch.empty(n, dtype=torch.long, device=device)  # [N]
 
     greedy_rows = [i for i, c in enumerate(chunks) if c.params.temperature < GREEDY_TEMPERATURE]
     random_rows = [i for i, c in enumerate(chunks) if c.params.temperature >= GREEDY_TEMPERATURE]
     if len(greedy_rows) == n:  # common case: no gather of the whole logits matrix
-        tokens = logits.argmax(dim=-1)  # first maximum: lowest id wins ties
+        tokens = processed.argmax(dim=-1)  # first maximum: lowest id wins ties
     elif greedy_rows:
         g_idx = torch.tensor(greedy_rows, device=device)  # [G]
-        tokens[g_idx] = logits[g_idx].argmax(dim=-1)
+        tokens[g_idx] = processed[g_idx].argmax(dim=-1)
     if random_rows:
         r_idx = torch.tensor(random_rows, device=device)  # [R]
         r_chunks = [chunks[i] for i in random_rows]
         temps = torch.tensor([float(c.params.temperature) for c in r_chunks], device=device)
-        rows = logits if len(random_rows) == n else logits[r_idx]  # [R, V]
-        scaled = rows / temps.unsqueeze(1)  # [R, V]
+        rows = processed if len(random_rows) == n else processed[r_idx]  # [R, V]
+        scaled = rows / temps.unsqueeze(1)  # [R, V]: a new tensor
+        scaled = apply_min_p(scaled, [c.params.min_p for c in r_chunks])
         scaled = apply_top_k_top_p(
             scaled, [c.params.top_k for c in r_chunks], [float(c.params.top_p) for c in r_chunks]
         )
@@ -230,6 +243,8 @@ def sample(logits: torch.Tensor, chunks: Sequence[ScheduledChunk]) -> list[Sampl
         tokens[r_idx] = scaled.add_(gumbel).argmax(dim=-1)  # scaled is ours to overwrite
 
     token_list = tokens.tolist()
+    if history is not None:
+        history.record(chunks, token_list)
     want = [c.params.logprobs for c in chunks]
     if all(w is None for w in want):
         return [

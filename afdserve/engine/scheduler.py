@@ -27,6 +27,8 @@ capped at the cache capacity), so the scheduler never deadlocks or livelocks.
 Stop rules, checked after each sampled token, in this order:
   1. EOS (any of the model's `eos_token_ids`; skipped with `ignore_eos`) -> "stop";
   2. a token in `params.stop_token_ids` -> "stop" (the token is kept and reported);
+     (1 and 2 only once `params.min_tokens` tokens were generated, as in vLLM; the sampler
+     masks those tokens until then, so this only matters where nothing else was left)
   3. `max_tokens` generated -> "length";
   4. prompt + output reached `max_model_len` -> "length".
 `max_tokens` larger than the context allows is not an error: the request just ends with
@@ -411,9 +413,10 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.params
-        if not params.ignore_eos and token_id in self.eos_token_ids:
+        may_stop = seq.output_index >= params.min_tokens
+        if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.STOP
-        if token_id in params.stop_token_ids:
+        if may_stop and token_id in params.stop_token_ids:
             return FinishReason.STOP
         if seq.output_index >= params.max_tokens:
             return FinishReason.LENGTH

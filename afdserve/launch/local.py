@@ -130,7 +130,14 @@ def make_attention_worker(
     (threads here, a worker process in launch/worker.py) use."""
     cache_cfg, sched_cfg = cache_and_scheduler_configs(cfg, model.config, model.dtype)
     kv = KVCache(model.config, cache_cfg.num_blocks, cache_cfg.block_size, model.dtype, cfg.device)
-    runner = AttentionRunner(model.attention, kv, link, cfg.microbatches, cfg.microbatch_tokens)
+    runner = AttentionRunner(
+        model.attention,
+        kv,
+        link,
+        cfg.microbatches,
+        cfg.microbatch_tokens,
+        eos_token_ids=model.config.eos_token_ids,
+    )
     scheduler = Scheduler(sched_cfg, cache_cfg, eos_token_ids=model.config.eos_token_ids)
     return AttentionWorker(index, scheduler, runner)
 

@@ -32,7 +32,9 @@ from afdserve.types import SamplingParams, TokenEvent
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
-"""Bump when a message changes shape; both ends of a group must agree."""
+"""Bump when a message changes shape; both ends of a group must agree. (3: `TokenEvent`'s
+queue and prefill times, and SamplingParams' penalties, min_p, min_tokens and logit_bias,
+which a worker of 2 would drop unread.)"""
 
 Role = Literal["attention", "ffn"]
 

@@ -1,6 +1,6 @@
 """Request admission: from a validated body to engine requests, or a 400/404 before any.
 
-The served model name is checked (404), completion prompts are normalised and checked against
+The served model name is checked (404), completion prompts and logit_bias are checked against
 the vocabulary, every prompt's length and max_tokens against the context (400), and only then
 is one engine request added per (prompt, n): all or nothing, so a refused request (429, 503)
 leaves no engine work behind. Apart from the routes so that they read as the protocol alone.
@@ -68,6 +68,12 @@ def admit(
     logprobs: int | None,
 ) -> list[tuple[int, RequestHandle]]:
     """Check lengths, then add one engine request per (prompt, n); all or nothing."""
+    out_of_vocab = [k for k in body.logit_bias or {} if int(k) >= st.vocab_size]
+    if out_of_vocab:
+        raise BadRequest(
+            f"logit_bias token id {out_of_vocab[0]} is outside the vocabulary [0, {st.vocab_size})",
+            param="logit_bias",
+        )
     limit = st.max_model_len
     plan = []
     for p in prompts:
@@ -85,6 +91,11 @@ def admit(
                 f"{n + mt} tokens ({n} in the prompt, {mt} in the completion). Please reduce the "
                 "length of the prompt or max_tokens.",
                 param="max_tokens",
+            )
+        if body.min_tokens > mt:
+            raise BadRequest(
+                f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({mt})",
+                param="min_tokens",
             )
         plan.append(mt)
     base = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex}"

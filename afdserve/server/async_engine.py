@@ -215,7 +215,7 @@ class AsyncEngine:
             request_id,
             len(prompt_token_ids),
             params,
-            TextStream(self.tokenizer, params.stop),  # stop strings without a tokenizer: 400
+            TextStream(self.tokenizer, params.stop, params.min_tokens),  # no tokenizer: 400
             arrival=time.monotonic(),
         )
         if request_id in self._streams:

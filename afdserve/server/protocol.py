@@ -2,11 +2,12 @@
 
 Requests are validated strictly from JSON (a string is not an integer, `true` is not a number),
 so a wrong type is a 400 naming the field rather than a silent coercion. Ranges follow OpenAI:
-temperature in [0, 2], top_p in (0, 1], max_tokens >= 1. The vLLM extensions `top_k`,
-`stop_token_ids`, `ignore_eos` and `return_token_ids` are accepted. Fields this server does not
-implement are rejected with a 400 when set to anything but their neutral value (penalties,
-logit_bias, echo, suffix, best_of, tools), never silently ignored; unknown fields are ignored,
-as OpenAI clients may send newer ones.
+temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, presence and frequency penalties in
+[-2, 2], logit_bias values in [-100, 100] (keys: token ids as strings). The vLLM extensions
+`top_k`, `min_p`, `min_tokens`, `repetition_penalty` (> 0), `stop_token_ids`, `ignore_eos` and
+`return_token_ids` are accepted. Fields this server does not implement are rejected with a 400
+when set to anything but their neutral value (echo, suffix, best_of, tools, bad_words), never
+silently ignored; unknown fields are ignored, as OpenAI clients may send newer ones.
 """
 
 from __future__ import annotations
@@ -46,18 +47,26 @@ class _SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    """Token id (a string of digits, as OpenAI's) -> bias added to its logit."""
+    bad_words: list[str] | None = None
     return_token_ids: bool = False
     """vLLM extension: return `prompt_token_ids` and `token_ids` in each choice."""
 
     def check_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise BadRequest(f"{name} is not supported (only 0)", param=name)
-        if self.logit_bias:
-            raise BadRequest("logit_bias is not supported", param="logit_bias")
+        bad = [k for k in self.logit_bias or {} if not (k.isascii() and k.isdigit())]
+        if bad:
+            raise BadRequest(
+                f"logit_bias keys must be token ids (strings of digits), got {bad[0]!r}",
+                param="logit_bias",
+            )
+        if self.bad_words:
+            raise BadRequest("bad_words is not supported", param="bad_words")
         if isinstance(self.stop, list) and not all(self.stop):
             raise BadRequest("stop strings must be non-empty", param="stop")
         if self.stop == "":
@@ -93,6 +102,12 @@ class _SamplingRequest(_Request):
             stop=stop,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            repetition_penalty=float(self.repetition_penalty),
+            min_p=float(self.min_p),
+            min_tokens=self.min_tokens,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
         )
 
 

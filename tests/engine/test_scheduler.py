@@ -251,6 +251,23 @@ def test_finish_reasons():
     assert _finish({"max_tokens": 3}, toks) == ([7, 8, EOS], FinishReason.STOP)
 
 
+def test_min_tokens_defers_eos_and_stop_token_ids():
+    """As vLLM's check_stop: EOS and stop ids end nothing before min_tokens were generated (the
+    sampler masks them; this covers a row with nothing else left), the length rules still do."""
+    toks = [EOS, 9, 7, EOS, 9, 11, 12, 13]
+    assert _finish({"max_tokens": 8, "min_tokens": 3}, toks) == (
+        [EOS, 9, 7, EOS],
+        FinishReason.STOP,
+    )
+    assert _finish({"max_tokens": 8, "min_tokens": 5, "stop_token_ids": (9,)}, toks) == (
+        [EOS, 9, 7, EOS, 9],
+        FinishReason.STOP,
+    )
+    assert _finish({"max_tokens": 2, "min_tokens": 2}, toks) == ([EOS, 9], FinishReason.LENGTH)
+    out, why = _finish({"max_tokens": 50, "min_tokens": 50}, toks * 9, max_model_len=10)
+    assert (len(out), why) == (6, FinishReason.LENGTH)
+
+
 def test_context_full_finishes_with_length_and_max_tokens_is_not_clipped():
     toks = list(range(100, 200))
     out, why = _finish({"max_tokens": 50}, toks, max_model_len=20, prompt_len=15)

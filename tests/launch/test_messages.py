@@ -84,11 +84,14 @@ CONFIG = EngineConfig(
 def test_front_messages_round_trip():
     params = SamplingParams(
         max_tokens=5, temperature=0.7, top_p=0.9, top_k=20, seed=3, stop_token_ids=(2,),
-        stop=("\n",), ignore_eos=True, logprobs=5,
+        stop=("\n",), ignore_eos=True, logprobs=5, presence_penalty=0.5, frequency_penalty=-1.5,
+        repetition_penalty=1.2, min_p=0.05, min_tokens=2, logit_bias={7: -100.0, 3: 2.5},
     )  # fmt: skip
     configure = Configure(3, CONFIG, "/models/llama", "10.0.0.1:7005")
     for msg in (configure, AddRequest("r", (1, 2, 3), params, 99), Abort("r"), Ping(), Shutdown()):
         assert control.TO_WORKER.decode(encode(msg)) == msg
+    decoded = control.TO_WORKER.decode(encode(AddRequest("r", (1,), params, 9))).params
+    assert decoded.logit_bias == ((3, 2.5), (7, -100.0)) and decoded.min_tokens == 2
     assert configure.schema == Ready(0, "ffn", 1, FP).schema == SCHEMA_VERSION
 
 
@@ -123,7 +126,15 @@ def test_garbage_is_malformed_not_an_exception(frame):
 
 def test_an_add_that_does_not_validate_names_its_request():
     good = msgspec.to_builtins(AddRequest("r-7", (1, 2), SamplingParams(), 1))
-    for bad in ({"temperature": -1.0}, {"max_tokens": 0}, {"top_p": "high"}):
+    for bad in (
+        {"temperature": -1.0},
+        {"max_tokens": 0},
+        {"top_p": "high"},
+        {"presence_penalty": 2.5},
+        {"repetition_penalty": 0.0},
+        {"min_tokens": 17},  # > max_tokens
+        {"logit_bias": [[5, 101.0]]},
+    ):
         frame = _raw({**good, "params": {**good["params"], **bad}})  # SamplingParams' checks
         out = control.TO_WORKER.decode(frame)
         assert isinstance(out, Malformed) and out.request_id == "r-7", bad

@@ -1,7 +1,7 @@
 """The in-process engine and worker processes over every transport are two placements of one
 runtime: the same requests give the same token events, every field of every one (token,
 finished, finish reason, logprob, top logprobs), and the same OpenAI responses (n=2, stop
-strings, logprobs=5) through the server.
+strings, logprobs=5, penalties and logit_bias) through the server.
 
 Both run the exact (batch-invariant) kernels, so that how the FFN worker happens to batch the
 attention workers' rows cannot change a bit; requests without a seed get theirs from the
@@ -26,7 +26,16 @@ REQUESTS = [
     ([1], SamplingParams(temperature=1.0, top_k=20, max_tokens=7, logprobs=0)),  # front's seed
     ([100, 101, 102, 103], SamplingParams(temperature=0.6, max_tokens=6, stop_token_ids=(17,))),
     ([42] * 5, SamplingParams(temperature=0, max_tokens=5)),  # no logprobs asked
-]
+    # the token history lives in each attention worker: penalties, min_p ...
+    ([9, 8, 7, 9, 8], SamplingParams(
+        temperature=0.9, seed=8, max_tokens=10, ignore_eos=True, presence_penalty=1.0,
+        frequency_penalty=0.5, repetition_penalty=1.3, min_p=0.05, logprobs=2,
+    )),
+    # ... and min_tokens masks the model's EOS ids (383, 381), which the bias makes certain
+    ([3, 3, 3], SamplingParams(
+        temperature=0, max_tokens=9, logit_bias={383: 60.0, 50: 2.0}, min_tokens=4,
+    )),
+]  # fmt: skip
 
 
 def _events(model_dir, **placement) -> dict[str, list[TokenEvent]]:
@@ -56,6 +65,8 @@ def test_token_events_are_identical_in_every_placement(tiny_model_dirs, in_proce
     assert all(len(ev.top_logprobs) == 5 and ev.logprob is not None for ev in lp)  # asked for
     assert all(ev.top_logprobs == () for ev in in_process["r3"] + in_process["r4"])
     assert in_process["r4"][-1].finished and all(len(v) for v in in_process.values())
+    assert [ev.token_id for ev in in_process["r6"]][4:] == [383]  # EOS, right after min_tokens
+    assert not {381, 383} & {ev.token_id for ev in in_process["r6"][:4]}
 
 
 def _completions(client) -> list[dict]:
@@ -63,7 +74,12 @@ def _completions(client) -> list[dict]:
     return [
         client.completions.create(prompt="The quick brown fox", n=2, temperature=0.9, **kw),
         client.completions.create(prompt=[5, 9, 200, 17], temperature=0, stop=["e", " t"], **kw),
-    ]
+        client.completions.create(
+            prompt="The lazy dog", temperature=0.7, presence_penalty=1.2, frequency_penalty=0.4,
+            logit_bias={"100": 4.0}, extra_body={"repetition_penalty": 1.2, "min_tokens": 3},
+            **kw,
+        ),
+    ]  # fmt: skip
 
 
 def test_server_responses_are_identical_over_worker_processes():

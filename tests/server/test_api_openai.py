@@ -220,3 +220,35 @@ def test_n_choices_and_logprobs(afd_server, oracle):
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
     assert content[0].logprob == content[0].top_logprobs[0].logprob  # greedy: the top choice
+
+
+def test_penalties_logit_bias_min_p_min_tokens_equal_offline(afd_server, oracle):
+    """The OpenAI fields (presence/frequency penalties, logit_bias with string keys) and vLLM's
+    (repetition_penalty, min_p, min_tokens) reach the sampler: the same tokens as offline."""
+    client = afd_server.openai()
+    kw = dict(model=SERVED, prompt=PROMPTS[1], max_tokens=10, temperature=0.8, seed=3)
+    resp = client.completions.create(
+        **kw,
+        presence_penalty=1.5,
+        frequency_penalty=-0.5,
+        logit_bias={"300": 3.0, "17": -100},
+        extra_body={"repetition_penalty": 1.3, "min_p": 0.05, "min_tokens": 4,
+                    "return_token_ids": True},
+    )  # fmt: skip
+    want = oracle(
+        PROMPTS[1], max_tokens=10, temperature=0.8, seed=3, presence_penalty=1.5,
+        frequency_penalty=-0.5, logit_bias={300: 3.0, 17: -100.0}, repetition_penalty=1.3,
+        min_p=0.05, min_tokens=4,
+    )  # fmt: skip
+    assert _ids(resp.choices[0]) == want.token_ids
+    plain = oracle(PROMPTS[1], max_tokens=10, temperature=0.8, seed=3)
+    assert want.token_ids != plain.token_ids  # the fields did something
+    forced = client.chat.completions.create(
+        model=SERVED,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        temperature=0,
+        logit_bias={"77": 100},
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    assert _ids(forced.choices[0]) == [77] * 4

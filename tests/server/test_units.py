@@ -31,8 +31,10 @@ def tokenizer():
     return Tokenizer(resolve_model("builtin:tiny-qwen3-moe"))
 
 
-def _stream(tokenizer, text: str, stop: list[str]) -> tuple[list[str], TextStream]:
-    ts = TextStream(tokenizer, stop)
+def _stream(
+    tokenizer, text: str, stop: list[str], min_tokens: int = 0
+) -> tuple[list[str], TextStream]:
+    ts = TextStream(tokenizer, stop, min_tokens)
     out = []
     for b in text.encode():  # one byte token at a time: ids 0..255 are the bytes
         ts.push(b)
@@ -66,6 +68,23 @@ def test_text_stream_stop_strings(tokenizer, text, stop, expected):
     pieces, ts = _stream(tokenizer, text, stop)
     assert "".join(pieces) == expected == ts.text
     assert ts.stopped == (expected != text)
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "min_tokens", "expected"),
+    [
+        ("ab ab", ["ab"], 2, "ab "),  # the first "ab" is within min_tokens: the second stops
+        ("ab ab", ["ab"], 1, ""),  # the first "ab" ends in token 2, past min_tokens=1
+        ("ab ab", ["ab"], 5, "ab ab"),  # nothing ends after min_tokens: no stop
+        ("xab", ["b", "ab"], 2, "x"),  # "ab" spans the boundary and ends after it: it counts
+        ("abc", ["a"], 1, "abc"),  # "a" lay within min_tokens, later text does not repeat it
+    ],
+)
+def test_text_stream_ignores_stop_strings_within_min_tokens(
+    tokenizer, text, stop, min_tokens, expected
+):
+    pieces, ts = _stream(tokenizer, text, stop, min_tokens)
+    assert "".join(pieces) == expected == ts.text
 
 
 def test_text_stream_holds_back_only_a_possible_stop_prefix(tokenizer):
