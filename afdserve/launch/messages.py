@@ -9,7 +9,8 @@ the other (the way top log-probabilities were when events were positional JSON l
 
 Domain types travel as themselves: `SamplingParams` (its `__post_init__` checks run again on
 decode), `EngineConfig` (likewise), `TokenEvent` (every field: token, logprob, top logprobs,
-finish reason) and `SchedulerCounters`. AFD stats travel as `AFDStatsSnapshot.to_dict()`, whose reader validates
+finish reason, and the prompt logprobs a first event may carry, `PromptLogprob`s) and
+`SchedulerCounters`. AFD stats travel as `AFDStatsSnapshot.to_dict()`, whose reader validates
 them.
 
 SCHEMA_VERSION is in `Configure` and in `Ready`: a worker of another version is refused by name,
@@ -31,7 +32,7 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bump when a message changes shape; both ends of a group must agree."""
 
 Role = Literal["attention", "ffn"]
