@@ -102,11 +102,11 @@ class AttentionRunner:
         top_vals: list[list[float]] = []
         for i in range(0, len(targets), PROMPT_LOGPROB_ROWS):
             rows = slice(i, i + PROMPT_LOGPROB_ROWS)
-            c, r, ti, tv = score_tokens(self.part.logits(hidden[rows]), targets[rows], k)
-            chosen += c
-            ranks += r
-            top_ids += ti
-            top_vals += tv
+            lps, rks, ids, vals = score_tokens(self.part.logits(hidden[rows]), targets[rows], k)
+            chosen += lps
+            ranks += rks
+            top_ids += ids
+            top_vals += vals
         out, row = [], 0
         for c in chunks:
             want = c.params.prompt_logprobs or 0
