@@ -20,9 +20,18 @@ from typing import Any
 
 from afdserve.config import EngineConfig
 from afdserve.errors import UserInputError
-from afdserve.types import FinishReason, SamplingParams
+from afdserve.types import FinishReason, PromptLogprob, SamplingParams
 
 Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability, its rank (1 = the most likely) and its text (vLLM's)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -34,6 +43,9 @@ class RequestOutput:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[float] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """With `SamplingParams.prompt_logprobs`: per prompt token, None for the first, then
+    {the prompt token: its Logprob, then the top alternatives', most likely first} (vLLM's)."""
 
     @property
     def finished(self) -> bool:
@@ -127,6 +139,8 @@ class LLM:
                 out.token_ids.append(ev.token_id)
                 if out.logprobs is not None and ev.logprob is not None:
                     out.logprobs.append(ev.logprob)
+                if ev.prompt_logprobs is not None:
+                    out.prompt_logprobs = self._prompt_logprobs(ev.prompt_logprobs)
                 n_tokens += 1
                 if ev.finished:
                     out.finish_reason = (ev.finish_reason or FinishReason.STOP).value
@@ -139,6 +153,18 @@ class LLM:
         for out in outputs.values():  # ids the tokenizer lacks add no text; none: "" (vLLM)
             out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return [outputs[rid] for rid in order]
+
+    def _prompt_logprobs(self, entries: Sequence[PromptLogprob]) -> list[dict[int, Logprob] | None]:
+        def text(token_id: int) -> str:
+            return self.tokenizer.decode([token_id])
+
+        out: list[dict[int, Logprob] | None] = [None]
+        for e in entries:
+            d = {e.token_id: Logprob(e.logprob, e.rank, text(e.token_id))}
+            for rank, (t, v) in enumerate(e.top_logprobs, 1):
+                d[t] = Logprob(v, rank, text(t))  # the prompt token keeps its place (vLLM)
+            out.append(d)
+        return out
 
     def close(self) -> None:
         self.engine.close()

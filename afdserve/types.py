@@ -66,6 +66,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     """Token id -> bias added to its logit, in [-100, 100]; given as a mapping (or pairs),
     kept as (id, bias) pairs sorted by id."""
+    prompt_logprobs: int | None = None
+    """Return the log-probability of each prompt token given the tokens before it (the first
+    token has none), and this many top alternatives: delivered once, on the first token event."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -92,6 +95,14 @@ class SamplingParams:
             or not 0 <= self.logprobs <= 20
         ):
             raise UserInputError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            isinstance(self.prompt_logprobs, bool)
+            or not isinstance(self.prompt_logprobs, int)
+            or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise UserInputError(
+                f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}"
+            )
         object.__setattr__(
             self, "stop_token_ids", _int_tuple(self.stop_token_ids, "stop_token_ids")
         )
@@ -214,6 +225,13 @@ class ScheduledChunk:
     sampling_seed: int
     output_index: int
     """How many tokens this sequence has generated so far (the index of the token to sample)."""
+    prompt_logprob_start: int = 0
+    """The first row of this chunk whose next-token distribution scores a prompt token."""
+    prompt_logprob_targets: tuple[int, ...] = ()
+    """Prompt tokens to score: row `prompt_logprob_start + i` (position start_pos +
+    prompt_logprob_start + i) gives the log-probability of `prompt_logprob_targets[i]`, the
+    prompt token at the next position. Empty when the request asked for no prompt logprobs or
+    every position in this chunk was scored already (a recompute after preemption)."""
 
     @property
     def num_tokens(self) -> int:
@@ -253,11 +271,33 @@ class SampledToken:
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token's log-probability given the tokens before it (raw model distribution,
+    as for sampled tokens), its rank in that distribution (1 = the most likely) and the top
+    alternatives asked for, most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ChunkPromptLogprobs:
+    """The runner's prompt logprobs for one chunk: one per `prompt_logprob_targets` entry."""
+
+    seq_id: int
+    entries: tuple[PromptLogprob, ...]
+
+
+@dataclass(frozen=True)
 class StepResult:
-    """The runner's answer to a StepPlan: a token for every chunk that asked for one."""
+    """The runner's answer to a StepPlan: a token for every chunk that asked for one, and the
+    prompt logprobs of every chunk that had prompt tokens to score."""
 
     step_id: int
     sampled: tuple[SampledToken, ...]
+    prompt_logprobs: tuple[ChunkPromptLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -277,6 +317,9 @@ class TokenEvent:
     prefill_s: float | None = field(default=None, compare=False)
     """On a request's first token only: seconds from its first scheduling to this token's
     sampling (every prefill chunk, and any preemption between them, included)."""
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None
+    """On a request's first event when it asked for prompt logprobs: one entry per prompt token
+    after the first (positions 1..P-1, so empty for a one-token prompt); None on every other."""
 
 
 @dataclass

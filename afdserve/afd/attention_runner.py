@@ -4,7 +4,12 @@ The FFN half of every layer is reached through an `FFNLink`, so this one loop se
 mode (local FFN) and AFD (remote FFN). Microbatches ping-pong: while the FFN computes layer l of
 microbatch i, this worker computes layer l (or l + 1) of the next microbatch.
 
-Legend: T = tokens in a microbatch, D = hidden size, N = sequences sampled this step, V = vocab.
+Prompt logprobs: a chunk that names prompt tokens to score (`prompt_logprob_targets`) also gets
+the LM head on those rows, apart from the sampling rows (so asking for them never changes a
+sampled token), PROMPT_LOGPROB_ROWS rows at a time to bound the [rows, V] logits.
+
+Legend: T = tokens in a microbatch, D = hidden size, N = sequences sampled this step, V = vocab,
+P = prompt rows scored this step.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from afdserve.afd.ffn_link import FFNLink
 from afdserve.engine.kv_cache import KVCache
 from afdserve.engine.microbatch import split_microbatches
 from afdserve.engine.penalties import TokenHistory
-from afdserve.engine.sampler import sample
+from afdserve.engine.sampler import sample, score_tokens
 from afdserve.model.attention import AttentionMetadata
 from afdserve.model.parts import AttentionPart
-from afdserve.types import ScheduledChunk, StepPlan, StepResult
+from afdserve.types import ChunkPromptLogprobs, PromptLogprob, ScheduledChunk, StepPlan, StepResult
+
+PROMPT_LOGPROB_ROWS = 256
+"""Prompt rows per LM-head call when scoring prompt tokens ([256, V] float32 logits)."""
 
 
 @dataclass
@@ -31,6 +39,7 @@ class _Microbatch:
     cos: torch.Tensor  # [T, Dh]
     sin: torch.Tensor  # [T, Dh]
     sample_rows: torch.Tensor  # [n] rows whose hidden state yields a next token
+    prompt_rows: torch.Tensor  # [p] rows that score the next prompt token
     x: torch.Tensor  # [T, D] residual stream entering the current layer
     h: torch.Tensor | None = None  # [T, D] after the current layer's attention block
 
@@ -78,13 +87,46 @@ class AttentionRunner:
                 self.link.submit(step, layer, i, mb.h)
         for i, mb in enumerate(mbs):
             mb.x = mb.h + self.link.result(step, num_layers - 1, i)
+        prompt_logprobs = self._prompt_logprobs(mbs)
         chunks = [c for mb in mbs for c in mb.chunks if c.sample]
         if not chunks:
-            return StepResult(plan.step_id, ())
+            return StepResult(plan.step_id, (), prompt_logprobs)
         hidden = torch.cat([mb.x[mb.sample_rows] for mb in mbs])  # [N, D]
         logits = self.part.logits(hidden)  # [N, V]
         sampled = sample(logits, chunks, self.history, self.eos_token_ids)
-        return StepResult(plan.step_id, tuple(sampled))
+        return StepResult(plan.step_id, tuple(sampled), prompt_logprobs)
+
+    def _prompt_logprobs(self, mbs: list[_Microbatch]) -> tuple[ChunkPromptLogprobs, ...]:
+        """Each scoring chunk's prompt tokens' logprobs, ranks and top alternatives."""
+        chunks = [c for mb in mbs for c in mb.chunks if c.prompt_logprob_targets]
+        if not chunks:
+            return ()
+        hidden = torch.cat([mb.x[mb.prompt_rows] for mb in mbs])  # [P, D]
+        targets = torch.tensor(
+            [t for c in chunks for t in c.prompt_logprob_targets], device=self.device
+        )  # [P]
+        k = max(c.params.prompt_logprobs or 0 for c in chunks)
+        chosen: list[float] = []
+        ranks: list[int] = []
+        top_ids: list[list[int]] = []
+        top_vals: list[list[float]] = []
+        for i in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+            rows = slice(i, i + PROMPT_LOGPROB_ROWS)
+            lps, rks, ids, vals = score_tokens(self.part.logits(hidden[rows]), targets[rows], k)
+            chosen += lps
+            ranks += rks
+            top_ids += ids
+            top_vals += vals
+        out, row = [], 0
+        for c in chunks:
+            want = c.params.prompt_logprobs or 0
+            entries = []
+            for t in c.prompt_logprob_targets:
+                alts = tuple(zip(top_ids[row][:want], top_vals[row][:want], strict=True))
+                entries.append(PromptLogprob(t, chosen[row], ranks[row], alts))
+                row += 1
+            out.append(ChunkPromptLogprobs(c.seq_id, tuple(entries)))
+        return tuple(out)
 
     def _microbatch_count(self, plan: StepPlan) -> int:
         if self.microbatch_tokens:
@@ -102,8 +144,10 @@ class AttentionRunner:
         ids = torch.tensor(
             [t for c in chunks for t in c.token_ids], dtype=torch.int64, device=self.device
         )
-        ends, rows = 0, []
+        ends, rows, prompt_rows = 0, [], []
         for c in chunks:
+            first = ends + c.prompt_logprob_start
+            prompt_rows.extend(range(first, first + len(c.prompt_logprob_targets)))
             ends += c.num_tokens
             if c.sample:
                 rows.append(ends - 1)
@@ -114,5 +158,6 @@ class AttentionRunner:
             cos,
             sin,
             torch.tensor(rows, dtype=torch.int64, device=self.device),
+            torch.tensor(prompt_rows, dtype=torch.int64, device=self.device),
             x=self.part.embed(ids),
         )

@@ -25,7 +25,8 @@ logits' device, so the same seed gives the same tokens on the same kind of devic
 
 Logprobs, when asked for, are those of the raw model distribution (log_softmax of the logits
 before any penalty, bias, temperature or filter), as vLLM reports by default (its
-logprobs_mode "raw_logprobs").
+logprobs_mode "raw_logprobs"); so are prompt logprobs (`score_tokens`), whose rank counts the
+tokens at least as likely as the scored one (vLLM's).
 """
 
 from __future__ import annotations
@@ -270,3 +271,20 @@ def sample(
             SampledToken(seq_id=chunk.seq_id, token_id=tok, logprob=chosen[i], top_logprobs=alts)
         )
     return out
+
+
+def score_tokens(
+    logits: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[list[float], list[int], list[list[int]], list[list[float]]]:
+    """Score one given token per row of `logits` [P, V] (`targets` [P]): its log-probability,
+    its rank (how many tokens are at least as likely, itself included: vLLM's count) and the k
+    most likely tokens' ids and log-probabilities. Each row depends on that row alone."""
+    logprobs = logits.float().log_softmax(dim=-1)  # [P, V]
+    chosen = logprobs.gather(1, targets.unsqueeze(1))  # [P, 1]
+    ranks = (logprobs >= chosen).sum(dim=-1)  # [P]
+    top_ids: list[list[int]] = [[] for _ in range(len(targets))]
+    top_vals: list[list[float]] = [[] for _ in range(len(targets))]
+    if k:
+        top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # [P, k] x2
+        top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+    return chosen.squeeze(1).tolist(), ranks.tolist(), top_ids, top_vals

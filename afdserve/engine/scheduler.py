@@ -19,6 +19,10 @@ step is a strict pair, `plan = schedule()` then `events = update(plan, result)`:
   frees the blocks of finished sequences. A request's first token event also carries its
   queue time (taken in -> first scheduled) and prefill time (first scheduled -> first token),
   on the scheduler's `clock`, for the server's metrics.
+* Prompt logprobs (`SamplingParams.prompt_logprobs`): each chunk names the prompt tokens its rows
+  score (`prompt_logprob_targets`); `update()` gathers the runner's answers on the sequence and
+  sends all of them once, on its first token event. A preempted sequence keeps what it has, so
+  its recompute scores only the positions still missing, and none once they were sent.
 
 Termination: the oldest running sequence always gets at least one token per step and can
 preempt every other one, and any single sequence fits the cache alone (the usable context is
@@ -299,6 +303,16 @@ class Scheduler:
             if tok.seq_id in sampled:
                 raise ValueError(f"step {plan.step_id}: two tokens for sequence {tok.seq_id}")
             sampled[tok.seq_id] = tok
+        prompt_lps = {p.seq_id: p.entries for p in result.prompt_logprobs}
+        scored = {c.seq_id: c.prompt_logprob_targets for c in plan.chunks}
+        for seq_id, entries in prompt_lps.items():
+            if tuple(e.token_id for e in entries) != scored.get(seq_id):
+                raise ValueError(
+                    f"step {plan.step_id}: prompt logprobs of sequence {seq_id} do not match "
+                    "the prompt tokens the plan asked to score"
+                )
+        if {k for k, v in scored.items() if v} != prompt_lps.keys():
+            raise ValueError(f"step {plan.step_id}: prompt logprobs missing or unexpected")
         wanted = {c.seq_id for c in plan.chunks if c.sample}
         if wanted != sampled.keys():
             missing = sorted(wanted - sampled.keys())
@@ -316,8 +330,14 @@ class Scheduler:
             if seq is None:
                 continue  # aborted while the step was in flight
             self._advance(seq, chunk)
+            seq.prompt_logprobs.extend(prompt_lps.get(chunk.seq_id, ()))
             if not chunk.sample:
                 continue
+            prompt_logprobs = None
+            if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                prompt_logprobs = tuple(seq.prompt_logprobs)  # all P - 1 of them by now
+                seq.prompt_logprobs_sent = True
+                seq.prompt_logprobs = []
             tok = sampled[chunk.seq_id]
             queue_s = prefill_s = None
             if seq.output_index == 0:  # the request's first token: report its queue and prefill
@@ -340,6 +360,7 @@ class Scheduler:
                     top_logprobs=tok.top_logprobs,
                     queue_s=queue_s,
                     prefill_s=prefill_s,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
         return events
@@ -381,6 +402,8 @@ class Scheduler:
 
     def _make_chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
+        first, count = seq.prompt_logprob_range(start, n)
+        targets = start + first + 1  # the position of the first prompt token scored
         return ScheduledChunk(
             seq_id=seq.seq_id,
             token_ids=tuple(seq.token_ids[start : start + n]),
@@ -390,6 +413,8 @@ class Scheduler:
             params=seq.params,
             sampling_seed=seq.request.sampling_seed,
             output_index=seq.output_index,
+            prompt_logprob_start=first,
+            prompt_logprob_targets=tuple(seq.token_ids[targets : targets + count]),
         )
 
     def _advance(self, seq: Sequence, chunk: ScheduledChunk) -> None:

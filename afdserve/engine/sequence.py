@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from afdserve.types import FinishReason, Request, SamplingParams
+from afdserve.types import FinishReason, PromptLogprob, Request, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -43,6 +43,11 @@ class Sequence:
     """When the scheduler took the request in (its clock), for the queue-time metric."""
     first_scheduled_at: float | None = None
     """When a step first scheduled it (preemptions do not move it), for queue/prefill time."""
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
+    """Prompt logprobs gathered so far (positions 1.. in order), when the request asked for
+    them; kept across a preemption, so a recompute scores only the positions still missing."""
+    prompt_logprobs_sent: bool = False
+    """True once they went out on the first token event (they are never sent twice)."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -81,6 +86,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def prompt_logprob_range(self, start: int, n: int) -> tuple[int, int]:
+        """(first row, row count) of a chunk of n tokens from `start` that score prompt tokens
+        not scored yet: row j scores the prompt token at position start + j + 1."""
+        if self.params.prompt_logprobs is None or self.prompt_logprobs_sent:
+            return 0, 0
+        lo = max(start + 1, len(self.prompt_logprobs) + 1)  # the next position to score
+        hi = min(start + n, self.num_prompt_tokens - 1)  # the last position in reach
+        return (lo - 1 - start, hi - lo + 1) if hi >= lo else (0, 0)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

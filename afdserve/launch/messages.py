@@ -9,7 +9,9 @@ the other (the way top log-probabilities were when events were positional JSON l
 
 Domain types travel as themselves: `SamplingParams` (its `__post_init__` checks run again on
 decode), `EngineConfig` (likewise), `TokenEvent` (every field: token, logprob, top logprobs,
-finish reason, and the first token's queue and prefill times) and `SchedulerCounters`. AFD stats travel as `AFDStatsSnapshot.to_dict()`, whose reader validates
+finish reason, the first token's queue and prefill times, and the prompt logprobs a first
+event may carry, `PromptLogprob`s) and `SchedulerCounters`. AFD stats travel as
+`AFDStatsSnapshot.to_dict()`, whose reader validates
 them.
 
 SCHEMA_VERSION is in `Configure` and in `Ready`: a worker of another version is refused by name,
@@ -33,8 +35,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 """Bump when a message changes shape; both ends of a group must agree. (3: `TokenEvent`'s
-queue and prefill times, and SamplingParams' penalties, min_p, min_tokens and logit_bias,
-which a worker of 2 would drop unread.)"""
+queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,
+logit_bias and prompt_logprobs, which a worker of 2 would drop unread.)"""
 
 Role = Literal["attention", "ffn"]
 

@@ -66,6 +66,7 @@ def admit(
     prompts: Sequence[Prompt],
     max_tokens: int | None,
     logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> list[tuple[int, RequestHandle]]:
     """Check lengths, then add one engine request per (prompt, n); all or nothing."""
     out_of_vocab = [k for k in body.logit_bias or {} if int(k) >= st.vocab_size]
@@ -104,7 +105,9 @@ def admit(
     try:
         for pi, (p, mt) in enumerate(zip(prompts, plan, strict=True)):
             for i in range(body.n):
-                params = body.sampling_params(mt, logprobs, i, ae.sampling_defaults)
+                params = body.sampling_params(
+                    mt, logprobs, i, ae.sampling_defaults, prompt_logprobs
+                )
                 handles.append((pi, ae.add_request(f"{base}-{len(handles)}", p.token_ids, params)))
     except BaseException:
         for _, h in handles:

@@ -37,7 +37,13 @@ from afdserve.model.tokenizer import Tokenizer
 from afdserve.server.admission import Prompt, admit, check_model, completion_prompts
 from afdserve.server.async_engine import AsyncEngine, EngineClient
 from afdserve.server.errors import APIError, BadRequest, EngineDead, InternalError
-from afdserve.server.logprobs import chat_logprobs, completion_logprobs
+from afdserve.server.logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    joined,
+    prompt_logprobs_out,
+)
 from afdserve.server.metrics import ServerMetrics
 from afdserve.server.protocol import (
     ChatChoice,
@@ -52,7 +58,13 @@ from afdserve.server.protocol import (
     Usage,
 )
 from afdserve.server.state import ServingState
-from afdserve.server.streaming import SSE_HEADERS, collect, stream_chat, stream_completion
+from afdserve.server.streaming import (
+    SSE_HEADERS,
+    collect,
+    echo_text,
+    stream_chat,
+    stream_completion,
+)
 
 __all__ = ["SSE_HEADERS", "ServingState", "build_app", "describe"]
 
@@ -199,7 +211,14 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         body.check_unsupported()
         check_model(st, body.model)
         prompts = completion_prompts(st, body.prompt)
-        handles = admit(st, body, prompts, body.max_tokens, body.logprobs)
+        handles = admit(
+            st,
+            body,
+            prompts,
+            body.engine_max_tokens,
+            body.logprobs,
+            prompt_logprobs=body.engine_prompt_logprobs,
+        )
         rid = handles[0][1].request_id.rsplit("-", 1)[0]
         if body.stream:
             return StreamingResponse(
@@ -210,16 +229,27 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         results = await collect(request, [h for _, h in handles])
         choices = []
         n_prompt = n_out = 0
-        for (pi, _), (text, ids, lps, reason) in zip(handles, results, strict=True):
+        for (pi, _), (text, ids, lps, reason, prompt_lps) in zip(handles, results, strict=True):
             p = prompts[pi]
+            if body.echo_only:  # the prompt alone: the engine's one token is not returned
+                text, ids, lps = "", [], []
+            logprobs = completion_logprobs(st, lps, 0) if body.logprobs is not None else None
+            if body.echo:
+                text = echo_text(st, p) + text
+                if logprobs is not None:
+                    prompt_part = echo_logprobs(st, p.token_ids, prompt_lps, body.logprobs)
+                    logprobs = joined(prompt_part, logprobs)
             choices.append(
                 CompletionChoice(
                     index=len(choices),
                     text=text,
                     finish_reason=reason,
-                    logprobs=completion_logprobs(st, lps, 0) if body.logprobs is not None else None,
+                    logprobs=logprobs,
                     prompt_token_ids=p.token_ids if body.return_token_ids else None,
                     token_ids=ids if body.return_token_ids else None,
+                    prompt_logprobs=(
+                        prompt_logprobs_out(st, prompt_lps) if prompt_lps is not None else None
+                    ),
                 )
             )
             n_out += len(ids)
@@ -240,7 +270,7 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         )
         prompt = Prompt(text, st.tokenizer.encode(text))
         top = (body.top_logprobs or 0) if body.logprobs else None
-        handles = admit(st, body, [prompt], body.requested_max_tokens, top)
+        handles = admit(st, body, [prompt], body.requested_max_tokens, top, body.prompt_logprobs)
         rid = handles[0][1].request_id.rsplit("-", 1)[0]
         if body.stream:
             return StreamingResponse(
@@ -251,7 +281,7 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         results = await collect(request, [h for _, h in handles])
         choices = []
         n_out = 0
-        for i, (text_out, ids, lps, reason) in enumerate(results):
+        for i, (text_out, ids, lps, reason, _) in enumerate(results):
             choices.append(
                 ChatChoice(
                     index=i,
@@ -268,5 +298,8 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
             model=st.model_name,
             choices=choices,
             usage=Usage.of(len(prompt.token_ids), n_out),
+            prompt_logprobs=(
+                prompt_logprobs_out(st, results[0][4]) if results[0][4] is not None else None
+            ),
         )
         return JSONResponse(resp.model_dump(mode="json"))

@@ -34,7 +34,7 @@ from afdserve.model.tokenizer import Tokenizer, with_tokenizer_eos
 from afdserve.server.errors import APIError, EngineDead, QueueFull
 from afdserve.server.metrics import FinishedRequest
 from afdserve.server.text_stream import TextStream
-from afdserve.types import SamplingParams, TokenEvent
+from afdserve.types import PromptLogprob, SamplingParams, TokenEvent
 
 log = logging.getLogger("afdserve.server")
 
@@ -71,6 +71,8 @@ class GenerationOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     """Tokens generated so far, this delta's included."""
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None
+    """On the first output of a request that asked for prompt logprobs (positions 1..P-1)."""
 
 
 _ABORT = object()  # queue sentinel: the consumer should stop (client gone)
@@ -259,6 +261,7 @@ class AsyncEngine:
                     items.append(s.queue.get_nowait())
                 ids: list[int] = []
                 lps: list[TokenLogprob] | None = [] if s.params.logprobs is not None else None
+                prompt_lps: tuple[PromptLogprob, ...] | None = None
                 for item in items:
                     if item is _ABORT:
                         return
@@ -277,6 +280,8 @@ class AsyncEngine:
                     ids.append(ev.token_id)
                     if lps is not None and ev.logprob is not None:
                         lps.append(TokenLogprob(ev.token_id, ev.logprob, ev.top_logprobs))
+                    if ev.prompt_logprobs is not None:
+                        prompt_lps = ev.prompt_logprobs
                     s.text.push(ev.token_id)
                     if ev.finished:
                         engine_done = True
@@ -296,6 +301,7 @@ class AsyncEngine:
                     reason,
                     s.num_prompt_tokens,
                     n_out,
+                    prompt_lps,
                 )
         finally:
             self._streams.pop(s.request_id, None)

@@ -2,12 +2,14 @@
 
 Requests are validated strictly from JSON (a string is not an integer, `true` is not a number),
 so a wrong type is a 400 naming the field rather than a silent coercion. Ranges follow OpenAI:
-temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, presence and frequency penalties in
-[-2, 2], logit_bias values in [-100, 100] (keys: token ids as strings). The vLLM extensions
-`top_k`, `min_p`, `min_tokens`, `repetition_penalty` (> 0), `stop_token_ids`, `ignore_eos` and
-`return_token_ids` are accepted. Fields this server does not implement are rejected with a 400
-when set to anything but their neutral value (echo, suffix, best_of, tools, bad_words), never
-silently ignored; unknown fields are ignored, as OpenAI clients may send newer ones.
+temperature in [0, 2], top_p in (0, 1], max_tokens >= 1 (0 only with completions' `echo`: the
+prompt alone, for legacy loglikelihood clients), presence and frequency penalties in [-2, 2],
+logit_bias values in [-100, 100] (keys: token ids as strings). The vLLM extensions `top_k`,
+`min_p`, `min_tokens`, `repetition_penalty` (> 0), `stop_token_ids`, `ignore_eos`,
+`return_token_ids` and `prompt_logprobs` are accepted. Fields this server does not implement
+are rejected with a 400 when set to anything but their neutral value (suffix, best_of, tools,
+bad_words), never silently ignored; unknown fields are ignored, as OpenAI clients may send
+newer ones.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class _SamplingRequest(_Request):
     bad_words: list[str] | None = None
     return_token_ids: bool = False
     """vLLM extension: return `prompt_token_ids` and `token_ids` in each choice."""
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """vLLM extension: each prompt token's logprob and this many top alternatives (not with
+    stream, as vLLM)."""
 
     def check_unsupported(self) -> None:
         bad = [k for k in self.logit_bias or {} if not (k.isascii() and k.isdigit())]
@@ -71,6 +76,10 @@ class _SamplingRequest(_Request):
             raise BadRequest("stop strings must be non-empty", param="stop")
         if self.stop == "":
             raise BadRequest("stop strings must be non-empty", param="stop")
+        if self.prompt_logprobs is not None and self.stream:
+            raise BadRequest(
+                "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
+            )
 
     @property
     def include_usage(self) -> bool:
@@ -82,6 +91,7 @@ class _SamplingRequest(_Request):
         logprobs: int | None,
         index: int,
         defaults: Mapping[str, Any] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The engine's params for choice `index` (seeded choices get seed + index). `defaults`
         (the model's generation_config.json: ModelConfig.sampling_defaults) give temperature,
@@ -108,26 +118,47 @@ class _SamplingRequest(_Request):
             min_p=float(self.min_p),
             min_tokens=self.min_tokens,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            prompt_logprobs=prompt_logprobs,
         )
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     """Text, token ids, or a batch of either (one choice per prompt and n)."""
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    """0 only with echo (the prompt alone; the engine still runs one token, as vLLM)."""
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
+    """Prepend the prompt to the text (and, with logprobs, its tokens' logprobs)."""
     suffix: str | None = None
     best_of: int | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.echo:
-            raise BadRequest("echo is not supported", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise BadRequest(
+                "max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens"
+            )
         if self.suffix:
             raise BadRequest("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1) and self.best_of != self.n:
             raise BadRequest("best_of is not supported (only equal to n)", param="best_of")
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the answer is the prompt alone."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def engine_max_tokens(self) -> int | None:
+        return 1 if self.echo_only else self.max_tokens
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """vLLM's: the field when set, else logprobs when echo asks for the prompt's."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class TextPart(_Request):
@@ -182,12 +213,13 @@ class _Response(BaseModel):
 
 
 class _WithTokenIds(_Response):
-    """A choice that may carry the vLLM `return_token_ids` fields: omitted unless asked for."""
+    """A choice (or a chat response) that may carry the vLLM fields `prompt_token_ids`,
+    `token_ids` (`return_token_ids`) and `prompt_logprobs`: omitted unless asked for."""
 
     @model_serializer(mode="wrap")
     def _drop_unset_token_ids(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        for key in ("prompt_token_ids", "token_ids"):
+        for key in ("prompt_token_ids", "token_ids", "prompt_logprobs"):
             if data.get(key, 0) is None:
                 del data[key]
         return data
@@ -207,6 +239,19 @@ class Usage(_Response):
         )
 
 
+class PromptLogprobOut(_Response):
+    """vLLM's `Logprob` of one token in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprobOut] | None]
+"""vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: its Logprob}, the
+prompt token first, then the top alternatives."""
+
+
 class CompletionLogprobs(_Response):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -221,6 +266,7 @@ class CompletionChoice(_WithTokenIds):
     finish_reason: str | None = None
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(_Response):
@@ -260,13 +306,15 @@ class ChatChoice(_WithTokenIds):
     token_ids: list[int] | None = None
 
 
-class ChatCompletionResponse(_Response):
+class ChatCompletionResponse(_WithTokenIds):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    """vLLM puts a chat request's prompt logprobs here, beside the choices."""
 
 
 class ChatDelta(_Response):

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from afdserve.server.admission import Prompt
 from afdserve.server.async_engine import GenerationOutput, RequestHandle, TokenLogprob
 from afdserve.server.errors import APIError, InternalError
-from afdserve.server.logprobs import chat_logprobs, completion_logprobs
+from afdserve.server.logprobs import chat_logprobs, completion_logprobs, echo_logprobs, joined
 from afdserve.server.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -34,6 +34,7 @@ from afdserve.server.protocol import (
     Usage,
 )
 from afdserve.server.state import ServingState
+from afdserve.types import PromptLogprob
 
 log = logging.getLogger("afdserve.server")
 
@@ -51,19 +52,21 @@ async def _watch_disconnect(request: Request, handles: Sequence[RequestHandle]) 
             return
 
 
-Result = tuple[str, list[int], list[TokenLogprob], str | None]
-"""One choice collected: (text, token ids, logprobs, finish reason)."""
+Result = tuple[str, list[int], list[TokenLogprob], str | None, tuple[PromptLogprob, ...] | None]
+"""One choice collected: (text, token ids, logprobs, finish reason, prompt logprobs)."""
 
 
 async def collect(request: Request, handles: Sequence[RequestHandle]) -> list[Result]:
     async def one(h: RequestHandle) -> Result:
-        text, ids, lps, reason = [], [], [], None
+        text, ids, lps, reason, prompt_lps = [], [], [], None, None
         async for out in h:
             text.append(out.text)
             ids.extend(out.token_ids)
             lps.extend(out.logprobs or ())
             reason = out.finish_reason
-        return "".join(text), ids, lps, reason
+            if out.prompt_logprobs is not None:
+                prompt_lps = out.prompt_logprobs
+        return "".join(text), ids, lps, reason, prompt_lps
 
     watcher = asyncio.ensure_future(_watch_disconnect(request, handles))
     try:
@@ -143,21 +146,35 @@ def stream_completion(
 ) -> AsyncIterator[str]:
     created = int(time.time())
     offsets = [0] * len(handles)
+    echoed = [False] * len(handles)
 
     async def chunks() -> AsyncIterator[str]:
         n_out = 0
         async for i, out in _merged([h for _, h in handles]):
-            n_out += len(out.token_ids)
+            text, ids, gen_lps = out.text, out.token_ids, out.logprobs or []
+            if body.echo_only:  # the prompt alone: the engine's one token is not returned
+                text, ids, gen_lps = "", [], []
             lps = None
             if body.logprobs is not None:
-                lps = completion_logprobs(st, out.logprobs or [], offsets[i])
+                lps = completion_logprobs(st, gen_lps, 0)
+            if body.echo and not echoed[i]:  # the first chunk of a choice leads with the prompt
+                echoed[i] = True
+                p = prompts[handles[i][0]]
+                text = echo_text(st, p) + text
+                if lps is not None:
+                    lps = joined(
+                        echo_logprobs(st, p.token_ids, out.prompt_logprobs, body.logprobs), lps
+                    )
+            if lps is not None:
+                lps.text_offset = [offsets[i] + o for o in lps.text_offset]
                 offsets[i] += sum(len(t) for t in lps.tokens)
+            n_out += len(ids)
             choice = CompletionChoice(
                 index=i,
-                text=out.text,
+                text=text,
                 logprobs=lps,
                 finish_reason=out.finish_reason,
-                token_ids=out.token_ids if body.return_token_ids else None,
+                token_ids=ids if body.return_token_ids else None,
             )
             yield _sse(
                 CompletionChunk(id=rid, created=created, model=st.model_name, choices=[choice])
@@ -172,6 +189,11 @@ def stream_completion(
             )
 
     return _stream(request, [h for _, h in handles], chunks())
+
+
+def echo_text(st: ServingState, prompt: Prompt) -> str:
+    """The prompt as echoed: its text, or its token ids decoded (as vLLM does)."""
+    return prompt.text if prompt.text is not None else st.tokenizer.decode(prompt.token_ids)
 
 
 def stream_chat(

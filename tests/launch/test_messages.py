@@ -27,7 +27,7 @@ from afdserve.launch.messages import (
     StepOutputs,
     encode,
 )
-from afdserve.types import FinishReason, SamplingParams, TokenEvent
+from afdserve.types import FinishReason, PromptLogprob, SamplingParams, TokenEvent
 
 FP = Fingerprint("m", "LlamaForCausalLM", 30, 576, 49152, "float32", True)
 STATUS = AttentionStatus(7, 0.25, 2, 1, 10, 40, SchedulerCounters(requests_added=3, steps=9))
@@ -43,6 +43,19 @@ events = st.builds(
     top_logprobs=st.lists(st.tuples(st.integers(0, 200_000), finite), max_size=5).map(tuple),
     queue_s=st.none() | finite,
     prefill_s=st.none() | finite,
+    prompt_logprobs=st.none()
+    | st.lists(
+        st.builds(
+            PromptLogprob,
+            token_id=st.integers(0, 200_000),
+            logprob=finite,
+            rank=st.integers(1, 200_000),
+            top_logprobs=st.lists(st.tuples(st.integers(0, 200_000), finite), max_size=3).map(
+                tuple
+            ),
+        ),
+        max_size=4,
+    ).map(tuple),
 )
 
 

@@ -1,7 +1,8 @@
 """The in-process engine and worker processes over every transport are two placements of one
 runtime: the same requests give the same token events, every field of every one (token,
-finished, finish reason, logprob, top logprobs), and the same OpenAI responses (n=2, stop
-strings, logprobs=5, penalties and logit_bias) through the server.
+finished, finish reason, logprob, top logprobs, prompt logprobs), and the same OpenAI responses
+(n=2, stop strings, logprobs=5, penalties and logit_bias, echo with prompt logprobs) through the
+server.
 
 Both run the exact (batch-invariant) kernels, so that how the FFN worker happens to batch the
 attention workers' rows cannot change a bit; requests without a seed get theirs from the
@@ -21,8 +22,16 @@ from tests.server.conftest import live_server
 
 ENGINE = dict(mode="afd", attention_workers=2, microbatches=2, batch_invariant=True, seed=11)
 REQUESTS = [
-    ([5, 9, 200], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=5)),
-    ([7] * 21, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=4, logprobs=5)),
+    (
+        [5, 9, 200],
+        SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=5, prompt_logprobs=3),
+    ),
+    (
+        [7] * 21,
+        SamplingParams(
+            temperature=0.8, top_p=0.9, max_tokens=12, seed=4, logprobs=5, prompt_logprobs=0
+        ),
+    ),
     ([1], SamplingParams(temperature=1.0, top_k=20, max_tokens=7, logprobs=0)),  # front's seed
     ([100, 101, 102, 103], SamplingParams(temperature=0.6, max_tokens=6, stop_token_ids=(17,))),
     ([42] * 5, SamplingParams(temperature=0, max_tokens=5)),  # no logprobs asked
@@ -67,6 +76,13 @@ def test_token_events_are_identical_in_every_placement(tiny_model_dirs, in_proce
     assert in_process["r4"][-1].finished and all(len(v) for v in in_process.values())
     assert [ev.token_id for ev in in_process["r6"]][4:] == [383]  # EOS, right after min_tokens
     assert not {381, 383} & {ev.token_id for ev in in_process["r6"][:4]}
+    # prompt logprobs: on the first event only, one per prompt token after the first
+    first = in_process["r0"][0].prompt_logprobs
+    assert [e.token_id for e in first] == [9, 200] and all(len(e.top_logprobs) == 3 for e in first)
+    assert len(in_process["r1"][0].prompt_logprobs) == 20
+    assert all(e.top_logprobs == () for e in in_process["r1"][0].prompt_logprobs)
+    assert all(ev.prompt_logprobs is None for v in in_process.values() for ev in v[1:])
+    assert all(v[0].prompt_logprobs is None for k, v in in_process.items() if k in ("r2", "r3"))
 
 
 def _completions(client) -> list[dict]:
@@ -78,6 +94,16 @@ def _completions(client) -> list[dict]:
             prompt="The lazy dog", temperature=0.7, presence_penalty=1.2, frequency_penalty=0.4,
             logit_bias={"100": 4.0}, extra_body={"repetition_penalty": 1.2, "min_tokens": 3},
             **kw,
+        ),
+        # lm-eval's loglikelihood request: the prompt's logprobs, echoed
+        client.completions.create(
+            model="tiny",
+            prompt=[[5, 9, 200, 17], [3, 4]],
+            max_tokens=1,
+            temperature=0,
+            logprobs=1,
+            echo=True,
+            seed=1234,
         ),
     ]  # fmt: skip
 
@@ -92,3 +118,5 @@ def test_server_responses_are_identical_over_worker_processes():
     assert got == want
     assert len(want[0]["choices"]) == 2
     assert all(len(t) == 5 for t in want[0]["choices"][0]["logprobs"]["top_logprobs"])
+    echoed = want[2]["choices"][0]["logprobs"]
+    assert echoed["token_logprobs"][0] is None and len(echoed["token_logprobs"]) == 5

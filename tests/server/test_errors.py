@@ -46,7 +46,6 @@ BAD_COMPLETIONS = [
     ({"prompt": [1, 2, 99999]}, "prompt"),
     ({"prompt": [-1]}, "prompt"),
     ({}, "prompt"),
-    ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
@@ -59,6 +58,11 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "logit_bias": {"384": 1}}, "logit_bias"),  # outside the vocabulary
     ({"prompt": "x", "logit_bias": [1, 2]}, "logit_bias"),
     ({"prompt": "x", "bad_words": ["no"]}, "bad_words"),
+    ({"prompt": "x", "echo": True, "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ({"prompt": "x", "logprobs": 50}, "logprobs"),
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "n": 0}, "n"),
@@ -83,6 +87,13 @@ def test_400_malformed_json_and_wrong_body(afd_server):
             h.post("/v1/chat/completions", json={"messages": [{"content": "x"}]}), 400, "messages"
         )
         _assert_error(h.post("/v1/chat/completions", json={"messages": "hi"}), 400, "messages")
+        msg = [{"role": "user", "content": "x"}]
+        for extra in ({"prompt_logprobs": 1, "stream": True}, {"prompt_logprobs": 99}):
+            _assert_error(
+                h.post("/v1/chat/completions", json={"messages": msg, **extra}),
+                400,
+                "prompt_logprobs",
+            )
 
 
 def test_400_prompt_plus_max_tokens_beyond_context(afd_server):
