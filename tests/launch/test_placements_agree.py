@@ -118,5 +118,5 @@ def test_server_responses_are_identical_over_worker_processes():
     assert got == want
     assert len(want[0]["choices"]) == 2
     assert all(len(t) == 5 for t in want[0]["choices"][0]["logprobs"]["top_logprobs"])
-    echoed = want[2]["choices"][0]["logprobs"]
+    echoed = want[3]["choices"][0]["logprobs"]
     assert echoed["token_logprobs"][0] is None and len(echoed["token_logprobs"]) == 5
