@@ -332,16 +332,27 @@ class Tokenizer:
         return data
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """Render chat messages ([{"role": ..., "content": ...}]) to the prompt text."""
+        """Render chat messages ([{"role": ..., "content": ...}], plus any other fields such as
+        an assistant's `tool_calls` or a tool's `tool_call_id`) to the prompt text; `tools`
+        (OpenAI's [{"type": "function", "function": {...}}]) is passed to the template as
+        transformers passes it. A message's content None (an assistant's tool calls) is ""."""
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise UserInputError("messages must be a non-empty list of {role, content} objects")
+        rendered = []
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
                 raise UserInputError(f"messages[{i}] must be an object with a string 'role'")
-            if not isinstance(m.get("content"), str):
+            content = m.get("content")
+            if content is None and m.get("tool_calls"):
+                content = ""
+            if not isinstance(content, str):
                 raise UserInputError(f"messages[{i}].content must be a string")
+            rendered.append({**m, "content": content})
         from jinja2 import TemplateError
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -366,7 +377,8 @@ class Tokenizer:
         try:
             template = env.from_string(self.chat_template)
             return template.render(
-                messages=[dict(m) for m in messages],
+                messages=rendered,
+                tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
@@ -417,7 +429,10 @@ class NoTokenizer(Tokenizer):
         return None
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         raise self.unavailable("chat (its template and the prompt's text)")
 

@@ -8,6 +8,7 @@ leaves no engine work behind. Apart from the routes so that they read as the pro
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from afdserve.server.async_engine import RequestHandle
 from afdserve.server.errors import BadRequest, NotFound
 from afdserve.server.protocol import ChatCompletionRequest
 from afdserve.server.state import ServingState
+from afdserve.server.structured import structured_output
 
 
 @dataclass
@@ -74,6 +76,7 @@ def admit(
             f"logit_bias token id {out_of_vocab[0]} is outside the vocabulary [0, {st.vocab_size})",
             param="logit_bias",
         )
+    structured = structured_output(body)
     limit = st.max_model_len
     plan = []
     for p in prompts:
@@ -105,6 +108,8 @@ def admit(
         for pi, (p, mt) in enumerate(zip(prompts, plan, strict=True)):
             for i in range(body.n):
                 params = body.sampling_params(mt, logprobs, i, ae.sampling_defaults)
+                if structured is not None:
+                    params = dataclasses.replace(params, structured=structured)
                 handles.append((pi, ae.add_request(f"{base}-{len(handles)}", p.token_ids, params)))
     except BaseException:
         for _, h in handles:

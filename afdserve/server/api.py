@@ -53,6 +53,13 @@ from afdserve.server.protocol import (
 )
 from afdserve.server.state import ServingState
 from afdserve.server.streaming import SSE_HEADERS, collect, stream_chat, stream_completion
+from afdserve.server.structured import (
+    message_fields,
+    stream_chat_tools,
+    template_messages,
+    template_tools,
+    tool_mode,
+)
 
 __all__ = ["SSE_HEADERS", "ServingState", "build_app", "describe"]
 
@@ -234,9 +241,11 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
         body.check_unsupported()
         check_model(st, body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        tools = tool_mode(body)
         text = st.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt
+            template_messages(body.messages),
+            add_generation_prompt=body.add_generation_prompt,
+            tools=template_tools(body),
         )
         prompt = Prompt(text, st.tokenizer.encode(text))
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -244,7 +253,9 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         rid = handles[0][1].request_id.rsplit("-", 1)[0]
         if body.stream:
             return StreamingResponse(
-                stream_chat(st, request, body, rid, prompt, handles),
+                stream_chat_tools(st, request, body, rid, prompt, handles, tools)
+                if tools
+                else stream_chat(st, request, body, rid, prompt, handles),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
@@ -252,10 +263,11 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         choices = []
         n_out = 0
         for i, (text_out, ids, lps, reason) in enumerate(results):
+            content, calls, reason = message_fields(body, tools, text_out, reason)
             choices.append(
                 ChatChoice(
                     index=i,
-                    message=ChatMessageOut(content=text_out),
+                    message=ChatMessageOut(content=content, tool_calls=calls),
                     finish_reason=reason,
                     logprobs=chat_logprobs(st, lps) if body.logprobs else None,
                     prompt_token_ids=prompt.token_ids if body.return_token_ids else None,

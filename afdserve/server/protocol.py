@@ -5,9 +5,11 @@ so a wrong type is a 400 naming the field rather than a silent coercion. Ranges 
 temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, presence and frequency penalties in
 [-2, 2], logit_bias values in [-100, 100] (keys: token ids as strings). The vLLM extensions
 `top_k`, `min_p`, `min_tokens`, `repetition_penalty` (> 0), `stop_token_ids`, `ignore_eos` and
-`return_token_ids` are accepted. Fields this server does not implement are rejected with a 400
-when set to anything but their neutral value (echo, suffix, best_of, tools, bad_words), never
-silently ignored; unknown fields are ignored, as OpenAI clients may send newer ones.
+`return_token_ids` are accepted, and so are structured outputs (`response_format`, vLLM's
+`guided_*` and `structured_outputs`) and chat `tools` / `tool_choice` (server/structured.py).
+Fields this server does not implement are rejected with a 400 when set to anything but their
+neutral value (echo, suffix, best_of, bad_words), never silently ignored; unknown fields are
+ignored, as OpenAI clients may send newer ones.
 """
 
 from __future__ import annotations
@@ -34,6 +36,28 @@ class StreamOptions(_Request):
     """Send one last chunk (with empty choices) that carries the usage."""
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(_Request):
+    """vLLM's `structured_outputs` (one of the constraints; its backend options are ignored)."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingRequest(_Request):
     model: str | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
@@ -57,6 +81,12 @@ class _SamplingRequest(_Request):
     bad_words: list[str] | None = None
     return_token_ids: bool = False
     """vLLM extension: return `prompt_token_ids` and `token_ids` in each choice."""
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def check_unsupported(self) -> None:
         bad = [k for k in self.logit_bias or {} if not (k.isascii() and k.isdigit())]
@@ -139,6 +169,10 @@ class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant's calls ({id, type, function: {name, arguments}}), for the template."""
+    tool_call_id: str | None = None
+    """A tool message's answer to this call."""
 
     def text(self) -> str:
         if self.content is None:
@@ -146,6 +180,27 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionDef(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -156,12 +211,11 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tools:
-            raise BadRequest("tools are not supported", param="tools")
         if self.top_logprobs and not self.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
 
@@ -246,9 +300,42 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ChatMessageOut(_Response):
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str
+    """The arguments as JSON text (OpenAI's)."""
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+    index: int | None = None
+    """In a streamed delta only."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_index(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("index", 0) is None:
+            del data["index"]
+        return data
+
+
+class _WithToolCalls(_Response):
+    """A message or delta whose `tool_calls` is omitted when there are none."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls", 0) is None:
+            del data["tool_calls"]
+        return data
+
+
+class ChatMessageOut(_WithToolCalls):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_WithTokenIds):
@@ -269,9 +356,10 @@ class ChatCompletionResponse(_Response):
     usage: Usage | None = None
 
 
-class ChatDelta(_Response):
+class ChatDelta(_WithToolCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChunkChoice(_WithTokenIds):
