@@ -142,7 +142,8 @@ def _parameters(tool: Any) -> dict[str, Any]:
 
 
 def required_schema(tools: Sequence[Any]) -> dict[str, Any]:
-    """vLLM's schema for tool_choice "required": a non-empty array of calls of the tools."""
+    """vLLM's schema for tool_choice "required": a non-empty array of calls of the tools
+    (each call closed to other keys, which vLLM's leaves open and the calls would drop)."""
     return {
         "type": "array",
         "minItems": 1,
@@ -155,6 +156,7 @@ def required_schema(tools: Sequence[Any]) -> dict[str, Any]:
                         "parameters": _parameters(t),
                     },
                     "required": ["name", "parameters"],
+                    "additionalProperties": False,
                 }
                 for t in tools
             ],
