@@ -157,7 +157,8 @@ class Grammars:
         if not rows:
             return
         n, vocab = logits.shape
-        packed = torch.tensor(masks, dtype=torch.uint8)  # [S, B], token 8k + j is bit j of k
+        packed = torch.frombuffer(bytearray().join(masks), dtype=torch.uint8)
+        packed = packed.view(len(rows), -1)  # [S, B]: token 8k + j is bit j of byte k
         shifts = torch.arange(8, dtype=torch.uint8)
         allowed = ((packed.unsqueeze(2) >> shifts) & 1).flatten(1).bool()  # [S, 8B]
         if allowed.shape[1] < vocab:  # ids past the grammar's vocabulary are never allowed
