@@ -363,12 +363,16 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template: str | None = None,
         continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
-        """Render chat messages ([{"role": ..., "content": ...}]) to the prompt text.
+        """Render chat messages ([{"role": ..., "content": ...}], plus any other fields such as
+        an assistant's `tool_calls` or a tool's `tool_call_id`) to the prompt text.
 
+        `tools` (OpenAI's [{"type": "function", "function": {...}}]) is passed to the template
+        as transformers passes it; a message's content None (an assistant's tool calls) is "".
         `chat_template` overrides the model's; `template_kwargs` are more variables for the
         template (`enable_thinking`, `documents`, ...), as HF's `apply_chat_template` passes
         them. `continue_final_message` leaves the last message open (no end-of-turn after it),
@@ -376,18 +380,22 @@ class Tokenizer:
         """
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise UserInputError("messages must be a non-empty list of {role, content} objects")
+        rendered = []
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
                 raise UserInputError(f"messages[{i}] must be an object with a string 'role'")
-            if not isinstance(m.get("content"), str):
+            content = m.get("content")
+            if content is None and m.get("tool_calls"):
+                content = ""
+            if not isinstance(content, str):
                 raise UserInputError(f"messages[{i}].content must be a string")
+            rendered.append({**m, "content": content})
         if continue_final_message and add_generation_prompt:
             raise UserInputError(
                 "continue_final_message and add_generation_prompt cannot both be true"
             )
         from jinja2 import TemplateError
 
-        rendered = [dict(m) for m in messages]
         if continue_final_message:  # mark where the final message's content ends
             rendered[-1]["content"] = rendered[-1]["content"] + _FINAL_MARK
         variables = {
@@ -395,6 +403,7 @@ class Tokenizer:
             "eos_token": self.eos_token or "",
             **template_kwargs,
             "messages": rendered,
+            "tools": list(tools) if tools else None,
             "add_generation_prompt": add_generation_prompt,
         }
         try:

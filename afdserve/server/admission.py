@@ -8,6 +8,7 @@ leaves no engine work behind. Apart from the routes so that they read as the pro
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from afdserve.server.async_engine import RequestHandle
 from afdserve.server.errors import BadRequest, NotFound
 from afdserve.server.protocol import ChatCompletionRequest, ChatTemplateFields
 from afdserve.server.state import ServingState
+from afdserve.server.structured import structured_output, template_messages, template_tools
 
 
 @dataclass
@@ -91,8 +93,9 @@ def render_chat(st: ServingState, body: ChatTemplateFields) -> str:
             )
         template = body.chat_template
     return st.tokenizer.apply_chat_template(
-        [m.for_template() for m in body.messages],
+        template_messages(body.messages),
         add_generation_prompt=body.add_generation_prompt,
+        tools=template_tools(body),
         chat_template=template,
         continue_final_message=body.continue_final_message,
         **body.template_kwargs(),
@@ -123,6 +126,7 @@ def admit(
             f"logit_bias token id {out_of_vocab[0]} is outside the vocabulary [0, {st.vocab_size})",
             param="logit_bias",
         )
+    structured = structured_output(body)
     limit = st.max_model_len
     plan = []
     for p in prompts:
@@ -156,6 +160,8 @@ def admit(
                 params = body.sampling_params(
                     mt, logprobs, i, ae.sampling_defaults, prompt_logprobs
                 )
+                if structured is not None:
+                    params = dataclasses.replace(params, structured=structured)
                 handles.append((pi, ae.add_request(f"{base}-{len(handles)}", p.token_ids, params)))
     except BaseException:
         for _, h in handles:

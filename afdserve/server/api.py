@@ -85,6 +85,7 @@ from afdserve.server.streaming import (
     stream_chat,
     stream_completion,
 )
+from afdserve.server.structured import message_fields, stream_chat_tools, tool_mode
 
 __all__ = ["SSE_HEADERS", "FrontOptions", "ServingState", "build_app", "describe"]
 
@@ -365,6 +366,7 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         body: ChatCompletionRequest = await _parse(st, request, ChatCompletionRequest)
         body.check_unsupported()
         check_model(st, body.model)
+        tools = tool_mode(body)
         prompt = await st.off_loop(chat_prompt, st, body)
         # echo (vLLM): the answer starts with the last message when it is the assistant's
         last = body.messages[-1]
@@ -374,7 +376,9 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         rid = handles[0][1].request_id.rsplit("-", 1)[0]
         if body.stream:
             return StreamingResponse(
-                stream_chat(st, request, body, rid, prompt, handles, echo),
+                stream_chat_tools(st, request, body, rid, prompt, handles, tools)
+                if tools
+                else stream_chat(st, request, body, rid, prompt, handles, echo),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
@@ -382,10 +386,11 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         choices = []
         n_out = 0
         for i, (text_out, ids, lps, reason, _) in enumerate(results):
+            content, calls, reason = message_fields(body, tools, echo + text_out, reason)
             choices.append(
                 ChatChoice(
                     index=i,
-                    message=ChatMessageOut(content=echo + text_out),
+                    message=ChatMessageOut(content=content, tool_calls=calls),
                     finish_reason=reason,
                     logprobs=chat_logprobs(st, lps) if body.logprobs else None,
                     prompt_token_ids=prompt.token_ids if body.return_token_ids else None,

@@ -12,11 +12,12 @@ generation_config.json), as OpenAI's spec allows; a field whose type has a `None
 The vLLM extensions `top_k`, `min_p`, `min_tokens`, `repetition_penalty` (> 0),
 `stop_token_ids`, `ignore_eos`, `return_token_ids`, `prompt_logprobs`, `add_special_tokens`,
 `stream_options.continuous_usage_stats` and, on chat, `echo`, `continue_final_message`,
-`chat_template`, `chat_template_kwargs` and `documents` are served. Fields clients send that
-this server does not implement yet (`NOT_SUPPORTED`: suffix, structured outputs, tools, beam
-search, bad_words, ...) are a 400 naming the field when set to anything but their neutral
-value, never silently ignored; fields nobody here knows of are ignored (logged), as OpenAI
-clients may send newer ones.
+`chat_template`, `chat_template_kwargs` and `documents` are served, and so are structured
+outputs (`response_format`, vLLM's `guided_*` and `structured_outputs`) and chat `tools` /
+`tool_choice` (server/structured.py). Fields clients send that this server does not implement
+yet (`NOT_SUPPORTED`: suffix, beam search, bad_words, ...) are a 400 naming the field when set
+to anything but their neutral value, never silently ignored; fields nobody here knows of are
+ignored (logged), as OpenAI clients may send newer ones.
 """
 
 from __future__ import annotations
@@ -91,13 +92,7 @@ class _NotSupported(_Request):
     """
 
     NOT_SUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        # structured outputs
-        "response_format": (None, {"type": "text"}),
-        "structured_outputs": (None,),
-        "guided_json": (None,),
-        "guided_regex": (None,),
-        "guided_choice": (None,),
-        "guided_grammar": (None,),
+        # structured outputs are served (server/structured.py); their backend options are not
         "guided_decoding_backend": (None,),
         "guided_whitespace_pattern": (None,),
         # beam search
@@ -120,12 +115,6 @@ class _NotSupported(_Request):
         "mm_processor_kwargs": (None, {}),
     }
 
-    response_format: dict[str, Any] | None = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
     use_beam_search: Any = False
@@ -170,6 +159,28 @@ def _show(values: tuple[Any, ...]) -> str:
     return " or ".join(json.dumps(v) for v in values)
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(_Request):
+    """vLLM's `structured_outputs` (one of the constraints; its backend options are ignored)."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingRequest(_NotSupported):
     model: str | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
@@ -196,6 +207,12 @@ class _SamplingRequest(_NotSupported):
     bad_words: list[str] | None = None
     return_token_ids: bool = False
     """vLLM extension: return `prompt_token_ids` and `token_ids` in each choice."""
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     """vLLM extension: each prompt token's logprob and this many top alternatives (not with
     stream, as vLLM)."""
@@ -320,8 +337,10 @@ class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant's calls ({id, type, function: {name, arguments}}), for the template."""
     tool_call_id: str | None = None
-    tool_calls: list[Any] | None = None
+    """A tool message's answer to this call."""
 
     def text(self) -> str:
         if self.content is None:
@@ -329,15 +348,6 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
-
-    def for_template(self) -> dict[str, Any]:
-        """The message as the chat template sees it (content always a string)."""
-        out: dict[str, Any] = {"role": self.role, "content": self.text()}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        return out
 
 
 RESERVED_TEMPLATE_KWARGS = frozenset(
@@ -370,11 +380,6 @@ class ChatTemplateFields(_Request):
                 "(set add_generation_prompt to false)",
                 param="continue_final_message",
             )
-        for i, m in enumerate(self.messages):
-            if m.tool_calls:
-                raise BadRequest(
-                    "tool calls are not supported yet", param=f"messages[{i}].tool_calls"
-                )
         clash = sorted(RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
         if clash:
             raise BadRequest(
@@ -389,10 +394,29 @@ class ChatTemplateFields(_Request):
         return kw
 
 
+class FunctionDef(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 class ChatCompletionRequest(ChatTemplateFields, _SamplingRequest):
     NOT_SUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "tools": (None, []),
-        "tool_choice": (None, "none"),
         "functions": (None, []),
         "function_call": (None, "none"),
         "reasoning_effort": (None,),
@@ -415,10 +439,12 @@ class ChatCompletionRequest(ChatTemplateFields, _SamplingRequest):
     echo: bool = False
     """vLLM: the answer starts with the last message's content when that message is the
     assistant's (with continue_final_message: the whole continued message)."""
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """With tools: "auto" (the default) parses Hermes/Qwen <tool_call> blocks out of the
+    answer; "required" and a named function force a call through a JSON schema."""
     parallel_tool_calls: bool | None = None
-    """Only matters with tools (not supported): accepted."""
+    """Accepted; a "required" answer may hold several calls either way."""
     functions: Any = None
     function_call: Any = None
     reasoning_effort: Any = None
@@ -463,11 +489,10 @@ class TokenizeChatRequest(ChatTemplateFields):
 
     model: str | None = None
     return_token_strs: bool = False
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    """Passed to the template, as chat completions does."""
 
     def check_unsupported(self) -> None:
-        if self.tools:
-            raise BadRequest("tools are not supported yet", param="tools")
         self.check_template_fields()
 
 
@@ -563,9 +588,42 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ChatMessageOut(_Response):
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str
+    """The arguments as JSON text (OpenAI's)."""
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+    index: int | None = None
+    """In a streamed delta only."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_index(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("index", 0) is None:
+            del data["index"]
+        return data
+
+
+class _WithToolCalls(_Response):
+    """A message or delta whose `tool_calls` is omitted when there are none."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls", 0) is None:
+            del data["tool_calls"]
+        return data
+
+
+class ChatMessageOut(_WithToolCalls):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_WithTokenIds):
@@ -588,9 +646,10 @@ class ChatCompletionResponse(_WithTokenIds):
     """vLLM puts a chat request's prompt logprobs here, beside the choices."""
 
 
-class ChatDelta(_Response):
+class ChatDelta(_WithToolCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChunkChoice(_WithTokenIds):
