@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "RequestOutput", "__version__"]
 
 if TYPE_CHECKING:
     from afdserve.llm import LLM, RequestOutput
-    from afdserve.types import SamplingParams
+    from afdserve.types import SamplingParams, StructuredOutput
 
 
 def __getattr__(name: str) -> Any:
@@ -21,8 +21,8 @@ def __getattr__(name: str) -> Any:
         from afdserve import llm
 
         return getattr(llm, name)
-    if name == "SamplingParams":
-        from afdserve.types import SamplingParams
+    if name in ("SamplingParams", "StructuredOutput"):
+        from afdserve import types
 
-        return SamplingParams
+        return getattr(types, name)
     raise AttributeError(f"module 'afdserve' has no attribute {name!r}")

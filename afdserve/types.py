@@ -7,6 +7,7 @@ hand-made `StepResult`s, and the planner/simulator never need torch at all.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,49 @@ def _int_tuple(values: Sequence[int] | None, name: str) -> tuple[int, ...]:
             raise UserInputError(f"{name} must hold non-negative integers, got {v!r}")
         out.append(int(v))
     return tuple(out)
+
+
+STRUCTURED_KINDS: tuple[str, ...] = ("json_object", "json_schema", "regex", "choice", "grammar")
+"""What a `StructuredOutput` constrains the output to (vLLM's guided_* / structured_outputs)."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output text, enforced as a logits mask each step
+    (engine/structured.py). `spec` by kind: json_object "" (any JSON object); json_schema the
+    schema as JSON text (a mapping is dumped); regex the pattern; choice a JSON list of the
+    allowed strings (a list is dumped); grammar a Lark or GBNF grammar."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise UserInputError(
+                f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}, "
+                f"got {self.kind!r}"
+            )
+        spec = self.spec
+        if self.kind == "json_schema" and isinstance(spec, Mapping):
+            spec = json.dumps(spec)
+        elif self.kind == "choice" and isinstance(spec, (list, tuple)):
+            spec = json.dumps(list(spec))
+        if not isinstance(spec, str):
+            raise UserInputError(f"structured output {self.kind} spec must be a string")
+        if self.kind == "choice":
+            try:
+                choices = json.loads(spec)
+            except ValueError:
+                choices = None
+            if (
+                not isinstance(choices, list)
+                or not choices
+                or not all(isinstance(c, str) and c for c in choices)
+            ):
+                raise UserInputError("choice must be a non-empty list of non-empty strings")
+        elif self.kind != "json_object" and not spec:
+            raise UserInputError(f"structured output {self.kind} needs a non-empty spec")
+        object.__setattr__(self, "spec", spec)
 
 
 @dataclass(frozen=True)
@@ -69,6 +113,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """Return the log-probability of each prompt token given the tokens before it (the first
     token has none), and this many top alternatives: delivered once, on the first token event."""
+    structured: StructuredOutput | None = None
+    """Constrain the output to a JSON schema, regex, choice or grammar (a logits mask each
+    step; the request ends with "stop" once the grammar is complete)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -134,6 +181,10 @@ class SamplingParams:
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
             )
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise UserInputError(
+                f"structured must be a StructuredOutput, got {type(self.structured).__name__}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -185,7 +236,7 @@ def _logit_bias(
 class FinishReason(enum.StrEnum):
     """Why a request ended (OpenAI's finish_reason values)."""
 
-    STOP = "stop"  # EOS, a stop token id or a stop string
+    STOP = "stop"  # EOS, a stop token id, a stop string or a completed structured output
     LENGTH = "length"  # max_tokens, or the model's context length
     ABORT = "abort"  # cancelled by the client or the engine
 
@@ -268,6 +319,9 @@ class SampledToken:
     token_id: int
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    stop: bool = False
+    """The sampler ends the sequence here (finish reason "stop"): its structured output's
+    grammar is complete (or can take no further token)."""
 
 
 @dataclass(frozen=True)

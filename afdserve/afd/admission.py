@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from afdserve.errors import UserInputError
 from afdserve.types import Request, SamplingParams
@@ -26,11 +27,14 @@ def admit(
     vocab_size: int,
     max_model_len: int,
     rng: random.Random,
+    tokenizer_file: Path | None = None,
 ) -> Request:
     """The Request to route, with its sampling seed drawn when `params` brings none; a
     UserInputError naming the problem for an empty prompt, a token id outside the vocabulary
-    (in the prompt or in logit_bias) or a prompt longer than the workers hold. (Duplicate ids
-    are the caller's check: it owns the table of live requests.)"""
+    (in the prompt or in logit_bias), a prompt longer than the workers hold, or a structured
+    output that does not compile or that the model cannot serve (it needs `tokenizer_file`,
+    the model's tokenizer.json, which the workers read). (Duplicate ids are the caller's
+    check: it owns the table of live requests.)"""
     if not isinstance(request_id, str) or not request_id:
         raise UserInputError(f"request id must be a non-empty string, got {request_id!r}")
     ids = Request(request_id, prompt_token_ids, params).prompt_token_ids  # non-negative ints
@@ -46,6 +50,17 @@ def admit(
         raise UserInputError(
             f"prompt has {len(ids)} tokens but the context length is {max_model_len}"
         )
+    if params.structured is not None:
+        if tokenizer_file is None or not Path(tokenizer_file).is_file():
+            where = (
+                "the model" if tokenizer_file is None else repr(str(Path(tokenizer_file).parent))
+            )
+            raise UserInputError(
+                f"structured outputs need the model's tokenizer.json, and {where} has none"
+            )
+        from afdserve.engine.structured import check
+
+        check(params.structured)
     seed = params.seed if params.seed is not None else rng.getrandbits(63)  # refused: no draw
     arrival = time.monotonic() if arrival_time is None else arrival_time
     return Request(request_id, ids, params, arrival, seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,7 @@ from afdserve.engine.kv_cache import KVCache
 from afdserve.engine.microbatch import split_microbatches
 from afdserve.engine.penalties import TokenHistory
 from afdserve.engine.sampler import sample, score_tokens
+from afdserve.engine.structured import Grammars
 from afdserve.model.attention import AttentionMetadata
 from afdserve.model.parts import AttentionPart
 from afdserve.types import ChunkPromptLogprobs, PromptLogprob, ScheduledChunk, StepPlan, StepResult
@@ -53,6 +55,7 @@ class AttentionRunner:
         num_microbatches: int = 1,
         microbatch_tokens: int | None = None,
         eos_token_ids: Iterable[int] = (),
+        tokenizer_file: str | Path | None = None,
     ) -> None:
         self.part, self.kv, self.link = part, kv, link
         self.num_microbatches = num_microbatches
@@ -63,6 +66,9 @@ class AttentionRunner:
         self.history = TokenHistory()
         """The token history of this worker's sequences with penalties (engine/penalties.py);
         its owner drops finished sequences from it (`AttentionWorker.step`)."""
+        self.grammars = Grammars(tokenizer_file, part.config.vocab_size, self.eos_token_ids)
+        """The grammar state of this worker's structured sequences (engine/structured.py),
+        built from the model's `tokenizer_file` at the first one; pruned like `history`."""
         self.device = part.embed_tokens.weight.device
         self.dtype = part.embed_tokens.weight.dtype
 
@@ -93,7 +99,7 @@ class AttentionRunner:
             return StepResult(plan.step_id, (), prompt_logprobs)
         hidden = torch.cat([mb.x[mb.sample_rows] for mb in mbs])  # [N, D]
         logits = self.part.logits(hidden)  # [N, V]
-        sampled = sample(logits, chunks, self.history, self.eos_token_ids)
+        sampled = sample(logits, chunks, self.history, self.eos_token_ids, self.grammars)
         return StepResult(plan.step_id, tuple(sampled), prompt_logprobs)
 
     def _prompt_logprobs(self, mbs: list[_Microbatch]) -> tuple[ChunkPromptLogprobs, ...]:

@@ -80,6 +80,8 @@ class AttentionWorker:
             events = self.scheduler.update(plan, result)
             if len(self.runner.history):  # forget the sequences that finished or were aborted
                 self.runner.history.retain(self.scheduler.live_seq_ids)
+            if len(self.runner.grammars):
+                self.runner.grammars.retain(self.scheduler.live_seq_ids)
             return events
 
     def status(self) -> AttentionStatus:

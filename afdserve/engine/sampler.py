@@ -4,7 +4,7 @@ Legend: N = rows (one per chunk that samples), R = rows that sample at random (t
 V = vocabulary.
 
 Order of operations per row (vLLM's): first min_tokens, logit_bias and the penalties
-(engine/penalties.py); then temperature 0 (below 1e-5, to avoid overflow) is greedy argmax,
+(engine/penalties.py), then a structured output's grammar mask (engine/structured.py); then temperature 0 (below 1e-5, to avoid overflow) is greedy argmax,
 ties to the lowest token id; otherwise logits / temperature, then min_p, then top-k, then top-p
 on the top-k-renormalised distribution, then one draw.
 
@@ -36,6 +36,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from afdserve.engine.penalties import TokenHistory, apply_min_p, process_logits
+from afdserve.engine.structured import Grammars
 from afdserve.types import SampledToken, ScheduledChunk
 
 GREEDY_TEMPERATURE = 1e-5
@@ -199,12 +200,15 @@ def sample(
     chunks: Sequence[ScheduledChunk],
     history: TokenHistory | None = None,
     eos_token_ids: Collection[int] = (),
+    grammars: Grammars | None = None,
 ) -> list[SampledToken]:
     """One token per row of `logits` [N, V]; row i belongs to `chunks[i]` (all with sample=True).
 
     `history` holds the token history of the sequences with penalties (required when any chunk
     asks for one; the sampled tokens are counted into it); `eos_token_ids` are the model's EOS
-    ids, which min_tokens masks. Greedy and random rows are handled as two vectorised groups;
+    ids, which min_tokens masks; `grammars` holds the grammar state of the sequences with a
+    structured output (required when any chunk has one: it masks their rows, consumes their
+    tokens and marks `stop` the tokens that complete them). Greedy and random rows are handled as two vectorised groups;
     only drawing each random row's seeded noise is a Python loop. Any float dtype is accepted
     and computed in float32.
     """
@@ -221,6 +225,13 @@ def sample(
     logits = logits.float()  # [N, V]: the raw logits, for logprobs
     device = logits.device
     processed = process_logits(logits, chunks, history, eos_token_ids)  # [N, V]
+    structured = any(c.params.structured is not None for c in chunks)
+    if structured:
+        if grammars is None:
+            raise ValueError("structured outputs need the sequences' grammar state")
+        if processed is logits:
+            processed = logits.clone()  # the raw logits stay as they are (logprobs)
+        grammars.mask_(processed, chunks)
     tokens = torch.empty(n, dtype=torch.long, device=device)  # [N]
 
     greedy_rows = [i for i, c in enumerate(chunks) if c.params.temperature < GREEDY_TEMPERATURE]
@@ -246,11 +257,12 @@ def sample(
     token_list = tokens.tolist()
     if history is not None:
         history.record(chunks, token_list)
+    stops = grammars.record(chunks, token_list) if structured else [False] * n
     want = [c.params.logprobs for c in chunks]
     if all(w is None for w in want):
         return [
-            SampledToken(seq_id=c.seq_id, token_id=t)
-            for c, t in zip(chunks, token_list, strict=True)
+            SampledToken(seq_id=c.seq_id, token_id=t, stop=stop)
+            for c, t, stop in zip(chunks, token_list, stops, strict=True)
         ]
 
     logprobs = logits.log_softmax(dim=-1)  # [N, V]
@@ -264,11 +276,17 @@ def sample(
     out = []
     for i, (chunk, tok) in enumerate(zip(chunks, token_list, strict=True)):
         if want[i] is None:
-            out.append(SampledToken(seq_id=chunk.seq_id, token_id=tok))
+            out.append(SampledToken(seq_id=chunk.seq_id, token_id=tok, stop=stops[i]))
             continue
         alts = tuple(zip(top_ids[i][: want[i]], top_vals[i][: want[i]], strict=True))
         out.append(
-            SampledToken(seq_id=chunk.seq_id, token_id=tok, logprob=chosen[i], top_logprobs=alts)
+            SampledToken(
+                seq_id=chunk.seq_id,
+                token_id=tok,
+                logprob=chosen[i],
+                top_logprobs=alts,
+                stop=stops[i],
+            )
         )
     return out
 

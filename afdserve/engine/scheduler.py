@@ -33,8 +33,10 @@ Stop rules, checked after each sampled token, in this order:
   2. a token in `params.stop_token_ids` -> "stop" (the token is kept and reported);
      (1 and 2 only once `params.min_tokens` tokens were generated, as in vLLM; the sampler
      masks those tokens until then, so this only matters where nothing else was left)
-  3. `max_tokens` generated -> "length";
-  4. prompt + output reached `max_model_len` -> "length".
+  3. the sampler says so (`SampledToken.stop`: a structured output's grammar is complete)
+     -> "stop";
+  4. `max_tokens` generated -> "length";
+  5. prompt + output reached `max_model_len` -> "length".
 `max_tokens` larger than the context allows is not an error: the request just ends with
 "length" when the context fills. A prompt longer than the context is a `UserInputError`.
 """
@@ -346,7 +348,7 @@ class Scheduler:
                 queue_s, prefill_s = scheduled - seq.queued_at, now - scheduled
             seq.append_token(tok.token_id)
             self.counters.generation_tokens += 1
-            reason = self._stop_reason(seq, tok.token_id)
+            reason = self._stop_reason(seq, tok)
             if reason is not None:
                 self._running.remove(seq)
                 self._finish(seq, reason)
@@ -436,12 +438,15 @@ class Scheduler:
         seq.num_computed_tokens = end
         seq.max_computed_tokens = max(seq.max_computed_tokens, end)
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+    def _stop_reason(self, seq: Sequence, tok: SampledToken) -> FinishReason | None:
         params = seq.params
+        token_id = tok.token_id
         may_stop = seq.output_index >= params.min_tokens
         if may_stop and not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.STOP
         if may_stop and token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if tok.stop:  # the structured output's grammar is complete
             return FinishReason.STOP
         if seq.output_index >= params.max_tokens:
             return FinishReason.LENGTH

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from afdserve.afd.admission import admit
 from afdserve.afd.attention_worker import AttentionWorker
@@ -39,8 +40,11 @@ class Engine:
         seed: int = 0,
         on_close: Sequence = (),
         ffn_threads: int | None = None,
+        tokenizer_file: Path | None = None,
     ) -> None:
         self.workers = list(workers)
+        self.tokenizer_file = tokenizer_file
+        """The model's tokenizer.json (structured outputs need it; admission checks)."""
         self.vocab_size = vocab_size
         self.ffn = ffn
         self.router = Router(self.workers)
@@ -94,6 +98,7 @@ class Engine:
                 vocab_size=self.vocab_size,
                 max_model_len=self.max_model_len,
                 rng=self._rng,
+                tokenizer_file=self.tokenizer_file,
             )
             k = self.router.choose()
             self.workers[k].add_request(request)

@@ -28,6 +28,7 @@ from afdserve.model.config import ModelConfig
 from afdserve.model.kernels import Kernels
 from afdserve.model.loader import load_weights
 from afdserve.model.parts import AttentionPart, FFNPart, is_ffn_weight
+from afdserve.model.tokenizer import TOKENIZER_FILE
 from afdserve.transport.base import Transport
 from afdserve.transport.local import LocalHub
 
@@ -137,6 +138,7 @@ def make_attention_worker(
         cfg.microbatches,
         cfg.microbatch_tokens,
         eos_token_ids=model.config.eos_token_ids,
+        tokenizer_file=model.path / TOKENIZER_FILE,
     )
     scheduler = Scheduler(sched_cfg, cache_cfg, eos_token_ids=model.config.eos_token_ids)
     return AttentionWorker(index, scheduler, runner)
@@ -190,5 +192,6 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
         seed=cfg.seed,
         on_close=on_close,
         ffn_threads=cfg.ffn_threads,
+        tokenizer_file=m.path / TOKENIZER_FILE,
     )
     return engine, m

@@ -33,10 +33,12 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bump when a message changes shape; both ends of a group must agree. (3: `TokenEvent`'s
 queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,
-logit_bias and prompt_logprobs, which a worker of 2 would drop unread.)"""
+logit_bias and prompt_logprobs, which a worker of 2 would drop unread. 4: SamplingParams'
+`structured` output, which a worker of 3 would drop unread, answering a JSON schema with free
+text.)"""
 
 Role = Literal["attention", "ffn"]
 

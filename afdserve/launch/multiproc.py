@@ -307,6 +307,7 @@ class MultiProcessEngine:
                 vocab_size=self.vocab_size,
                 max_model_len=self.max_model_len,
                 rng=self._rng,
+                tokenizer_file=self.model_path / "tokenizer.json",
             )
             k = self.router.choose()
             try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import json
 import logging
 import operator
@@ -285,6 +286,7 @@ class Tokenizer:
             {c: b for b, c in bytes_to_unicode().items()} if _has_byte_level_decoder(path) else None
         )
         self._bytes_cache: dict[int, bytes] = {}
+        self._max_token_chars: int | None = None
 
     @property
     def is_byte_level(self) -> bool:
@@ -297,11 +299,13 @@ class Tokenizer:
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` runs the tokenizer's post-processor (a BOS,
+        say), as HF's does; off by default: chat templates write their own special tokens."""
         if not isinstance(text, str):
             raise UserInputError(f"text to encode must be a str, got {type(text).__name__}")
         try:
-            return self._tok.encode(text, add_special_tokens=False).ids
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError:  # lone surrogates (e.g. "\ud800" from JSON) are not encodable text
             raise UserInputError("text is not valid unicode (it has lone surrogates)") from None
 
@@ -310,6 +314,29 @@ class Tokenizer:
         ids = _check_ids(ids)
         n = self.vocab_size
         return self._tok.decode([i for i in ids if i < n], skip_special_tokens=skip_special_tokens)
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary's own string of each id (HF's `convert_ids_to_tokens`: "Ġthe", not
+        " the")."""
+        out = []
+        for i in ids:
+            piece = self._tok.id_to_token(i)
+            if piece is None:
+                raise UserInputError(f"token id {i} out of range [0, {self.vocab_size})")
+            out.append(piece)
+        return out
+
+    @property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for: a text longer than
+        `n * max_token_chars` characters has more than `n` tokens, known without encoding it."""
+        if self._max_token_chars is None:
+            n = 1
+            for i in range(self.vocab_size):
+                raw = self.token_bytes(i)  # a character is at least one byte
+                n = max(n, len(raw) if raw is not None else len(self._tok.decode([i], False)))
+            self._max_token_chars = n
+        return self._max_token_chars
 
     def token_bytes(self, token_id: int) -> bytes | None:
         """The exact bytes one token stands for, or None if the tokenizer is not byte-level."""
@@ -332,47 +359,107 @@ class Tokenizer:
         return data
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
     ) -> str:
-        """Render chat messages ([{"role": ..., "content": ...}]) to the prompt text."""
+        """Render chat messages ([{"role": ..., "content": ...}], plus any other fields such as
+        an assistant's `tool_calls` or a tool's `tool_call_id`) to the prompt text.
+
+        `tools` (OpenAI's [{"type": "function", "function": {...}}]) is passed to the template
+        as transformers passes it; a message's content None (an assistant's tool calls) is "".
+        `chat_template` overrides the model's; `template_kwargs` are more variables for the
+        template (`enable_thinking`, `documents`, ...), as HF's `apply_chat_template` passes
+        them. `continue_final_message` leaves the last message open (no end-of-turn after it),
+        so that the model continues it: the text is cut right after that message's content.
+        """
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise UserInputError("messages must be a non-empty list of {role, content} objects")
+        rendered = []
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
                 raise UserInputError(f"messages[{i}] must be an object with a string 'role'")
-            if not isinstance(m.get("content"), str):
+            content = m.get("content")
+            if content is None and m.get("tool_calls"):
+                content = ""
+            if not isinstance(content, str):
                 raise UserInputError(f"messages[{i}].content must be a string")
-        from jinja2 import TemplateError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise UserInputError(f"chat template: {message}")
-
-        def tojson(x: Any, ensure_ascii: bool = False, **kw: Any) -> str:
-            return json.dumps(x, ensure_ascii=ensure_ascii, **kw)  # indent, separators, sort_keys
-
-        def strftime_now(fmt: str) -> str:
-            return datetime.now().strftime(fmt)
-
-        # the environment transformers renders templates in: published templates use {% break %},
-        # tojson without HTML escaping and strftime_now (Llama 3.x's date line)
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = strftime_now
-        try:
-            template = env.from_string(self.chat_template)
-            return template.render(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
+            rendered.append({**m, "content": content})
+        if continue_final_message and add_generation_prompt:
+            raise UserInputError(
+                "continue_final_message and add_generation_prompt cannot both be true"
             )
+        from jinja2 import TemplateError
+
+        if continue_final_message:  # mark where the final message's content ends
+            rendered[-1]["content"] = rendered[-1]["content"] + _FINAL_MARK
+        variables = {
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            **template_kwargs,
+            "messages": rendered,
+            "tools": list(tools) if tools else None,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        try:
+            text = _compile_template(chat_template or self.chat_template).render(**variables)
         except TemplateError as exc:
             raise UserInputError(f"chat template failed: {exc}") from None
+        if continue_final_message:
+            cut = text.rfind(_FINAL_MARK)
+            if cut < 0:
+                raise UserInputError(
+                    "continue_final_message: the chat template does not show the final "
+                    "message's content, so it cannot be continued"
+                )
+            text = text[:cut]
+        return text
+
+
+_FINAL_MARK = "\ue000afdserve-final-message-end\ue000"
+"""Appended to the final message for `continue_final_message` (private-use characters)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str) -> Any:
+    """A chat template compiled once, in a sandbox, with the helpers HF's renderer gives
+    templates (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII, and
+    `{% break %}`/`{% continue %}`)."""
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise UserInputError(f"chat template: {message}")
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    def tojson(x: Any, ensure_ascii: bool = False, **kw: Any) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, **kw)  # indent, separators, sort_keys
+
+    # the environment transformers renders templates in: published templates use {% break %},
+    # tojson without HTML escaping and strftime_now (Llama 3.x's date line)
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.filters["tojson"] = tojson
+    try:
+        return env.from_string(source)
+    except TemplateError as exc:
+        raise UserInputError(f"chat template failed: {exc}") from None
+
+
+def check_chat_template(source: str) -> None:
+    """Raise UserInputError unless `source` compiles as a chat template."""
+    _compile_template(source)
 
 
 class NoTokenizer(Tokenizer):
@@ -406,7 +493,14 @@ class NoTokenizer(Tokenizer):
     def unavailable(self, what: str) -> UserInputError:
         return UserInputError(f"{what} needs a tokenizer, and {self.reason}")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        raise self.unavailable("a text prompt (give the prompt as token ids instead)")
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        raise self.unavailable("token strings")
+
+    @property
+    def max_token_chars(self) -> int:
         raise self.unavailable("a text prompt (give the prompt as token ids instead)")
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -417,7 +511,10 @@ class NoTokenizer(Tokenizer):
         return None
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
     ) -> str:
         raise self.unavailable("chat (its template and the prompt's text)")
 

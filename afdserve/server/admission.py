@@ -8,6 +8,7 @@ leaves no engine work behind. Apart from the routes so that they read as the pro
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from typing import Any
 
 from afdserve.server.async_engine import RequestHandle
 from afdserve.server.errors import BadRequest, NotFound
-from afdserve.server.protocol import ChatCompletionRequest
+from afdserve.server.protocol import ChatCompletionRequest, ChatTemplateFields
 from afdserve.server.state import ServingState
+from afdserve.server.structured import structured_output, template_messages, template_tools
 
 
 @dataclass
@@ -33,7 +35,25 @@ def check_model(st: ServingState, model: str | None) -> None:
         )
 
 
-def completion_prompts(st: ServingState, prompt: Any) -> list[Prompt]:
+def check_text_length(st: ServingState, text: str, param: str) -> None:
+    """Refuse, before encoding it, a text too long to fit the context whatever its tokens: no
+    token stands for more than `max_token_chars` characters, so a text of more than
+    `max_model_len * max_token_chars` characters has more tokens than the context holds."""
+    limit = st.max_model_len
+    most = limit * st.tokenizer.max_token_chars
+    if len(text) > most:
+        raise BadRequest(
+            f"This model's maximum context length is {limit} tokens; the prompt has "
+            f"{len(text)} characters, more than {limit} tokens can hold (no token is longer "
+            f"than {st.tokenizer.max_token_chars} characters). Please shorten the prompt.",
+            param=param,
+        )
+
+
+def completion_prompts(
+    st: ServingState, prompt: Any, add_special_tokens: bool = True
+) -> list[Prompt]:
+    """The prompts of a completion request, text ones encoded (blocking: run it off the loop)."""
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -45,7 +65,8 @@ def completion_prompts(st: ServingState, prompt: Any) -> list[Prompt]:
     out = []
     for item in items:
         if isinstance(item, str):
-            out.append(Prompt(item, st.tokenizer.encode(item)))
+            check_text_length(st, item, "prompt")
+            out.append(Prompt(item, st.tokenizer.encode(item, add_special_tokens)))
         else:
             out.append(Prompt(None, list(item)))
     for p in out:
@@ -58,6 +79,36 @@ def completion_prompts(st: ServingState, prompt: Any) -> list[Prompt]:
                 param="prompt",
             )
     return out
+
+
+def render_chat(st: ServingState, body: ChatTemplateFields) -> str:
+    """The prompt text of chat messages, as the chat template renders it (blocking)."""
+    template = st.chat_template
+    if body.chat_template is not None:
+        if not st.options.trust_request_chat_template:
+            raise BadRequest(
+                "this server does not take a chat_template from requests (start it with "
+                "--trust-request-chat-template, or give --chat-template)",
+                param="chat_template",
+            )
+        template = body.chat_template
+    return st.tokenizer.apply_chat_template(
+        template_messages(body.messages),
+        add_generation_prompt=body.add_generation_prompt,
+        tools=template_tools(body),
+        chat_template=template,
+        continue_final_message=body.continue_final_message,
+        **body.template_kwargs(),
+    )
+
+
+def chat_prompt(st: ServingState, body: ChatTemplateFields, limit_length: bool = True) -> Prompt:
+    """Render, check the length of, and encode a chat request's prompt (blocking: run it off
+    the loop)."""
+    text = render_chat(st, body)
+    if limit_length:
+        check_text_length(st, text, "messages")
+    return Prompt(text, st.tokenizer.encode(text, body.add_special_tokens))
 
 
 def admit(
@@ -75,6 +126,7 @@ def admit(
             f"logit_bias token id {out_of_vocab[0]} is outside the vocabulary [0, {st.vocab_size})",
             param="logit_bias",
         )
+    structured = structured_output(body)
     limit = st.max_model_len
     plan = []
     for p in prompts:
@@ -108,6 +160,8 @@ def admit(
                 params = body.sampling_params(
                     mt, logprobs, i, ae.sampling_defaults, prompt_logprobs
                 )
+                if structured is not None:
+                    params = dataclasses.replace(params, structured=structured)
                 handles.append((pi, ae.add_request(f"{base}-{len(handles)}", p.token_ids, params)))
     except BaseException:
         for _, h in handles:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): completions, chat, models, health, version, metrics.
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat, models, tokenizer, health, ping,
+version, metrics.
 
     app = build_app(engine, tokenizer, config, served_model_name="tiny", model_root=path)
     uvicorn.run(app)  # the app starts the engine thread on startup and stops it on shutdown
@@ -9,10 +10,16 @@ body or as server-sent events (`data: {...}` per chunk, `data: [DONE]` last), to
 the engine produces them. A watcher task listens for the client's disconnect and aborts the
 request's engine work (KV blocks are freed at once), for streaming and non-streaming alike.
 
+The event loop only moves bytes: tokenising prompts, rendering chat templates and validating
+large bodies run on a few tokenizer threads (`ServingState.off_loop`), so a 2 MB prompt does
+not stall every other stream or /health. A body over --max-request-bytes is a 413 before it is
+read, and a text prompt that cannot fit the context is refused before it is tokenised.
+
 This module wires the app and holds the routes and error handlers; the parts live beside it:
-`state` (the `ServingState` the handlers share), `admission` (model check, prompts, lengths,
-adding engine requests), `streaming` (collecting or streaming outputs, disconnect watching),
-`logprobs` (the two OpenAI logprob shapes).
+`state` (the `ServingState` the handlers share, `FrontOptions`), `admission` (model check,
+prompts, chat rendering, lengths, adding engine requests), `streaming` (collecting or
+streaming outputs, disconnect watching), `logprobs` (the two OpenAI logprob shapes),
+`tokenization` (/tokenize, /detokenize, /tokenizer_info), `auth` (--api-key on /v1).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -34,9 +42,18 @@ from afdserve import __version__
 from afdserve.config import EngineConfig
 from afdserve.errors import UserInputError
 from afdserve.model.tokenizer import Tokenizer
-from afdserve.server.admission import Prompt, admit, check_model, completion_prompts
+from afdserve.server import tokenization
+from afdserve.server.admission import admit, chat_prompt, check_model, completion_prompts
 from afdserve.server.async_engine import AsyncEngine, EngineClient
-from afdserve.server.errors import APIError, BadRequest, EngineDead, InternalError
+from afdserve.server.auth import APIKeyMiddleware
+from afdserve.server.errors import (
+    APIError,
+    BadRequest,
+    EngineDead,
+    InternalError,
+    NotFound,
+    PayloadTooLarge,
+)
 from afdserve.server.logprobs import (
     chat_logprobs,
     completion_logprobs,
@@ -53,11 +70,14 @@ from afdserve.server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     Usage,
 )
-from afdserve.server.state import ServingState
+from afdserve.server.state import FrontOptions, ServingState
 from afdserve.server.streaming import (
     SSE_HEADERS,
     collect,
@@ -65,8 +85,9 @@ from afdserve.server.streaming import (
     stream_chat,
     stream_completion,
 )
+from afdserve.server.structured import message_fields, stream_chat_tools, tool_mode
 
-__all__ = ["SSE_HEADERS", "ServingState", "build_app", "describe"]
+__all__ = ["SSE_HEADERS", "FrontOptions", "ServingState", "build_app", "describe"]
 
 log = logging.getLogger("afdserve.server")
 
@@ -81,8 +102,10 @@ def build_app(
     vocab_size: int | None = None,
     sampling_defaults: dict[str, Any] | None = None,
     legacy_metric_names: bool = False,
+    options: FrontOptions | None = None,
 ) -> FastAPI:
     """The app serving `engine`; it owns the engine from startup on and closes it at shutdown."""
+    options = options or FrontOptions()
     model_name = served_model_name or config.model
     async_engine = AsyncEngine(
         engine, tokenizer, max_queue=max_queue, step_timeout_s=config.sync_timeout_s + 30.0
@@ -101,8 +124,19 @@ def build_app(
         tokenizer.vocab_size,
         vocab_size or engine.vocab_size,
     )
+    executor = ThreadPoolExecutor(
+        max_workers=max(1, options.tokenizer_threads), thread_name_prefix="afdserve-tokenizer"
+    )
     state = ServingState(
-        async_engine, tokenizer, metrics, config, model_name, str(model_root or config.model), vocab
+        async_engine,
+        tokenizer,
+        metrics,
+        config,
+        model_name,
+        str(model_root or config.model),
+        vocab,
+        options=options,
+        executor=executor,
     )
 
     @asynccontextmanager
@@ -113,10 +147,13 @@ def build_app(
             yield
         finally:
             await async_engine.stop()
+            executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="afdserve", version=__version__, lifespan=lifespan)
     app.state.serving = state
     metrics.instrument(app)
+    if options.api_keys:
+        app.add_middleware(APIKeyMiddleware, api_keys=list(options.api_keys))
     _install_error_handlers(app)
     _add_routes(app, state)
     return app
@@ -157,12 +194,37 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(err.body(), status_code=err.status)
 
 
-async def _parse(request: Request, schema: type[BaseModel]) -> Any:
-    raw = await request.body()
+OFF_LOOP_PARSE_BYTES = 64 * 1024
+"""Bodies at least this large are parsed and validated on a tokenizer thread."""
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit` bytes: by its Content-Length before reading any,
+    else as soon as what arrived goes over."""
+    declared = request.headers.get("content-length")
+    too_large = PayloadTooLarge(
+        f"the request body is larger than this server takes ({limit} bytes; see "
+        "--max-request-bytes)"
+    )
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _validate(raw: bytes, schema: type[BaseModel] | None) -> Any:
     try:
-        json.loads(raw)
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if schema is None:  # /tokenize: prompt or messages, chosen by what the body holds
+        is_chat = isinstance(data, dict) and "messages" in data
+        schema = TokenizeChatRequest if is_chat else TokenizeCompletionRequest
     try:
         return schema.model_validate_json(raw)
     except ValidationError as exc:
@@ -174,11 +236,17 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         raise BadRequest(f"{where}: {first['msg']}{more}", param=param) from None
 
 
+async def _parse(st: ServingState, request: Request, schema: type[BaseModel] | None) -> Any:
+    raw = await _read_body(request, st.options.max_request_bytes)
+    if len(raw) >= OFF_LOOP_PARSE_BYTES:
+        return await st.off_loop(_validate, raw, schema)
+    return _validate(raw, schema)
+
+
 # ---- routes ------------------------------------------------------------------------------------
 
 
 def _add_routes(app: FastAPI, st: ServingState) -> None:
-    @app.get("/health")
     async def health() -> Response:
         if not st.async_engine.healthy:
             err = st.async_engine.error
@@ -187,30 +255,64 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
             return JSONResponse(e.body(), status_code=e.status)
         return Response(status_code=200)
 
+    app.add_api_route("/health", health, methods=["GET"])
+    # SageMaker's health check: the same answer, GET or POST (as vLLM)
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        card = ModelCard(
+    def card() -> ModelCard:
+        return ModelCard(
             id=st.model_name,
             root=st.model_root,
             max_model_len=st.max_model_len,
             vocab_size=st.vocab_size,
         )
-        return ModelList(data=[card])
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        if model_id != st.model_name:
+            raise NotFound(f"The model `{model_id}` does not exist.", param="model")
+        return card()
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await _parse(st, request, None)
+        if isinstance(body, TokenizeChatRequest):
+            body.check_unsupported()
+        check_model(st, body.model)
+        resp = await st.off_loop(tokenization.tokenize, st, body)
+        return JSONResponse(resp.model_dump(mode="json"))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body: DetokenizeRequest = await _parse(st, request, DetokenizeRequest)
+        check_model(st, body.model)
+        resp = await st.off_loop(tokenization.detokenize, st, body)
+        return JSONResponse(resp.model_dump(mode="json"))
+
+    if st.options.enable_tokenizer_info_endpoint:
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info() -> Response:
+            return JSONResponse(await st.off_loop(tokenization.tokenizer_info, st))
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body: CompletionRequest = await _parse(request, CompletionRequest)
+        body: CompletionRequest = await _parse(st, request, CompletionRequest)
         body.check_unsupported()
         check_model(st, body.model)
-        prompts = completion_prompts(st, body.prompt)
+        prompts = await st.off_loop(completion_prompts, st, body.prompt, body.add_special_tokens)
         handles = admit(
             st,
             body,
@@ -261,20 +363,22 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        body: ChatCompletionRequest = await _parse(st, request, ChatCompletionRequest)
         body.check_unsupported()
         check_model(st, body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = st.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt
-        )
-        prompt = Prompt(text, st.tokenizer.encode(text))
+        tools = tool_mode(body)
+        prompt = await st.off_loop(chat_prompt, st, body)
+        # echo (vLLM): the answer starts with the last message when it is the assistant's
+        last = body.messages[-1]
+        echo = last.text() if body.echo and last.role == "assistant" else ""
         top = (body.top_logprobs or 0) if body.logprobs else None
         handles = admit(st, body, [prompt], body.requested_max_tokens, top, body.prompt_logprobs)
         rid = handles[0][1].request_id.rsplit("-", 1)[0]
         if body.stream:
             return StreamingResponse(
-                stream_chat(st, request, body, rid, prompt, handles),
+                stream_chat_tools(st, request, body, rid, prompt, handles, tools)
+                if tools
+                else stream_chat(st, request, body, rid, prompt, handles, echo),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
@@ -282,10 +386,11 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         choices = []
         n_out = 0
         for i, (text_out, ids, lps, reason, _) in enumerate(results):
+            content, calls, reason = message_fields(body, tools, echo + text_out, reason)
             choices.append(
                 ChatChoice(
                     index=i,
-                    message=ChatMessageOut(content=text_out),
+                    message=ChatMessageOut(content=content, tool_calls=calls),
                     finish_reason=reason,
                     logprobs=chat_logprobs(st, lps) if body.logprobs else None,
                     prompt_token_ids=prompt.token_ids if body.return_token_ids else None,

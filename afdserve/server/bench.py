@@ -50,13 +50,22 @@ class BenchConfig:
     disable_tqdm: bool = False
 
 
+def auth_headers() -> dict[str, str]:
+    """`Authorization: Bearer KEY` for a server started with --api-key: the key from
+    $AFDSERVE_API_KEY, else $OPENAI_API_KEY (as vLLM's bench reads it); none if unset."""
+    import os
+
+    key = os.environ.get("AFDSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def fetch_server_info(base_url: str, timeout_s: float = 10.0) -> dict[str, Any]:
     """The first model card of the server's /v1/models (id, max_model_len, maybe vocab_size)."""
     import httpx
 
     url = base_url.rstrip("/") + "/v1/models"
     try:
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
+        async with httpx.AsyncClient(timeout=timeout_s, headers=auth_headers()) as client:
             resp = await client.get(url)
             resp.raise_for_status()
             data = resp.json()
@@ -142,7 +151,9 @@ async def run_benchmark(
     )
     pbar = tqdm(total=len(requests), disable=cfg.disable_tqdm)
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.timeout_s), limits=limits, headers=auth_headers()
+    ) as client:
 
         async def one(req: BenchRequest) -> RequestResult:
             if sem is None:

@@ -22,6 +22,8 @@ from afdserve.llm_cli import (
 
 DEFAULT_PORT = 8000
 log = logging.getLogger("afdserve.server")
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20  # = server.state's; not imported, to keep the CLI light
+API_KEY_ENV = "AFDSERVE_API_KEY"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +68,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--served-model-name", default=None, help="the model name clients use (default: MODEL)"
+    )
+    s.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on every /v1 route (repeatable: any of them; "
+        f"default: ${API_KEY_ENV} if set); /health, /ping, /metrics, /version stay open",
+    )
+    s.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE|TEMPLATE",
+        help="a Jinja chat template (a file, or the template itself) used instead of the model's",
+    )
+    s.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests bring their own chat_template (refused with a 400 otherwise)",
+    )
+    s.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info (the tokenizer's config and chat template; lm-eval's "
+        "remote tokenizer needs it)",
+    )
+    s.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="largest request body; larger ones get HTTP 413 (default %(default)s, 16 MiB)",
     )
     s.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
@@ -146,12 +180,66 @@ def serve_config(args: argparse.Namespace):
     )
 
 
+def serving_options(args: argparse.Namespace):
+    """The FrontOptions `serve` runs with (validated; bad flags raise UserInputError)."""
+    import os
+
+    from afdserve.server.state import FrontOptions
+
+    keys = args.api_key if args.api_key else [os.environ.get(API_KEY_ENV, "")]
+    keys = [k for k in keys if k]
+    if args.api_key and len(keys) != len(args.api_key):
+        raise UserInputError("--api-key must not be empty")
+    if args.max_request_bytes < 1024:
+        raise UserInputError(f"--max-request-bytes must be >= 1024, got {args.max_request_bytes}")
+    return FrontOptions(
+        api_keys=tuple(keys),
+        chat_template=load_chat_template(args.chat_template),
+        trust_request_chat_template=args.trust_request_chat_template,
+        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        max_request_bytes=args.max_request_bytes,
+    )
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the value itself when it is a Jinja template (it
+    must compile either way)."""
+    if value is None:
+        return None
+    from afdserve.model.tokenizer import check_chat_template
+
+    if "{{" in value or "{%" in value:  # a template (a path never looks like one)
+        text = value
+    elif _is_file(Path(value).expanduser()):
+        try:
+            text = Path(value).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"--chat-template {value}: cannot read it ({exc})") from None
+    else:
+        raise UserInputError(
+            f"--chat-template {value!r}: no such file, and not a Jinja template either"
+        )
+    try:
+        check_chat_template(text)
+    except UserInputError as exc:
+        raise UserInputError(f"--chat-template: {exc}") from None
+    return text
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long to be a path
+        return False
+
+
 def run_serve(args: argparse.Namespace) -> int:
     cfg = serve_config(args)
     if not 0 < args.port < 65536:
         raise UserInputError(f"--port must be in 1..65535, got {args.port}")
     if args.max_queue < 1:
         raise UserInputError(f"--max-queue must be >= 1, got {args.max_queue}")
+    options = serving_options(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     import torch
     import uvicorn
@@ -190,6 +278,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             sampling_defaults=defaults,
             legacy_metric_names=args.legacy_metric_names,
+            options=options,
         )
         print(
             f"afdserve serve: {name}, {describe(cfg)}, on http://{args.host}:{args.port}/v1",

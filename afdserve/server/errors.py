@@ -2,7 +2,8 @@
 
 The body is `{"error": {"message", "type", "param", "code"}}` with `code` the HTTP status, as
 vLLM's OpenAI server answers, so the official `openai` client raises its matching exception
-(BadRequestError, NotFoundError, RateLimitError, InternalServerError, ...).
+(BadRequestError, AuthenticationError, NotFoundError, RateLimitError,
+InternalServerError, ...).
 """
 
 from __future__ import annotations
@@ -54,3 +55,15 @@ class EngineDead(APIError):
 
 class InternalError(APIError):
     status, type = 500, "InternalServerError"
+
+
+class Unauthorized(APIError):
+    """A /v1 route without `Authorization: Bearer KEY` for one of the server's --api-key."""
+
+    status, type = 401, "AuthenticationError"
+
+
+class PayloadTooLarge(APIError):
+    """A request body over --max-request-bytes."""
+
+    status, type = 413, "PayloadTooLargeError"

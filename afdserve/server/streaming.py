@@ -147,9 +147,9 @@ def stream_completion(
     created = int(time.time())
     offsets = [0] * len(handles)
     echoed = [False] * len(handles)
+    n_out = [0] * len(handles)
 
     async def chunks() -> AsyncIterator[str]:
-        n_out = 0
         async for i, out in _merged([h for _, h in handles]):
             text, ids, gen_lps = out.text, out.token_ids, out.logprobs or []
             if body.echo_only:  # the prompt alone: the engine's one token is not returned
@@ -168,7 +168,7 @@ def stream_completion(
             if lps is not None:
                 lps.text_offset = [offsets[i] + o for o in lps.text_offset]
                 offsets[i] += sum(len(t) for t in lps.tokens)
-            n_out += len(ids)
+            n_out[i] += len(ids)
             choice = CompletionChoice(
                 index=i,
                 text=text,
@@ -176,12 +176,16 @@ def stream_completion(
                 finish_reason=out.finish_reason,
                 token_ids=ids if body.return_token_ids else None,
             )
+            usage = None
+            if body.continuous_usage:  # this choice's usage so far (as vLLM)
+                usage = Usage.of(len(prompts[handles[i][0]].token_ids), n_out[i])
             yield _sse(
-                CompletionChunk(id=rid, created=created, model=st.model_name, choices=[choice])
+                CompletionChunk(
+                    id=rid, created=created, model=st.model_name, choices=[choice], usage=usage
+                )
             )
-        if body.include_usage:
-            n_prompt = sum(len(prompts[pi].token_ids) for pi, _ in handles)
-            usage = Usage.of(n_prompt, n_out)
+        if body.include_usage:  # as the non-streamed answer: each prompt counts once
+            usage = Usage.of(sum(len(p.token_ids) for p in prompts), sum(n_out))
             yield _sse(
                 CompletionChunk(
                     id=rid, created=created, model=st.model_name, choices=[], usage=usage
@@ -203,8 +207,12 @@ def stream_chat(
     rid: str,
     prompt: Prompt,
     handles: list[tuple[int, RequestHandle]],
+    echo: str = "",
 ) -> AsyncIterator[str]:
+    """`echo`: text each choice starts with (chat `echo`), sent after the role chunk."""
     created = int(time.time())
+    n_prompt = len(prompt.token_ids)
+    n_out = [0] * len(handles)
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return _sse(
@@ -213,12 +221,17 @@ def stream_chat(
             )
         )
 
+    def so_far(i: int) -> Usage | None:
+        return Usage.of(n_prompt, n_out[i]) if body.continuous_usage else None
+
     async def chunks() -> AsyncIterator[str]:
         for i in range(len(handles)):
-            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-        n_out = 0
+            role = ChatDelta(role="assistant", content="")
+            yield chunk([ChatChunkChoice(index=i, delta=role)], so_far(i))
+            if echo:
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=echo))], so_far(i))
         async for i, out in _merged([h for _, h in handles]):
-            n_out += len(out.token_ids)
+            n_out[i] += len(out.token_ids)
             choice = ChatChunkChoice(
                 index=i,
                 delta=ChatDelta(content=out.text),
@@ -226,8 +239,8 @@ def stream_chat(
                 logprobs=chat_logprobs(st, out.logprobs or []) if body.logprobs else None,
                 token_ids=out.token_ids if body.return_token_ids else None,
             )
-            yield chunk([choice])
-        if body.include_usage:
-            yield chunk([], Usage.of(len(prompt.token_ids) * len(handles), n_out))
+            yield chunk([choice], so_far(i))
+        if body.include_usage:  # as the non-streamed answer: the prompt counts once
+            yield chunk([], Usage.of(n_prompt, sum(n_out)))
 
     return _stream(request, [h for _, h in handles], chunks())

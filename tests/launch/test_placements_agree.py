@@ -16,7 +16,7 @@ import time
 import pytest
 
 from afdserve import LLM, SamplingParams
-from afdserve.types import TokenEvent
+from afdserve.types import StructuredOutput, TokenEvent
 from tests.launch.test_multiprocess import _transports
 from tests.server.conftest import live_server
 
@@ -44,6 +44,16 @@ REQUESTS = [
     ([3, 3, 3], SamplingParams(
         temperature=0, max_tokens=9, logit_bias={383: 60.0, 50: 2.0}, min_tokens=4,
     )),
+    # the grammar state of structured outputs lives in each attention worker too
+    ([11, 12], SamplingParams(temperature=0.9, seed=2, max_tokens=40, logprobs=1, structured=(
+        StructuredOutput("json_schema", {
+            "type": "object", "properties": {"n": {"type": "integer", "maximum": 999}},
+            "required": ["n"], "additionalProperties": False,
+        })
+    ))),
+    ([13], SamplingParams(temperature=0, max_tokens=12, structured=(
+        StructuredOutput("regex", "[a-f]{2,6}-[0-9]")
+    ))),
 ]  # fmt: skip
 
 
@@ -83,6 +93,10 @@ def test_token_events_are_identical_in_every_placement(tiny_model_dirs, in_proce
     assert all(e.top_logprobs == () for e in in_process["r1"][0].prompt_logprobs)
     assert all(ev.prompt_logprobs is None for v in in_process.values() for ev in v[1:])
     assert all(v[0].prompt_logprobs is None for k, v in in_process.items() if k in ("r2", "r3"))
+    assert [ev.finish_reason for ev in in_process["r7"] + in_process["r8"] if ev.finished] == [
+        "stop",
+        "stop",
+    ]  # both grammars completed
 
 
 def _completions(client) -> list[dict]:

@@ -150,6 +150,72 @@ def test_custom_template_is_used(tok_dir: Path, tmp_path: Path) -> None:
         tok.apply_chat_template(MESSAGES * 3)
 
 
+PREFILL = [*MESSAGES, {"role": "assistant", "content": "Because of"}]
+
+
+def test_continue_final_message_leaves_it_open_as_transformers_does(tok_dir, tok) -> None:
+    text = tok.apply_chat_template(
+        PREFILL, add_generation_prompt=False, continue_final_message=True
+    )
+    assert text.endswith("<|im_start|>assistant\nBecause of")  # no end-of-turn after it
+    assert text == tok.apply_chat_template(PREFILL, add_generation_prompt=False)[: len(text)]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    want = hf.apply_chat_template(
+        PREFILL, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    assert text == want
+    with pytest.raises(UserInputError, match="cannot both be true"):
+        tok.apply_chat_template(PREFILL, continue_final_message=True)
+    hides = "{% for m in messages %}{{ m['role'] }};{% endfor %}"  # never shows any content
+    with pytest.raises(UserInputError, match="cannot be continued"):
+        tok.apply_chat_template(PREFILL, False, chat_template=hides, continue_final_message=True)
+
+
+def test_template_override_and_variables(tok) -> None:
+    template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}[no-think]{% endif %}"
+        "{% for d in documents or [] %}<{{ d.title }}>{% endfor %}"
+        "{{ {'k': 'é'} | tojson }}{% for m in messages %}{% break %}{% endfor %}"
+    )
+    text = tok.apply_chat_template(MESSAGES, chat_template=template)
+    assert text == 'system: You are terse.\nuser: Why is the sky blue? 🌤\n{"k": "é"}'
+    text = tok.apply_chat_template(
+        MESSAGES, chat_template=template, enable_thinking=False, documents=[{"title": "t"}]
+    )
+    assert text.endswith('[no-think]<t>{"k": "é"}')
+    assert tok.apply_chat_template(MESSAGES) == tok.apply_chat_template(
+        MESSAGES, chat_template=None
+    )  # no override: the model's template
+    with pytest.raises(UserInputError, match="chat template failed"):
+        tok.apply_chat_template(MESSAGES, chat_template="{% for %}")
+
+
+def test_special_tokens_token_strs_and_longest_token(tok_dir, tmp_path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    bos = hf.token_to_id(ENDOFTEXT)
+    hf.post_processor = TemplateProcessing(
+        single=f"{ENDOFTEXT} $A", special_tokens=[(ENDOFTEXT, bos)]
+    )
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    plain = tok.encode("the sky")
+    assert tok.encode("the sky", add_special_tokens=True) == [bos, *plain]
+    assert (
+        tok.token_strs(plain) == [hf.id_to_token(i) for i in plain] == ["t", "he", "Ġs", "k", "y"]
+    )
+    with pytest.raises(UserInputError):
+        tok.token_strs([VOCAB_SIZE])
+    longest = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+    assert tok.max_token_chars == longest == len(ENDOFTEXT.encode())
+
+
 @pytest.mark.parametrize(
     "messages",
     [[], "hi", [{"content": "no role"}], [{"role": "user", "content": 3}], [["user", "hi"]]],

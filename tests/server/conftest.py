@@ -80,7 +80,10 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(model: str = MODEL, max_queue: int = 1024, **options: Any) -> Iterator[LiveServer]:
+def live_server(
+    model: str = MODEL, max_queue: int = 1024, front: Any = None, **options: Any
+) -> Iterator[LiveServer]:
+    """A server over an engine of EngineConfig(**options); `front`: its FrontOptions."""
     import uvicorn
 
     from afdserve.config import EngineConfig
@@ -103,6 +106,7 @@ def live_server(model: str = MODEL, max_queue: int = 1024, **options: Any) -> It
             model_root=str(path),
             max_queue=max_queue,
             sampling_defaults=ModelConfig.from_dir(path).sampling_defaults,
+            options=front,
         )
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))

@@ -4,6 +4,8 @@ for the same prompts, token for token."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.server.conftest import SERVED
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "def fibonacci(n):"]
@@ -252,3 +254,52 @@ def test_penalties_logit_bias_min_p_min_tokens_equal_offline(afd_server, oracle)
         extra_body={"return_token_ids": True, "ignore_eos": True},
     )
     assert _ids(forced.choices[0]) == [77] * 4
+
+
+def _events(resp) -> list[dict]:
+    import json
+
+    assert resp.status_code == 200, resp.text
+    lines = [ln[6:] for ln in resp.text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+USAGE_CASES = [
+    ("/v1/completions", {"prompt": PROMPTS[:2]}),  # two prompts, n = 2: four choices
+    ("/v1/completions", {"prompt": PROMPTS[2]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Why?"}]}),
+]
+
+
+@pytest.mark.parametrize(("route", "prompt"), USAGE_CASES, ids=["batch", "one", "chat"])
+def test_streamed_usage_equals_the_non_streamed_usage_with_n(afd_server, route, prompt):
+    """The prompt counts once per prompt, not once per choice, streamed or not (the bug: 24
+    prompt tokens streamed against 12); continuous_usage_stats puts each choice's usage so far
+    on every chunk, as vLLM does."""
+    body = {**prompt, "n": 2, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with afd_server.http() as h:
+        want = h.post(route, json=body).json()["usage"]
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        events = _events(h.post(route, json=stream))
+        assert events[-1]["choices"] == [] and events[-1]["usage"] == want
+        assert all(e["usage"] is None for e in events[:-1])
+        stream["stream_options"]["continuous_usage_stats"] = True
+        events = _events(h.post(route, json=stream))
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == want
+    so_far: dict[int, int] = {}
+    for e in events[:-1]:
+        (choice,) = e["choices"]
+        u = e["usage"]
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        assert u["completion_tokens"] >= so_far.get(choice["index"], 0)
+        so_far[choice["index"]] = u["completion_tokens"]
+    assert set(so_far.values()) == {4} and sum(so_far.values()) == want["completion_tokens"]
+    n_choices = len(so_far)
+    assert want["completion_tokens"] == 4 * n_choices
+    if "chat" in route:
+        assert n_choices == 2
+        assert events[0]["usage"]["completion_tokens"] == 0  # the role chunk: nothing yet
+        assert all(e["usage"]["prompt_tokens"] == want["prompt_tokens"] for e in events)
+    else:
+        assert n_choices == 2 * (len(prompt["prompt"]) if isinstance(prompt["prompt"], list) else 1)

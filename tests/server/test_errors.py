@@ -259,3 +259,102 @@ def test_503_as_soon_as_the_ffn_worker_dies():
             err = _assert_error(h.get("/health"), 503)
             assert "worker is down" in err["message"]
             _assert_error(h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503)
+
+
+# ---- null means the default; fields not implemented yet are a 400 naming them ----------------
+
+COMPLETION_NULLS = [
+    "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids", "stream", "stream_options",
+    "logprobs", "echo", "suffix", "best_of", "presence_penalty", "frequency_penalty",
+    "logit_bias", "user", "ignore_eos", "return_token_ids", "min_p", "min_tokens",
+    "repetition_penalty", "response_format", "add_special_tokens", "prompt_logprobs",
+]  # fmt: skip
+CHAT_NULLS = [
+    "temperature", "top_p", "n", "stop", "stream", "stream_options", "logprobs", "top_logprobs",
+    "max_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice",
+    "response_format", "parallel_tool_calls", "user", "echo", "add_generation_prompt",
+    "continue_final_message", "chat_template", "chat_template_kwargs", "documents", "metadata",
+]  # fmt: skip
+
+
+def test_null_means_the_default(afd_server):
+    with afd_server.http() as h:
+        base = {"prompt": "Hello", "max_tokens": 4, "seed": 3}
+        want = h.post("/v1/completions", json=base).json()["choices"]
+        r = h.post("/v1/completions", json={**base, **dict.fromkeys(COMPLETION_NULLS)})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"] == want  # temperature null is 1.0, seeded: the same tokens
+        msgs = [{"role": "user", "content": "hi", "name": None}]
+        base = {"messages": msgs, "max_completion_tokens": 3, "seed": 5}
+        want = h.post("/v1/chat/completions", json=base).json()["choices"]
+        r = h.post("/v1/chat/completions", json={**base, **dict.fromkeys(CHAT_NULLS)})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"] == want
+        opts = {"stream_options": {"include_usage": None, "continuous_usage_stats": None}}
+        r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, **opts})
+        assert r.status_code == 200, r.text
+        # a field's own None keeps its meaning: completions' max_tokens null is the rest of
+        # the context (as vLLM), here cut short by a stop on every token
+        stop_all = {"stop_token_ids": list(range(384))}
+        r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": None, **stop_all})
+        assert r.status_code == 200, r.text
+        # strict otherwise: null for a required field, a string for a number
+        _assert_error(h.post("/v1/completions", json={"prompt": None}), 400, "prompt")
+        _assert_error(h.post("/v1/chat/completions", json={"messages": None}), 400, "messages")
+        bad = {"prompt": "x", "temperature": "0.5"}
+        _assert_error(h.post("/v1/completions", json=bad), 400, "temperature")
+        _assert_error(h.post("/v1/completions", json={"prompt": "x", "n": True}), 400, "n")
+
+
+NON_NEUTRAL = {
+    "guided_decoding_backend": "xgrammar",
+    "guided_whitespace_pattern": " ", "use_beam_search": True, "length_penalty": 0.5,
+    "include_stop_str_in_output": True, "skip_special_tokens": False,
+    "spaces_between_special_tokens": False, "truncate_prompt_tokens": 5,
+    "allowed_token_ids": [1, 2], "bad_words": ["x"], "logprob_token_ids": [1],
+    "return_tokens_as_token_ids": True, "logits_processors": ["x"], "priority": 1,
+    "request_id": "abc", "vllm_xargs": {"a": 1}, "kv_transfer_params": {"a": 1},
+    "mm_processor_kwargs": {"a": 1}, "suffix": "x", "prompt_embeds": "abc",
+    "functions": [{"name": "f"}], "function_call": "auto", "reasoning_effort": "low",
+    "thinking_token_budget": 10, "include_reasoning": False, "modalities": ["text", "audio"],
+    "audio": {"voice": "x"}, "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {}, "store": True, "service_tier": "flex", "verbosity": "low",
+}  # fmt: skip
+"""A value that turns each not-yet-supported field on (a sample per NOT_SUPPORTED entry)."""
+
+
+USER_X = [{"role": "user", "content": "x"}]
+
+
+def _unsupported_cases() -> list[tuple[str, str]]:
+    from afdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    cases = [("/v1/completions", f) for f in CompletionRequest.not_supported()]
+    cases += [("/v1/chat/completions", f) for f in ChatCompletionRequest.not_supported()]
+    return cases
+
+
+@pytest.mark.parametrize(("route", "field"), _unsupported_cases(), ids=lambda v: str(v))
+def test_400_naming_each_field_not_supported_yet(afd_server, route, field):
+    assert field in NON_NEUTRAL, f"add a non-neutral sample value of {field} to NON_NEUTRAL"
+    body = (
+        {"prompt": "x"} if "chat" not in route else {"messages": [{"role": "user", "content": "x"}]}
+    )
+    with afd_server.http() as h:
+        err = _assert_error(h.post(route, json={**body, field: NON_NEUTRAL[field]}), 400, field)
+    assert field in err["message"] and "not supported" in err["message"]
+
+
+def test_neutral_values_of_fields_not_supported_yet_are_accepted(afd_server):
+    from afdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    with afd_server.http() as h:
+        for route, schema, body in (
+            ("/v1/completions", CompletionRequest, {"prompt": "x"}),
+            ("/v1/chat/completions", ChatCompletionRequest, {"messages": USER_X}),
+        ):
+            table = schema.not_supported()
+            for pick in (0, -1):  # the first neutral value of each, then the last
+                neutral = {f: values[pick] for f, values in table.items()}
+                r = h.post(route, json={**body, **neutral, "max_tokens": 1})
+                assert r.status_code == 200, r.text

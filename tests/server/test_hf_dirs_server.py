@@ -89,11 +89,14 @@ def test_token_id_prompts_without_a_tokenizer(tiny_model_dir, tmp_path):
             ("/v1/completions", body | {"prompt": "hello"}, "a text prompt"),
             ("/v1/completions", body | {"stop": ["x"]}, "stop strings"),
             ("/v1/chat/completions", {"messages": MESSAGES}, "chat"),
+            ("/tokenize", {"prompt": "hello"}, "a text prompt"),
+            ("/tokenize", {"messages": MESSAGES}, "chat"),
         ]:
             r = http.post(path, json=req)
             assert r.status_code == 400, r.text
             msg = r.json()["error"]["message"]
             assert match in msg and "needs a tokenizer" in msg and "no tokenizer.json" in msg
+        assert http.post("/detokenize", json={"tokens": [5, 6]}).json() == {"prompt": ""}
         models = http.get("/v1/models").json()["data"][0]
         assert models["vocab_size"] == srv.engine.vocab_size
         assert srv.wait_idle().num_running == 0
@@ -129,6 +132,10 @@ def test_generation_config_sampling_defaults_fill_what_a_request_leaves_out(
         greedy = http.post("/v1/completions", json=body | {"temperature": 0}).json()
         for seed in (1, 2):  # top_k 1 from generation_config: any seed gives the greedy tokens
             r = http.post("/v1/completions", json=body | {"seed": seed}).json()
+            assert r["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]
+            # null is leaving it out: generation_config's top_k and temperature again
+            nulls = {"seed": seed, "top_k": None, "temperature": None, "top_p": None}
+            r = http.post("/v1/completions", json=body | nulls).json()
             assert r["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]
 
 

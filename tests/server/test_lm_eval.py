@@ -5,7 +5,8 @@ generate_until task. Every loglikelihood lm-eval reports equals HF transformers'
 weights and the same tokens (fp32, within HF_TOL); the generations equal HF's greedy ones.
 
 lm-eval tokenizes with the model directory's tokenizer (`tokenizer_backend=huggingface`,
-`tokenizer=` the directory) and sends token ids; its loglikelihood requests are
+`tokenizer=` the directory), or through the server (`tokenizer_backend=remote`: /tokenizer_info,
+/tokenize, /detokenize, as against vLLM), and sends token ids; its loglikelihood requests are
 `echo: true, logprobs: 1, max_tokens: 1`, read back from the echoed prompt's logprobs. To know
 which tokens lm-eval scored, the oracle asks lm-eval's own encoding code
 (`_encode_pair`, `tok_encode`, the rolling windows) on a second model object.
@@ -151,7 +152,11 @@ class _HF:
 
 @pytest.fixture(scope="module")
 def served():
-    with live_server(mode="afd", attention_workers=2, microbatches=2) as s:
+    from afdserve.server.state import FrontOptions
+
+    # /tokenizer_info on: lm-eval's remote tokenizer needs it (as vLLM's server)
+    front = FrontOptions(enable_tokenizer_info_endpoint=True)
+    with live_server(mode="afd", attention_workers=2, microbatches=2, front=front) as s:
         yield s
 
 
@@ -234,3 +239,43 @@ def test_lm_eval_local_completions_equals_hf(served, tmp_path):
     assert 0.0 <= metrics["afd_mc"]["acc,none"] <= 1.0
     assert math.isfinite(metrics["afd_rolling"]["word_perplexity,none"])
     assert math.isfinite(metrics["afd_ll"]["perplexity,none"])
+
+
+def test_lm_eval_remote_tokenizer_equals_hf(served, tmp_path):
+    """tokenizer_backend="remote": lm-eval has no tokenizer of its own and tokenises through
+    the server's /tokenizer_info, /tokenize and /detokenize; it encodes exactly as HF's
+    tokenizer does and gets HF's loglikelihoods and generations."""
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    model_dir = served.serving.model_root
+    _write_tasks(tmp_path)
+    args = _args(served.base_url, model_dir) | {"tokenizer_backend": "remote"}
+    del args["tokenizer"]
+    tasks = ["afd_ll", "afd_gen"]
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=args,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    samples = results["samples"]
+    remote = get_model("local-completions")(**args)
+    local = get_model("local-completions")(**_args(served.base_url, model_dir))
+    assert type(remote.tokenizer).__name__ == "RemoteTokenizer"
+    assert remote.eot_token_id == local.eot_token_id == served.serving.tokenizer.eos_token_id
+    hf = _HF(model_dir)
+    for sample in samples["afd_ll"]:
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"], strict=True):
+            pair = remote._encode_pair(context, continuation)
+            assert pair == local._encode_pair(context, continuation)
+            want = hf.loglikelihood(*pair)
+            assert resp[0][0] == pytest.approx(want[0], abs=HF_TOL) and resp[0][1] == want[1]
+    for sample in samples["afd_gen"]:
+        context, gen_kwargs = sample["arguments"][0]
+        assert remote.tok_encode(context) == local.tok_encode(context)
+        assert sample["resps"][0][0] == hf.greedy(local.tok_encode(context), gen_kwargs["until"])
+    assert remote.tokenizer.decode(local.tok_encode("Hello there")) == "Hello there"
