@@ -96,7 +96,9 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); one SamplingParams or one per prompt
-        (None: `get_default_sampling_params()`). Text prompts and stop strings need a tokenizer."""
+        (None: `get_default_sampling_params()`). Text prompts and stop strings need a tokenizer;
+        a stop string ends its request where it matched, its text cut before it (vLLM's)."""
+        from afdserve.model.text_stream import TextStream
         from afdserve.model.tokenizer import NoTokenizer, with_tokenizer_eos
 
         prompt_list = _as_prompt_list(prompts)
@@ -111,6 +113,8 @@ class LLM:
             )
         outputs: dict[str, RequestOutput] = {}
         order: list[str] = []
+        streams: dict[str, TextStream] = {}
+        """Requests with stop strings: their text, cut where one matched (as vLLM's)."""
         try:
             for prompt, p in zip(prompt_list, param_list, strict=True):
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -121,6 +125,8 @@ class LLM:
                 rid = f"gen-{self._counter}"
                 self._counter += 1
                 self.engine.add_request(rid, ids, with_tokenizer_eos(p, self.tokenizer))
+                if p.stop:
+                    streams[rid] = TextStream(self.tokenizer, p.stop, p.min_tokens)
                 outputs[rid] = RequestOutput(
                     rid,
                     prompt if isinstance(prompt, str) else None,
@@ -142,7 +148,16 @@ class LLM:
                 if ev.prompt_logprobs is not None:
                     out.prompt_logprobs = self._prompt_logprobs(ev.prompt_logprobs)
                 n_tokens += 1
-                if ev.finished:
+                stream = streams.get(ev.request_id)
+                if stream is not None and ev.token_id >= 0:
+                    stream.push(ev.token_id)
+                    if ev.finished:
+                        stream.finish()
+                    if stream.stopped and out.finish_reason is None:
+                        out.finish_reason = FinishReason.STOP.value  # a stop string matched
+                        if not ev.finished:
+                            self.engine.abort(ev.request_id)  # so the request ends here
+                if ev.finished and out.finish_reason is None:
                     out.finish_reason = (ev.finish_reason or FinishReason.STOP).value
         elapsed = time.perf_counter() - t0
         self.last_stats = {
@@ -150,8 +165,13 @@ class LLM:
             "seconds": elapsed,
             "tokens_per_second": n_tokens / elapsed if elapsed > 0 else 0.0,
         }
-        for out in outputs.values():  # ids the tokenizer lacks add no text; none: "" (vLLM)
-            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        for rid, out in outputs.items():  # ids the tokenizer lacks add no text; none: "" (vLLM)
+            stream = streams.get(rid)
+            out.text = (
+                stream.text
+                if stream is not None
+                else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            )
         return [outputs[rid] for rid in order]
 
     def _prompt_logprobs(self, entries: Sequence[PromptLogprob]) -> list[dict[int, Logprob] | None]:

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from afdserve.launch.client import EngineClient
+from afdserve.model.text_stream import TextStream
 from afdserve.model.tokenizer import Tokenizer, with_tokenizer_eos
 from afdserve.server.errors import APIError, EngineDead, QueueFull
 from afdserve.server.metrics import FinishedRequest
-from afdserve.server.text_stream import TextStream
 from afdserve.types import PromptLogprob, SamplingParams, TokenEvent
 
 log = logging.getLogger("afdserve.server")

@@ -11,10 +11,10 @@ import json
 import pytest
 
 from afdserve.cli import build_parser
+from afdserve.model.text_stream import TextStream
 from afdserve.model.tokenizer import VOCAB_SIZE
 from afdserve.server.cli import serve_config
 from afdserve.server.protocol import CompletionRequest
-from afdserve.server.text_stream import TextStream
 from tests.hf_dirs import (
     PAD,
     TOKENIZER_FILES,

@@ -18,9 +18,9 @@ from afdserve.afd.stats import (
     merge_snapshots,
 )
 from afdserve.errors import UserInputError
+from afdserve.model.text_stream import TextStream
 from afdserve.server.bench import RequestResult, compute_metrics, format_result
 from afdserve.server.bench_data import random_requests, trace_requests
-from afdserve.server.text_stream import TextStream
 
 
 @pytest.fixture(scope="module")

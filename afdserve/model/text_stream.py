@@ -1,7 +1,8 @@
 """One request's output text as it streams: detokenized incrementally, cut at stop strings.
 
 Stop strings are matched on the text, not on tokens (a stop string may span tokens or end in
-the middle of one), which is why the front end, not the scheduler, applies them. As in vLLM
+the middle of one), which is why the fronts (the server's streams, `LLM.generate`), not the
+scheduler, apply them. As in vLLM
 and OpenAI, the text ends just before the earliest stop string and the stop string itself is
 not returned. While streaming, a tail of the text that could still grow into a stop string is
 held back until it either does (and is dropped) or cannot any more (and is sent). As vLLM's
