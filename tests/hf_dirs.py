@@ -58,8 +58,8 @@ def padded_vocab_model(out: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from afdserve.model.byte_tokenizer import VOCAB_SIZE
     from afdserve.model.make_model import make_model
-    from afdserve.model.tokenizer import VOCAB_SIZE
 
     make_model("qwen2", "tiny", 0, out, config_overrides={"vocab_size": VOCAB_SIZE + PAD})
     tensors = load_file(out / "model.safetensors")

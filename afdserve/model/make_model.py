@@ -179,7 +179,7 @@ def make_model(
     model.safetensors.index.json. `config_overrides` replaces config.json fields before the
     weights are shaped from it (e.g. {"rope_scaling": {...}} or {"mlp_only_layers": [0]}).
     """
-    from afdserve.model.tokenizer import VOCAB_SIZE
+    from afdserve.model.byte_tokenizer import VOCAB_SIZE
 
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -225,7 +225,7 @@ def _write_files(
     dtype: str,
     shards: int,
 ) -> None:
-    from afdserve.model.tokenizer import write_tokenizer_files
+    from afdserve.model.byte_tokenizer import write_tokenizer_files
 
     ids = write_tokenizer_files(out, model_max_length=config.max_position_embeddings)
     eos = [ids["im_end"], ids["endoftext"]]
@@ -244,7 +244,7 @@ def quiet_token_ids(vocab_size: int) -> list[int]:
     """Ids a random model should not emit: bytes that are not printable ASCII (they would decode
     to U+FFFD or control characters), the special tokens (so generation runs to max_tokens, as
     benchmarks want) and any padding ids past the tokenizer's vocabulary."""
-    from afdserve.model.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE
+    from afdserve.model.byte_tokenizer import SPECIAL_TOKENS, VOCAB_SIZE
 
     odd_bytes = [b for b in range(256) if not (0x20 <= b < 0x7F or b == 0x0A)]
     specials = range(VOCAB_SIZE - len(SPECIAL_TOKENS), VOCAB_SIZE)

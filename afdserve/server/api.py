@@ -63,18 +63,20 @@ from afdserve.server.logprobs import (
 )
 from afdserve.server.metrics import ServerMetrics
 from afdserve.server.protocol import (
-    ChatChoice,
     ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from afdserve.server.responses import (
+    ChatChoice,
     ChatCompletionResponse,
     ChatMessageOut,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
     ModelCard,
     ModelList,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
     Usage,
 )
 from afdserve.server.state import FrontOptions, ServingState

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from afdserve.server.async_engine import TokenLogprob
-from afdserve.server.protocol import (
+from afdserve.server.responses import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,

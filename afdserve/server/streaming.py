@@ -23,14 +23,13 @@ from afdserve.server.admission import Prompt
 from afdserve.server.async_engine import GenerationOutput, RequestHandle, TokenLogprob
 from afdserve.server.errors import APIError, InternalError
 from afdserve.server.logprobs import chat_logprobs, completion_logprobs, echo_logprobs, joined
-from afdserve.server.protocol import (
+from afdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from afdserve.server.responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatDelta,
     CompletionChoice,
     CompletionChunk,
-    CompletionRequest,
     Usage,
 )
 from afdserve.server.state import ServingState

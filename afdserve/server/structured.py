@@ -302,7 +302,7 @@ def stream_chat_tools(
     import time
 
     from afdserve.server.logprobs import chat_logprobs
-    from afdserve.server.protocol import (
+    from afdserve.server.responses import (
         ChatChunkChoice,
         ChatCompletionChunk,
         ChatDelta,

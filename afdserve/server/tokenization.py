@@ -20,11 +20,10 @@ from afdserve.server.admission import chat_prompt
 from afdserve.server.errors import BadRequest
 from afdserve.server.protocol import (
     DetokenizeRequest,
-    DetokenizeResponse,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
-    TokenizeResponse,
 )
+from afdserve.server.responses import DetokenizeResponse, TokenizeResponse
 from afdserve.server.state import ServingState
 
 

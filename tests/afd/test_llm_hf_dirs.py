@@ -14,7 +14,8 @@ import torch
 
 from afdserve import LLM, SamplingParams
 from afdserve.errors import UserInputError
-from afdserve.model.tokenizer import VOCAB_SIZE, NoTokenizer
+from afdserve.model.byte_tokenizer import VOCAB_SIZE
+from afdserve.model.tokenizer import NoTokenizer
 from tests.hf_dirs import TOKENIZER_FILES, copy_model, edit_json, padded_vocab_model
 
 transformers = pytest.importorskip("transformers")

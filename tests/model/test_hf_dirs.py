@@ -12,17 +12,10 @@ from pathlib import Path
 import pytest
 
 from afdserve.errors import ModelLoadError, UserInputError
+from afdserve.model.byte_tokenizer import CHATML_TEMPLATE, VOCAB_SIZE, write_tokenizer_files
 from afdserve.model.config import MODEL_TYPES, ModelConfig
 from afdserve.model.make_model import preset_config
-from afdserve.model.tokenizer import (
-    CHATML_TEMPLATE,
-    VOCAB_SIZE,
-    IncrementalDetokenizer,
-    NoTokenizer,
-    Tokenizer,
-    load_tokenizer,
-    write_tokenizer_files,
-)
+from afdserve.model.tokenizer import IncrementalDetokenizer, NoTokenizer, Tokenizer, load_tokenizer
 from tests.hf_dirs import JINJA_TEMPLATE, TOKENIZER_FILES, edit_json
 
 transformers = pytest.importorskip("transformers")

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from afdserve.errors import UserInputError
+from afdserve.model.byte_tokenizer import VOCAB_SIZE
 from afdserve.model.config import ModelConfig
 from afdserve.model.loader import expected_weight_shapes
 from afdserve.model.make_model import make_model, preset_config, resolve_arch
-from afdserve.model.tokenizer import VOCAB_SIZE, Tokenizer
+from afdserve.model.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

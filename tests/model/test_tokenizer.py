@@ -11,18 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from afdserve.errors import ModelLoadError, UserInputError
-from afdserve.model.tokenizer import (
+from afdserve.model.byte_tokenizer import (
     CHATML_TEMPLATE,
     ENDOFTEXT,
     IM_END,
     IM_START,
     VOCAB_SIZE,
-    IncrementalDetokenizer,
-    Tokenizer,
     build_tokenizer,
     bytes_to_unicode,
     write_tokenizer_files,
 )
+from afdserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

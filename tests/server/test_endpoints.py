@@ -13,7 +13,7 @@ import jinja2
 import openai
 import pytest
 
-from afdserve.model.tokenizer import CHATML_TEMPLATE
+from afdserve.model.byte_tokenizer import CHATML_TEMPLATE
 from afdserve.server.state import FrontOptions
 from tests.server.conftest import SERVED, LiveServer, live_server
 from tests.server.test_errors import _assert_error

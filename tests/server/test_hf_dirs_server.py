@@ -11,8 +11,8 @@ import json
 import pytest
 
 from afdserve.cli import build_parser
+from afdserve.model.byte_tokenizer import VOCAB_SIZE
 from afdserve.model.text_stream import TextStream
-from afdserve.model.tokenizer import VOCAB_SIZE
 from afdserve.server.cli import serve_config
 from afdserve.server.protocol import CompletionRequest
 from tests.hf_dirs import (
