@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 from afdserve.errors import UserInputError
@@ -27,16 +27,19 @@ def admit(
     vocab_size: int,
     max_model_len: int,
     rng: random.Random,
+    live: Container[str] = (),
     tokenizer_file: Path | None = None,
 ) -> Request:
     """The Request to route, with its sampling seed drawn when `params` brings none; a
     UserInputError naming the problem for an empty prompt, a token id outside the vocabulary
     (in the prompt or in logit_bias), a prompt longer than the workers hold, or a structured
     output that does not compile or that the model cannot serve (it needs `tokenizer_file`,
-    the model's tokenizer.json, which the workers read). (Duplicate ids are the caller's
-    check: it owns the table of live requests.)"""
+    the model's tokenizer.json, which the workers read), or an id already in `live` (the
+    caller's table of the requests it serves)."""
     if not isinstance(request_id, str) or not request_id:
         raise UserInputError(f"request id must be a non-empty string, got {request_id!r}")
+    if request_id in live:
+        raise UserInputError(f"duplicate request id {request_id!r}")
     ids = Request(request_id, prompt_token_ids, params).prompt_token_ids  # non-negative ints
     bad = next((t for t in ids if t >= vocab_size), None)
     if bad is not None:

@@ -78,10 +78,11 @@ class AttentionWorker:
         self._steps += 1
         with self._lock:
             events = self.scheduler.update(plan, result)
-            if len(self.runner.history):  # forget the sequences that finished or were aborted
-                self.runner.history.retain(self.scheduler.live_seq_ids)
-            if len(self.runner.grammars):
-                self.runner.grammars.retain(self.scheduler.live_seq_ids)
+            states = [st for st in (self.runner.history, self.runner.grammars) if len(st)]
+            if states:  # forget the sequences that finished or were aborted
+                live = self.scheduler.live_seq_ids
+                for st in states:
+                    st.retain(live)
             return events
 
     def status(self) -> AttentionStatus:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from afdserve.engine.sequence_state import PerSequence
 from afdserve.types import ScheduledChunk
 
 
@@ -42,15 +43,9 @@ class _Entry:
     counts: torch.Tensor | None = None  # [V] float32: times the token was generated
 
 
-class TokenHistory:
+class TokenHistory(PerSequence["_Entry"]):
     """Per-sequence token history of the sequences with penalties (see the module docstring).
     Used by one thread: the one that runs the worker's steps."""
-
-    def __init__(self) -> None:
-        self._seqs: dict[int, _Entry] = {}
-
-    def __len__(self) -> int:
-        return len(self._seqs)
 
     def observe(self, chunks: Iterable[ScheduledChunk]) -> None:
         """Record the prompt tokens a step feeds (call it for every chunk of every step)."""
@@ -94,11 +89,6 @@ class TokenHistory:
                 if counts is None:
                     raise RuntimeError(f"sequence {c.seq_id}: sampled before its history was read")
                 counts[t] += 1.0
-
-    def retain(self, live_seq_ids: Collection[int]) -> None:
-        """Drop the entries of sequences that are no longer live (finished or aborted)."""
-        for seq_id in [s for s in self._seqs if s not in live_seq_ids]:
-            del self._seqs[seq_id]
 
     def _entry(self, seq_id: int) -> _Entry:
         entry = self._seqs.get(seq_id)

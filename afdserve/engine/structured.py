@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from afdserve.engine.sequence_state import PerSequence
 from afdserve.errors import UserInputError
 from afdserve.types import ScheduledChunk, StructuredOutput
 
@@ -113,20 +114,17 @@ class _Failed:
     """Stands in for the matcher of a sequence whose grammar could not be built here."""
 
 
-class Grammars:
+class Grammars(PerSequence[Any]):
     """Per-sequence grammar state of one attention worker's structured sequences (see the
     module docstring). Used by one thread: the one that runs the worker's steps."""
 
     def __init__(
         self, tokenizer_file: str | Path | None, vocab_size: int, eos_token_ids: Collection[int]
     ) -> None:
+        super().__init__()
         self.tokenizer_file = None if tokenizer_file is None else Path(tokenizer_file)
         self.vocab_size = vocab_size
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(int(t) for t in eos_token_ids))
-        self._seqs: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self._seqs)
 
     def tokenizer(self) -> Any:
         """llguidance's tokenizer of the model (built at the first call, then cached)."""
@@ -194,11 +192,6 @@ class Grammars:
                 continue
             out.append(m.is_stopped())
         return out
-
-    def retain(self, live_seq_ids: Collection[int]) -> None:
-        """Drop the matchers of sequences that are no longer live (finished or aborted)."""
-        for seq_id in [s for s in self._seqs if s not in live_seq_ids]:
-            del self._seqs[seq_id]
 
     def _matcher(self, c: ScheduledChunk) -> Any:
         m = self._seqs.get(c.seq_id)

@@ -27,7 +27,6 @@ from afdserve.afd.attention_worker import AttentionWorker
 from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.afd.router import Router
 from afdserve.afd.stats import EngineState, WorkerState
-from afdserve.errors import UserInputError
 from afdserve.types import SamplingParams, TokenEvent
 
 
@@ -88,8 +87,6 @@ class Engine:
         """Admit a request and queue it on the least-loaded attention worker; returns the
         worker's index."""
         with self._lock:
-            if request_id in self._owner:
-                raise UserInputError(f"duplicate request id {request_id!r}")
             request = admit(
                 request_id,
                 prompt_token_ids,
@@ -98,6 +95,7 @@ class Engine:
                 vocab_size=self.vocab_size,
                 max_model_len=self.max_model_len,
                 rng=self._rng,
+                live=self._owner,
                 tokenizer_file=self.tokenizer_file,
             )
             k = self.router.choose()

@@ -297,8 +297,6 @@ class MultiProcessEngine:
         with self._lock:
             if self._closed or self._failure is not None:
                 raise WorkerError(self._failure or "the multi-process engine is closed")
-            if request_id in self._owner:
-                raise UserInputError(f"duplicate request id {request_id!r}")
             request = admit(
                 request_id,
                 prompt_token_ids,
@@ -307,6 +305,7 @@ class MultiProcessEngine:
                 vocab_size=self.vocab_size,
                 max_model_len=self.max_model_len,
                 rng=self._rng,
+                live=self._owner,
                 tokenizer_file=self.model_path / "tokenizer.json",
             )
             k = self.router.choose()

@@ -24,6 +24,17 @@ def llm(tiny_model_dirs):
         yield engine
 
 
+def test_a_live_request_id_is_refused_at_admission(llm):
+    llm.engine.add_request("dup", [1, 2, 3], OK)
+    try:
+        with pytest.raises(UserInputError, match="duplicate request id 'dup'"):
+            llm.engine.add_request("dup", [4, 5], OK)
+        assert llm.engine.owner("dup") is not None  # the first one still runs
+    finally:
+        llm.engine.abort("dup")
+    assert not llm.engine.has_unfinished()
+
+
 @pytest.mark.parametrize(
     "prompts,match",
     [
