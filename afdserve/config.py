@@ -32,11 +32,24 @@ class EngineConfig:
     """A local HF-format model directory, or builtin:NAME (created on first use)."""
     mode: str = "afd"
     """`aggregated`: one worker runs both halves (the baseline); `afd`: r attention workers and
-    one FFN worker exchange hidden states every layer."""
+    m FFN workers exchange hidden states every layer."""
     attention_workers: int = 2
     """r, the number of attention workers (each with its own scheduler and KV cache). In
     aggregated mode, the number of independent replicas that each run both halves."""
     ffn_workers: int = 1
+    """m, the FFN workers (AFD). Above 1, each MoE layer's experts are spread over them (expert
+    parallelism: the attention workers route and send each token only where its experts are)
+    and each dense layer's rows are split over them (each holds the whole MLP)."""
+    eplb: bool = False
+    """Expert load balancing (m >= 2): count each expert's tokens over a sliding window and
+    re-place experts between steps, replicating hot ones (DeepSeek's EPLB; afdserve/eplb)."""
+    eplb_window_size: int = 100
+    """Steps of expert load the re-placement looks at (vLLM's eplb window_size)."""
+    eplb_step_interval: int = 200
+    """Steps between re-placements (vLLM's eplb step_interval)."""
+    num_redundant_experts: int = 0
+    """Extra expert slots per MoE layer over the FFN tier, filled with replicas of hot experts
+    (vLLM's num_redundant_experts); each FFN worker holds (E + this) / m experts per layer."""
     microbatches: int = 2
     """M, the microbatches each attention worker splits a step into (ping-pong pipelining)."""
     dtype: str = "auto"
@@ -81,8 +94,8 @@ class EngineConfig:
     front: str = ""
     """HOST:PORT: do not start the workers, wait for workers started by hand (`afdserve worker
     --front HOST:PORT --rank K`, on this host or others) to connect. The front binds its events
-    socket at PORT, worker rank k's control socket at PORT + 1 + k (attention ranks 0..r-1, the
-    FFN worker r) and hosts the data transport's rendezvous store at PORT + 2 + r, on HOST (an
+    socket at PORT, worker rank k's control socket at PORT + 1 + k (attention ranks 0..r-1, FFN
+    ranks r..r+m-1) and hosts the data transport's rendezvous store at PORT + 1 + r + m, on HOST (an
     address the workers can reach). Empty: the front starts every worker on this host."""
     startup_timeout_s: float = 120.0
     """Longest the front waits for every worker to report ready (multi-process transports)."""
@@ -116,10 +129,27 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise UserInputError(f"{name} must be an integer >= {low}, got {v!r}")
-        if self.ffn_workers != 1:
+        if self.ffn_workers != 1 and self.mode != "afd":
             raise UserInputError(
-                "ffn_workers must be 1 (expert parallelism across FFN workers is not built yet)"
+                f"ffn_workers > 1 needs mode='afd' (aggregated workers hold their own FFN), "
+                f"got ffn_workers={self.ffn_workers} with mode={self.mode!r}"
             )
+        if not isinstance(self.eplb, bool):
+            raise UserInputError(f"eplb must be a bool, got {self.eplb!r}")
+        for name, low in (
+            ("eplb_window_size", 1),
+            ("eplb_step_interval", 1),
+            ("num_redundant_experts", 0),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise UserInputError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.eplb and self.ffn_workers < 2:
+            raise UserInputError(
+                "eplb balances experts over several FFN workers: it needs ffn_workers >= 2"
+            )
+        if self.num_redundant_experts and not self.eplb:
+            raise UserInputError("num_redundant_experts needs eplb (EPLB places the replicas)")
         if self.num_kv_blocks is not None and (
             not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2
         ):
@@ -168,10 +198,10 @@ class EngineConfig:
                     f"transport={self.transport!r}"
                 )
             _, port = parse_host_port(self.front, "front")
-            if port + 2 + self.attention_workers > 65535:
+            if port + 1 + self.world_size > 65535:
                 raise UserInputError(
-                    f"front port {port} leaves no room for the {self.attention_workers + 1} "
-                    "control ports and the rendezvous port after it (PORT + 1 .. PORT + 2 + r)"
+                    f"front port {port} leaves no room for the {self.world_size} control "
+                    "ports and the rendezvous port after it (PORT + 1 .. PORT + 1 + r + m)"
                 )
 
     @property
@@ -180,9 +210,17 @@ class EngineConfig:
         the rendezvous store's HOST:PORT)."""
         host, _, port_s = self.front.rpartition(":")
         port = int(port_s)
-        r = self.attention_workers
-        controls = [f"tcp://{host}:{port + 1 + k}" for k in range(r + 1)]
-        return f"tcp://{host}:{port}", controls, f"{host}:{port + 2 + r}"
+        controls = [f"tcp://{host}:{port + 1 + k}" for k in range(self.world_size)]
+        return f"tcp://{host}:{port}", controls, f"{host}:{port + 1 + self.world_size}"
+
+    @property
+    def world_size(self) -> int:
+        """Worker ranks of an AFD group: attention 0..r-1, FFN r..r+m-1."""
+        return self.attention_workers + self.ffn_workers
+
+    @property
+    def ffn_ranks(self) -> tuple[int, ...]:
+        return tuple(range(self.attention_workers, self.world_size))
 
     @property
     def is_afd(self) -> bool:

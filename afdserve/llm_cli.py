@@ -33,6 +33,13 @@ def add_engine_args(
     )
     p.add_argument("--mode", choices=("afd", "aggregated"), default=mode)
     p.add_argument("--attention-workers", type=int, default=workers, metavar="R")
+    p.add_argument(
+        "--ffn-workers",
+        type=int,
+        default=1,
+        metavar="M",
+        help="FFN workers (AFD); above 1 each MoE layer's experts are spread over them",
+    )
     p.add_argument("--microbatches", type=int, default=microbatches, metavar="M")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
@@ -59,6 +66,29 @@ def add_engine_args(
         "--batch-invariant",
         action="store_true",
         help="exact mode: AFD gives the aggregated tokens bit for bit (GEMMs on fixed row tiles)",
+    )
+    p.add_argument(
+        "--eplb",
+        "--enable-eplb",
+        action="store_true",
+        help="expert load balancing over the FFN workers: re-place (and replicate) hot experts",
+    )
+    p.add_argument(
+        "--eplb-window-size", type=int, default=100, metavar="STEPS", help="load window (steps)"
+    )
+    p.add_argument(
+        "--eplb-step-interval",
+        type=int,
+        default=200,
+        metavar="STEPS",
+        help="steps between re-placements",
+    )
+    p.add_argument(
+        "--num-redundant-experts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="extra expert slots per MoE layer for replicas of hot experts (with --eplb)",
     )
     p.add_argument(
         "--skip-tokenizer-init",
@@ -95,6 +125,11 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model,
         mode=args.mode,
         attention_workers=args.attention_workers,
+        ffn_workers=args.ffn_workers,
+        eplb=args.eplb,
+        eplb_window_size=args.eplb_window_size,
+        eplb_step_interval=args.eplb_step_interval,
+        num_redundant_experts=args.num_redundant_experts,
         microbatches=args.microbatches,
         dtype=args.dtype,
         device=args.device,

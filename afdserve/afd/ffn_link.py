@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from afdserve.afd.expert_dispatch import Dispatch, ExpertDispatcher
 from afdserve.afd.stats import A2F, AFDStats
 from afdserve.errors import TransportTimeout
 from afdserve.model.parts import FFNPart
@@ -67,45 +68,77 @@ class LocalFFN(FFNLink):
 
 
 class RemoteFFN(FFNLink):
-    """Sends activations to FFN rank `ffn_rank` and waits for results, each wait bounded."""
+    """Sends activations to the FFN ranks and waits for their results, each wait bounded.
+
+    One FFN rank: every layer's rows go to it whole. Several (rA:mF): `dispatcher` says which
+    rows (and, for MoE layers, which expert slots) go to which rank, and puts the answers back
+    together (afd/expert_dispatch.py).
+    """
 
     def __init__(
         self,
         transport: Transport,
-        ffn_rank: int,
+        ffn_ranks: Sequence[int],
         timeout_s: float,
         device: torch.device | str = "cpu",
+        dispatcher: ExpertDispatcher | None = None,
     ) -> None:
-        self.transport, self.ffn_rank, self.timeout_s = transport, ffn_rank, timeout_s
+        self.transport, self.timeout_s = transport, timeout_s
+        self.ffn_ranks = tuple(ffn_ranks)
+        if len(self.ffn_ranks) > 1 and dispatcher is None:
+            raise ValueError("several FFN ranks need a dispatcher")
+        self.dispatcher = dispatcher if len(self.ffn_ranks) > 1 else None
         self.device = torch.device(device)
         """Where results go: a host transport delivers them in host memory."""
         self.stats = AFDStats()
+        self._pending: dict[tuple[int, int, int], tuple[Dispatch, torch.Tensor]] = {}
 
     def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
         sync = SyncInfo(tuple(tokens_per_microbatch), tuple(tuple(s) for s in seq_ids))
-        self.transport.send(
-            self.ffn_rank,
-            Message(MsgType.SYNC_REQUEST, step, sender=self.transport.rank, sync=sync),
-        )
+        self._pending.clear()
+        for rank in self.ffn_ranks:
+            self.transport.send(
+                rank, Message(MsgType.SYNC_REQUEST, step, sender=self.transport.rank, sync=sync)
+            )
 
     def submit(self, step, layer, microbatch, h) -> None:
-        msg = Message(
-            MsgType.ACTIVATION_TRANSFER, step, layer, microbatch, self.transport.rank, tensor=h
-        )
+        if self.dispatcher is None:
+            self._send(self.ffn_ranks[0], MsgType.ACTIVATION_TRANSFER, step, layer, microbatch, h)
+            return
+        sends, dispatch = self.dispatcher.plan(layer, h)
+        for rank, out in zip(self.ffn_ranks, sends, strict=True):
+            if out.routing is not None and out.expects_reply:
+                self._send(rank, MsgType.ROUTING, step, layer, microbatch, out.routing)
+            self._send(rank, MsgType.ACTIVATION_TRANSFER, step, layer, microbatch, out.x)
+        self._pending[(step, layer, microbatch)] = (dispatch, h)
+
+    def _send(self, rank, type_, step, layer, microbatch, t) -> None:
+        msg = Message(type_, step, layer, microbatch, self.transport.rank, tensor=t)
         t0 = time.perf_counter()
-        self.transport.send(self.ffn_rank, msg)
-        self.stats.record_transfer(A2F, layer, time.perf_counter() - t0, h.nbytes)
+        self.transport.send(rank, msg)
+        self.stats.record_transfer(A2F, layer, time.perf_counter() - t0, t.nbytes)
 
     def result(self, step, layer, microbatch) -> torch.Tensor:
+        deadline = time.monotonic() + self.timeout_s
+        if self.dispatcher is None:
+            return self._recv(self.ffn_ranks[0], step, layer, microbatch, deadline)
+        dispatch, h = self._pending.pop((step, layer, microbatch))
+        replies = [
+            self._recv(rank, step, layer, microbatch, deadline) if place.numel() else None
+            for rank, place in zip(self.ffn_ranks, dispatch.places, strict=True)
+        ]
+        return self.dispatcher.gather(dispatch, replies, h)  # [T, D]
+
+    def _recv(self, rank, step, layer, microbatch, deadline) -> torch.Tensor:
         t0 = time.perf_counter()
         try:
             msg = self.transport.recv(
-                self.ffn_rank,
+                rank,
                 MsgType.ACTIVATION_RESULT,
                 step,
                 layer,
                 microbatch,
-                timeout_s=self.timeout_s,
+                timeout_s=max(0.0, deadline - time.monotonic()),
             )
         except TransportTimeout:
             self.stats.record_sync_timeout()

@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from afdserve.afd.stats import F2A, AFDStats
+from afdserve.model.experts import ExpertSet
 from afdserve.model.parts import FFNPart
 from afdserve.transport.base import Transport, make_key
 from afdserve.transport.message import Message, MsgType, SyncInfo
@@ -57,8 +58,14 @@ class FFNWorker:
         attention_ranks: Sequence[int],
         timeout_s: float,
         gather_wait_s: float | None = None,
+        experts: Mapping[int, ExpertSet] | None = None,
     ) -> None:
         self.part = part
+        self.experts: dict[int, ExpertSet] = dict(experts or {})
+        """Expert parallelism (rA:mF): the routed layers and the experts this worker holds in
+        each. Their activations come normalised and with a ROUTING table (afd/expert_dispatch.py)
+        and get one output row per (token, slot) pair; every other layer runs whole. A
+        re-placement swaps in new sets between batches (`use_experts`)."""
         self.transport = transport
         self.timeout_s = timeout_s
         """The sync timeout: a peer at the batch's position that has sent nothing for this long
@@ -188,8 +195,17 @@ class FFNWorker:
                     pos,
                 )
                 continue
+            if h.shape[0] == 0:
+                continue  # nothing of this position is for this worker: no reply expected
+            if layer in self.experts:
+                routing = self._routing(rank, peer.step, layer, mb, h.shape[0], deadline)
+                if routing is None:
+                    continue
+                h = (h, routing)
             batch.append((rank, h))
-        if batch:
+        if batch and layer in self.experts:
+            self._serve_routed(layer, mb, batch)
+        elif batch:
             hs = [t for _, t in batch]
             if len({t.device for t in hs}) > 1:  # nixl: small frames land in host memory
                 hs = [to_device(t, self.device) for t in hs]
@@ -201,18 +217,72 @@ class FFNWorker:
             for (rank, _), y_k in zip(
                 batch, torch.split(y, [t.shape[0] for _, t in batch]), strict=True
             ):
-                out = Message(
-                    MsgType.ACTIVATION_RESULT,
-                    self.peers[rank].step,
-                    layer,
-                    mb,
-                    self.transport.rank,
-                    tensor=y_k,
-                )
-                t0 = time.perf_counter()
-                self.transport.send(rank, out)
-                self.stats.record_transfer(F2A, layer, time.perf_counter() - t0, y_k.nbytes)
+                self._reply(rank, layer, mb, y_k)
         return waited
+
+    def _routing(self, rank, step, layer, mb, rows, deadline) -> torch.Tensor | None:
+        """The ROUTING table of an activation of `rows` rows (sent just before it), checked
+        against what this worker holds; None (logged, dropped) when missing or malformed."""
+        key = make_key(rank, MsgType.ROUTING, step, layer, mb)
+        msg = self.transport.mailbox.take_until(key, max(deadline, time.monotonic() + 0.05))
+        r = None if msg is None else msg.tensor
+        held = self.experts[layer].local
+        if (
+            r is None
+            or r.dim() != 2
+            or r.shape[0] != rows
+            or r.dtype not in (torch.int32, torch.int64)
+            or (r.numel() and (int(r.min()) < -1 or int(r.max()) >= held.numel()))
+            or bool((held[r.clamp(min=0).long()][r >= 0] < 0).any())
+        ):
+            log.warning(
+                "rank %d: missing or malformed ROUTING %s for layer %d mb %d: dropped",
+                rank,
+                None if r is None else (tuple(r.shape), r.dtype),
+                layer,
+                mb,
+            )
+            return None
+        return r
+
+    def _serve_routed(self, layer, mb, batch) -> None:
+        """One routed batch: each peer's rows [N_k, D] and ROUTING [N_k, k] -> one unweighted
+        output row per pair with an expert here, [P_k, D] per peer (row-major over its table)."""
+        xs, rows, ids, sizes, offset = [], [], [], [], 0
+        for _, (x, routing) in batch:
+            mine = routing >= 0  # [N_k, k]
+            rows.append(mine.nonzero()[:, 0] + offset)  # [P_k]
+            ids.append(routing[mine].long())  # [P_k]
+            sizes.append(int(mine.sum()))
+            xs.append(x)
+            offset += x.shape[0]
+        if len({t.device for t in xs}) > 1:
+            xs = [to_device(t, self.device) for t in xs]
+        x = to_device(xs[0] if len(xs) == 1 else torch.cat(xs), self.device)  # [N, D]
+        pair_rows = torch.cat(rows).to(x.device)  # [P]
+        y = self.experts[layer].run(x, pair_rows, torch.cat(ids).to(x.device))  # [P, D]
+        self.stats.record_ffn_batch(layer, mb, x.shape[0])
+        if not self.transport.carries(y.device):
+            y = to_host(y)
+        for (rank, _), y_k in zip(batch, torch.split(y, sizes), strict=True):
+            self._reply(rank, layer, mb, y_k)
+
+    def _reply(self, rank: int, layer: int, mb: int, y: torch.Tensor) -> None:
+        out = Message(
+            MsgType.ACTIVATION_RESULT,
+            self.peers[rank].step,
+            layer,
+            mb,
+            self.transport.rank,
+            tensor=y,
+        )
+        t0 = time.perf_counter()
+        self.transport.send(rank, out)
+        self.stats.record_transfer(F2A, layer, time.perf_counter() - t0, y.nbytes)
+
+    def use_experts(self, experts: Mapping[int, ExpertSet]) -> None:
+        """Serve the routed layers with `experts` from the next batch on (re-placement)."""
+        self.experts = {**self.experts, **experts}
 
 
 def _positions(sync: SyncInfo, num_layers: int) -> list[tuple[int, int]]:

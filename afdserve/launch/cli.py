@@ -67,12 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     la = sub.add_parser(
         "launch",
-        help="start r attention workers and 1 FFN worker on this host (or, with --front, wait "
+        help="start r attention workers and m FFN workers on this host (or, with --front, wait "
         "for workers started by hand)",
     )
     add_engine_args(la)
     add_front_args(la)
-    la.add_argument("--ffn-workers", type=int, default=1)
     la.add_argument("--transport", default="shm", choices=("shm", "torch", "tcp", "nixl"))
     la.add_argument("--worker-threads", type=int, default=1)
     la.add_argument("--pin", action="store_true", help="pin worker k to core k mod cores")
@@ -105,10 +104,6 @@ def run_launch_cmd(args: argparse.Namespace) -> int:
     from afdserve.errors import UserInputError
     from afdserve.llm_cli import engine_options, front_options
 
-    if args.ffn_workers != 1:
-        raise UserInputError(
-            "--ffn-workers must be 1 (expert parallelism across FFN workers is not built yet)"
-        )
     opts = (
         engine_options(args)
         | front_options(args)

@@ -35,7 +35,7 @@ class Engine:
         self,
         workers: Sequence[AttentionWorker],
         vocab_size: int,
-        ffn: FFNWorker | None = None,
+        ffns: Sequence[FFNWorker] = (),
         seed: int = 0,
         on_close: Sequence = (),
         ffn_threads: int | None = None,
@@ -45,21 +45,22 @@ class Engine:
         self.tokenizer_file = tokenizer_file
         """The model's tokenizer.json (structured outputs need it; admission checks)."""
         self.vocab_size = vocab_size
-        self.ffn = ffn
+        self.ffns = list(ffns)
         self.router = Router(self.workers)
         self._pool = (
-            ThreadPoolExecutor(len(self.workers), thread_name_prefix="afd") if ffn else None
+            ThreadPoolExecutor(len(self.workers), thread_name_prefix="afd") if ffns else None
         )
         self._ffn_stop = threading.Event()
-        self._ffn_thread: threading.Thread | None = None
-        if ffn is not None:  # the FFN worker's loop runs for the engine's lifetime
-            self._ffn_thread = threading.Thread(
+        self._ffn_threads: list[threading.Thread] = []
+        for j, ffn in enumerate(self.ffns):  # each FFN worker's loop runs for the engine's life
+            thread = threading.Thread(
                 target=_serve_ffn,
                 args=(ffn, self._ffn_stop, ffn_threads),
-                name="afd-ffn",
+                name=f"afd-ffn{j}",
                 daemon=True,
             )
-            self._ffn_thread.start()
+            thread.start()
+            self._ffn_threads.append(thread)
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._owner: dict[str, int] = {}
@@ -73,9 +74,8 @@ class Engine:
         return min(w.max_model_len for w in self.workers)
 
     def healthy(self) -> bool:
-        """False once the FFN worker's loop has died (the server then answers 503)."""
-        thread = self._ffn_thread
-        return thread is None or thread.is_alive()
+        """False once an FFN worker's loop has died (the server then answers 503)."""
+        return all(t.is_alive() for t in self._ffn_threads)
 
     def add_request(
         self,
@@ -150,14 +150,14 @@ class Engine:
         )
         if not afd:
             return EngineState(workers)
-        ffn = (self.ffn.stats.snapshot(),) if self.ffn is not None else ()
+        ffn = tuple(f.stats.snapshot() for f in self.ffns)
         return EngineState(workers, tuple(w.stats.snapshot() for w in self.workers), ffn)
 
     def close(self) -> None:
         self._ffn_stop.set()
-        if self._ffn_thread is not None:
-            self._ffn_thread.join(timeout=5.0)
-            self._ffn_thread = None
+        for thread in self._ffn_threads:
+            thread.join(timeout=5.0)
+        self._ffn_threads = []
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

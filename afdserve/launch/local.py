@@ -8,6 +8,8 @@ its own scheduler and KV cache, exactly as it would in its own process.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,19 +17,30 @@ import torch
 
 from afdserve.afd.attention_runner import AttentionRunner
 from afdserve.afd.attention_worker import AttentionWorker
+from afdserve.afd.expert_dispatch import ExpertDispatcher
 from afdserve.afd.ffn_link import FFNLink, LocalFFN, RemoteFFN, result_timeout_s
 from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.config import EngineConfig, check_device
 from afdserve.engine.config import CacheConfig, SchedulerConfig, worker_configs
 from afdserve.engine.kv_cache import KVCache
 from afdserve.engine.scheduler import Scheduler
+from afdserve.eplb.initial import initial_placement
+from afdserve.eplb.placement import Placement
 from afdserve.errors import UserInputError
 from afdserve.launch.inprocess import Engine
 from afdserve.model.builtin import resolve_model
 from afdserve.model.config import ModelConfig
+from afdserve.model.experts import ExpertSet
 from afdserve.model.kernels import Kernels
 from afdserve.model.loader import load_weights
-from afdserve.model.parts import AttentionPart, FFNPart, is_ffn_weight
+from afdserve.model.parts import (
+    AttentionPart,
+    FFNPart,
+    RouterPart,
+    expert_of,
+    is_ffn_weight,
+    is_router_weight,
+)
 from afdserve.model.tokenizer import TOKENIZER_FILE
 from afdserve.transport.base import Transport
 from afdserve.transport.local import LocalHub
@@ -42,6 +55,8 @@ class LoadedModel:
     dtype: torch.dtype
     attention: AttentionPart | None
     ffn: FFNPart | None
+    router: RouterPart | None = None
+    """The MoE layers' norms and routers on the attention side (expert parallelism)."""
 
 
 def resolve_dtype(requested: str, config: ModelConfig) -> torch.dtype:
@@ -69,9 +84,12 @@ def load_model(
     device: str = "cpu",
     parts: tuple[str, ...] = ("attention", "ffn"),
     kernels: Kernels = Kernels(),
+    held: Mapping[int, Sequence[int]] | None = None,
 ) -> LoadedModel:
-    """Load `model` (a directory or builtin:NAME) and build the requested parts, running
-    `kernels`; an attention or FFN worker process reads only its own part's tensors."""
+    """Load `model` (a directory or builtin:NAME) and build the requested parts ("attention",
+    "ffn", "router"), running `kernels`; an attention or FFN worker process reads only its own
+    part's tensors, and an FFN worker under expert parallelism only the experts it holds
+    (`held`: MoE layer -> expert ids)."""
     require_device(device)
     if kernels.batch_invariant and device == "cpu":
         from afdserve.model import native
@@ -84,21 +102,52 @@ def load_model(
     path = resolve_model(model)
     config = ModelConfig.from_dir(path)
     tdtype = resolve_dtype(dtype, config)
-    if parts == ("attention",):
-        select = lambda name: not is_ffn_weight(name)  # noqa: E731
-    elif parts == ("ffn",):
-        select = is_ffn_weight
-    else:
-        select = None
+
+    def select(name: str) -> bool:
+        if not is_ffn_weight(name):
+            return "attention" in parts
+        if "router" in parts and is_router_weight(name):
+            return True
+        if "ffn" not in parts:
+            return False
+        at = expert_of(name)
+        return held is None or at is None or at[1] in held.get(at[0], ())
+
     weights = load_weights(path, config, tdtype, device, select=select)
-    attention = ffn = None
+    attention = ffn = router = None
     if "attention" in parts:
         attention = AttentionPart(config, tdtype, kernels).to(device)
         attention.load(weights)
     if "ffn" in parts:
-        ffn = FFNPart(config, tdtype, kernels).to(device)
+        ffn = FFNPart(config, tdtype, kernels, held).to(device)
         ffn.load(weights)
-    return LoadedModel(path, config, tdtype, attention, ffn)
+    if "router" in parts and config.is_moe:
+        if ffn is not None:
+            router = RouterPart.of(ffn)
+        else:
+            router = RouterPart(config, tdtype, kernels).to(device)
+            router.load(weights)
+    return LoadedModel(path, config, tdtype, attention, ffn, router)
+
+
+def make_link(
+    index: int,
+    cfg: EngineConfig,
+    model: LoadedModel,
+    transport: Transport,
+    placement: Placement | None,
+) -> RemoteFFN:
+    """Attention worker `index`'s link to the FFN tier (both placements)."""
+    dispatcher = None
+    if cfg.ffn_workers > 1:
+        dispatcher = ExpertDispatcher(index, cfg.ffn_workers, model.router, placement)
+    return RemoteFFN(
+        transport,
+        cfg.ffn_ranks,
+        timeout_s=result_timeout_s(cfg.sync_timeout_s),
+        device=cfg.device,
+        dispatcher=dispatcher,
+    )
 
 
 def cache_and_scheduler_configs(
@@ -144,15 +193,35 @@ def make_attention_worker(
     return AttentionWorker(index, scheduler, runner)
 
 
-def make_ffn_worker(cfg: EngineConfig, model: LoadedModel, transport: Transport) -> FFNWorker:
-    """The FFN worker of `cfg` on `transport`, serving attention ranks 0..r-1 (both placements)."""
+def make_ffn_worker(
+    cfg: EngineConfig,
+    model: LoadedModel,
+    transport: Transport,
+    placement: Placement | None = None,
+) -> FFNWorker:
+    """The FFN worker on `transport` (rank r + j), serving attention ranks 0..r-1 (both
+    placements); under expert parallelism it serves the experts `placement` gives it."""
+    experts = {}
+    if placement is not None:
+        j = transport.rank - cfg.attention_workers
+        for layer, workers in enumerate(placement.layers):
+            if workers is not None:
+                experts[layer] = held_experts(model.ffn, layer, workers[j])
     return FFNWorker(
         model.ffn,
         transport,
         attention_ranks=range(cfg.attention_workers),
         timeout_s=cfg.sync_timeout_s,
         gather_wait_s=cfg.ffn_gather_wait_s,
+        experts=experts,
     )
+
+
+def held_experts(ffn: FFNPart, layer: int, ids: Sequence[int]) -> ExpertSet:
+    """Layer `layer`'s experts `ids` from `ffn`: its own set when that is exactly them, else a
+    subset of it (an in-process engine's FFN part holds every expert)."""
+    have = ffn.layers[layer].mlp.experts
+    return have if have.ids == tuple(ids) else have.subset(ids)
 
 
 def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[Engine, LoadedModel]:
@@ -164,23 +233,18 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     m = model or load_model(
         cfg.model, cfg.dtype, cfg.device, kernels=Kernels(batch_invariant=cfg.batch_invariant)
     )
+    if m.router is None and m.ffn is not None and m.config.is_moe:
+        m = dataclasses.replace(m, router=RouterPart.of(m.ffn))
     cache_and_scheduler_configs(cfg, m.config, m.dtype)  # a bad max_model_len: before any hub
     r = cfg.attention_workers
     links: list[FFNLink]
-    ffn_worker = None
+    ffn_workers = []
     on_close = []
     if cfg.is_afd:
-        hub = LocalHub(r + 1)
-        links = [
-            RemoteFFN(
-                hub.endpoints[k],
-                ffn_rank=r,
-                timeout_s=result_timeout_s(cfg.sync_timeout_s),
-                device=cfg.device,
-            )
-            for k in range(r)
-        ]
-        ffn_worker = make_ffn_worker(cfg, m, hub.endpoints[r])
+        placement = initial_placement(cfg, m.config)
+        hub = LocalHub(cfg.world_size)
+        links = [make_link(k, cfg, m, hub.endpoints[k], placement) for k in range(r)]
+        ffn_workers = [make_ffn_worker(cfg, m, hub.endpoints[j], placement) for j in cfg.ffn_ranks]
         on_close.append(hub.close)
     else:
         links = [LocalFFN(m.ffn) for _ in range(r)]
@@ -188,7 +252,7 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     engine = Engine(
         workers,
         m.config.vocab_size,
-        ffn_worker,
+        ffn_workers,
         seed=cfg.seed,
         on_close=on_close,
         ffn_threads=cfg.ffn_threads,

@@ -33,7 +33,7 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bump when a message changes shape; both ends of a group must agree. (3: `TokenEvent`'s
 queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,
 logit_bias and prompt_logprobs, which a worker of 2 would drop unread. 4: SamplingParams'
@@ -73,8 +73,8 @@ class _Message(msgspec.Struct, frozen=True, tag_field="op", forbid_unknown_field
 
 class Configure(_Message, tag="configure"):
     """The first message a worker gets: the group's one EngineConfig (its `__post_init__`
-    checks run again on decode), this worker's rank (rank `attention_workers` is the FFN
-    worker) and where the front hosts the data transport's rendezvous store. A worker has no
+    checks run again on decode), this worker's rank (ranks `attention_workers` and up are
+    FFN workers) and where the front hosts the data transport's rendezvous store. A worker has no
     other source of configuration, so the workers of a group cannot disagree on it."""
 
     rank: int
@@ -83,6 +83,8 @@ class Configure(_Message, tag="configure"):
     """The model directory, as the front resolved it (the same path on every host)."""
     rendezvous: str
     """HOST:PORT of the store the front hosts for the data transport."""
+    placement: dict[str, Any] | None = None
+    """Expert parallelism: where each MoE layer's experts are (`Placement.to_dict`)."""
     schema: int = SCHEMA_VERSION
 
 

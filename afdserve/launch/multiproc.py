@@ -41,6 +41,7 @@ from afdserve.afd.admission import admit
 from afdserve.afd.router import Router
 from afdserve.afd.stats import AFDStatsSnapshot, EngineState, WorkerState
 from afdserve.config import EngineConfig
+from afdserve.eplb.initial import initial_placement
 from afdserve.errors import AfdserveError, UserInputError
 from afdserve.launch import control
 from afdserve.launch.messages import (
@@ -107,7 +108,10 @@ class MultiProcessEngine:
         self._owner: dict[str, int] = {}
         self._pending: list[TokenEvent] = []
         """Token events `poll_idle` received; the next `step` returns them."""
-        self._ffn_afd = AFDStatsSnapshot()
+        self._ffn_afd = {j: AFDStatsSnapshot() for j in cfg.ffn_ranks}
+        """The latest AFD stats each FFN rank reported."""
+        self.placement = initial_placement(cfg, self.model_config)
+        """Where each MoE layer's experts are (expert parallelism), told to every worker."""
         self._failure: str | None = None
         """Why the engine cannot serve any more (a worker died or reported a fatal error)."""
         self._lock = threading.Lock()
@@ -138,7 +142,7 @@ class MultiProcessEngine:
             if cfg.transport != "shm":
                 from afdserve.transport.rendezvous import StoreServer
 
-                self._store = StoreServer(self.rendezvous, r + 1, cfg.startup_timeout_s)
+                self._store = StoreServer(self.rendezvous, cfg.world_size, cfg.startup_timeout_s)
             self._pinger.start()  # from the start: a ready worker must not think us gone
             self._wait_ready(cfg.startup_timeout_s)
         except BaseException:
@@ -169,13 +173,14 @@ class MultiProcessEngine:
                 raise UserInputError(f"the front cannot bind {addr}: {exc}") from None
         r = self.cfg.attention_workers
         ranks = ", ".join(
-            f"rank {k}{' (FFN)' if k == r else ''} {a}" for k, a in enumerate(control_addrs)
+            f"rank {k}{' (FFN)' if k >= r else ''} {a}" for k, a in enumerate(control_addrs)
         )
         log.warning(
-            "afdserve front: waiting up to %.0fs for %d attention workers and 1 FFN worker, "
+            "afdserve front: waiting up to %.0fs for %d attention and %d FFN workers, "
             "started with `afdserve worker --front %s --rank K`: %s",
             self.cfg.startup_timeout_s,
             r,
+            self.cfg.ffn_workers,
             self.cfg.front,
             ranks,
         )
@@ -193,7 +198,7 @@ class MultiProcessEngine:
         events = f"tcp://127.0.0.1:{self._events.bind_to_random_port('tcp://127.0.0.1')}"
         self.rendezvous = f"127.0.0.1:{free_port()}"
         controls = []
-        for _ in range(self.cfg.attention_workers + 1):
+        for _ in range(self.cfg.world_size):
             port = self._new_control().bind_to_random_port("tcp://127.0.0.1")
             controls.append(f"tcp://127.0.0.1:{port}")
         self._procs.spawn(self.cfg, events, controls)
@@ -203,7 +208,10 @@ class MultiProcessEngine:
         takes a message only once its peer is there); those sent leave `pending`."""
         with self._lock:
             for rank in sorted(pending):
-                msg = Configure(rank, self.cfg, str(self.model_path), self.rendezvous)
+                placement = None if self.placement is None else self.placement.to_dict()
+                msg = Configure(
+                    rank, self.cfg, str(self.model_path), self.rendezvous, placement=placement
+                )
                 try:
                     control.send(self._controls[rank], msg, timeout_s=0.0)
                 except (TimeoutError, zmq.ZMQError):
@@ -211,18 +219,18 @@ class MultiProcessEngine:
                 pending.discard(rank)
 
     def _wait_ready(self, timeout_s: float) -> None:
-        """Configure every rank 0..r as it connects, then wait until each has said `ready`
+        """Configure every rank 0..r+m-1 as it connects, then wait until each has said `ready`
         (after loading its part and connecting the data transport) serving the front's model;
         a worker's start-up error, a death (spawned workers) or the deadline is a WorkerError
         naming the ranks."""
-        r = self.cfg.attention_workers
+        r, world = self.cfg.attention_workers, self.cfg.world_size
         deadline = time.monotonic() + timeout_s
-        unconfigured = set(range(r + 1))
+        unconfigured = set(range(world))
         ready: dict[int, Fingerprint] = {}
-        while len(ready) < r + 1:
+        while len(ready) < world:
             self._check_alive(starting=True)
             if time.monotonic() > deadline:
-                missing = sorted(set(range(r + 1)) - set(ready))
+                missing = sorted(set(range(world)) - set(ready))
                 logdir = self._procs.logdir
                 where = f"logs: {logdir}" if logdir else f"front {self.cfg.front}"
                 raise WorkerError(f"workers {missing} not ready within {timeout_s:.0f}s ({where})")
@@ -233,10 +241,10 @@ class MultiProcessEngine:
                     raise WorkerError(f"worker {m.rank} failed to start: {m.message}")
                 if not isinstance(m, Ready):
                     continue
-                if m.role != ("ffn" if m.rank == r else "attention"):
+                if m.role != ("ffn" if m.rank >= r else "attention"):
                     raise WorkerError(
                         f"a {m.role} worker reported ready as rank {m.rank!r}, but this front "
-                        f"runs attention ranks 0..{r - 1} and the FFN worker as rank {r}"
+                        f"runs attention ranks 0..{r - 1} and FFN ranks {r}..{world - 1}"
                     )
                 if m.schema != SCHEMA_VERSION:
                     raise WorkerError(
@@ -397,8 +405,11 @@ class MultiProcessEngine:
         if not isinstance(m, StepOutputs | Heartbeat):
             return []  # a Malformed (logged by the codec) or a late Ready
         if isinstance(m, Heartbeat) and m.role == "ffn":
+            if m.rank not in self._ffn_afd:
+                log.warning("dropping a heartbeat from unknown FFN rank %r", m.rank)
+                return []
             try:
-                self._ffn_afd = AFDStatsSnapshot.from_dict(m.afd)
+                self._ffn_afd[m.rank] = AFDStatsSnapshot.from_dict(m.afd)
             except ValueError as exc:
                 log.warning("dropping a malformed FFN heartbeat: %s", exc)
             return []
@@ -442,7 +453,9 @@ class MultiProcessEngine:
             if not afd:
                 return EngineState(workers)
             # snapshots are replaced, never mutated, when a report arrives: sharing is safe
-            return EngineState(workers, tuple(w.afd for w in self.workers), (self._ffn_afd,))
+            return EngineState(
+                workers, tuple(w.afd for w in self.workers), tuple(self._ffn_afd.values())
+            )
 
     def healthy(self) -> bool:
         """False once any worker process exited, reported a fatal error or fell silent while

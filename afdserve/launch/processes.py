@@ -27,7 +27,7 @@ class WorkerProcesses:
         self.logdir = ""
 
     def spawn(self, cfg: EngineConfig, events: str, controls: list[str]) -> None:
-        """Start rank k (0..r) told `controls[k]` and `events`, pinned to core k mod cores
+        """Start rank k (0..r+m-1) told `controls[k]` and `events`, pinned to core k mod cores
         when `cfg.pin_workers`; the rest of its configuration comes from the front."""
         self.logdir = tempfile.mkdtemp(prefix="afdserve-workers-")
         ncpu = os.cpu_count() or 1
@@ -102,7 +102,8 @@ def _worker_env(cfg: EngineConfig, ncpu: int) -> dict[str, str]:
     worker would take the core another worker needs; measured on 2 cores, 2A1F with a 2-thread
     FFN: 6 tok/s spinning, 21 sleeping). An OMP_WAIT_POLICY already set is kept."""
     env = dict(os.environ)
-    threads = cfg.attention_workers * cfg.worker_threads + (cfg.ffn_threads or cfg.worker_threads)
+    ffn = cfg.ffn_workers * (cfg.ffn_threads or cfg.worker_threads)
+    threads = cfg.attention_workers * cfg.worker_threads + ffn
     if threads > ncpu:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env

@@ -108,6 +108,7 @@ class _Group:
     rank: int
     model: str
     rendezvous: str
+    placement: Any = None  # Placement | None
 
     @property
     def r(self) -> int:
@@ -115,7 +116,7 @@ class _Group:
 
     @property
     def role(self) -> str:
-        return "ffn" if self.rank == self.r else "attention"
+        return "ffn" if self.rank >= self.r else "attention"
 
     @property
     def threads(self) -> int:
@@ -201,7 +202,10 @@ def _await_configure(commands: Any, wcfg: WorkerConfig, stop: threading.Event) -
                 raise UserInputError(
                     f"started as rank {wcfg.rank} but the front's socket is rank {m.rank}'s"
                 )
-            group = _Group(m.config, m.rank, m.model, m.rendezvous)
+            from afdserve.eplb.placement import Placement
+
+            placement = None if m.placement is None else Placement.from_dict(m.placement)
+            group = _Group(m.config, m.rank, m.model, m.rendezvous, placement)
             logging.getLogger().handlers[0].setFormatter(
                 logging.Formatter(f"[{group.role}{group.rank}] %(levelname)s %(message)s")
             )
@@ -281,13 +285,24 @@ def _report(
         pass
 
 
-def _load(group: _Group, part: str):  # -> LoadedModel (imported late: torch loads after setup)
+def _load(group: _Group, parts: tuple[str, ...]):  # -> LoadedModel (torch loads after setup)
+    """This worker's part of the model: an FFN worker under expert parallelism reads only the
+    experts its placement gives it; an attention worker also reads the routers then."""
     from afdserve.launch.local import load_model
     from afdserve.model.kernels import Kernels
 
     c = group.cfg
+    held = None
+    if group.placement is not None and group.role == "ffn":
+        j = group.rank - group.r
+        held = {i: w[j] for i, w in enumerate(group.placement.layers) if w is not None}
     model = load_model(
-        group.model, c.dtype, c.device, (part,), Kernels(batch_invariant=c.batch_invariant)
+        group.model,
+        c.dtype,
+        c.device,
+        parts,
+        Kernels(batch_invariant=c.batch_invariant),
+        held=held,
     )
     if c.device != "cpu":  # NIXL's VRAM slots and the transport's threads use the current one
         import torch
@@ -313,9 +328,9 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
     return create_transport(
         c.transport,
         group.rank,
-        group.r + 1,
+        c.world_size,
         rendezvous=group.rendezvous,
-        peers=afd_peers(group.rank, group.r),
+        peers=afd_peers(group.rank, group.r, c.ffn_workers),
         connect_timeout_s=wcfg.connect_timeout_s,
         **backend,
     )
@@ -329,10 +344,10 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
     from afdserve.launch.local import make_ffn_worker
     from afdserve.launch.messages import Heartbeat, Ready, Shutdown
 
-    model, mine = _load(group, "ffn")
+    model, mine = _load(group, ("ffn",))
     transport = _create_transport(group, wcfg)
     try:
-        core = make_ffn_worker(group.cfg, model, transport)
+        core = make_ffn_worker(group.cfg, model, transport, group.placement)
         control.send(events, Ready(group.rank, "ffn", os.getpid(), mine))
         last_beat = 0.0
         front = _FrontWatch(wcfg.front_timeout_s, wcfg.front or wcfg.control)
@@ -358,16 +373,16 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
 
 
 def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop) -> int:
-    from afdserve.afd.ffn_link import RemoteFFN, result_timeout_s
     from afdserve.launch import control
-    from afdserve.launch.local import make_attention_worker
+    from afdserve.launch.local import make_attention_worker, make_link
     from afdserve.launch.messages import Heartbeat, Ready, Shutdown, StepOutputs
 
     c = group.cfg
-    model, mine = _load(group, "attention")
+    parts = ("attention", "router") if c.ffn_workers > 1 else ("attention",)
+    model, mine = _load(group, parts)
     transport = _create_transport(group, wcfg)
     try:
-        link = RemoteFFN(transport, group.r, result_timeout_s(c.sync_timeout_s), c.device)
+        link = make_link(group.rank, c, model, transport, group.placement)
         core = make_attention_worker(group.rank, c, model, link)
         stats = _StatsShipper(core.stats)
         ready = Ready(group.rank, "attention", os.getpid(), mine, max_model_len=core.max_model_len)

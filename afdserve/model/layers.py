@@ -9,13 +9,16 @@ and random init of a large model would only cost time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from afdserve.model.attention import AttentionMetadata, paged_attention
 from afdserve.model.config import ModelConfig
-from afdserve.model.kernels import Kernels, PreparedWeight, compute_dtype
+from afdserve.model.experts import ExpertSet, combine, route, token_pairs
+from afdserve.model.kernels import Kernels, PreparedWeight
 from afdserve.model.rope import apply_rotary
 
 
@@ -121,24 +124,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: same values
 
 
-GROUPED_ROWS = 64
-"""Fast mode: below this many (token, expert) pairs per expert on average, all experts run as
-one batched GEMM per projection (rows padded to the busiest expert's) instead of a loop of
-per-expert GEMMs, whose Python and call overhead dominates at decode sizes."""
-
-
 class MoE(nn.Module):
-    """Top-k routed experts (Mixtral, Qwen3-MoE); experts are stacked for fast indexing.
+    """Top-k routed experts (Mixtral, Qwen3-MoE): the router (`gate`) and an `ExpertSet`.
 
-    Routing follows HF: softmax in float32 over all experts, top-k, optional renormalisation,
-    cast to the activation dtype. The T*k (token, expert) pairs are sorted by expert so each
-    expert runs one GEMM on a contiguous slice (the exact mode: each on fixed row tiles; the
-    fast mode: a grouped batched GEMM when experts get few rows); results go back to (token,
-    slot) order and each token sums its k weighted outputs in slot order, so a token's result
-    does not depend on which other tokens share its batch.
+    Routing follows HF (model/experts.py `route`); the T*k (token, slot) pairs run through the
+    experts grouped by expert (the exact mode: each expert on fixed row tiles; the fast mode: a
+    grouped batched GEMM when experts get few rows), and each token sums its k weighted outputs
+    in slot order, so a token's result does not depend on which other tokens share its batch.
+    `expert_ids` (default all E) are the experts this block holds: an FFN worker under expert
+    parallelism holds only its share, and then serves pairs the attention side routed.
     """
 
-    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels) -> None:
+    def __init__(
+        self,
+        c: ModelConfig,
+        dtype: torch.dtype,
+        kernels: Kernels,
+        expert_ids: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         d, inter, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
         self.num_experts, self.top_k, self.norm_topk_prob = (
@@ -146,99 +149,40 @@ class MoE(nn.Module):
             c.num_experts_per_tok,
             c.norm_topk_prob,
         )
+        self.expert_ids = tuple(range(e)) if expert_ids is None else tuple(sorted(expert_ids))
+        n = len(self.expert_ids)
         self.gate = Linear(d, e, False, dtype, kernels)
         self.kernels = kernels
-        self.w_gate_up = _param(e, 2 * inter, d, dtype=dtype)  # [E, 2I, D]: gate rows, then up rows
-        self.w_down = _param(e, d, inter, dtype=dtype)  # [E, D, I]
-        self.prepared: tuple[list[PreparedWeight], list[PreparedWeight]] | None = None
-        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
-        """Fast mode: [E, D, 2I] and [E, I, D] in the compute dtype, for batched GEMMs."""
+        self.w_gate_up = _param(n, 2 * inter, d, dtype=dtype)  # [n, 2I, D]: gate rows, then up
+        self.w_down = _param(n, d, inter, dtype=dtype)  # [n, D, I]
+        self.experts: ExpertSet | None = None
+
+    @property
+    def prepared(self) -> ExpertSet | None:
+        """Set once the weights are in the kernels' form (what `prepare_weights` looks for)."""
+        return self.experts
 
     def prepare(self) -> None:
-        """The weights in the kernels' form; the plain stacked copies are dropped. The exact
-        mode keeps one prepared weight per expert (tiled GEMMs), the fast mode one stacked
-        tensor per projection (grouped and per-expert GEMMs both read it)."""
-        if self.kernels.batch_invariant:
-            self.prepared = (
-                [self.kernels.prepare(w) for w in self.w_gate_up.detach()],  # E x [2I, D]
-                [self.kernels.prepare(w) for w in self.w_down.detach()],  # E x [D, I]
-            )
-        else:
-            dtype = compute_dtype(self.w_down)
-            self.stacked = (
-                self.w_gate_up.detach().to(dtype).transpose(1, 2).contiguous(),  # [E, D, 2I]
-                self.w_down.detach().to(dtype).transpose(1, 2).contiguous(),  # [E, I, D]
-            )
+        """The weights in the kernels' form; the plain stacked copies are dropped."""
+        self.experts = ExpertSet(
+            self.expert_ids,
+            self.w_gate_up.detach(),
+            self.w_down.detach(),
+            self.num_experts,
+            self.kernels,
+        )
         self.w_gate_up = self.w_down = None
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] (normalised) -> (weights [T, k], experts [T, k])."""
+        return route(self.gate(x), self.top_k, self.norm_topk_prob, x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
-        t, d = x.shape
-        router_logits = self.gate(x)  # [T, E]
-        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, k], [T, k]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        flat = experts.flatten()  # [T*k] expert of each (token, slot) pair
-        order = torch.argsort(flat, stable=True)  # [T*k] pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # [E]
-        xs = x[order // self.top_k]  # [T*k, D] token rows in expert order
-        if self.prepared is not None:
-            ys = self._experts_tiled(xs, counts)
-        elif self.stacked is not None:
-            ys = self._experts_fast(xs, counts, flat[order])
-        else:
+        if self.experts is None:
             raise RuntimeError("MoE used before prepare_weights() (load the part first)")
-        y = torch.empty_like(ys)
-        y[order] = ys  # back to (token, slot) order
-        y = y.view(t, self.top_k, d) * weights[:, :, None]  # [T, k, D]
-        out = y[:, 0]
-        for j in range(1, self.top_k):  # fixed order: slot 0 (highest weight) first
-            out = out + y[:, j]
-        return out  # [T, D]
-
-    def _experts_tiled(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """The exact mode: each expert's slice of `xs` [T*k, D] through its own GEMMs."""
-        w_gate_up, w_down = self.prepared
-        ys = torch.empty_like(xs)  # [T*k, D]
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                gate, up = self.kernels.linear(xs[start : start + n], w_gate_up[e]).chunk(
-                    2, dim=-1
-                )  # [n, I]
-                ys[start : start + n] = self.kernels.linear(F.silu(gate) * up, w_down[e])
-                start += n
-        return ys
-
-    def _experts_fast(
-        self, xs: torch.Tensor, counts: list[int], expert_of: torch.Tensor
-    ) -> torch.Tensor:
-        """The fast mode: `xs` [T*k, D] (grouped by expert; `expert_of` [T*k]) through the
-        stacked weights, as one grouped GEMM per projection when experts get few rows."""
-        w_gate_up, w_down = self.stacked  # [E, D, 2I], [E, I, D]
-        dtype = xs.dtype
-        xc = xs.to(w_gate_up.dtype)
-        active = sum(1 for n in counts if n)
-        if xs.shape[0] < GROUPED_ROWS * active:
-            e, rows = self.num_experts, max(counts)
-            starts = torch.tensor([0, *counts[:-1]], device=xs.device).cumsum(0)  # [E]
-            within = torch.arange(xs.shape[0], device=xs.device) - starts[expert_of]  # [T*k]
-            dest = expert_of * rows + within  # [T*k] row in the padded [E * rows] grid
-            xp = xc.new_zeros(e * rows, xc.shape[1])  # [E * rows, D]
-            xp[dest] = xc
-            h = torch.bmm(xp.view(e, rows, -1), w_gate_up)  # [E, rows, 2I]
-            gate, up = h.chunk(2, dim=-1)  # [E, rows, I]
-            o = torch.bmm(F.silu(gate, inplace=True).mul_(up), w_down)  # [E, rows, D]
-            return o.view(e * rows, -1)[dest].to(dtype)  # [T*k, D]
-        ys = torch.empty_like(xc)  # [T*k, D]
-        start = 0
-        for ex, n in enumerate(counts):
-            if n:
-                gate, up = (xc[start : start + n] @ w_gate_up[ex]).chunk(2, dim=-1)  # [n, I]
-                ys[start : start + n] = F.silu(gate, inplace=True).mul_(up) @ w_down[ex]
-                start += n
-        return ys.to(dtype)
+        weights, experts = self.route(x)  # [T, k] each
+        rows, ids = token_pairs(experts)  # [T*k] each
+        return combine(self.experts.run(x, rows, ids), weights)
 
 
 class AttentionBlock(nn.Module):
@@ -256,11 +200,18 @@ class AttentionBlock(nn.Module):
 class FFNBlock(nn.Module):
     """The FFN side of one decoder layer: y = mlp(post_attention_layernorm(h)); caller adds h."""
 
-    def __init__(self, c: ModelConfig, layer: int, dtype: torch.dtype, kernels: Kernels) -> None:
+    def __init__(
+        self,
+        c: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        kernels: Kernels,
+        expert_ids: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp: nn.Module = (
-            MoE(c, dtype, kernels)
+            MoE(c, dtype, kernels, expert_ids)
             if c.is_moe_layer(layer)
             else MLP(c.hidden_size, c.intermediate_size, dtype, kernels)
         )

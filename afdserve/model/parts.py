@@ -12,7 +12,7 @@ Legend: T = tokens, D = hidden size, V = vocabulary.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,8 +20,16 @@ from torch import nn
 from afdserve.errors import ModelLoadError
 from afdserve.model.attention import AttentionMetadata
 from afdserve.model.config import ModelConfig
+from afdserve.model.experts import route
 from afdserve.model.kernels import Kernels, PreparedWeight
-from afdserve.model.layers import AttentionBlock, FFNBlock, RMSNorm, prepare_weights
+from afdserve.model.layers import (
+    AttentionBlock,
+    FFNBlock,
+    Linear,
+    MoE,
+    RMSNorm,
+    prepare_weights,
+)
 from afdserve.model.rope import RotaryEmbedding
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -101,13 +109,24 @@ class AttentionPart(nn.Module):
 
 
 class FFNPart(nn.Module):
-    """Per-layer post-attention norm plus MLP or MoE."""
+    """Per-layer post-attention norm plus MLP or MoE.
 
-    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels = Kernels()) -> None:
+    `held` (expert parallelism): for each MoE layer, the experts this part holds; the others
+    are neither loaded nor kept. None: every expert of every layer.
+    """
+
+    def __init__(
+        self,
+        c: ModelConfig,
+        dtype: torch.dtype,
+        kernels: Kernels = Kernels(),
+        held: Mapping[int, Sequence[int]] | None = None,
+    ) -> None:
         super().__init__()
         self.config, self.kernels = c, kernels
         self.layers = nn.ModuleList(
-            FFNBlock(c, i, dtype, kernels) for i in range(c.num_hidden_layers)
+            FFNBlock(c, i, dtype, kernels, None if held is None else held.get(i, ()))
+            for i in range(c.num_hidden_layers)
         )
 
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
@@ -126,13 +145,97 @@ class FFNPart(nn.Module):
                 rest = rest.replace("block_sparse_moe.gate.", "mlp.gate.")
                 own[f"layers.{layer}.{rest}"] = t
         for (layer, proj), by_expert in experts.items():
-            own[f"layers.{layer}.mlp.{proj}"] = torch.stack(
-                [by_expert[e] for e in sorted(by_expert)]
-            )
+            want = self.layers[layer].mlp.expert_ids
+            if not set(want) <= set(by_expert):
+                raise ModelLoadError(
+                    f"layer {layer}: experts {sorted(set(want) - set(by_expert))} missing"
+                )
+            own[f"layers.{layer}.mlp.{proj}"] = torch.stack([by_expert[e] for e in want])
         _fuse(own, ("mlp.w_gate", "mlp.w_up"), "mlp.w_gate_up", dim=1)  # [E, I, D] x2 -> [E, 2I, D]
+        for i, block in enumerate(self.layers):  # a worker holding none of a layer's experts
+            if isinstance(block.mlp, MoE) and not block.mlp.expert_ids:
+                own[f"layers.{i}.mlp.w_gate_up"] = block.mlp.w_gate_up.detach()
+                own[f"layers.{i}.mlp.w_down"] = block.mlp.w_down.detach()
         _fuse(own, ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.gate_up_proj.weight", dim=0)
         _copy_into(self, own, "FFN")
         prepare_weights(self)
+
+
+class RouterPart(nn.Module):
+    """The attention side's copy of each MoE layer's post-attention norm and router, for expert
+    parallelism: the attention worker routes each token, so it sends it only to the FFN
+    workers that hold its top-k experts (afd/expert_dispatch.py). Dense layers have no entry."""
+
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels = Kernels()) -> None:
+        super().__init__()
+        self.config = c
+        self.layers = nn.ModuleDict(
+            {
+                str(i): _Router(c, dtype, kernels)
+                for i in range(c.num_hidden_layers)
+                if c.is_moe_layer(i)
+            }
+        )
+
+    @classmethod
+    def of(cls, ffn: FFNPart) -> RouterPart:
+        """A RouterPart sharing the norms and routers of an FFN part (in-process engines,
+        which hold both sides: no second copy)."""
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.config = ffn.config
+        out.layers = nn.ModuleDict()
+        for i, block in enumerate(ffn.layers):
+            if ffn.config.is_moe_layer(i):
+                r = _Router.__new__(_Router)
+                nn.Module.__init__(r)
+                r.post_attention_layernorm, r.gate = block.post_attention_layernorm, block.mlp.gate
+                r.top_k, r.norm_topk_prob = block.mlp.top_k, block.mlp.norm_topk_prob
+                out.layers[str(i)] = r
+        return out
+
+    def route(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [T, D] -> (x = norm(h) [T, D], weights [T, k], experts [T, k])."""
+        r = self.layers[str(layer)]
+        x = r.post_attention_layernorm(h)
+        return (x, *route(r.gate(x), r.top_k, r.norm_topk_prob, x.dtype))
+
+    def load(self, weights: Mapping[str, torch.Tensor]) -> None:
+        own = {}
+        for name, t in weights.items():
+            if is_router_weight(name):
+                layer, rest = _LAYER.match(name).groups()
+                if layer in self.layers:
+                    rest = rest.replace("block_sparse_moe.gate.", "gate.").replace(
+                        "mlp.gate.", "gate."
+                    )
+                    own[f"layers.{layer}.{rest}"] = t
+        _copy_into(self, own, "router")
+        prepare_weights(self)
+
+
+class _Router(nn.Module):
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, kernels: Kernels) -> None:
+        super().__init__()
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.gate = Linear(c.hidden_size, c.num_experts, False, dtype, kernels)
+        self.top_k, self.norm_topk_prob = c.num_experts_per_tok, c.norm_topk_prob
+
+
+def is_router_weight(name: str) -> bool:
+    """True for the tensors a RouterPart needs: each layer's post-attention norm and MoE gate."""
+    m = _LAYER.match(name)
+    return bool(m) and (
+        m.group(2).startswith("post_attention_layernorm.")
+        or m.group(2) in ("mlp.gate.weight", "block_sparse_moe.gate.weight")
+    )
+
+
+def expert_of(name: str) -> tuple[int, int] | None:
+    """(layer, expert) of a routed expert's tensor, None for any other tensor."""
+    m = _LAYER.match(name)
+    e = _EXPERT.match(m.group(2)) if m else None
+    return (int(m.group(1)), int(e.group(1))) if e else None
 
 
 def _fuse(tensors: dict[str, torch.Tensor], parts: tuple[str, ...], fused: str, dim: int) -> None:

@@ -39,7 +39,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"HF-format model dir or builtin:NAME (default {DEFAULT_MODEL}); same as --model",
     )
     add_engine_args(s)
-    s.add_argument("--ffn-workers", type=int, default=1, metavar="M")
     s.add_argument(
         "--transport",
         default="local",
@@ -169,7 +168,6 @@ def serve_config(args: argparse.Namespace):
     return EngineConfig(
         **engine_options(args),
         **front_options(args),
-        ffn_workers=args.ffn_workers,
         transport=args.transport,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_gib=args.kv_cache_gib,

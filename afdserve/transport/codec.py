@@ -57,7 +57,9 @@ _PLAIN_TYPES = {
     int(t): t for t in (MsgType.SYNC_ACK, MsgType.HEARTBEAT, MsgType.SHUTDOWN, MsgType.ERROR)
 }
 """The types a frame may carry without any payload (the others need a tensor or a SyncInfo)."""
-_ACTIVATION_TYPES = {int(t): t for t in (MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT)}
+_ACTIVATION_TYPES = {
+    int(t): t for t in (MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT, MsgType.ROUTING)
+}
 """The hot tensor frames, which `encode_prefix` packs on a fast path."""
 _DIMS = struct.Struct(f"<{MAX_DIMS}Q")
 _NO_DIMS = tuple((0,) * (MAX_DIMS - n) for n in range(MAX_DIMS + 1))  # shape padding by ndim

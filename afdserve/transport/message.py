@@ -24,6 +24,8 @@ class MsgType(enum.IntEnum):
     HEARTBEAT = 5  # both ways: liveness
     SHUTDOWN = 6  # orderly stop
     ERROR = 7  # a peer reports it dropped or failed something
+    ROUTING = 8  # A -> F (expert parallelism): int32 [N, k] expert ids of the ACTIVATION_TRANSFER
+    # rows with the same key, -1 for a slot this FFN worker does not serve
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,8 @@ _KNOWN_FLAGS = FLAG_TENSOR | FLAG_SYNC
 HEADER = struct.Struct("<4sBBBBIIqiiIIQ8Q")
 HEADER_SIZE = HEADER.size  # 112
 _MSG_TYPES = {int(t): t for t in MsgType}
+TENSOR_TYPES = frozenset({MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT, MsgType.ROUTING})
+"""The types whose frames must carry a tensor."""
 
 
 class FrameHeader(NamedTuple):
@@ -155,10 +157,7 @@ def encode_prefix_checked(msg: Message, sender: int | None) -> bytes:
             )
         sync_payload = encode_sync(msg.sync)
         flags, payload_len = FLAG_SYNC, len(sync_payload)
-    if (
-        mtype in (MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT)
-        and not flags & FLAG_TENSOR
-    ):
+    if mtype in TENSOR_TYPES and not flags & FLAG_TENSOR:
         raise ProtocolError(f"{mtype.name} must carry a tensor")
     if mtype is MsgType.SYNC_REQUEST and not flags & FLAG_SYNC:
         raise ProtocolError("SYNC_REQUEST must carry a SyncInfo")
@@ -203,10 +202,7 @@ def decode_header(buf: Buffer) -> FrameHeader:
         raise ProtocolError(f"text length {text_len} exceeds {MAX_TEXT_BYTES}")
     if payload_len > MAX_PAYLOAD_BYTES:
         raise ProtocolError(f"payload length {payload_len} exceeds {MAX_PAYLOAD_BYTES}")
-    if (
-        mtype in (MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT)
-        and not flags & FLAG_TENSOR
-    ):
+    if mtype in TENSOR_TYPES and not flags & FLAG_TENSOR:
         raise ProtocolError(f"{mtype.name} frame carries no tensor")
     if mtype is MsgType.SYNC_REQUEST and not flags & FLAG_SYNC:
         raise ProtocolError("SYNC_REQUEST frame carries no SYNC payload")

@@ -167,13 +167,16 @@ def test_stalled_attention_worker_does_not_stop_the_others(tiny_model_dirs, refe
     assert max(finished_at[r] for r in on0) < min(finished_at[r] for r in on1)
 
 
-def _busy_group(tiny_model_dirs, sync_timeout_s: float, max_tokens: int) -> LLM:
-    """2A1F over shm, every prompt added with a long output and one step taken: a group with
-    work in flight on both attention workers, for the failure tests."""
+def _busy_group(
+    tiny_model_dirs, sync_timeout_s: float, max_tokens: int, arch="llama", ffn_workers=1
+) -> LLM:
+    """2A1F (or 2A:mF) over shm, every prompt added with a long output and one step taken: a
+    group with work in flight on both attention workers, for the failure tests."""
     llm = LLM(
-        str(tiny_model_dirs["llama"]),
+        str(tiny_model_dirs[arch]),
         mode="afd",
         attention_workers=2,
+        ffn_workers=ffn_workers,
         microbatches=1,
         transport="shm",
         sync_timeout_s=sync_timeout_s,
@@ -195,12 +198,42 @@ def _seconds_until_worker_error(llm: LLM, match: str | None, give_up_s: float) -
     return time.monotonic() - t0
 
 
-@pytest.mark.parametrize("victim", ["ffn", "attention"])
+EP_CASES = [
+    (t, arch, r, f)
+    for t in _transports()
+    for arch, r, f in (("qwen3-moe", 1, 2), ("mixtral", 2, 3))
+] + [("shm", "llama", 2, 2)]
+
+
+@pytest.mark.parametrize("transport,arch,r,f", EP_CASES)
+def test_multiprocess_expert_parallel_equals_aggregated(
+    tiny_model_dirs, reference, transport, arch, r, f
+):
+    """rA:mF over worker processes: each FFN process loads only its experts, the attention
+    processes route; the tokens are the aggregated ones (A < F included)."""
+    tokens = _generate(
+        tiny_model_dirs[arch],
+        mode="afd",
+        attention_workers=r,
+        ffn_workers=f,
+        microbatches=2,
+        transport=transport,
+        batch_invariant=True,
+    )
+    assert tokens == reference(arch)
+
+
+@pytest.mark.parametrize("victim", ["ffn", "attention", "ffn-of-2"])
 def test_killed_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
-    llm = _busy_group(tiny_model_dirs, sync_timeout_s=1.0, max_tokens=400)
+    llm = _busy_group(
+        tiny_model_dirs,
+        sync_timeout_s=1.0,
+        max_tokens=400,
+        **(dict(arch="qwen3-moe", ffn_workers=2) if victim == "ffn-of-2" else {}),
+    )
     pids = llm.engine.pids
     try:
-        os.kill(pids[-1] if victim == "ffn" else pids[0], signal.SIGKILL)
+        os.kill(pids[-1] if victim.startswith("ffn") else pids[0], signal.SIGKILL)
         assert _seconds_until_worker_error(llm, None, give_up_s=30) < 15
     finally:
         llm.close()

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from afdserve.model.config import ModelConfig
+from afdserve.model.experts import GROUPED_ROWS
 from afdserve.model.kernels import Kernels
-from afdserve.model.layers import GROUPED_ROWS, MoE
+from afdserve.model.layers import MoE
 from afdserve.model.make_model import preset_config
 
 
