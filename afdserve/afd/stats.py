@@ -380,6 +380,34 @@ class WorkerState:
 
 
 @dataclass(frozen=True)
+class ExpertLoadState:
+    """Expert load and balance of a group under expert parallelism, for metrics."""
+
+    placement_version: int
+    replacements: int
+    pairs_total: tuple[tuple[int, ...], ...]
+    """[L, E] (token, slot) pairs routed to each expert since start (dense layers all zero)."""
+    imbalance: tuple[float | None, ...]
+    """Per layer, max/mean FFN-worker load over the EPLB window under the current placement."""
+    placement: str = ""
+    """The placement table, printable (Placement.render)."""
+    history: tuple[tuple[int, float, float], ...] = ()
+    """Each re-placement: (version, worst-layer max/mean before, after) on its window."""
+
+    @classmethod
+    def of(cls, controller: Any) -> ExpertLoadState:  # an eplb.controller.EPLBController
+        p = controller.placement
+        return cls(
+            p.version,
+            len(controller.history),
+            tuple(tuple(row) for row in controller.window.total_pairs),
+            tuple(controller.imbalance()),
+            p.render(controller.window.total()),
+            tuple((h.version, h.imbalance_before, h.imbalance_after) for h in controller.history),
+        )
+
+
+@dataclass(frozen=True)
 class EngineState:
     """What an engine reports to a front end: per-worker state and the AFD recorders' copies.
 
@@ -392,6 +420,8 @@ class EngineState:
     """One per attention worker (index order); empty when not asked for."""
     ffn: tuple[AFDStatsSnapshot, ...] = ()
     """One per FFN worker (AFD only)."""
+    experts: ExpertLoadState | None = None
+    """Expert parallelism (m > 1 on a MoE model): load per expert and the placement's balance."""
 
     @property
     def num_running(self) -> int:

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from afdserve.afd.admission import admit
 from afdserve.afd.attention_worker import AttentionWorker
@@ -28,6 +29,9 @@ from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.afd.router import Router
 from afdserve.afd.stats import EngineState, WorkerState
 from afdserve.types import SamplingParams, TokenEvent
+
+if TYPE_CHECKING:
+    from afdserve.launch.balancer import LocalBalancer
 
 
 class Engine:
@@ -40,8 +44,12 @@ class Engine:
         on_close: Sequence = (),
         ffn_threads: int | None = None,
         tokenizer_file: Path | None = None,
+        balancer: LocalBalancer | None = None,
     ) -> None:
         self.workers = list(workers)
+        self.balancer = balancer
+        """Expert parallelism: counts expert load and installs EPLB re-placements between
+        steps (launch/balancer.py)."""
         self.tokenizer_file = tokenizer_file
         """The model's tokenizer.json (structured outputs need it; admission checks)."""
         self.vocab_size = vocab_size
@@ -125,11 +133,15 @@ class Engine:
         busy = [w for w in self.workers if w.has_unfinished()]
         if not busy:
             return []
+        if self.balancer is not None:  # no step in flight: a re-placement goes in now
+            self.balancer.before_step()
         t0 = time.perf_counter()
         if self._pool is None or len(busy) == 1:
             outputs = [w.step() for w in busy]
         else:
             outputs = [f.result() for f in [self._pool.submit(w.step) for w in busy]]
+        if self.balancer is not None:
+            self.balancer.after_step()
         if all(out is None for out in outputs):
             return []
         self.step_times.append(time.perf_counter() - t0)
@@ -151,7 +163,8 @@ class Engine:
         if not afd:
             return EngineState(workers)
         ffn = tuple(f.stats.snapshot() for f in self.ffns)
-        return EngineState(workers, tuple(w.stats.snapshot() for w in self.workers), ffn)
+        experts = self.balancer.state() if self.balancer is not None else None
+        return EngineState(workers, tuple(w.stats.snapshot() for w in self.workers), ffn, experts)
 
     def close(self) -> None:
         self._ffn_stop.set()

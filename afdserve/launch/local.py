@@ -240,12 +240,21 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     links: list[FFNLink]
     ffn_workers = []
     on_close = []
+    balancer = None
     if cfg.is_afd:
         placement = initial_placement(cfg, m.config)
         hub = LocalHub(cfg.world_size)
         links = [make_link(k, cfg, m, hub.endpoints[k], placement) for k in range(r)]
         ffn_workers = [make_ffn_worker(cfg, m, hub.endpoints[j], placement) for j in cfg.ffn_ranks]
         on_close.append(hub.close)
+        if placement is not None:
+            from afdserve.eplb.controller import EPLBController
+            from afdserve.launch.balancer import LocalBalancer
+
+            dispatchers = [link.dispatcher for link in links]
+            balancer = LocalBalancer(
+                EPLBController(cfg, placement), m.ffn, ffn_workers, dispatchers
+            )
     else:
         links = [LocalFFN(m.ffn) for _ in range(r)]
     workers = [make_attention_worker(k, cfg, m, links[k]) for k in range(r)]
@@ -257,5 +266,6 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
         on_close=on_close,
         ffn_threads=cfg.ffn_threads,
         tokenizer_file=m.path / TOKENIZER_FILE,
+        balancer=balancer,
     )
     return engine, m

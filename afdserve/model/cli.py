@@ -33,6 +33,13 @@ def add_parser(sub: Any) -> None:
         "--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)"
     )
     p.add_argument("--shards", type=int, default=1, help="number of safetensors shards (default 1)")
+    p.add_argument(
+        "--router-skew",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="MoE only: make a few experts hot (S ~ 1: in most tokens' top-k), for EPLB tests",
+    )
     p.set_defaults(func=_run)
 
 
@@ -47,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         args.out,
         dtype=args.dtype,
         shards=args.shards,
+        router_skew=args.router_skew,
     )
     config = ModelConfig.from_dir(out)
     files = sorted(p.name for p in out.iterdir())

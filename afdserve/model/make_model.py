@@ -171,6 +171,7 @@ def make_model(
     dtype: str = "float32",
     shards: int = 1,
     config_overrides: Mapping[str, Any] | None = None,
+    router_skew: float = 0.0,
 ) -> Path:
     """Write a random model of `arch` (class name or alias) and `preset` into `out`; return it.
 
@@ -178,6 +179,7 @@ def make_model(
     gives the same files. `shards` > 1 writes model-0000K-of-0000N.safetensors plus
     model.safetensors.index.json. `config_overrides` replaces config.json fields before the
     weights are shaped from it (e.g. {"rope_scaling": {...}} or {"mlp_only_layers": [0]}).
+    `router_skew` > 0 (MoE only) makes a few experts hot (`skew_router`), for load balancing.
     """
     from afdserve.model.byte_tokenizer import VOCAB_SIZE
 
@@ -199,6 +201,8 @@ def make_model(
             f"vocab_size {config.vocab_size} is smaller than the tokenizer's {VOCAB_SIZE} ids"
         )
     tensors = random_weights(config, seed, quiet_token_ids(config.vocab_size))
+    if router_skew:
+        skew_router(tensors, config, router_skew, seed)
     if shards > len(tensors):
         raise UserInputError(f"cannot split {len(tensors)} tensors into {shards} shards")
 
@@ -215,6 +219,32 @@ def make_model(
                 child.unlink(missing_ok=True)
         raise
     return out
+
+
+def skew_router(
+    tensors: dict[str, torch.Tensor], config: ModelConfig, strength: float, seed: int
+) -> None:
+    """Make experts 0..E/8 (at least one) hot in every MoE layer, as trained routers often have
+    a few: every token embedding gets a shared component along one direction u, and the hot
+    experts' router rows lean along u, so their logits rise for every token. `strength` ~ 1
+    puts the hot experts in most tokens' top-k. Only the embeddings and routers change."""
+    import torch
+
+    if not config.is_moe:
+        raise UserInputError("router_skew needs a MoE architecture (mixtral, qwen3-moe)")
+    if not strength > 0:
+        raise UserInputError(f"router_skew must be > 0, got {strength!r}")
+    gen = torch.Generator().manual_seed(seed + 7919)
+    d = config.hidden_size
+    u = torch.randn(d, generator=gen)
+    u /= u.norm()  # [D] unit
+    emb = tensors["model.embed_tokens.weight"]  # [V, D]
+    row = float(emb.norm(dim=1).mean())
+    tensors["model.embed_tokens.weight"] = emb + strength * row * u
+    hot = max(1, config.num_experts // 8)
+    for name, t in tensors.items():
+        if name.endswith(".gate.weight"):  # MoE router [E, D]
+            t[:hot] += strength * 4 * ROUTER_LOGIT_STD * u
 
 
 def _write_files(

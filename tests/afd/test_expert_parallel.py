@@ -125,6 +125,7 @@ def test_gather_refuses_a_reply_of_the_wrong_size():
         (dict(eplb=True), "needs ffn_workers >= 2"),
         (dict(ffn_workers=2, num_redundant_experts=2), "needs eplb"),
         (dict(ffn_workers=2, eplb=True, eplb_window_size=0), "eplb_window_size"),
+        (dict(ffn_workers=2, eplb=True, transport="shm"), "in-process engine"),
     ],
 )
 def test_expert_parallel_options_are_checked(opts, match):
@@ -132,3 +133,43 @@ def test_expert_parallel_options_are_checked(opts, match):
 
     with pytest.raises(UserInputError, match=match):
         EngineConfig(**opts)
+
+
+@pytest.fixture(scope="module")
+def skewed_moe(tmp_path_factory):
+    from afdserve.model.make_model import make_model
+
+    return make_model(
+        "qwen3-moe", "tiny", 0, tmp_path_factory.mktemp("skew") / "m", router_skew=1.0
+    )
+
+
+def test_eplb_replaces_hot_experts_at_run_time_without_changing_a_token(skewed_moe):
+    reference, _ = _run(skewed_moe, mode="aggregated", attention_workers=1, microbatches=1)
+    tokens, llm = _run(
+        skewed_moe,
+        mode="afd",
+        attention_workers=2,
+        ffn_workers=2,
+        microbatches=2,
+        eplb=True,
+        eplb_window_size=4,
+        eplb_step_interval=3,
+        num_redundant_experts=2,
+    )
+    assert tokens == reference
+    st = llm.engine.state().experts
+    assert st.placement_version >= 1 and st.replacements >= 1, st
+    version, before, after = st.history[0]
+    assert after < before, st.history
+    assert "*" in st.placement  # a hot expert got a replica
+    moe = [i for i, x in enumerate(st.imbalance) if x is not None]
+    assert sum(st.pairs_total[i][0] for i in moe) > 0
+
+
+def test_without_eplb_the_load_is_counted_and_the_placement_stays(skewed_moe):
+    _, llm = _run(skewed_moe, mode="afd", attention_workers=1, ffn_workers=2, microbatches=1)
+    st = llm.engine.state().experts
+    assert st.placement_version == 0 and st.replacements == 0
+    moe = [x for x in st.imbalance if x is not None]
+    assert moe and max(moe) > 1.2  # the hot expert sits on one worker
