@@ -18,6 +18,10 @@ from afdserve.eplb.algorithm import rebalance
 from afdserve.eplb.placement import Placement
 from afdserve.eplb.window import ExpertLoadWindow
 
+MIN_GAIN = 0.05
+"""A re-placement must cut the worst layer's max/mean by at least this fraction: moving
+experts for less is churn (each move loads weights on the target worker)."""
+
 
 @dataclass(frozen=True)
 class Replacement:
@@ -54,8 +58,8 @@ class EPLBController:
         return (placement or self.placement).imbalance(self.window.total())
 
     def propose(self) -> Placement | None:
-        """A better placement when one is due (every `interval` reports) and improves the
-        worst layer's imbalance on the window; else None."""
+        """A better placement when one is due (every `interval` reports) and cuts the worst
+        layer's imbalance on the window by MIN_GAIN or more; else None."""
         if not self.enabled or self.reports - self._last < self.interval:
             return None
         self._last = self.reports
@@ -65,7 +69,7 @@ class EPLBController:
         )
         before = max(v for v in self.placement.imbalance(load) if v is not None)
         after = max(v for v in new.imbalance(load) if v is not None)
-        if new.layers == self.placement.layers or after >= before - 1e-9:
+        if new.layers == self.placement.layers or after > before * (1 - MIN_GAIN):
             return None
         self.history.append(Replacement(new.version, self.reports, before, after))
         return new

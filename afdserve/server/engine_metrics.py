@@ -19,7 +19,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from afdserve.afd.stats import AFDStatsSnapshot, EngineState, merge_snapshots
+from afdserve.afd.stats import AFDStatsSnapshot, EngineState, ExpertLoadState, merge_snapshots
 from afdserve.config import EngineConfig
 
 VLLM = "vllm:"
@@ -254,11 +254,51 @@ class EngineCollector:
         for role, snaps in (("attention", st.attention), ("ffn", st.ffn)):
             yield from _busy_idle(role, snaps, mn)
         yield _counter(
+            "ffn_tokens",
+            "Token rows each FFN worker computed (under expert parallelism, the rows it was sent).",
+            {
+                (str(i),): sum(h.sum for h in s.ffn_batch_tokens.values())
+                for i, s in enumerate(st.ffn)
+            },
+            mn,
+            ("worker",),
+        )
+        if st.experts is not None:
+            yield from _experts(st.experts, mn)
+        yield _counter(
             "afd_sync_timeouts",
             "Waits for a peer worker that passed the sync deadline (TransportTimeout).",
             {(): every.sync_timeouts},
             mn,
         )
+
+
+def _experts(ex: ExpertLoadState, mn: str) -> Iterator[Metric]:
+    """Expert parallelism: per-expert load, each layer's balance, EPLB's re-placements."""
+    yield _counter(
+        "expert_load",
+        "(token, slot) pairs routed to each expert of each MoE layer, since start.",
+        {
+            (str(layer), str(e)): n
+            for layer, row in enumerate(ex.pairs_total)
+            if ex.imbalance[layer] is not None
+            for e, n in enumerate(row)
+        },
+        mn,
+        ("layer", "expert"),
+    )
+    yield _gauge(
+        "ffn_expert_imbalance",
+        "Max/mean FFN-worker load of each MoE layer over the EPLB window under the current "
+        "placement (1 = balanced; the busiest worker sets the layer's pace).",
+        {(str(layer),): v for layer, v in enumerate(ex.imbalance) if v is not None},
+        mn,
+        ("layer",),
+    )
+    yield _gauge(
+        "eplb_placement_version", "Re-placements installed so far.", {(): ex.placement_version}, mn
+    )
+    yield _counter("eplb_replacements", "EPLB re-placements.", {(): ex.replacements}, mn)
 
 
 _ACTIVE = {

@@ -173,3 +173,13 @@ def test_without_eplb_the_load_is_counted_and_the_placement_stays(skewed_moe):
     assert st.placement_version == 0 and st.replacements == 0
     moe = [x for x in st.imbalance if x is not None]
     assert moe and max(moe) > 1.2  # the hot expert sits on one worker
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from afdserve.server.engine_metrics import EngineCollector
+
+    registry = CollectorRegistry()
+    registry.register(EngineCollector("m", llm.config, llm.engine.state, lambda: True))
+    text = generate_latest(registry).decode()
+    for name in ("expert_load_total", "ffn_expert_imbalance", "ffn_tokens_total"):
+        assert f"afdserve:{name}" in text, name
+    assert 'afdserve:ffn_tokens_total{model_name="m",worker="1"}' in text
