@@ -218,7 +218,7 @@ def test_503_when_a_worker_is_down():
             time.sleep(wait_s)  # alive, but never serves anything
             return False
 
-        srv.engine.ffn.serve_once = hung
+        srv.engine.ffns[0].serve_once = hung
         with srv.http() as h, ThreadPoolExecutor(2) as pool:
             plain = pool.submit(h.post, "/v1/completions", json={"prompt": "a", "max_tokens": 50})
             client = srv.openai()
@@ -250,7 +250,7 @@ def test_503_as_soon_as_the_ffn_worker_dies():
         def died(wait_s: float) -> bool:
             raise ConnectionError("FFN worker process died")
 
-        srv.engine.ffn.serve_once = died
+        srv.engine.ffns[0].serve_once = died
         with srv.http() as h:
             deadline = time.monotonic() + 10
             while h.get("/health").status_code != 503:
