@@ -148,11 +148,6 @@ class EngineConfig:
             raise UserInputError(
                 "eplb balances experts over several FFN workers: it needs ffn_workers >= 2"
             )
-        if self.eplb and self.transport != "local":
-            raise UserInputError(
-                "eplb re-places experts in the in-process engine (transport local) only: the "
-                "worker processes' two-phase switch is not built yet"
-            )
         if self.num_redundant_experts and not self.eplb:
             raise UserInputError("num_redundant_experts needs eplb (EPLB places the replicas)")
         if self.num_kv_blocks is not None and (

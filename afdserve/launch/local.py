@@ -217,6 +217,23 @@ def make_ffn_worker(
     )
 
 
+def load_experts(
+    model: str, cfg: EngineConfig, config: ModelConfig, wanted: Mapping[int, Sequence[int]]
+) -> dict[int, ExpertSet]:
+    """Layer -> the experts `wanted` read from the model's files (an FFN worker process given
+    experts it lacks by a re-placement; only their tensors are read)."""
+    from afdserve.model.parts import expert_sets
+
+    dtype = resolve_dtype(cfg.dtype, config)
+
+    def select(name: str) -> bool:
+        at = expert_of(name)
+        return at is not None and at[1] in wanted.get(at[0], ())
+
+    weights = load_weights(resolve_model(model), config, dtype, cfg.device, select=select)
+    return expert_sets(weights, config, Kernels(batch_invariant=cfg.batch_invariant))
+
+
 def held_experts(ffn: FFNPart, layer: int, ids: Sequence[int]) -> ExpertSet:
     """Layer `layer`'s experts `ids` from `ffn`: its own set when that is exactly them, else a
     subset of it (an in-process engine's FFN part holds every expert)."""

@@ -33,7 +33,7 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bump when a message changes shape; both ends of a group must agree. (3: `TokenEvent`'s
 queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,
 logit_bias and prompt_logprobs, which a worker of 2 would drop unread. 4: SamplingParams'
@@ -108,6 +108,23 @@ class Shutdown(_Message, tag="shutdown"):
     pass
 
 
+class HoldExperts(_Message, tag="hold_experts"):
+    """To an FFN worker (EPLB's re-placement): hold the experts `placement` gives it, loading
+    those it lacks; `keep_others` keeps the ones it holds besides (phase 1: attention workers
+    may still route by the old placement), false drops them (phase 3: none does any more).
+    Answered with `ExpertsHeld` once the weights are in."""
+
+    placement: dict[str, Any]
+    keep_others: bool
+
+
+class UsePlacement(_Message, tag="use_placement"):
+    """To an attention worker (phase 2): route by `placement` from the next step on; answered
+    with `PlacementInUse`."""
+
+    placement: dict[str, Any]
+
+
 # -- worker -> front ----------------------------------------------------------------------------
 
 
@@ -131,6 +148,8 @@ class StepOutputs(_Message, tag="events"):
     events: tuple[TokenEvent, ...]
     afd: dict[str, Any] | None = None
     """AFDStatsSnapshot.to_dict() of its FFN link, at most every STATS_EVERY_S."""
+    expert_load: dict[int, list[int]] | None = None
+    """Expert parallelism: the step's (token, slot) pairs per expert of each MoE layer."""
 
 
 class Heartbeat(_Message, tag="heartbeat"):
@@ -141,6 +160,20 @@ class Heartbeat(_Message, tag="heartbeat"):
     role: Role
     status: AttentionStatus | None = None
     afd: dict[str, Any] | None = None
+
+
+class ExpertsHeld(_Message, tag="experts_held"):
+    """An FFN worker holds the experts of placement `version` (after `HoldExperts`)."""
+
+    rank: int
+    version: int
+
+
+class PlacementInUse(_Message, tag="placement_in_use"):
+    """An attention worker routes by placement `version` from its next step on."""
+
+    rank: int
+    version: int
 
 
 class Failed(_Message, tag="error"):
@@ -154,8 +187,8 @@ class Failed(_Message, tag="error"):
     request_id: str | None = None
 
 
-FrontMessage = Configure | AddRequest | Abort | Ping | Shutdown
-WorkerMessage = Ready | StepOutputs | Heartbeat | Failed
+FrontMessage = Configure | AddRequest | Abort | Ping | Shutdown | HoldExperts | UsePlacement
+WorkerMessage = Ready | StepOutputs | Heartbeat | Failed | ExpertsHeld | PlacementInUse
 
 
 @dataclass(frozen=True)

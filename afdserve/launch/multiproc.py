@@ -39,8 +39,9 @@ import zmq
 
 from afdserve.afd.admission import admit
 from afdserve.afd.router import Router
-from afdserve.afd.stats import AFDStatsSnapshot, EngineState, WorkerState
+from afdserve.afd.stats import AFDStatsSnapshot, EngineState, ExpertLoadState, WorkerState
 from afdserve.config import EngineConfig
+from afdserve.eplb.controller import EPLBController
 from afdserve.eplb.initial import initial_placement
 from afdserve.errors import AfdserveError, UserInputError
 from afdserve.launch import control
@@ -59,6 +60,7 @@ from afdserve.launch.messages import (
 )
 from afdserve.launch.processes import WorkerProcesses
 from afdserve.launch.remote_worker import RemoteWorker, mismatch
+from afdserve.launch.replacement import TwoPhaseSwitch
 from afdserve.model.config import ModelConfig
 from afdserve.transport.options import free_port
 from afdserve.types import FinishReason, SamplingParams, TokenEvent
@@ -111,7 +113,17 @@ class MultiProcessEngine:
         self._ffn_afd = {j: AFDStatsSnapshot() for j in cfg.ffn_ranks}
         """The latest AFD stats each FFN rank reported."""
         self.placement = initial_placement(cfg, self.model_config)
-        """Where each MoE layer's experts are (expert parallelism), told to every worker."""
+        """Where each MoE layer's experts start (expert parallelism), told to every worker."""
+        self.switch: TwoPhaseSwitch | None = None
+        """Expert parallelism: expert load counts and EPLB's re-placements (replacement.py)."""
+        if self.placement is not None:
+            self.switch = TwoPhaseSwitch(
+                EPLBController(cfg, self.placement),
+                range(r),
+                cfg.ffn_ranks,
+                self._send_control,
+                timeout_s=max(60.0, cfg.startup_timeout_s),
+            )
         self._failure: str | None = None
         """Why the engine cannot serve any more (a worker died or reported a fatal error)."""
         self._lock = threading.Lock()
@@ -369,7 +381,17 @@ class MultiProcessEngine:
             for m in messages:
                 out.extend(self._handle(m))
             self._check_heard()
+            if self.switch is not None:
+                self.switch.tick()
         return out
+
+    def _send_control(self, rank: int, msg: object) -> None:
+        """A control message to one worker (under the lock); a full queue is that worker's
+        problem, which the failure detector sees."""
+        try:
+            control.send(self._controls[rank], msg, timeout_s=1.0)
+        except (TimeoutError, zmq.ZMQError) as exc:
+            log.warning("control message to rank %d not sent: %s", rank, exc)
 
     def poll_idle(self) -> None:
         """Read worker reports without waiting, while there is nothing to step: heartbeats
@@ -401,6 +423,8 @@ class MultiProcessEngine:
                 log.warning("request %s failed on worker %s: %s", rid, m.rank, m.message)
                 self.workers[self._owner.pop(rid)].outstanding.pop(rid, None)
                 return [TokenEvent(rid, -1, True, FinishReason.ABORT)]
+            return []
+        if self.switch is not None and self.switch.observe(m):
             return []
         if not isinstance(m, StepOutputs | Heartbeat):
             return []  # a Malformed (logged by the codec) or a late Ready
@@ -453,8 +477,11 @@ class MultiProcessEngine:
             if not afd:
                 return EngineState(workers)
             # snapshots are replaced, never mutated, when a report arrives: sharing is safe
+            experts = None
+            if self.switch is not None:
+                experts = ExpertLoadState.of(self.switch.controller)
             return EngineState(
-                workers, tuple(w.afd for w in self.workers), tuple(self._ffn_afd.values())
+                workers, tuple(w.afd for w in self.workers), tuple(self._ffn_afd.values()), experts
             )
 
     def healthy(self) -> bool:

@@ -348,6 +348,7 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
     transport = _create_transport(group, wcfg)
     try:
         core = make_ffn_worker(group.cfg, model, transport, group.placement)
+        experts = _ExpertHolder(group, model.config, core)
         control.send(events, Ready(group.rank, "ffn", os.getpid(), mine))
         last_beat = 0.0
         front = _FrontWatch(wcfg.front_timeout_s, wcfg.front or wcfg.control)
@@ -360,6 +361,8 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
             front.heard(msgs)
             if any(isinstance(m, Shutdown) for m in msgs):
                 break
+            for m in msgs:
+                experts.apply(m, events)
             if front.gone():
                 return FRONT_GONE
             beat = Heartbeat(group.rank, "ffn", afd=core.stats.snapshot().to_dict())
@@ -367,6 +370,44 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
         return 0
     finally:
         transport.close()
+
+
+class _ExpertHolder:
+    """An FFN worker's side of EPLB's re-placement (`HoldExperts`): load the experts it lacks
+    from the model's files, then swap the new sets in between two batches."""
+
+    def __init__(self, group: _Group, config: Any, core: Any) -> None:
+        self.group, self.config, self.core = group, config, core
+
+    def apply(self, m: Any, events: Any) -> None:
+        from afdserve.launch import control
+        from afdserve.launch.local import load_experts
+        from afdserve.launch.messages import ExpertsHeld, HoldExperts
+
+        if not isinstance(m, HoldExperts):
+            return
+        from afdserve.eplb.placement import Placement
+
+        try:
+            p = Placement.from_dict(m.placement)
+            j = self.group.rank - self.group.r
+            want = {layer: p.experts_of(layer, j) for layer in p.moe_layers}
+            have = self.core.experts
+            missing = {
+                layer: [e for e in ids if e not in have[layer].held] for layer, ids in want.items()
+            }
+            new = {}
+            if any(missing.values()):
+                new = load_experts(self.group.model, self.group.cfg, self.config, missing)
+            sets = {}
+            for layer, ids in want.items():
+                merged = have[layer].union(new[layer]) if layer in new else have[layer]
+                sets[layer] = merged if m.keep_others else merged.subset(ids)
+            self.core.use_experts(sets)
+        except (UserInputError, ValueError, KeyError) as exc:
+            _report(events, self.group, f"re-placement refused: {exc}", False)
+            return
+        control.send(events, ExpertsHeld(self.group.rank, p.version), timeout_s=1.0)
 
 
 # -- the attention worker's loop ----------------------------------------------------------------
@@ -402,7 +443,10 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
             events_of_step = core.step() if core.has_unfinished() else None
             if events_of_step is not None:  # a step ran: its events and the status after it
                 afd = stats.take(force=not core.has_unfinished())  # final stats at once
-                out = StepOutputs(group.rank, core.status(), tuple(events_of_step), afd)
+                load = link.dispatcher.take_counts() if link.dispatcher is not None else None
+                out = StepOutputs(
+                    group.rank, core.status(), tuple(events_of_step), afd, load or None
+                )
                 control.send(events, out)
             elif time.monotonic() - last_beat >= HEARTBEAT_S:
                 last_beat = time.monotonic()
@@ -433,17 +477,24 @@ def _apply(m: Any, core: Any, events: Any, group: _Group) -> None:
     """One front message to the core. A request the core refuses, or an add that did not
     decode, is answered with a non-fatal `Failed` naming it: the worker keeps serving and the
     front does not wait for that request forever."""
-    from afdserve.launch.messages import Abort, AddRequest, Malformed
+    from afdserve.launch import control
+    from afdserve.launch.messages import Abort, AddRequest, Malformed, PlacementInUse, UsePlacement
     from afdserve.types import Request
 
     try:
-        if isinstance(m, AddRequest):
+        if isinstance(m, UsePlacement):  # between steps: the next one routes by it
+            from afdserve.eplb.placement import Placement
+
+            p = Placement.from_dict(m.placement)
+            core.runner.link.dispatcher.use(p)
+            control.send(events, PlacementInUse(group.rank, p.version), timeout_s=1.0)
+        elif isinstance(m, AddRequest):
             core.add_request(Request(m.request_id, m.prompt, m.params, time.monotonic(), m.seed))
         elif isinstance(m, Abort):
             core.abort(m.request_id)
         elif isinstance(m, Malformed) and m.request_id is not None:
             _report(events, group, f"malformed request: {m.error}", False, m.request_id)
-    except (UserInputError, TypeError, ValueError) as exc:  # never kills the worker
+    except (UserInputError, TypeError, ValueError, AttributeError) as exc:  # never kills it
         _report(events, group, str(exc), False, getattr(m, "request_id", None))
 
 

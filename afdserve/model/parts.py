@@ -20,7 +20,7 @@ from torch import nn
 from afdserve.errors import ModelLoadError
 from afdserve.model.attention import AttentionMetadata
 from afdserve.model.config import ModelConfig
-from afdserve.model.experts import route
+from afdserve.model.experts import ExpertSet, route
 from afdserve.model.kernels import Kernels, PreparedWeight
 from afdserve.model.layers import (
     AttentionBlock,
@@ -229,6 +229,31 @@ def is_router_weight(name: str) -> bool:
         m.group(2).startswith("post_attention_layernorm.")
         or m.group(2) in ("mlp.gate.weight", "block_sparse_moe.gate.weight")
     )
+
+
+def expert_sets(
+    weights: Mapping[str, torch.Tensor], c: ModelConfig, kernels: Kernels
+) -> dict[int, ExpertSet]:
+    """The routed experts among `weights` (checkpoint names), as one ExpertSet per layer:
+    what an FFN worker loads when a re-placement gives it experts it lacks."""
+    parts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    for name, t in weights.items():
+        at = expert_of(name)
+        if at is not None:
+            proj = _EXPERT_PROJ[_EXPERT.match(_LAYER.match(name).group(2)).group(2)]
+            parts.setdefault((at[0], proj), {})[at[1]] = t
+    out = {}
+    for layer in sorted({layer for layer, _ in parts}):
+        ids = sorted(parts[layer, "w_down"])
+        for proj in ("w_gate", "w_up"):
+            if sorted(parts.get((layer, proj), {})) != ids:
+                raise ModelLoadError(f"layer {layer}: expert {proj} tensors do not match w_down's")
+        gate_up = torch.stack(
+            [torch.cat([parts[layer, "w_gate"][e], parts[layer, "w_up"][e]]) for e in ids]
+        )  # [n, 2I, D]
+        down = torch.stack([parts[layer, "w_down"][e] for e in ids])  # [n, D, I]
+        out[layer] = ExpertSet(ids, gate_up, down, c.num_experts, kernels)
+    return out
 
 
 def expert_of(name: str) -> tuple[int, int] | None:

@@ -125,7 +125,6 @@ def test_gather_refuses_a_reply_of_the_wrong_size():
         (dict(eplb=True), "needs ffn_workers >= 2"),
         (dict(ffn_workers=2, num_redundant_experts=2), "needs eplb"),
         (dict(ffn_workers=2, eplb=True, eplb_window_size=0), "eplb_window_size"),
-        (dict(ffn_workers=2, eplb=True, transport="shm"), "in-process engine"),
     ],
 )
 def test_expert_parallel_options_are_checked(opts, match):

@@ -550,3 +550,37 @@ def test_hand_started_workers_exit_when_their_front_dies(tiny_model_dirs):
     assert codes == [4, 4], errs
     assert "it is gone" in errs
     assert waited < 15  # 2 s of silence, noticed within a heartbeat period
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_eplb_replaces_experts_across_worker_processes_without_changing_a_token(
+    tmp_path, transport
+):
+    """The two-phase switch (launch/replacement.py): FFN processes load the experts they lack,
+    attention processes switch between their steps, then the old experts go; the tokens are the
+    aggregated ones throughout."""
+    from afdserve.model.make_model import make_model
+
+    model = make_model("qwen3-moe", "tiny", 0, tmp_path / "skewed", router_skew=1.0)
+    prompts = [[3 + k, 40 + k, 7] * (k + 1) for k in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(str(model), mode="aggregated", attention_workers=1, microbatches=1) as llm:
+        reference = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(
+        str(model),
+        mode="afd",
+        attention_workers=2,
+        ffn_workers=2,
+        microbatches=2,
+        transport=transport,
+        batch_invariant=True,
+        eplb=True,
+        eplb_window_size=4,
+        eplb_step_interval=3,
+        num_redundant_experts=2,
+    ) as llm:
+        tokens = [o.token_ids for o in llm.generate(prompts, params)]
+        experts = llm.engine.state().experts
+    assert tokens == reference
+    assert experts.placement_version >= 1, experts
+    assert experts.history and experts.history[0][2] < experts.history[0][1]
