@@ -99,6 +99,19 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8", "fp32"), default="bf16")
     m.add_argument(
+        "--expert-imbalance",
+        type=float,
+        default=1.0,
+        help="MoE: max/mean expert load over the FFN devices (1.0; the runtime's "
+        "afdserve:ffn_expert_imbalance)",
+    )
+    m.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        help="MoE: extra expert slots per layer (EPLB replicas; more FFN weights) (0)",
+    )
+    m.add_argument(
         "--link",
         choices=("scale-out", "scale-up"),
         default="scale-out",
@@ -366,6 +379,8 @@ def _roofline(
         link_bw=None if args.link_gbps is None else args.link_gbps * 1e9 / 8,
         comm_scales_with=args.comm_scales_with or "B",
         efficiency=eff,
+        expert_imbalance=args.expert_imbalance,
+        redundant_experts=args.redundant_experts,
     )
     dep = roofline_deployment(
         model,

@@ -26,6 +26,7 @@ from typing import Any
 
 from afdserve.errors import UserInputError
 from afdserve.planner.costs import Affine, StageCosts
+from afdserve.planner.expert_parallel import check_ep, expected_fanout
 from afdserve.planner.hardware_catalog import Hardware
 from afdserve.planner.model_catalog import DTYPE_BYTES, ModelSpec
 
@@ -74,6 +75,12 @@ class RooflineSetup:
     """Override of the per-device, per-direction link bandwidth in bytes/s."""
     comm_scales_with: str = "B"
     efficiency: Efficiency = field(default_factory=Efficiency)
+    expert_imbalance: float = 1.0
+    """MoE under EP: max/mean expert load over the FFN devices (1 = balanced); scales alpha_F
+    (planner/expert_parallel.py). The runtime measures it: afdserve:ffn_expert_imbalance."""
+    redundant_experts: int = 0
+    """MoE under EP: extra expert slots per layer over the FFN devices (EPLB's replicas); each
+    adds one expert's weights to beta_F and to the FFN's memory."""
 
     def __post_init__(self) -> None:
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
@@ -91,6 +98,7 @@ class RooflineSetup:
             raise UserInputError(f"link must be 'scale-up' or 'scale-out', got {self.link!r}")
         if self.link_bw is not None and not (math.isfinite(self.link_bw) and self.link_bw > 0):
             raise UserInputError(f"link bandwidth must be > 0, got {self.link_bw!r}")
+        check_ep(self.expert_imbalance, self.redundant_experts)
 
 
 @dataclass(frozen=True)
@@ -140,8 +148,11 @@ def roofline_costs(
     beta_a = max(proj_mem, proj_cmp) + max(head_mem, head_cmp) / L
 
     # FFN side
-    alpha_f = 2 * model.ffn_params_active / fF * MS
-    beta_f = model.ffn_params_total * w_bytes / mF * MS
+    slots = _slot_factor(model, setup)
+    alpha_f = (
+        2 * model.ffn_params_active / fF * MS * (setup.expert_imbalance if model.is_moe else 1)
+    )
+    beta_f = model.ffn_params_total * slots * w_bytes / mF * MS
     if model.is_moe:
         touched = 1 - (1 - model.experts_per_token / model.num_experts) ** B
         notes.append(
@@ -150,7 +161,7 @@ def roofline_costs(
         )
 
     # communication
-    fanout = min(model.experts_per_token, gF) if model.is_moe else 1
+    fanout = expected_fanout(model.num_experts, model.experts_per_token, gF) if model.is_moe else 1
     bytes_tok = model.hidden_size * act_bytes * fanout
     side_hw, side_g = (attention_hw, gA) if setup.comm_scales_with == "B" else (ffn_hw, gF)
     per_dev = setup.link_bw if setup.link_bw is not None else side_hw.link_bw(setup.link)
@@ -190,6 +201,8 @@ def roofline_costs(
         "ffn_weight_bytes": model.ffn_params_total * w_bytes,
         "comm_bytes_per_token": bytes_tok,
         "comm_fanout": float(fanout),
+        "expert_imbalance": setup.expert_imbalance if model.is_moe else 1.0,
+        "expert_slot_factor": slots,
         "link_bytes_per_s": link,
     }
     return RooflineDerivation(costs=costs, terms=terms, notes=tuple(notes))
@@ -217,6 +230,16 @@ class MemoryModel:
         return asdict(self)
 
 
+def _slot_factor(model: ModelSpec, setup: RooflineSetup) -> float:
+    """(E + R) / E: the FFN weights held with R redundant expert slots (1 for dense models),
+    at most m (a device holds one replica of an expert at most: with m devices only E * m
+    slots can be filled, e.g. none is redundant on one device)."""
+    if not model.is_moe or not setup.redundant_experts:
+        return 1.0
+    e = model.num_experts
+    return min(e + setup.redundant_experts, e * setup.ffn_devices) / e
+
+
 def memory_model(
     model: ModelSpec, attention_hw: Hardware, ffn_hw: Hardware, setup: RooflineSetup
 ) -> MemoryModel:
@@ -234,7 +257,7 @@ def memory_model(
         * model.kv_elems_per_token
         * DTYPE_BYTES[setup.kv_dtype],
         attention_capacity_bytes=setup.attention_devices * attention_hw.memory_bytes * usable,
-        ffn_fixed_bytes=model.num_layers * model.ffn_params_total * w,
+        ffn_fixed_bytes=model.num_layers * model.ffn_params_total * _slot_factor(model, setup) * w,
         ffn_bytes_per_token=2 * model.ffn_activation_elems_per_token * act,
         ffn_capacity_bytes=setup.ffn_devices * ffn_hw.memory_bytes * usable,
     )

@@ -78,6 +78,18 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="catalog model name or HF config.json / directory")
     p.add_argument("--hardware", help="catalog hardware name (every device)")
+    p.add_argument(
+        "--expert-imbalance",
+        type=float,
+        default=1.0,
+        help="with --ratio and --model: MoE max/mean expert load over the FFN devices (1.0)",
+    )
+    p.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        help="with --ratio and --model: extra expert slots per layer (EPLB replicas) (0)",
+    )
     p.add_argument("--profile", metavar="FILE", help="measured profile JSON (with --ratio)")
     p.add_argument("--gpus", type=int, help="devices to deploy on (search)")
     p.add_argument(
@@ -235,7 +247,12 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
         costs = SimCosts.from_profile(args.profile)
     elif args.model and args.hardware:
         hw = load_hardware(args.hardware)
-        costs = roofline_sim_costs(load_model(args.model), hw, hw, RooflineSetup(batch=args.batch))
+        setup = RooflineSetup(
+            batch=args.batch,
+            expert_imbalance=args.expert_imbalance,
+            redundant_experts=args.redundant_experts,
+        )
+        costs = roofline_sim_costs(load_model(args.model), hw, hw, setup)
     else:
         raise UserInputError("--ratio needs stage costs: --profile FILE, or --model and --hardware")
     trace = load_trace(args.workload)
