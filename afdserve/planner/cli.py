@@ -40,6 +40,8 @@ MODEL_FLAGS = (
     "link_eff",
     "link_latency_ms",
     "usable_memory",
+    "expert_imbalance",
+    "redundant_experts",
 )
 
 
@@ -99,19 +101,6 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8", "fp32"), default="bf16")
     m.add_argument(
-        "--expert-imbalance",
-        type=float,
-        default=1.0,
-        help="MoE: max/mean expert load over the FFN devices (1.0; the runtime's "
-        "afdserve:ffn_expert_imbalance)",
-    )
-    m.add_argument(
-        "--redundant-experts",
-        type=int,
-        default=0,
-        help="MoE: extra expert slots per layer (EPLB replicas; more FFN weights) (0)",
-    )
-    m.add_argument(
         "--link",
         choices=("scale-out", "scale-up"),
         default="scale-out",
@@ -125,6 +114,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--usable-memory", type=float, default=0.9, help="fraction of device memory usable (0.9)"
     )
+    add_expert_parallel_flags(m)
     w = p.add_argument_group("workload (one of)")
     w.add_argument("--theta", type=float, help="step-weighted context tokens per slot")
     w.add_argument("--sigma2", type=float, help="per-slot context variance (with --theta)")
@@ -254,7 +244,27 @@ _MODEL_DEFAULTS = {
     "link_eff": 0.8,
     "link_latency_ms": 0.01,
     "usable_memory": 0.9,
+    "expert_imbalance": 1.0,
+    "redundant_experts": 0,
 }
+
+
+def add_expert_parallel_flags(group: Any) -> None:
+    """`--expert-imbalance` and `--redundant-experts` (MoE models; `plan` and `simulate`)."""
+    group.add_argument(
+        "--expert-imbalance",
+        type=float,
+        default=1.0,
+        help="MoE: max/mean routed load over the FFN devices, scaling the routed experts' "
+        "compute (1.0 = balanced; the runtime's afdserve:ffn_expert_imbalance, mean over layers)",
+    )
+    group.add_argument(
+        "--redundant-experts",
+        type=int,
+        default=0,
+        help="MoE: extra expert slots per layer (EPLB replicas); their weights are held and "
+        "streamed by the FFN devices (0)",
+    )
 
 
 def _given(args: argparse.Namespace, flag: str) -> bool:

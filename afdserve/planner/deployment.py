@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from afdserve.planner.costs import StageCosts
+from afdserve.planner.expert_parallel import redundant_slots_fit
 from afdserve.planner.hardware_catalog import Hardware
 from afdserve.planner.model_catalog import ModelSpec
 from afdserve.planner.ratio import CostWeights
 from afdserve.planner.roofline import (
+    DEVICE_COUNTS,
     MemoryModel,
     RooflineDerivation,
     RooflineSetup,
@@ -96,8 +98,34 @@ class RooflineDeployment:
             "efficiency": dataclasses.asdict(self.setup.efficiency),
             "roofline": self.derivation.to_dict(),
             "unit_costs": unit,
+            "expert_parallel": self.expert_parallel(),
             "sizing_notes": list(self.notes),
         }
+
+    def expert_parallel(self) -> dict[str, Any] | None:
+        return expert_parallel_summary(self.model, self.setup, self.derivation)
+
+
+def expert_parallel_summary(
+    model: ModelSpec, setup: RooflineSetup, derivation: RooflineDerivation
+) -> dict[str, Any] | None:
+    """What the FFN's expert parallelism assumes (None for a dense model): its devices, the
+    expected dispatch fan-out, the imbalance factor used (and the one given, which the device
+    count caps), the redundant slots and the expert slots each device holds on average,
+    (E + R) / m."""
+    if not model.is_moe:
+        return None
+    terms = derivation.terms
+    return {
+        "ffn_devices": setup.ffn_devices,
+        "num_experts": model.num_experts,
+        "top_k": model.experts_per_token,
+        "fanout": terms["comm_fanout"],
+        "expert_imbalance": terms["expert_imbalance"],
+        "expert_imbalance_given": setup.expert_imbalance,
+        "redundant_experts": setup.redundant_experts,
+        "slots_per_device": (model.num_experts + setup.redundant_experts) / setup.ffn_devices,
+    }
 
 
 def roofline_deployment(
@@ -132,7 +160,15 @@ def roofline_deployment(
         act = setup.batch * need.ffn_bytes_per_token
         usable = setup.efficiency.usable_memory
         g_f = smallest_device_count(need.ffn_fixed_bytes + act, ffn_hw.memory_bytes, usable) or 1
-        notes.append(f"FFN instance sized to {g_f} x {ffn_hw.name} by memory")
+        R = setup.redundant_experts
+        if model.is_moe and R and not redundant_slots_fit(model.num_experts, g_f, R):
+            fits = [g for g in DEVICE_COUNTS if redundant_slots_fit(model.num_experts, g, R)]
+            g_f = next((g for g in fits if g > g_f), g_f)
+            notes.append(
+                f"FFN instance sized to {g_f} x {ffn_hw.name} by memory and {R} redundant experts"
+            )
+        else:
+            notes.append(f"FFN instance sized to {g_f} x {ffn_hw.name} by memory")
     sized = dataclasses.replace(setup, attention_devices=g_a, ffn_devices=g_f)
     return RooflineDeployment(
         model=model,

@@ -60,6 +60,9 @@ class ModelSpec:
     experts_per_token: int = 0
     weight_dtype: str = "bf16"
     """Checkpoint weight dtype: bf16, fp16, fp8 or fp32."""
+    ffn_params_routed: float = 0.0
+    """Routed-expert parameters per layer (all E experts; no shared experts, router or dense
+    layers), averaged over layers: the part expert parallelism spreads over the FFN devices."""
 
     def __post_init__(self) -> None:
         if self.weight_dtype not in DTYPE_BYTES:
@@ -144,12 +147,13 @@ class ModelSpec:
             shared_inter = int(cfg.get("n_shared_experts") or 0) * expert_inter + int(
                 cfg.get("shared_expert_intermediate_size") or 0
             )
+            moe_routed = 3 * h * num_experts * expert_inter
             moe_total = 3 * h * (num_experts * expert_inter + shared_inter) + h * num_experts
             moe_active = 3 * h * (top_k * expert_inter + shared_inter) + h * num_experts
             moe_act = 2 * h + 2 * (top_k * expert_inter + shared_inter)
             moe_flags = [_is_moe_layer(cfg, i) for i in range(L)]
         else:
-            moe_total = moe_active = moe_act = 0
+            moe_total = moe_active = moe_act = moe_routed = 0
             moe_flags = [False] * L
         if dense_inter <= 0 and not all(moe_flags):
             raise UserInputError(f"model {name}: config has no intermediate_size for dense layers")
@@ -176,6 +180,7 @@ class ModelSpec:
             num_experts=num_experts,
             experts_per_token=top_k if num_experts else 0,
             weight_dtype=dtype,
+            ffn_params_routed=n_moe * moe_routed / L,
         )
 
 

@@ -53,6 +53,8 @@ def render_plan(result: PlanResult, extra: dict[str, Any]) -> str:
     if "model" in extra:
         lines.append(plan_title(result, extra).split("\n")[0])
         lines.extend(f"  note: {n}" for n in extra["sizing_notes"])
+        if extra.get("expert_parallel") is not None:
+            lines.append(render_expert_parallel(extra["expert_parallel"]))
     lines.append(
         f"workload: {w.source}: theta = {w.theta:.1f} tokens/slot"
         + (f", sigma_X^2 = {w.sigma2:.6g}" if w.sigma2 is not None else "")
@@ -125,6 +127,24 @@ def render_plan(result: PlanResult, extra: dict[str, Any]) -> str:
     for r in table:
         lines.append("  ".join(cell.rjust(wd) for cell, wd in zip(r, widths, strict=True)))
     return "\n".join(lines)
+
+
+def render_expert_parallel(ep: dict[str, Any]) -> str:
+    """One line: what a MoE roofline assumed about expert parallelism
+    (`deployment.expert_parallel_summary`)."""
+    capped = ep["expert_imbalance"] != ep["expert_imbalance_given"]
+    return (
+        f"expert parallelism: {ep['ffn_devices']} FFN device(s), a token reaches "
+        f"{ep['fanout']:.3g} of them (expected, top-{ep['top_k']} of {ep['num_experts']} "
+        f"experts); expert imbalance {ep['expert_imbalance']:g} (max/mean"
+        + (
+            f", {ep['expert_imbalance_given']:g} given, capped at the device count"
+            if capped
+            else ""
+        )
+        + f"), {ep['redundant_experts']} redundant experts "
+        f"({ep['slots_per_device']:.4g} expert slots a device)"
+    )
 
 
 def render_workload(rows: Sequence[WorkloadStats]) -> str:

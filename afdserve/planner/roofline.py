@@ -6,10 +6,16 @@ M = g * memory bandwidth * eff_memory_bw, N = g * link bandwidth * eff_link:
 
     alpha_A = max(kv_bytes_per_token / M, attn_flops_per_token / F)       per context token
     beta_A  = max(W_attn / M, 2 * P_attn * B / F) + max(W_head / M, 2 * P_head * B / F) / L
-    alpha_F = 2 * P_ffn_active / F                                        per token
-    beta_F  = W_ffn_total / M                                             (every expert streamed)
+    alpha_F = 2 * (P_ffn_active + (I - 1) * P_routed_active) / F          per token
+    beta_F  = (W_ffn_total + W_redundant) / M                             (every slot streamed)
     alpha_C = hidden * act_bytes * fanout / N                             per token, one way
     beta_C  = link latency
+
+MoE over gF FFN devices (expert parallelism, afdserve.planner.expert_parallel): `fanout` is the
+expected number of distinct FFN devices a token's top-k experts reach (1 for dense models);
+I = `expert_imbalance` (max/mean routed load over the FFN devices) scales the routed experts'
+compute, P_routed_active = P_routed * k / E; W_redundant = R / E * W_routed are the weights of the
+R redundant expert slots.
 
 Each term is one kernel's own roofline (the larger of its memory time and its compute time); the
 terms add because the kernels run one after another. The FFN's affine form adds weight streaming
@@ -26,7 +32,7 @@ from typing import Any
 
 from afdserve.errors import UserInputError
 from afdserve.planner.costs import Affine, StageCosts
-from afdserve.planner.expert_parallel import check_ep, expected_fanout
+from afdserve.planner.expert_parallel import check_ep, check_redundant_slots, expected_fanout
 from afdserve.planner.hardware_catalog import Hardware
 from afdserve.planner.model_catalog import DTYPE_BYTES, ModelSpec
 
@@ -76,11 +82,11 @@ class RooflineSetup:
     comm_scales_with: str = "B"
     efficiency: Efficiency = field(default_factory=Efficiency)
     expert_imbalance: float = 1.0
-    """MoE under EP: max/mean expert load over the FFN devices (1 = balanced); scales alpha_F
-    (planner/expert_parallel.py). The runtime measures it: afdserve:ffn_expert_imbalance."""
+    """MoE only: max/mean routed (token, expert) load over the FFN devices (1 = balanced); the
+    runtime's `afdserve:ffn_expert_imbalance`, averaged over MoE layers. See `roofline_costs`."""
     redundant_experts: int = 0
-    """MoE under EP: extra expert slots per layer over the FFN devices (EPLB's replicas); each
-    adds one expert's weights to beta_F and to the FFN's memory."""
+    """MoE only: R extra expert slots per MoE layer (EPLB replicas); each FFN device holds
+    (E + R) / m experts' weights."""
 
     def __post_init__(self) -> None:
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
@@ -118,7 +124,18 @@ def roofline_costs(
     model: ModelSpec, attention_hw: Hardware, ffn_hw: Hardware, setup: RooflineSetup
 ) -> RooflineDerivation:
     """Per-layer coefficients (ms) of `model` with attention on `attention_hw` and the FFN on
-    `ffn_hw`, each instance spanning the device counts in `setup`."""
+    `ffn_hw`, each instance spanning the device counts in `setup`.
+
+    Expert parallelism (MoE, gF = `setup.ffn_devices`): the busiest FFN device sets a layer's
+    pace, and its share of the routed (token, expert) pairs is I = `setup.expert_imbalance`
+    times the mean, so the routed experts' compute per token is I times its balanced value:
+    alpha_F gains (I - 1) * 2 * P_routed_active / F. Only that term: dense layers, shared
+    experts and the router are split evenly by rows, and each device streams only the weights
+    it holds whatever its load, so beta_F does not depend on I. I is capped at gF (max/mean over
+    gF devices cannot exceed gF; one device is balanced by definition), with a note. The
+    R = `setup.redundant_experts` extra slots add R/E of the routed weights to what the devices
+    stream (beta_F) and hold (`memory_model`); E + R must not exceed E * gF.
+    """
     eff = setup.efficiency
     L = model.num_layers
     B = setup.batch
@@ -148,11 +165,12 @@ def roofline_costs(
     beta_a = max(proj_mem, proj_cmp) + max(head_mem, head_cmp) / L
 
     # FFN side
-    slots = _slot_factor(model, setup)
-    alpha_f = (
-        2 * model.ffn_params_active / fF * MS * (setup.expert_imbalance if model.is_moe else 1)
-    )
-    beta_f = model.ffn_params_total * slots * w_bytes / mF * MS
+    imbalance = _ep_imbalance(model, setup, notes)
+    routed_active = _routed_active_params(model)
+    alpha_f_skew = (imbalance - 1.0) * 2 * routed_active / fF * MS
+    alpha_f = 2 * model.ffn_params_active / fF * MS + alpha_f_skew
+    ffn_weight_bytes = _ffn_params_held(model, setup) * w_bytes
+    beta_f = ffn_weight_bytes / mF * MS
     if model.is_moe:
         touched = 1 - (1 - model.experts_per_token / model.num_experts) ** B
         notes.append(
@@ -161,7 +179,15 @@ def roofline_costs(
         )
 
     # communication
-    fanout = expected_fanout(model.num_experts, model.experts_per_token, gF) if model.is_moe else 1
+    fanout = (
+        expected_fanout(model.num_experts, model.experts_per_token, gF) if model.is_moe else 1.0
+    )
+    if model.is_moe and gF > 1:
+        notes.append(
+            f"dispatch fan-out: a token reaches {fanout:.3g} of {gF} FFN devices on average "
+            f"(top-{model.experts_per_token} of {model.num_experts} experts, uniform routing, "
+            "static placement)"
+        )
     bytes_tok = model.hidden_size * act_bytes * fanout
     side_hw, side_g = (attention_hw, gA) if setup.comm_scales_with == "B" else (ffn_hw, gF)
     per_dev = setup.link_bw if setup.link_bw is not None else side_hw.link_bw(setup.link)
@@ -198,14 +224,55 @@ def roofline_costs(
         "lm_head_memory_ms_per_step": head_mem,
         "lm_head_compute_ms_per_step": head_cmp,
         "ffn_active_flops_per_token": 2 * model.ffn_params_active,
-        "ffn_weight_bytes": model.ffn_params_total * w_bytes,
+        "ffn_weight_bytes": ffn_weight_bytes,
+        "ffn_routed_active_flops_per_token": 2 * routed_active,
+        "expert_imbalance": imbalance,
+        "alpha_f_imbalance_ms": alpha_f_skew,
+        "redundant_experts": float(setup.redundant_experts),
+        "expert_slot_factor": (
+            (model.num_experts + setup.redundant_experts) / model.num_experts
+            if model.is_moe
+            else 1.0
+        ),
         "comm_bytes_per_token": bytes_tok,
         "comm_fanout": float(fanout),
-        "expert_imbalance": setup.expert_imbalance if model.is_moe else 1.0,
-        "expert_slot_factor": slots,
         "link_bytes_per_s": link,
     }
     return RooflineDerivation(costs=costs, terms=terms, notes=tuple(notes))
+
+
+def _ep_imbalance(model: ModelSpec, setup: RooflineSetup, notes: list[str]) -> float:
+    """The imbalance factor the FFN time uses (checks the EP inputs against the model)."""
+    gF, given, R = setup.ffn_devices, setup.expert_imbalance, setup.redundant_experts
+    if not model.is_moe:
+        if given != 1.0 or R:
+            raise UserInputError(
+                f"expert imbalance and redundant experts apply to MoE models; {model.name} is dense"
+            )
+        return 1.0
+    check_redundant_slots(model.num_experts, gF, R)
+    if given > gF:
+        notes.append(
+            f"expert imbalance {given:g} capped at {gF}: max/mean load over {gF} FFN "
+            f"device(s) cannot exceed {gF}"
+        )
+        return float(gF)
+    return given
+
+
+def _routed_active_params(model: ModelSpec) -> float:
+    """Routed-expert parameters one token touches per layer: P_routed * k / E."""
+    if not model.is_moe:
+        return 0.0
+    return model.ffn_params_routed * model.experts_per_token / model.num_experts
+
+
+def _ffn_params_held(model: ModelSpec, setup: RooflineSetup) -> float:
+    """FFN parameters per layer over the FFN devices: all of them plus the R redundant slots."""
+    extra = 0.0
+    if model.is_moe and setup.redundant_experts:
+        extra = model.ffn_params_routed * setup.redundant_experts / model.num_experts
+    return model.ffn_params_total + extra
 
 
 # ---- memory -----------------------------------------------------------------------------------
@@ -221,23 +288,13 @@ class MemoryModel:
     """KV cache per resident context token, all layers."""
     attention_capacity_bytes: float
     ffn_fixed_bytes: float
-    """FFN-side weights: every layer's FFN (all experts)."""
+    """FFN-side weights: every layer's FFN (all experts, plus the redundant expert slots)."""
     ffn_bytes_per_token: float
     """FFN working activations per token of the aggregated batch (double-buffered)."""
     ffn_capacity_bytes: float
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
-
-
-def _slot_factor(model: ModelSpec, setup: RooflineSetup) -> float:
-    """(E + R) / E: the FFN weights held with R redundant expert slots (1 for dense models),
-    at most m (a device holds one replica of an expert at most: with m devices only E * m
-    slots can be filled, e.g. none is redundant on one device)."""
-    if not model.is_moe or not setup.redundant_experts:
-        return 1.0
-    e = model.num_experts
-    return min(e + setup.redundant_experts, e * setup.ffn_devices) / e
 
 
 def memory_model(
@@ -257,7 +314,7 @@ def memory_model(
         * model.kv_elems_per_token
         * DTYPE_BYTES[setup.kv_dtype],
         attention_capacity_bytes=setup.attention_devices * attention_hw.memory_bytes * usable,
-        ffn_fixed_bytes=model.num_layers * model.ffn_params_total * _slot_factor(model, setup) * w,
+        ffn_fixed_bytes=model.num_layers * _ffn_params_held(model, setup) * w,
         ffn_bytes_per_token=2 * model.ffn_activation_elems_per_token * act,
         ffn_capacity_bytes=setup.ffn_devices * ffn_hw.memory_bytes * usable,
     )

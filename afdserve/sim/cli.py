@@ -19,6 +19,7 @@ from typing import Any
 
 from afdserve.cli import one_line_errors
 from afdserve.errors import UserInputError
+from afdserve.planner.cli import add_expert_parallel_flags
 from afdserve.planner.render import json_default
 from afdserve.sim.render import (
     render_profile,
@@ -78,18 +79,6 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="catalog model name or HF config.json / directory")
     p.add_argument("--hardware", help="catalog hardware name (every device)")
-    p.add_argument(
-        "--expert-imbalance",
-        type=float,
-        default=1.0,
-        help="with --ratio and --model: MoE max/mean expert load over the FFN devices (1.0)",
-    )
-    p.add_argument(
-        "--redundant-experts",
-        type=int,
-        default=0,
-        help="with --ratio and --model: extra expert slots per layer (EPLB replicas) (0)",
-    )
     p.add_argument("--profile", metavar="FILE", help="measured profile JSON (with --ratio)")
     p.add_argument("--gpus", type=int, help="devices to deploy on (search)")
     p.add_argument(
@@ -148,6 +137,13 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cv", type=float, default=1.0, help="Gamma inter-arrival coefficient of variation (1)"
     )
+    p.add_argument(
+        "--ffn-devices",
+        type=int,
+        default=1,
+        help="with --ratio and --model: devices of the FFN instance (1)",
+    )
+    add_expert_parallel_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
@@ -181,6 +177,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise UserInputError(
             "--profile goes with --ratio (the search derives costs per device count)"
         )
+    if args.ffn_devices != 1:
+        raise UserInputError("--ffn-devices goes with --ratio (the search sizes every instance)")
     if args.gpus < 1:
         raise UserInputError(
             f"--gpus must be >= 1: there are no devices to deploy on ({args.gpus})"
@@ -218,6 +216,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             requests=args.requests,
             seed=args.seed,
             progress=tick,
+            expert_imbalance=args.expert_imbalance,
+            redundant_experts=args.redundant_experts,
         )
     finally:
         for b in bars.values():
@@ -241,18 +241,36 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
     if args.ratio < 1 or args.batch < 1:
         raise UserInputError("--ratio and --batch must be >= 1")
     M = args.microbatches[0] if len(args.microbatches) == 1 else 1
+    ep_summary = None
     if args.profile:
         if args.model or args.hardware:
             raise UserInputError("give stage costs one way: --profile, or --model with --hardware")
+        for flag, default in (
+            ("ffn_devices", 1),
+            ("expert_imbalance", 1.0),
+            ("redundant_experts", 0),
+        ):
+            if getattr(args, flag) != default:
+                raise UserInputError(
+                    f"--{flag.replace('_', '-')} goes with --model (a profile has its own costs)"
+                )
         costs = SimCosts.from_profile(args.profile)
     elif args.model and args.hardware:
+        from afdserve.planner.deployment import expert_parallel_summary
+        from afdserve.planner.roofline import roofline_costs
+
+        if args.ffn_devices < 1:
+            raise UserInputError(f"--ffn-devices must be >= 1, got {args.ffn_devices}")
         hw = load_hardware(args.hardware)
+        spec = load_model(args.model)
         setup = RooflineSetup(
             batch=args.batch,
+            ffn_devices=args.ffn_devices,
             expert_imbalance=args.expert_imbalance,
             redundant_experts=args.redundant_experts,
         )
-        costs = roofline_sim_costs(load_model(args.model), hw, hw, setup)
+        costs = roofline_sim_costs(spec, hw, hw, setup)
+        ep_summary = expert_parallel_summary(spec, setup, roofline_costs(spec, hw, hw, setup))
     else:
         raise UserInputError("--ratio needs stage costs: --profile FILE, or --model and --hardware")
     trace = load_trace(args.workload)
@@ -280,8 +298,15 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
     if args.plot:
         plot_bundle(sim, Path(args.plot), slo=slo, seed=args.seed)
     if args.json:
-        print(json.dumps(sim.report.to_dict(), indent=2, default=json_default))
+        out = sim.report.to_dict()
+        if ep_summary is not None:
+            out["expert_parallel"] = ep_summary
+        print(json.dumps(out, indent=2, default=json_default))
     else:
+        if ep_summary is not None:
+            from afdserve.planner.render import render_expert_parallel
+
+            print(render_expert_parallel(ep_summary))
         print(render_report(sim.report))
     return 0
 

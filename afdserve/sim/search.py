@@ -170,8 +170,14 @@ def search(
     requests: int = 1000,
     seed: int = 0,
     progress: Callable[[str, int], Any] | None = None,
+    expert_imbalance: float = 1.0,
+    redundant_experts: int = 0,
 ) -> SearchResult:
+    """`expert_imbalance` and `redundant_experts` (MoE models): the roofline's expert-parallel
+    inputs (`RooflineSetup`) for every instance that holds experts; instances whose devices
+    cannot hold E + R expert slots are not candidates."""
     from afdserve.planner import load_hardware, load_model, load_trace, stats_from_trace
+    from afdserve.planner.expert_parallel import check_expert_imbalance, check_redundant_experts
 
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise UserInputError(
@@ -186,8 +192,24 @@ def search(
     reqs_all = from_trace(trace, limit=requests, arrivals="offline")
     tick = progress or (lambda _s, _n: None)
     notes: list[str] = []
-
-    cands = _candidates(spec, hw, devices, stats.theta, space, notes)
+    check_expert_imbalance(expert_imbalance)
+    check_redundant_experts(redundant_experts)
+    if not spec.is_moe and (expert_imbalance != 1.0 or redundant_experts):
+        raise UserInputError(
+            f"expert imbalance and redundant experts apply to MoE models; {spec.name} is dense"
+        )
+    if expert_imbalance != 1.0:
+        notes.append(
+            f"expert imbalance {expert_imbalance:g} (max/mean) in every MoE FFN, capped at its "
+            "device count (one device is balanced)"
+        )
+    if redundant_experts:
+        notes.append(
+            f"{redundant_experts} redundant experts per MoE layer in every instance holding "
+            "experts (weights held and streamed)"
+        )
+    ep = dict(expert_imbalance=expert_imbalance, redundant_experts=redundant_experts)
+    cands = _candidates(spec, hw, devices, stats.theta, space, notes, ep)
     if not cands:
         raise UserInputError(
             f"{spec.name} does not fit on {devices} x {hw.name} in any configuration "
@@ -232,18 +254,33 @@ def search(
 
 
 def _candidates(
-    spec, hw, N: int, theta: float, space: SearchSpace, notes: list[str]
+    spec,
+    hw,
+    N: int,
+    theta: float,
+    space: SearchSpace,
+    notes: list[str],
+    ep: dict[str, Any] | None = None,
 ) -> list[Candidate]:
     from afdserve.planner import RooflineSetup
+    from afdserve.planner.expert_parallel import redundant_slots_fit
     from afdserve.planner.roofline import DEVICE_COUNTS, memory_model
 
-    mem = memory_model(spec, hw, hw, RooflineSetup(batch=1))
+    ep = ep or {}
+    mem = memory_model(spec, hw, hw, RooflineSetup(batch=1, **ep))
     usable = 0.9
     per_dev = hw.memory_bytes * usable
     kv_tok = mem.kv_bytes_per_context_token
+    R = ep.get("redundant_experts", 0)
 
-    def fit(fixed: float, kv_tokens: float) -> list[int]:
-        gs = [g for g in DEVICE_COUNTS if g <= N and g * per_dev >= fixed + kv_tokens * kv_tok]
+    def fit(fixed: float, kv_tokens: float, experts: bool = False) -> list[int]:
+        gs = [
+            g
+            for g in DEVICE_COUNTS
+            if g <= N
+            and g * per_dev >= fixed + kv_tokens * kv_tok
+            and not (experts and spec.is_moe and not redundant_slots_fit(spec.num_experts, g, R))
+        ]
         return gs[:2]
 
     def kv_cap(g: int, fixed: float) -> int:
@@ -254,10 +291,13 @@ def _candidates(
     for B in space.batches:
         kv_need = B * theta
         ga_opts = fit(a_fixed, kv_need)
-        for gF in fit(f_fixed + space.ratios[-1] * B * mem.ffn_bytes_per_token, 0.0):
+        for gF in fit(f_fixed + space.ratios[-1] * B * mem.ffn_bytes_per_token, 0.0, True):
             for gA in ga_opts:
                 costs = roofline_sim_costs(
-                    spec, hw, hw, RooflineSetup(batch=B, attention_devices=gA, ffn_devices=gF)
+                    spec,
+                    hw,
+                    hw,
+                    RooflineSetup(batch=B, attention_devices=gA, ffn_devices=gF, **ep),
                 )
                 for r in space.ratios:
                     bundle = r * gA + gF
@@ -283,9 +323,9 @@ def _candidates(
                                 kv_capacity_tokens=kv_cap(gA, a_fixed),
                             )
                         )
-        for g in fit(a_fixed + f_fixed, kv_need):
+        for g in fit(a_fixed + f_fixed, kv_need, True):
             costs = roofline_sim_costs(
-                spec, hw, hw, RooflineSetup(batch=B, attention_devices=g, ffn_devices=g)
+                spec, hw, hw, RooflineSetup(batch=B, attention_devices=g, ffn_devices=g, **ep)
             )
             k = N // g
             cands.append(

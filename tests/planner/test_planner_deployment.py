@@ -95,6 +95,7 @@ def test_to_dict_describes_model_hardware_and_unit_costs() -> None:
         "efficiency",
         "roofline",
         "unit_costs",
+        "expert_parallel",
         "sizing_notes",
     ]
     assert d["model"]["name"] == "qwen3-235b-a22b" and d["model"]["num_layers"] == 94
@@ -104,6 +105,9 @@ def test_to_dict_describes_model_hardware_and_unit_costs() -> None:
     assert set(d["unit_costs"]) == {"ffn"}  # only the H800 has a catalog price
     assert d["unit_costs"]["ffn"]["usd_per_flop"] == pytest.approx(5.617e-19, rel=1e-3)
     assert d["sizing_notes"] == list(dep.notes)
+    ep = d["expert_parallel"]  # what the FFN's expert parallelism assumed (balanced by default)
+    assert ep["ffn_devices"] == 8 and ep["expert_imbalance"] == 1.0
+    assert ep["redundant_experts"] == 0 and ep["slots_per_device"] == 16
 
 
 @needs_traces

@@ -203,3 +203,92 @@ def test_simulator_never_imports_torch() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "LOADED []" in proc.stdout
+
+
+@needs_traces
+def test_expert_parallel_flags_reach_the_bundle_and_the_search(capsys) -> None:
+    """`--ffn-devices`, `--expert-imbalance`, `--redundant-experts` with `--ratio --model`: the
+    line of what was assumed, the same in the JSON, and a slower FFN when it is imbalanced;
+    the search takes the two EP flags and says so in its notes."""
+    one = ["simulate", "--model", "qwen3-30b-a3b", "--hardware", "h100", "--workload"]
+    one += ["azure-conv", "--ratio", "2", "--batch", "16", "--requests", "30", "--closed-loop"]
+    one += ["--ffn-devices", "4"]
+    code, out, err = run(capsys, *one, "--expert-imbalance", "1.4", "--redundant-experts", "8")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("expert parallelism: 4 FFN device(s), a token reaches 3.63")
+    assert "expert imbalance 1.4" in first and "8 redundant experts" in first
+    tpot = {}
+    for imb in ("1", "2"):
+        code, out, err = run(capsys, *one, "--expert-imbalance", imb, "--json")
+        assert code == 0, err
+        d = json.loads(out)
+        assert d["expert_parallel"]["expert_imbalance"] == float(imb)
+        tpot[imb] = d["tpot_ms"]["mean"]
+    assert tpot["2"] > tpot["1"]
+    code, out, err = run(
+        capsys,
+        *("simulate", "--model", "qwen3-30b-a3b", "--hardware", "h100", "--gpus", "4"),
+        *("--workload", "azure-conv", "--ttft-slo-ms", "3000", "--tpot-slo-ms", "100"),
+        *("--requests", "30", "--ratios", "1", "--batches", "32", "--microbatches", "1"),
+        *("--finalists", "1", "--quiet", "--expert-imbalance", "1.3"),
+        *("--redundant-experts", "8"),
+    )
+    assert code == 0, err
+    assert "note: expert imbalance 1.3" in out and "note: 8 redundant experts" in out
+    # one device cannot hold 128 + 8 expert slots: no instance holding experts has one device
+    from afdserve.planner import load_hardware, load_model
+    from afdserve.sim.search import SearchSpace, _candidates
+
+    spec, h100 = load_model("qwen3-30b-a3b"), load_hardware("h100")
+    space = SearchSpace(ratios=(1,), batches=(32,), microbatches=(1,))
+
+    def ffn_devices(ep):
+        cands = _candidates(spec, h100, 4, 1000.0, space, [], ep)
+        return {c.params.get("ffn_devices", c.params.get("instance_devices")) for c in cands}
+
+    assert 1 in ffn_devices(None)
+    assert 1 not in ffn_devices({"redundant_experts": 8})
+
+
+@needs_traces
+def test_expert_parallel_flags_bad_input(capsys, tmp_path) -> None:
+    one = ["simulate", "--hardware", "h100", "--workload", "azure-conv", "--ratio", "2"]
+    profile = tmp_path / "p.json"
+    profile.write_text(
+        json.dumps(
+            {
+                "attention": {"alpha": 0, "beta": 1},
+                "ffn": {"alpha": 0, "beta": 1},
+                "comm": {"alpha": 0, "beta": 0},
+            }
+        )
+    )
+    search = ["simulate", "--model", "qwen3-30b-a3b", "--hardware", "h100", "--gpus", "4"]
+    search += ["--workload", "azure-conv", "--ttft-slo-ms", "3000", "--tpot-slo-ms", "100"]
+    cases = [
+        ([*one, "--model", "qwen3-30b-a3b", "--expert-imbalance", "0.9"], "a number >= 1"),
+        ([*one, "--model", "qwen3-30b-a3b", "--redundant-experts", "4"], "more FFN devices"),
+        ([*one, "--model", "llama-3.1-8b", "--expert-imbalance", "1.2"], "is dense"),
+        (
+            [
+                "simulate",
+                "--workload",
+                "azure-conv",
+                "--ratio",
+                "2",
+                "--profile",
+                str(profile),
+                "--expert-imbalance",
+                "1.2",
+            ],
+            "--expert-imbalance goes with --model",
+        ),
+        ([*search, "--ffn-devices", "2"], "--ffn-devices goes with --ratio"),
+        ([*search, "--redundant-experts", "-1"], "an integer >= 0"),
+    ]
+    for argv, needle in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2, (argv, out, err)
+        assert needle in err, (needle, err)
+        assert len(err.strip().splitlines()) == 1, err
