@@ -11,7 +11,8 @@ against m on the same total threads, and what the dispatch costs per layer.
    on the EPLB window before and after the re-placement, and whether the tokens are the same.
 2. FFN tier against m: one MoE layer of that model on a decode batch of T tokens: m = 1 runs
    all experts with the machine's N threads; m = N runs N expert shards concurrently with 1
-   thread each (the same total threads). Median of repeats, milliseconds.
+   thread each (the same total threads), as N processes (as FFN worker processes run) and as
+   N threads of one process. Median of repeats, milliseconds; no transport.
 3. Dispatch: per MoE layer and decode batch, the bytes each attention worker sends (rows,
    ROUTING tables) and receives (one row per pair) with m = 1 and m = 2, and the attention-side
    time of routing, planning and combining (ExpertDispatcher.plan + gather) against m = 1's
@@ -21,6 +22,7 @@ against m on the same total threads, and what the dispatch costs per layer.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import tempfile
 import threading
@@ -130,12 +132,42 @@ def ffn_tier(model: Path, tokens: int, repeats: int) -> None:
         for t in ts:
             t.join()
 
-    tm = _time(many, repeats)
+    tm_threads = _time(many, repeats)
     torch.set_num_threads(threads)
+    tm_procs = _in_processes(sets, picks, x, rows, ids, repeats)
     print(f"== FFN tier: one MoE layer, {tokens} tokens, {threads} threads in all ==")
+    print(f"m = 1 ({threads} threads): {t1:.2f} ms")
     print(
-        f"m = 1 ({threads} threads): {t1:.2f} ms;  m = {threads} (1 thread each, concurrent): {tm:.2f} ms"
+        f"m = {threads} shards, 1 thread each: {tm_procs:.2f} ms as {threads} processes "
+        f"(the slowest shard's median), {tm_threads:.2f} ms as threads of one process"
     )
+
+
+def _in_processes(sets, picks, x, rows, ids, repeats: int) -> float:
+    """Each shard in its own forked process with 1 thread, all timed concurrently (a barrier
+    before each repeat); the slowest shard's median, ms."""
+    ctx = mp.get_context("fork")
+    barrier, out = ctx.Barrier(len(sets)), ctx.Queue()
+
+    def work(s, p):
+        torch.set_num_threads(1)
+        r, i = rows[p], ids[p]
+        s.run(x, r, i)
+        ts = []
+        for _ in range(repeats):
+            barrier.wait()
+            t0 = time.perf_counter()
+            s.run(x, r, i)
+            ts.append(time.perf_counter() - t0)
+        out.put(statistics.median(ts) * 1e3)
+
+    procs = [ctx.Process(target=work, args=(s, p)) for s, p in zip(sets, picks, strict=True)]
+    for pr in procs:
+        pr.start()
+    medians = [out.get(timeout=300) for _ in procs]
+    for pr in procs:
+        pr.join(timeout=60)
+    return max(medians)
 
 
 def dispatch(model: Path, tokens: int, repeats: int) -> None:
