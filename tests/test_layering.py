@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "planner": 2,
     "config": 3,
     "engine": 3,
+    "eplb": 3,
     "sim": 4,
     "afd": 4,
     "launch": 5,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from afdserve.config import EngineConfig
 from afdserve.eplb.algorithm import rebalance
 from afdserve.eplb.placement import Placement
 from afdserve.eplb.window import ExpertLoadWindow
@@ -35,7 +35,9 @@ class Replacement:
 
 
 class EPLBController:
-    def __init__(self, cfg: EngineConfig, placement: Placement) -> None:
+    def __init__(self, cfg: Any, placement: Placement) -> None:
+        """`cfg`: the group's EngineConfig (its eplb, eplb_window_size, eplb_step_interval and
+        num_redundant_experts; not imported: eplb sits below config's users in the layers)."""
         self.placement = placement
         self.enabled = cfg.eplb
         self.interval, self.redundant = cfg.eplb_step_interval, cfg.num_redundant_experts

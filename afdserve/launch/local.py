@@ -259,7 +259,7 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     on_close = []
     balancer = None
     if cfg.is_afd:
-        placement = initial_placement(cfg, m.config)
+        placement = initial_placement(cfg.ffn_workers, m.config)
         hub = LocalHub(cfg.world_size)
         links = [make_link(k, cfg, m, hub.endpoints[k], placement) for k in range(r)]
         ffn_workers = [make_ffn_worker(cfg, m, hub.endpoints[j], placement) for j in cfg.ffn_ranks]

@@ -112,7 +112,7 @@ class MultiProcessEngine:
         """Token events `poll_idle` received; the next `step` returns them."""
         self._ffn_afd = {j: AFDStatsSnapshot() for j in cfg.ffn_ranks}
         """The latest AFD stats each FFN rank reported."""
-        self.placement = initial_placement(cfg, self.model_config)
+        self.placement = initial_placement(cfg.ffn_workers, self.model_config)
         """Where each MoE layer's experts start (expert parallelism), told to every worker."""
         self.switch: TwoPhaseSwitch | None = None
         """Expert parallelism: expert load counts and EPLB's re-placements (replacement.py)."""
