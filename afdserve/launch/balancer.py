@@ -7,6 +7,7 @@ The multi-process front does the same in two phases (launch/multiproc.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from afdserve.afd.expert_dispatch import ExpertDispatcher
@@ -15,6 +16,8 @@ from afdserve.afd.stats import ExpertLoadState
 from afdserve.eplb.controller import EPLBController
 from afdserve.eplb.placement import Placement
 from afdserve.model.parts import FFNPart
+
+log = logging.getLogger(__name__)
 
 
 class LocalBalancer:
@@ -47,6 +50,7 @@ class LocalBalancer:
         for d in self.dispatchers:
             d.use(placement)
         self.controller.installed(placement)
+        log.info("EPLB: placement v%d in use\n%s", placement.version, placement.render())
 
     def after_step(self) -> None:
         for d in self.dispatchers:

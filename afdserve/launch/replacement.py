@@ -99,5 +99,5 @@ class TwoPhaseSwitch:
             self.controller.installed(self.target)
             for rank in self.ffn_ranks:  # phase 3: nothing routes by the old placement now
                 self.send(rank, HoldExperts(self.target.to_dict(), keep_others=False))
-            log.info("EPLB: placement v%d in use", self.target.version)
+            log.info("EPLB: placement v%d in use\n%s", self.target.version, self.target.render())
             self.target, self.phase = None, 0

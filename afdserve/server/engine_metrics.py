@@ -299,6 +299,16 @@ def _experts(ex: ExpertLoadState, mn: str) -> Iterator[Metric]:
         "eplb_placement_version", "Re-placements installed so far.", {(): ex.placement_version}, mn
     )
     yield _counter("eplb_replacements", "EPLB re-placements.", {(): ex.replacements}, mn)
+    if ex.history:
+        _, before, after = ex.history[-1]
+        yield _gauge(
+            "eplb_last_imbalance",
+            "The worst MoE layer's max/mean FFN-worker load on the window of the latest "
+            "re-placement, under the placement before it and the one it installed.",
+            {("before",): before, ("after",): after},
+            mn,
+            ("placement",),
+        )
 
 
 _ACTIVE = {

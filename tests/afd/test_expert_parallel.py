@@ -162,6 +162,14 @@ def test_eplb_replaces_hot_experts_at_run_time_without_changing_a_token(skewed_m
     version, before, after = st.history[0]
     assert after < before, st.history
     assert "*" in st.placement  # a hot expert got a replica
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from afdserve.server.engine_metrics import EngineCollector
+
+    registry = CollectorRegistry()
+    registry.register(EngineCollector("m", llm.config, llm.engine.state, lambda: True))
+    text = generate_latest(registry).decode()
+    assert f'afdserve:eplb_last_imbalance{{model_name="m",placement="after"}} {after}' in text
     moe = [i for i, x in enumerate(st.imbalance) if x is not None]
     assert sum(st.pairs_total[i][0] for i in moe) > 0
 
