@@ -583,7 +583,14 @@ def test_eplb_replaces_experts_across_worker_processes_without_changing_a_token(
         eplb_step_interval=3,
         num_redundant_experts=2,
     ) as llm:
-        tokens = [o.token_ids for o in llm.generate(prompts, params)]
+        tokens = [o.token_ids for o in llm.generate(prompts[:4], params)]
+        # the switch is asynchronous (three rounds of control messages): let it finish, then
+        # serve the other half under the new placement
+        deadline = time.monotonic() + 30
+        while llm.engine.state().experts.placement_version < 1:
+            assert time.monotonic() < deadline, llm.engine.state().experts
+            llm.engine.step(0.05)
+        tokens += [o.token_ids for o in llm.generate(prompts[4:], params)]
         experts = llm.engine.state().experts
     assert tokens == reference
     assert experts.placement_version >= 1, experts
