@@ -125,6 +125,9 @@ class EngineConfig:
             ("block_size", 1),
             ("max_num_seqs", 1),
             ("max_num_batched_tokens", 1),
+            ("eplb_window_size", 1),
+            ("eplb_step_interval", 1),
+            ("num_redundant_experts", 0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -136,14 +139,6 @@ class EngineConfig:
             )
         if not isinstance(self.eplb, bool):
             raise UserInputError(f"eplb must be a bool, got {self.eplb!r}")
-        for name, low in (
-            ("eplb_window_size", 1),
-            ("eplb_step_interval", 1),
-            ("num_redundant_experts", 0),
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise UserInputError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.eplb and self.ffn_workers < 2:
             raise UserInputError(
                 "eplb balances experts over several FFN workers: it needs ffn_workers >= 2"
