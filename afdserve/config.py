@@ -50,6 +50,10 @@ class EngineConfig:
     num_redundant_experts: int = 0
     """Extra expert slots per MoE layer over the FFN tier, filled with replicas of hot experts
     (vLLM's num_redundant_experts); each FFN worker holds (E + this) / m experts per layer."""
+    migration_limit: int = 3
+    """How many times one request may move to another attention worker because its own died
+    or stalled (replayed there from prompt plus the tokens generated so far; Dynamo's
+    --migration-limit); past it the request ends with an error. 0: never migrate."""
     microbatches: int = 2
     """M, the microbatches each attention worker splits a step into (ping-pong pipelining)."""
     dtype: str = "auto"
@@ -85,8 +89,9 @@ class EngineConfig:
     layer's FLOPs, so on cores it shares with the attention workers it wants all of them."""
     ffn_gather_wait_s: float | None = None
     """How long the FFN waits for attention workers at the same (layer, microbatch) to batch
-    them together (afd/ffn_worker.py). None: the sync timeout (always gather); 0: serve
-    whoever has arrived, which keeps shared cores busy."""
+    them together (afd/ffn_worker.py); one that misses it is late for the rest of its step.
+    None: 0.5 s or the sync timeout if shorter (a stalled worker never freezes the others);
+    0: serve whoever has arrived, which keeps shared cores busy."""
     pin_workers: bool = False
     """Pin worker process k to core k mod cores (multi-process transports)."""
     seed: int = 0
@@ -128,6 +133,7 @@ class EngineConfig:
             ("eplb_window_size", 1),
             ("eplb_step_interval", 1),
             ("num_redundant_experts", 0),
+            ("migration_limit", 0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:

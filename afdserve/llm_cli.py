@@ -59,8 +59,8 @@ def add_engine_args(
         type=float,
         default=None,
         metavar="S",
-        help="seconds the FFN waits to batch attention workers at one layer (default: the sync "
-        "timeout, always gather; 0: serve whoever has arrived, best on shared cores)",
+        help="seconds the FFN waits to batch attention workers at one layer (default 0.5, or "
+        "the sync timeout if shorter; 0: serve whoever has arrived, best on shared cores)",
     )
     p.add_argument(
         "--batch-invariant",
@@ -89,6 +89,14 @@ def add_engine_args(
         default=0,
         metavar="R",
         help="extra expert slots per MoE layer for replicas of hot experts (with --eplb)",
+    )
+    p.add_argument(
+        "--migration-limit",
+        type=int,
+        default=3,
+        metavar="N",
+        help="times a request may move to another attention worker when its own dies or "
+        "stalls (replayed from prompt plus its tokens so far; 0: never; default %(default)s)",
     )
     p.add_argument(
         "--skip-tokenizer-init",
@@ -130,6 +138,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         eplb_window_size=args.eplb_window_size,
         eplb_step_interval=args.eplb_step_interval,
         num_redundant_experts=args.num_redundant_experts,
+        migration_limit=args.migration_limit,
         microbatches=args.microbatches,
         dtype=args.dtype,
         device=args.device,

@@ -251,9 +251,15 @@ class Request:
     arrival_time: float = 0.0
     sampling_seed: int = 0
     """The seed actually used: `params.seed` when given, else drawn by the engine at arrival."""
+    generated: tuple[int, ...] = ()
+    """Tokens this request already generated on another attention worker, which died or
+    stalled (a migration). They are fed again after the prompt, as a preemption's recompute
+    feeds its outputs, and never emitted again; sampling continues at output index
+    len(generated), so seeded sampling, penalties and max_tokens carry on where they were."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", _int_tuple(self.prompt_token_ids, "prompt"))
+        object.__setattr__(self, "generated", _int_tuple(self.generated, "generated"))
         if not self.prompt_token_ids:
             raise UserInputError("prompt must not be empty")
 

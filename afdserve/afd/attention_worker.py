@@ -48,7 +48,12 @@ class AttentionWorker:
     def add_request(self, request: Request) -> None:
         """Queue a request (UserInputError for a duplicate id or a prompt that cannot fit)."""
         with self._lock:
-            self.scheduler.add_request(request)
+            seq_id = self.scheduler.add_request(request)
+            if request.generated:  # migrated: its sampler state resumes where it was
+                self.runner.history.resume(
+                    seq_id, request.params, request.prompt_token_ids, request.generated
+                )
+                self.runner.grammars.resume(seq_id, request.params, request.generated)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks; False when it is unknown or already finished."""

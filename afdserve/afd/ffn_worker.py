@@ -32,6 +32,13 @@ from afdserve.transport.staging import to_device, to_host
 
 log = logging.getLogger(__name__)
 
+GATHER_WAIT_S = 0.5
+"""The longest a batch waits (by default) for attention workers at its position whose
+activations have not arrived: in a running group they arrive within a layer's attention time
+(milliseconds), so a peer that takes longer is stalled, stopped or dead, and waiting the whole
+sync timeout for it would freeze every other worker's requests. A peer that misses it is late
+for the rest of its step: never waited for again, served as its activations arrive."""
+
 _WAKE_TYPES = frozenset({int(MsgType.SYNC_REQUEST), int(MsgType.ACTIVATION_TRANSFER)})
 
 
@@ -70,12 +77,15 @@ class FFNWorker:
         self.timeout_s = timeout_s
         """The sync timeout: a peer at the batch's position that has sent nothing for this long
         is late (served as it arrives for the rest of its step, never waited for)."""
-        self.gather_wait_s = timeout_s if gather_wait_s is None else min(gather_wait_s, timeout_s)
+        wait = GATHER_WAIT_S if gather_wait_s is None else gather_wait_s
+        self.gather_wait_s = min(wait, timeout_s)
         """How long a batch waits for peers at its position whose activations have not arrived
-        yet, to run them together. The sync timeout (default) always gathers: the largest FFN
-        batches, as AFD on dedicated FFN hardware wants. 0 serves whoever has arrived: on cores
-        the FFN shares with the attention workers, a worker still computing (a long prefill
-        chunk beside another's decode) then does not leave the FFN idle."""
+        yet, to run them together; a peer that misses it is late for the rest of its step. The
+        default (GATHER_WAIT_S, at most the sync timeout) gathers the largest FFN batches, as
+        AFD on dedicated FFN hardware wants, without letting a stalled peer freeze the others.
+        0 serves whoever has arrived: on cores the FFN shares with the attention workers, a
+        worker still computing (a long prefill chunk beside another's decode) then does not
+        leave the FFN idle."""
         self.num_layers = part.config.num_hidden_layers
         self.hidden_size = part.config.hidden_size
         self.dtype = next(part.parameters()).dtype
@@ -162,7 +172,7 @@ class FFNWorker:
             for r, p in self.peers.items()
             if p.cursor == pos and (not p.late or self._arrived(r, p))
         ]
-        gathering = self.gather_wait_s >= self.timeout_s  # missing the window makes one late
+        gathering = self.gather_wait_s > 0  # missing the window makes one late
         deadline = time.monotonic() + self.gather_wait_s
         waited = 0.0
         batch: list[tuple[int, torch.Tensor]] = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 
@@ -22,8 +22,11 @@ class Router:
         self.workers = workers
         self.routed = [0] * len(workers)
 
-    def choose(self) -> int:
-        scores = [w.load_score() for w in self.workers]
-        k = min(range(len(scores)), key=lambda i: (scores[i], i))
+    def choose(self, among: Collection[int] | None = None) -> int:
+        """The least-loaded worker (of `among`, the workers still serving, when given)."""
+        ks = range(len(self.workers)) if among is None else sorted(among)
+        if not ks:
+            raise ValueError("no worker to route to")
+        k = min(ks, key=lambda i: (self.workers[i].load_score(), i))
         self.routed[k] += 1
         return k

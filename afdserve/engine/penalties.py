@@ -39,6 +39,8 @@ class _Entry:
     pending_prompt: list[int] = field(default_factory=list)
     """Prompt tokens seen in chunks but not yet written into `prompt` (it is built lazily, when
     the vocabulary and device are known: at the first sample)."""
+    pending_outputs: list[int] = field(default_factory=list)
+    """Tokens generated on another attention worker (a migrated sequence), not yet counted."""
     prompt: torch.Tensor | None = None  # [V] bool: the token occurs in the prompt
     counts: torch.Tensor | None = None  # [V] float32: times the token was generated
 
@@ -63,6 +65,12 @@ class TokenHistory(PerSequence["_Entry"]):
             if c.output_index == 0:  # nothing generated yet: every fed token is the prompt's
                 entry.pending_prompt.extend(c.token_ids)
 
+    def resume(self, seq_id: int, params, prompt: Sequence[int], generated: Sequence[int]) -> None:
+        """Start the history of a migrated sequence, which generated `generated` elsewhere: its
+        recompute feeds them again, and they must count as outputs, not as prompt."""
+        if params.uses_penalties:
+            self._seqs[seq_id] = _Entry(list(prompt), list(generated))
+
     def tensors(
         self, chunks: Sequence[ScheduledChunk], vocab: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +85,10 @@ class TokenHistory(PerSequence["_Entry"]):
                 ids = torch.tensor(e.pending_prompt, dtype=torch.long, device=device)
                 e.prompt[ids] = True
                 e.pending_prompt.clear()
+            if e.pending_outputs:
+                ids = torch.tensor(e.pending_outputs, dtype=torch.long, device=device)
+                e.counts += torch.bincount(ids, minlength=vocab)[:vocab].float()
+                e.pending_outputs.clear()
             prompts.append(e.prompt)
             counts.append(e.counts)
         return torch.stack(prompts), torch.stack(counts)

@@ -203,7 +203,7 @@ class Scheduler:
             raise TypeError(f"expected a Request, got {type(request).__name__}")
         if request.request_id in self._by_request:
             raise UserInputError(f"duplicate request id {request.request_id!r}")
-        n = len(request.prompt_token_ids)
+        n = len(request.prompt_token_ids) + len(request.generated)
         if n > self.max_model_len:
             if n > self.config.max_model_len:
                 why = f"the model's context length (max_model_len) is {self.config.max_model_len}"
@@ -213,8 +213,12 @@ class Scheduler:
                     f"tokens ({self.cache_config.num_usable_blocks} blocks of "
                     f"{self.cache_config.block_size})"
                 )
-            raise UserInputError(f"request {request.request_id!r}: prompt has {n} tokens but {why}")
+            what = "prompt with what it generated" if request.generated else "prompt"
+            raise UserInputError(f"request {request.request_id!r}: {what} has {n} tokens but {why}")
         seq = Sequence(seq_id=self._next_seq_id, request=request, queued_at=self._clock())
+        if request.generated:  # migrated: recomputed like a preempted sequence
+            seq.token_ids.extend(request.generated)
+            seq.prompt_logprobs_sent = True  # they went out with its first token, elsewhere
         self._next_seq_id += 1
         self._waiting.append(seq)
         self._by_request[request.request_id] = seq

@@ -193,6 +193,18 @@ class Grammars(PerSequence[Any]):
             out.append(m.is_stopped())
         return out
 
+    def resume(self, seq_id: int, params: Any, generated: Sequence[int]) -> None:
+        """The grammar state of a migrated sequence, which generated `generated` elsewhere:
+        a new matcher advanced by those tokens, as the first worker's was."""
+        if params.structured is None:
+            return
+        m = self._seqs[seq_id] = self._new_matcher(seq_id, params.structured)
+        for t in generated:
+            if isinstance(m, _Failed) or not m.consume_token(t):
+                log.error("sequence %d: its grammar refuses the tokens it had generated", seq_id)
+                self._seqs[seq_id] = _Failed()
+                return
+
     def _matcher(self, c: ScheduledChunk) -> Any:
         m = self._seqs.get(c.seq_id)
         if m is not None:
@@ -201,10 +213,13 @@ class Grammars(PerSequence[Any]):
             raise RuntimeError(
                 f"sequence {c.seq_id}: no grammar state, yet it has {c.output_index} outputs"
             )
+        assert c.params.structured is not None
+        m = self._seqs[c.seq_id] = self._new_matcher(c.seq_id, c.params.structured)
+        return m
+
+    def _new_matcher(self, seq_id: int, spec: Any) -> Any:
         import llguidance
 
-        spec = c.params.structured
-        assert spec is not None
         try:
             m = llguidance.LLMatcher(self.tokenizer(), grammar_of(spec), log_level=0)
             if m.is_error():
@@ -213,10 +228,9 @@ class Grammars(PerSequence[Any]):
             log.error(
                 "sequence %d: its structured output (%s) cannot be enforced here: %s; "
                 "sampling one token unconstrained and ending it",
-                c.seq_id,
+                seq_id,
                 spec.kind,
                 exc,
             )
             m = _Failed()
-        self._seqs[c.seq_id] = m
         return m

@@ -33,8 +33,9 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
-"""Bump when a message changes shape; both ends of a group must agree. (3: `TokenEvent`'s
+SCHEMA_VERSION = 7
+"""Bump when a message changes shape; both ends of a group must agree. (7: `AddRequest`'s
+`generated`, which a worker of 6 would drop unread, restarting a migrated request. 3: `TokenEvent`'s
 queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,
 logit_bias and prompt_logprobs, which a worker of 2 would drop unread. 4: SamplingParams'
 `structured` output, which a worker of 3 would drop unread, answering a JSON schema with free
@@ -94,6 +95,9 @@ class AddRequest(_Message, tag="add"):
     params: SamplingParams
     seed: int
     """The request's sampling seed (the front draws one when params.seed is None)."""
+    generated: tuple[int, ...] = ()
+    """Tokens it already generated on an attention worker that died or stalled (a migration:
+    `Request.generated`)."""
 
 
 class Abort(_Message, tag="abort"):

@@ -59,7 +59,7 @@ from afdserve.launch.messages import (
     StepOutputs,
 )
 from afdserve.launch.processes import WorkerProcesses
-from afdserve.launch.remote_worker import RemoteWorker, mismatch
+from afdserve.launch.remote_worker import RemoteWorker, Tracked, mismatch
 from afdserve.launch.replacement import TwoPhaseSwitch
 from afdserve.model.config import ModelConfig
 from afdserve.transport.options import free_port
@@ -72,18 +72,27 @@ class WorkerError(AfdserveError):
     """A worker process died, failed to start, reported a fatal error, or fell silent."""
 
 
+STALL_S = 1.5
+"""A worker that has sent nothing for this long is stalled (stopped, wedged, or its host gone):
+every worker pulses every `worker.PULSE_S` (0.5 s) from a thread of its own, whatever its loop
+is doing, so three missed pulses mean it is not running. A stalled attention worker's requests
+move to the others at once; a stalled FFN worker makes the group degraded (the attention workers
+wait for it, bounded by their result timeout)."""
+
 SILENCE_MARGIN_S = 10.0
 
 
 def silence_limit_s(sync_timeout_s: float) -> float:
-    """How long an attention worker that holds requests may send nothing before the front
-    calls it stopped or hung. A live one reports after every step and heartbeats when idle;
-    its longest silent wait is one FFN result (`result_timeout_s`), after which it reports an
-    error itself. A SIGSTOPped process never exits, so without this its requests hang."""
+    """How long requests with no attention worker to serve them (every one stalled) wait for
+    one to come back before they end with an error: the longest an attention worker's own wait
+    for an FFN result lasts (`result_timeout_s`), plus a margin."""
     from afdserve.afd.ffn_link import result_timeout_s
 
     return result_timeout_s(sync_timeout_s) + SILENCE_MARGIN_S
 
+
+PARKED = -1
+"""The owner of a request that no attention worker can serve now (all stalled)."""
 
 ADD_TIMEOUT_S = 1.0
 """Longest a control message to a live worker may wait to be taken (ZeroMQ queues them, so in
@@ -108,6 +117,14 @@ class MultiProcessEngine:
         self.router = Router(self.workers)
         self._rng = random.Random(cfg.seed)
         self._owner: dict[str, int] = {}
+        """request id -> the attention worker serving it (PARKED while none can)."""
+        self._tracked: dict[str, Tracked] = {}
+        """What each request's replay on another attention worker needs (a migration)."""
+        self._parked_since: float | None = None
+        """When requests started waiting for any attention worker to serve them."""
+        self.requests_migrated = 0
+        """Requests moved to another attention worker because theirs died or stalled."""
+        self._ffn_heard = {j: time.monotonic() for j in cfg.ffn_ranks}
         self._pending: list[TokenEvent] = []
         """Token events `poll_idle` received; the next `step` returns them."""
         self._ffn_afd = {j: AFDStatsSnapshot() for j in cfg.ffn_ranks}
@@ -269,6 +286,7 @@ class MultiProcessEngine:
                     self.max_model_len = min(self.max_model_len or m.max_model_len, m.max_model_len)
         for w in self.workers:  # silence counts from here, not from the spawn
             w.last_heard = time.monotonic()
+        self._ffn_heard = dict.fromkeys(self._ffn_heard, time.monotonic())
 
     def _check_fingerprint(
         self, rank: int, theirs: Fingerprint, others: dict[int, Fingerprint]
@@ -282,25 +300,104 @@ class MultiProcessEngine:
             raise WorkerError(f"worker rank {rank} serves a different model: {what}")
 
     def _check_alive(self, starting: bool = False) -> None:
-        why = None if self._closed else self._procs.first_exit(starting)
-        if why is not None:
-            self._failure = why
-            raise WorkerError(why)
-
-    def _check_heard(self) -> None:
-        """WorkerError if an attention worker holding requests has been silent too long (called
-        after reading what arrived, so a front that did not read for a while is not fooled)."""
+        """While starting, any exit is a WorkerError. Then (under the lock): an attention
+        worker that exited loses its requests to the others; an FFN worker's exit is a
+        WorkerError (the FFN side is not restarted yet)."""
         if self._closed:
             return
-        limit = silence_limit_s(self.cfg.sync_timeout_s)
+        if starting:
+            why = self._procs.first_exit(starting)
+            if why is not None:
+                self._failure = why
+                raise WorkerError(why)
+            return
+        for rank, why in self._procs.exits():
+            if rank >= self.cfg.attention_workers:
+                self._failure = why
+                raise WorkerError(why)
+            if not self.workers[rank].dead:
+                self._lose(rank, why, dead=True)
+
+    def _check_heard(self) -> None:
+        """Silent workers (called after reading what arrived, so a front that did not read for a
+        while is not fooled): an attention worker silent for STALL_S loses its requests to the
+        others; requests no worker could take for `silence_limit_s` end with an error."""
+        if self._closed:
+            return
         now = time.monotonic()
-        for w in self.workers:  # alive but silent: stopped or wedged; its requests would hang
-            if w.outstanding and now - w.last_heard > limit:
-                self._failure = (
-                    f"attention worker {w.rank} holds {len(w.outstanding)} request(s) but sent "
-                    f"nothing for {now - w.last_heard:.0f}s (limit {limit:.0f}s): stopped or hung"
-                )
-                raise WorkerError(self._failure)
+        for w in self.workers:
+            silent = now - w.last_heard
+            if not w.down and silent > STALL_S:
+                self._lose(w.rank, f"attention worker {w.rank} sent nothing for {silent:.1f}s")
+        parked = [rid for rid, k in self._owner.items() if k == PARKED]
+        if parked and any(not w.down for w in self.workers):
+            for rid in parked:
+                self._place(rid)
+        elif parked and (
+            all(w.dead for w in self.workers)
+            or now - (self._parked_since or now) > silence_limit_s(self.cfg.sync_timeout_s)
+        ):
+            for rid in parked:
+                self._end(rid, "no attention worker could serve it")
+        if not any(k == PARKED for k in self._owner.values()):
+            self._parked_since = None
+
+    def _lose(self, rank: int, why: str, dead: bool = False) -> None:
+        """Route nothing more to attention worker `rank` and move its requests to the others
+        (under the lock). A worker that is only silent is told to drop them (it reads that if it
+        wakes up), and serves again once it speaks."""
+        w = self.workers[rank]
+        w.dead = w.dead or dead
+        if w.down:
+            return
+        w.down = why
+        mine = [rid for rid, k in self._owner.items() if k == rank]
+        log.warning("%s: moving its %d request(s) to the other attention workers", why, len(mine))
+        for rid in mine:
+            w.outstanding.pop(rid, None)
+            if not w.dead:
+                try:
+                    control.send(self._controls[rank], Abort(rid), timeout_s=0.0)
+                except (TimeoutError, zmq.ZMQError):
+                    pass
+            t = self._tracked[rid]
+            if t.migrations >= self.cfg.migration_limit:
+                self._end(rid, f"its attention worker failed and it moved {t.migrations} times")
+                continue
+            t.migrations += 1
+            self.requests_migrated += 1
+            self._place(rid)
+
+    def _place(self, rid: str) -> None:
+        """Send a request (again) to the least-loaded attention worker still serving, with the
+        tokens it generated so far; parked when none can take it now (under the lock)."""
+        t = self._tracked[rid]
+        live = [w.rank for w in self.workers if not w.down]
+        while live:
+            k = self.router.choose(live)
+            add = AddRequest(rid, t.prompt, t.params, t.seed, tuple(t.generated))
+            try:
+                control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
+            except (TimeoutError, zmq.ZMQError) as exc:
+                self.router.routed[k] -= 1
+                live.remove(k)
+                log.warning("attention worker %d does not take requests: %s", k, exc)
+                continue
+            self._owner[rid] = k
+            w = self.workers[k]
+            w.outstanding[rid] = len(t.prompt) + len(t.generated)
+            w.adds_sent += 1
+            return
+        self._owner[rid] = PARKED
+        if self._parked_since is None:
+            self._parked_since = time.monotonic()
+
+    def _end(self, rid: str, why: str) -> None:
+        """End a request that cannot be served any more with an error event (under the lock)."""
+        log.error("request %s ends: %s", rid, why)
+        self._owner.pop(rid, None)
+        self._tracked.pop(rid, None)
+        self._pending.append(TokenEvent(rid, -1, True, FinishReason.ABORT))
 
     # -- the Engine interface ---------------------------------------------------------------
 
@@ -328,7 +425,10 @@ class MultiProcessEngine:
                 live=self._owner,
                 tokenizer_file=self.model_path / "tokenizer.json",
             )
-            k = self.router.choose()
+            live = [w.rank for w in self.workers if not w.down]
+            if not live:
+                raise WorkerError("no attention worker serves now: " + "; ".join(self._problems()))
+            k = self.router.choose(live)
             try:
                 add = AddRequest(
                     request_id, request.prompt_token_ids, params, request.sampling_seed
@@ -338,6 +438,9 @@ class MultiProcessEngine:
                 self.router.routed[k] -= 1
                 raise WorkerError(f"attention worker {k} does not take requests: {exc}") from None
             self._owner[request_id] = k
+            self._tracked[request_id] = Tracked(
+                request.prompt_token_ids, params, request.sampling_seed
+            )
             w = self.workers[k]
             w.outstanding[request_id] = len(request.prompt_token_ids)
             w.adds_sent += 1
@@ -347,8 +450,11 @@ class MultiProcessEngine:
         """Stop a request; its worker frees its KV blocks when it reads the abort. Thread-safe."""
         with self._lock:
             k = self._owner.pop(request_id, None)
+            self._tracked.pop(request_id, None)
             if k is None:
                 return False
+            if k == PARKED:
+                return True
             self.workers[k].outstanding.pop(request_id, None)
             if self._closed or (self._procs.pids and not self._procs.alive(k)):
                 return True  # nobody left to tell
@@ -363,7 +469,8 @@ class MultiProcessEngine:
             return bool(self._owner or self._pending)
 
     def owner(self, request_id: str) -> int | None:
-        """The attention worker serving `request_id` (None once it finished or was aborted)."""
+        """The attention worker serving `request_id` (None once it finished or was aborted;
+        PARKED while no attention worker can)."""
         with self._lock:
             return self._owner.get(request_id)
 
@@ -373,16 +480,17 @@ class MultiProcessEngine:
         return logs[rank] if rank < len(logs) else None
 
     def step(self, timeout_s: float = 0.05) -> list[TokenEvent]:
-        """Token events that arrived within `timeout_s` (raises WorkerError if a worker failed)."""
-        self._check_alive()
+        """Token events that arrived within `timeout_s` (raises WorkerError if the group cannot
+        serve any more)."""
         messages = self._receive(timeout_s)
         with self._lock:
-            out, self._pending = self._pending, []
+            self._check_alive()
             for m in messages:
-                out.extend(self._handle(m))
+                self._pending.extend(self._handle(m))
             self._check_heard()
             if self.switch is not None:
                 self.switch.tick()
+            out, self._pending = self._pending, []
         return out
 
     def _send_control(self, rank: int, msg: object) -> None:
@@ -397,9 +505,9 @@ class MultiProcessEngine:
         """Read worker reports without waiting, while there is nothing to step: heartbeats
         keep `state()` current (KV freed by an abort, final AFD stats) and a dead worker is a
         WorkerError now rather than at the next request. Token events are kept for `step`."""
-        self._check_alive()
         messages = self._receive(0.0)
         with self._lock:
+            self._check_alive()
             for m in messages:
                 self._pending.extend(self._handle(m))
             self._check_heard()
@@ -413,15 +521,21 @@ class MultiProcessEngine:
     def _handle(self, m: object) -> list[TokenEvent]:
         """Apply one worker message (under the lock); the token events it carries."""
         if isinstance(m, Failed):
+            attention = m.role == "attention" and 0 <= m.rank < len(self.workers)
+            if m.fatal and attention:  # it exits: its requests go on elsewhere
+                self._lose(m.rank, f"attention worker {m.rank}: {m.message}", dead=True)
+                return []
             if m.fatal:
                 self._failure = f"{m.role} worker {m.rank}: {m.message}"
                 raise WorkerError(self._failure)
             rid = m.request_id
-            if 0 <= m.rank < len(self.workers) and rid is not None:
+            if attention and rid is not None:
                 self.workers[m.rank].adds_failed += 1  # only a refused add names a request id
-            if rid in self._owner:
+            if rid is not None and attention and self._owner.get(rid) == m.rank:
                 log.warning("request %s failed on worker %s: %s", rid, m.rank, m.message)
-                self.workers[self._owner.pop(rid)].outstanding.pop(rid, None)
+                self._owner.pop(rid)
+                self._tracked.pop(rid, None)
+                self.workers[m.rank].outstanding.pop(rid, None)
                 return [TokenEvent(rid, -1, True, FinishReason.ABORT)]
             return []
         if self.switch is not None and self.switch.observe(m):
@@ -432,6 +546,9 @@ class MultiProcessEngine:
             if m.rank not in self._ffn_afd:
                 log.warning("dropping a heartbeat from unknown FFN rank %r", m.rank)
                 return []
+            self._ffn_heard[m.rank] = time.monotonic()
+            if m.afd is None:
+                return []  # a pulse
             try:
                 self._ffn_afd[m.rank] = AFDStatsSnapshot.from_dict(m.afd)
             except ValueError as exc:
@@ -442,6 +559,9 @@ class MultiProcessEngine:
             return []
         w = self.workers[m.rank]
         w.last_heard = time.monotonic()
+        if w.down and not w.dead:  # a stalled worker woke up: it serves again
+            log.warning("attention worker %d speaks again after: %s", m.rank, w.down)
+            w.down = ""
         if m.status is not None:
             try:
                 w.take_status(m.status, m.afd)
@@ -451,12 +571,16 @@ class MultiProcessEngine:
             return []
         out: list[TokenEvent] = []
         for ev in m.events:
-            if ev.request_id not in self._owner:
-                continue  # aborted meanwhile
-            w.outstanding[ev.request_id] = w.outstanding.get(ev.request_id, 0) + 1
+            rid = ev.request_id
+            if self._owner.get(rid) != m.rank:
+                continue  # aborted meanwhile, or moved away from this worker
+            w.outstanding[rid] = w.outstanding.get(rid, 0) + 1
             if ev.finished:
-                self._owner.pop(ev.request_id, None)
-                w.outstanding.pop(ev.request_id, None)
+                self._owner.pop(rid, None)
+                self._tracked.pop(rid, None)
+                w.outstanding.pop(rid, None)
+            else:
+                self._tracked[rid].generated.append(ev.token_id)
             out.append(ev)
         return out
 
@@ -485,11 +609,30 @@ class MultiProcessEngine:
             )
 
     def healthy(self) -> bool:
-        """False once any worker process exited, reported a fatal error or fell silent while
-        holding requests (the server then answers 503), or the engine was closed."""
+        """False once the group cannot serve (an FFN worker died or reported a fatal error, or
+        no attention worker is left: the server then answers 503), or the engine was closed.
+        A group that lost some attention workers still serves: `problems` says what is
+        wrong."""
         if self._closed or self._failure is not None:
             return False
-        return self._procs.all_alive()
+        with self._lock:
+            return any(not w.down for w in self.workers)
+
+    def problems(self) -> list[str]:
+        """What is wrong with the group now, one line each ([] when nothing): for /health,
+        which reports a group with problems that still serves as degraded."""
+        with self._lock:
+            return self._problems()
+
+    def _problems(self) -> list[str]:
+        out = [w.down for w in self.workers if w.down]
+        now = time.monotonic()
+        for j, heard in sorted(self._ffn_heard.items()):
+            if now - heard > STALL_S:
+                out.append(f"FFN worker {j} sent nothing for {now - heard:.1f}s")
+        if self._failure:
+            out.append(self._failure)
+        return out
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker (shutdown message, then SIGTERM, then SIGKILL) and free sockets."""

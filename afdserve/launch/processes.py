@@ -62,6 +62,14 @@ class WorkerProcesses:
                 return f"worker rank {rank} {what} (exit code {code}): {_tail(self.logs[rank])}"
         return None
 
+    def exits(self) -> list[tuple[int, str]]:
+        """(rank, why it is gone, with its log's tail) of every worker that exited."""
+        return [
+            (rank, f"worker rank {rank} died (exit code {p.returncode}): {_tail(self.logs[rank])}")
+            for rank, p in enumerate(self.procs)
+            if p.poll() is not None
+        ]
+
     def alive(self, rank: int) -> bool:
         return rank < len(self.procs) and self.procs[rank].poll() is None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from afdserve.afd.stats import AFDStatsSnapshot, AttentionStatus
 from afdserve.config import EngineConfig
@@ -35,6 +36,12 @@ class RemoteWorker:
     afd: AFDStatsSnapshot = field(default_factory=AFDStatsSnapshot)
     last_heard: float = field(default_factory=time.monotonic)
     """When the front last got a message from this worker (time.monotonic)."""
+    down: str = ""
+    """Why the front routes nothing to this worker ("" while it serves): it died, reported a
+    fatal error, or fell silent (its requests then moved to the others)."""
+    dead: bool = False
+    """Its process exited or reported a fatal error: it never serves again (a silent one that
+    speaks again is back)."""
 
     def load_score(self) -> int:
         return sum(self.outstanding.values())
@@ -78,3 +85,15 @@ def mismatch(
     for rank, fp in sorted(others.items()):
         diff += [f"{k} {b!r} (rank {rank}: {a!r})" for k, (b, a) in theirs.differences(fp).items()]
     return ", ".join(diff)
+
+
+@dataclass
+class Tracked:
+    """What the front keeps of a request it serves, so it can replay it on another attention
+    worker (a migration): everything its `AddRequest` said, and the tokens it generated."""
+
+    prompt: tuple[int, ...]
+    params: Any  # SamplingParams
+    seed: int
+    generated: list[int] = field(default_factory=list)
+    migrations: int = 0

@@ -44,6 +44,11 @@ heartbeat), so the front's metrics lag by at most this much while the worker ste
 FRONT_GONE = 4
 """Exit code of a worker whose front fell silent."""
 
+PULSE_S = 0.5
+"""Every worker tells its front it is alive this often, from a thread of its own (`_Pulse`), so
+a worker busy in a long step still pulses and one that stopped (SIGSTOP, a wedged host) falls
+silent within a second or two, whatever its loop is doing."""
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -154,10 +159,12 @@ def run_worker(wcfg: WorkerConfig) -> int:
     commands = ctx.socket(zmq.PULL)
     commands.connect(control_addr)
     group = None
+    pulse = None
     try:
         group = _await_configure(commands, wcfg, stop)
         if group is None:
             return 0  # stopped (signal or the front's shutdown) before being configured
+        pulse = _Pulse(ctx, events_addr, group)
         _setup_process(group, wcfg)
         if group.role == "ffn":
             return _run_ffn(group, wcfg, commands, events, stop)
@@ -170,9 +177,47 @@ def run_worker(wcfg: WorkerConfig) -> int:
         _report(events, group, f"{type(exc).__name__}: {exc}", fatal=True)
         raise
     finally:
+        if pulse is not None:
+            pulse.close()
         commands.close(linger=0)
         events.close()
         ctx.term()
+
+
+class _Pulse:
+    """A thread that sends the front a bare `Heartbeat` every PULSE_S on a socket of its own
+    (ZeroMQ sockets are not thread-safe): the front's liveness signal, independent of the
+    worker's loop, which may legitimately wait for a long step."""
+
+    def __init__(self, ctx: Any, events_addr: str, group: _Group) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ctx, events_addr, group), name="afd-pulse", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, ctx: Any, events_addr: str, group: _Group) -> None:
+        import zmq
+
+        from afdserve.launch import control
+        from afdserve.launch.messages import Heartbeat
+
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(events_addr)
+        try:
+            beat = Heartbeat(group.rank, group.role)  # type: ignore[arg-type]
+            while not self._stop.wait(PULSE_S):
+                try:
+                    control.send(sock, beat, timeout_s=0.0)
+                except (TimeoutError, zmq.ZMQError):
+                    pass  # the front is not reading: it sees the silence itself
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
 
 
 def _await_configure(commands: Any, wcfg: WorkerConfig, stop: threading.Event) -> _Group | None:
@@ -489,7 +534,9 @@ def _apply(m: Any, core: Any, events: Any, group: _Group) -> None:
             core.runner.link.dispatcher.use(p)
             control.send(events, PlacementInUse(group.rank, p.version), timeout_s=1.0)
         elif isinstance(m, AddRequest):
-            core.add_request(Request(m.request_id, m.prompt, m.params, time.monotonic(), m.seed))
+            core.add_request(
+                Request(m.request_id, m.prompt, m.params, time.monotonic(), m.seed, m.generated)
+            )
         elif isinstance(m, Abort):
             core.abort(m.request_id)
         elif isinstance(m, Malformed) and m.request_id is not None:

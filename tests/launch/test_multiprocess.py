@@ -227,8 +227,8 @@ def test_multiprocess_expert_parallel_equals_aggregated(
     assert tokens == reference(arch)
 
 
-@pytest.mark.parametrize("victim", ["ffn", "attention", "ffn-of-2"])
-def test_killed_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
+@pytest.mark.parametrize("victim", ["ffn", "ffn-of-2"])
+def test_killed_ffn_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
     llm = _busy_group(
         tiny_model_dirs,
         sync_timeout_s=1.0,
@@ -237,11 +237,151 @@ def test_killed_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
     )
     pids = llm.engine.pids
     try:
-        os.kill(pids[-1] if victim.startswith("ffn") else pids[0], signal.SIGKILL)
+        os.kill(pids[-1], signal.SIGKILL)
         assert _seconds_until_worker_error(llm, None, give_up_s=30) < 15
     finally:
         llm.close()
     assert not any(_alive(p) for p in pids)
+
+
+# -- survival: an attention worker dies or stalls, and no request is lost --------------------------
+
+LONG = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+SEEDED = SamplingParams(temperature=1.0, seed=5, max_tokens=60, ignore_eos=True)
+SURVIVAL_PROMPTS = [*PROMPTS, [3, 1, 4, 1, 5], [9] * 30]
+
+
+def _survival_params(k: int) -> SamplingParams:
+    return SEEDED if k % 2 else LONG
+
+
+@pytest.fixture(scope="module")
+def survival_reference(tiny_model_dirs):
+    """The aggregated tokens of SURVIVAL_PROMPTS (exact mode: a migrated request's recompute
+    must give the tokens a decode would have)."""
+    with LLM(str(tiny_model_dirs["llama"]), mode="aggregated", batch_invariant=True) as llm:
+        outs = [
+            llm.generate([p], _survival_params(k))[0].token_ids
+            for k, p in enumerate(SURVIVAL_PROMPTS)
+        ]
+    return {f"r{k}": t for k, t in enumerate(outs)}
+
+
+def _survival_group(tiny_model_dirs, **engine):
+    llm = LLM(
+        str(tiny_model_dirs["llama"]),
+        mode="afd",
+        attention_workers=2,
+        microbatches=1,
+        transport="shm",
+        batch_invariant=True,
+        sync_timeout_s=1.0,
+        **engine,
+    )
+    for k, p in enumerate(SURVIVAL_PROMPTS):
+        llm.engine.add_request(f"r{k}", p, _survival_params(k))
+    return llm
+
+
+def _serve(llm, tokens: dict, until, give_up_s: float = 60.0) -> dict:
+    """Step, appending each event's token to `tokens`, until `until(tokens)`; the finish
+    reasons seen."""
+    reasons = {}
+    t0 = time.monotonic()
+    while not until(tokens):
+        assert time.monotonic() - t0 < give_up_s, "the group stopped serving"
+        for ev in llm.engine.step():
+            if ev.token_id >= 0:
+                tokens.setdefault(ev.request_id, []).append(ev.token_id)
+            if ev.finished:
+                reasons[ev.request_id] = ev.finish_reason
+    return reasons
+
+
+def _in_flight_on(llm, rank: int) -> list[str]:
+    return [f"r{k}" for k in range(len(SURVIVAL_PROMPTS)) if llm.engine.owner(f"r{k}") == rank]
+
+
+@pytest.mark.parametrize("limit", [3, 0])
+def test_killed_attention_worker_loses_no_request(tiny_model_dirs, survival_reference, limit):
+    """SIGKILL of attention worker 0 mid-stream: its requests continue on worker 1 from their
+    tokens so far, with the undisturbed tokens (greedy and seeded); worker 1's requests are not
+    touched; with --migration-limit 0 worker 0's requests end with an error instead."""
+    llm = _survival_group(tiny_model_dirs, migration_limit=limit)
+    pids = llm.engine.pids
+    try:
+        tokens: dict[str, list[int]] = {}
+        _serve(
+            llm,
+            tokens,
+            lambda t: len(t) == len(SURVIVAL_PROMPTS) and min(map(len, t.values())) >= 2,
+        )
+        os.kill(pids[0], signal.SIGKILL)
+        moved = _in_flight_on(llm, 0)
+        assert moved and _in_flight_on(llm, 1)
+        reasons = _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert llm.engine.healthy()
+        assert any("rank 0 died" in p for p in llm.engine.problems())
+        if limit:
+            assert tokens == survival_reference
+            assert llm.engine.requests_migrated == len(moved)
+        else:
+            assert llm.engine.requests_migrated == 0
+            assert {r for r, why in reasons.items() if why == "abort"} == set(moved)
+            kept = {r: t for r, t in tokens.items() if r not in moved}
+            assert kept == {r: survival_reference[r] for r in kept}
+        # and it keeps serving new requests, on the worker left
+        tokens.clear()
+        llm.engine.add_request("after", SURVIVAL_PROMPTS[0], LONG)
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert tokens["after"] == survival_reference["r0"]
+    finally:
+        llm.close()
+    assert not any(_alive(p) for p in pids)
+
+
+def test_stopped_attention_worker_loses_no_request_and_comes_back(
+    tiny_model_dirs, survival_reference
+):
+    """SIGSTOP of attention worker 0 for 4 s: the front calls it stalled within STALL_S, its
+    requests continue on worker 1 (the FFN does not wait for it), and once resumed it drops them
+    (the front told it to) and serves again."""
+    from afdserve.launch.multiproc import STALL_S
+
+    llm = _survival_group(tiny_model_dirs)
+    pids = llm.engine.pids
+    try:
+        tokens: dict[str, list[int]] = {}
+        _serve(
+            llm,
+            tokens,
+            lambda t: len(t) == len(SURVIVAL_PROMPTS) and min(map(len, t.values())) >= 2,
+        )
+        os.kill(pids[0], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        moved = _in_flight_on(llm, 0)
+        assert moved
+        _serve(llm, tokens, lambda t: bool(llm.engine.problems()))
+        noticed = time.monotonic() - stopped_at
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        os.kill(pids[0], signal.SIGCONT)
+        assert tokens == survival_reference
+        assert llm.engine.requests_migrated == len(moved)
+        _serve(llm, tokens, lambda t: not llm.engine.problems(), give_up_s=30)
+        # back: the router uses it again, and it gives the right tokens
+        tokens.clear()
+        for k in range(2):
+            llm.engine.add_request(f"again{k}", SURVIVAL_PROMPTS[0], LONG)
+        assert {llm.engine.owner("again0"), llm.engine.owner("again1")} == {0, 1}
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert tokens == {"again0": survival_reference["r0"], "again1": survival_reference["r0"]}
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+        llm.close()
+    assert not any(_alive(p) for p in pids)
+    # noticed within the pulse window (a bounded-time check, as for a death), not after the
+    # FFN result timeout the old silence limit waited for
+    assert noticed < STALL_S + 3.0
 
 
 def _one_to_one_over_tcp(tiny_model_dirs) -> LLM:
@@ -381,22 +521,6 @@ def test_a_worker_without_a_front_gives_up_at_its_deadline():
     assert proc.returncode == 2, proc.stderr
     assert "no configuration from the front" in proc.stderr
     assert time.monotonic() - t0 < 30
-
-
-def test_stopped_attention_worker_is_an_error_in_bounded_time(tiny_model_dirs):
-    """SIGSTOP leaves a process alive but silent: the front must not wait for it forever."""
-    from afdserve.launch.multiproc import silence_limit_s
-
-    llm = _busy_group(tiny_model_dirs, sync_timeout_s=0.5, max_tokens=2000)
-    pids = llm.engine.pids
-    try:
-        os.kill(pids[0], signal.SIGSTOP)
-        waited = _seconds_until_worker_error(llm, "stopped or hung", give_up_s=60)
-        assert waited < silence_limit_s(0.5) + 10
-    finally:
-        os.kill(pids[0], signal.SIGCONT)
-        llm.close()
-    assert not any(_alive(p) for p in pids)
 
 
 # -- workers started by hand (EngineConfig.front) ------------------------------------------------

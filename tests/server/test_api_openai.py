@@ -209,7 +209,10 @@ def test_n_choices_and_logprobs(afd_server, oracle):
         lp = c.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
         assert all(len(t) <= 3 for t in lp.top_logprobs)
-        assert lp.token_logprobs == want.logprobs
+        # the server runs the fast mode, and n=2 batches the prompt with itself where the oracle
+        # ran it alone: rows of a fast GEMM may round differently by batch size (AVX-512 does,
+        # by 4e-7 here; docs/architecture.md, "Kernels"), so logprobs agree within rounding
+        assert lp.token_logprobs == pytest.approx(want.logprobs, abs=1e-4)
         assert all(v <= 0.0 for v in lp.token_logprobs)
     chat = client.chat.completions.create(
         model=SERVED,
