@@ -50,6 +50,12 @@ class EngineConfig:
     num_redundant_experts: int = 0
     """Extra expert slots per MoE layer over the FFN tier, filled with replicas of hot experts
     (vLLM's num_redundant_experts); each FFN worker holds (E + this) / m experts per layer."""
+    max_restarts: int = 3
+    """How many times the front of spawned workers may start a dead FFN worker again (in
+    total; torchrun's --max-restarts). The FFN side is stateless: the attention workers keep
+    their KV cache, wait, reconnect and run the interrupted step again, so no request is lost.
+    Past it, an FFN death fails the group (WorkerError; the server exits for its supervisor).
+    0: never restart."""
     migration_limit: int = 3
     """How many times one request may move to another attention worker because its own died
     or stalled (replayed there from prompt plus the tokens generated so far; Dynamo's
@@ -134,6 +140,7 @@ class EngineConfig:
             ("eplb_step_interval", 1),
             ("num_redundant_experts", 0),
             ("migration_limit", 0),
+            ("max_restarts", 0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:

@@ -91,6 +91,14 @@ def add_engine_args(
         help="extra expert slots per MoE layer for replicas of hot experts (with --eplb)",
     )
     p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="times the front may restart a dead FFN worker it spawned, in total (the "
+        "attention workers keep their KV and retry the step; 0: never; default %(default)s)",
+    )
+    p.add_argument(
         "--migration-limit",
         type=int,
         default=3,
@@ -139,6 +147,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         eplb_step_interval=args.eplb_step_interval,
         num_redundant_experts=args.num_redundant_experts,
         migration_limit=args.migration_limit,
+        max_restarts=args.max_restarts,
         microbatches=args.microbatches,
         dtype=args.dtype,
         device=args.device,

@@ -23,7 +23,7 @@ import time
 from afdserve.afd.attention_runner import AttentionRunner
 from afdserve.afd.stats import AFDStats, AttentionStatus
 from afdserve.engine.scheduler import Scheduler
-from afdserve.types import Request, TokenEvent
+from afdserve.types import Request, StepPlan, TokenEvent
 
 
 class AttentionWorker:
@@ -34,6 +34,10 @@ class AttentionWorker:
         self._lock = threading.Lock()
         self._steps = 0
         """Steps this worker ran: its step ids, which its FFN link announces to the FFN."""
+        self._in_flight: StepPlan | None = None
+        """A plan whose execution was interrupted (StepInterrupted: the FFN side was rebuilt),
+        run again by the next `step` before anything new is scheduled. Its KV writes are
+        written again with the same values, and nothing was sampled yet."""
 
     @property
     def stats(self) -> AFDStats:
@@ -62,7 +66,7 @@ class AttentionWorker:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return self.scheduler.has_unfinished()
+            return self._in_flight is not None or self.scheduler.has_unfinished()
 
     def load_score(self) -> int:
         with self._lock:
@@ -72,12 +76,16 @@ class AttentionWorker:
         """Plan, execute and account one step; its token events, or None when there was nothing
         to run (an empty plan sends the FFN nothing). A step can run and yield no events (a
         prefill chunk that is not a prompt's last)."""
-        with self._lock:
-            plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return None
+        plan = self._in_flight
+        if plan is None:
+            with self._lock:
+                plan = self.scheduler.schedule()
+            if plan.is_empty:
+                return None
         t0 = time.perf_counter()
-        result = self.runner.execute(plan, self._steps)
+        self._in_flight = plan
+        result = self.runner.execute(plan, self._steps)  # StepInterrupted: kept for the retry
+        self._in_flight = None
         self.stats.add_active(time.perf_counter() - t0)
         self.stats.record_step(plan.num_tokens)
         self._steps += 1

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from afdserve.afd.expert_dispatch import Dispatch, ExpertDispatcher
 from afdserve.afd.stats import A2F, AFDStats
-from afdserve.errors import TransportTimeout
+from afdserve.errors import AfdserveError, TransportTimeout
 from afdserve.model.parts import FFNPart
 from afdserve.transport.base import Transport
 from afdserve.transport.message import Message, MsgType, SyncInfo
@@ -27,6 +27,15 @@ def result_timeout_s(sync_timeout_s: float) -> float:
     sync timeout for a slow peer before computing, so the attention side allows twice that
     plus a margin; only a dead or wedged FFN takes longer."""
     return 2 * sync_timeout_s + 5.0
+
+
+RESULT_POLL_S = 0.1
+"""With an `interrupted` hook, a wait for an FFN result asks it this often whether to give up."""
+
+
+class StepInterrupted(AfdserveError):
+    """The FFN side is being rebuilt (a dead FFN worker restarted in place): the step in
+    flight is abandoned, and run again once this worker's link is connected again."""
 
 
 class FFNLink(ABC):
@@ -92,6 +101,10 @@ class RemoteFFN(FFNLink):
         """Where results go: a host transport delivers them in host memory."""
         self.stats = AFDStats()
         self._pending: dict[tuple[int, int, int], tuple[Dispatch, torch.Tensor]] = {}
+        self.interrupted: Callable[[], bool] | None = None
+        """Asked every RESULT_POLL_S while a result is late: True abandons the step
+        (StepInterrupted). A worker process answers it from its control socket (launch/worker.py:
+        the front's `Rejoin`)."""
 
     def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
         sync = SyncInfo(tuple(tokens_per_microbatch), tuple(tuple(s) for s in seq_ids))
@@ -132,17 +145,28 @@ class RemoteFFN(FFNLink):
     def _recv(self, rank, step, layer, microbatch, deadline) -> torch.Tensor:
         t0 = time.perf_counter()
         try:
-            msg = self.transport.recv(
-                rank,
-                MsgType.ACTIVATION_RESULT,
-                step,
-                layer,
-                microbatch,
-                timeout_s=max(0.0, deadline - time.monotonic()),
-            )
-        except TransportTimeout:
-            self.stats.record_sync_timeout()
-            raise
+            while True:
+                until = deadline
+                if self.interrupted is not None:
+                    until = min(deadline, time.monotonic() + RESULT_POLL_S)
+                try:
+                    msg = self.transport.recv(
+                        rank,
+                        MsgType.ACTIVATION_RESULT,
+                        step,
+                        layer,
+                        microbatch,
+                        timeout_s=max(0.0, until - time.monotonic()),
+                    )
+                    break
+                except TransportTimeout:
+                    if until >= deadline:
+                        self.stats.record_sync_timeout()
+                        raise
+                    if self.interrupted is not None and self.interrupted():
+                        raise StepInterrupted(
+                            f"step {step} abandoned at layer {layer} (the FFN side is rebuilt)"
+                        ) from None
         finally:
             self.stats.add_idle(time.perf_counter() - t0)  # blocked on the FFN: this worker idles
         assert msg.tensor is not None

@@ -290,6 +290,12 @@ class FFNWorker:
         self.transport.send(rank, out)
         self.stats.record_transfer(F2A, layer, time.perf_counter() - t0, y.nbytes)
 
+    def reconnect(self, transport: Transport) -> None:
+        """Serve over `transport` from now on (the group's data plane was rebuilt after an FFN
+        worker's restart): every attention worker starts its steps afresh there."""
+        self.transport = transport
+        self.peers = {rank: _Peer() for rank in self.peers}
+
     def use_experts(self, experts: Mapping[int, ExpertSet]) -> None:
         """Serve the routed layers with `experts` from the next batch on (re-placement)."""
         self.experts = {**self.experts, **experts}

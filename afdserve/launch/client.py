@@ -63,4 +63,9 @@ class EngineClient(Protocol):
         """False once the engine cannot serve (a worker died); the server then answers 503."""
         ...
 
+    def problems(self) -> list[str]:
+        """What is wrong while it still serves (a worker lost or stalled), one line each; []
+        when nothing is. /health reports them as degraded."""
+        ...
+
     def close(self) -> None: ...

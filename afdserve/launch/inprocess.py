@@ -85,6 +85,11 @@ class Engine:
         """False once an FFN worker's loop has died (the server then answers 503)."""
         return all(t.is_alive() for t in self._ffn_threads)
 
+    def problems(self) -> list[str]:
+        """[] while it serves: every worker is a thread of this process, which lives or dies
+        whole (a dead FFN thread is `healthy() == False`)."""
+        return [] if self.healthy() else ["an FFN worker thread died"]
+
     def add_request(
         self,
         request_id: str,

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 7
 """Bump when a message changes shape; both ends of a group must agree. (7: `AddRequest`'s
-`generated`, which a worker of 6 would drop unread, restarting a migrated request. 3: `TokenEvent`'s
+`generated`, which a worker of 6 would drop unread, restarting a migrated request; `Rejoin`. 3: `TokenEvent`'s
 queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,
 logit_bias and prompt_logprobs, which a worker of 2 would drop unread. 4: SamplingParams'
 `structured` output, which a worker of 3 would drop unread, answering a JSON schema with free
@@ -86,6 +86,9 @@ class Configure(_Message, tag="configure"):
     """HOST:PORT of the store the front hosts for the data transport."""
     placement: dict[str, Any] | None = None
     """Expert parallelism: where each MoE layer's experts are (`Placement.to_dict`)."""
+    epoch: int = 0
+    """The data plane's incarnation (`TransportOptions.epoch`): a worker started in place of
+    a dead one joins the group under the epoch the others rejoin at."""
     schema: int = SCHEMA_VERSION
 
 
@@ -98,6 +101,14 @@ class AddRequest(_Message, tag="add"):
     generated: tuple[int, ...] = ()
     """Tokens it already generated on an attention worker that died or stalled (a migration:
     `Request.generated`)."""
+
+
+class Rejoin(_Message, tag="rejoin"):
+    """To every worker but the one restarted in place of a dead one: close the data transport
+    and connect again under `epoch`, as the new worker does; an attention worker in the middle
+    of a step runs that step again once connected (launch/worker.py)."""
+
+    epoch: int
 
 
 class Abort(_Message, tag="abort"):
@@ -191,7 +202,9 @@ class Failed(_Message, tag="error"):
     request_id: str | None = None
 
 
-FrontMessage = Configure | AddRequest | Abort | Ping | Shutdown | HoldExperts | UsePlacement
+FrontMessage = (
+    Configure | AddRequest | Abort | Ping | Shutdown | HoldExperts | UsePlacement | Rejoin
+)
 WorkerMessage = Ready | StepOutputs | Heartbeat | Failed | ExpertsHeld | PlacementInUse
 
 

@@ -55,6 +55,7 @@ from afdserve.launch.messages import (
     Heartbeat,
     Ping,
     Ready,
+    Rejoin,
     Shutdown,
     StepOutputs,
 )
@@ -91,6 +92,10 @@ def silence_limit_s(sync_timeout_s: float) -> float:
     return result_timeout_s(sync_timeout_s) + SILENCE_MARGIN_S
 
 
+RESTARTABLE = ("shm", "tcp", "torch")
+"""Transports whose endpoints can connect again under a new epoch (a restarted FFN worker);
+nixl's agents have not been tried that way (no nixl here to test it)."""
+
 PARKED = -1
 """The owner of a request that no attention worker can serve now (all stalled)."""
 
@@ -125,6 +130,15 @@ class MultiProcessEngine:
         self.requests_migrated = 0
         """Requests moved to another attention worker because theirs died or stalled."""
         self._ffn_heard = {j: time.monotonic() for j in cfg.ffn_ranks}
+        self._epoch = 0
+        """The data plane's incarnation: one more at every FFN restart (`Rejoin`)."""
+        self._restarting: dict[int, tuple[str, float]] = {}
+        """FFN rank -> (why it was restarted, the deadline of its `Ready`)."""
+        self.restarts = 0
+        """FFN workers started again after they died."""
+        self._configured_at = 0.0
+        self._fingerprint: Fingerprint | None = None
+        """The model fingerprint every worker reported (a restarted one must match it)."""
         self._pending: list[TokenEvent] = []
         """Token events `poll_idle` received; the next `step` returns them."""
         self._ffn_afd = {j: AFDStatsSnapshot() for j in cfg.ffn_ranks}
@@ -236,16 +250,26 @@ class MultiProcessEngine:
         """Send `Configure` to each rank in `pending` whose worker has connected (a PUSH socket
         takes a message only once its peer is there); those sent leave `pending`."""
         with self._lock:
-            for rank in sorted(pending):
-                placement = None if self.placement is None else self.placement.to_dict()
-                msg = Configure(
-                    rank, self.cfg, str(self.model_path), self.rendezvous, placement=placement
-                )
-                try:
-                    control.send(self._controls[rank], msg, timeout_s=0.0)
-                except (TimeoutError, zmq.ZMQError):
-                    continue  # not connected yet
-                pending.discard(rank)
+            self._configure_locked(pending)
+
+    def _configure_locked(self, pending: set[int]) -> None:
+        placement = self.placement
+        if self.switch is not None:
+            placement = self.switch.controller.placement  # EPLB's latest, for a restart
+        for rank in sorted(pending):
+            msg = Configure(
+                rank,
+                self.cfg,
+                str(self.model_path),
+                self.rendezvous,
+                placement=None if placement is None else placement.to_dict(),
+                epoch=self._epoch,
+            )
+            try:
+                control.send(self._controls[rank], msg, timeout_s=0.0)
+            except (TimeoutError, zmq.ZMQError):
+                continue  # not connected yet
+            pending.discard(rank)
 
     def _wait_ready(self, timeout_s: float) -> None:
         """Configure every rank 0..r+m-1 as it connects, then wait until each has said `ready`
@@ -282,6 +306,7 @@ class MultiProcessEngine:
                     )
                 self._check_fingerprint(m.rank, m.fingerprint, ready)
                 ready[m.rank] = m.fingerprint
+                self._fingerprint = m.fingerprint
                 if m.role == "attention":
                     self.max_model_len = min(self.max_model_len or m.max_model_len, m.max_model_len)
         for w in self.workers:  # silence counts from here, not from the spawn
@@ -313,10 +338,41 @@ class MultiProcessEngine:
             return
         for rank, why in self._procs.exits():
             if rank >= self.cfg.attention_workers:
-                self._failure = why
-                raise WorkerError(why)
-            if not self.workers[rank].dead:
+                self._restart_ffn(rank, why)
+            elif not self.workers[rank].dead:
                 self._lose(rank, why, dead=True)
+        if self._restarting and time.monotonic() - self._configured_at > 2.0:
+            # every 2 s until it is ready: one sent while the dead one's pipe lingered is lost
+            self._configure_locked(set(self._restarting))
+            self._configured_at = time.monotonic()
+        for why, deadline in self._restarting.values():
+            if time.monotonic() > deadline:
+                self._failure = f"{why}; restarted, but not ready in time"
+                raise WorkerError(self._failure)
+
+    def _restart_ffn(self, rank: int, why: str) -> None:
+        """A dead FFN worker: start it again under a new epoch and tell every other worker to
+        rejoin the data plane there (under the lock). The FFN side is stateless: attention
+        workers keep their KV and run the interrupted step again, so nothing is replayed. A
+        WorkerError when the restart budget is spent or the transport cannot rejoin."""
+        cfg = self.cfg
+        if self.restarts >= cfg.max_restarts or cfg.transport not in RESTARTABLE:
+            cause = (
+                f"the {cfg.transport} transport cannot rejoin a restarted worker"
+                if cfg.transport not in RESTARTABLE
+                else f"--max-restarts {cfg.max_restarts} spent"
+            )
+            self._failure = f"{why} ({cause})"
+            raise WorkerError(self._failure)
+        self.restarts += 1
+        self._epoch += 1
+        log.warning("%s: restarting it (%d of %d)", why, self.restarts, cfg.max_restarts)
+        self._procs.respawn(rank)
+        self._restarting[rank] = (why, time.monotonic() + cfg.startup_timeout_s)
+        self._configured_at = 0.0  # configure it as soon as it connects
+        for k in range(cfg.world_size):
+            if k != rank and not (k < cfg.attention_workers and self.workers[k].dead):
+                self._send_control(k, Rejoin(self._epoch))
 
     def _check_heard(self) -> None:
         """Silent workers (called after reading what arrived, so a front that did not read for a
@@ -540,6 +596,13 @@ class MultiProcessEngine:
             return []
         if self.switch is not None and self.switch.observe(m):
             return []
+        if isinstance(m, Ready) and m.rank in self._restarting:  # a restarted FFN worker
+            assert self._fingerprint is not None  # set when the group first got ready
+            self._check_fingerprint(m.rank, m.fingerprint, {-1: self._fingerprint})
+            log.warning("FFN worker %d is back (epoch %d)", m.rank, self._epoch)
+            del self._restarting[m.rank]
+            self._ffn_heard[m.rank] = time.monotonic()
+            return []
         if not isinstance(m, StepOutputs | Heartbeat):
             return []  # a Malformed (logged by the codec) or a late Ready
         if isinstance(m, Heartbeat) and m.role == "ffn":
@@ -626,9 +689,10 @@ class MultiProcessEngine:
 
     def _problems(self) -> list[str]:
         out = [w.down for w in self.workers if w.down]
+        out += [f"{why}; restarting it" for why, _ in self._restarting.values()]
         now = time.monotonic()
         for j, heard in sorted(self._ffn_heard.items()):
-            if now - heard > STALL_S:
+            if j not in self._restarting and now - heard > STALL_S:
                 out.append(f"FFN worker {j} sent nothing for {now - heard:.1f}s")
         if self._failure:
             out.append(self._failure)

@@ -25,6 +25,8 @@ class WorkerProcesses:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.logdir = ""
+        self._start: list[tuple[list[str], dict[str, str]]] = []
+        """Each rank's command line and environment, to start it again (`respawn`)."""
 
     def spawn(self, cfg: EngineConfig, events: str, controls: list[str]) -> None:
         """Start rank k (0..r+m-1) told `controls[k]` and `events`, pinned to core k mod cores
@@ -37,21 +39,30 @@ class WorkerProcesses:
             args += ["--rank", str(rank), "--control", ctrl, "--events", events]
             if cfg.pin_workers:
                 args += ["--cpus", str(rank % ncpu)]
-            log_path = Path(self.logdir) / f"worker-{rank}.log"
-            self.logs.append(log_path)
-            with open(log_path, "wb") as logf:
-                self.procs.append(
-                    subprocess.Popen(
-                        args,
-                        stdout=logf,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        env=env,
-                        # a terminal's Ctrl-C reaches the front only, which then shuts the
-                        # workers down in order (they die with it anyway: PR_SET_PDEATHSIG)
-                        start_new_session=True,
-                    )
-                )
+            self.logs.append(Path(self.logdir) / f"worker-{rank}.log")
+            self._start.append((args, env))
+            self.procs.append(self._popen(rank, "wb"))
+
+    def _popen(self, rank: int, mode: str) -> subprocess.Popen:
+        args, env = self._start[rank]
+        with open(self.logs[rank], mode) as logf:
+            return subprocess.Popen(
+                args,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                # a terminal's Ctrl-C reaches the front only, which then shuts the
+                # workers down in order (they die with it anyway: PR_SET_PDEATHSIG)
+                start_new_session=True,
+            )
+
+    def respawn(self, rank: int) -> None:
+        """Start rank `rank` again, as it was first started, after it exited (its log goes on
+        in the same file)."""
+        if self.procs[rank].poll() is None:
+            raise RuntimeError(f"worker rank {rank} is still running")
+        self.procs[rank] = self._popen(rank, "ab")
 
     def first_exit(self, starting: bool = False) -> str | None:
         """Why the first worker that exited is gone (with its log's tail), or None."""

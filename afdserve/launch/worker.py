@@ -114,6 +114,8 @@ class _Group:
     model: str
     rendezvous: str
     placement: Any = None  # Placement | None
+    epoch: int = 0
+    """The data plane's incarnation (`Configure.epoch`, then each `Rejoin`)."""
 
     @property
     def r(self) -> int:
@@ -250,7 +252,7 @@ def _await_configure(commands: Any, wcfg: WorkerConfig, stop: threading.Event) -
             from afdserve.eplb.placement import Placement
 
             placement = None if m.placement is None else Placement.from_dict(m.placement)
-            group = _Group(m.config, m.rank, m.model, m.rendezvous, placement)
+            group = _Group(m.config, m.rank, m.model, m.rendezvous, placement, m.epoch)
             logging.getLogger().handlers[0].setFormatter(
                 logging.Formatter(f"[{group.role}{group.rank}] %(levelname)s %(message)s")
             )
@@ -377,8 +379,29 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
         rendezvous=group.rendezvous,
         peers=afd_peers(group.rank, group.r, c.ffn_workers),
         connect_timeout_s=wcfg.connect_timeout_s,
+        epoch=group.epoch,
         **backend,
     )
+
+
+class _DataPlane:
+    """A worker's data transport, which a `Rejoin` replaces: the old one is closed (its peer is
+    gone or reconnecting too) and a new one connected under the front's new epoch."""
+
+    def __init__(self, group: _Group, wcfg: WorkerConfig) -> None:
+        self.group, self.wcfg = group, wcfg
+        self.transport = _create_transport(group, wcfg)
+
+    def rejoin(self, epoch: int) -> Any:
+        """Connect again under `epoch`; the new transport."""
+        log.warning("rejoining the data plane at epoch %d (a peer was restarted)", epoch)
+        self.transport.close()
+        self.group = dataclasses.replace(self.group, epoch=epoch)
+        self.transport = _create_transport(self.group, self.wcfg)
+        return self.transport
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 # -- the FFN worker's loop ----------------------------------------------------------------------
@@ -387,12 +410,12 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
 def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop) -> int:
     from afdserve.launch import control
     from afdserve.launch.local import make_ffn_worker
-    from afdserve.launch.messages import Heartbeat, Ready, Shutdown
+    from afdserve.launch.messages import Heartbeat, Ready, Rejoin, Shutdown
 
     model, mine = _load(group, ("ffn",))
-    transport = _create_transport(group, wcfg)
+    plane = _DataPlane(group, wcfg)
     try:
-        core = make_ffn_worker(group.cfg, model, transport, group.placement)
+        core = make_ffn_worker(group.cfg, model, plane.transport, group.placement)
         experts = _ExpertHolder(group, model.config, core)
         control.send(events, Ready(group.rank, "ffn", os.getpid(), mine))
         last_beat = 0.0
@@ -407,6 +430,8 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
             if any(isinstance(m, Shutdown) for m in msgs):
                 break
             for m in msgs:
+                if isinstance(m, Rejoin):
+                    core.reconnect(plane.rejoin(m.epoch))
                 experts.apply(m, events)
             if front.gone():
                 return FRONT_GONE
@@ -414,7 +439,7 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
             control.send(events, beat, timeout_s=1.0)
         return 0
     finally:
-        transport.close()
+        plane.close()
 
 
 class _ExpertHolder:
@@ -459,33 +484,51 @@ class _ExpertHolder:
 
 
 def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop) -> int:
+    from afdserve.afd.ffn_link import StepInterrupted
     from afdserve.launch import control
     from afdserve.launch.local import make_attention_worker, make_link
-    from afdserve.launch.messages import Heartbeat, Ready, Shutdown, StepOutputs
+    from afdserve.launch.messages import Heartbeat, Ready, Rejoin, Shutdown, StepOutputs
 
     c = group.cfg
     parts = ("attention", "router") if c.ffn_workers > 1 else ("attention",)
     model, mine = _load(group, parts)
-    transport = _create_transport(group, wcfg)
+    plane = _DataPlane(group, wcfg)
     try:
-        link = make_link(group.rank, c, model, transport, group.placement)
+        link = make_link(group.rank, c, model, plane.transport, group.placement)
         core = make_attention_worker(group.rank, c, model, link)
         stats = _StatsShipper(core.stats)
         ready = Ready(group.rank, "attention", os.getpid(), mine, max_model_len=core.max_model_len)
         control.send(events, ready)
         last_beat = time.monotonic()
         front = _FrontWatch(wcfg.front_timeout_s, wcfg.front or wcfg.control)
+        early: list = []  # front messages read while a step waited for a late FFN result
+
+        def interrupted() -> bool:  # the link asks while a result is late
+            msgs = control.recv_all(commands, 0, control.TO_WORKER)
+            front.heard(msgs)
+            early.extend(msgs)
+            return any(isinstance(m, Rejoin | Shutdown) for m in msgs)
+
+        link.interrupted = interrupted
         while not stop.is_set():
             busy = core.has_unfinished()
-            msgs = control.recv_all(commands, 0 if busy else HEARTBEAT_S, control.TO_WORKER)
+            msgs = early + control.recv_all(commands, 0 if busy else HEARTBEAT_S, control.TO_WORKER)
+            early.clear()
             front.heard(msgs)
             if any(isinstance(m, Shutdown) for m in msgs):
                 return 0
             for m in msgs:
-                _apply(m, core, events, group)
+                if isinstance(m, Rejoin):
+                    link.transport = plane.rejoin(m.epoch)
+                else:
+                    _apply(m, core, events, group)
             if front.gone():
                 return FRONT_GONE
-            events_of_step = core.step() if core.has_unfinished() else None
+            try:
+                events_of_step = core.step() if core.has_unfinished() else None
+            except StepInterrupted as exc:
+                log.warning("%s; it runs again once connected", exc)
+                continue
             if events_of_step is not None:  # a step ran: its events and the status after it
                 afd = stats.take(force=not core.has_unfinished())  # final stats at once
                 load = link.dispatcher.take_counts() if link.dispatcher is not None else None
@@ -499,7 +542,7 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
                 control.send(events, beat, timeout_s=1.0)
         return 0
     finally:
-        transport.close()
+        plane.close()
 
 
 class _StatsShipper:

@@ -255,6 +255,9 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
             why = f"the engine failed: {err}" if err is not None else "a worker is down"
             e = EngineDead(why)
             return JSONResponse(e.body(), status_code=e.status)
+        problems = st.async_engine.problems
+        if problems:  # serving, but with fewer workers than it should: say what and why
+            return JSONResponse({"status": "degraded", "problems": problems}, status_code=200)
         return Response(status_code=200)
 
     app.add_api_route("/health", health, methods=["GET"])

@@ -186,6 +186,11 @@ class AsyncEngine:
         return self.engine.healthy()
 
     @property
+    def problems(self) -> list[str]:
+        """What is wrong while the engine still serves (a worker lost or stalled)."""
+        return self.engine.problems()
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 

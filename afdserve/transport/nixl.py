@@ -186,7 +186,7 @@ class NixlTransport(PumpedTransport):
             rank,
             self.world_size,
             opts.connect_timeout_s,
-            "afd/nixl",
+            f"afd/nixl/e{opts.epoch}",
             host_store=not opts.external_store,
         )
         self._rdv.publish(f"md/{rank}", self._agent.get_agent_metadata())

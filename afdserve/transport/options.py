@@ -95,12 +95,18 @@ class TransportOptions:
     """Deadline for the constructor: every peer must be reachable by then (TransportTimeout)."""
     send_timeout_s: float = 30.0
     """Longest `send` blocks on back-pressure (full ring or queue) before TransportTimeout."""
+    epoch: int = 0
+    """The group's incarnation: after a worker is restarted, every rank connects again under a
+    new epoch, so no endpoint, ring or rendezvous key of the old group mixes with the new
+    one (launch/multiproc.py's FFN recovery)."""
     spin_s: float = 20e-6
     """shm, tcp, nixl: how long a waiting `recv` polls before it sleeps until woken. A reply
     that comes within this time skips a sleep and a wake-up (tens of microseconds); a wait
     that lasts longer costs this much CPU. 0 never spins."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.epoch, bool) or not isinstance(self.epoch, int) or self.epoch < 0:
+            raise UserInputError(f"epoch must be an integer >= 0, got {self.epoch!r}")
         if self.rendezvous:
             parse_host_port(self.rendezvous)
         if self.peers is not None:

@@ -79,6 +79,8 @@ class ShmOptions(TransportOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         session = self.session or _session_from(self.rendezvous)
+        if self.epoch:  # a rebuilt group: fresh sockets and rings
+            session = f"{session[:56]}.e{self.epoch}"
         if not _SESSION_RE.match(session):
             raise UserInputError(f"shm session must be 1-64 of [A-Za-z0-9_.-], got {session!r}")
         object.__setattr__(self, "session", session)

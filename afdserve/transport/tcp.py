@@ -101,7 +101,7 @@ class TcpTransport(PumpedTransport):
                 rank,
                 world_size,
                 opts.connect_timeout_s,
-                "afd/tcp",
+                f"afd/tcp/e{opts.epoch}",
                 host_store=not opts.external_store,
             )
             self._rdv.publish(f"addr/{rank}", self.address.encode())

@@ -99,7 +99,7 @@ class TorchDistTransport(Transport):
             rank,
             world_size,
             opts.connect_timeout_s,
-            "afd/torch",
+            f"afd/torch/e{opts.epoch}",
             host_store=not opts.external_store,
         )
         gloo_opts = dist.ProcessGroupGloo._Options()
@@ -111,7 +111,7 @@ class TorchDistTransport(Transport):
         gloo_opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
         try:
             self._pg = dist.ProcessGroupGloo(
-                dist.PrefixStore("pg", self._rdv.store), rank, world_size, gloo_opts
+                dist.PrefixStore(f"pg/e{opts.epoch}", self._rdv.store), rank, world_size, gloo_opts
             )
         except RuntimeError as e:
             self._rdv.close()

@@ -168,7 +168,7 @@ def test_stalled_attention_worker_does_not_stop_the_others(tiny_model_dirs, refe
 
 
 def _busy_group(
-    tiny_model_dirs, sync_timeout_s: float, max_tokens: int, arch="llama", ffn_workers=1
+    tiny_model_dirs, sync_timeout_s: float, max_tokens: int, arch="llama", ffn_workers=1, **engine
 ) -> LLM:
     """2A1F (or 2A:mF) over shm, every prompt added with a long output and one step taken: a
     group with work in flight on both attention workers, for the failure tests."""
@@ -180,6 +180,7 @@ def _busy_group(
         microbatches=1,
         transport="shm",
         sync_timeout_s=sync_timeout_s,
+        **engine,
     )
     for k, p in enumerate(PROMPTS):
         llm.engine.add_request(
@@ -228,11 +229,12 @@ def test_multiprocess_expert_parallel_equals_aggregated(
 
 
 @pytest.mark.parametrize("victim", ["ffn", "ffn-of-2"])
-def test_killed_ffn_worker_is_an_error_in_bounded_time(tiny_model_dirs, victim):
+def test_killed_ffn_worker_without_restarts_is_an_error_in_bounded_time(tiny_model_dirs, victim):
     llm = _busy_group(
         tiny_model_dirs,
         sync_timeout_s=1.0,
         max_tokens=400,
+        max_restarts=0,
         **(dict(arch="qwen3-moe", ffn_workers=2) if victim == "ffn-of-2" else {}),
     )
     pids = llm.engine.pids
@@ -268,15 +270,18 @@ def survival_reference(tiny_model_dirs):
 
 
 def _survival_group(tiny_model_dirs, **engine):
+    """2A1F with every SURVIVAL_PROMPTS request added (spawned over shm unless told)."""
     llm = LLM(
         str(tiny_model_dirs["llama"]),
-        mode="afd",
-        attention_workers=2,
-        microbatches=1,
-        transport="shm",
-        batch_invariant=True,
-        sync_timeout_s=1.0,
-        **engine,
+        **{
+            "mode": "afd",
+            "attention_workers": 2,
+            "microbatches": 1,
+            "transport": "shm",
+            "batch_invariant": True,
+            "sync_timeout_s": 1.0,
+            **engine,
+        },
     )
     for k, p in enumerate(SURVIVAL_PROMPTS):
         llm.engine.add_request(f"r{k}", p, _survival_params(k))
@@ -298,6 +303,11 @@ def _serve(llm, tokens: dict, until, give_up_s: float = 60.0) -> dict:
     return reasons
 
 
+def _all_started(tokens: dict) -> bool:
+    """Every request has two tokens or more: all are mid-stream."""
+    return len(tokens) == len(SURVIVAL_PROMPTS) and min(map(len, tokens.values())) >= 2
+
+
 def _in_flight_on(llm, rank: int) -> list[str]:
     return [f"r{k}" for k in range(len(SURVIVAL_PROMPTS)) if llm.engine.owner(f"r{k}") == rank]
 
@@ -311,11 +321,7 @@ def test_killed_attention_worker_loses_no_request(tiny_model_dirs, survival_refe
     pids = llm.engine.pids
     try:
         tokens: dict[str, list[int]] = {}
-        _serve(
-            llm,
-            tokens,
-            lambda t: len(t) == len(SURVIVAL_PROMPTS) and min(map(len, t.values())) >= 2,
-        )
+        _serve(llm, tokens, _all_started)
         os.kill(pids[0], signal.SIGKILL)
         moved = _in_flight_on(llm, 0)
         assert moved and _in_flight_on(llm, 1)
@@ -352,11 +358,7 @@ def test_stopped_attention_worker_loses_no_request_and_comes_back(
     pids = llm.engine.pids
     try:
         tokens: dict[str, list[int]] = {}
-        _serve(
-            llm,
-            tokens,
-            lambda t: len(t) == len(SURVIVAL_PROMPTS) and min(map(len, t.values())) >= 2,
-        )
+        _serve(llm, tokens, _all_started)
         os.kill(pids[0], signal.SIGSTOP)
         stopped_at = time.monotonic()
         moved = _in_flight_on(llm, 0)
@@ -425,7 +427,7 @@ def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs,
     with _one_to_one_over_tcp(tiny_model_dirs) as llm:
         host, port = llm.engine.rendezvous.rsplit(":", 1)
         store = dist.PrefixStore(
-            "afd/tcp",
+            "afd/tcp/e0",  # the data plane's first epoch
             dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10)),
         )
         ffn_addr = store.get("addr/1").decode()  # rank 1 = the FFN worker (r = 1)
@@ -719,3 +721,81 @@ def test_eplb_replaces_experts_across_worker_processes_without_changing_a_token(
     assert tokens == reference
     assert experts.placement_version >= 1, experts
     assert experts.history and experts.history[0][2] < experts.history[0][1]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "torch"])
+def test_hand_started_attention_worker_killed_loses_no_request(
+    tiny_model_dirs, survival_reference, transport
+):
+    """Workers started by hand: the front has no process to watch, so a dead attention worker
+    is its silence (no pulse); its requests continue on the other one, over that transport."""
+    port = _free_port_run(5)
+    procs = _hand_started_workers(2, port)
+    try:
+        llm = _survival_group(
+            tiny_model_dirs, transport=transport, front=f"127.0.0.1:{port}", startup_timeout_s=90
+        )
+        try:
+            tokens: dict[str, list[int]] = {}
+            _serve(llm, tokens, _all_started)
+            procs[0].kill()
+            moved = _in_flight_on(llm, 0)
+            assert moved
+            _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+            assert tokens == survival_reference
+            assert llm.engine.requests_migrated == len(moved)
+            assert llm.engine.healthy()
+        finally:
+            llm.close()
+    finally:
+        _reap(procs)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp", "torch"])
+def test_killed_ffn_worker_is_restarted_and_no_request_is_lost(
+    tiny_model_dirs, survival_reference, transport
+):
+    """SIGKILL of the FFN worker mid-stream: the front starts it again, every other worker
+    rejoins the data plane under a new epoch, the attention workers keep their KV and run the
+    interrupted step again: every stream continues with the undisturbed tokens, none moved."""
+    llm = _survival_group(tiny_model_dirs, transport=transport)
+    pids = llm.engine.pids
+    try:
+        tokens: dict[str, list[int]] = {}
+        _serve(llm, tokens, _all_started)
+        os.kill(pids[-1], signal.SIGKILL)
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert tokens == survival_reference
+        assert llm.engine.restarts == 1 and llm.engine.requests_migrated == 0
+        _serve(llm, tokens, lambda t: not llm.engine.problems(), give_up_s=30)
+        assert llm.engine.healthy()
+        new_pids = llm.engine.pids
+        assert new_pids[:-1] == pids[:-1] and new_pids[-1] != pids[-1]
+    finally:
+        llm.close()
+    assert not any(_alive(p) for p in llm.engine.pids)
+
+
+def test_stopped_ffn_worker_is_degraded_and_every_stream_resumes(
+    tiny_model_dirs, survival_reference
+):
+    """SIGSTOP of the FFN worker: the group reports it (within the pulse window) but keeps
+    every request (the attention workers wait, bounded by their result timeout); after SIGCONT
+    every stream finishes with the undisturbed tokens, and the group is healthy again."""
+    llm = _survival_group(tiny_model_dirs)
+    pids = llm.engine.pids
+    try:
+        tokens: dict[str, list[int]] = {}
+        _serve(llm, tokens, _all_started)
+        os.kill(pids[-1], signal.SIGSTOP)
+        _serve(llm, tokens, lambda t: any("FFN worker 2" in p for p in llm.engine.problems()))
+        assert llm.engine.healthy() and llm.engine.has_unfinished()
+        os.kill(pids[-1], signal.SIGCONT)
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert tokens == survival_reference
+        assert llm.engine.restarts == 0 and llm.engine.requests_migrated == 0
+        _serve(llm, tokens, lambda t: not llm.engine.problems(), give_up_s=30)
+    finally:
+        os.kill(pids[-1], signal.SIGCONT)
+        llm.close()
+    assert not any(_alive(p) for p in pids)
