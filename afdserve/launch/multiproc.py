@@ -133,7 +133,9 @@ class MultiProcessEngine:
         self._epoch = 0
         """The data plane's incarnation: one more at every FFN restart (`Rejoin`)."""
         self._restarting: dict[int, tuple[str, float]] = {}
-        """FFN rank -> (why it was restarted, the deadline of its `Ready`)."""
+        """rank -> (why it was restarted, the deadline of its `Ready`)."""
+        self._abandoned: set[int] = set()
+        """Attention ranks that died with no restart left: gone for good."""
         self.restarts = 0
         """FFN workers started again after they died."""
         self._configured_at = 0.0
@@ -325,9 +327,10 @@ class MultiProcessEngine:
             raise WorkerError(f"worker rank {rank} serves a different model: {what}")
 
     def _check_alive(self, starting: bool = False) -> None:
-        """While starting, any exit is a WorkerError. Then (under the lock): an attention
-        worker that exited loses its requests to the others; an FFN worker's exit is a
-        WorkerError (the FFN side is not restarted yet)."""
+        """While starting, any exit is a WorkerError. Then (under the lock): a worker that
+        exited is started again while the restart budget lasts (an attention worker's
+        requests move to the others first); past it, an attention worker stays gone and an FFN
+        worker's exit is a WorkerError."""
         if self._closed:
             return
         if starting:
@@ -337,10 +340,11 @@ class MultiProcessEngine:
                 raise WorkerError(why)
             return
         for rank, why in self._procs.exits():
-            if rank >= self.cfg.attention_workers:
-                self._restart_ffn(rank, why)
-            elif not self.workers[rank].dead:
+            if rank in self._abandoned:
+                continue
+            if rank < self.cfg.attention_workers:
                 self._lose(rank, why, dead=True)
+            self._restart(rank, why)
         if self._restarting and time.monotonic() - self._configured_at > 2.0:
             # every 2 s until it is ready: one sent while the dead one's pipe lingered is lost
             self._configure_locked(set(self._restarting))
@@ -350,11 +354,13 @@ class MultiProcessEngine:
                 self._failure = f"{why}; restarted, but not ready in time"
                 raise WorkerError(self._failure)
 
-    def _restart_ffn(self, rank: int, why: str) -> None:
-        """A dead FFN worker: start it again under a new epoch and tell every other worker to
+    def _restart(self, rank: int, why: str) -> None:
+        """A dead worker: start it again under a new epoch and tell every other worker to
         rejoin the data plane there (under the lock). The FFN side is stateless: attention
-        workers keep their KV and run the interrupted step again, so nothing is replayed. A
-        WorkerError when the restart budget is spent or the transport cannot rejoin."""
+        workers keep their KV and run the interrupted step again, so nothing is replayed; a
+        restarted attention worker starts empty and is routed to once ready. When the restart
+        budget is spent or the transport cannot rejoin: a WorkerError for an FFN worker, an
+        attention worker stays gone (the others serve)."""
         cfg = self.cfg
         if self.restarts >= cfg.max_restarts or cfg.transport not in RESTARTABLE:
             cause = (
@@ -362,6 +368,11 @@ class MultiProcessEngine:
                 if cfg.transport not in RESTARTABLE
                 else f"--max-restarts {cfg.max_restarts} spent"
             )
+            if rank < cfg.attention_workers:
+                log.error("%s: not restarted (%s)", why, cause)
+                self._abandoned.add(rank)
+                self._restarting.pop(rank, None)
+                return
             self._failure = f"{why} ({cause})"
             raise WorkerError(self._failure)
         self.restarts += 1
@@ -390,7 +401,7 @@ class MultiProcessEngine:
             for rid in parked:
                 self._place(rid)
         elif parked and (
-            all(w.dead for w in self.workers)
+            (all(w.dead for w in self.workers) and not self._restarting)
             or now - (self._parked_since or now) > silence_limit_s(self.cfg.sync_timeout_s)
         ):
             for rid in parked:
@@ -596,12 +607,18 @@ class MultiProcessEngine:
             return []
         if self.switch is not None and self.switch.observe(m):
             return []
-        if isinstance(m, Ready) and m.rank in self._restarting:  # a restarted FFN worker
+        if isinstance(m, Ready) and m.rank in self._restarting:  # a restarted worker
             assert self._fingerprint is not None  # set when the group first got ready
             self._check_fingerprint(m.rank, m.fingerprint, {-1: self._fingerprint})
-            log.warning("FFN worker %d is back (epoch %d)", m.rank, self._epoch)
+            log.warning("%s worker %d is back (epoch %d)", m.role, m.rank, self._epoch)
             del self._restarting[m.rank]
-            self._ffn_heard[m.rank] = time.monotonic()
+            if m.rank in self._ffn_heard:
+                self._ffn_heard[m.rank] = time.monotonic()
+            else:
+                w = self.workers[m.rank]
+                w.down, w.dead, w.last_heard = "", False, time.monotonic()
+                w.status = RemoteWorker(m.rank).status  # it starts empty
+                w.adds_sent = w.adds_failed = 0
             return []
         if not isinstance(m, StepOutputs | Heartbeat):
             return []  # a Malformed (logged by the codec) or a late Ready
@@ -688,7 +705,7 @@ class MultiProcessEngine:
             return self._problems()
 
     def _problems(self) -> list[str]:
-        out = [w.down for w in self.workers if w.down]
+        out = [w.down for w in self.workers if w.down and w.rank not in self._restarting]
         out += [f"{why}; restarting it" for why, _ in self._restarting.values()]
         now = time.monotonic()
         for j, heard in sorted(self._ffn_heard.items()):

@@ -259,9 +259,13 @@ def _survival_params(k: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def survival_reference(tiny_model_dirs):
-    """The aggregated tokens of SURVIVAL_PROMPTS (exact mode: a migrated request's recompute
-    must give the tokens a decode would have)."""
-    with LLM(str(tiny_model_dirs["llama"]), mode="aggregated", batch_invariant=True) as llm:
+    """The aggregated tokens of SURVIVAL_PROMPTS on the tiny llama (exact mode: a migrated
+    request's recompute must give the tokens a decode would have)."""
+    return _survival_reference(tiny_model_dirs["llama"])
+
+
+def _survival_reference(model_dir) -> dict[str, list[int]]:
+    with LLM(str(model_dir), mode="aggregated", batch_invariant=True) as llm:
         outs = [
             llm.generate([p], _survival_params(k))[0].token_ids
             for k, p in enumerate(SURVIVAL_PROMPTS)
@@ -269,10 +273,10 @@ def survival_reference(tiny_model_dirs):
     return {f"r{k}": t for k, t in enumerate(outs)}
 
 
-def _survival_group(tiny_model_dirs, **engine):
+def _survival_group(tiny_model_dirs, arch: str = "llama", **engine):
     """2A1F with every SURVIVAL_PROMPTS request added (spawned over shm unless told)."""
     llm = LLM(
-        str(tiny_model_dirs["llama"]),
+        str(tiny_model_dirs[arch]),
         **{
             "mode": "afd",
             "attention_workers": 2,
@@ -316,8 +320,9 @@ def _in_flight_on(llm, rank: int) -> list[str]:
 def test_killed_attention_worker_loses_no_request(tiny_model_dirs, survival_reference, limit):
     """SIGKILL of attention worker 0 mid-stream: its requests continue on worker 1 from their
     tokens so far, with the undisturbed tokens (greedy and seeded); worker 1's requests are not
-    touched; with --migration-limit 0 worker 0's requests end with an error instead."""
-    llm = _survival_group(tiny_model_dirs, migration_limit=limit)
+    touched; with --migration-limit 0 worker 0's requests end with an error instead. With no
+    restart left, worker 0 stays gone and the group serves on with one."""
+    llm = _survival_group(tiny_model_dirs, migration_limit=limit, max_restarts=0)
     pids = llm.engine.pids
     try:
         tokens: dict[str, list[int]] = {}
@@ -751,14 +756,20 @@ def test_hand_started_attention_worker_killed_loses_no_request(
         _reap(procs)
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp", "torch"])
+@pytest.mark.parametrize(
+    "transport,arch,m",
+    [("shm", "llama", 1), ("tcp", "llama", 1), ("torch", "llama", 1), ("shm", "qwen3-moe", 2)],
+)
 def test_killed_ffn_worker_is_restarted_and_no_request_is_lost(
-    tiny_model_dirs, survival_reference, transport
+    tiny_model_dirs, survival_reference, transport, arch, m
 ):
-    """SIGKILL of the FFN worker mid-stream: the front starts it again, every other worker
-    rejoins the data plane under a new epoch, the attention workers keep their KV and run the
-    interrupted step again: every stream continues with the undisturbed tokens, none moved."""
-    llm = _survival_group(tiny_model_dirs, transport=transport)
+    """SIGKILL of an FFN worker mid-stream: the front starts it again (with m = 2, holding its
+    experts of the current placement), every other worker rejoins the data plane under a new
+    epoch, the attention workers keep their KV and run the interrupted step again: every
+    stream continues with the undisturbed tokens, none moved."""
+    if arch != "llama":
+        survival_reference = _survival_reference(tiny_model_dirs[arch])
+    llm = _survival_group(tiny_model_dirs, arch, transport=transport, ffn_workers=m)
     pids = llm.engine.pids
     try:
         tokens: dict[str, list[int]] = {}
@@ -799,3 +810,30 @@ def test_stopped_ffn_worker_is_degraded_and_every_stream_resumes(
         os.kill(pids[-1], signal.SIGCONT)
         llm.close()
     assert not any(_alive(p) for p in pids)
+
+
+def test_killed_attention_worker_is_restarted_and_serves_again(tiny_model_dirs, survival_reference):
+    """SIGKILL of attention worker 0: its requests move to worker 1 at once, the front starts
+    it again (the group rejoins the data plane under a new epoch, worker 1 retrying any step in
+    flight), and once ready it is routed to again and gives the right tokens."""
+    llm = _survival_group(tiny_model_dirs)
+    pids = llm.engine.pids
+    try:
+        tokens: dict[str, list[int]] = {}
+        _serve(llm, tokens, _all_started)
+        os.kill(pids[0], signal.SIGKILL)
+        moved = _in_flight_on(llm, 0)
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert tokens == survival_reference
+        assert llm.engine.requests_migrated == len(moved) and llm.engine.restarts == 1
+        _serve(llm, tokens, lambda t: not llm.engine.problems(), give_up_s=60)
+        assert llm.engine.pids[0] != pids[0]
+        tokens.clear()
+        for k in range(2):
+            llm.engine.add_request(f"again{k}", SURVIVAL_PROMPTS[0], LONG)
+        assert {llm.engine.owner("again0"), llm.engine.owner("again1")} == {0, 1}
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert tokens == {"again0": survival_reference["r0"], "again1": survival_reference["r0"]}
+    finally:
+        llm.close()
+    assert not any(_alive(p) for p in llm.engine.pids)
