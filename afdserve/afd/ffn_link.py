@@ -128,8 +128,26 @@ class RemoteFFN(FFNLink):
     def _send(self, rank, type_, step, layer, microbatch, t) -> None:
         msg = Message(type_, step, layer, microbatch, self.transport.rank, tensor=t)
         t0 = time.perf_counter()
-        self.transport.send(rank, msg)
+        try:
+            self.transport.send(rank, msg)
+        except TransportTimeout:  # the FFN worker died, stalled or is rejoining
+            self._await_rejoin(step, layer)
+            raise
         self.stats.record_transfer(A2F, layer, time.perf_counter() - t0, t.nbytes)
+
+    def _await_rejoin(self, step: int, layer: int) -> None:
+        """After a send failed: wait (up to the result timeout) for the front to say the FFN
+        side is being rebuilt, which a dead FFN worker means (StepInterrupted then); returns
+        when it does not say so, and the caller's error stands."""
+        if self.interrupted is None:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.interrupted():
+                raise StepInterrupted(
+                    f"step {step} abandoned at layer {layer} (the FFN side is rebuilt)"
+                ) from None
+            time.sleep(RESULT_POLL_S)
 
     def result(self, step, layer, microbatch) -> torch.Tensor:
         deadline = time.monotonic() + self.timeout_s

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from afdserve.afd.stats import F2A, AFDStats
+from afdserve.errors import TransportTimeout
 from afdserve.model.experts import ExpertSet
 from afdserve.model.parts import FFNPart
 from afdserve.transport.base import Transport, make_key
@@ -287,7 +288,12 @@ class FFNWorker:
             tensor=y,
         )
         t0 = time.perf_counter()
-        self.transport.send(rank, out)
+        try:
+            self.transport.send(rank, out)
+        except TransportTimeout as exc:  # it died, stalled or is rejoining: it runs the step
+            log.warning("result for rank %d (layer %d) not delivered: %s", rank, layer, exc)
+            self.peers[rank].late = True  # again or its requests move; never wait for it now
+            return
         self.stats.record_transfer(F2A, layer, time.perf_counter() - t0, y.nbytes)
 
     def reconnect(self, transport: Transport) -> None:
