@@ -262,7 +262,13 @@ def main() -> None:
             wrong = [o for o in ok if o.tokens != ref[o.prompt].tokens]
             bad = [o for o in hit if o not in ok]
             det = f"{detect - t0:.2f} s" if detect else "never"
-            rec = f"{recovered - t0:.2f} s" if recovered else "never"
+            rec = (
+                f"{recovered - t0:.2f} s"
+                if recovered and detect
+                else "-"
+                if not detect
+                else "never"
+            )
             print(
                 f"| {fault} | {len(hit)} | {len(ok) - len(wrong)} | {len(wrong)} | {len(bad)} "
                 f"| {det} | {rec} |"

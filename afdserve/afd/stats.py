@@ -422,6 +422,10 @@ class EngineState:
     """One per FFN worker (AFD only)."""
     experts: ExpertLoadState | None = None
     """Expert parallelism (m > 1 on a MoE model): load per expert and the placement's balance."""
+    requests_migrated: int = 0
+    """Requests moved to another attention worker because theirs died or stalled."""
+    worker_restarts: int = 0
+    """Dead workers started again (worker processes only)."""
 
     @property
     def num_running(self) -> int:

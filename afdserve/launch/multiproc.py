@@ -678,14 +678,19 @@ class MultiProcessEngine:
                 )
                 for k, w in enumerate(self.workers)
             )
+            survival = dict(requests_migrated=self.requests_migrated, worker_restarts=self.restarts)
             if not afd:
-                return EngineState(workers)
+                return EngineState(workers, **survival)
             # snapshots are replaced, never mutated, when a report arrives: sharing is safe
             experts = None
             if self.switch is not None:
                 experts = ExpertLoadState.of(self.switch.controller)
             return EngineState(
-                workers, tuple(w.afd for w in self.workers), tuple(self._ffn_afd.values()), experts
+                workers,
+                tuple(w.afd for w in self.workers),
+                tuple(self._ffn_afd.values()),
+                experts,
+                **survival,
             )
 
     def healthy(self) -> bool:

@@ -58,6 +58,15 @@ class EngineCollector:
             mn,
         )
         yield _counter(
+            "requests_migrated",
+            "Requests moved to another attention worker because theirs died or stalled.",
+            {(): st.requests_migrated},
+            mn,
+        )
+        yield _counter(
+            "worker_restarts", "Dead workers started again.", {(): st.worker_restarts}, mn
+        )
+        yield _counter(
             "recomputed_tokens",
             "Tokens prefilled again after a preemption.",
             {(): st.counter("recomputed_tokens")},

@@ -436,7 +436,10 @@ def test_streams_survive_the_ffn_worker_dying(mp_server, oracle):
         assert why == "length"
         assert ids == oracle(prompt, max_tokens=n, temperature=0, ignore_eos=True).token_ids
     assert seen_degraded  # the restart takes a model load: seconds of degraded /health
-    assert _total(_scrape(srv), "afdserve:healthy") == 1
+    after = _scrape(srv)
+    assert _total(after, "afdserve:healthy") == 1
+    assert _total(after, "afdserve:worker_restarts_total") == 1
+    assert _total(after, "afdserve:requests_migrated_total") == 0  # the FFN side holds no state
 
 
 def test_sigint_stops_every_worker_and_leaves_no_shared_memory(mp_server):
