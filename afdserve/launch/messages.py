@@ -143,6 +143,15 @@ class UsePlacement(_Message, tag="use_placement"):
 # -- worker -> front ----------------------------------------------------------------------------
 
 
+class Hello(_Message, tag="hello"):
+    """A worker process that waits for its `Configure` says so every second: a front whose
+    worker of that rank was already configured learns that it was started again (by hand, or by
+    an outside supervisor) and takes it back into the group (a `Rejoin` for the others)."""
+
+    rank: int
+    pid: int
+
+
 class Ready(_Message, tag="ready"):
     """Sent once the worker's handshake and data transport are up."""
 
@@ -205,7 +214,7 @@ class Failed(_Message, tag="error"):
 FrontMessage = (
     Configure | AddRequest | Abort | Ping | Shutdown | HoldExperts | UsePlacement | Rejoin
 )
-WorkerMessage = Ready | StepOutputs | Heartbeat | Failed | ExpertsHeld | PlacementInUse
+WorkerMessage = Ready | StepOutputs | Heartbeat | Failed | ExpertsHeld | PlacementInUse | Hello
 
 
 @dataclass(frozen=True)

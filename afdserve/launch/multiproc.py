@@ -53,6 +53,7 @@ from afdserve.launch.messages import (
     Failed,
     Fingerprint,
     Heartbeat,
+    Hello,
     Ping,
     Ready,
     Rejoin,
@@ -381,8 +382,30 @@ class MultiProcessEngine:
         self._procs.respawn(rank)
         self._restarting[rank] = (why, time.monotonic() + cfg.startup_timeout_s)
         self._configured_at = 0.0  # configure it as soon as it connects
-        for k in range(cfg.world_size):
-            if k != rank and not (k < cfg.attention_workers and self.workers[k].dead):
+        self._rejoin_all_but(rank)
+
+    def _readmit(self, m: Hello) -> None:
+        """A worker of an already configured rank says hello: it was started again, by hand or
+        by an outside supervisor (one the front spawned itself is in `_restarting` already).
+        Its predecessor is gone: its requests move (attention), and the group rejoins under a
+        new epoch with it, as for a restart by the front (not counted against its budget)."""
+        if not 0 <= m.rank < self.cfg.world_size or m.rank in self._restarting:
+            return
+        if self._procs.pids:  # spawned workers: a hello from one not restarted is stale
+            return
+        why = f"worker rank {m.rank} was started again (pid {m.pid})"
+        if m.rank < self.cfg.attention_workers:
+            self._lose(m.rank, why, dead=True)
+        self.restarts += 1
+        self._epoch += 1
+        log.warning("%s: taking it back into the group (epoch %d)", why, self._epoch)
+        self._restarting[m.rank] = (why, time.monotonic() + self.cfg.startup_timeout_s)
+        self._configured_at = 0.0
+        self._rejoin_all_but(m.rank)
+
+    def _rejoin_all_but(self, rank: int) -> None:
+        for k in range(self.cfg.world_size):
+            if k != rank and not (k < self.cfg.attention_workers and self.workers[k].dead):
                 self._send_control(k, Rejoin(self._epoch))
 
     def _check_heard(self) -> None:
@@ -606,6 +629,9 @@ class MultiProcessEngine:
                 return [TokenEvent(rid, -1, True, FinishReason.ABORT)]
             return []
         if self.switch is not None and self.switch.observe(m):
+            return []
+        if isinstance(m, Hello):
+            self._readmit(m)
             return []
         if isinstance(m, Ready) and m.rank in self._restarting:  # a restarted worker
             assert self._fingerprint is not None  # set when the group first got ready

@@ -163,7 +163,7 @@ def run_worker(wcfg: WorkerConfig) -> int:
     group = None
     pulse = None
     try:
-        group = _await_configure(commands, wcfg, stop)
+        group = _await_configure(commands, events, wcfg, stop)
         if group is None:
             return 0  # stopped (signal or the front's shutdown) before being configured
         pulse = _Pulse(ctx, events_addr, group)
@@ -222,14 +222,26 @@ class _Pulse:
         self._thread.join(5.0)
 
 
-def _await_configure(commands: Any, wcfg: WorkerConfig, stop: threading.Event) -> _Group | None:
-    """The front's `Configure` (None if stopped first); a UserInputError when none comes by the
-    deadline, or when it is for another rank or schema."""
+def _await_configure(
+    commands: Any, events: Any, wcfg: WorkerConfig, stop: threading.Event
+) -> _Group | None:
+    """The front's `Configure` (None if stopped first), saying `Hello` every second meanwhile;
+    a UserInputError when none comes by the deadline, or when it is for another rank or
+    schema."""
+    import zmq
+
     from afdserve.launch import control
-    from afdserve.launch.messages import SCHEMA_VERSION, Configure, Shutdown
+    from afdserve.launch.messages import SCHEMA_VERSION, Configure, Hello, Shutdown
 
     deadline = time.monotonic() + wcfg.connect_timeout_s
+    last_hello = 0.0
     while not stop.is_set():
+        if wcfg.rank is not None and time.monotonic() - last_hello >= 1.0:
+            last_hello = time.monotonic()
+            try:
+                control.send(events, Hello(wcfg.rank, os.getpid()), timeout_s=0.0)
+            except (TimeoutError, zmq.ZMQError):
+                pass  # the front is not there yet
         if time.monotonic() > deadline:
             where = wcfg.front or wcfg.control
             raise UserInputError(

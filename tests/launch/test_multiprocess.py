@@ -837,3 +837,32 @@ def test_killed_attention_worker_is_restarted_and_serves_again(tiny_model_dirs, 
     finally:
         llm.close()
     assert not any(_alive(p) for p in llm.engine.pids)
+
+
+@pytest.mark.parametrize("victim", [2, 0])
+def test_hand_started_worker_restarted_by_hand_rejoins(tiny_model_dirs, survival_reference, victim):
+    """Workers started by hand over tcp: the FFN worker (or attention worker 0) is killed and
+    started again the way a supervisor would (same command line); it says hello, the front
+    takes it back under a new epoch, and every stream ends with the undisturbed tokens."""
+    port = _free_port_run(5)
+    procs = _hand_started_workers(2, port)
+    try:
+        llm = _survival_group(
+            tiny_model_dirs, transport="tcp", front=f"127.0.0.1:{port}", startup_timeout_s=90
+        )
+        try:
+            tokens: dict[str, list[int]] = {}
+            _serve(llm, tokens, _all_started)
+            procs[victim].kill()
+            procs[victim].wait(10)
+            procs[victim] = subprocess.Popen(
+                procs[victim].args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+            assert tokens == survival_reference
+            assert llm.engine.restarts == 1
+            _serve(llm, tokens, lambda t: not llm.engine.problems(), give_up_s=60)
+        finally:
+            llm.close()
+    finally:
+        _reap(procs)
