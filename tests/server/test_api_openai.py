@@ -209,7 +209,9 @@ def test_n_choices_and_logprobs(afd_server, oracle):
         lp = c.logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
         assert all(len(t) <= 3 for t in lp.top_logprobs)
-        assert lp.token_logprobs == want.logprobs
+        # within rounding, not equal: in the fast mode a row's rounding depends on what else
+        # its FFN batch holds, here the other choice, in step with it or not (timing)
+        assert lp.token_logprobs == pytest.approx(want.logprobs, rel=0, abs=1e-5)
         assert all(v <= 0.0 for v in lp.token_logprobs)
     chat = client.chat.completions.create(
         model=SERVED,
