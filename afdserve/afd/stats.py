@@ -426,6 +426,8 @@ class EngineState:
     """Requests moved to another attention worker because theirs died or stalled."""
     worker_restarts: int = 0
     """Dead workers started again (worker processes only)."""
+    parked: int = 0
+    """Requests waiting for any attention worker to take them (every one stalled)."""
 
     @property
     def num_running(self) -> int:
@@ -433,7 +435,7 @@ class EngineState:
 
     @property
     def num_waiting(self) -> int:
-        return sum(w.num_waiting for w in self.workers)
+        return sum(w.num_waiting for w in self.workers) + self.parked
 
     @property
     def kv_usage(self) -> float:

@@ -704,7 +704,11 @@ class MultiProcessEngine:
                 )
                 for k, w in enumerate(self.workers)
             )
-            survival = dict(requests_migrated=self.requests_migrated, worker_restarts=self.restarts)
+            survival = dict(
+                requests_migrated=self.requests_migrated,
+                worker_restarts=self.restarts,
+                parked=sum(k == PARKED for k in self._owner.values()),
+            )
             if not afd:
                 return EngineState(workers, **survival)
             # snapshots are replaced, never mutated, when a report arrives: sharing is safe

@@ -111,7 +111,7 @@ def chat_prompt(st: ServingState, body: ChatTemplateFields, limit_length: bool =
     return Prompt(text, st.tokenizer.encode(text, body.add_special_tokens))
 
 
-def admit(
+async def admit(
     st: ServingState,
     body: Any,
     prompts: Sequence[Prompt],
@@ -119,7 +119,8 @@ def admit(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
 ) -> list[tuple[int, RequestHandle]]:
-    """Check lengths, then add one engine request per (prompt, n); all or nothing."""
+    """Check lengths, then add one engine request per (prompt, n); all or nothing (each add
+    runs off the event loop)."""
     out_of_vocab = [k for k in body.logit_bias or {} if int(k) >= st.vocab_size]
     if out_of_vocab:
         raise BadRequest(
@@ -153,19 +154,15 @@ def admit(
         plan.append(mt)
     base = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex}"
     ae = st.async_engine
-    handles: list[tuple[int, RequestHandle]] = []
-    try:
-        for pi, (p, mt) in enumerate(zip(prompts, plan, strict=True)):
-            for i in range(body.n):
-                params = body.sampling_params(
-                    mt, logprobs, i, ae.sampling_defaults, prompt_logprobs
-                )
-                if structured is not None:
-                    params = dataclasses.replace(params, structured=structured)
-                handles.append((pi, ae.add_request(f"{base}-{len(handles)}", p.token_ids, params)))
-    except BaseException:
-        for _, h in handles:
-            h.abort()
-        raise
+    requests = []
+    owners = []  # the prompt index of each engine request
+    for pi, (p, mt) in enumerate(zip(prompts, plan, strict=True)):
+        for i in range(body.n):
+            params = body.sampling_params(mt, logprobs, i, ae.sampling_defaults, prompt_logprobs)
+            if structured is not None:
+                params = dataclasses.replace(params, structured=structured)
+            requests.append((f"{base}-{len(requests)}", p.token_ids, params))
+            owners.append(pi)
+    handles = list(zip(owners, await ae.add_requests(requests), strict=True))
     st.metrics.on_admitted(len(prompts), body.n)
     return handles

@@ -5,15 +5,19 @@ version, metrics.
     uvicorn.run(app)  # the app starts the engine thread on startup and stops it on shutdown
 
 Each request is validated (400), routed to a served model name (404), admitted to the engine
-(429 when its waiting queue is full, 503 when the engine is down), then answered as one JSON
+(429 with Retry-After when --max-queue requests wait beyond the batch slots, 503 when the
+engine is down or the server drains), then answered as one JSON
 body or as server-sent events (`data: {...}` per chunk, `data: [DONE]` last), tokens flushed as
 the engine produces them. A watcher task listens for the client's disconnect and aborts the
 request's engine work (KV blocks are freed at once), for streaming and non-streaming alike.
 
 The event loop only moves bytes: tokenising prompts, rendering chat templates and validating
 large bodies run on a few tokenizer threads (`ServingState.off_loop`), so a 2 MB prompt does
-not stall every other stream or /health. A body over --max-request-bytes is a 413 before it is
-read, and a text prompt that cannot fit the context is refused before it is tokenised.
+not stall every other stream or /health; the engine's calls (adds, aborts, the state /metrics
+reads) run on its own few threads (`engine_calls`), so a worker process slow to read its
+control socket does not either. A body over --max-request-bytes is a 413 before it is read,
+JSON nested too deeply a 400, and a text prompt that cannot fit the context is refused before
+it is tokenised.
 
 This module wires the app and holds the routes and error handlers; the parts live beside it:
 `state` (the `ServingState` the handlers share, `FrontOptions`), `admission` (model check,
@@ -110,7 +114,11 @@ def build_app(
     options = options or FrontOptions()
     model_name = served_model_name or config.model
     async_engine = AsyncEngine(
-        engine, tokenizer, max_queue=max_queue, step_timeout_s=config.sync_timeout_s + 30.0
+        engine,
+        tokenizer,
+        max_queue=max_queue,
+        step_timeout_s=config.sync_timeout_s + 30.0,
+        max_num_seqs=config.max_num_seqs,
     )
     async_engine.sampling_defaults = dict(sampling_defaults or {})  # generation_config.json's
     metrics = ServerMetrics(
@@ -173,7 +181,7 @@ def describe(cfg: EngineConfig) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
     @app.exception_handler(UserInputError)
     async def user_error(_: Request, exc: UserInputError) -> JSONResponse:
@@ -224,6 +232,8 @@ def _validate(raw: bytes, schema: type[BaseModel] | None) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 100 000 nested lists: refused, not a 500
+        raise BadRequest("the request body's JSON is nested too deeply") from None
     if schema is None:  # /tokenize: prompt or messages, chosen by what the body holds
         is_chat = isinstance(data, dict) and "messages" in data
         schema = TokenizeChatRequest if is_chat else TokenizeCompletionRequest
@@ -253,6 +263,8 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         if not st.async_engine.healthy:
             err = st.async_engine.error
             why = f"the engine failed: {err}" if err is not None else "a worker is down"
+            if st.async_engine.draining:  # a load balancer should stop sending here
+                why = "the server is shutting down"
             e = EngineDead(why)
             return JSONResponse(e.body(), status_code=e.status)
         problems = st.async_engine.problems
@@ -288,7 +300,9 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # the scrape reads engine.state(), which waits for a multi-process engine's lock
+        text = await st.async_engine.calls.run(generate_latest, st.metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
@@ -318,7 +332,7 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         body.check_unsupported()
         check_model(st, body.model)
         prompts = await st.off_loop(completion_prompts, st, body.prompt, body.add_special_tokens)
-        handles = admit(
+        handles = await admit(
             st,
             body,
             prompts,
@@ -377,7 +391,9 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
         last = body.messages[-1]
         echo = last.text() if body.echo and last.role == "assistant" else ""
         top = (body.top_logprobs or 0) if body.logprobs else None
-        handles = admit(st, body, [prompt], body.requested_max_tokens, top, body.prompt_logprobs)
+        handles = await admit(
+            st, body, [prompt], body.requested_max_tokens, top, body.prompt_logprobs
+        )
         rid = handles[0][1].request_id.rsplit("-", 1)[0]
         if body.stream:
             return StreamingResponse(

@@ -23,6 +23,7 @@ from afdserve.llm_cli import (
 DEFAULT_PORT = 8000
 log = logging.getLogger("afdserve.server")
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20  # = server.state's; not imported, to keep the CLI light
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0  # = server.state's, likewise
 API_KEY_ENV = "AFDSERVE_API_KEY"
 
 
@@ -99,6 +100,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_REQUEST_BYTES,
         metavar="N",
         help="largest request body; larger ones get HTTP 413 (default %(default)s, 16 MiB)",
+    )
+    s.add_argument(
+        "--shutdown-timeout",
+        "--drain-timeout",
+        dest="shutdown_timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        metavar="S",
+        help="on SIGTERM or Ctrl-C, answer new requests 503 and let those in flight finish for "
+        "up to S seconds, then cut the rest with a 503 error (streams: an error event and "
+        "[DONE]); 0 cuts at once, a second signal too (default %(default)s)",
     )
     s.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
@@ -190,12 +202,17 @@ def serving_options(args: argparse.Namespace):
         raise UserInputError("--api-key must not be empty")
     if args.max_request_bytes < 1024:
         raise UserInputError(f"--max-request-bytes must be >= 1024, got {args.max_request_bytes}")
+    if not (args.shutdown_timeout >= 0 and math.isfinite(args.shutdown_timeout)):
+        raise UserInputError(
+            f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}"
+        )
     return FrontOptions(
         api_keys=tuple(keys),
         chat_template=load_chat_template(args.chat_template),
         trust_request_chat_template=args.trust_request_chat_template,
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         max_request_bytes=args.max_request_bytes,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
 
 
@@ -245,6 +262,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from afdserve.model.config import ModelConfig
     from afdserve.model.tokenizer import load_tokenizer
     from afdserve.server.api import build_app, describe
+    from afdserve.server.drain import DrainingServer
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
@@ -288,18 +306,24 @@ def run_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=UVICORN_GRACE_S,
             access_log=False,
         )
-        server = uvicorn.Server(config)
-        # SIGINT/SIGTERM: graceful shutdown; the lifespan stops the engine thread and closes
-        # the engine, which for worker processes means shutdown, then SIGTERM, then SIGKILL
+        server = DrainingServer(config, app.state.serving.async_engine, options.shutdown_timeout_s)
+        # SIGINT/SIGTERM: drain (--shutdown-timeout), then uvicorn's shutdown; the lifespan
+        # stops the engine thread and closes the engine, which for worker processes means
+        # shutdown, then SIGTERM, then SIGKILL
         server.run()
         if not server.started:
             return 1
     finally:
         engine.close()  # idempotent; covers a server that never started
     return 0
+
+
+UVICORN_GRACE_S = 5
+"""uvicorn's own graceful shutdown, after the drain: time for the last answers (the cut
+requests' errors) to reach their clients before their connections are closed."""
 
 
 def _raise_exit(signum: int, frame: object) -> None:

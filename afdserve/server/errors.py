@@ -21,6 +21,8 @@ class APIError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers: dict[str, str] = {}
+        """HTTP headers the error's response carries (a 429's Retry-After)."""
 
     def body(self) -> dict[str, Any]:
         return {
@@ -42,9 +44,14 @@ class NotFound(APIError):
 
 
 class QueueFull(APIError):
-    """The engine's waiting queue holds --max-queue requests already: try again later."""
+    """--max-queue requests already wait beyond the batch slots: try again later, after the
+    `Retry-After` seconds it carries (server/queue_limit.py)."""
 
     status, type = 429, "RateLimitError"
+
+    def __init__(self, message: str, retry_after_s: int, param: str | None = None) -> None:
+        super().__init__(message, param)
+        self.headers["Retry-After"] = str(int(retry_after_s))
 
 
 class EngineDead(APIError):

@@ -21,6 +21,7 @@ from afdserve.server.metrics import ServerMetrics
 T = TypeVar("T")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class FrontOptions:
     """Largest request body; a larger one is a 413 before it is read."""
     tokenizer_threads: int = 2
     """Threads that tokenise and render chat templates, off the event loop."""
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    """After SIGTERM (or Ctrl-C), how long requests in flight may take to finish before they
+    are cut with a 503; new ones get 503 meanwhile (server/drain.py). 0 cuts at once."""
 
 
 @dataclass

@@ -91,6 +91,8 @@ def live_server(
     from afdserve.model.config import ModelConfig
     from afdserve.model.tokenizer import load_tokenizer
     from afdserve.server.api import build_app
+    from afdserve.server.drain import DrainingServer
+    from afdserve.server.state import FrontOptions
 
     cfg = EngineConfig(model=model, **options)
     engine, path = start_engine(cfg)  # in-process, or worker processes (transport != local)
@@ -111,8 +113,10 @@ def live_server(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        server = DrainingServer(  # as `afdserve serve` runs it: server.handle_exit drains
+            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5),
+            app.state.serving.async_engine,
+            (front or FrontOptions()).shutdown_timeout_s,
         )
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()

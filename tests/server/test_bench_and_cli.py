@@ -112,7 +112,8 @@ def test_bench_reports_failures_and_bad_flags(capsys):
             == 2
         )
         assert "exceeds the server's max_model_len 32" in capsys.readouterr().err
-        # the engine is held while 5 requests arrive at once: 1 is queued, 4 get 429
+        # the engine is held while 5 requests arrive at once: 1 takes the batch slot, 1 is
+        # queued beyond it, 3 get 429
         with srv.held_engine() as gate:
             threading.Timer(1.0, gate.set).start()
             rc = main(
@@ -131,8 +132,8 @@ def test_bench_reports_failures_and_bad_flags(capsys):
             )
         out = capsys.readouterr()
         assert rc == 1
-        assert "Successful requests:                     1         " in out.out
-        assert "Failed requests:                         4         " in out.out
+        assert "Successful requests:                     2         " in out.out
+        assert "Failed requests:                         3         " in out.out
         assert "HTTP 429" in out.err
         srv.wait_idle()
     assert main(["bench", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"]) == 2

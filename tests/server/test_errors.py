@@ -12,6 +12,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from afdserve.afd.stats import EngineState, WorkerState
+from afdserve.server.queue_limit import queued_beyond_slots
 from tests.server.conftest import SERVED, live_server
 
 
@@ -96,6 +98,19 @@ def test_400_malformed_json_and_wrong_body(afd_server):
             )
 
 
+@pytest.mark.parametrize("depth", [100_000, 500], ids=["past-the-recursion-limit", "500-deep"])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_400_for_deeply_nested_json(afd_server, route, depth):
+    # 100 000 nested lists (200 kB, on a tokenizer thread) overflow the JSON parser's
+    # recursion; 500 (1 kB, on the loop) pass it but not pydantic's depth limit: both a 400
+    nested = b"[" * depth + b"]" * depth
+    raw = b'{"prompt": ' + nested + b', "messages": ' + nested + b"}"
+    with afd_server.http() as h:
+        err = _assert_error(h.post(route, content=raw), 400, None)
+        assert "nested too deeply" in err["message"] or "recursion" in err["message"]
+        assert h.get("/health").status_code == 200
+
+
 def test_400_prompt_plus_max_tokens_beyond_context(afd_server):
     limit = afd_server.engine.max_model_len
     with afd_server.http() as h:
@@ -151,11 +166,14 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_429_when_the_queue_is_full_and_admitted_requests_complete():
-    # one attention worker, one running slot, room for 3 waiting; the engine is held so that
-    # nothing leaves the queue while the flood arrives: exactly 3 admitted, the rest 429
-    with live_server(mode="aggregated", attention_workers=1, max_num_seqs=1, max_queue=3) as srv:
-        n = 10
+def test_429_only_beyond_the_batch_slots_with_retry_after_and_admitted_requests_complete():
+    # one attention worker, 2 batch slots, room for 3 waiting beyond them; the engine is held
+    # so that nothing is scheduled while the burst arrives: 2 + 3 admitted, the rest 429 (the
+    # 2 that the next step schedules at once do not count against --max-queue)
+    slots, room, n = 2, 3, 10
+    with live_server(
+        mode="aggregated", attention_workers=1, max_num_seqs=slots, max_queue=room
+    ) as srv:
         with srv.held_engine() as gate, ThreadPoolExecutor(n) as pool:
 
             def send(i: int):
@@ -167,38 +185,56 @@ def test_429_when_the_queue_is_full_and_admitted_requests_complete():
 
             futures = [pool.submit(send, i) for i in range(n)]
             deadline = time.monotonic() + 30
-            while sum(f.done() for f in futures) < n - 3:  # the 429s come back at once
+            admitted = slots + room
+            while sum(f.done() for f in futures) < n - admitted:  # the 429s come back at once
                 assert time.monotonic() < deadline, "no 429s while the queue was full"
                 time.sleep(0.01)
-            assert srv.engine.state(afd=False).num_waiting == 3
+            assert srv.engine.state(afd=False).num_waiting == admitted  # none scheduled yet
+            assert srv.serving.async_engine.queued() == room
             gate.set()
             responses = [f.result() for f in futures]
         codes = sorted(r.status_code for r in responses)
-        assert codes == [200] * 3 + [429] * (n - 3)
+        assert codes == [200] * admitted + [429] * (n - admitted)
         for r in responses:
             if r.status_code == 429:
                 err = _assert_error(r, 429, None)
                 assert err["type"] == "RateLimitError"
+                assert r.headers["retry-after"] == "1"  # queue_limit.RETRY_AFTER_S
             else:
+                assert "retry-after" not in r.headers
                 assert r.json()["usage"]["completion_tokens"] == 8
         srv.wait_idle()
         with srv.http() as h:
             text = h.get("/metrics").text
-        assert _metric(text, "afdserve:request_rejected_total", reason="queue_full") == n - 3
+        assert _metric(text, "afdserve:request_rejected_total", reason="queue_full") == n - admitted
         client = srv.openai()  # the official client sees a RateLimitError (it does not retry)
         with srv.held_engine():
-            threads = [threading.Thread(target=_quiet, args=(client,)) for _ in range(3)]
+            threads = [threading.Thread(target=_quiet, args=(client,)) for _ in range(admitted)]
             for t in threads:
                 t.start()
             deadline = time.monotonic() + 30
-            while srv.engine.state(afd=False).num_waiting < 3:
+            while srv.engine.state(afd=False).num_waiting < admitted:
                 assert time.monotonic() < deadline, "requests did not queue"
                 time.sleep(0.01)
-            with pytest.raises(openai.RateLimitError):
+            with pytest.raises(openai.RateLimitError) as exc:
                 client.completions.create(model=SERVED, prompt="x", max_tokens=2)
+            assert exc.value.response.headers["retry-after"] == "1"
         for t in threads:
             t.join(30)
         srv.wait_idle()
+
+
+def test_queued_beyond_slots_counts_each_worker_apart():
+    def worker(k: int, running: int, waiting: int) -> WorkerState:
+        return WorkerState(k, running, waiting, 0.0, 0, 10, 0, {}, 0)
+
+    # worker 0: 4 running, 3 waiting of which 3 are past its 4 slots; worker 1: 1 running and
+    # 2 waiting, which its free slots take at its next step; free slots on one worker do not
+    # take the other's queue (the router already placed those requests)
+    state = EngineState((worker(0, 4, 3), worker(1, 1, 2)))
+    assert queued_beyond_slots(state, 4) == 3
+    assert queued_beyond_slots(state, 2) == 5 + 1
+    assert queued_beyond_slots(state, 100) == 0
 
 
 def _quiet(client) -> None:

@@ -4,7 +4,8 @@ One real `afdserve serve` subprocess on 127.0.0.1 serves the whole module (each 
 start costs seconds on a small machine). The official `openai` client gets the offline
 engine's greedy tokens, /metrics shows per-worker load and AFD metrics shipped from the worker
 processes, a disconnect frees the workers' KV blocks, /health turns 503 once the FFN worker
-process is killed, and SIGINT leaves no worker process and no shared memory behind. The tests
+process is killed, a burst into free batch slots is admitted whole, and SIGINT leaves no worker
+process and no shared memory behind. The tests
 run in file order; the destructive ones come last.
 """
 
@@ -143,6 +144,11 @@ def mp_server(tmp_path_factory: pytest.TempPathFactory):
                 str(port),
                 "--served-model-name",
                 SERVED,
+                # 8 batch slots per attention worker, 1 request may wait beyond them
+                "--max-num-seqs",
+                "8",
+                "--max-queue",
+                "1",
             ],
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -384,6 +390,44 @@ def test_load_shows_per_worker_and_disconnect_frees_worker_kv(mp_server):
     time.sleep(1.5)  # a heartbeat later, nothing has run
     assert _total(_scrape(srv), "vllm:generation_tokens_total") == generated
     assert generated < 2 * 1500
+
+
+def test_a_burst_into_free_batch_slots_is_admitted(mp_server):
+    # 12 requests at once into 2 x 8 free batch slots with --max-queue 1, while the attention
+    # worker processes are stopped (SIGSTOP), so that none of the adds has been reported: they
+    # are within the slots and will run as soon as the workers read them, so none is refused
+    # (counting unreported adds as waiting, all but the first were a 429)
+    srv = mp_server
+    n = 12
+
+    def send(i: int) -> httpx.Response:
+        with srv.http() as h:
+            body = {"model": SERVED, "prompt": [10 + i] * 8, "max_tokens": 2, "ignore_eos": True}
+            return h.post("/v1/completions", json=body)
+
+    _wait_metrics(srv, _idle, "an idle server")
+    for pid in srv.attention_pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(send, i) for i in range(n)]
+            # every request answered (a 429) or added, unread, to a stopped worker
+            _wait_metrics(
+                srv,
+                lambda m: (
+                    _total(m, "vllm:num_requests_waiting") + sum(f.done() for f in futures) == n
+                ),
+                "every request of the burst admitted or refused",
+            )
+            for pid in srv.attention_pids:
+                os.kill(pid, signal.SIGCONT)
+            responses = [f.result(timeout=60) for f in futures]
+    finally:
+        for pid in srv.attention_pids:
+            os.kill(pid, signal.SIGCONT)
+    assert [r.status_code for r in responses] == [200] * n, [r.text for r in responses]
+    assert all(r.json()["usage"]["completion_tokens"] == 2 for r in responses)
+    _wait_metrics(srv, _idle, "an idle server after the burst")
 
 
 def test_streams_survive_the_ffn_worker_dying(mp_server, oracle):
