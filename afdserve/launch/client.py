@@ -63,6 +63,11 @@ class EngineClient(Protocol):
         """False once the engine cannot serve (a worker died); the server then answers 503."""
         ...
 
+    def drain(self, rank: int, drained: bool = True) -> int:
+        """Route no new request to attention worker `rank`, or route to it again; returns the
+        requests it holds (launch/drain.py). UserInputError for a bad rank or the last one."""
+        ...
+
     def problems(self) -> list[str]:
         """What is wrong while it still serves (a worker lost or stalled), one line each; []
         when nothing is. /health reports them as degraded."""

@@ -28,6 +28,7 @@ from afdserve.afd.attention_worker import AttentionWorker
 from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.afd.router import Router
 from afdserve.afd.stats import EngineState, WorkerState
+from afdserve.launch.drain import Drained
 from afdserve.types import SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class Engine:
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._owner: dict[str, int] = {}
+        self._drained = Drained(len(self.workers))
+        """Attention workers an operator drained (launch/drain.py)."""
         self._on_close = list(on_close)
         # wall seconds of the most recent steps; bounded because a server steps forever
         self.step_times: deque[float] = deque(maxlen=4096)
@@ -86,9 +89,19 @@ class Engine:
         return all(t.is_alive() for t in self._ffn_threads)
 
     def problems(self) -> list[str]:
-        """[] while it serves: every worker is a thread of this process, which lives or dies
-        whole (a dead FFN thread is `healthy() == False`)."""
-        return [] if self.healthy() else ["an FFN worker thread died"]
+        """While it serves, only the attention workers an operator drained: every worker is a
+        thread of this process, which lives or dies whole (a dead FFN thread is
+        `healthy() == False`)."""
+        out = [] if self.healthy() else ["an FFN worker thread died"]
+        with self._lock:
+            return out + self._drained.problems()
+
+    def drain(self, rank: int, drained: bool = True) -> int:
+        """Route no new request to attention worker `rank` (what it holds finishes there), or
+        route to it again; returns the requests it holds (launch/drain.py)."""
+        with self._lock:
+            self._drained.set(rank, drained)
+            return sum(1 for k in self._owner.values() if k == rank)
 
     def add_request(
         self,
@@ -111,7 +124,7 @@ class Engine:
                 live=self._owner,
                 tokenizer_file=self.tokenizer_file,
             )
-            k = self.router.choose()
+            k = self.router.choose(self._drained.among(range(len(self.workers))))
             self.workers[k].add_request(request)
             self._owner[request_id] = k
             return k

@@ -45,6 +45,7 @@ from afdserve.eplb.controller import EPLBController
 from afdserve.eplb.initial import initial_placement
 from afdserve.errors import AfdserveError, UserInputError
 from afdserve.launch import control
+from afdserve.launch.drain import Drained
 from afdserve.launch.messages import (
     SCHEMA_VERSION,
     Abort,
@@ -128,6 +129,8 @@ class MultiProcessEngine:
         """What each request's replay on another attention worker needs (a migration)."""
         self._parked_since: float | None = None
         """When requests started waiting for any attention worker to serve them."""
+        self._drained = Drained(r)
+        """Attention workers an operator drained (launch/drain.py)."""
         self.requests_migrated = 0
         """Requests moved to another attention worker because theirs died or stalled."""
         self._ffn_heard = {j: time.monotonic() for j in cfg.ffn_ranks}
@@ -464,7 +467,7 @@ class MultiProcessEngine:
         t = self._tracked[rid]
         live = [w.rank for w in self.workers if not w.down]
         while live:
-            k = self.router.choose(live)
+            k = self.router.choose(self._drained.among(live))
             add = AddRequest(rid, t.prompt, t.params, t.seed, tuple(t.generated))
             try:
                 control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
@@ -518,7 +521,7 @@ class MultiProcessEngine:
             live = [w.rank for w in self.workers if not w.down]
             if not live:
                 raise WorkerError("no attention worker serves now: " + "; ".join(self._problems()))
-            k = self.router.choose(live)
+            k = self.router.choose(self._drained.among(live))
             try:
                 add = AddRequest(
                     request_id, request.prompt_token_ids, params, request.sampling_seed
@@ -739,8 +742,16 @@ class MultiProcessEngine:
         with self._lock:
             return self._problems()
 
+    def drain(self, rank: int, drained: bool = True) -> int:
+        """Route no new request to attention worker `rank` (what it holds finishes there), or
+        route to it again; returns the requests it holds (launch/drain.py)."""
+        with self._lock:
+            self._drained.set(rank, drained, [w.rank for w in self.workers if not w.down])
+            return sum(1 for k in self._owner.values() if k == rank)
+
     def _problems(self) -> list[str]:
-        out = [w.down for w in self.workers if w.down and w.rank not in self._restarting]
+        out = self._drained.problems()
+        out += [w.down for w in self.workers if w.down and w.rank not in self._restarting]
         out += [f"{why}; restarting it" for why, _ in self._restarting.values()]
         now = time.monotonic()
         for j, heard in sorted(self._ffn_heard.items()):

@@ -28,6 +28,7 @@ streaming outputs, disconnect watching), `logprobs` (the two OpenAI logprob shap
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -279,6 +280,32 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
+
+    # -- operations: which attention workers take new requests (guarded by --api-key) --------
+
+    @app.get("/admin/workers")
+    async def workers() -> dict[str, Any]:
+        engine = st.async_engine.engine
+        state = await asyncio.to_thread(engine.state, False)
+        return {
+            "attention": [
+                {"rank": w.index, "running": w.num_running, "waiting": w.num_waiting}
+                for w in state.workers
+            ],
+            "problems": await asyncio.to_thread(engine.problems),
+        }
+
+    async def _drain(rank: int, drained: bool) -> dict[str, Any]:
+        held = await asyncio.to_thread(st.async_engine.engine.drain, rank, drained)
+        return {"rank": rank, "drained": drained, "requests": held}
+
+    @app.post("/admin/attention_workers/{rank}/drain")
+    async def drain(rank: int) -> dict[str, Any]:
+        return await _drain(rank, True)
+
+    @app.post("/admin/attention_workers/{rank}/resume")
+    async def resume(rank: int) -> dict[str, Any]:
+        return await _drain(rank, False)
 
     def card() -> ModelCard:
         return ModelCard(

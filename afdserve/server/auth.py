@@ -1,6 +1,7 @@
-"""API keys (`serve --api-key`, or AFDSERVE_API_KEY): every /v1 route needs one, as in vLLM.
+"""API keys (`serve --api-key`, or AFDSERVE_API_KEY): every /v1 route needs one, as in vLLM,
+and so does every /admin route (draining attention workers).
 
-A request to a path under /v1 must carry `Authorization: Bearer KEY` with one of the keys,
+A request to a path under /v1 or /admin must carry `Authorization: Bearer KEY` with one of the keys,
 else it is answered 401 in OpenAI's error shape before any route runs. Everything else stays
 open, as vLLM leaves it: /health, /ping, /metrics, /version and the tokenizer routes, which
 load balancers, Prometheus and evaluation harnesses call without a key. CORS preflights
@@ -19,7 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from afdserve.server.errors import Unauthorized
 
-PROTECTED_PREFIX = "/v1"
+PROTECTED_PREFIXES = ("/v1", "/admin")
+"""The OpenAI routes (as vLLM) and the operator's (draining attention workers)."""
 
 
 def _digest(key: str) -> bytes:
@@ -50,7 +52,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", "") or "")
-        if path != PROTECTED_PREFIX and not path.startswith(PROTECTED_PREFIX + "/"):
+        if not any(path == p or path.startswith(p + "/") for p in PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
         header = None

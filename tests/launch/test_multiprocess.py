@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from afdserve import LLM, SamplingParams
+from afdserve.errors import UserInputError
 from afdserve.launch.multiproc import WorkerError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -866,3 +867,18 @@ def test_hand_started_worker_restarted_by_hand_rejoins(tiny_model_dirs, survival
             llm.close()
     finally:
         _reap(procs)
+
+
+def test_drained_attention_worker_process_gets_no_new_request(tiny_model_dirs, reference):
+    with LLM(
+        str(tiny_model_dirs["llama"]), mode="afd", attention_workers=2, transport="shm"
+    ) as llm:
+        assert llm.engine.drain(1) == 0
+        assert "attention worker 1 drained" in llm.engine.problems()[0]
+        got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert [w.routed for w in llm.engine.state(afd=False).workers] == [len(PROMPTS), 0]
+        with pytest.raises(UserInputError, match="last one"):
+            llm.engine.drain(0)
+        llm.engine.drain(1, False)
+        assert llm.engine.problems() == []
+    assert got == reference("llama")

@@ -162,6 +162,7 @@ V1_ROUTES = [
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 1}),
     ("GET", "/v1/no-such-route", None),
+    ("GET", "/admin/workers", None),  # the operator's routes too
 ]
 
 
