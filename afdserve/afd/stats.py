@@ -423,7 +423,8 @@ class EngineState:
     experts: ExpertLoadState | None = None
     """Expert parallelism (m > 1 on a MoE model): load per expert and the placement's balance."""
     requests_migrated: int = 0
-    """Requests moved to another attention worker because theirs died or stalled."""
+    """Moves of a request to another attention worker because its own died or stalled (a
+    request that moved twice counts twice)."""
     worker_restarts: int = 0
     """Dead workers started again (worker processes only)."""
     parked: int = 0

@@ -127,12 +127,14 @@ class MultiProcessEngine:
         """request id -> the attention worker serving it (PARKED while none can)."""
         self._tracked: dict[str, Tracked] = {}
         """What each request's replay on another attention worker needs (a migration)."""
+        self._parked: set[str] = set()
+        """Requests no attention worker can take now (owner PARKED)."""
         self._parked_since: float | None = None
         """When requests started waiting for any attention worker to serve them."""
         self._drained = Drained(r)
         """Attention workers an operator drained (launch/drain.py)."""
         self.requests_migrated = 0
-        """Requests moved to another attention worker because theirs died or stalled."""
+        """Moves of a request to another attention worker because its own died or stalled."""
         self._ffn_heard = {j: time.monotonic() for j in cfg.ffn_ranks}
         self._epoch = 0
         """The data plane's incarnation: one more at every FFN restart (`Rejoin`)."""
@@ -422,17 +424,20 @@ class MultiProcessEngine:
             silent = now - w.last_heard
             if not w.down and silent > STALL_S:
                 self._lose(w.rank, f"attention worker {w.rank} sent nothing for {silent:.1f}s")
-        parked = [rid for rid, k in self._owner.items() if k == PARKED]
-        if parked and any(not w.down for w in self.workers):
+        if not self._parked:
+            return
+        parked, self._parked = sorted(self._parked), set()
+        if any(not w.down for w in self.workers):
             for rid in parked:
                 self._place(rid)
-        elif parked and (
-            (all(w.dead for w in self.workers) and not self._restarting)
-            or now - (self._parked_since or now) > silence_limit_s(self.cfg.sync_timeout_s)
-        ):
+        elif (all(w.dead for w in self.workers) and not self._restarting) or now - (
+            self._parked_since or now
+        ) > silence_limit_s(self.cfg.sync_timeout_s):
             for rid in parked:
                 self._end(rid, "no attention worker could serve it")
-        if not any(k == PARKED for k in self._owner.values()):
+        else:
+            self._parked = set(parked)
+        if not self._parked:
             self._parked_since = None
 
     def _lose(self, rank: int, why: str, dead: bool = False) -> None:
@@ -482,6 +487,7 @@ class MultiProcessEngine:
             w.adds_sent += 1
             return
         self._owner[rid] = PARKED
+        self._parked.add(rid)
         if self._parked_since is None:
             self._parked_since = time.monotonic()
 
@@ -547,6 +553,7 @@ class MultiProcessEngine:
             if k is None:
                 return False
             if k == PARKED:
+                self._parked.discard(request_id)
                 return True
             self.workers[k].outstanding.pop(request_id, None)
             if self._closed or (self._procs.pids and not self._procs.alive(k)):
@@ -697,12 +704,13 @@ class MultiProcessEngine:
         """Per-worker queues, KV blocks, counters and routing, and (when `afd`) the latest AFD
         stats each worker reported: the same types the in-process `Engine` returns."""
         with self._lock:
+            idle = RemoteWorker(0).status  # a worker that is down holds nothing of ours
             workers = tuple(
                 WorkerState.of(
                     k,
-                    w.status,
+                    idle if w.down else w.status,
                     self.router.routed[k],
-                    unseen_adds=w.unseen_adds(),
+                    unseen_adds=0 if w.down else w.unseen_adds(),
                     load_score=w.load_score(),
                 )
                 for k, w in enumerate(self.workers)
@@ -710,7 +718,7 @@ class MultiProcessEngine:
             survival = dict(
                 requests_migrated=self.requests_migrated,
                 worker_restarts=self.restarts,
-                parked=sum(k == PARKED for k in self._owner.values()),
+                parked=len(self._parked),
             )
             if not afd:
                 return EngineState(workers, **survival)

@@ -882,3 +882,29 @@ def test_drained_attention_worker_process_gets_no_new_request(tiny_model_dirs, r
         llm.engine.drain(1, False)
         assert llm.engine.problems() == []
     assert got == reference("llama")
+
+
+def test_requests_wait_while_every_attention_worker_is_stopped(tiny_model_dirs, survival_reference):
+    """Both attention workers SIGSTOPped: every request is parked at the front (counted as
+    waiting), none lost; once one resumes, they all go there and finish with the undisturbed
+    tokens."""
+    llm = _survival_group(tiny_model_dirs)
+    pids = llm.engine.pids
+    try:
+        tokens: dict[str, list[int]] = {}
+        _serve(llm, tokens, _all_started)
+        for pid in pids[:2]:
+            os.kill(pid, signal.SIGSTOP)
+        _serve(llm, tokens, lambda t: len(llm.engine.problems()) >= 2)
+        assert not llm.engine.healthy()  # nobody serves: /health says so (503)
+        assert llm.engine.state(afd=False).num_waiting == len(SURVIVAL_PROMPTS) - sum(
+            len(t) == 60 for t in tokens.values()
+        )
+        os.kill(pids[1], signal.SIGCONT)
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert tokens == survival_reference
+    finally:
+        for pid in pids[:2]:
+            os.kill(pid, signal.SIGCONT)
+        llm.close()
+    assert not any(_alive(p) for p in pids)
