@@ -28,6 +28,7 @@ thread that steps (`step`, `poll_idle`), under `self._recv_lock`, which `close` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -98,6 +99,10 @@ RESTARTABLE = ("shm", "tcp", "torch")
 """Transports whose endpoints can connect again under a new epoch (a restarted FFN worker);
 nixl's agents have not been tried that way (no nixl here to test it)."""
 
+MOVE_SEP = "\x1f"
+"""Between a request's id and its move count in the id it has on a worker after a move (an
+id of a request must not hold it)."""
+
 PARKED = -1
 """The owner of a request that no attention worker can serve now (all stalled)."""
 
@@ -127,6 +132,8 @@ class MultiProcessEngine:
         """request id -> the attention worker serving it (PARKED while none can)."""
         self._tracked: dict[str, Tracked] = {}
         """What each request's replay on another attention worker needs (a migration)."""
+        self._wire: dict[str, str] = {}
+        """The worker-side id of each request that moved (`_wire_id`) -> its own id."""
         self._parked: set[str] = set()
         """Requests no attention worker can take now (owner PARKED)."""
         self._parked_since: float | None = None
@@ -453,12 +460,13 @@ class MultiProcessEngine:
         log.warning("%s: moving its %d request(s) to the other attention workers", why, len(mine))
         for rid in mine:
             w.outstanding.pop(rid, None)
+            t = self._tracked[rid]
             if not w.dead:
                 try:
-                    control.send(self._controls[rank], Abort(rid), timeout_s=0.0)
+                    control.send(self._controls[rank], Abort(self._wire_id(rid)), timeout_s=0.0)
                 except (TimeoutError, zmq.ZMQError):
                     pass
-            t = self._tracked[rid]
+            self._wire.pop(self._wire_id(rid), None)
             if t.migrations >= self.cfg.migration_limit:
                 self._end(rid, f"its attention worker failed and it moved {t.migrations} times")
                 continue
@@ -473,7 +481,8 @@ class MultiProcessEngine:
         live = [w.rank for w in self.workers if not w.down]
         while live:
             k = self.router.choose(self._drained.among(live))
-            add = AddRequest(rid, t.prompt, t.params, t.seed, tuple(t.generated))
+            wire = self._wire_id(rid)
+            add = AddRequest(wire, t.prompt, t.params, t.seed, tuple(t.generated))
             try:
                 control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
             except (TimeoutError, zmq.ZMQError) as exc:
@@ -482,6 +491,7 @@ class MultiProcessEngine:
                 log.warning("attention worker %d does not take requests: %s", k, exc)
                 continue
             self._owner[rid] = k
+            self._wire[wire] = rid
             w = self.workers[k]
             w.outstanding[rid] = len(t.prompt) + len(t.generated)
             w.adds_sent += 1
@@ -491,11 +501,25 @@ class MultiProcessEngine:
         if self._parked_since is None:
             self._parked_since = time.monotonic()
 
+    def _wire_id(self, rid: str) -> str:
+        """The id a request has on its attention worker: its own until it first moves, then a
+        new one per move, so that what an old worker still sends for it (a stalled one that
+        woke up, a step that was in flight) is never taken for the new incarnation's tokens,
+        even on the same worker."""
+        n = self._tracked[rid].migrations
+        return rid if n == 0 else f"{rid}{MOVE_SEP}{n}"
+
+    def _forget(self, rid: str) -> None:
+        """Drop what the front tracks of a request that ended (under the lock)."""
+        self._owner.pop(rid, None)
+        t = self._tracked.pop(rid, None)
+        if t is not None and t.migrations:
+            self._wire.pop(f"{rid}{MOVE_SEP}{t.migrations}", None)
+
     def _end(self, rid: str, why: str) -> None:
         """End a request that cannot be served any more with an error event (under the lock)."""
         log.error("request %s ends: %s", rid, why)
-        self._owner.pop(rid, None)
-        self._tracked.pop(rid, None)
+        self._forget(rid)
         self._pending.append(TokenEvent(rid, -1, True, FinishReason.ABORT))
 
     # -- the Engine interface ---------------------------------------------------------------
@@ -513,6 +537,8 @@ class MultiProcessEngine:
         with self._lock:
             if self._closed or self._failure is not None:
                 raise WorkerError(self._failure or "the multi-process engine is closed")
+            if isinstance(request_id, str) and MOVE_SEP in request_id:
+                raise UserInputError("a request id must not hold the character U+001F")
             request = admit(
                 request_id,
                 prompt_token_ids,
@@ -548,10 +574,11 @@ class MultiProcessEngine:
     def abort(self, request_id: str) -> bool:
         """Stop a request; its worker frees its KV blocks when it reads the abort. Thread-safe."""
         with self._lock:
-            k = self._owner.pop(request_id, None)
-            self._tracked.pop(request_id, None)
+            k = self._owner.get(request_id)
             if k is None:
                 return False
+            wire = self._wire_id(request_id)
+            self._forget(request_id)
             if k == PARKED:
                 self._parked.discard(request_id)
                 return True
@@ -559,7 +586,7 @@ class MultiProcessEngine:
             if self._closed or (self._procs.pids and not self._procs.alive(k)):
                 return True  # nobody left to tell
             try:
-                control.send(self._controls[k], Abort(request_id), timeout_s=ABORT_TIMEOUT_S)
+                control.send(self._controls[k], Abort(wire), timeout_s=ABORT_TIMEOUT_S)
             except (TimeoutError, zmq.ZMQError) as exc:
                 log.warning("abort of %s not delivered to worker %d: %s", request_id, k, exc)
             return True
@@ -631,10 +658,10 @@ class MultiProcessEngine:
             rid = m.request_id
             if attention and rid is not None:
                 self.workers[m.rank].adds_failed += 1  # only a refused add names a request id
-            if rid is not None and attention and self._owner.get(rid) == m.rank:
+            if rid is not None and attention and self._current(rid, m.rank) is not None:
+                rid = self._wire.get(rid, rid)
                 log.warning("request %s failed on worker %s: %s", rid, m.rank, m.message)
-                self._owner.pop(rid)
-                self._tracked.pop(rid, None)
+                self._forget(rid)
                 self.workers[m.rank].outstanding.pop(rid, None)
                 return [TokenEvent(rid, -1, True, FinishReason.ABORT)]
             return []
@@ -687,18 +714,25 @@ class MultiProcessEngine:
             return []
         out: list[TokenEvent] = []
         for ev in m.events:
-            rid = ev.request_id
-            if self._owner.get(rid) != m.rank:
+            rid = self._current(ev.request_id, m.rank)
+            if rid is None:
                 continue  # aborted meanwhile, or moved away from this worker
             w.outstanding[rid] = w.outstanding.get(rid, 0) + 1
             if ev.finished:
-                self._owner.pop(rid, None)
-                self._tracked.pop(rid, None)
+                self._forget(rid)
                 w.outstanding.pop(rid, None)
             else:
                 self._tracked[rid].generated.append(ev.token_id)
-            out.append(ev)
+            out.append(ev if ev.request_id == rid else dataclasses.replace(ev, request_id=rid))
         return out
+
+    def _current(self, wire: str, rank: int) -> str | None:
+        """The request a worker's message about `wire` is for, if it comes from the request's
+        current incarnation (that worker, that move); None for anything stale."""
+        rid = self._wire.get(wire, wire)
+        if self._owner.get(rid) != rank or self._wire_id(rid) != wire:
+            return None
+        return rid
 
     def state(self, afd: bool = True) -> EngineState:
         """Per-worker queues, KV blocks, counters and routing, and (when `afd`) the latest AFD
