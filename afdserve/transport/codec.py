@@ -33,6 +33,7 @@ from afdserve.transport.protocol import (
     VERSION,
     decode_checked,
     encode_prefix_checked,
+    extent_bytes,
 )
 from afdserve.transport.tensor_bytes import EMPTY, from_host_bytes, tensor_payload
 from afdserve.transport.wire_types import (
@@ -153,7 +154,9 @@ def _encode_activation(msg: Message, sender: int | None) -> bytes | None:
         nbytes = t.numel() * t.element_size()  # type: ignore[union-attr]
     except AttributeError:  # not a tensor: the checked path says so
         return None
-    if nbytes > MAX_PAYLOAD_BYTES:
+    if nbytes > MAX_PAYLOAD_BYTES or (
+        not nbytes and extent_bytes(shape, t.element_size()) > MAX_PAYLOAD_BYTES  # type: ignore[union-attr]
+    ):
         return None
     return HEADER.pack(
         MAGIC, VERSION, code, dcode, ndim, FLAG_TENSOR, src, step, layer, mb, 0, 0, nbytes,
@@ -214,7 +217,8 @@ def _decode_activation(
 ) -> Message | None:  # fmt: skip
     """decode's fast path for a whole ACTIVATION_TRANSFER/RESULT frame (no text, a non-empty
     tensor below HUGE_ALLOC_BYTES): decode_header's checks, fused, and one copy of the tensor
-    bytes. None sends the frame to the checked path, which names what is wrong with it."""
+    bytes. None sends the frame to the checked path, which names what is wrong with it. (The
+    extent check of empty tensors never applies: a non-empty tensor's extent is its size.)"""
     mtype = _ACTIVATION_TYPES.get(type_)
     code = DTYPES.get(dtype)
     if (
