@@ -10,7 +10,8 @@ do not take, valid or not, goes to those functions, which name what is wrong.
 Split form: transports that move the tensor bytes separately (shared-memory rings, NIXL writes,
 gloo tensors, ZeroMQ multipart frames) send `encode_parts`: the small *prefix* (header, text
 and any SYNC payload) and the tensor bytes as a view; the receiver reads the prefix with
-`protocol.decode_header`, allocates `header.tensor_nbytes` bytes, fills them, and calls
+`protocol.decode_header` (which refuses frames above the receiver's `max_frame_bytes`),
+allocates `header.tensor_nbytes` bytes, fills them, and calls
 `protocol.decode_parts`. Concatenating the two parts gives exactly `encode(msg)`.
 """
 
