@@ -187,7 +187,10 @@ class TcpTransport(PumpedTransport):
             for p in waiting:
                 if now - started[p] >= _HELLO_RETRY_S:  # first try, or the reply was lost
                     started[p] = now
-                    self._dealers[p].send(clients[p].hello(), zmq.NOBLOCK)
+                    try:
+                        self._dealers[p].send(clients[p].hello(), zmq.NOBLOCK)
+                    except zmq.Again:  # nothing queued: the next round tries again
+                        started[p] = -float("inf")
             poller.poll(timeout=50)
             self._drain()
             for p in waiting:
@@ -283,13 +286,13 @@ class TcpTransport(PumpedTransport):
             if len(parts) != 1:
                 raise ProtocolError(f"a handshake message of {len(parts)} parts")
             answer = self._gate.handle(ident, parts[0].bytes)
+            if answer.refused:  # counted before the reply tells the connection
+                self._refusals.record(f"at its handshake: {answer.refused}")
             try:
                 self._router.send_multipart([ident, answer.reply], zmq.NOBLOCK)
             except zmq.ZMQError as e:  # gone meanwhile, or its queue is full: it will retry
                 log.debug("tcp rank %d: handshake reply not sent: %s", self.rank, e)
-            if answer.refused:
-                self._refusals.record(f"at its handshake: {answer.refused}")
-            elif answer.bound is not None and answer.bound != rank:
+            if answer.bound is not None and answer.bound != rank:
                 log.debug(
                     "tcp rank %d: a connection of rank %d is through", self.rank, answer.bound
                 )
