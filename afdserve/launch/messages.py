@@ -33,8 +33,9 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7
-"""Bump when a message changes shape; both ends of a group must agree. (7: `AddRequest`'s
+SCHEMA_VERSION = 8
+"""Bump when a message changes shape; both ends of a group must agree. (8:
+`Configure.transport_key`. 7: `AddRequest`'s
 `generated`, which a worker of 6 would drop unread, restarting a migrated request; `Rejoin`. 3: `TokenEvent`'s
 queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,
 logit_bias and prompt_logprobs, which a worker of 2 would drop unread. 4: SamplingParams'
@@ -89,6 +90,9 @@ class Configure(_Message, tag="configure"):
     epoch: int = 0
     """The data plane's incarnation (`TransportOptions.epoch`): a worker started in place of
     a dead one joins the group under the epoch the others rejoin at."""
+    transport_key: bytes = b""
+    """The group's secret for the data transport (`TransportOptions.auth_key`: tcp proves it on
+    every connection), drawn once per group by the front; empty: none."""
     schema: int = SCHEMA_VERSION
 
 

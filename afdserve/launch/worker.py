@@ -116,6 +116,7 @@ class _Group:
     placement: Any = None  # Placement | None
     epoch: int = 0
     """The data plane's incarnation (`Configure.epoch`, then each `Rejoin`)."""
+    transport_key: bytes = dataclasses.field(default=b"", repr=False)
 
     @property
     def r(self) -> int:
@@ -264,7 +265,9 @@ def _await_configure(
             from afdserve.eplb.placement import Placement
 
             placement = None if m.placement is None else Placement.from_dict(m.placement)
-            group = _Group(m.config, m.rank, m.model, m.rendezvous, placement, m.epoch)
+            group = _Group(
+                m.config, m.rank, m.model, m.rendezvous, placement, m.epoch, m.transport_key
+            )
             logging.getLogger().handlers[0].setFormatter(
                 logging.Formatter(f"[{group.role}{group.rank}] %(levelname)s %(message)s")
             )
@@ -384,6 +387,8 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
         backend["gloo_host"] = wcfg.host
     if c.transport != "shm":  # shm only names its session after the address
         backend["external_store"] = True
+    if group.transport_key:  # tcp proves it on every data connection
+        backend["auth_key"] = group.transport_key
     return create_transport(
         c.transport,
         group.rank,

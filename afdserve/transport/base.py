@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 from afdserve.errors import TransportClosed, TransportTimeout
+from afdserve.transport.drop_log import DropLog
 from afdserve.transport.message import Message, MsgType
 
 if TYPE_CHECKING:
@@ -161,17 +162,19 @@ class Transport(ABC):
         self.rank = rank
         self.world_size = world_size
         self.mailbox = Mailbox()
-        self._dropped = 0
+        self._drops = DropLog(log, f"{type(self).__name__} rank {rank}")
 
-    def _drop(self, why: str) -> None:
-        """Count and log a malformed frame; the endpoint keeps serving."""
-        self._dropped += 1
-        log.warning("%s rank %d dropped a bad frame %s", type(self).__name__, self.rank, why)
+    def _drop(self, why: str, exc: BaseException | None = None) -> None:
+        """Count and log (rate-limited) a frame this endpoint will not deliver, and keep serving.
+        `exc`: not malformed input but an unexpected error while handling it (a bug), which
+        must not kill the receiving thread either; it is logged with its traceback."""
+        self._drops.record(why, exc)
 
     @property
     def dropped_frames(self) -> int:
-        """Frames dropped as malformed or from unknown senders (for metrics and tests)."""
-        return self._dropped
+        """Frames dropped as malformed, oversized, from unknown or unauthenticated senders, or
+        claiming another sender (for metrics and tests)."""
+        return self._drops.count
 
     def carries(self, device: torch.device) -> bool:
         """Whether tensors on `device` travel as they are. Host transports (the default) carry

@@ -10,7 +10,8 @@ do not take, valid or not, goes to those functions, which name what is wrong.
 Split form: transports that move the tensor bytes separately (shared-memory rings, NIXL writes,
 gloo tensors, ZeroMQ multipart frames) send `encode_parts`: the small *prefix* (header, text
 and any SYNC payload) and the tensor bytes as a view; the receiver reads the prefix with
-`protocol.decode_header`, allocates `header.tensor_nbytes` bytes, fills them, and calls
+`protocol.decode_header` (which refuses frames above the receiver's `max_frame_bytes`),
+allocates `header.tensor_nbytes` bytes, fills them, and calls
 `protocol.decode_parts`. Concatenating the two parts gives exactly `encode(msg)`.
 """
 
@@ -33,6 +34,7 @@ from afdserve.transport.protocol import (
     VERSION,
     decode_checked,
     encode_prefix_checked,
+    extent_bytes,
 )
 from afdserve.transport.tensor_bytes import EMPTY, from_host_bytes, tensor_payload
 from afdserve.transport.wire_types import (
@@ -153,7 +155,9 @@ def _encode_activation(msg: Message, sender: int | None) -> bytes | None:
         nbytes = t.numel() * t.element_size()  # type: ignore[union-attr]
     except AttributeError:  # not a tensor: the checked path says so
         return None
-    if nbytes > MAX_PAYLOAD_BYTES:
+    if nbytes > MAX_PAYLOAD_BYTES or (
+        not nbytes and extent_bytes(shape, t.element_size()) > MAX_PAYLOAD_BYTES  # type: ignore[union-attr]
+    ):
         return None
     return HEADER.pack(
         MAGIC, VERSION, code, dcode, ndim, FLAG_TENSOR, src, step, layer, mb, 0, 0, nbytes,
@@ -214,7 +218,8 @@ def _decode_activation(
 ) -> Message | None:  # fmt: skip
     """decode's fast path for a whole ACTIVATION_TRANSFER/RESULT frame (no text, a non-empty
     tensor below HUGE_ALLOC_BYTES): decode_header's checks, fused, and one copy of the tensor
-    bytes. None sends the frame to the checked path, which names what is wrong with it."""
+    bytes. None sends the frame to the checked path, which names what is wrong with it. (The
+    extent check of empty tensors never applies: a non-empty tensor's extent is its size.)"""
     mtype = _ACTIVATION_TYPES.get(type_)
     code = DTYPES.get(dtype)
     if (

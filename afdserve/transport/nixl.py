@@ -231,9 +231,11 @@ class NixlTransport(PumpedTransport):
             prefix = encode_prefix(msg, sender=self.rank)
             src = tensor_u8(t, device=None)  # [n] on the GPU
             n = src.numel()
+            self.options.check_frame_len(len(prefix) + n, dst)
         else:
             prefix, payload = encode_parts(msg, sender=self.rank)
             n = len(payload)
+            self.options.check_frame_len(len(prefix) + n, dst)
             if 1 + len(prefix) + n <= self.options.inline_bytes:
                 self._notify(dst, bytes([FRAME]) + prefix + bytes(payload))
                 return
@@ -344,6 +346,8 @@ class NixlTransport(PumpedTransport):
                     self._handle(src, bytes(data))
                 except ProtocolError as e:
                     self._drop(f"from rank {src}: {e}")
+                except Exception as e:  # a bug, not bad input: it must not kill the pump
+                    self._drop(f"from rank {src}", e)
         return handled
 
     def _handle(self, src: int, data: bytes) -> None:
@@ -351,13 +355,18 @@ class NixlTransport(PumpedTransport):
             raise ProtocolError("empty notification")
         kind = data[0]
         if kind == FRAME:
+            if len(data) - 1 > self.options.max_frame_bytes:
+                raise ProtocolError(
+                    f"a frame of {len(data) - 1} bytes exceeds max_frame_bytes "
+                    f"({self.options.max_frame_bytes})"
+                )
             self._deliver(src, decode(memoryview(data)[1:]))
         elif kind == STREAM:
             if len(data) < _STREAM.size:
                 raise ProtocolError("malformed STREAM")
             _, frame = _STREAM.unpack_from(data)
             prefix = data[_STREAM.size :]
-            header = decode_header(prefix)
+            header = decode_header(prefix, self.options.max_frame_bytes)  # before allocating
             if len(prefix) != header.prefix_len or not header.tensor_nbytes:
                 raise ProtocolError("STREAM prefix does not fit its header")
             if self.options.device == "cpu":

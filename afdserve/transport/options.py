@@ -7,10 +7,11 @@ address, timeouts) and the worker's own rank; see registry.create_transport.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from afdserve.errors import UserInputError
+from afdserve.errors import ProtocolError, UserInputError
+from afdserve.transport.protocol import HEADER_SIZE, MAX_FRAME_BYTES, MAX_TEXT_BYTES
 
 
 def parse_host_port(value: str, what: str = "rendezvous") -> tuple[str, int]:
@@ -78,6 +79,15 @@ def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
         raise UserInputError(f"{name} must be a positive number, got {value!r}")
 
 
+DEFAULT_MAX_FRAME_BYTES = 1 << 30
+"""1 GiB. The largest frame AFD sends is one microbatch's hidden states, tokens x hidden size x
+itemsize: 8192 tokens x 8192 (a 70B-class model) x 4 bytes (float32) is 256 MiB, so this leaves
+4x headroom; a deployment with larger steps raises `max_frame_bytes`."""
+MIN_FRAME_BYTES = 64 << 10
+"""max_frame_bytes may not go below this: every control frame (header and a full text) fits."""
+MIN_AUTH_KEY_BYTES = 16
+
+
 @dataclass(frozen=True)
 class TransportOptions:
     """What every backend needs besides rank and world size."""
@@ -103,6 +113,16 @@ class TransportOptions:
     """shm, tcp, nixl: how long a waiting `recv` polls before it sleeps until woken. A reply
     that comes within this time skips a sleep and a wake-up (tens of microseconds); a wait
     that lasts longer costs this much CPU. 0 never spins."""
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    """The longest frame (header, text and payload) this endpoint takes in. A longer one is
+    dropped before any of its bytes are allocated for it (tcp: libzmq closes the connection of a
+    ZeroMQ part above it, ZMQ_MAXMSGSIZE), and `send` refuses one with ProtocolError, since the
+    group's peers, which share the options, would drop it. See DEFAULT_MAX_FRAME_BYTES."""
+    auth_key: bytes = field(default=b"", repr=False)
+    """The group's secret (the front draws one per group and sends it in `Configure`). tcp
+    proves it on every connection's handshake (transport/tcp_handshake.py) and refuses
+    connections that cannot; empty: connections are bound to the rank they claim, unproven.
+    The other backends do not use it (docs/protocol.md, "Trust"). Never printed (repr=False)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.epoch, bool) or not isinstance(self.epoch, int) or self.epoch < 0:
@@ -126,6 +146,33 @@ class TransportOptions:
         ):
             raise UserInputError(
                 f"spin_s must be a number of seconds in [0, 1], got {self.spin_s!r}"
+            )
+        m = self.max_frame_bytes
+        if (
+            isinstance(m, bool)
+            or not isinstance(m, int)
+            or not MIN_FRAME_BYTES <= m <= MAX_FRAME_BYTES
+        ):
+            raise UserInputError(
+                f"max_frame_bytes must be an integer in [{MIN_FRAME_BYTES}, {MAX_FRAME_BYTES}] "
+                f"(a header and a {MAX_TEXT_BYTES}-byte text are {HEADER_SIZE + MAX_TEXT_BYTES}), "
+                f"got {m!r}"
+            )
+        key = self.auth_key
+        if not isinstance(key, bytes) or 0 < len(key) < MIN_AUTH_KEY_BYTES:
+            raise UserInputError(
+                f"auth_key must be bytes, empty or at least {MIN_AUTH_KEY_BYTES} long "
+                f"(got {type(key).__name__} of length {len(key) if isinstance(key, bytes) else '-'})"
+            )
+
+    def check_frame_len(self, n: int, dst: int) -> None:
+        """ProtocolError for a frame of `n` bytes longer than the group's receivers take: sent,
+        it would be dropped and its receiver would wait out its deadline instead."""
+        if n > self.max_frame_bytes:
+            raise ProtocolError(
+                f"a frame of {n} bytes for rank {dst} exceeds max_frame_bytes "
+                f"({self.max_frame_bytes}), which its receiver would drop it for: raise "
+                "max_frame_bytes for the group, or send smaller microbatches"
             )
 
     def peer_ranks(self, rank: int, world_size: int) -> tuple[int, ...]:

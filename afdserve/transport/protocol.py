@@ -7,6 +7,11 @@ encoding (`sync_payload`). There is no pickling anywhere, so a frame from a bugg
 peer can at worst be rejected: `decode_header` checks every field and raises `ProtocolError`
 naming the first bad one. Field value types (integer ranges, dtype codes) are in `wire_types`.
 
+Decoding raises nothing but `ProtocolError`, whatever the bytes, and allocates nothing a header
+asks for before every check passed: a receiver of the split form learns from `decode_header`
+(given its `max_frame_bytes`) how many bytes to allocate, and only a frame within that limit
+gets that far; a whole-frame decode allocates at most a copy of the tensor bytes it was given.
+
 This module is the reference: `codec` holds the fused fast paths transports call
 (`encode_prefix`, `decode`), which must produce exactly the bytes and Messages of
 `encode_prefix_checked` and `decode_checked` and fall back to them for anything unusual.
@@ -73,9 +78,13 @@ _KNOWN_FLAGS = FLAG_TENSOR | FLAG_SYNC
 #  32: text_len   u32 <= MAX_TEXT_BYTES, UTF-8
 #  36: reserved   u32 0
 #  40: payload_len u64 <= MAX_PAYLOAD_BYTES; FLAG_TENSOR: prod(shape) x itemsize; no flag: 0
-#  48: shape      8 x u64, entries from ndim on 0, each <= MAX_DIM
+#  48: shape      8 x u64, entries from ndim on 0, each <= MAX_DIM; with FLAG_TENSOR the
+#                 extent (the product of the entries, a 0 counted as 1) x itemsize
+#                 <= MAX_PAYLOAD_BYTES, so an empty tensor's strides fit in 64 bits too
 HEADER = struct.Struct("<4sBBBBIIqiiIIQ8Q")
 HEADER_SIZE = HEADER.size  # 112
+MAX_FRAME_BYTES = HEADER_SIZE + MAX_TEXT_BYTES + MAX_PAYLOAD_BYTES
+"""The longest frame the wire can describe; receivers accept far less (their `max_frame_bytes`)."""
 _MSG_TYPES = {int(t): t for t in MsgType}
 TENSOR_TYPES = frozenset({MsgType.ACTIVATION_TRANSFER, MsgType.ACTIVATION_RESULT, MsgType.ROUTING})
 """The types whose frames must carry a tensor."""
@@ -150,6 +159,11 @@ def encode_prefix_checked(msg: Message, sender: int | None) -> bytes:
             raise ProtocolError(f"tensor has {t.dim()} dims; the wire carries at most {MAX_DIMS}")
         flags, dtype, shape = FLAG_TENSOR, int(dtype_code(t.dtype)), tuple(t.shape)
         payload_len = t.numel() * t.element_size()
+        if extent_bytes(shape, t.element_size()) > MAX_PAYLOAD_BYTES:
+            raise ProtocolError(
+                f"tensor of shape {shape} spans more than {MAX_PAYLOAD_BYTES} bytes: the wire "
+                "cannot describe it"
+            )
     elif msg.sync is not None:
         if mtype not in (MsgType.SYNC_REQUEST, MsgType.SYNC_ACK):
             raise ProtocolError(
@@ -173,12 +187,27 @@ def encode_prefix_checked(msg: Message, sender: int | None) -> bytes:
     return header + text + sync_payload
 
 
+def extent_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """The bytes a tensor of `shape` would span with every 0 dimension counted as 1: its size
+    when it has elements, and for an empty one what bounds its strides. (A header of shape
+    (0, 2^40, 2^40) says 0 payload bytes, but no tensor library can build that shape: torch
+    raises RuntimeError, numpy ValueError. The wire refuses it instead.)"""
+    n = itemsize
+    for d in shape:
+        n *= d or 1
+    return n
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
 
-def decode_header(buf: Buffer) -> FrameHeader:
-    """Validate the fixed header at the start of `buf` (which may hold more, or just the header)."""
+def decode_header(buf: Buffer, max_frame_bytes: int = MAX_FRAME_BYTES) -> FrameHeader:
+    """Validate the fixed header at the start of `buf` (which may hold more, or just the header).
+
+    `max_frame_bytes`: the receiver's limit on the whole frame (header, text and payload). A
+    receiver of the split form allocates `tensor_nbytes` after this returns, so the limit is
+    checked here, before anything is allocated."""
     if len(buf) < HEADER_SIZE:
         raise ProtocolError(
             f"frame of {len(buf)} bytes is shorter than the {HEADER_SIZE}-byte header"
@@ -202,6 +231,11 @@ def decode_header(buf: Buffer) -> FrameHeader:
         raise ProtocolError(f"text length {text_len} exceeds {MAX_TEXT_BYTES}")
     if payload_len > MAX_PAYLOAD_BYTES:
         raise ProtocolError(f"payload length {payload_len} exceeds {MAX_PAYLOAD_BYTES}")
+    if HEADER_SIZE + text_len + payload_len > max_frame_bytes:
+        raise ProtocolError(
+            f"{mtype.name} frame of {HEADER_SIZE + text_len + payload_len} bytes exceeds this "
+            f"receiver's max_frame_bytes ({max_frame_bytes})"
+        )
     if mtype in TENSOR_TYPES and not flags & FLAG_TENSOR:
         raise ProtocolError(f"{mtype.name} frame carries no tensor")
     if mtype is MsgType.SYNC_REQUEST and not flags & FLAG_SYNC:
@@ -227,6 +261,11 @@ def decode_header(buf: Buffer) -> FrameHeader:
             raise ProtocolError(
                 f"payload length {payload_len} does not match shape {shape} x {DTYPE_NAMES[code]} "
                 f"({numel * ITEMSIZE[code]} bytes)"
+            )
+        if not numel and extent_bytes(shape, ITEMSIZE[code]) > MAX_PAYLOAD_BYTES:
+            raise ProtocolError(
+                f"empty tensor of shape {shape} x {DTYPE_NAMES[code]} spans more than "
+                f"{MAX_PAYLOAD_BYTES} bytes with its 0 dimensions counted as 1"
             )
     else:
         if dtype != 0 or ndim != 0:

@@ -39,6 +39,8 @@ _PEER_CHECK_S = 0.2
 _PUMP_GRACE_S = 0.002
 """The pump thread stays parked until no caller has waited for this long: in a tight
 send/recv loop it would otherwise wake after every recv and fight the caller for the GIL."""
+_PUMP_REPORT_S = 10.0
+"""A pump thread whose drain keeps failing logs the traceback at most this often."""
 
 
 class PumpedTransport(Transport):
@@ -226,6 +228,7 @@ class PumpedTransport(Transport):
 
     def _pump_loop(self) -> None:
         idle_rounds = 0
+        failures, last_report = 0, -math.inf
         while True:
             with self._state:
                 while not self._closed:
@@ -244,7 +247,14 @@ class PumpedTransport(Transport):
                         return
                     handled = self._drain()
             except Exception:  # a bug in a backend: keep serving, but do not spin on it
-                log.exception("rank %d: transport pump failed; continuing", self.rank)
+                # (malformed input never gets here: backends drop it frame by frame)
+                failures += 1
+                if time.monotonic() - last_report >= _PUMP_REPORT_S:
+                    log.exception(
+                        "rank %d: transport pump failed (%d times since the last report); "
+                        "continuing", self.rank, failures,
+                    )  # fmt: skip
+                    failures, last_report = 0, time.monotonic()
                 time.sleep(0.01)
                 continue
             if handled:

@@ -94,6 +94,9 @@ class ShmReceiving(PumpedTransport):
             except ProtocolError as e:
                 self._drop(f"from rank {src}: {e}")
                 continue
+            except Exception as e:  # a bug, not bad input: it must not kill a waiter or the pump
+                self._drop(f"from rank {src} (kind {data[0] if data else '-'})", e)
+                continue
             if key is not None and data[0] in DELIVERS and self.mailbox.has(key):
                 return handled
 
@@ -103,6 +106,11 @@ class ShmReceiving(PumpedTransport):
         kind = data[0]
         body = memoryview(data)[1:]
         if kind == FRAME:
+            if len(body) > self.options.max_frame_bytes:
+                raise ProtocolError(
+                    f"a frame of {len(body)} bytes exceeds max_frame_bytes "
+                    f"({self.options.max_frame_bytes})"
+                )
             msg = decode(body)
             self._deliver(src, msg)
         elif kind == PLACED:
@@ -166,8 +174,8 @@ class ShmReceiving(PumpedTransport):
             )
             ring.header = ring.dest = None
         prefix = body[SPAN.size :]
-        try:
-            header = decode_header(prefix)
+        try:  # within max_frame_bytes, or nothing is allocated for it
+            header = decode_header(prefix, self.options.max_frame_bytes)
             if len(prefix) != header.prefix_len or not header.tensor_nbytes:
                 raise ProtocolError(f"STREAM prefix of {len(prefix)} bytes does not fit its header")
         except ProtocolError:
@@ -197,7 +205,7 @@ class ShmReceiving(PumpedTransport):
         viewed = False
         try:
             prefix = body[SPAN.size :]
-            header = decode_header(prefix)
+            header = decode_header(prefix, self.options.max_frame_bytes)
             if len(prefix) != header.prefix_len or header.tensor_nbytes != n:
                 raise ProtocolError(
                     f"PLACED prefix of {len(prefix)} bytes / tensor of {n} bytes does not fit "

@@ -64,6 +64,7 @@ class ShmSending(PumpedTransport):
             # Frames without a tensor (control frames, SYNC) travel whole in one datagram: only
             # tensor bytes can stream through the ring.
             frame = KIND[FRAME] + encode_prefix(msg, sender=self.rank)
+            self.options.check_frame_len(len(frame) - 1, dst)
             if len(frame) > MAX_DGRAM:
                 raise ProtocolError(
                     f"a frame of {len(frame)} bytes without a tensor does not fit "
@@ -85,6 +86,7 @@ class ShmSending(PumpedTransport):
             return
         prefix, payload = encode_parts(msg, sender=self.rank)
         n = len(payload)
+        self.options.check_frame_len(len(prefix) + n, dst)
         if 1 + len(prefix) + n <= self.options.inline_bytes:
             self._send_blocking(dst, [KIND[FRAME], prefix, payload] if n else [KIND[FRAME], prefix])
             return

@@ -39,7 +39,7 @@ from afdserve.transport.buffers import RecvBufferPool
 from afdserve.transport.codec import encode_prefix
 from afdserve.transport.message import Message, MsgType
 from afdserve.transport.options import TransportOptions
-from afdserve.transport.protocol import MAX_PAYLOAD_BYTES, decode_header, decode_parts
+from afdserve.transport.protocol import decode_header, decode_parts
 from afdserve.transport.rendezvous import Rendezvous
 from afdserve.transport.tensor_bytes import tensor_u8
 
@@ -51,7 +51,6 @@ _CTRL_MAGIC = b"AFDC"
 _INLINE_PREFIX = CTRL_BYTES - _CTRL.size
 _KIND_FRAME, _KIND_BYE = 1, 2
 _TAG_CTRL, _TAG_DATA = 1, 2
-_MAX_PREFIX = 1 << 28
 _FOREVER = datetime.timedelta(days=365)
 _STOP = object()
 
@@ -147,6 +146,7 @@ class TorchDistTransport(Transport):
         prefix = encode_prefix(msg, sender=self.rank)
         data = tensor_u8(msg.tensor) if msg.tensor is not None else None
         n = 0 if data is None else data.numel()
+        self.options.check_frame_len(len(prefix) + n, dst)
         ctrl = torch.zeros(CTRL_BYTES, dtype=torch.uint8)
         head = _CTRL.pack(_CTRL_MAGIC, _KIND_FRAME, len(prefix), 0, n) + prefix[:_INLINE_PREFIX]
         ctrl[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
@@ -187,11 +187,19 @@ class TorchDistTransport(Transport):
                 if (
                     magic != _CTRL_MAGIC
                     or kind not in (_KIND_FRAME, _KIND_BYE)
-                    or plen > _MAX_PREFIX
-                    or n > MAX_PAYLOAD_BYTES
+                    or plen + n > self.options.max_frame_bytes
                 ):
-                    # the gloo stream from this peer can no longer be trusted to be in step
-                    self._mark_dead(peer, f"malformed control block (magic {magic!r}, kind {kind})")
+                    # Gloo carries no framing of its own: a receiver that does not post exactly
+                    # the receives the sender's frame needs is out of step with the stream for
+                    # good, and one that posted what an oversized block asks would allocate it.
+                    # So this peer's stream ends here: it is marked gone (its sends and waits
+                    # fail with PeerUnreachable), the other peers are served on.
+                    self._mark_dead(
+                        peer,
+                        f"malformed control block (magic {magic!r}, kind {kind}, {plen} prefix + "
+                        f"{n} tensor bytes, max_frame_bytes {self.options.max_frame_bytes}); "
+                        "its stream is closed",
+                    )
                     return
                 if kind == _KIND_BYE:
                     self._mark_dead(peer, "it closed its endpoint")
@@ -205,12 +213,13 @@ class TorchDistTransport(Transport):
                 if n:
                     data = torch.from_numpy(self._pool.take(n))
                     self._pg.recv([data], peer, _TAG_DATA).wait(_FOREVER)
-            except RuntimeError as e:  # the connection dropped (peer died) or we are closing
+            except (RuntimeError, MemoryError) as e:  # the connection dropped (peer died), we
+                # are closing, or the announced bytes found no memory (then out of step)
                 if not self._closed:
-                    self._mark_dead(peer, f"connection lost: {e}")
+                    self._mark_dead(peer, f"connection lost: {type(e).__name__}: {e}")
                 return
-            try:
-                header = decode_header(prefix)
+            try:  # the bytes the control block announced are in: the stream is in step
+                header = decode_header(prefix, self.options.max_frame_bytes)
                 if header.prefix_len != plen or header.tensor_nbytes != n:
                     raise ProtocolError(
                         f"control block says {plen}+{n} bytes, header {header.prefix_len}+{header.tensor_nbytes}"
@@ -220,6 +229,8 @@ class TorchDistTransport(Transport):
                 self.mailbox.put(decode_parts(header, prefix, data))
             except ProtocolError as e:
                 self._drop(f"from rank {peer}: {e}")
+            except Exception as e:  # a bug, not bad input: this peer's receiver thread goes on
+                self._drop(f"from rank {peer}", e)
 
     def _mark_dead(self, peer: int, why: str) -> None:
         if peer not in self._dead:

@@ -100,7 +100,9 @@ def test_front_messages_round_trip():
         stop=("\n",), ignore_eos=True, logprobs=5, presence_penalty=0.5, frequency_penalty=-1.5,
         repetition_penalty=1.2, min_p=0.05, min_tokens=2, logit_bias={7: -100.0, 3: 2.5},
     )  # fmt: skip
-    configure = Configure(3, CONFIG, "/models/llama", "10.0.0.1:7005")
+    configure = Configure(3, CONFIG, "/models/llama", "10.0.0.1:7005", transport_key=b"\0k" * 16)
+    assert control.TO_WORKER.decode(encode(configure)).transport_key == b"\0k" * 16
+    assert Configure(3, CONFIG, "/m", "h:1").transport_key == b""  # none unless the front draws one
     for msg in (configure, AddRequest("r", (1, 2, 3), params, 99), Abort("r"), Ping(), Shutdown()):
         assert control.TO_WORKER.decode(encode(msg)) == msg
     decoded = control.TO_WORKER.decode(encode(AddRequest("r", (1,), params, 9))).params

@@ -417,26 +417,33 @@ def test_worker_survives_garbage_control_messages(tiny_model_dirs, reference):
     assert tokens == reference("llama")
 
 
-def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs, reference):
-    # an outsider dials the FFN worker's data-plane socket (its address from the workers' own
-    # rendezvous store) and sends malformed frames; the worker logs and drops each one, and
-    # then serves the attention worker's real traffic exactly
+def _ffn_data_address(llm: LLM) -> str:
+    """The FFN worker's tcp data address, from the workers' own rendezvous store."""
     import datetime
 
-    import torch
     import torch.distributed as dist
+
+    host, port = llm.engine.rendezvous.rsplit(":", 1)
+    store = dist.PrefixStore(
+        "afd/tcp/e0",  # the data plane's first epoch
+        dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10)),
+    )
+    return store.get(f"addr/{llm.engine.cfg.attention_workers}").decode()
+
+
+def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs, reference):
+    # an outsider dials the FFN worker's data-plane socket and sends malformed frames, and a
+    # well-formed one that claims to be the attention worker (rank 0); it never completed the
+    # connection handshake, so the worker logs and drops each one, and then serves the
+    # attention worker's real traffic exactly
+    import torch
     import zmq
 
     from afdserve.transport.codec import encode_parts
     from afdserve.transport.message import Message, MsgType
 
     with _one_to_one_over_tcp(tiny_model_dirs) as llm:
-        host, port = llm.engine.rendezvous.rsplit(":", 1)
-        store = dist.PrefixStore(
-            "afd/tcp/e0",  # the data plane's first epoch
-            dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10)),
-        )
-        ffn_addr = store.get("addr/1").decode()  # rank 1 = the FFN worker (r = 1)
+        ffn_addr = _ffn_data_address(llm)
         prefix, payload = encode_parts(
             Message(MsgType.ACTIVATION_TRANSFER, 0, 0, 0, 0, tensor=torch.ones(2, 4))
         )
@@ -451,16 +458,17 @@ def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs,
             [prefix],  # the tensor part is missing
             [foreign[0], bytes(foreign[1])],
             [prefix, bytes(payload), b"one part too many"],
+            [prefix, bytes(payload)],  # well formed, claiming rank 0: spoofed
         ]
         ctx = zmq.Context()
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
+        dealer = ctx.socket(zmq.DEALER)  # the socket type the data port speaks with
+        dealer.setsockopt(zmq.LINGER, 1000)
         try:
-            push.connect(ffn_addr)
+            dealer.connect(ffn_addr)
             for parts in garbage:
-                push.send_multipart(parts)
+                dealer.send_multipart(parts)
         finally:
-            push.close()
+            dealer.close()
             ctx.term()
         tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
         ffn_log = llm.engine.worker_log(llm.engine.cfg.attention_workers)
@@ -468,6 +476,41 @@ def test_ffn_worker_drops_garbage_data_frames_and_keeps_serving(tiny_model_dirs,
         while ffn_log.read_text().count("dropped a bad frame") < len(garbage):
             assert time.monotonic() < deadline, ffn_log.read_text()[-2000:]
             time.sleep(0.1)
+    assert tokens == reference("llama")
+
+
+def test_a_keyed_tcp_group_serves_exactly_and_refuses_connections_without_the_key(
+    tiny_model_dirs, reference, monkeypatch
+):
+    """A front that draws a group key (`Configure.transport_key`) gets workers whose tcp data
+    connections prove it: they serve the same tokens, and an outsider without the key is
+    refused at the handshake. (The front is made to draw one here.)"""
+    import functools
+
+    import zmq
+
+    from afdserve.launch import multiproc
+    from afdserve.transport.tcp_handshake import ClientHandshake, new_routing_id
+
+    key = os.urandom(32)
+    monkeypatch.setattr(
+        multiproc, "Configure", functools.partial(multiproc.Configure, transport_key=key)
+    )
+    with _one_to_one_over_tcp(tiny_model_dirs) as llm:
+        ident = new_routing_id()
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.ROUTING_ID, ident)
+        try:
+            dealer.connect(_ffn_data_address(llm))
+            dealer.send(ClientHandshake(0, 1, b"", ident).hello())  # claims rank 0, no key
+            assert dealer.poll(10_000), "no answer to HELLO"
+            assert b"authenticates with the group's key" in dealer.recv()
+        finally:
+            dealer.close()
+            ctx.term()
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert tokens == reference("llama")
 
 

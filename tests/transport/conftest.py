@@ -69,10 +69,13 @@ class Group:
         from afdserve.transport.registry import create_transport
 
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        peer_options = {k: v for k, v in self.options.items() if k != "auth_key"}
+        if self.options.get("auth_key"):  # JSON has no bytes: peer_main decodes the hex
+            peer_options["auth_key_hex"] = self.options["auth_key"].hex()
         for rank in range(self.r):
             cfg = {
                 "backend": self.backend, "rank": rank, "world": self.r + 1, "ffn": self.r,
-                "options": self.options | {"peers": [self.r]}, "garbage": garbage, "timeout_s": peer_timeout_s,
+                "options": peer_options | {"peers": [self.r]}, "garbage": garbage, "timeout_s": peer_timeout_s,
             }  # fmt: skip
             self.procs.append(
                 subprocess.Popen(

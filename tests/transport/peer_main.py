@@ -38,10 +38,12 @@ def send_garbage(tr, backend: str, dst: int) -> int:
         ]:
             tr._sock.sendto(j, tr._addr[dst])
         return len(junk) + 3
-    if backend == "tcp":
-        frames = [[j] for j in junk if j] + [[bytes(valid)], [b"a", b"b", b"c"]]
+    if backend == "tcp":  # on this endpoint's own (authenticated) connection
+        other = (tr.rank + 1) % dst if dst > 1 else tr.rank + 7  # another attention rank
+        spoofed = encode(Message(MsgType.HEARTBEAT, 1, sender=other))
+        frames = [[j] for j in junk if j] + [[bytes(valid)], [b"a", b"b", b"c"], [spoofed]]
         for f in frames:
-            tr._push[dst].send_multipart(f)
+            tr._dealers[dst].send_multipart(f)
         return len(frames)
     if backend == "nixl":
         for j in junk + [b"\x01" + bytes(valid)]:
@@ -57,7 +59,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format=f"peer {cfg['rank']}: %(message)s")
     if cfg["options"].get("device") == "cuda":
         torch.cuda.set_device(0)
-    tr = create_transport(cfg["backend"], cfg["rank"], cfg["world"], **cfg["options"])
+    options = dict(cfg["options"])
+    if "auth_key_hex" in options:
+        options["auth_key"] = bytes.fromhex(options.pop("auth_key_hex"))
+    tr = create_transport(cfg["backend"], cfg["rank"], cfg["world"], **options)
     ffn = cfg["ffn"]
     timeout = cfg.get("timeout_s", 30.0)
     try:

@@ -127,13 +127,16 @@ def _outsider_garbage(backend: str, tr) -> int:
         host, port = tr.address.removeprefix("tcp://").rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as s:  # not even ZMTP
             s.sendall(os.urandom(4096))
-        push = zmq.Context.instance().socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(tr.address)
-        push.send_multipart([b"not a frame", os.urandom(64)])
-        push.send_multipart([encode(Message(MsgType.HEARTBEAT, 1, sender=77))])  # not a peer rank
-        push.close()
-        return 2
+        # a ZeroMQ socket of a compatible type that never did the handshake: all it sends is
+        # dropped, the frame that claims to be the real peer's too
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 1000)
+        dealer.connect(tr.address)
+        dealer.send_multipart([b"not a frame", os.urandom(64)])
+        dealer.send_multipart([encode(Message(MsgType.HEARTBEAT, 1, sender=77))])  # no peer
+        dealer.send_multipart([encode(Message(MsgType.HEARTBEAT, 1, sender=0))])  # spoofed
+        dealer.close()
+        return 3
     return 0
 
 

@@ -46,6 +46,11 @@ def test_names_and_options():
         ("shm", {"session": "s", "connect_timeout_s": 0}, "connect_timeout_s must be a positive"),
         ("shm", {"session": "s", "peers": [1, 1]}, "must not repeat"),
         ("tcp", {"rendezvous": "h:1", "spin_s": -1}, "spin_s must be"),
+        ("shm", {"session": "s", "max_frame_bytes": 4096}, "max_frame_bytes must be"),
+        ("tcp", {"rendezvous": "h:1", "max_frame_bytes": 2**41}, "max_frame_bytes must be"),
+        ("tcp", {"rendezvous": "h:1", "max_frame_bytes": 1.5e9}, "max_frame_bytes must be"),
+        ("tcp", {"rendezvous": "h:1", "auth_key": b"short"}, "auth_key must be bytes"),
+        ("tcp", {"rendezvous": "h:1", "auth_key": "a str key of 20+"}, "auth_key must be bytes"),
     ],
 )
 def test_bad_options_are_user_errors(name, kwargs, match):
@@ -99,3 +104,20 @@ def test_sweep_removes_segments_of_dead_creators(tmp_path):
         p.write_bytes(b"x")
     assert sweep_stale_segments(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_the_auth_key_is_never_printed():
+    from afdserve.transport.tcp import TcpOptions
+
+    opts = TcpOptions(rendezvous="h:1", auth_key=b"s3cret-s3cret-s3cret")
+    assert "s3cret" not in repr(opts) and "auth_key" not in repr(opts)
+
+
+def test_a_sender_refuses_a_frame_its_receivers_would_drop():
+    from afdserve.errors import ProtocolError
+    from afdserve.transport.options import TransportOptions
+
+    opts = TransportOptions(max_frame_bytes=1 << 16)
+    opts.check_frame_len(1 << 16, 3)
+    with pytest.raises(ProtocolError, match="exceeds max_frame_bytes"):
+        opts.check_frame_len((1 << 16) + 1, 3)

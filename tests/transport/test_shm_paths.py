@@ -210,3 +210,43 @@ def test_ring_envelopes_that_break_the_bookkeeping_are_protocol_errors(pair):
     with pytest.raises(ProtocolError, match="not in use"):
         a._handle(1, bytes([FREE]) + SPAN.pack(12345, 8))
     assert torch.equal(kept, _frame(1))
+
+
+def test_a_stream_announcing_more_than_max_frame_bytes_is_refused_unallocated(pair, monkeypatch):
+    import struct
+
+    from afdserve.errors import ProtocolError
+    from afdserve.transport.codec import encode_prefix
+    from afdserve.transport.shm_envelope import STREAM
+
+    a, b = pair
+
+    def no_allocation(n: int):
+        raise AssertionError(f"the receiver allocated {n} bytes for a refused frame")
+
+    monkeypatch.setattr(b._pool, "take", no_allocation)
+    prefix = bytearray(encode_prefix(Message(MsgType.ACTIVATION_TRANSFER, 1, tensor=torch.ones(4))))
+    struct.pack_into("<QQ", prefix, 40, 2**40, 2**38)  # payload_len, shape: 1 TiB of float32
+    with pytest.raises(ProtocolError, match="max_frame_bytes"):
+        b._handle(0, bytes([STREAM]) + SPAN_OF_NOTHING + bytes(prefix))
+    monkeypatch.undo()
+    a.send(1, Message(MsgType.HEARTBEAT, 2, sender=0))  # and the endpoint serves on
+    assert b.recv(0, MsgType.HEARTBEAT, 2, timeout_s=10).step == 2
+
+
+SPAN_OF_NOTHING = bytes(16)
+"""A STREAM's first chunk at offset 0 of 0 bytes."""
+
+
+def test_an_unexpected_error_handling_a_datagram_drops_it_and_serving_goes_on(pair, monkeypatch):
+    a, b = pair
+
+    def broken(src, body):
+        raise RuntimeError("a bug in the receive path")
+
+    monkeypatch.setattr(b, "_on_placed", broken)
+    a.send(1, Message(MsgType.ACTIVATION_TRANSFER, 1, sender=0, tensor=_frame(1)))  # PLACED
+    a.send(1, Message(MsgType.HEARTBEAT, 2, sender=0))
+    assert b.recv(0, MsgType.HEARTBEAT, 2, timeout_s=10).step == 2
+    assert b.dropped_frames == 1
+    assert not b.poll(0, MsgType.ACTIVATION_TRANSFER, 1)
