@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import secrets
 import threading
 import time
 import weakref
@@ -143,6 +144,9 @@ class MultiProcessEngine:
         self.requests_migrated = 0
         """Moves of a request to another attention worker because its own died or stalled."""
         self._ffn_heard = {j: time.monotonic() for j in cfg.ffn_ranks}
+        self._transport_key = secrets.token_bytes(32)
+        """The group's key: tcp data connections prove it at their handshake, so a frame from
+        anyone without it is dropped (sent in `Configure` over the control sockets)."""
         self._epoch = 0
         """The data plane's incarnation: one more at every FFN restart (`Rejoin`)."""
         self._restarting: dict[int, tuple[str, float]] = {}
@@ -279,6 +283,7 @@ class MultiProcessEngine:
                 self.rendezvous,
                 placement=None if placement is None else placement.to_dict(),
                 epoch=self._epoch,
+                transport_key=self._transport_key,
             )
             try:
                 control.send(self._controls[rank], msg, timeout_s=0.0)
