@@ -105,6 +105,15 @@ MOVE_SEP = "\x1f"
 id of a request must not hold it)."""
 
 PARKED = -1
+
+
+def restart_backoff_s(n: int) -> float:
+    """How long the front waits before the n-th restart of a dead worker starts its process:
+    the first at once (a lone crash costs no more than the model load), then 1, 2, 4 and at most
+    8 s, so a worker that dies at every start does not spin through the budget."""
+    return 0.0 if n <= 1 else min(2.0 ** (n - 2), 8.0)
+
+
 """The owner of a request that no attention worker can serve now (all stalled)."""
 
 ADD_TIMEOUT_S = 1.0
@@ -151,6 +160,8 @@ class MultiProcessEngine:
         """The data plane's incarnation: one more at every FFN restart (`Rejoin`)."""
         self._restarting: dict[int, tuple[str, float]] = {}
         """rank -> (why it was restarted, the deadline of its `Ready`)."""
+        self._respawn_due: dict[int, float] = {}
+        """rank -> when its restart starts its process (the backoff)."""
         self._abandoned: set[int] = set()
         """Attention ranks that died with no restart left: gone for good."""
         self.restarts = 0
@@ -357,8 +368,13 @@ class MultiProcessEngine:
                 self._failure = why
                 raise WorkerError(why)
             return
+        now = time.monotonic()
+        for rank, due in list(self._respawn_due.items()):
+            if now >= due:
+                del self._respawn_due[rank]
+                self._procs.respawn(rank)
         for rank, why in self._procs.exits():
-            if rank in self._abandoned:
+            if rank in self._abandoned or rank in self._respawn_due:
                 continue
             if rank < self.cfg.attention_workers:
                 self._lose(rank, why, dead=True)
@@ -395,9 +411,12 @@ class MultiProcessEngine:
             raise WorkerError(self._failure)
         self.restarts += 1
         self._epoch += 1
-        log.warning("%s: restarting it (%d of %d)", why, self.restarts, cfg.max_restarts)
-        self._procs.respawn(rank)
-        self._restarting[rank] = (why, time.monotonic() + cfg.startup_timeout_s)
+        delay = restart_backoff_s(self.restarts)
+        log.warning(
+            "%s: restarting it in %.0fs (%d of %d)", why, delay, self.restarts, cfg.max_restarts
+        )
+        self._respawn_due[rank] = time.monotonic() + delay
+        self._restarting[rank] = (why, time.monotonic() + delay + cfg.startup_timeout_s)
         self._configured_at = 0.0  # configure it as soon as it connects
         self._rejoin_all_but(rank)
 

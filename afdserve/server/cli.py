@@ -309,16 +309,27 @@ def run_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=UVICORN_GRACE_S,
             access_log=False,
         )
-        server = DrainingServer(config, app.state.serving.async_engine, options.shutdown_timeout_s)
+        async_engine = app.state.serving.async_engine
+        server = DrainingServer(
+            config, async_engine, options.shutdown_timeout_s, exit_on_failure=True
+        )
         # SIGINT/SIGTERM: drain (--shutdown-timeout), then uvicorn's shutdown; the lifespan
         # stops the engine thread and closes the engine, which for worker processes means
         # shutdown, then SIGTERM, then SIGKILL
         server.run()
         if not server.started:
             return 1
+        if async_engine.error is not None:
+            return ENGINE_FAILED
     finally:
         engine.close()  # idempotent; covers a server that never started
     return 0
+
+
+ENGINE_FAILED = 3
+"""`afdserve serve`'s exit code once its engine failed for good (an FFN worker dead past
+--max-restarts, no attention worker left): for a supervisor (systemd, Kubernetes) to restart
+the whole group."""
 
 
 UVICORN_GRACE_S = 5

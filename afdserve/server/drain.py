@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from types import FrameType
 
 import uvicorn
@@ -24,6 +25,10 @@ from afdserve.server.async_engine import AsyncEngine
 from afdserve.server.state import DEFAULT_SHUTDOWN_TIMEOUT_S
 
 log = logging.getLogger("afdserve.server")
+
+FAILED_GRACE_S = 2.0
+"""How long a server whose engine failed for good still answers (503s, the cut streams' error
+events) before it shuts down."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -37,6 +42,7 @@ class DrainingServer(uvicorn.Server):
         config: uvicorn.Config,
         engine: AsyncEngine,
         shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+        exit_on_failure: bool = False,
     ) -> None:
         if not shutdown_timeout_s >= 0:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {shutdown_timeout_s}")
@@ -49,6 +55,21 @@ class DrainingServer(uvicorn.Server):
         self._drain: asyncio.Task | None = None
         self.cut: int | None = None
         """Requests the drain cut (None until a drain has finished)."""
+        self.exit_on_failure = exit_on_failure
+        """Shut down FAILED_GRACE_S after the engine failed for good (`afdserve serve`, which
+        then exits with ENGINE_FAILED for its supervisor to restart it), rather than answer
+        503 for ever."""
+        self._failed_at: float | None = None
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.exit_on_failure and self.engine.error is not None and not self.should_exit:
+            now = time.monotonic()
+            if self._failed_at is None:
+                self._failed_at = now
+                log.error("the engine failed for good; shutting down in %.0fs", FAILED_GRACE_S)
+            elif now - self._failed_at > FAILED_GRACE_S:
+                self.should_exit = True
+        return await super().on_tick(counter)
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()

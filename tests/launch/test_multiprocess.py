@@ -951,3 +951,9 @@ def test_requests_wait_while_every_attention_worker_is_stopped(tiny_model_dirs, 
             os.kill(pid, signal.SIGCONT)
         llm.close()
     assert not any(_alive(p) for p in pids)
+
+
+def test_restarts_back_off():
+    from afdserve.launch.multiproc import restart_backoff_s
+
+    assert [restart_backoff_s(n) for n in range(1, 8)] == [0.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]

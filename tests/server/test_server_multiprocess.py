@@ -498,3 +498,37 @@ def test_sigint_stops_every_worker_and_leaves_no_shared_memory(mp_server):
     assert not [p for p in pids if _alive(p)], "worker processes outlived the server"
     assert not _segments_of(pids), f"leftover shared memory: {_segments_of(pids)}"
     assert re.search(r"2 attention and 1 FFN worker processes over shm", out), out
+
+
+def test_serve_exits_for_its_supervisor_once_the_engine_failed_for_good(tmp_path):
+    """With no restart left, an FFN worker's death fails the group: `afdserve serve` answers
+    503 a moment, then exits with ENGINE_FAILED (3) and leaves no worker behind, so that a
+    supervisor restarts the whole group rather than keep a server that answers 503 for ever."""
+    from afdserve.server.cli import ENGINE_FAILED
+
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "afdserve.cli", "serve", MODEL, "--transport", "shm"]
+    cmd += ["--attention-workers", "1", "--max-restarts", "0", "--port", str(port)]
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_DEADLINE_S
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        ffn = [p for p in workers if int(_flag(_cmdline(p), "--rank")) == 1]
+        os.kill(ffn[0], signal.SIGKILL)
+        assert proc.wait(60) == ENGINE_FAILED, log.read_text(errors="replace")
+        assert not any(_alive(p) for p in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
