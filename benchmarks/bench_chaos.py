@@ -68,6 +68,73 @@ def _children(pid: int) -> dict[int, int]:
     return out
 
 
+def _free_port_run(n: int) -> int:
+    """A port P with P .. P + n - 1 free on 127.0.0.1, below the ephemeral range."""
+    import random
+
+    for _ in range(200):
+        base = random.randint(20000, 30000)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise SystemExit("no run of free ports")
+
+
+class Supervisor:
+    """Workers started by hand (`afdserve worker --front`), and a loop that starts one again
+    whenever it exits, as systemd's Restart=always or a Kubernetes pod would."""
+
+    def __init__(self, front: int, world: int, logdir: Path, env: dict) -> None:
+        self.cmds = [
+            [sys.executable, "-m", "afdserve.cli", "worker", "--front", f"127.0.0.1:{front}"]
+            + ["--rank", str(k), "--host", "127.0.0.1"]
+            for k in range(world)
+        ]
+        self.logdir, self.env = logdir, env
+        self.procs = [self._start(k) for k in range(world)]
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _start(self, k: int) -> subprocess.Popen:
+        with open(self.logdir / f"worker-{k}.log", "ab") as logf:
+            return subprocess.Popen(
+                self.cmds[k], stdout=logf, stderr=subprocess.STDOUT, env=self.env
+            )
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            for k, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    self.restarts += 1
+                    self.procs[k] = self._start(k)
+
+    def pids(self) -> dict[int, int]:
+        return {k: p.pid for k, p in enumerate(self.procs)}
+
+    def stop_restarting(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def reap(self) -> None:
+        """After the front's shutdown: wait for every worker to exit (kill the rest)."""
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 class Load:
     """`streams` threads, each streaming one greedy completion after another."""
 
@@ -169,6 +236,11 @@ def main() -> None:
     ap.add_argument("--stop-s", type=float, default=20.0, help="how long a SIGSTOP lasts")
     ap.add_argument("--steady-s", type=float, default=4.0, help="load before each fault")
     ap.add_argument("--big-mb", type=float, default=40.0, help="the oversized prompt's size")
+    ap.add_argument(
+        "--hand-started",
+        action="store_true",
+        help="workers started by hand (serve --front) and restarted by a supervisor loop here",
+    )
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="afd-chaos-")
@@ -184,6 +256,11 @@ def main() -> None:
     cmd += ["--attention-workers", "2", "--microbatches", "2", "--batch-invariant"]
     cmd += ["--port", str(port), "--served-model-name", SERVED]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    supervisor = None
+    if args.hand_started:
+        front = _free_port_run(5)
+        cmd += ["--front", f"127.0.0.1:{front}"]
+        supervisor = Supervisor(front, 3, Path(tmp), env)
     with open(log, "wb") as logf:
         server = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     stopped: list[int] = []
@@ -207,7 +284,7 @@ def main() -> None:
         load.start()
 
         def inject(fault: str) -> None:
-            ranks = _children(server.pid)
+            ranks = supervisor.pids() if supervisor else _children(server.pid)
             if fault == "big prompt":
                 body = b'{"model":"chaos","prompt":"' + b"a" * int(args.big_mb * 2**20) + b'"}'
                 r = httpx.post(
@@ -253,7 +330,11 @@ def main() -> None:
         load.stop()
         health.close()
         print()
-        print(f"transport {args.transport}, 2A1F, {args.streams} streams, {args.max_tokens} tokens")
+        how = "hand-started workers, restarted by a supervisor" if supervisor else "spawned"
+        print(
+            f"transport {args.transport}, 2A1F ({how}), {args.streams} streams, "
+            f"{args.max_tokens} tokens"
+        )
         print("| fault | requests | completed | wrong tokens | errored | detection | recovery |")
         print("|---|---|---|---|---|---|---|")
         for fault, t0, detect, recovered, end in rows:
@@ -278,6 +359,8 @@ def main() -> None:
         total = load.outcomes
         print(f"all requests: {len(total)}, errored {sum(1 for o in total if o.error)}")
     finally:
+        if supervisor is not None:
+            supervisor.stop_restarting()
         for pid in stopped:
             try:
                 os.kill(pid, signal.SIGCONT)
@@ -288,6 +371,8 @@ def main() -> None:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
+        if supervisor is not None:
+            supervisor.reap()
 
 
 if __name__ == "__main__":
