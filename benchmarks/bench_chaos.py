@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from afdserve.transport.options import free_port, free_port_run
 
 SERVED = "chaos"
 
@@ -43,12 +44,6 @@ class Outcome:
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> dict[int, int]:
@@ -66,27 +61,6 @@ def _children(pid: int) -> dict[int, int]:
             continue
         out[int(cmd[cmd.index(b"--rank") + 1])] = int(entry)
     return out
-
-
-def _free_port_run(n: int) -> int:
-    """A port P with P .. P + n - 1 free on 127.0.0.1, below the ephemeral range."""
-    import random
-
-    for _ in range(200):
-        base = random.randint(20000, 30000)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit("no run of free ports")
 
 
 class Supervisor:
@@ -249,7 +223,7 @@ def main() -> None:
         from afdserve.model.make_model import make_model
 
         model = str(make_model("llama", "small", 0, Path(tmp) / "llama-small"))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tmp) / "serve.log"
     cmd = [sys.executable, "-m", "afdserve.cli", "serve", model, "--transport", args.transport]
@@ -258,7 +232,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     supervisor = None
     if args.hand_started:
-        front = _free_port_run(5)
+        front = free_port_run(5)
         cmd += ["--front", f"127.0.0.1:{front}"]
         supervisor = Supervisor(front, 3, Path(tmp), env)
     with open(log, "wb") as logf:

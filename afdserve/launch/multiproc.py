@@ -409,16 +409,12 @@ class MultiProcessEngine:
                 return
             self._failure = f"{why} ({cause})"
             raise WorkerError(self._failure)
-        self.restarts += 1
-        self._epoch += 1
-        delay = restart_backoff_s(self.restarts)
+        delay = restart_backoff_s(self.restarts + 1)
+        self._respawn_due[rank] = time.monotonic() + delay
+        self._take_back(rank, why, delay)
         log.warning(
             "%s: restarting it in %.0fs (%d of %d)", why, delay, self.restarts, cfg.max_restarts
         )
-        self._respawn_due[rank] = time.monotonic() + delay
-        self._restarting[rank] = (why, time.monotonic() + delay + cfg.startup_timeout_s)
-        self._configured_at = 0.0  # configure it as soon as it connects
-        self._rejoin_all_but(rank)
 
     def _readmit(self, m: Hello) -> None:
         """A worker of an already configured rank says hello: it was started again, by hand or
@@ -432,14 +428,17 @@ class MultiProcessEngine:
         why = f"worker rank {m.rank} was started again (pid {m.pid})"
         if m.rank < self.cfg.attention_workers:
             self._lose(m.rank, why, dead=True)
+        self._take_back(m.rank, why, 0.0)
+        log.warning("%s: taking it back into the group (epoch %d)", why, self._epoch)
+
+    def _take_back(self, rank: int, why: str, start_in_s: float) -> None:
+        """The one path of a worker started again (under the lock): a new epoch, `Configure`
+        for it as soon as it connects (until it is ready, by the startup deadline counted from
+        its start), `Rejoin` for every other worker still there."""
         self.restarts += 1
         self._epoch += 1
-        log.warning("%s: taking it back into the group (epoch %d)", why, self._epoch)
-        self._restarting[m.rank] = (why, time.monotonic() + self.cfg.startup_timeout_s)
+        self._restarting[rank] = (why, time.monotonic() + start_in_s + self.cfg.startup_timeout_s)
         self._configured_at = 0.0
-        self._rejoin_all_but(m.rank)
-
-    def _rejoin_all_but(self, rank: int) -> None:
         for k in range(self.cfg.world_size):
             if k != rank and not (k < self.cfg.attention_workers and self.workers[k].dead):
                 self._send_control(k, Rejoin(self._epoch))

@@ -59,6 +59,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int, host: str = "127.0.0.1") -> int:
+    """A port P with P .. P + n - 1 all free on `host` now, below the ephemeral range (as
+    `free_port`): what a front of workers started by hand binds (`--front HOST:P`)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(LOW_PORT, ephemeral_low() - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports on {host}")
+
+
 def ephemeral_low() -> int:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:

@@ -16,6 +16,7 @@ import pytest
 from afdserve import LLM, SamplingParams
 from afdserve.errors import UserInputError
 from afdserve.launch.multiproc import WorkerError
+from afdserve.transport.options import free_port_run
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[5, 9, 200], [7] * 21, [1], [100, 101, 102, 103, 104, 105, 106, 107], [42] * 5]
@@ -313,6 +314,17 @@ def _all_started(tokens: dict) -> bool:
     return len(tokens) == len(SURVIVAL_PROMPTS) and min(map(len, tokens.values())) >= 2
 
 
+def _assert_both_serve(llm, want: list[int]) -> None:
+    """Two new requests go one to each attention worker and give `want` (SURVIVAL_PROMPTS[0]'s
+    undisturbed tokens): a worker that was lost serves again."""
+    for k in range(2):
+        llm.engine.add_request(f"again{k}", SURVIVAL_PROMPTS[0], LONG)
+    assert {llm.engine.owner("again0"), llm.engine.owner("again1")} == {0, 1}
+    tokens: dict[str, list[int]] = {}
+    _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+    assert tokens == {"again0": want, "again1": want}
+
+
 def _in_flight_on(llm, rank: int) -> list[str]:
     return [f"r{k}" for k in range(len(SURVIVAL_PROMPTS)) if llm.engine.owner(f"r{k}") == rank]
 
@@ -377,12 +389,7 @@ def test_stopped_attention_worker_loses_no_request_and_comes_back(
         assert llm.engine.requests_migrated == len(moved)
         _serve(llm, tokens, lambda t: not llm.engine.problems(), give_up_s=30)
         # back: the router uses it again, and it gives the right tokens
-        tokens.clear()
-        for k in range(2):
-            llm.engine.add_request(f"again{k}", SURVIVAL_PROMPTS[0], LONG)
-        assert {llm.engine.owner("again0"), llm.engine.owner("again1")} == {0, 1}
-        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
-        assert tokens == {"again0": survival_reference["r0"], "again1": survival_reference["r0"]}
+        _assert_both_serve(llm, survival_reference["r0"])
     finally:
         os.kill(pids[0], signal.SIGCONT)
         llm.close()
@@ -565,7 +572,7 @@ def test_worker_flags_say_only_where_the_front_is(monkeypatch, capsys):
 def test_a_worker_without_a_front_gives_up_at_its_deadline():
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "afdserve.cli", "worker", "--front", f"127.0.0.1:{_free_port_run(3)}",
+        [sys.executable, "-m", "afdserve.cli", "worker", "--front", f"127.0.0.1:{free_port_run(3)}",
          "--rank", "0", "--connect-timeout-s", "1"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -575,30 +582,6 @@ def test_a_worker_without_a_front_gives_up_at_its_deadline():
 
 
 # -- workers started by hand (EngineConfig.front) ------------------------------------------------
-
-
-def _free_port_run(n: int) -> int:
-    """A port P such that P .. P + n - 1 are free on 127.0.0.1 right now."""
-    import random
-    import socket
-
-    from afdserve.transport.options import LOW_PORT, ephemeral_low
-
-    for _ in range(200):  # below the ephemeral range: no connect() can take them meanwhile
-        base = random.randint(LOW_PORT, ephemeral_low() - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no run of {n} free ports")
 
 
 def _hand_started_workers(
@@ -661,7 +644,7 @@ def _front(model_dir, r: int, port: int, transport: str = "tcp", timeout_s: floa
 @pytest.mark.parametrize("transport", ["tcp", "torch", "shm"])
 def test_workers_started_by_hand_serve_through_a_front(tiny_model_dirs, reference, transport):
     r = 2
-    port = _free_port_run(r + 3)
+    port = free_port_run(r + 3)
     procs = _hand_started_workers(r, port)
     try:
         with _front(tiny_model_dirs["llama"], r, port, transport) as llm:
@@ -676,7 +659,7 @@ def test_workers_started_by_hand_serve_through_a_front(tiny_model_dirs, referenc
 
 
 def test_front_without_workers_times_out_naming_the_missing_ranks(tiny_model_dirs):
-    port = _free_port_run(5)
+    port = free_port_run(5)
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"workers \[0, 1, 2\] not ready within 2s"):
         _front(tiny_model_dirs["llama"], 2, port, timeout_s=2)
@@ -704,7 +687,7 @@ def test_front_options_are_checked(opts, match):
 def test_hand_started_workers_exit_when_their_front_dies(tiny_model_dirs):
     """A front pings its workers every second; one killed with SIGKILL sends nothing more, and
     its hand-started workers (no parent to die with) exit with code 4 after --front-timeout-s."""
-    port = _free_port_run(4)
+    port = free_port_run(4)
     model = str(tiny_model_dirs["llama"])
     procs = _hand_started_workers(1, port, extra=("--front-timeout-s", "2"))
     script = (
@@ -778,7 +761,7 @@ def test_hand_started_attention_worker_killed_loses_no_request(
 ):
     """Workers started by hand: the front has no process to watch, so a dead attention worker
     is its silence (no pulse); its requests continue on the other one, over that transport."""
-    port = _free_port_run(5)
+    port = free_port_run(5)
     procs = _hand_started_workers(2, port)
     try:
         llm = _survival_group(
@@ -872,12 +855,7 @@ def test_killed_attention_worker_is_restarted_and_serves_again(tiny_model_dirs, 
         assert llm.engine.requests_migrated == len(moved) and llm.engine.restarts == 1
         _serve(llm, tokens, lambda t: not llm.engine.problems(), give_up_s=60)
         assert llm.engine.pids[0] != pids[0]
-        tokens.clear()
-        for k in range(2):
-            llm.engine.add_request(f"again{k}", SURVIVAL_PROMPTS[0], LONG)
-        assert {llm.engine.owner("again0"), llm.engine.owner("again1")} == {0, 1}
-        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
-        assert tokens == {"again0": survival_reference["r0"], "again1": survival_reference["r0"]}
+        _assert_both_serve(llm, survival_reference["r0"])
     finally:
         llm.close()
     assert not any(_alive(p) for p in llm.engine.pids)
@@ -888,7 +866,7 @@ def test_hand_started_worker_restarted_by_hand_rejoins(tiny_model_dirs, survival
     """Workers started by hand over tcp: the FFN worker (or attention worker 0) is killed and
     started again the way a supervisor would (same command line); it says hello, the front
     takes it back under a new epoch, and every stream ends with the undisturbed tokens."""
-    port = _free_port_run(5)
+    port = free_port_run(5)
     procs = _hand_started_workers(2, port)
     try:
         llm = _survival_group(

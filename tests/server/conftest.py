@@ -155,3 +155,20 @@ def oracle() -> Iterator[Callable[..., Any]]:
         yield lambda prompt, **kw: llm.generate([prompt], SamplingParams(**kw))[0]
     finally:
         llm.close()
+
+
+def wait_until_healthy(url: str, proc: Any, timeout_s: float, output: Callable[[], str]) -> None:
+    """Poll `url`/health until it answers 200; fails (with `output()`, the server's log) if
+    `proc` exits first or `timeout_s` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, output()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up: " + output()
+        time.sleep(0.2)

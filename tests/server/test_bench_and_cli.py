@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from afdserve.cli import build_parser, main
 from afdserve.errors import UserInputError
 from afdserve.planner.workload import traces_dir
-from tests.server.conftest import live_server
+from tests.server.conftest import live_server, wait_until_healthy
 
 
 def test_bench_random_against_a_live_server(afd_server, tmp_path, capsys):
@@ -193,16 +192,7 @@ def test_serve_subprocess_answers_and_shuts_down_cleanly(sig):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, 90, proc.stdout.read)
         r = httpx.post(
             url + "/v1/completions",
             json={"model": "m", "prompt": "hi", "max_tokens": 3},

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from afdserve.server.state import FrontOptions
-from tests.server.conftest import SERVED, LiveServer, live_server
+from tests.server.conftest import SERVED, LiveServer, live_server, wait_until_healthy
 from tests.server.test_errors import _assert_error
 
 DEADLINE_S = 30.0
@@ -171,16 +171,7 @@ def test_serve_subprocess_finishes_a_stream_across_sigterm():
     max_tokens = 2000  # seconds of decoding on any CPU: SIGTERM lands mid-stream
     try:
         url = f"http://127.0.0.1:{port}"
-        end = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < end, "server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, 90, proc.stdout.read)
         body = {"model": "m", "prompt": [5, 6], "max_tokens": max_tokens, "ignore_eos": True}
         body |= {"stream": True, "return_token_ids": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:

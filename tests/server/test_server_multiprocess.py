@@ -26,7 +26,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import MODEL, SERVED
+from tests.server.conftest import MODEL, SERVED, wait_until_healthy
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="finds worker processes through /proc"
@@ -158,16 +158,7 @@ def mp_server(tmp_path_factory: pytest.TempPathFactory):
     workers: list[int] = []
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up: " + log.read_text()
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, START_DEADLINE_S, lambda: log.read_text(errors="replace"))
         cmds = {pid: _cmdline(pid) for pid in _children(proc.pid)}
         cmds = {pid: c for pid, c in cmds.items() if "worker" in c}
         workers = list(cmds)
@@ -513,16 +504,8 @@ def test_serve_exits_for_its_supervisor_once_the_engine_failed_for_good(tmp_path
     with open(log, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, proc, START_DEADLINE_S, lambda: log.read_text(errors="replace"))
         workers = _children(proc.pid)
         ffn = [p for p in workers if int(_flag(_cmdline(p), "--rank")) == 1]
         os.kill(ffn[0], signal.SIGKILL)
