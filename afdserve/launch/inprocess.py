@@ -29,6 +29,7 @@ from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.afd.router import Router
 from afdserve.afd.stats import EngineState, WorkerState
 from afdserve.launch.drain import Drained
+from afdserve.model.threads import ThreadCount
 from afdserve.types import SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
@@ -56,15 +57,20 @@ class Engine:
         self.vocab_size = vocab_size
         self.ffns = list(ffns)
         self.router = Router(self.workers)
+        threads = ThreadCount.capture()  # every compute thread runs with this one's count
         self._pool = (
-            ThreadPoolExecutor(len(self.workers), thread_name_prefix="afd") if ffns else None
+            ThreadPoolExecutor(
+                len(self.workers), thread_name_prefix="afd", initializer=threads.apply
+            )
+            if ffns
+            else None
         )
         self._ffn_stop = threading.Event()
         self._ffn_threads: list[threading.Thread] = []
         for j, ffn in enumerate(self.ffns):  # each FFN worker's loop runs for the engine's life
             thread = threading.Thread(
                 target=_serve_ffn,
-                args=(ffn, self._ffn_stop, ffn_threads),
+                args=(ffn, self._ffn_stop, ThreadCount.capture(ffn_threads)),
                 name=f"afd-ffn{j}",
                 daemon=True,
             )
@@ -197,9 +203,6 @@ class Engine:
         self._on_close.clear()
 
 
-def _serve_ffn(ffn: FFNWorker, stop: threading.Event, threads: int | None) -> None:
-    if threads is not None:  # this thread's own OpenMP team size (a per-thread setting)
-        import torch
-
-        torch.set_num_threads(threads)
+def _serve_ffn(ffn: FFNWorker, stop: threading.Event, threads: ThreadCount) -> None:
+    threads.apply()  # this thread's own OpenMP team size (model/threads.py)
     ffn.serve_forever(stop)

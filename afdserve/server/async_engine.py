@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from afdserve.launch.client import EngineClient
 from afdserve.model.text_stream import TextStream
+from afdserve.model.threads import ThreadCount
 from afdserve.model.tokenizer import Tokenizer, with_tokenizer_eos
 from afdserve.server.engine_calls import EngineCalls
 from afdserve.server.errors import APIError, EngineDead, QueueFull
@@ -190,7 +191,9 @@ class AsyncEngine:
         if self._thread is not None:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="afdserve-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(ThreadCount.capture(),), name="afdserve-engine", daemon=True
+        )
         self._thread.start()
 
     async def stop(self) -> None:
@@ -448,7 +451,8 @@ class AsyncEngine:
 
     # ---- the engine thread -------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, threads: ThreadCount) -> None:
+        threads.apply()  # an in-process engine computes on this thread (model/threads.py)
         try:
             while not self._stopping:
                 self._wake.clear()
