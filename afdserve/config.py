@@ -100,6 +100,11 @@ class EngineConfig:
     0: serve whoever has arrived, which keeps shared cores busy."""
     pin_workers: bool = False
     """Pin worker process k to core k mod cores (multi-process transports)."""
+    worker_log_dir: str | None = None
+    """Where the front's spawned workers write their logs (`worker-K.log`), for a log shipper
+    to find; None: a new temporary directory, removed after a clean shutdown."""
+    worker_log_max_bytes: int = 64 * 2**20
+    """A worker log past this size is rotated to `worker-K.log.1` (one generation kept)."""
     seed: int = 0
     """Seeds the per-request sampling seeds of requests that bring none."""
     front: str = ""
@@ -141,10 +146,17 @@ class EngineConfig:
             ("num_redundant_experts", 0),
             ("migration_limit", 0),
             ("max_restarts", 0),
+            ("worker_log_max_bytes", 4096),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise UserInputError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.worker_log_dir is not None and (
+            not isinstance(self.worker_log_dir, str) or not self.worker_log_dir
+        ):
+            raise UserInputError(
+                f"worker_log_dir must be a non-empty path, got {self.worker_log_dir!r}"
+            )
         if self.ffn_workers != 1 and self.mode != "afd":
             raise UserInputError(
                 f"ffn_workers > 1 needs mode='afd' (aggregated workers hold their own FFN), "

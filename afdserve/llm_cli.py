@@ -99,6 +99,21 @@ def add_engine_args(
         "attention workers keep their KV and retry the step; 0: never; default %(default)s)",
     )
     p.add_argument(
+        "--worker-log-dir",
+        default=None,
+        metavar="DIR",
+        help="where spawned workers write worker-K.log (created if missing; default: a "
+        "temporary directory, removed after a clean shutdown)",
+    )
+    p.add_argument(
+        "--worker-log-max-mb",
+        type=float,
+        default=64.0,
+        metavar="MB",
+        help="rotate a worker log past this size to worker-K.log.1, one generation kept "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--migration-limit",
         type=int,
         default=3,
@@ -148,6 +163,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         num_redundant_experts=args.num_redundant_experts,
         migration_limit=args.migration_limit,
         max_restarts=args.max_restarts,
+        worker_log_dir=args.worker_log_dir,
+        worker_log_max_bytes=int(args.worker_log_max_mb * 2**20),
         microbatches=args.microbatches,
         dtype=args.dtype,
         device=args.device,

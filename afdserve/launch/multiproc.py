@@ -866,13 +866,15 @@ class MultiProcessEngine:
 
 def _ping_loop(engine: weakref.ref, stop: threading.Event) -> None:
     """Ping every worker each `control.PING_S`: a worker that hears nothing from its front for
-    `--front-timeout-s` knows it is gone (one started by hand has no other way). Holds the
-    engine weakly, so an engine nobody references is still collected (and its workers killed)."""
+    `--front-timeout-s` knows it is gone (one started by hand has no other way); and rotate the
+    logs of spawned workers that grew past their limit. Holds the engine weakly, so an engine
+    nobody references is still collected (and its workers killed)."""
     while not stop.wait(control.PING_S):
         front = engine()
         if front is None:
             return
         front._ping_all()
+        front._procs.rotate_logs()
         del front
 
 

@@ -4,7 +4,8 @@ A front that spawns its workers (no `EngineConfig.front`) starts each as `afdser
 --rank K --control ADDR --events ADDR`, with its output in a log file, and must never leave one
 behind: `stop` asks nothing (the front has sent its shutdown message already), waits, then
 SIGTERMs, then SIGKILLs. A worker that exits early is reported with the tail of its log. Logs
-are removed when every worker exited cleanly, kept (and named in errors) otherwise.
+go to `EngineConfig.worker_log_dir` (or a temporary directory, removed when every worker exited
+cleanly, kept and named in errors otherwise); one past `worker_log_max_bytes` is rotated.
 """
 
 from __future__ import annotations
@@ -25,13 +26,22 @@ class WorkerProcesses:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.logdir = ""
+        self._own_logdir = False
+        """Whether `logdir` is this group's temporary directory (removed after a clean stop),
+        not the operator's `worker_log_dir`."""
+        self.log_max_bytes = 0
         self._start: list[tuple[list[str], dict[str, str]]] = []
         """Each rank's command line and environment, to start it again (`respawn`)."""
 
     def spawn(self, cfg: EngineConfig, events: str, controls: list[str]) -> None:
         """Start rank k (0..r+m-1) told `controls[k]` and `events`, pinned to core k mod cores
         when `cfg.pin_workers`; the rest of its configuration comes from the front."""
-        self.logdir = tempfile.mkdtemp(prefix="afdserve-workers-")
+        if cfg.worker_log_dir:
+            os.makedirs(cfg.worker_log_dir, exist_ok=True)
+            self.logdir = cfg.worker_log_dir
+        else:
+            self.logdir, self._own_logdir = tempfile.mkdtemp(prefix="afdserve-workers-"), True
+        self.log_max_bytes = cfg.worker_log_max_bytes
         ncpu = os.cpu_count() or 1
         env = _worker_env(cfg, ncpu)
         for rank, ctrl in enumerate(controls):
@@ -41,11 +51,13 @@ class WorkerProcesses:
                 args += ["--cpus", str(rank % ncpu)]
             self.logs.append(Path(self.logdir) / f"worker-{rank}.log")
             self._start.append((args, env))
-            self.procs.append(self._popen(rank, "wb"))
+            self.procs.append(self._popen(rank))
 
-    def _popen(self, rank: int, mode: str) -> subprocess.Popen:
+    def _popen(self, rank: int) -> subprocess.Popen:
+        """Start rank `rank` writing to its log in append mode: every write lands at the end,
+        so `rotate_logs` can empty the file under a running worker."""
         args, env = self._start[rank]
-        with open(self.logs[rank], mode) as logf:
+        with open(self.logs[rank], "ab") as logf:
             return subprocess.Popen(
                 args,
                 stdout=logf,
@@ -62,7 +74,21 @@ class WorkerProcesses:
         in the same file)."""
         if self.procs[rank].poll() is None:
             raise RuntimeError(f"worker rank {rank} is still running")
-        self.procs[rank] = self._popen(rank, "ab")
+        self.procs[rank] = self._popen(rank)
+
+    def rotate_logs(self) -> None:
+        """Every log past `log_max_bytes` is copied to `.1` (replacing the one before) and
+        emptied in place, as logrotate's copytruncate does: the worker keeps its open file. A
+        line written between the copy and the truncation is lost, a risk taken for a worker
+        that never needs to reopen anything."""
+        for log in self.logs:
+            try:
+                if log.stat().st_size <= self.log_max_bytes:
+                    continue
+                shutil.copyfile(log, log.with_name(log.name + ".1"))
+                os.truncate(log, 0)
+            except OSError:
+                continue  # removed by hand, a full disk: the next round tries again
 
     def first_exit(self, starting: bool = False) -> str | None:
         """Why the first worker that exited is gone (with its log's tail), or None."""
@@ -99,7 +125,7 @@ class WorkerProcesses:
                     signal_them(p)
         for p in self.procs:
             p.wait()
-        if self.logdir and all(p.returncode == 0 for p in self.procs):
+        if self._own_logdir and all(p.returncode == 0 for p in self.procs):
             shutil.rmtree(self.logdir, ignore_errors=True)
 
     def kill(self) -> None:
@@ -129,9 +155,14 @@ def _worker_env(cfg: EngineConfig, ncpu: int) -> dict[str, str]:
 
 
 def _tail(path: Path, lines: int = 6) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
+    """The last error lines of a log (or its last lines), its rotated part included."""
+    text: list[str] = []
+    for part in (path.with_name(path.name + ".1"), path):
+        try:
+            text += part.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            continue
+    if not text and not path.exists():
         return "(no log)"
     errors = [ln for ln in text if "error" in ln.lower()]
     return " | ".join((errors or text)[-lines:]) or "(empty log)"
