@@ -31,6 +31,7 @@ PUBLISHED = {
     "qwen3-235b-a22b": (235.0, 22.0),
     "mixtral-8x7b": (46.7, 12.9),
     "deepseek-v3": (671.0, 37.0),
+    "step3": (316.0, 38.0),  # the LLM part (model card: 316B LLM, 38B activated)
 }
 
 
