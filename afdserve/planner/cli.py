@@ -108,7 +108,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--link-gbps", type=float, help="override: link Gbit/s per device per direction")
     m.add_argument("--flops-eff", type=float, default=0.6, help="fraction of peak FLOP/s (0.6)")
-    m.add_argument("--bw-eff", type=float, default=0.8, help="fraction of memory bandwidth (0.8)")
+    m.add_argument("--bw-eff", type=float, default=0.9, help="fraction of memory bandwidth (0.9)")
     m.add_argument("--link-eff", type=float, default=0.8, help="fraction of link bandwidth (0.8)")
     m.add_argument("--link-latency-ms", type=float, default=0.01, help="beta_C, ms (0.01)")
     m.add_argument(
@@ -253,7 +253,7 @@ _MODEL_DEFAULTS = {
     "kv_dtype": "bf16",
     "link": "scale-out",
     "flops_eff": 0.6,
-    "bw_eff": 0.8,
+    "bw_eff": 0.9,
     "link_eff": 0.8,
     "link_latency_ms": 0.01,
     "usable_memory": 0.9,
