@@ -237,7 +237,7 @@ def validate_step3(
     out, ratios = [], []
     for p in data["points"]:
         deployed = p["attention_nodes"] // p["ffn_nodes"]
-        found = best_under_slo(lambda b, p=p: step3_bundle(data, p, deployed, b, eff), slo)
+        found = best_under_slo(lambda b, p=p, n=deployed: step3_bundle(data, p, n, b, eff), slo)
         if found is None:
             pred, detail = 0.0, {"note": "no batch meets the SLO"}
         else:

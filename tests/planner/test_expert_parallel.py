@@ -15,13 +15,13 @@ from afdserve.cli import main
 from afdserve.errors import UserInputError
 from afdserve.planner import RooflineSetup, load_hardware, load_model, memory_model, roofline_costs
 from afdserve.planner.deployment import roofline_deployment
-from afdserve.planner.roofline import Efficiency
 from afdserve.planner.expert_parallel import (
     block_sizes,
     check_redundant_slots,
     expected_fanout,
     redundant_slots_fit,
 )
+from afdserve.planner.roofline import Efficiency
 
 
 def _monte_carlo(E: int, k: int, m: int, tokens: int, seed: int, replicas=None) -> float:
