@@ -403,7 +403,7 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
         help="validate the simulator against the theory or the real runtime",
         description="theory: simulated optimal r vs the planner's; runtime: sim vs real runs.",
     )
-    sub = p.add_subparsers(dest="target", metavar="theory|runtime")
+    sub = p.add_subparsers(dest="target", metavar="theory|runtime|published")
     t = sub.add_parser("theory", help="simulated optimal r vs closed-form and barrier-aware r")
     t.add_argument("--steps", type=int, default=4000, help="steps per simulation (4000)")
     t.add_argument("--quick", action="store_true", help="few steps (a CI-sized run)")
@@ -442,11 +442,53 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_validate_runtime, verb="sim-validate runtime")
     one_line_errors(r)
 
+    pub = sub.add_parser(
+        "published",
+        help="predicted vs published AFD deployments (Step-3 Table 8, FastAFD's A:F sweep)",
+        description=(
+            "Predict published AFD deployments with the catalogs and the documented default "
+            "efficiencies and print predicted vs published with the error (data and sources in "
+            "afdserve/sim/data/). --flops-eff/--bw-eff/--link-eff show how sensitive the "
+            "predictions are; the defaults are what the validation quotes."
+        ),
+    )
+    pub.add_argument("--flops-eff", type=float, help="fraction of peak FLOP/s (default 0.6)")
+    pub.add_argument("--bw-eff", type=float, help="fraction of memory bandwidth (default 0.9)")
+    pub.add_argument("--link-eff", type=float, help="fraction of link bandwidth (default 0.8)")
+    pub.add_argument("--json", action="store_true")
+    pub.set_defaults(func=run_validate_published, verb="sim-validate published")
+    one_line_errors(pub)
+
     def no_target(_args: argparse.Namespace) -> int:
-        raise UserInputError("say what to validate: sim-validate theory or sim-validate runtime")
+        raise UserInputError("say what to validate: sim-validate theory, runtime or published")
 
     p.set_defaults(func=no_target)
     one_line_errors(p)
+
+
+def run_validate_published(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from afdserve.planner.roofline import Efficiency
+    from afdserve.sim.published import validate_published
+    from afdserve.sim.render import render_published
+
+    given = {
+        k: v
+        for k, v in (
+            ("flops", args.flops_eff),
+            ("memory_bw", args.bw_eff),
+            ("link", args.link_eff),
+        )
+        if v is not None
+    }
+    eff = dataclasses.replace(Efficiency(), **given)
+    report = validate_published(eff)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=json_default))
+    else:
+        print(render_published(report, tuned=bool(given)))
+    return 0
 
 
 def run_validate_theory(args: argparse.Namespace) -> int:
