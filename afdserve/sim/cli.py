@@ -11,6 +11,7 @@ Importing the simulator's package loads numpy; torch loads only inside `profile`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -138,10 +139,27 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
         "--cv", type=float, default=1.0, help="Gamma inter-arrival coefficient of variation (1)"
     )
     p.add_argument(
+        "--attention-devices",
+        type=int,
+        help="with --ratio and --model: devices of each attention instance (default: the "
+        "fewest whose memory holds its weights and the KV of --batch slots; printed)",
+    )
+    p.add_argument(
         "--ffn-devices",
         type=int,
-        default=1,
-        help="with --ratio and --model: devices of the FFN instance (1)",
+        help="with --ratio and --model: devices of the FFN instance (default: the fewest whose "
+        "memory holds it; printed)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        choices=("bf16", "fp16", "fp8", "fp32"),
+        help="with --ratio and --model: KV-cache dtype (default bf16; printed)",
+    )
+    p.add_argument(
+        "--link",
+        choices=("scale-up", "scale-out"),
+        help="with --ratio and --model: the A<->F link (default: scale-up when the bundle fits "
+        "in one scale-up domain of the hardware, else scale-out; printed)",
     )
     add_expert_parallel_flags(p)
     p.add_argument("--seed", type=int, default=0)
@@ -177,8 +195,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise UserInputError(
             "--profile goes with --ratio (the search derives costs per device count)"
         )
-    if args.ffn_devices != 1:
-        raise UserInputError("--ffn-devices goes with --ratio (the search sizes every instance)")
+    for flag in ("attention_devices", "ffn_devices", "kv_dtype", "link"):
+        if getattr(args, flag) is not None:
+            raise UserInputError(
+                f"--{flag.replace('_', '-')} goes with --ratio (the search sizes every instance)"
+            )
     if args.gpus < 1:
         raise UserInputError(
             f"--gpus must be >= 1: there are no devices to deploy on ({args.gpus})"
@@ -234,19 +255,23 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
-    from afdserve.planner import RooflineSetup, load_hardware, load_model, load_trace
+    from afdserve.planner import load_trace
     from afdserve.sim.bundle import bundle_config, plot_bundle, simulate_bundle
-    from afdserve.sim.costs import SimCosts, roofline_sim_costs
+    from afdserve.sim.costs import SimCosts
 
     if args.ratio < 1 or args.batch < 1:
         raise UserInputError("--ratio and --batch must be >= 1")
     M = args.microbatches[0] if len(args.microbatches) == 1 else 1
     ep_summary = None
+    assumed: dict[str, Any] = {}
     if args.profile:
         if args.model or args.hardware:
             raise UserInputError("give stage costs one way: --profile, or --model with --hardware")
         for flag, default in (
-            ("ffn_devices", 1),
+            ("attention_devices", None),
+            ("ffn_devices", None),
+            ("kv_dtype", None),
+            ("link", None),
             ("expert_imbalance", 1.0),
             ("redundant_experts", 0),
         ):
@@ -256,21 +281,7 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
                 )
         costs = SimCosts.from_profile(args.profile)
     elif args.model and args.hardware:
-        from afdserve.planner.deployment import expert_parallel_summary
-        from afdserve.planner.roofline import roofline_costs
-
-        if args.ffn_devices < 1:
-            raise UserInputError(f"--ffn-devices must be >= 1, got {args.ffn_devices}")
-        hw = load_hardware(args.hardware)
-        spec = load_model(args.model)
-        setup = RooflineSetup(
-            batch=args.batch,
-            ffn_devices=args.ffn_devices,
-            expert_imbalance=args.expert_imbalance,
-            redundant_experts=args.redundant_experts,
-        )
-        costs = roofline_sim_costs(spec, hw, hw, setup)
-        ep_summary = expert_parallel_summary(spec, setup, roofline_costs(spec, hw, hw, setup))
+        costs, ep_summary, assumed = _bundle_costs(args)
     else:
         raise UserInputError("--ratio needs stage costs: --profile FILE, or --model and --hardware")
     trace = load_trace(args.workload)
@@ -297,10 +308,15 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
     )
     if args.plot:
         plot_bundle(sim, Path(args.plot), slo=slo, seed=args.seed)
+    if len(args.microbatches) != 1:
+        assumed["microbatches"] = f"{M} (give one --microbatches M)"
+    for key, what in assumed.items():
+        print(f"assumed: {key} = {what}", file=sys.stderr)
     if args.json:
         out = sim.report.to_dict()
         if ep_summary is not None:
             out["expert_parallel"] = ep_summary
+        out["assumed"] = assumed
         print(json.dumps(out, indent=2, default=json_default))
     else:
         if ep_summary is not None:
@@ -309,6 +325,76 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
             print(render_expert_parallel(ep_summary))
         print(render_report(sim.report))
     return 0
+
+
+def _bundle_costs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """Roofline costs of the one bundle `--ratio` simulates, with every choice the flags left
+    open made visibly: devices per side (sized by memory when not given), KV dtype, link. The
+    bundle must fit: attention weights + the KV of B slots at the trace's theta on each
+    attention instance, every FFN weight + the activations of r*B tokens on the FFN instance.
+    Returns (costs, expert-parallel summary, what was assumed)."""
+    from afdserve.planner import RooflineSetup, load_hardware, load_model, load_trace
+    from afdserve.planner.deployment import expert_parallel_summary, roofline_deployment
+    from afdserve.planner.feasibility import memory_report
+    from afdserve.planner.stats import stats_from_trace
+    from afdserve.sim.costs import roofline_sim_costs
+
+    for flag in ("attention_devices", "ffn_devices"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise UserInputError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    hw = load_hardware(args.hardware)
+    spec = load_model(args.model)
+    theta = stats_from_trace(load_trace(args.workload)).theta
+    assumed: dict[str, Any] = {}
+    kv = args.kv_dtype or "bf16"
+    if args.kv_dtype is None:
+        assumed["kv_dtype"] = "bf16 (give --kv-dtype)"
+    base = RooflineSetup(
+        batch=args.batch,
+        kv_dtype=kv,
+        expert_imbalance=args.expert_imbalance,
+        redundant_experts=args.redundant_experts,
+    )
+    dep = roofline_deployment(
+        spec,
+        hw,
+        hw,
+        base,
+        theta,
+        attention_devices=args.attention_devices,
+        ffn_devices=args.ffn_devices,
+    )
+    g_a, g_f = dep.setup.attention_devices, dep.setup.ffn_devices
+    if args.attention_devices is None:
+        assumed["attention_devices"] = (
+            f"{g_a} per instance (sized by memory; give --attention-devices)"
+        )
+    if args.ffn_devices is None:
+        assumed["ffn_devices"] = f"{g_f} (sized by memory; give --ffn-devices)"
+    devices = args.ratio * g_a + g_f
+    link = args.link or hw.link_for(devices)
+    if args.link is None:
+        assumed["link"] = (
+            f"{link} ({devices} devices, scale-up domain {hw.scale_up_domain or 'unknown'}; "
+            "give --link)"
+        )
+    setup = dataclasses.replace(dep.setup, link=link)
+    mem = memory_report(dep.memory, args.batch, theta, args.ratio)
+    if not (mem.attention_ok and mem.ffn_ok):
+        side = "attention instance" if not mem.attention_ok else "FFN instance"
+        need = mem.attention_bytes if not mem.attention_ok else mem.ffn_bytes
+        cap = mem.attention_capacity_bytes if not mem.attention_ok else mem.ffn_capacity_bytes
+        raise UserInputError(
+            f"the {side} does not fit: it needs {need / 1e9:.1f} GB of {cap / 1e9:.1f} GB usable "
+            f"({g_a} attention / {g_f} FFN device(s) of {hw.name}, B = {args.batch} at theta = "
+            f"{theta:.0f}, KV {kv}); give more devices or a smaller --batch"
+        )
+    costs = roofline_sim_costs(spec, hw, hw, setup)
+    from afdserve.planner.roofline import roofline_costs
+
+    ep = expert_parallel_summary(spec, setup, roofline_costs(spec, hw, hw, setup))
+    return costs, ep, assumed
 
 
 # ---- profile ----------------------------------------------------------------------------------
