@@ -24,16 +24,16 @@ def render_search(result: SearchResult) -> str:
         f"SLO TTFT <= {result.slo.ttft_ms} ms, TPOT <= {result.slo.tpot_ms} ms for "
         f"{result.space.attainment:.0%} of requests ({len(result.screened)} candidates screened)",
         "",
-        f"{'family':<11} {'devices':>7} {'goodput tok/s':>13} {'per device':>10} "
+        f"{'family':<12} {'devices':>7} {'goodput tok/s':>13} {'per device':>10} "
         f"{'tok/s/user':>10} {'TTFT p90':>9} {'TPOT p90':>9} {'attain':>6}  configuration",
     ]
     for fam, c in result.best.items():
         if c is None or c.report is None:
-            lines.append(f"{fam:<11} {'-':>7}  no configuration meets the SLOs")
+            lines.append(f"{fam:<12} {'-':>7}  no configuration meets the SLOs")
             continue
         rep = c.report
         lines.append(
-            f"{fam:<11} {c.devices:>7d} {rep.goodput_tok_s or 0:>13.0f} "
+            f"{fam:<12} {c.devices:>7d} {rep.goodput_tok_s or 0:>13.0f} "
             f"{(rep.goodput_tok_s or 0) / c.devices:>10.0f} {rep.tokens_per_user_s:>10.1f} "
             f"{rep.ttft_ms.p90:>9.1f} {rep.tpot_ms.p90:>9.2f} {rep.slo_attainment or 0:>6.2f}  "
             f"{c.describe()} @ {c.max_rate:.3g} req/s"

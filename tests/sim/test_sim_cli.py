@@ -44,7 +44,12 @@ def test_simulate_command(capsys) -> None:
     lines = out.splitlines()
     assert lines[0].startswith("llama-3.1-8b on 2 x h100, workload azure-conv: SLO TTFT <= 3000")
     assert lines[2].split()[0] == "family"
-    assert [line.split()[0] for line in lines[3:6]] == ["afd", "aggregated", "pd-split"]
+    assert [line.split()[0] for line in lines[3:7]] == [
+        "afd",
+        "afd+prefill",
+        "aggregated",
+        "pd-split",
+    ]
 
 
 @needs_traces
