@@ -80,6 +80,11 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="catalog model name or HF config.json / directory")
     p.add_argument("--hardware", help="catalog hardware name (every device)")
+    p.add_argument(
+        "--weight-dtype",
+        choices=("bf16", "fp16", "fp8", "fp32"),
+        help="weights' dtype (default: the checkpoint's, from the catalog or config.json)",
+    )
     p.add_argument("--profile", metavar="FILE", help="measured profile JSON (with --ratio)")
     p.add_argument("--gpus", type=int, help="devices to deploy on (search)")
     p.add_argument(
@@ -239,6 +244,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             progress=tick,
             expert_imbalance=args.expert_imbalance,
             redundant_experts=args.redundant_experts,
+            weight_dtype=args.weight_dtype,
         )
     finally:
         for b in bars.values():
@@ -344,7 +350,7 @@ def _bundle_costs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         if v is not None and v < 1:
             raise UserInputError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
     hw = load_hardware(args.hardware)
-    spec = load_model(args.model)
+    spec = load_model(args.model, args.weight_dtype)
     theta = stats_from_trace(load_trace(args.workload)).theta
     assumed: dict[str, Any] = {}
     kv = args.kv_dtype or "bf16"

@@ -181,6 +181,7 @@ def search(
     progress: Callable[[str, int], Any] | None = None,
     expert_imbalance: float = 1.0,
     redundant_experts: int = 0,
+    weight_dtype: str | None = None,
 ) -> SearchResult:
     """`expert_imbalance` and `redundant_experts` (MoE models): the roofline's expert-parallel
     inputs (`RooflineSetup`) for every instance that holds experts; instances whose devices
@@ -194,7 +195,7 @@ def search(
         )
     if slo.ttft_ms is None and slo.tpot_ms is None:
         raise UserInputError("give at least one SLO (--ttft-slo-ms, --tpot-slo-ms)")
-    spec = load_model(model)
+    spec = load_model(model, weight_dtype)
     hw = load_hardware(hardware)
     trace = load_trace(workload)
     stats = stats_from_trace(trace)
