@@ -99,7 +99,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
         choices=("bf16", "fp16", "fp8", "fp32"),
         help="weight dtype (default: the checkpoint's)",
     )
-    m.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8", "fp32"), default="bf16")
+    m.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8", "int8", "fp32"), default="bf16")
     m.add_argument(
         "--link",
         choices=("scale-out", "scale-up"),

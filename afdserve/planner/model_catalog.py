@@ -28,6 +28,7 @@ DTYPE_BYTES: Mapping[str, float] = {
     "fp16": 2.0,
     "float16": 2.0,
     "fp8": 1.0,
+    "int8": 1.0,
 }
 
 

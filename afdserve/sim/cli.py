@@ -157,7 +157,7 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--kv-dtype",
-        choices=("bf16", "fp16", "fp8", "fp32"),
+        choices=("bf16", "fp16", "fp8", "int8", "fp32"),
         help="with --ratio and --model: KV-cache dtype (default bf16; printed)",
     )
     p.add_argument(
@@ -165,6 +165,13 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
         choices=("scale-up", "scale-out"),
         help="with --ratio and --model: the A<->F link (default: scale-up when the bundle fits "
         "in one scale-up domain of the hardware, else scale-out; printed)",
+    )
+    p.add_argument(
+        "--prefix-hit-rate",
+        metavar="H|trace",
+        help="prompt tokens a prefix cache already holds: a share H in [0, 1) of every prompt, "
+        "or 'trace' to read them from the trace's hash_ids (Mooncake); prefill computes only "
+        "the rest (default: none cached)",
     )
     add_expert_parallel_flags(p)
     p.add_argument("--seed", type=int, default=0)
@@ -245,6 +252,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             expert_imbalance=args.expert_imbalance,
             redundant_experts=args.redundant_experts,
             weight_dtype=args.weight_dtype,
+            prefix_hit_rate=args.prefix_hit_rate,
         )
     finally:
         for b in bars.values():
@@ -299,6 +307,21 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
             )
         if args.arrivals != "trace" and args.rate is None:
             raise UserInputError(f"--arrivals {args.arrivals} needs --rate (requests/s)")
+    from afdserve.planner.prefix import hit_rate
+    from afdserve.sim.search import trace_cached
+
+    cached = trace_cached(trace, args.prefix_hit_rate)
+    if cached is not None:
+        if args.closed_loop:
+            raise UserInputError(
+                "--prefix-hit-rate goes with open-loop runs (a closed loop has no prefill)"
+            )
+        prefix = hit_rate(cached, trace.prompt_len)
+        print(
+            f"prefix cache: {prefix:.3f} of the trace's prompt tokens cached "
+            f"({args.prefix_hit_rate}); prefill computes the rest",
+            file=sys.stderr,
+        )
     sim = simulate_bundle(
         costs,
         trace,
@@ -311,6 +334,7 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
         seed=args.seed,
         slo=slo,
         engine=args.engine,
+        cached=cached,
     )
     if args.plot:
         plot_bundle(sim, Path(args.plot), slo=slo, seed=args.seed)
@@ -323,6 +347,8 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
         if ep_summary is not None:
             out["expert_parallel"] = ep_summary
         out["assumed"] = assumed
+        if cached is not None:
+            out["prefix_hit_rate"] = prefix
         print(json.dumps(out, indent=2, default=json_default))
     else:
         if ep_summary is not None:

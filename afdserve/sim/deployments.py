@@ -49,6 +49,8 @@ def run_unit(
     if engine not in ENGINES:
         raise UserInputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "reference":
+        if requests.cached_len is not None and requests.cached_len.any():
+            raise UserInputError("the reference engine runs without a prefix cache")
         if closed_loop or max_steps is not None or timeline_steps:
             raise UserInputError(
                 "the reference engine runs open-loop requests to completion: no closed loop, "
@@ -159,7 +161,13 @@ def run_pd_split(
         token_budget=token_budget,
     )
     ones = np.ones(N, dtype=np.int64)
-    prefill_reqs = RequestSet(requests.prompt_len, ones, requests.arrival_s, name=requests.name)
+    prefill_reqs = RequestSet(
+        requests.prompt_len,
+        ones,
+        requests.arrival_s,
+        name=requests.name,
+        cached_len=requests.cached_len,
+    )
     idx = np.arange(N)
     first = np.full(N, np.nan)
     pre_runs: list[tuple[np.ndarray, SimRun]] = []

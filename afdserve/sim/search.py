@@ -182,6 +182,7 @@ def search(
     expert_imbalance: float = 1.0,
     redundant_experts: int = 0,
     weight_dtype: str | None = None,
+    prefix_hit_rate: str | float | None = None,
 ) -> SearchResult:
     """`expert_imbalance` and `redundant_experts` (MoE models): the roofline's expert-parallel
     inputs (`RooflineSetup`) for every instance that holds experts; instances whose devices
@@ -199,7 +200,8 @@ def search(
     hw = load_hardware(hardware)
     trace = load_trace(workload)
     stats = stats_from_trace(trace)
-    reqs_all = from_trace(trace, limit=requests, arrivals="offline")
+    cached = trace_cached(trace, prefix_hit_rate)
+    reqs_all = from_trace(trace, limit=requests, arrivals="offline", cached=cached)
     tick = progress or (lambda _s, _n: None)
     notes: list[str] = []
     check_expert_imbalance(expert_imbalance)
@@ -246,7 +248,7 @@ def search(
             reverse=True,
         )[: space.finalists]
         for c in pool:
-            _max_rate(c, trace, requests, slo, space, seed, tick)
+            _max_rate(c, trace, requests, slo, space, seed, tick, cached)
             finalists.append(c)
         ok = [c for c in pool if c.max_rate is not None and c.report is not None]
         best[fam] = (
@@ -452,9 +454,7 @@ def _screen(
         if c.family == "afd":
             c.capacity_tok_s = rep.throughput_tok_s * p["bundles"]
             return
-        prompt = float(np.mean(reqs.prompt_len))
-        pre_ms = _prefill_chunk_ms(c.costs, space.token_budget, prompt)
-        prefill_req_s = space.token_budget / prompt / (pre_ms / 1e3)
+        prefill_req_s = _prefill_req_s(c.costs, space.token_budget, reqs)
         req_s = min(
             p["bundles"] * rep.throughput_tok_s / mean_d, p["prefill_instances"] * prefill_req_s
         )
@@ -463,10 +463,8 @@ def _screen(
     dec_cfg = BundleConfig(slots=p["batch"], pipeline="colocated", prefill="none")
     rep = _closed(c.costs, dec_cfg, reqs, steps, seed, mean_d)
     decode_tok_s = rep.throughput_tok_s
-    # prefill capacity of one instance: full token-budget chunks, tokens/s
-    prompt = float(np.mean(reqs.prompt_len))
-    pre_ms = _prefill_chunk_ms(c.costs, space.token_budget, prompt)
-    prefill_req_s = space.token_budget / prompt / (pre_ms / 1e3)
+    # prefill capacity of one instance: full token-budget chunks, requests/s
+    prefill_req_s = _prefill_req_s(c.costs, space.token_budget, reqs)
     if c.family == "aggregated":
         # an instance shares its time between decode and prefill of what it decodes
         dec_req_s = decode_tok_s / mean_d
@@ -478,6 +476,37 @@ def _screen(
         )
         c.capacity_tok_s = req_s * mean_d
     c.saturated_tpot_p90_ms = rep.tpot_ms.p90 if rep.tpot_ms.count else rep.mean_step_ms
+
+
+def trace_cached(trace, prefix_hit_rate: str | float | None) -> np.ndarray | None:
+    """Per trace request, the prompt tokens a prefix cache holds: from its hash ids
+    (`"trace"`), a given share of every prompt, or None."""
+    from afdserve.planner.prefix import cached_from_hash_ids, cached_from_rate
+
+    if prefix_hit_rate is None:
+        return None
+    if prefix_hit_rate == "trace":
+        if trace.path is None:
+            raise UserInputError("--prefix-hit-rate trace needs a trace file with hash_ids")
+        return cached_from_hash_ids(trace.path)
+    try:
+        h = float(prefix_hit_rate)
+    except (TypeError, ValueError):
+        raise UserInputError(
+            f"prefix hit rate must be a number in [0, 1) or 'trace', got {prefix_hit_rate!r}"
+        ) from None
+    return cached_from_rate(trace.prompt_len, h)
+
+
+def _prefill_req_s(costs: SimCosts, budget: int, reqs: RequestSet) -> float:
+    """Requests/s one colocated instance prefills at full token-budget chunks: each request
+    computes its uncached prompt tokens (all of them without a prefix cache)."""
+    prompt = float(np.mean(reqs.prompt_len))
+    new = prompt
+    if reqs.cached_len is not None:
+        new = max(1.0, float(np.mean(reqs.prompt_len - reqs.cached_len)))
+    pre_ms = _prefill_chunk_ms(costs, budget, prompt)
+    return budget / new / (pre_ms / 1e3)
 
 
 def _prefill_chunk_ms(costs: SimCosts, budget: int, prompt: float) -> float:
@@ -564,7 +593,14 @@ def _deploy(c: Candidate, reqs: RequestSet, slo: SLO, space: SearchSpace):
 
 
 def _max_rate(
-    c: Candidate, trace, requests: int, slo: SLO, space: SearchSpace, seed: int, tick
+    c: Candidate,
+    trace,
+    requests: int,
+    slo: SLO,
+    space: SearchSpace,
+    seed: int,
+    tick,
+    cached: np.ndarray | None = None,
 ) -> None:
     """Bisection on the request rate for the highest one whose attainment meets the target."""
     mean_d = float(np.mean(np.maximum(trace.output_len[:requests], 1)))
@@ -572,7 +608,9 @@ def _max_rate(
     arrivals = "trace" if trace.arrival_s is not None else "poisson"
 
     def attempt(rate: float):
-        reqs = from_trace(trace, limit=requests, arrivals=arrivals, rate=rate, seed=seed)
+        reqs = from_trace(
+            trace, limit=requests, arrivals=arrivals, rate=rate, seed=seed, cached=cached
+        )
         tick("simulate", 1)
         return _deploy(c, reqs, slo, space)
 
