@@ -110,6 +110,14 @@ class RooflineSetup:
         check_ep(self.expert_imbalance, self.redundant_experts)
 
 
+def busiest_side(ratio: int, attention_devices: int, ffn_devices: int) -> str:
+    """Which link the communication term is charged on (`comm_scales_with`): 'rB' when the FFN
+    instance's devices receive more tokens each (r * B over gF) than an attention instance's
+    devices send (B over gA), else 'B'. A token's dispatch fans out to the same number of FFN
+    devices either way, so the per-device token count decides which side's links are busier."""
+    return "rB" if ratio * attention_devices > ffn_devices else "B"
+
+
 @dataclass(frozen=True)
 class RooflineDerivation:
     """The coefficients and every intermediate quantity, for reports and docs."""

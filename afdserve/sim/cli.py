@@ -411,7 +411,14 @@ def _bundle_costs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
             f"{link} ({devices} devices, scale-up domain {hw.scale_up_domain or 'unknown'}; "
             "give --link)"
         )
-    setup = dataclasses.replace(dep.setup, link=link)
+    from afdserve.planner.roofline import busiest_side
+
+    side = busiest_side(args.ratio, g_a, g_f)
+    assumed["comm_scales_with"] = (
+        f"{side} (the busier side's links: B per attention instance over {g_a} device(s), or "
+        f"r*B over the FFN's {g_f})"
+    )
+    setup = dataclasses.replace(dep.setup, link=link, comm_scales_with=side)
     mem = memory_report(dep.memory, args.batch, theta, args.ratio)
     if not (mem.attention_ok and mem.ffn_ok):
         side = "attention instance" if not mem.attention_ok else "FFN instance"

@@ -42,7 +42,13 @@ from afdserve.planner.costs import StageCosts
 from afdserve.planner.hardware_catalog import Hardware, load_hardware
 from afdserve.planner.model_catalog import ModelSpec, load_model
 from afdserve.planner.ratio import stage_times as plan_stage_times
-from afdserve.planner.roofline import Efficiency, RooflineSetup, memory_model, roofline_costs
+from afdserve.planner.roofline import (
+    Efficiency,
+    RooflineSetup,
+    busiest_side,
+    memory_model,
+    roofline_costs,
+)
 from afdserve.sim.costs import SimCosts
 from afdserve.sim.pipeline import decode_load, stage_times, step_timing
 
@@ -123,12 +129,6 @@ class Bundle:
 
     def tps_per_gpu(self, step_ms: float) -> float:
         return self.ratio * self.batch / (step_ms / 1e3) / self.devices
-
-
-def busiest_side(ratio: int, attention_devices: int, ffn_devices: int) -> str:
-    """'rB' when the FFN's devices receive more tokens each (r * B over gF) than an attention
-    worker's devices send (B over gA), else 'B': the link the communication term is charged on."""
-    return "rB" if ratio * attention_devices > ffn_devices else "B"
 
 
 @dataclass(frozen=True)

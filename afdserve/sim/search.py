@@ -277,7 +277,7 @@ def _candidates(
 ) -> list[Candidate]:
     from afdserve.planner import RooflineSetup
     from afdserve.planner.expert_parallel import redundant_slots_fit
-    from afdserve.planner.roofline import DEVICE_COUNTS, memory_model
+    from afdserve.planner.roofline import DEVICE_COUNTS, busiest_side, memory_model
 
     ep = ep or {}
     mem = memory_model(spec, hw, hw, RooflineSetup(batch=1, **ep))
@@ -307,16 +307,29 @@ def _candidates(
         afd_cfgs: list[tuple[int, int, int, int, SimCosts, int]] = []
         for gF in fit(f_fixed + space.ratios[-1] * B * mem.ffn_bytes_per_token, 0.0, True):
             for gA in ga_opts:
-                costs = roofline_sim_costs(
-                    spec,
-                    hw,
-                    hw,
-                    RooflineSetup(batch=B, attention_devices=gA, ffn_devices=gF, **ep),
-                )
+                # the communication term on the busier side's links (B or r*B per device), the
+                # link itself from the bundle's size against the hardware's scale-up domain
+                by_side: dict[tuple[str, str], SimCosts] = {}
                 for r in space.ratios:
                     bundle = r * gA + gF
                     if bundle > N:
                         break
+                    key = (busiest_side(r, gA, gF), hw.link_for(bundle))
+                    if key not in by_side:
+                        by_side[key] = roofline_sim_costs(
+                            spec,
+                            hw,
+                            hw,
+                            RooflineSetup(
+                                batch=B,
+                                attention_devices=gA,
+                                ffn_devices=gF,
+                                comm_scales_with=key[0],
+                                link=key[1],
+                                **ep,
+                            ),
+                        )
+                    costs = by_side[key]
                     for M in space.microbatches:
                         if M > B:
                             continue

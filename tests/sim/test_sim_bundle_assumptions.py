@@ -22,7 +22,13 @@ def test_open_choices_are_printed_and_in_the_json(capsys) -> None:
     assert main([*ONE, "--microbatches", "3", "--json"]) == 0
     captured = capsys.readouterr()
     d = json.loads(captured.out)
-    assert set(d["assumed"]) == {"kv_dtype", "attention_devices", "ffn_devices", "link"}
+    assert set(d["assumed"]) == {
+        "kv_dtype",
+        "attention_devices",
+        "ffn_devices",
+        "link",
+        "comm_scales_with",
+    }
     for key in d["assumed"]:
         assert f"assumed: {key} = " in captured.err
     # the FFN is sized by memory: Step-3's experts need more than one 80 GB device
@@ -35,8 +41,9 @@ def test_explicit_choices_leave_nothing_assumed(capsys) -> None:
     argv += ["--kv-dtype", "fp8", "--link", "scale-out", "--json"]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["assumed"] == {}
-    assert "assumed:" not in captured.err
+    # only the derived communication side is left to say (no flag chooses it)
+    assert set(json.loads(captured.out)["assumed"]) == {"comm_scales_with"}
+    assert captured.err.count("assumed:") == 1
 
 
 @needs_traces

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from afdserve.cli import main
-from afdserve.planner.roofline import Efficiency
-from afdserve.sim.published import busiest_side, load_data, validate_published
+from afdserve.planner.roofline import Efficiency, busiest_side
+from afdserve.sim.published import load_data, validate_published
 
 
 def test_fastafd_points_are_self_consistent() -> None:
