@@ -99,7 +99,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
         choices=("bf16", "fp16", "fp8", "fp32"),
         help="weight dtype (default: the checkpoint's)",
     )
-    m.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8", "fp32"), default="bf16")
+    m.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8", "int8", "fp32"), default="bf16")
     m.add_argument(
         "--link",
         choices=("scale-out", "scale-up"),
@@ -108,7 +108,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--link-gbps", type=float, help="override: link Gbit/s per device per direction")
     m.add_argument("--flops-eff", type=float, default=0.6, help="fraction of peak FLOP/s (0.6)")
-    m.add_argument("--bw-eff", type=float, default=0.8, help="fraction of memory bandwidth (0.8)")
+    m.add_argument("--bw-eff", type=float, default=0.9, help="fraction of memory bandwidth (0.9)")
     m.add_argument("--link-eff", type=float, default=0.8, help="fraction of link bandwidth (0.8)")
     m.add_argument("--link-latency-ms", type=float, default=0.01, help="beta_C, ms (0.01)")
     m.add_argument(
@@ -132,6 +132,13 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attention-price", type=float, help="$/h of one attention instance")
     p.add_argument("--ffn-price", type=float, help="$/h of one FFN instance")
     p.add_argument("--r-max", type=int, help="largest r in the table")
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        help="time every r as M ping-pong microbatches, each paying the fixed costs (the FFN's "
+        "weight read once per microbatch, as `afdserve simulate` does); default with --model: "
+        "2, the fewest that overlap; without --model: the ideal model (fixed costs once a layer)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="plot throughput and idle fractions vs r")
     p.set_defaults(func=run_plan)
@@ -179,6 +186,11 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         costs = _profile_costs(args) if args.profile else _explicit_costs(args)
         weights = _explicit_weights(args)
+    microbatches = args.microbatches
+    if microbatches is not None and microbatches < 1:
+        raise UserInputError(f"--microbatches must be >= 1, got {microbatches}")
+    if microbatches is None and args.model:
+        microbatches = 2
     result = plan(
         costs,
         args.batch,
@@ -187,6 +199,7 @@ def run_plan(args: argparse.Namespace) -> int:
         tpot_slo_ms=args.tpot_slo_ms,
         memory=memory,
         r_max=args.r_max,
+        microbatches=microbatches,
     )
     if args.plot:
         from afdserve.planner.plot import plot_plan
@@ -240,7 +253,7 @@ _MODEL_DEFAULTS = {
     "kv_dtype": "bf16",
     "link": "scale-out",
     "flops_eff": 0.6,
-    "bw_eff": 0.8,
+    "bw_eff": 0.9,
     "link_eff": 0.8,
     "link_latency_ms": 0.01,
     "usable_memory": 0.9,

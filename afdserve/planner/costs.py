@@ -21,6 +21,7 @@ roofline derivation from a model and hardware (`afdserve.planner.roofline.roofli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -128,6 +129,25 @@ class StageCosts:
 
     def t_comm_for(self, batch: float, r: float) -> float:
         return self.t_comm(self.comm_tokens(batch, r))
+
+    def per_layer_loads(self, microbatches: int) -> StageCosts:
+        """The coefficients of one layer's total load when it runs as M microbatches.
+
+        Each microbatch pays every fixed cost again: the FFN streams its weights once per
+        microbatch (beta_F), attention its projection weights (beta_A), each transfer its
+        latency (beta_C). Summed over M microbatches of B/M slots a stage's load is
+        alpha * x + M * beta, i.e. these coefficients with every beta times M. This is what the
+        simulator and aiconfigurator charge; the planner's old cycle charged one beta per layer.
+        """
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+            raise UserInputError(f"microbatches must be an integer >= 1, got {microbatches!r}")
+        m = microbatches
+        return dataclasses.replace(
+            self,
+            attention=Affine(self.attention.alpha, m * self.attention.beta),
+            ffn=Affine(self.ffn.alpha, m * self.ffn.beta),
+            comm=Affine(self.comm.alpha, m * self.comm.beta),
+        )
 
     # ---- constructors ----------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ class Hardware:
     """$ per device-hour where one is published (see source), else None."""
     source: str
     approximate: bool = False
+    scale_up_domain: int | None = None
+    """Devices one scale-up fabric joins (an HGX board: 8; a GB200 NVL72 rack: 72), so that a
+    deployment knows which of its transfers can use `scale_up_bw` (`link_for`); None: unknown."""
 
     def __post_init__(self) -> None:
         for name in ("bf16_flops", "memory_bytes", "memory_bw"):
@@ -51,6 +54,13 @@ class Hardware:
         if dtype == "fp8" and self.fp8_flops is not None:
             return self.fp8_flops
         return self.bf16_flops
+
+    def link_for(self, devices: int) -> str:
+        """'scale-up' when `devices` fit in one scale-up domain, else 'scale-out': the link an
+        A<->F transfer of a deployment spanning that many devices crosses (its busiest hop)."""
+        if self.scale_up_domain is not None and devices <= self.scale_up_domain:
+            return "scale-up"
+        return "scale-out"
 
     def link_bw(self, link: str) -> float | None:
         if link == "scale-up":
@@ -79,6 +89,7 @@ def hardware_catalog() -> dict[str, Hardware]:
                 "are with sparsity); NVLink 4 900 GB/s total; DGX H100: one 400 Gb/s "
                 "ConnectX-7 per GPU"
             ),
+            scale_up_domain=8,
         ),
         Hardware(
             name="h200",
@@ -94,6 +105,7 @@ def hardware_catalog() -> dict[str, Hardware]:
                 "NVIDIA H200 Tensor Core GPU datasheet (SXM; sparse figures halved); NVLink "
                 "900 GB/s total; 400 Gb/s NIC per GPU as in HGX H200 reference designs"
             ),
+            scale_up_domain=8,
         ),
         Hardware(
             name="h800",
@@ -112,6 +124,7 @@ def hardware_catalog() -> dict[str, Hardware]:
                 "(arXiv 2412.19437)"
             ),
             approximate=True,
+            scale_up_domain=8,
         ),
         Hardware(
             name="h20",
@@ -144,6 +157,7 @@ def hardware_catalog() -> dict[str, Hardware]:
                 "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM; 624 TFLOPS bf16 is with "
                 "sparsity; no FP8); NVLink 3 600 GB/s total; DGX A100: one 200 Gb/s HDR NIC per GPU"
             ),
+            scale_up_domain=8,
         ),
         Hardware(
             name="b200",
@@ -161,6 +175,7 @@ def hardware_catalog() -> dict[str, Hardware]:
                 "DGX B200: 400 Gb/s ConnectX-7 per GPU"
             ),
             approximate=True,
+            scale_up_domain=8,
         ),
         Hardware(
             name="mi300x",
@@ -209,11 +224,34 @@ def hardware_catalog() -> dict[str, Hardware]:
             ),
             approximate=True,
         ),
+        Hardware(
+            name="gb200",
+            description="NVIDIA GB200 NVL72: one Blackwell GPU of a 72-GPU NVLink rack (18 "
+            "compute trays of 4 GPUs)",
+            bf16_flops=2500 * TFLOPS,
+            fp8_flops=5000 * TFLOPS,
+            memory_bytes=186 * GB,
+            memory_bw=8.0 * TB,
+            scale_up_bw=900 * GB,
+            scale_out_bw=nic400,
+            price_per_hour=None,
+            source=(
+                "NVIDIA GB200 NVL72 specifications, per rack of 72 GPUs: FP8 720 PFLOPS and "
+                "FP16/BF16 360 PFLOPS with sparsity (dense: half, i.e. 5 and 2.5 PFLOPS per GPU), "
+                "13.4 TB HBM3e at 576 TB/s (186 GB, 8 TB/s per GPU), fifth-generation NVLink "
+                "130 TB/s (1.8 TB/s per GPU, 900 GB/s each way) joining all 72 GPUs through "
+                "NVLink switch trays, so a compute tray (4 GPUs) and the rack share one scale-up "
+                "bandwidth; one 400 Gb/s ConnectX-7 per GPU for scale-out"
+            ),
+            approximate=True,
+            scale_up_domain=72,
+        ),
     )
     return {e.name: e for e in entries}
 
 
 _ALIASES: Mapping[str, str] = {
+    "gb200-nvl72": "gb200",
     "h100-sxm": "h100",
     "h100-sxm5": "h100",
     "h200-sxm": "h200",

@@ -28,6 +28,7 @@ DTYPE_BYTES: Mapping[str, float] = {
     "fp16": 2.0,
     "float16": 2.0,
     "fp8": 1.0,
+    "int8": 1.0,
 }
 
 
@@ -121,6 +122,16 @@ class ModelSpec:
             kv_elems = kv_rank + rope
             # weight-absorbed decode: scores over (latent + rope key), weighted sum over latent
             attn_flops = 2 * n_heads * (kv_rank + rope) + 2 * n_heads * kv_rank
+        elif cfg.get("share_q_dim"):  # Step-3's multi-matrix factorization attention (MFA)
+            # q: hidden -> share_q_dim (low rank) -> heads x head_dim; one shared K and V head
+            # per attention group (num_attention_groups, 1 in Step-3), so KV is 2 x head_dim
+            head_dim = int(need("head_dim"))
+            q_rank = int(need("share_q_dim"))
+            groups = int(cfg.get("num_attention_groups") or 1)
+            q_size, kv_size = n_heads * head_dim, groups * head_dim
+            attention_params = h * q_rank + q_rank * q_size + 2 * h * kv_size + q_size * h
+            kv_elems = 2 * kv_size
+            attn_flops = 4 * q_size
         else:
             head_dim = int(cfg.get("head_dim") or h // n_heads)
             q_size, kv_size = n_heads * head_dim, n_kv * head_dim
@@ -132,9 +143,10 @@ class ModelSpec:
             cfg.get("num_experts")
             or cfg.get("num_local_experts")
             or cfg.get("n_routed_experts")
+            or cfg.get("moe_num_experts")  # Step-3
             or 0
         )
-        top_k = int(cfg.get("num_experts_per_tok") or 0)
+        top_k = int(cfg.get("num_experts_per_tok") or cfg.get("moe_top_k") or 0)
         dense_inter = int(cfg.get("intermediate_size") or 0)
         if num_experts:
             if not 1 <= top_k <= num_experts:
@@ -144,8 +156,10 @@ class ModelSpec:
             expert_inter = int(cfg.get("moe_intermediate_size") or dense_inter)
             if expert_inter <= 0:
                 raise UserInputError(f"model {name}: MoE config has no moe_intermediate_size")
-            shared_inter = int(cfg.get("n_shared_experts") or 0) * expert_inter + int(
-                cfg.get("shared_expert_intermediate_size") or 0
+            shared_inter = (
+                int(cfg.get("n_shared_experts") or 0) * expert_inter
+                + int(cfg.get("shared_expert_intermediate_size") or 0)
+                + int(cfg.get("share_expert_dim") or 0)  # Step-3: one shared expert
             )
             moe_routed = 3 * h * num_experts * expert_inter
             moe_total = 3 * h * (num_experts * expert_inter + shared_inter) + h * num_experts
@@ -185,6 +199,8 @@ class ModelSpec:
 
 
 def _is_moe_layer(cfg: Mapping[str, Any], i: int) -> bool:
+    if cfg.get("moe_layers_enum") is not None:  # Step-3: the MoE layers listed by index
+        return i in {int(x) for x in cfg["moe_layers_enum"]}
     if "first_k_dense_replace" in cfg:  # DeepSeek: dense FFN in the first k layers
         freq = int(cfg.get("moe_layer_freq") or 1)
         return i >= int(cfg["first_k_dense_replace"]) and i % freq == 0
@@ -328,6 +344,33 @@ def model_catalog() -> dict[str, CatalogModel]:
             },
             weight_dtype="fp8",
         ),
+        CatalogModel(
+            name="step3",
+            source=(
+                "stepfun-ai/step3 text_config (Hugging Face hub; the same values are the "
+                "defaults of vLLM's Step3TextConfig, vllm/transformers_utils/configs/step3_vl.py) "
+                "and the model card's table (61 layers, 5 dense, hidden 7168, MFA with low-rank "
+                "query 2048, 64 query heads of 256, 48 experts, top-3, 1 shared expert; 316B LLM "
+                "parameters, 38B active); Step-3 report arXiv 2507.19427. Checkpoints are bf16 "
+                "and block-FP8 (stepfun-ai/step3-fp8); the vision encoder is not counted"
+            ),
+            config={
+                "num_hidden_layers": 61,
+                "hidden_size": 7168,
+                "intermediate_size": 18432,
+                "num_attention_heads": 64,
+                "num_attention_groups": 1,
+                "share_q_dim": 2048,
+                "head_dim": 256,
+                "moe_intermediate_size": 5120,
+                "moe_num_experts": 48,
+                "moe_top_k": 3,
+                "share_expert_dim": 5120,
+                "moe_layers_enum": list(range(4, 60)),
+                "vocab_size": 128815,
+                "tie_word_embeddings": False,
+            },
+        ),
     )
     return {e.name: e for e in entries}
 
@@ -346,6 +389,8 @@ _ALIASES = {
     "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b",
     "mixtral-8x7b-v0.1": "mixtral-8x7b",
     "deepseek-ai/deepseek-v3": "deepseek-v3",
+    "stepfun-ai/step3": "step3",
+    "step-3": "step3",
 }
 
 

@@ -97,6 +97,9 @@ class PlanResult:
     memory: MemoryReport | None
     table: tuple[RatioRow, ...]
     notes: tuple[str, ...] = ()
+    pipeline_microbatches: int | None = None
+    """M the rows are timed with (each microbatch paying the fixed costs); None: the ideal
+    model (perfect overlap, fixed costs once a layer)."""
 
     @property
     def theta(self) -> float:
@@ -141,6 +144,7 @@ class PlanResult:
                 "r_int": self.r_int,
                 "r_int_barrier": self.r_int_barrier,
                 "microbatches": mb,
+                "pipeline_microbatches": self.pipeline_microbatches,
                 "memory": None if self.memory is None else self.memory.to_dict(),
                 "table": [row.to_dict() for row in self.table],
                 "notes": list(self.notes),
@@ -157,21 +161,37 @@ def plan(
     tpot_slo_ms: float | None = None,
     memory: MemoryModel | None = None,
     r_max: int | None = None,
+    microbatches: int | None = None,
 ) -> PlanResult:
     """Plan the Attention/FFN ratio of an rA-1F bundle with B = `batch` slots per attention
-    instance for a workload with step-weighted context `workload.theta` (and variance sigma2)."""
+    instance for a workload with step-weighted context `workload.theta` (and variance sigma2).
+
+    `microbatches=M` times every row as the simulator does: M ping-pong microbatches, each
+    paying the fixed costs (the FFN's weight read, beta_F, once per microbatch), cycle =
+    max(M t_A, M t_F, M t_C, one microbatch's round trip) (`ratio.stage_times`); the closed form
+    and the barrier use the per-layer loads (every beta times M). `None` keeps the ideal model
+    of the paper (perfect overlap, one weight read per layer), which is optimistic by up to
+    (M - 1) * beta_F a layer."""
     theta = workload.theta
     check_inputs(costs, batch, theta)
+    if microbatches is not None and (
+        isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1
+    ):
+        raise UserInputError(f"microbatches must be an integer >= 1, got {microbatches!r}")
+    loads = costs if microbatches is None else costs.per_layer_loads(microbatches)
     if tpot_slo_ms is not None and not (math.isfinite(tpot_slo_ms) and tpot_slo_ms > 0):
         raise UserInputError(f"TPOT SLO must be > 0 ms, got {tpot_slo_ms!r}")
     if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < 1):
         raise UserInputError(f"r_max must be an integer >= 1, got {r_max!r}")
     L = costs.num_layers
     notes: list[str] = []
-    cf = closed_form(costs, batch, theta, weights)
+    cf = closed_form(loads, batch, theta, weights)
+
+    def times(r: int):
+        return stage_times(costs, batch, theta, r, microbatches)
 
     def score(r: int) -> float:
-        return objective(r, batch, stage_times(costs, batch, theta, r).cycle, L, weights)
+        return objective(r, batch, times(r).cycle, L, weights)
 
     r_int_free = best_integer(cf.r_star, score)
     if r_max is None:
@@ -186,7 +206,7 @@ def plan(
     sigma2 = workload.sigma2
 
     def make_row(r: int, barrier: bool) -> RatioRow:
-        st = stage_times(costs, batch, theta, r)
+        st = times(r)
         tau = st.cycle
         mem_ok = None if memory is None else bool(attention_ok and ffn_fits(memory, batch, r))
         row: dict[str, Any] = dict(
@@ -204,7 +224,7 @@ def plan(
             memory_ok=mem_ok,
         )
         if barrier and sigma2 is not None:
-            e_tau = expected_cycle_time(costs, batch, theta, sigma2, r)
+            e_tau = max(expected_cycle_time(loads, batch, theta, sigma2, r), st.round_trip)
             row.update(
                 expected_cycle_ms=e_tau,
                 throughput_per_instance_barrier=throughput_per_instance(r, batch, e_tau, L),
@@ -260,6 +280,7 @@ def plan(
         memory=None if memory is None else memory_report(memory, batch, theta, r_for_details),
         table=table,
         notes=tuple(notes),
+        pipeline_microbatches=microbatches,
     )
 
 

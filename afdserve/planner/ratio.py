@@ -48,15 +48,19 @@ class CostWeights:
 
 @dataclass(frozen=True)
 class StageTimes:
-    """Per-layer stage times (ms) of one rA-1F cycle."""
+    """Per-layer stage loads (ms) of one rA-1F cycle: what each server does in one layer."""
 
     attention: float
     ffn: float
     comm: float
+    round_trip: float = 0.0
+    """With M microbatches: one microbatch's A -> F -> A lap (t_A + t_C + t_F + t_C); a layer
+    cannot take less, since a microbatch's next layer waits for its last one. 0 in the ideal
+    model (no microbatches given)."""
 
     @property
     def cycle(self) -> float:
-        return max(self.attention, self.ffn, self.comm)
+        return max(self.attention, self.ffn, self.comm, self.round_trip)
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,26 @@ def check_inputs(costs: StageCosts, batch: int, theta: float) -> None:
         raise UserInputError("alpha_F must be > 0: the FFN time has to grow with its batch")
 
 
-def stage_times(costs: StageCosts, batch: int, theta: float, r: float) -> StageTimes:
-    return StageTimes(
-        attention=costs.t_attention(batch * theta),
-        ffn=costs.t_ffn(r * batch),
-        comm=costs.t_comm_for(batch, r),
-    )
+def stage_times(
+    costs: StageCosts, batch: int, theta: float, r: float, microbatches: int | None = None
+) -> StageTimes:
+    """Per-layer loads. `microbatches=None`: the ideal model of the closed form (perfect overlap,
+    each fixed cost paid once a layer). `microbatches=M`: the steady state of the exact ping-pong
+    pipeline the simulator times, M microbatches of B/M slots each paying every fixed cost,
+    with the cycle max(M t_A, M t_F, M t_C, t_A + 2 t_C + t_F) of per-microbatch times (a ring of
+    four servers with M identical jobs in flight; M = 1 is the unpipelined sum)."""
+    if microbatches is None:
+        return StageTimes(
+            attention=costs.t_attention(batch * theta),
+            ffn=costs.t_ffn(r * batch),
+            comm=costs.t_comm_for(batch, r),
+        )
+    m = microbatches
+    slots = batch / m
+    a = costs.t_attention(slots * theta)
+    f = costs.t_ffn(r * slots)
+    c = costs.t_comm_for(slots, r)
+    return StageTimes(attention=m * a, ffn=m * f, comm=m * c, round_trip=a + f + 2 * c)
 
 
 def objective(

@@ -69,6 +69,14 @@ def render_plan(result: PlanResult, extra: dict[str, Any]) -> str:
         f"B = {result.batch}: r_A = {fmt(result.r_a)}, r_C = {fmt(result.r_c)}, "
         f"r_peak = {fmt(result.r_peak)}, r* = {fmt(result.r_star)}"
     )
+    M = result.pipeline_microbatches
+    lines.append(
+        f"cycle: {M} ping-pong microbatch(es) a layer, each paying the fixed costs "
+        "(the FFN's weight read once per microbatch), as `afdserve simulate` times them"
+        if M is not None
+        else "cycle: ideal overlap, fixed costs once a layer (optimistic by (M-1) * beta "
+        "per stage at M microbatches; pass --microbatches M to time the pipeline)"
+    )
     obj = result.weights
     lines.append(
         f"best integer r: {result.r_int if result.r_int is not None else 'none feasible'}"

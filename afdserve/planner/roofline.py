@@ -46,9 +46,12 @@ class Efficiency:
     defaults; override them, or better, measure a profile)."""
 
     flops: float = 0.6
-    """Fraction of peak tensor FLOP/s reached by decode-sized GEMMs (assumed)."""
-    memory_bw: float = 0.8
-    """Fraction of peak memory bandwidth reached when streaming weights and KV (assumed)."""
+    """Fraction of peak tensor FLOP/s reached by decode-sized GEMMs: FlashMLA's compute-bound
+    580 TFLOPS of the H800's 989 dense BF16 (FlashMLA README, first release), i.e. 0.59."""
+    memory_bw: float = 0.9
+    """Fraction of peak memory bandwidth reached when streaming weights and KV: DeepSeek's
+    FlashMLA decode kernel reports up to 3000 GB/s memory-bound on an H800 SXM5 (3.35 TB/s
+    peak), i.e. 0.9 (github.com/deepseek-ai/FlashMLA README). Chosen once for every case."""
     link: float = 0.8
     """Fraction of link bandwidth reached by activation transfers (assumed)."""
     link_latency_ms: float = 0.01
@@ -105,6 +108,14 @@ class RooflineSetup:
         if self.link_bw is not None and not (math.isfinite(self.link_bw) and self.link_bw > 0):
             raise UserInputError(f"link bandwidth must be > 0, got {self.link_bw!r}")
         check_ep(self.expert_imbalance, self.redundant_experts)
+
+
+def busiest_side(ratio: int, attention_devices: int, ffn_devices: int) -> str:
+    """Which link the communication term is charged on (`comm_scales_with`): 'rB' when the FFN
+    instance's devices receive more tokens each (r * B over gF) than an attention instance's
+    devices send (B over gA), else 'B'. A token's dispatch fans out to the same number of FFN
+    devices either way, so the per-device token count decides which side's links are busier."""
+    return "rB" if ratio * attention_devices > ffn_devices else "B"
 
 
 @dataclass(frozen=True)

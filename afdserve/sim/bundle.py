@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from afdserve.planner.workload import Trace
 from afdserve.sim.config import BundleConfig
 from afdserve.sim.costs import SimCosts
@@ -61,6 +63,7 @@ def simulate_bundle(
     seed: int = 0,
     slo: SLO | None = None,
     engine: str = "fast",
+    cached: np.ndarray | None = None,
 ) -> BundleSimulation:
     """Simulate `config` on `trace`'s requests: with `saturated`, a closed loop of lengths drawn
     from the trace (at least 4 per slot, so the loop reaches steady state); otherwise the first
@@ -77,7 +80,9 @@ def simulate_bundle(
             name=trace.name,
         )
     else:
-        reqs = from_trace(trace, limit=requests, arrivals=arrivals, rate=rate, cv=cv, seed=seed)
+        reqs = from_trace(
+            trace, limit=requests, arrivals=arrivals, rate=rate, cv=cv, seed=seed, cached=cached
+        )
     run = run_unit(costs, config, reqs, closed_loop=saturated, engine=engine)
     label = f"{config.attention_workers}A1F M={config.microbatches} B={config.slots}"
     report = summarize([run], label=label, slo=slo)

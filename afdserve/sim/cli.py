@@ -11,6 +11,7 @@ Importing the simulator's package loads numpy; torch loads only inside `profile`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -79,6 +80,11 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="catalog model name or HF config.json / directory")
     p.add_argument("--hardware", help="catalog hardware name (every device)")
+    p.add_argument(
+        "--weight-dtype",
+        choices=("bf16", "fp16", "fp8", "fp32"),
+        help="weights' dtype (default: the checkpoint's, from the catalog or config.json)",
+    )
     p.add_argument("--profile", metavar="FILE", help="measured profile JSON (with --ratio)")
     p.add_argument("--gpus", type=int, help="devices to deploy on (search)")
     p.add_argument(
@@ -138,10 +144,34 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
         "--cv", type=float, default=1.0, help="Gamma inter-arrival coefficient of variation (1)"
     )
     p.add_argument(
+        "--attention-devices",
+        type=int,
+        help="with --ratio and --model: devices of each attention instance (default: the "
+        "fewest whose memory holds its weights and the KV of --batch slots; printed)",
+    )
+    p.add_argument(
         "--ffn-devices",
         type=int,
-        default=1,
-        help="with --ratio and --model: devices of the FFN instance (1)",
+        help="with --ratio and --model: devices of the FFN instance (default: the fewest whose "
+        "memory holds it; printed)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        choices=("bf16", "fp16", "fp8", "int8", "fp32"),
+        help="with --ratio and --model: KV-cache dtype (default bf16; printed)",
+    )
+    p.add_argument(
+        "--link",
+        choices=("scale-up", "scale-out"),
+        help="with --ratio and --model: the A<->F link (default: scale-up when the bundle fits "
+        "in one scale-up domain of the hardware, else scale-out; printed)",
+    )
+    p.add_argument(
+        "--prefix-hit-rate",
+        metavar="H|trace",
+        help="prompt tokens a prefix cache already holds: a share H in [0, 1) of every prompt, "
+        "or 'trace' to read them from the trace's hash_ids (Mooncake); prefill computes only "
+        "the rest (default: none cached)",
     )
     add_expert_parallel_flags(p)
     p.add_argument("--seed", type=int, default=0)
@@ -177,8 +207,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise UserInputError(
             "--profile goes with --ratio (the search derives costs per device count)"
         )
-    if args.ffn_devices != 1:
-        raise UserInputError("--ffn-devices goes with --ratio (the search sizes every instance)")
+    for flag in ("attention_devices", "ffn_devices", "kv_dtype", "link"):
+        if getattr(args, flag) is not None:
+            raise UserInputError(
+                f"--{flag.replace('_', '-')} goes with --ratio (the search sizes every instance)"
+            )
     if args.gpus < 1:
         raise UserInputError(
             f"--gpus must be >= 1: there are no devices to deploy on ({args.gpus})"
@@ -218,6 +251,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             progress=tick,
             expert_imbalance=args.expert_imbalance,
             redundant_experts=args.redundant_experts,
+            weight_dtype=args.weight_dtype,
+            prefix_hit_rate=args.prefix_hit_rate,
         )
     finally:
         for b in bars.values():
@@ -234,19 +269,23 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
-    from afdserve.planner import RooflineSetup, load_hardware, load_model, load_trace
+    from afdserve.planner import load_trace
     from afdserve.sim.bundle import bundle_config, plot_bundle, simulate_bundle
-    from afdserve.sim.costs import SimCosts, roofline_sim_costs
+    from afdserve.sim.costs import SimCosts
 
     if args.ratio < 1 or args.batch < 1:
         raise UserInputError("--ratio and --batch must be >= 1")
     M = args.microbatches[0] if len(args.microbatches) == 1 else 1
     ep_summary = None
+    assumed: dict[str, Any] = {}
     if args.profile:
         if args.model or args.hardware:
             raise UserInputError("give stage costs one way: --profile, or --model with --hardware")
         for flag, default in (
-            ("ffn_devices", 1),
+            ("attention_devices", None),
+            ("ffn_devices", None),
+            ("kv_dtype", None),
+            ("link", None),
             ("expert_imbalance", 1.0),
             ("redundant_experts", 0),
         ):
@@ -256,21 +295,7 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
                 )
         costs = SimCosts.from_profile(args.profile)
     elif args.model and args.hardware:
-        from afdserve.planner.deployment import expert_parallel_summary
-        from afdserve.planner.roofline import roofline_costs
-
-        if args.ffn_devices < 1:
-            raise UserInputError(f"--ffn-devices must be >= 1, got {args.ffn_devices}")
-        hw = load_hardware(args.hardware)
-        spec = load_model(args.model)
-        setup = RooflineSetup(
-            batch=args.batch,
-            ffn_devices=args.ffn_devices,
-            expert_imbalance=args.expert_imbalance,
-            redundant_experts=args.redundant_experts,
-        )
-        costs = roofline_sim_costs(spec, hw, hw, setup)
-        ep_summary = expert_parallel_summary(spec, setup, roofline_costs(spec, hw, hw, setup))
+        costs, ep_summary, assumed = _bundle_costs(args)
     else:
         raise UserInputError("--ratio needs stage costs: --profile FILE, or --model and --hardware")
     trace = load_trace(args.workload)
@@ -282,6 +307,21 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
             )
         if args.arrivals != "trace" and args.rate is None:
             raise UserInputError(f"--arrivals {args.arrivals} needs --rate (requests/s)")
+    from afdserve.planner.prefix import hit_rate
+    from afdserve.sim.search import trace_cached
+
+    cached = trace_cached(trace, args.prefix_hit_rate)
+    if cached is not None:
+        if args.closed_loop:
+            raise UserInputError(
+                "--prefix-hit-rate goes with open-loop runs (a closed loop has no prefill)"
+            )
+        prefix = hit_rate(cached, trace.prompt_len)
+        print(
+            f"prefix cache: {prefix:.3f} of the trace's prompt tokens cached "
+            f"({args.prefix_hit_rate}); prefill computes the rest",
+            file=sys.stderr,
+        )
     sim = simulate_bundle(
         costs,
         trace,
@@ -294,13 +334,21 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
         seed=args.seed,
         slo=slo,
         engine=args.engine,
+        cached=cached,
     )
     if args.plot:
         plot_bundle(sim, Path(args.plot), slo=slo, seed=args.seed)
+    if len(args.microbatches) != 1:
+        assumed["microbatches"] = f"{M} (give one --microbatches M)"
+    for key, what in assumed.items():
+        print(f"assumed: {key} = {what}", file=sys.stderr)
     if args.json:
         out = sim.report.to_dict()
         if ep_summary is not None:
             out["expert_parallel"] = ep_summary
+        out["assumed"] = assumed
+        if cached is not None:
+            out["prefix_hit_rate"] = prefix
         print(json.dumps(out, indent=2, default=json_default))
     else:
         if ep_summary is not None:
@@ -309,6 +357,83 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
             print(render_expert_parallel(ep_summary))
         print(render_report(sim.report))
     return 0
+
+
+def _bundle_costs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """Roofline costs of the one bundle `--ratio` simulates, with every choice the flags left
+    open made visibly: devices per side (sized by memory when not given), KV dtype, link. The
+    bundle must fit: attention weights + the KV of B slots at the trace's theta on each
+    attention instance, every FFN weight + the activations of r*B tokens on the FFN instance.
+    Returns (costs, expert-parallel summary, what was assumed)."""
+    from afdserve.planner import RooflineSetup, load_hardware, load_model, load_trace
+    from afdserve.planner.deployment import expert_parallel_summary, roofline_deployment
+    from afdserve.planner.feasibility import memory_report
+    from afdserve.planner.stats import stats_from_trace
+    from afdserve.sim.costs import roofline_sim_costs
+
+    for flag in ("attention_devices", "ffn_devices"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise UserInputError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    hw = load_hardware(args.hardware)
+    spec = load_model(args.model, args.weight_dtype)
+    theta = stats_from_trace(load_trace(args.workload)).theta
+    assumed: dict[str, Any] = {}
+    kv = args.kv_dtype or "bf16"
+    if args.kv_dtype is None:
+        assumed["kv_dtype"] = "bf16 (give --kv-dtype)"
+    base = RooflineSetup(
+        batch=args.batch,
+        kv_dtype=kv,
+        expert_imbalance=args.expert_imbalance,
+        redundant_experts=args.redundant_experts,
+    )
+    dep = roofline_deployment(
+        spec,
+        hw,
+        hw,
+        base,
+        theta,
+        attention_devices=args.attention_devices,
+        ffn_devices=args.ffn_devices,
+    )
+    g_a, g_f = dep.setup.attention_devices, dep.setup.ffn_devices
+    if args.attention_devices is None:
+        assumed["attention_devices"] = (
+            f"{g_a} per instance (sized by memory; give --attention-devices)"
+        )
+    if args.ffn_devices is None:
+        assumed["ffn_devices"] = f"{g_f} (sized by memory; give --ffn-devices)"
+    devices = args.ratio * g_a + g_f
+    link = args.link or hw.link_for(devices)
+    if args.link is None:
+        assumed["link"] = (
+            f"{link} ({devices} devices, scale-up domain {hw.scale_up_domain or 'unknown'}; "
+            "give --link)"
+        )
+    from afdserve.planner.roofline import busiest_side
+
+    side = busiest_side(args.ratio, g_a, g_f)
+    assumed["comm_scales_with"] = (
+        f"{side} (the busier side's links: B per attention instance over {g_a} device(s), or "
+        f"r*B over the FFN's {g_f})"
+    )
+    setup = dataclasses.replace(dep.setup, link=link, comm_scales_with=side)
+    mem = memory_report(dep.memory, args.batch, theta, args.ratio)
+    if not (mem.attention_ok and mem.ffn_ok):
+        side = "attention instance" if not mem.attention_ok else "FFN instance"
+        need = mem.attention_bytes if not mem.attention_ok else mem.ffn_bytes
+        cap = mem.attention_capacity_bytes if not mem.attention_ok else mem.ffn_capacity_bytes
+        raise UserInputError(
+            f"the {side} does not fit: it needs {need / 1e9:.1f} GB of {cap / 1e9:.1f} GB usable "
+            f"({g_a} attention / {g_f} FFN device(s) of {hw.name}, B = {args.batch} at theta = "
+            f"{theta:.0f}, KV {kv}); give more devices or a smaller --batch"
+        )
+    costs = roofline_sim_costs(spec, hw, hw, setup)
+    from afdserve.planner.roofline import roofline_costs
+
+    ep = expert_parallel_summary(spec, setup, roofline_costs(spec, hw, hw, setup))
+    return costs, ep, assumed
 
 
 # ---- profile ----------------------------------------------------------------------------------
@@ -403,7 +528,7 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
         help="validate the simulator against the theory or the real runtime",
         description="theory: simulated optimal r vs the planner's; runtime: sim vs real runs.",
     )
-    sub = p.add_subparsers(dest="target", metavar="theory|runtime")
+    sub = p.add_subparsers(dest="target", metavar="theory|runtime|published")
     t = sub.add_parser("theory", help="simulated optimal r vs closed-form and barrier-aware r")
     t.add_argument("--steps", type=int, default=4000, help="steps per simulation (4000)")
     t.add_argument("--quick", action="store_true", help="few steps (a CI-sized run)")
@@ -442,11 +567,53 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_validate_runtime, verb="sim-validate runtime")
     one_line_errors(r)
 
+    pub = sub.add_parser(
+        "published",
+        help="predicted vs published AFD deployments (Step-3 Table 8, FastAFD's A:F sweep)",
+        description=(
+            "Predict published AFD deployments with the catalogs and the documented default "
+            "efficiencies and print predicted vs published with the error (data and sources in "
+            "afdserve/sim/data/). --flops-eff/--bw-eff/--link-eff show how sensitive the "
+            "predictions are; the defaults are what the validation quotes."
+        ),
+    )
+    pub.add_argument("--flops-eff", type=float, help="fraction of peak FLOP/s (default 0.6)")
+    pub.add_argument("--bw-eff", type=float, help="fraction of memory bandwidth (default 0.9)")
+    pub.add_argument("--link-eff", type=float, help="fraction of link bandwidth (default 0.8)")
+    pub.add_argument("--json", action="store_true")
+    pub.set_defaults(func=run_validate_published, verb="sim-validate published")
+    one_line_errors(pub)
+
     def no_target(_args: argparse.Namespace) -> int:
-        raise UserInputError("say what to validate: sim-validate theory or sim-validate runtime")
+        raise UserInputError("say what to validate: sim-validate theory, runtime or published")
 
     p.set_defaults(func=no_target)
     one_line_errors(p)
+
+
+def run_validate_published(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from afdserve.planner.roofline import Efficiency
+    from afdserve.sim.published import validate_published
+    from afdserve.sim.render import render_published
+
+    given = {
+        k: v
+        for k, v in (
+            ("flops", args.flops_eff),
+            ("memory_bw", args.bw_eff),
+            ("link", args.link_eff),
+        )
+        if v is not None
+    }
+    eff = dataclasses.replace(Efficiency(), **given)
+    report = validate_published(eff)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=json_default))
+    else:
+        print(render_published(report, tuned=bool(given)))
+    return 0
 
 
 def run_validate_theory(args: argparse.Namespace) -> int:

@@ -62,6 +62,14 @@ class SimCosts:
     """Prefill/decode split: ms to move one prompt token's KV (all layers) to a decode instance."""
     kv_transfer_beta_ms: float = 0.0
     """Prefill/decode split: fixed ms per KV transfer."""
+    colocated_a2a_ms_per_token: float = 0.0
+    """Colocated (aggregated) instance spanning g > 1 devices with expert parallelism: ms per
+    token per layer of its own dispatch + combine all-to-all (each token's hidden state to the
+    expected distinct devices of its top-k experts and back, over g devices' links). An AFD
+    bundle pays this as its A<->F transfer; a colocated replica pays it inside, which is what
+    keeps wide-EP baselines honest."""
+    colocated_a2a_beta_ms: float = 0.0
+    """Colocated instance: fixed ms per layer and microbatch of the all-to-all (two latencies)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, StageCosts):
@@ -189,6 +197,7 @@ class SimCosts:
             "afd_microbatch_ms": self.afd_microbatch_ms,
             "step_prefill_token_ms": self.step_prefill_token_ms,
             "kv_transfer_ms_per_token": self.kv_transfer_ms_per_token,
+            "colocated_a2a_ms_per_token": self.colocated_a2a_ms_per_token,
         }
 
 
@@ -207,10 +216,35 @@ def roofline_sim_costs(model: Any, attention_hw: Any, ffn_hw: Any, setup: Any) -
     t = der.terms
     flops = t["attention_flops_per_s"]
     kv_bytes_all_layers = t["kv_bytes_per_context_token"] * model.num_layers
+    a2a_alpha, a2a_beta = colocated_a2a(model, ffn_hw, setup)
     return SimCosts(
         der.costs,
         prefill_token_ms=2.0 * model.attention_params / flops * MS,
         prefill_pair_ms=model.attention_flops_per_context_token / flops * MS,
         kv_transfer_ms_per_token=kv_bytes_all_layers / t["link_bytes_per_s"] * MS,
         kv_transfer_beta_ms=der.costs.comm.beta,
+        colocated_a2a_ms_per_token=a2a_alpha,
+        colocated_a2a_beta_ms=a2a_beta,
     )
+
+
+def colocated_a2a(model: Any, hw: Any, setup: Any) -> tuple[float, float]:
+    """(ms per token, fixed ms) per layer of the dispatch + combine all-to-all inside one
+    expert-parallel instance of g = `setup.ffn_devices` devices, (0, 0) for a dense model or one
+    device. A token's hidden state goes to the expected distinct devices of its top-k experts,
+    (g - 1) / g of them remote, and comes back: 2 * hidden * act_bytes * fanout * (g - 1) / g
+    bytes, spread over the g devices' links (scale-up when g fits the hardware's scale-up
+    domain, else the NICs) at the link efficiency; two link latencies."""
+    from afdserve.planner.expert_parallel import expected_fanout
+    from afdserve.planner.model_catalog import DTYPE_BYTES
+
+    g = setup.ffn_devices
+    if not model.is_moe or g <= 1:
+        return 0.0, 0.0
+    fanout = expected_fanout(model.num_experts, model.experts_per_token, g)
+    per_dev = hw.link_bw(hw.link_for(g)) or hw.link_bw("scale-out")
+    if per_dev is None:
+        return 0.0, 0.0
+    eff = setup.efficiency
+    bytes_tok = 2 * model.hidden_size * DTYPE_BYTES[setup.activation_dtype] * fanout * (g - 1) / g
+    return bytes_tok / (g * per_dev * eff.link) * MS, 2 * eff.link_latency_ms

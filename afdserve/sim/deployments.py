@@ -49,6 +49,8 @@ def run_unit(
     if engine not in ENGINES:
         raise UserInputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "reference":
+        if requests.cached_len is not None and requests.cached_len.any():
+            raise UserInputError("the reference engine runs without a prefix cache")
         if closed_loop or max_steps is not None or timeline_steps:
             raise UserInputError(
                 "the reference engine runs open-loop requests to completion: no closed loop, "
@@ -141,10 +143,14 @@ def run_pd_split(
     devices: float | None = None,
     slo: SLO | None = None,
     label: str = "pd-split",
+    decode_config: BundleConfig | None = None,
 ) -> tuple[SimReport, list[SimRun]]:
     """Prefill pool then decode pool. The first token comes from the prefill instance; the KV
-    (prompt + first token) then moves to a decode instance (`kv_transfer_*` costs), which
-    decodes the remaining output_len - 1 tokens."""
+    (prompt + first token) then moves to a decode instance (`kv_transfer_*` costs of
+    `decode_costs`), which decodes the remaining output_len - 1 tokens. `decode_config`: what a
+    decode instance is (default: one colocated instance of `decode_slots`); an AFD bundle
+    (rA-1F, microbatch pipeline, no prefill) makes this AFD decode plus a prefill pool, the
+    KV then going to one of its attention workers."""
     t0 = time.perf_counter()
     N = len(requests)
     pre_cfg = BundleConfig(
@@ -155,7 +161,13 @@ def run_pd_split(
         token_budget=token_budget,
     )
     ones = np.ones(N, dtype=np.int64)
-    prefill_reqs = RequestSet(requests.prompt_len, ones, requests.arrival_s, name=requests.name)
+    prefill_reqs = RequestSet(
+        requests.prompt_len,
+        ones,
+        requests.arrival_s,
+        name=requests.name,
+        cached_len=requests.cached_len,
+    )
     idx = np.arange(N)
     first = np.full(N, np.nan)
     pre_runs: list[tuple[np.ndarray, SimRun]] = []
@@ -183,13 +195,15 @@ def run_pd_split(
         ready = first[more] + kv_ms
         order = np.argsort(ready, kind="stable")
         more, ready = more[order], ready[order]
-        dec_cfg = BundleConfig(
+        dec_cfg = decode_config or BundleConfig(
             attention_workers=1,
             slots=decode_slots,
             pipeline="colocated",
             prefill="none",
             kv_capacity_tokens=kv_capacity_tokens,
         )
+        if dec_cfg.prefill != "none":
+            raise UserInputError("a decode instance of a prefill/decode split does no prefill")
         for u in range(decode_instances):
             sel = np.arange(u, more.size, decode_instances)
             if sel.size == 0:

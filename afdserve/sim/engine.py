@@ -98,6 +98,8 @@ class _Engine:
         self.P_all = P_all
         self.D_all = np.asarray(requests.output_len, dtype=np.int64)
         self.P_list = P_all.tolist()
+        cached = requests.cached_len
+        self.C_list = [0] * len(self.P_list) if cached is None else cached.tolist()
         self.D_list = self.D_all.tolist()
         self.arr_ms = requests.arrival_s * MS_PER_S
         self.N = N = len(requests)
@@ -223,7 +225,7 @@ class _Engine:
         self._take_slots(ids, workers)
         if self.chunked:
             for q, k in zip(ids.tolist(), workers.tolist(), strict=True):
-                self.queues[k].append([q, self.P_list[q], 0])
+                self.queues[k].append([q, self.P_list[q], self.C_list[q]])
             self.n_prefilling += ids.size
         else:
             self._join(ids, workers, 0, self.step)

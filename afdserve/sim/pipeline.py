@@ -125,6 +125,9 @@ def stage_times(costs: SimCosts, load: StepLoad, pipeline: str) -> StageTimes:
     ffn = np.where(ffn_tok > 0, s.ffn.alpha * ffn_tok + s.ffn.beta, 0.0)
     shared = s.comm_scales_with == "rB" and not colocated
     if colocated:
+        # an expert-parallel instance's own dispatch + combine all-to-all, on the FFN's path
+        a2a = costs.colocated_a2a_ms_per_token * ffn_tok + costs.colocated_a2a_beta_ms
+        ffn = ffn + np.where(ffn_tok > 0, a2a, 0.0)
         up = np.zeros_like(attn)
     elif shared:
         up = np.where(ffn_tok > 0, s.comm.alpha * ffn_tok + s.comm.beta, 0.0)  # [S, G]
@@ -312,6 +315,9 @@ def time_one_step(
     ]
     ffn_tok = [sum(tokens[k][i] for k in range(r)) for i in range(G)]
     f = [s.ffn.alpha * n + s.ffn.beta if n > 0 else 0.0 for n in ffn_tok]
+    if colocated:
+        xa, xb = costs.colocated_a2a_ms_per_token, costs.colocated_a2a_beta_ms
+        f = [fi + (xa * n + xb if n > 0 else 0.0) for fi, n in zip(f, ffn_tok, strict=True)]
     ca, cb = s.comm.alpha, s.comm.beta
     if colocated:
         up = [[0.0] * G for _ in range(r)]

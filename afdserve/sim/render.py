@@ -24,16 +24,16 @@ def render_search(result: SearchResult) -> str:
         f"SLO TTFT <= {result.slo.ttft_ms} ms, TPOT <= {result.slo.tpot_ms} ms for "
         f"{result.space.attainment:.0%} of requests ({len(result.screened)} candidates screened)",
         "",
-        f"{'family':<11} {'devices':>7} {'goodput tok/s':>13} {'per device':>10} "
+        f"{'family':<12} {'devices':>7} {'goodput tok/s':>13} {'per device':>10} "
         f"{'tok/s/user':>10} {'TTFT p90':>9} {'TPOT p90':>9} {'attain':>6}  configuration",
     ]
     for fam, c in result.best.items():
         if c is None or c.report is None:
-            lines.append(f"{fam:<11} {'-':>7}  no configuration meets the SLOs")
+            lines.append(f"{fam:<12} {'-':>7}  no configuration meets the SLOs")
             continue
         rep = c.report
         lines.append(
-            f"{fam:<11} {c.devices:>7d} {rep.goodput_tok_s or 0:>13.0f} "
+            f"{fam:<12} {c.devices:>7d} {rep.goodput_tok_s or 0:>13.0f} "
             f"{(rep.goodput_tok_s or 0) / c.devices:>10.0f} {rep.tokens_per_user_s:>10.1f} "
             f"{rep.ttft_ms.p90:>9.1f} {rep.tpot_ms.p90:>9.2f} {rep.slo_attainment or 0:>6.2f}  "
             f"{c.describe()} @ {c.max_rate:.3g} req/s"
@@ -156,4 +156,55 @@ def render_runtime(v: Any) -> str:
                 else f"{'-':>9} {'-':>7}"
             )
         )
+    return "\n".join(lines)
+
+
+def render_published(report: Any, tuned: bool = False) -> str:
+    """Predicted vs published, one table per source, with the error (predicted / published - 1)
+    and, per FastAFD context row, the median |error| and the best k."""
+    e = report.efficiency
+    lines = [
+        f"efficiencies: flops {e.flops:g}, memory bandwidth {e.memory_bw:g}, link {e.link:g}, "
+        f"link latency {e.link_latency_ms:g} ms"
+        + (" (NOT the documented defaults: a sensitivity run)" if tuned else " (defaults)"),
+        "",
+        "Step-3 (arXiv 2507.19427, Table 8), H800, FP8, 50 ms TPOT:",
+        "| deployment | published tok/s/GPU | predicted | error | batch/GPU | sim step ms "
+        "| plan step ms | planner best A:F | deployed A:F |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c, r in zip(report.step3, report.step3_ratio, strict=True):
+        d = c.detail
+        lines.append(
+            f"| {c.label} | {c.published:,.0f} | {c.predicted:,.0f} | {c.error:+.1%} | "
+            f"{d.get('batch_per_gpu', '-')} | {d.get('step_ms', float('nan')):.1f} | "
+            f"{d.get('plan_step_ms', float('nan')):.1f} | {r['planner_best_ratio']} | "
+            f"{r['deployed_ratio']} |"
+        )
+    lines += [
+        "",
+        "FastAFD A:F sweep (Qwen3-235B-A22B-FP8, GB200 NVL72, 1 FFN tray), per context row:",
+        "| ISL | points | median abs error | within 10% | best k published | best k predicted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report.fastafd_rows:
+        lines.append(
+            f"| {row['isl'] // 1024}K | {row['points']} | {row['median_abs_error']:.1%} | "
+            f"{row['within_10pct']} / {row['points']} | {row['best_k_published']} | "
+            f"{row['best_k_predicted']} |"
+        )
+    lines += [
+        "",
+        "| point | published tok/s/GPU | predicted | error | published step ms | sim step ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in report.fastafd:
+        d = c.detail
+        pub = d["published_step_ms"]
+        lines.append(
+            f"| {c.label} | {c.published:,.1f} | {c.predicted:,.1f} | {c.error:+.1%} | "
+            f"{'-' if pub is None else f'{pub:.2f}'} | {d['step_ms']:.2f} |"
+        )
+    lines += ["", *(f"note: {x}" for x in report.extras)]
+    lines += [f"source ({k}): {v}" for k, v in report.sources.items()]
     return "\n".join(lines)

@@ -45,6 +45,10 @@ class RequestSet:
     """Closed loop, stationary start: the first len(initial_progress) requests are already
     running at time 0 with this many tokens generated (they count for throughput, not for
     latency)."""
+    cached_len: np.ndarray | None = None
+    """[N] prompt tokens whose KV a prefix cache already holds at arrival (0 <= c < P, or 0 for
+    an empty prompt): chunked prefill computes only the rest, its attention still reading the
+    cached context (`afdserve.planner.prefix`). None: nothing cached."""
 
     def __post_init__(self) -> None:
         p = np.asarray(self.prompt_len, dtype=np.int64)
@@ -74,6 +78,15 @@ class RequestSet:
                     "[0, output_len)"
                 )
             g = _ro(g)
+        c = self.cached_len
+        if c is not None:
+            c = np.asarray(c, dtype=np.int64)
+            if c.shape != p.shape or np.any(c < 0) or np.any(c > np.maximum(p - 1, 0)):
+                raise UserInputError(
+                    f"requests {self.name!r}: cached prefix tokens must be per request, in "
+                    "[0, prompt_len - 1]"
+                )
+            object.__setattr__(self, "cached_len", _ro(c))
         object.__setattr__(self, "prompt_len", _ro(p))
         object.__setattr__(self, "output_len", _ro(d))
         object.__setattr__(self, "arrival_s", _ro(a))
@@ -102,6 +115,7 @@ class RequestSet:
             self.output_len[idx],
             self.arrival_s[idx],
             name=name or self.name,
+            cached_len=None if self.cached_len is None else self.cached_len[idx],
         )
 
 
@@ -124,9 +138,11 @@ def from_trace(
     rate: float | None = None,
     cv: float = 1.0,
     seed: int = 0,
+    cached: np.ndarray | None = None,
 ) -> RequestSet:
     """Requests start..start+limit of a trace, with its timestamps (`arrivals="trace"`; `rate`
-    rescales them to that many requests/s), Poisson or Gamma arrivals at `rate`, or offline."""
+    rescales them to that many requests/s), Poisson or Gamma arrivals at `rate`, or offline.
+    `cached`: per trace request, prompt tokens a prefix cache holds (`planner.prefix`)."""
     n_all = len(trace)
     if not 0 <= start < n_all:
         raise UserInputError(f"trace {trace.name!r} has {n_all} requests; start {start} is out")
@@ -149,7 +165,10 @@ def from_trace(
             a = a * ((n - 1) / span / _positive(rate, "rate"))
     else:
         a = arrival_times(arrivals, n, rate, cv=cv, seed=seed)
-    return RequestSet(p, d, a, name=trace.name)
+    if cached is not None and len(cached) != n_all:
+        raise UserInputError(f"trace {trace.name!r}: {len(cached)} cached counts, {n_all} requests")
+    c = None if cached is None else np.asarray(cached)[start:stop]
+    return RequestSet(p, d, a, name=trace.name, cached_len=c)
 
 
 def from_distributions(

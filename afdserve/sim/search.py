@@ -36,7 +36,10 @@ from afdserve.sim.metrics import SLO, SimReport, summarize
 from afdserve.sim.plots import latency_samples
 from afdserve.sim.requests import RequestSet, closed_loop, from_trace
 
-FAMILIES: tuple[str, ...] = ("afd", "aggregated", "pd-split")
+FAMILIES: tuple[str, ...] = ("afd", "afd+prefill", "aggregated", "pd-split")
+"""AFD bundles doing their own chunked prefill; AFD decode bundles fed by a pool of colocated
+prefill instances (the KV handed off at the link's cost: the family real deployments use);
+colocated replicas (with their own expert all-to-all); a colocated prefill/decode split."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,12 @@ class Candidate:
             return (
                 f"{p['bundles']} x ({p['r']}A{p['ffn_devices']}F-dev, attention {p['attention_devices']} "
                 f"dev) M={p['microbatches']} B={p['batch']}"
+            )
+        if self.family == "afd+prefill":
+            return (
+                f"{p['prefill_instances']} prefill ({p['prefill_devices']} dev) + "
+                f"{p['bundles']} x ({p['r']}A{p['ffn_devices']}F-dev, attention "
+                f"{p['attention_devices']} dev) M={p['microbatches']} B={p['batch']}"
             )
         if self.family == "aggregated":
             return f"{p['instances']} x aggregated ({p['instance_devices']} dev) B={p['batch']}"
@@ -172,6 +181,8 @@ def search(
     progress: Callable[[str, int], Any] | None = None,
     expert_imbalance: float = 1.0,
     redundant_experts: int = 0,
+    weight_dtype: str | None = None,
+    prefix_hit_rate: str | float | None = None,
 ) -> SearchResult:
     """`expert_imbalance` and `redundant_experts` (MoE models): the roofline's expert-parallel
     inputs (`RooflineSetup`) for every instance that holds experts; instances whose devices
@@ -185,11 +196,12 @@ def search(
         )
     if slo.ttft_ms is None and slo.tpot_ms is None:
         raise UserInputError("give at least one SLO (--ttft-slo-ms, --tpot-slo-ms)")
-    spec = load_model(model)
+    spec = load_model(model, weight_dtype)
     hw = load_hardware(hardware)
     trace = load_trace(workload)
     stats = stats_from_trace(trace)
-    reqs_all = from_trace(trace, limit=requests, arrivals="offline")
+    cached = trace_cached(trace, prefix_hit_rate)
+    reqs_all = from_trace(trace, limit=requests, arrivals="offline", cached=cached)
     tick = progress or (lambda _s, _n: None)
     notes: list[str] = []
     check_expert_imbalance(expert_imbalance)
@@ -216,8 +228,9 @@ def search(
             "(not even one instance holds its weights)"
         )
     # stage 1: saturated closed loop
+    bundle_cache: dict[Any, SimReport] = {}
     for c in cands:
-        _screen(c, reqs_all, trace, space, seed)
+        _screen(c, reqs_all, trace, space, seed, bundle_cache)
         tick("screen", 1)
     viable = [
         c
@@ -235,7 +248,7 @@ def search(
             reverse=True,
         )[: space.finalists]
         for c in pool:
-            _max_rate(c, trace, requests, slo, space, seed, tick)
+            _max_rate(c, trace, requests, slo, space, seed, tick, cached)
             finalists.append(c)
         ok = [c for c in pool if c.max_rate is not None and c.report is not None]
         best[fam] = (
@@ -264,7 +277,7 @@ def _candidates(
 ) -> list[Candidate]:
     from afdserve.planner import RooflineSetup
     from afdserve.planner.expert_parallel import redundant_slots_fit
-    from afdserve.planner.roofline import DEVICE_COUNTS, memory_model
+    from afdserve.planner.roofline import DEVICE_COUNTS, busiest_side, memory_model
 
     ep = ep or {}
     mem = memory_model(spec, hw, hw, RooflineSetup(batch=1, **ep))
@@ -291,21 +304,36 @@ def _candidates(
     for B in space.batches:
         kv_need = B * theta
         ga_opts = fit(a_fixed, kv_need)
+        afd_cfgs: list[tuple[int, int, int, int, SimCosts, int]] = []
         for gF in fit(f_fixed + space.ratios[-1] * B * mem.ffn_bytes_per_token, 0.0, True):
             for gA in ga_opts:
-                costs = roofline_sim_costs(
-                    spec,
-                    hw,
-                    hw,
-                    RooflineSetup(batch=B, attention_devices=gA, ffn_devices=gF, **ep),
-                )
+                # the communication term on the busier side's links (B or r*B per device), the
+                # link itself from the bundle's size against the hardware's scale-up domain
+                by_side: dict[tuple[str, str], SimCosts] = {}
                 for r in space.ratios:
                     bundle = r * gA + gF
                     if bundle > N:
                         break
+                    key = (busiest_side(r, gA, gF), hw.link_for(bundle))
+                    if key not in by_side:
+                        by_side[key] = roofline_sim_costs(
+                            spec,
+                            hw,
+                            hw,
+                            RooflineSetup(
+                                batch=B,
+                                attention_devices=gA,
+                                ffn_devices=gF,
+                                comm_scales_with=key[0],
+                                link=key[1],
+                                **ep,
+                            ),
+                        )
+                    costs = by_side[key]
                     for M in space.microbatches:
                         if M > B:
                             continue
+                        afd_cfgs.append((r, M, gA, gF, costs, kv_cap(gA, a_fixed)))
                         k = N // bundle
                         cands.append(
                             Candidate(
@@ -323,10 +351,12 @@ def _candidates(
                                 kv_capacity_tokens=kv_cap(gA, a_fixed),
                             )
                         )
-        for g in fit(a_fixed + f_fixed, kv_need, True):
+        for i, g in enumerate(fit(a_fixed + f_fixed, kv_need, True)):
             costs = roofline_sim_costs(
                 spec, hw, hw, RooflineSetup(batch=B, attention_devices=g, ffn_devices=g, **ep)
             )
+            if i == 0:  # the smallest colocated instance as the prefill pool's unit
+                cands.extend(_afd_prefill_candidates(afd_cfgs, g, costs, B, N))
             k = N // g
             cands.append(
                 Candidate(
@@ -363,30 +393,91 @@ def _candidates(
     return cands
 
 
-def _screen(c: Candidate, reqs: RequestSet, trace, space: SearchSpace, seed: int) -> None:
-    """Stage 1: saturated throughput (tokens/s of the deployment) and p90 TPOT at full batch."""
+def _afd_prefill_candidates(
+    afd_cfgs: list[tuple[int, int, int, int, SimCosts, int]],
+    gp: int,
+    prefill_costs: SimCosts,
+    B: int,
+    N: int,
+) -> list[Candidate]:
+    """AFD decode bundles plus n_p colocated prefill instances of gp devices, every split of
+    the N devices with at least one of each; the KV of prompt + 1 tokens moves from a prefill
+    instance to an attention worker at the bundle's link cost (`kv_transfer_*`)."""
+    out = []
+    for r, M, gA, gF, costs, kv_cap in afd_cfgs:
+        bundle = r * gA + gF
+        for n_p in range(1, N // gp):
+            k = (N - n_p * gp) // bundle
+            if k < 1:
+                break
+            out.append(
+                Candidate(
+                    "afd+prefill",
+                    n_p * gp + k * bundle,
+                    dict(
+                        prefill_instances=n_p,
+                        prefill_devices=gp,
+                        bundles=k,
+                        r=r,
+                        microbatches=M,
+                        batch=B,
+                        attention_devices=gA,
+                        ffn_devices=gF,
+                    ),
+                    prefill_costs,
+                    decode_costs=costs,
+                    kv_capacity_tokens=kv_cap,
+                )
+            )
+    return out
+
+
+def _bundle_config(p: dict[str, Any], prefill: str = "none", **kw: Any) -> BundleConfig:
+    return BundleConfig(
+        attention_workers=p["r"],
+        slots=p["batch"],
+        microbatches=p["microbatches"],
+        pipeline="microbatch",
+        prefill=prefill,
+        **kw,
+    )
+
+
+def _screen(
+    c: Candidate,
+    reqs: RequestSet,
+    trace,
+    space: SearchSpace,
+    seed: int,
+    bundle_cache: dict[Any, SimReport] | None = None,
+) -> None:
+    """Stage 1: saturated throughput (tokens/s of the deployment) and p90 TPOT at full batch.
+    AFD bundles are simulated once per (r, M, B, devices) and shared through `bundle_cache`."""
     p = c.params
     steps = space.closed_loop_steps
     mean_d = float(np.mean(reqs.output_len))
-    if c.family == "afd":
-        cfg = BundleConfig(
-            attention_workers=p["r"],
-            slots=p["batch"],
-            microbatches=p["microbatches"],
-            pipeline="microbatch",
-            prefill="none",
-        )
-        rep = _closed(c.costs, cfg, reqs, steps, seed, mean_d)
-        c.capacity_tok_s = rep.throughput_tok_s * p["bundles"]
+    if c.family in ("afd", "afd+prefill"):
+        key = (p["r"], p["microbatches"], p["batch"], p["attention_devices"], p["ffn_devices"])
+        cache = bundle_cache if bundle_cache is not None else {}
+        if key not in cache:
+            costs = c.costs if c.family == "afd" else c.decode_costs
+            cache[key] = _closed(costs, _bundle_config(p), reqs, steps, seed, mean_d)
+        rep = cache[key]
         c.saturated_tpot_p90_ms = rep.tpot_ms.p90 if rep.tpot_ms.count else rep.mean_step_ms
+        if c.family == "afd":
+            c.capacity_tok_s = rep.throughput_tok_s * p["bundles"]
+            return
+        prefill_req_s = _prefill_req_s(c.costs, space.token_budget, reqs)
+        req_s = min(
+            p["bundles"] * rep.throughput_tok_s / mean_d, p["prefill_instances"] * prefill_req_s
+        )
+        c.capacity_tok_s = req_s * mean_d
         return
     dec_cfg = BundleConfig(slots=p["batch"], pipeline="colocated", prefill="none")
     rep = _closed(c.costs, dec_cfg, reqs, steps, seed, mean_d)
     decode_tok_s = rep.throughput_tok_s
-    # prefill capacity of one instance: full token-budget chunks, tokens/s
-    prompt = float(np.mean(reqs.prompt_len))
-    pre_ms = _prefill_chunk_ms(c.costs, space.token_budget, prompt)
-    prefill_req_s = space.token_budget / prompt / (pre_ms / 1e3)
+    # prefill capacity of one instance: full token-budget chunks, requests/s
+    prefill_req_s = _prefill_req_s(c.costs, space.token_budget, reqs)
     if c.family == "aggregated":
         # an instance shares its time between decode and prefill of what it decodes
         dec_req_s = decode_tok_s / mean_d
@@ -398,6 +489,37 @@ def _screen(c: Candidate, reqs: RequestSet, trace, space: SearchSpace, seed: int
         )
         c.capacity_tok_s = req_s * mean_d
     c.saturated_tpot_p90_ms = rep.tpot_ms.p90 if rep.tpot_ms.count else rep.mean_step_ms
+
+
+def trace_cached(trace, prefix_hit_rate: str | float | None) -> np.ndarray | None:
+    """Per trace request, the prompt tokens a prefix cache holds: from its hash ids
+    (`"trace"`), a given share of every prompt, or None."""
+    from afdserve.planner.prefix import cached_from_hash_ids, cached_from_rate
+
+    if prefix_hit_rate is None:
+        return None
+    if prefix_hit_rate == "trace":
+        if trace.path is None:
+            raise UserInputError("--prefix-hit-rate trace needs a trace file with hash_ids")
+        return cached_from_hash_ids(trace.path)
+    try:
+        h = float(prefix_hit_rate)
+    except (TypeError, ValueError):
+        raise UserInputError(
+            f"prefix hit rate must be a number in [0, 1) or 'trace', got {prefix_hit_rate!r}"
+        ) from None
+    return cached_from_rate(trace.prompt_len, h)
+
+
+def _prefill_req_s(costs: SimCosts, budget: int, reqs: RequestSet) -> float:
+    """Requests/s one colocated instance prefills at full token-budget chunks: each request
+    computes its uncached prompt tokens (all of them without a prefix cache)."""
+    prompt = float(np.mean(reqs.prompt_len))
+    new = prompt
+    if reqs.cached_len is not None:
+        new = max(1.0, float(np.mean(reqs.prompt_len - reqs.cached_len)))
+    pre_ms = _prefill_chunk_ms(costs, budget, prompt)
+    return budget / new / (pre_ms / 1e3)
 
 
 def _prefill_chunk_ms(costs: SimCosts, budget: int, prompt: float) -> float:
@@ -412,7 +534,8 @@ def _prefill_chunk_ms(costs: SimCosts, budget: int, prompt: float) -> float:
         + costs.prefill_token_ms * budget
         + costs.prefill_pair_ms * pairs
     )
-    return s.num_layers * (attn + s.ffn.alpha * budget + s.ffn.beta) + costs.step_beta_ms
+    a2a = costs.colocated_a2a_ms_per_token * budget + costs.colocated_a2a_beta_ms
+    return s.num_layers * (attn + s.ffn.alpha * budget + s.ffn.beta + a2a) + costs.step_beta_ms
 
 
 def _closed(
@@ -440,6 +563,22 @@ def _deploy(c: Candidate, reqs: RequestSet, slo: SLO, space: SearchSpace):
             kv_capacity_tokens=c.kv_capacity_tokens or None,
         )
         return run_afd(c.costs, cfg, reqs, bundles=p["bundles"], devices=c.devices, slo=slo)
+    if c.family == "afd+prefill":
+        dec = _bundle_config(p, kv_capacity_tokens=c.kv_capacity_tokens or None)
+        return run_pd_split(
+            c.costs,
+            c.decode_costs or c.costs,
+            reqs,
+            prefill_instances=p["prefill_instances"],
+            decode_instances=p["bundles"],
+            prefill_slots=p["batch"],
+            decode_slots=p["batch"],
+            token_budget=max(space.token_budget, p["batch"]),
+            devices=c.devices,
+            slo=slo,
+            label="afd+prefill",
+            decode_config=dec,
+        )
     if c.family == "aggregated":
         return run_aggregated(
             c.costs,
@@ -467,7 +606,14 @@ def _deploy(c: Candidate, reqs: RequestSet, slo: SLO, space: SearchSpace):
 
 
 def _max_rate(
-    c: Candidate, trace, requests: int, slo: SLO, space: SearchSpace, seed: int, tick
+    c: Candidate,
+    trace,
+    requests: int,
+    slo: SLO,
+    space: SearchSpace,
+    seed: int,
+    tick,
+    cached: np.ndarray | None = None,
 ) -> None:
     """Bisection on the request rate for the highest one whose attainment meets the target."""
     mean_d = float(np.mean(np.maximum(trace.output_len[:requests], 1)))
@@ -475,7 +621,9 @@ def _max_rate(
     arrivals = "trace" if trace.arrival_s is not None else "poisson"
 
     def attempt(rate: float):
-        reqs = from_trace(trace, limit=requests, arrivals=arrivals, rate=rate, seed=seed)
+        reqs = from_trace(
+            trace, limit=requests, arrivals=arrivals, rate=rate, seed=seed, cached=cached
+        )
         tick("simulate", 1)
         return _deploy(c, reqs, slo, space)
 

@@ -21,6 +21,7 @@ from afdserve.planner.expert_parallel import (
     expected_fanout,
     redundant_slots_fit,
 )
+from afdserve.planner.roofline import Efficiency
 
 
 def _monte_carlo(E: int, k: int, m: int, tokens: int, seed: int, replicas=None) -> float:
@@ -152,7 +153,7 @@ def test_imbalance_is_capped_at_the_device_count() -> None:
 def test_redundant_experts_add_weights_to_stream_and_hold() -> None:
     base, red = _costs(), _costs(redundant_experts=32)
     routed_bytes = 128 * 3 * 4096 * 1536 * 2  # per layer, bf16
-    M = 8 * H800.memory_bw * 0.8
+    M = 8 * H800.memory_bw * Efficiency().memory_bw
     assert red.costs.ffn.beta - base.costs.ffn.beta == pytest.approx(
         32 / 128 * routed_bytes / M * 1e3
     )

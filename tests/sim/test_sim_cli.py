@@ -44,7 +44,12 @@ def test_simulate_command(capsys) -> None:
     lines = out.splitlines()
     assert lines[0].startswith("llama-3.1-8b on 2 x h100, workload azure-conv: SLO TTFT <= 3000")
     assert lines[2].split()[0] == "family"
-    assert [line.split()[0] for line in lines[3:6]] == ["afd", "aggregated", "pd-split"]
+    assert [line.split()[0] for line in lines[3:7]] == [
+        "afd",
+        "afd+prefill",
+        "aggregated",
+        "pd-split",
+    ]
 
 
 @needs_traces
@@ -164,7 +169,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path) -> None:
             ],
             "no closed loop",
         ),
-        (["sim-validate"], "theory or sim-validate runtime"),
+        (["sim-validate"], "sim-validate theory, runtime or published"),
     ]
     for argv, needle in cases:
         code, out, err = run(capsys, *argv)
@@ -268,7 +273,10 @@ def test_expert_parallel_flags_bad_input(capsys, tmp_path) -> None:
     search += ["--workload", "azure-conv", "--ttft-slo-ms", "3000", "--tpot-slo-ms", "100"]
     cases = [
         ([*one, "--model", "qwen3-30b-a3b", "--expert-imbalance", "0.9"], "a number >= 1"),
-        ([*one, "--model", "qwen3-30b-a3b", "--redundant-experts", "4"], "more FFN devices"),
+        (
+            [*one, "--model", "qwen3-30b-a3b", "--redundant-experts", "4", "--ffn-devices", "1"],
+            "more FFN devices",
+        ),
         ([*one, "--model", "llama-3.1-8b", "--expert-imbalance", "1.2"], "is dense"),
         (
             [

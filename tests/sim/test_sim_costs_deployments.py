@@ -60,7 +60,7 @@ def test_roofline_extras_follow_the_catalog() -> None:
     assert c.prefill_pair_ms == pytest.approx(spec.attention_flops_per_context_token / flops * 1e3)
     # KV of one token, all layers: 32 x 4096 B over a 400 Gb/s NIC at 80%
     assert c.kv_transfer_ms_per_token == pytest.approx(32 * 4096 / (50e9 * 0.8) * 1e3)
-    assert c.stages.attention.alpha == pytest.approx(1.5284e-06, rel=1e-4)
+    assert c.stages.attention.alpha == pytest.approx(4096 / (3.35e12 * 0.9) * 1e3, rel=1e-4)
 
 
 def _open_loop(n: int = 120, seed: int = 0) -> RequestSet:

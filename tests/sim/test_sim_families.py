@@ -1,0 +1,86 @@
+"""Deployment families of the search (issue 18, item 3): AFD decode plus a prefill pool, and the
+all-to-all a colocated expert-parallel instance pays inside itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from afdserve.planner import RooflineSetup, load_hardware, load_model
+from afdserve.planner.expert_parallel import expected_fanout
+from afdserve.sim.config import BundleConfig
+from afdserve.sim.costs import colocated_a2a, roofline_sim_costs
+from afdserve.sim.deployments import run_pd_split
+from afdserve.sim.pipeline import decode_load, stage_times, step_timing
+from afdserve.sim.requests import RequestSet
+from afdserve.sim.search import FAMILIES, SearchSpace, _candidates
+
+
+def test_colocated_a2a_follows_the_fanout_and_the_link() -> None:
+    spec, h100 = load_model("qwen3-235b-a22b"), load_hardware("h100")
+    setup = RooflineSetup(batch=64, attention_devices=8, ffn_devices=8)
+    alpha, beta = colocated_a2a(spec, h100, setup)
+    fan = expected_fanout(128, 8, 8)
+    by_hand = 2 * 4096 * 2 * fan * 7 / 8 / (8 * 450e9 * 0.8) * 1e3  # NVLink inside the board
+    assert alpha == pytest.approx(by_hand)
+    assert beta == pytest.approx(0.02)
+    one = dataclasses.replace(setup, attention_devices=1, ffn_devices=1)
+    assert colocated_a2a(spec, h100, one) == (0.0, 0.0)
+    dense = load_model("llama-3.1-8b")
+    assert colocated_a2a(dense, h100, setup) == (0.0, 0.0)
+
+
+def test_a_colocated_moe_step_pays_its_all_to_all() -> None:
+    spec, h100 = load_model("qwen3-235b-a22b"), load_hardware("h100")
+    costs = roofline_sim_costs(
+        spec, h100, h100, RooflineSetup(batch=64, attention_devices=8, ffn_devices=8)
+    )
+    free = dataclasses.replace(costs, colocated_a2a_ms_per_token=0.0, colocated_a2a_beta_ms=0.0)
+    load = decode_load(np.array([[64]]), np.array([[64 * 2000.0]]), 1)
+
+    def step(c):
+        return step_timing(stage_times(c, load, "colocated"), c.num_layers, "colocated").duration[0]
+
+    extra = spec.num_layers * (costs.colocated_a2a_ms_per_token * 64 + costs.colocated_a2a_beta_ms)
+    assert step(costs) - step(free) == pytest.approx(extra)
+
+
+def test_afd_decode_behind_a_prefill_pool() -> None:
+    """The decode side of a PD split can be an AFD bundle: every request is prefilled by the
+    pool, its KV handed to the bundle, and decoded there to its last token."""
+    spec, h100 = load_model("qwen3-30b-a3b"), load_hardware("h100")
+    costs = roofline_sim_costs(spec, h100, h100, RooflineSetup(batch=16, ffn_devices=2))
+    n = 40
+    reqs = RequestSet(np.full(n, 500), np.full(n, 20), np.linspace(0.0, 1.0, n), name="fixed")
+    dec = BundleConfig(
+        attention_workers=2, slots=16, microbatches=2, pipeline="microbatch", prefill="none"
+    )
+    rep, runs = run_pd_split(
+        costs,
+        costs,
+        reqs,
+        prefill_instances=1,
+        decode_instances=1,
+        prefill_slots=16,
+        decode_slots=16,
+        decode_config=dec,
+    )
+    assert rep.requests_finished == n
+    assert rep.throughput_tok_s > 0 and rep.ttft_ms.count == n
+
+
+def test_the_search_has_the_afd_plus_prefill_family() -> None:
+    assert FAMILIES == ("afd", "afd+prefill", "aggregated", "pd-split")
+    spec, h100 = load_model("qwen3-30b-a3b"), load_hardware("h100")
+    space = SearchSpace(ratios=(1, 2), batches=(32,), microbatches=(2,))
+    cands = _candidates(spec, h100, 8, 1000.0, space, [], None)
+    mixed = [c for c in cands if c.family == "afd+prefill"]
+    assert mixed
+    for c in mixed:
+        p = c.params
+        bundle = p["r"] * p["attention_devices"] + p["ffn_devices"]
+        assert c.devices == p["prefill_instances"] * p["prefill_devices"] + p["bundles"] * bundle
+        assert c.devices <= 8 and p["prefill_instances"] >= 1 and p["bundles"] >= 1
+        assert c.decode_costs is not None and c.decode_costs.kv_transfer_ms_per_token > 0

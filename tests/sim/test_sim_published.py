@@ -1,0 +1,66 @@
+"""Sizing against published deployments (issue 18, item 6): the data files are what their
+sources say, and `afdserve sim-validate published` predicts every point with the defaults."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from afdserve.cli import main
+from afdserve.planner.roofline import Efficiency, busiest_side
+from afdserve.sim.published import load_data, validate_published
+
+
+def test_fastafd_points_are_self_consistent() -> None:
+    """TPS/GPU x 4(k+1) GPUs x step = 4k workers x b tokens a step, for every quoted point:
+    a transcription error in the data file breaks this."""
+    data = load_data("fastafd_ratio_sweep")
+    assert "linsj20/FastAFD" in data["source"]
+    timed = [p for p in data["points"] if p["step_ms"] is not None]
+    assert len(timed) >= 50
+    for p in timed:
+        k, b = p["attention_trays"], p["batch_per_worker"]
+        tokens = p["tps_per_gpu"] * 4 * (k + 1) * p["step_ms"] / 1e3
+        assert tokens == pytest.approx(4 * k * b, rel=2e-3), p
+
+
+def test_step3_rows_cite_the_report() -> None:
+    data = load_data("step3_table8")
+    assert "2507.19427" in data["source"]
+    assert [p["tps_per_gpu"] for p in data["points"]] == [4039.0, 2643.0]
+
+
+def test_the_busiest_link_side() -> None:
+    assert busiest_side(8, 1, 8) == "B"  # Step-3 2A2F: as many devices each side
+    assert busiest_side(16, 1, 8) == "rB"  # 4A2F: the FFN node receives twice as much
+    assert busiest_side(1, 8, 8) == "B"
+
+
+def test_every_point_is_predicted_with_the_documented_defaults() -> None:
+    report = validate_published()
+    assert report.efficiency == Efficiency()
+    points = (*report.step3, *report.fastafd)
+    assert len(report.fastafd) == len(load_data("fastafd_ratio_sweep")["points"])
+    for c in points:
+        assert c.predicted > 0 and math.isfinite(c.predicted), c.label
+        assert c.error == pytest.approx(c.predicted / c.published - 1)
+    for c in report.fastafd:
+        # planner and simulator time the same bundle: within 3% (fill/drain of the pipeline)
+        assert c.detail["plan_step_ms"] == pytest.approx(c.detail["step_ms"], rel=0.03)
+        assert c.detail["fits"], c.label
+        assert c.detail["link"] == "scale-up"  # one NVL72 rack
+    for c in report.step3:
+        assert c.detail["link"] == "scale-out"  # A and F nodes talk over the NICs
+        assert c.detail["step_ms"] <= 50.0
+
+
+def test_the_command_prints_predicted_vs_published(capsys) -> None:
+    assert main(["sim-validate", "published"]) == 0
+    out = capsys.readouterr().out
+    assert "2A2F 4K" in out and "16K A5:F1" in out and "median abs error" in out
+    assert main(["sim-validate", "published", "--json", "--bw-eff", "0.8"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["efficiency"]["memory_bw"] == 0.8
+    assert {r["isl"] for r in d["fastafd_rows"]} == {16384, 32768, 65536, 131072}
