@@ -116,6 +116,15 @@ def restart_backoff_s(n: int) -> float:
 
 """The owner of a request that no attention worker can serve now (all stalled)."""
 
+REJOIN_SETTLE_S = 1.0
+"""A worker started again (by hand, or by a launcher such as torchrun's elastic agent, which
+restarts every process of its node together and, under a c10d rendezvous, of every node) is
+taken back once no other one has said hello for this long: the workers restarted at one moment
+join under one epoch, instead of each new hello moving the others to yet another one while they
+connect."""
+REJOIN_SETTLE_MAX_S = 5.0
+"""...but no later than this after the first of them said hello."""
+
 ADD_TIMEOUT_S = 1.0
 """Longest a control message to a live worker may wait to be taken (ZeroMQ queues them, so in
 practice they never wait); aborts wait less, as they run on the server's event loop."""
@@ -162,6 +171,10 @@ class MultiProcessEngine:
         """rank -> (why it was restarted, the deadline of its `Ready`)."""
         self._respawn_due: dict[int, float] = {}
         """rank -> when its restart starts its process (the backoff)."""
+        self._hellos: dict[int, str] = {}
+        """rank -> why: workers started again that said hello, waiting for the others restarted
+        with them (REJOIN_SETTLE_S) before they are taken back together."""
+        self._hellos_first = self._hellos_last = 0.0
         self._abandoned: set[int] = set()
         """Attention ranks that died with no restart left: gone for good."""
         self.restarts = 0
@@ -411,7 +424,7 @@ class MultiProcessEngine:
             raise WorkerError(self._failure)
         delay = restart_backoff_s(self.restarts + 1)
         self._respawn_due[rank] = time.monotonic() + delay
-        self._take_back(rank, why, delay)
+        self._take_back({rank: why}, delay)
         log.warning(
             "%s: restarting it in %.0fs (%d of %d)", why, delay, self.restarts, cfg.max_restarts
         )
@@ -419,28 +432,57 @@ class MultiProcessEngine:
     def _readmit(self, m: Hello) -> None:
         """A worker of an already configured rank says hello: it was started again, by hand or
         by an outside supervisor (one the front spawned itself is in `_restarting` already).
-        Its predecessor is gone: its requests move (attention), and the group rejoins under a
-        new epoch with it, as for a restart by the front (not counted against its budget)."""
+        Its predecessor is gone: its requests move at once (attention), and nothing more is
+        routed to it; the group rejoins under a new epoch with it, as for a restart by the
+        front (not counted against its budget), once the workers restarted with it have said
+        hello too (`_take_back_settled`)."""
         if not 0 <= m.rank < self.cfg.world_size or m.rank in self._restarting:
             return
         if self._procs.pids:  # spawned workers: a hello from one not restarted is stale
             return
+        if m.rank in self._hellos:
+            return  # it says hello every second until configured
         why = f"worker rank {m.rank} was started again (pid {m.pid})"
         if m.rank < self.cfg.attention_workers:
             self._lose(m.rank, why, dead=True)
-        self._take_back(m.rank, why, 0.0)
-        log.warning("%s: taking it back into the group (epoch %d)", why, self._epoch)
+        now = time.monotonic()
+        if not self._hellos:
+            self._hellos_first = now
+        self._hellos_last = now
+        self._hellos[m.rank] = why
 
-    def _take_back(self, rank: int, why: str, start_in_s: float) -> None:
-        """The one path of a worker started again (under the lock): a new epoch, `Configure`
-        for it as soon as it connects (until it is ready, by the startup deadline counted from
+    def _take_back_settled(self) -> None:
+        """Take back the workers that said hello (under the lock), all under one new epoch, once
+        none has for REJOIN_SETTLE_S (or REJOIN_SETTLE_MAX_S after the first)."""
+        if not self._hellos:
+            return
+        now = time.monotonic()
+        if (
+            now - self._hellos_last < REJOIN_SETTLE_S
+            and now - self._hellos_first < REJOIN_SETTLE_MAX_S
+        ):
+            return
+        batch, self._hellos = self._hellos, {}
+        self._take_back(batch, 0.0)
+        log.warning(
+            "%s: taking %s back into the group (epoch %d)",
+            "; ".join(batch.values()),
+            "it" if len(batch) == 1 else "them",
+            self._epoch,
+        )
+
+    def _take_back(self, batch: dict[int, str], start_in_s: float) -> None:
+        """The one path of workers started again (under the lock): a new epoch, `Configure`
+        for each as soon as it connects (until it is ready, by the startup deadline counted from
         its start), `Rejoin` for every other worker still there."""
-        self.restarts += 1
+        self.restarts += len(batch)
         self._epoch += 1
-        self._restarting[rank] = (why, time.monotonic() + start_in_s + self.cfg.startup_timeout_s)
+        deadline = time.monotonic() + start_in_s + self.cfg.startup_timeout_s
+        for rank, why in batch.items():
+            self._restarting[rank] = (why, deadline)
         self._configured_at = 0.0
         for k in range(self.cfg.world_size):
-            if k != rank and not (k < self.cfg.attention_workers and self.workers[k].dead):
+            if k not in batch and not (k < self.cfg.attention_workers and self.workers[k].dead):
                 self._send_control(k, Rejoin(self._epoch))
 
     def _check_heard(self) -> None:
@@ -449,6 +491,7 @@ class MultiProcessEngine:
         others; requests no worker could take for `silence_limit_s` end with an error."""
         if self._closed:
             return
+        self._take_back_settled()
         now = time.monotonic()
         for w in self.workers:
             silent = now - w.last_heard
@@ -460,9 +503,9 @@ class MultiProcessEngine:
         if any(not w.down for w in self.workers):
             for rid in parked:
                 self._place(rid)
-        elif (all(w.dead for w in self.workers) and not self._restarting) or now - (
-            self._parked_since or now
-        ) > silence_limit_s(self.cfg.sync_timeout_s):
+        elif (
+            all(w.dead for w in self.workers) and not self._restarting and not self._hellos
+        ) or now - (self._parked_since or now) > silence_limit_s(self.cfg.sync_timeout_s):
             for rid in parked:
                 self._end(rid, "no attention worker could serve it")
         else:
@@ -576,23 +619,30 @@ class MultiProcessEngine:
             live = [w.rank for w in self.workers if not w.down]
             if not live:
                 raise WorkerError("no attention worker serves now: " + "; ".join(self._problems()))
-            k = self.router.choose(self._drained.among(live))
-            try:
-                add = AddRequest(
-                    request_id, request.prompt_token_ids, params, request.sampling_seed
-                )
-                control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
-            except (TimeoutError, zmq.ZMQError) as exc:
-                self.router.routed[k] -= 1
-                raise WorkerError(f"attention worker {k} does not take requests: {exc}") from None
-            self._owner[request_id] = k
             self._tracked[request_id] = Tracked(
                 request.prompt_token_ids, params, request.sampling_seed
             )
-            w = self.workers[k]
-            w.outstanding[request_id] = len(request.prompt_token_ids)
-            w.adds_sent += 1
-            return k
+            add = AddRequest(request_id, request.prompt_token_ids, params, request.sampling_seed)
+            while live:  # a worker that does not take it (dead, not yet noticed): the next one
+                k = self.router.choose(self._drained.among(live))
+                try:
+                    control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
+                except (TimeoutError, zmq.ZMQError) as exc:
+                    self.router.routed[k] -= 1
+                    live.remove(k)
+                    log.warning("attention worker %d does not take requests: %s", k, exc)
+                    continue
+                self._owner[request_id] = k
+                w = self.workers[k]
+                w.outstanding[request_id] = len(request.prompt_token_ids)
+                w.adds_sent += 1
+                return k
+            # none took it: it waits at the front for one to come back, as a moved request does
+            self._owner[request_id] = PARKED
+            self._parked.add(request_id)
+            if self._parked_since is None:
+                self._parked_since = time.monotonic()
+            return PARKED
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its worker frees its KV blocks when it reads the abort. Thread-safe."""
@@ -818,6 +868,7 @@ class MultiProcessEngine:
         out = self._drained.problems()
         out += [w.down for w in self.workers if w.down and w.rank not in self._restarting]
         out += [f"{why}; restarting it" for why, _ in self._restarting.values()]
+        out += [f"{why}; taking it back" for why in self._hellos.values()]
         now = time.monotonic()
         for j, heard in sorted(self._ffn_heard.items()):
             if j not in self._restarting and now - heard > STALL_S:
