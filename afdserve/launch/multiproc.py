@@ -450,6 +450,7 @@ class MultiProcessEngine:
             self._hellos_first = now
         self._hellos_last = now
         self._hellos[m.rank] = why
+        self.restarts += 1  # counted now: its requests moved already
 
     def _take_back_settled(self) -> None:
         """Take back the workers that said hello (under the lock), all under one new epoch, once
@@ -463,7 +464,7 @@ class MultiProcessEngine:
         ):
             return
         batch, self._hellos = self._hellos, {}
-        self._take_back(batch, 0.0)
+        self._take_back(batch, 0.0, counted=True)
         log.warning(
             "%s: taking %s back into the group (epoch %d)",
             "; ".join(batch.values()),
@@ -471,11 +472,13 @@ class MultiProcessEngine:
             self._epoch,
         )
 
-    def _take_back(self, batch: dict[int, str], start_in_s: float) -> None:
+    def _take_back(self, batch: dict[int, str], start_in_s: float, counted: bool = False) -> None:
         """The one path of workers started again (under the lock): a new epoch, `Configure`
         for each as soon as it connects (until it is ready, by the startup deadline counted from
-        its start), `Rejoin` for every other worker still there."""
-        self.restarts += len(batch)
+        its start), `Rejoin` for every other worker still there (`counted`: the restarts were
+        counted when they said hello)."""
+        if not counted:
+            self.restarts += len(batch)
         self._epoch += 1
         deadline = time.monotonic() + start_in_s + self.cfg.startup_timeout_s
         for rank, why in batch.items():
