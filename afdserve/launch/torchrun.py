@@ -117,6 +117,7 @@ def _serve_flags(raw: list[str]) -> list[str]:
 
 
 def _front_address(args: argparse.Namespace, env: LaunchEnv, roles: RoleMap) -> str:
+    """HOST:PORT the workers reach the front at (a name is kept: ZeroMQ resolves it)."""
     if args.front:
         from afdserve.transport.options import parse_host_port
 
@@ -131,7 +132,18 @@ def _front_address(args: argparse.Namespace, env: LaunchEnv, roles: RoleMap) -> 
         )
     if not 0 < args.front_port < 65536:
         raise UserInputError(f"--front-port must be in 1..65535, got {args.front_port}")
-    return f"{_resolve(env.master_addr)}:{args.front_port}"
+    return f"{env.master_addr}:{args.front_port}"
+
+
+def _front_bind(args: argparse.Namespace, front: str, environ) -> str:
+    """HOST:PORT the front itself binds (and tells its workers the rendezvous store at): this
+    host's own address when --host or $AFDSERVE_HOST says it (a pod binds its IP before its DNS
+    name resolves), else the front's address with the name resolved (ZeroMQ binds addresses)."""
+    host, _, port = front.rpartition(":")
+    if args.front:
+        return front
+    own = args.host or environ.get("AFDSERVE_HOST", "")
+    return f"{own or _resolve(host)}:{port}"
 
 
 def _resolve(host: str) -> str:
@@ -181,7 +193,7 @@ def _checked_serve_flags(serve: list[str], roles: RoleMap, front: str) -> list[s
         got = getattr(ns, dest)
         if got != getattr(defaults, dest) and got != want:
             raise UserInputError(f"{flag} {got} disagrees with --roles ({roles.describe()})")
-    if ns.front and ns.front != front:
+    if ns.front:
         raise UserInputError("give the front's address to this launcher (--front), not after --")
     if ns.mode != "afd":
         raise UserInputError("a launched group runs AFD: drop --mode aggregated")
@@ -199,7 +211,7 @@ def _checked_serve_flags(serve: list[str], roles: RoleMap, front: str) -> list[s
         "--ffn-workers",
         str(roles.ffn_workers),
     ]
-    return out + ([] if ns.front else ["--front", front])
+    return out + ["--front", front]
 
 
 def plan(argv: list[str], environ: dict[str, str] | None = None) -> RankPlan:
@@ -212,12 +224,14 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> RankPlan:
             f"--roles names {roles.world_size} ranks ({roles.describe()}) but the launcher "
             f"started {env.world_size} (WORLD_SIZE / LWS_GROUP_SIZE)"
         )
+    environ = os.environ if environ is None else environ
     front = _front_address(args, env, roles)
-    serve = _checked_serve_flags(_serve_flags(args.serve), roles, front)
     role = roles.role(env.rank)
     if role.name == "front":
-        return RankPlan("front", tuple(serve), front, keep_front=env.source == "torchrun")
-    environ = os.environ if environ is None else environ
+        bind = _front_bind(args, front, environ)
+        serve = _checked_serve_flags(_serve_flags(args.serve), roles, bind)
+        return RankPlan("front", tuple(serve), bind, keep_front=env.source == "torchrun")
+    _checked_serve_flags(_serve_flags(args.serve), roles, front)  # every rank fails alike
     front_host = front.rpartition(":")[0]
     host = args.host or environ.get("AFDSERVE_HOST", "") or _local_address(_resolve(front_host))
     if not args.worker_connect_timeout > 0:

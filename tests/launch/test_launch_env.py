@@ -79,6 +79,16 @@ def test_under_lws_the_front_is_the_leader_and_execs_itself():
     assert w.argv[1:7] == ("--front", "10.0.0.7:31000", "--rank", "1", "--host", "10.0.0.9")
 
 
+def test_a_leader_named_by_dns_binds_its_own_ip_and_workers_dial_the_name():
+    """LWS_LEADER_ADDRESS is a DNS name that may not resolve before the leader is up: the
+    leader binds its pod IP ($AFDSERVE_HOST), the workers keep the name (ZeroMQ resolves it)."""
+    lws = LWS | {"LWS_LEADER_ADDRESS": "afd-0.afd.default"}
+    leader = plan([], lws | {"LWS_WORKER_INDEX": "0", "AFDSERVE_HOST": "10.0.0.7"})
+    assert leader.front == "10.0.0.7:29600" and leader.argv[-2:] == ("--front", "10.0.0.7:29600")
+    w = plan([], lws | {"AFDSERVE_HOST": "10.0.0.9"})
+    assert w.argv[1:3] == ("--front", "afd-0.afd.default:29600")
+
+
 @pytest.mark.parametrize(
     "argv,env,match",
     [
