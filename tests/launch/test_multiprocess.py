@@ -861,6 +861,25 @@ def test_killed_attention_worker_is_restarted_and_serves_again(tiny_model_dirs, 
     assert not any(_alive(p) for p in llm.engine.pids)
 
 
+def test_request_for_a_dead_worker_not_yet_noticed_goes_to_another(tiny_model_dirs, reference):
+    """Workers started by hand: attention worker 0 dies and, before the front notices (its
+    silence takes STALL_S), requests are routed to it (worker 1 is drained, so the router picks
+    it): an add it does not take goes to the next worker, and one it took before dying moves
+    when the front notices; either way every request ends with the aggregated tokens."""
+    port = free_port_run(5)
+    procs = _hand_started_workers(2, port)
+    try:
+        with _front(tiny_model_dirs["llama"], 2, port) as llm:
+            llm.engine.drain(1)
+            procs[0].kill()
+            procs[0].wait(10)
+            time.sleep(0.3)  # ZeroMQ sees the connection close (not needed for the outcome)
+            got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    finally:
+        _reap(procs)
+    assert got == reference("llama")
+
+
 @pytest.mark.parametrize("victim", [2, 0])
 def test_hand_started_worker_restarted_by_hand_rejoins(tiny_model_dirs, survival_reference, victim):
     """Workers started by hand over tcp: the FFN worker (or attention worker 0) is killed and
