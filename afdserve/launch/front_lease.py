@@ -12,13 +12,12 @@ workers restarted with the keeper rejoin it through the membership path (multipr
 keeper renews the lease for `timeout_s` (the launcher stopped for good), the front stops itself
 as on SIGTERM (drain, then exit): a bounded orphan, never a permanent one.
 
-`python -m afdserve.launch.front_lease --lease FILE --timeout S -- <afdserve serve flags>` is
-the front side: `afdserve serve` plus the thread that watches the lease.
+`python -m afdserve.launch.front_lease_cli --lease FILE --timeout S -- <afdserve serve flags>`
+is the front side: `afdserve serve` plus the thread that watches the lease (`watch_lease`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -71,7 +70,7 @@ def start_front(run_dir: Path, serve_argv: list[str], timeout_s: float) -> subpr
     cmd = [
         sys.executable,
         "-m",
-        "afdserve.launch.front_lease",
+        "afdserve.launch.front_lease_cli",
         "--lease",
         str(lease),
         "--timeout",
@@ -142,7 +141,7 @@ def _copy_log(logfile: Path, offset: int) -> int:
     return offset + len(data)
 
 
-def _watch_lease(lease: Path, timeout_s: float) -> None:
+def watch_lease(lease: Path, timeout_s: float) -> None:
     """The front's side: stop this process (as SIGTERM does: drain, then exit) once the lease
     has not been renewed for `timeout_s`; checked every second."""
     while True:
@@ -155,22 +154,3 @@ def _watch_lease(lease: Path, timeout_s: float) -> None:
             log.warning("no keeper renewed the lease for %.0fs: the front stops", age)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m afdserve.launch.front_lease")
-    p.add_argument("--lease", required=True, type=Path)
-    p.add_argument("--timeout", required=True, type=float)
-    p.add_argument("serve", nargs=argparse.REMAINDER, help="-- then `afdserve serve` flags")
-    args = p.parse_args(argv)
-    serve = args.serve[1:] if args.serve[:1] == ["--"] else args.serve
-    threading.Thread(
-        target=_watch_lease, args=(args.lease, args.timeout), name="afd-lease", daemon=True
-    ).start()
-    from afdserve.cli import main as cli_main
-
-    return cli_main(["serve", *serve])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

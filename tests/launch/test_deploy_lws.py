@@ -36,7 +36,7 @@ def _server_routes() -> set[str]:
 
 def _check_group(docs: list[dict], attention: int, ffn: int) -> None:
     from afdserve.cli import build_parser
-    from afdserve.launch.torchrun import plan
+    from afdserve.launch.torchrun_cli import plan
     from afdserve.launch.worker import WorkerConfig, config_from_args
     from afdserve.server.cli import serve_config
 

@@ -7,7 +7,7 @@ import pytest
 
 from afdserve.errors import UserInputError
 from afdserve.launch.launch_env import LaunchEnv
-from afdserve.launch.torchrun import plan
+from afdserve.launch.torchrun_cli import plan
 
 TORCHRUN = {
     "MASTER_ADDR": "127.0.0.1",
