@@ -135,8 +135,13 @@ class TorchrunGroup:
         return httpx.get(self.http + "/admin/workers", timeout=10).json()
 
     def worker_pid(self, rank: int) -> int | None:
-        want = f"worker --front 127.0.0.1:{self.front_port} --rank {rank} "
-        pids = [p for p, (_, cmd) in _proc_table().items() if want in cmd and _alive(p)]
+        # MASTER_ADDR, hence --front's host, is 127.0.0.1 or this host's name (c10d)
+        want = f":{self.front_port} --rank {rank} "
+        pids = [
+            p
+            for p, (_, cmd) in _proc_table().items()
+            if " afdserve.cli worker --front " in cmd and want in cmd and _alive(p)
+        ]
         return pids[0] if pids else None
 
     def metric(self, name: str) -> float:
