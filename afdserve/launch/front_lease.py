@@ -18,6 +18,7 @@ is the front side: `afdserve serve` plus the thread that watches the lease (`wat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -35,6 +36,9 @@ RENEW_S = 0.5
 PID_FILE = "front.pid"
 LEASE_FILE = "front.lease"
 LOG_FILE = "front.log"
+ARGV_FILE = "front.argv"
+"""The `afdserve serve` flags the running front was started with (JSON): a keeper keeps only a
+front of its own flags."""
 
 
 def _cmdline(pid: int) -> str:
@@ -83,6 +87,7 @@ def start_front(run_dir: Path, serve_argv: list[str], timeout_s: float) -> subpr
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+    (run_dir / ARGV_FILE).write_text(json.dumps(serve_argv))
     (run_dir / PID_FILE).write_text(str(proc.pid))
     return proc
 
@@ -107,6 +112,19 @@ def keep_front(run_dir: Path, serve_argv: list[str], timeout_s: float) -> int:
         pid, offset = child.pid, logfile.stat().st_size if logfile.exists() else 0
         print(f"afdserve front keeper: started the front (pid {pid}, log {logfile})", flush=True)
     else:
+        try:
+            theirs = json.loads((run_dir / ARGV_FILE).read_text())
+        except (OSError, ValueError):
+            theirs = None
+        if theirs != serve_argv:  # another job's front, within its lease: not ours to keep
+            print(
+                f"afdserve front keeper: error: the front in {run_dir} (pid {pid}) runs with "
+                f"other flags ({theirs}); it stops within {timeout_s:.0f}s of its last keeper, "
+                "or give this job another --run-dir and --front-port",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 2
         offset = logfile.stat().st_size if logfile.exists() else 0
         print(f"afdserve front keeper: the front (pid {pid}) runs on; keeping it", flush=True)
     lease = run_dir / LEASE_FILE

@@ -63,3 +63,24 @@ def test_run_dir_names_only_a_live_front_of_ours(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_keeper_keeps_only_a_front_of_its_own_flags(tmp_path, capsys):
+    """A front of another job (other flags, still within its lease) is not kept: exit 2."""
+    import json
+
+    from afdserve.launch.front_lease import ARGV_FILE, keep_front
+
+    code = "import time; time.sleep(60)  # afdserve.launch.front_lease"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        (tmp_path / PID_FILE).write_text(str(proc.pid))
+        (tmp_path / ARGV_FILE).write_text(json.dumps(["--port", "1"]))
+        assert keep_front(tmp_path, ["--port", "2"], 5.0) == 2
+        assert "runs with other flags" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+        proc.kill()
+        proc.wait()
