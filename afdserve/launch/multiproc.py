@@ -600,8 +600,9 @@ class MultiProcessEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
     ) -> int:
-        """Admit a request and route it to the least-loaded attention worker; returns that
-        worker's index. Thread-safe (the server calls it on its event loop while `step` runs
+        """Admit a request and route it to the least-loaded attention worker that takes it;
+        returns that worker's index (PARKED when none took it: it waits, as a moved request
+        does, for one to come back). Thread-safe (the server calls it on its event loop while `step` runs
         elsewhere)."""
         with self._lock:
             if self._closed or self._failure is not None:
@@ -869,7 +870,11 @@ class MultiProcessEngine:
 
     def _problems(self) -> list[str]:
         out = self._drained.problems()
-        out += [w.down for w in self.workers if w.down and w.rank not in self._restarting]
+        out += [
+            w.down
+            for w in self.workers
+            if w.down and w.rank not in self._restarting and w.rank not in self._hellos
+        ]
         out += [f"{why}; restarting it" for why, _ in self._restarting.values()]
         out += [f"{why}; taking it back" for why in self._hellos.values()]
         now = time.monotonic()
