@@ -224,6 +224,8 @@ def plan(argv: list[str], environ: dict[str, str] | None = None) -> RankPlan:
             f"--roles names {roles.world_size} ranks ({roles.describe()}) but the launcher "
             f"started {env.world_size} (WORLD_SIZE / LWS_GROUP_SIZE)"
         )
+    if not args.lease_timeout > 0:
+        raise UserInputError(f"--lease-timeout must be > 0, got {args.lease_timeout}")
     environ = os.environ if environ is None else environ
     front = _front_address(args, env, roles)
     role = roles.role(env.rank)

@@ -101,6 +101,7 @@ def test_a_leader_named_by_dns_binds_its_own_ip_and_workers_dial_the_name():
         ([*ROLES, "--", "--no-such-flag"], TORCHRUN, "not `afdserve serve`'s"),
         ([*ROLES, "--", "--front", "1.2.3.4:5"], TORCHRUN, "not after --"),
         (["--roles", "front,attention:2,ffn", "--front-port", "0"], TORCHRUN, "--front-port"),
+        ([*ROLES, "--lease-timeout", "0"], TORCHRUN, "--lease-timeout must be > 0"),
     ],
 )
 def test_bad_launches_fail_on_every_rank(argv, env, match):
