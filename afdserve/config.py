@@ -77,6 +77,12 @@ class EngineConfig:
     """KV blocks per attention worker (plus one reserved); None sizes it from kv_cache_gib."""
     kv_cache_gib: float = 1.0
     """KV memory budget per attention worker when num_kv_blocks is not given."""
+    enable_prefix_caching: bool = True
+    """Automatic prefix caching, on by default as in vLLM: each attention worker keeps full KV
+    blocks by a chained hash of their tokens after their request ends and reuses them for any
+    request that starts with the same tokens, whose prefill then skips them; the front routes a
+    request to the worker holding its longest cached prefix when loads are close
+    (engine/prefix_cache.py, afd/router.py). Outputs are the same either way."""
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -199,6 +205,10 @@ class EngineConfig:
         ):
             raise UserInputError(
                 f"ffn_gather_wait_s must be a number of seconds >= 0, got {self.ffn_gather_wait_s!r}"
+            )
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise UserInputError(
+                f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
             )
         if not isinstance(self.batch_invariant, bool):
             raise UserInputError(f"batch_invariant must be a bool, got {self.batch_invariant!r}")

@@ -63,6 +63,14 @@ def add_engine_args(
         "the sync timeout if shorter; 0: serve whoever has arrived, best on shared cores)",
     )
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of cached full blocks for prompts that start with the same tokens, "
+        "and route requests to the worker holding their longest cached prefix (default on; "
+        "--no-enable-prefix-caching: off)",
+    )
+    p.add_argument(
         "--batch-invariant",
         action="store_true",
         help="exact mode: AFD gives the aggregated tokens bit for bit (GEMMs on fixed row tiles)",
@@ -172,6 +180,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
         batch_invariant=args.batch_invariant,
+        enable_prefix_caching=args.enable_prefix_caching,
         ffn_threads=args.ffn_threads,
         ffn_gather_wait_s=args.ffn_gather_wait,
         skip_tokenizer_init=args.skip_tokenizer_init,

@@ -429,6 +429,8 @@ class EngineState:
     """Dead workers started again (worker processes only)."""
     parked: int = 0
     """Requests waiting for any attention worker to take them (every one stalled)."""
+    routing: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """The router's decisions by reason (afd/router.py: load, prefix, balance)."""
 
     @property
     def num_running(self) -> int:

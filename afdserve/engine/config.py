@@ -31,10 +31,19 @@ class CacheConfig:
     gather `cache[block_table]` always reads a valid (and never written-for-real) block. The
     scheduler can therefore use `num_blocks - 1` blocks.
     """
+    enable_prefix_caching: bool = False
+    """Keep full blocks by their tokens' chained hash and reuse them for any sequence that
+    starts with the same tokens (engine/prefix_cache.py). Off here so that a bare scheduler
+    (unit tests, the simulator's replica) keeps exact block counts; `EngineConfig` turns it on
+    by default, as vLLM does."""
 
     def __post_init__(self) -> None:
         _check_int("CacheConfig", "block_size", self.block_size, 1)
         _check_int("CacheConfig", "num_blocks", self.num_blocks, 2)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise UserInputError(
+                f"CacheConfig.enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
+            )
 
     @property
     def num_usable_blocks(self) -> int:
@@ -83,6 +92,7 @@ def worker_configs(
     block_size: int,
     num_blocks: int | None = None,
     budget_blocks: int | None = None,
+    enable_prefix_caching: bool = False,
 ) -> tuple[CacheConfig, SchedulerConfig]:
     """One attention worker's cache and scheduler configs from an engine's flags.
 
@@ -95,7 +105,9 @@ def worker_configs(
     if num_blocks is None:
         need = max_num_seqs * -(-max_model_len // block_size) + 1
         num_blocks = max(2, need if budget_blocks is None else min(budget_blocks, need))
-    cache = CacheConfig(block_size=block_size, num_blocks=num_blocks)
+    cache = CacheConfig(
+        block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
+    )
     sched = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

@@ -169,6 +169,7 @@ def cache_and_scheduler_configs(
         block_size=cfg.block_size,
         num_blocks=cfg.num_kv_blocks,
         budget_blocks=budget_blocks,
+        enable_prefix_caching=cfg.enable_prefix_caching,
     )
 
 

@@ -1,0 +1,232 @@
+"""Prefix caching: full KV blocks kept after their sequence ends, found again by their tokens.
+
+A full block's key is a chained hash (vLLM's automatic prefix caching): blake2b over the key of
+the block before it and the block's own token ids, so a key names the block's tokens *and*
+everything before them, which is what its KV depends on. Two requests whose prompts share the
+first k full blocks share those k keys, and the second reuses the first one's KV for them.
+
+`BlockPool` is one attention worker's pool of KV blocks with that cache in it. Every block is in
+exactly one of three states:
+
+* free: holds nothing (the `BlockAllocator`'s free list);
+* held: referenced by at least one running sequence (`refs[b] > 0`); a held full block may also
+  be cached (its key maps to it), and then other sequences may take a reference to it;
+* cached but unreferenced (`evictable`): its sequence ended or was preempted; kept with its KV
+  until an allocation needs the space. These count as free for `can_allocate`; `allocate`
+  takes truly free blocks first and then evicts the least recently released.
+
+The keys never depend on anything but token ids and the block size, so the front (which routes
+by them, afd/router.py) and the workers compute the same ones with `block_hashes`.
+Used by one thread: the scheduler's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from afdserve.engine.block_allocator import NULL_BLOCK, BlockAllocator, NoFreeBlocksError
+
+BlockHash = bytes
+"""A full block's key: 16 bytes of blake2b (collisions: about 2^-64 at 2^32 distinct blocks)."""
+
+_ROOT = b"afdserve-prefix-v1"
+"""What the first block of every sequence chains from (fixed: front and workers must agree)."""
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+    """The key of a full block whose tokens are `token_ids`, after the block keyed `parent`
+    (None: the sequence's first block)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(_ROOT if parent is None else parent)
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.digest()
+
+
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, known: Sequence[BlockHash] = ()
+) -> list[BlockHash]:
+    """Keys of every full block of `token_ids`; `known` are keys already computed for its first
+    blocks (a sequence's tokens only grow, so they are reused rather than hashed again)."""
+    out = list(known)
+    for i in range(len(out), len(token_ids) // block_size):
+        parent = out[i - 1] if i else None
+        out.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size]))
+    return out
+
+
+class BlockPool:
+    """Physical KV blocks 1..num_blocks-1 with reference counts and, when `caching`, a cache of
+    full blocks by key with LRU eviction of the unreferenced ones (module docstring).
+
+    With `caching` off it is exactly a `BlockAllocator`: nothing is ever cached, `lookup` finds
+    nothing and a released block is free at once.
+    """
+
+    def __init__(self, num_blocks: int, *, caching: bool = True) -> None:
+        self._free = BlockAllocator(num_blocks)
+        self.num_blocks = num_blocks
+        self.caching = bool(caching)
+        self._refs = [0] * num_blocks
+        self._key_of: dict[int, BlockHash] = {}
+        self._block_of: dict[BlockHash, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        """Cached blocks no sequence references, least recently released first."""
+        self.evictions = 0
+        """Cached blocks whose KV was dropped to make room (monotonic)."""
+        self.record_events = False
+        """Keep the keys stored and removed for `take_events` (a worker process whose front
+        mirrors its cache sets it; nobody else would drain them)."""
+        self._stored: list[BlockHash] = []
+        self._removed: list[BlockHash] = []
+
+    # ---- sizes (the BlockAllocator interface) --------------------------------------------
+
+    @property
+    def num_usable(self) -> int:
+        return self._free.num_usable
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can have: free ones plus cached ones nobody references."""
+        return self._free.num_free + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks referenced by sequences."""
+        return self.num_usable - self.num_free
+
+    @property
+    def usage(self) -> float:
+        return self.num_used / self.num_usable
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks whose key is in the cache (held or not)."""
+        return len(self._block_of)
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._evictable)
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
+
+    def can_allocate(self, n: int) -> bool:
+        return 0 <= n <= self.num_free
+
+    # ---- allocation ----------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` blocks, each referenced once; free blocks first, then the least recently
+        released cached ones (their keys leave the cache). All or nothing."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"cannot allocate {n!r} blocks")
+        if n > self.num_free:
+            raise NoFreeBlocksError(f"asked for {n} KV blocks but only {self.num_free} are free")
+        take = min(n, self._free.num_free)
+        out = self._free.allocate(take)
+        while len(out) < n:
+            b, _ = self._evictable.popitem(last=False)
+            self._uncache(b)
+            self.evictions += 1
+            out.append(b)
+        for b in out:
+            self._refs[b] = 1
+        return out
+
+    def free(self, blocks: Iterable[int]) -> None:
+        """Drop one reference to each block; a block nobody references any more is cached
+        (evictable, in the order given: pass a sequence's blocks last first, so its tail is
+        evicted before its prefix) or free. All or nothing: validated first."""
+        blocks = list(blocks)
+        drops: dict[int, int] = {}
+        for b in blocks:
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 < b < self.num_blocks:
+                raise ValueError(
+                    f"block id {b!r} is not an allocatable block (1..{self.num_blocks - 1})"
+                )
+            drops[b] = drops.get(b, 0) + 1
+            if drops[b] > self._refs[b]:
+                raise ValueError(f"double free of KV block {b}")
+        uncached = []
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue
+            if b in self._key_of:
+                self._evictable[b] = None
+            else:
+                uncached.append(b)
+        self._free.free(uncached)
+
+    # ---- the cache -----------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[BlockHash]) -> list[int]:
+        """The cached blocks of the longest prefix of `keys` (no reference is taken)."""
+        out: list[int] = []
+        if not self.caching:
+            return out
+        for key in keys:
+            b = self._block_of.get(key)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def num_evictable_of(self, blocks: Iterable[int]) -> int:
+        """How many of `blocks` (cached ones) are unreferenced: taking them uses up free space."""
+        return sum(1 for b in blocks if self._refs[b] == 0)
+
+    def touch(self, blocks: Iterable[int]) -> None:
+        """Take one reference to each of these cached blocks (a sequence reuses them)."""
+        for b in blocks:
+            if b not in self._key_of:
+                raise ValueError(f"KV block {b} is not cached")
+            if self._refs[b] == 0:
+                del self._evictable[b]
+            self._refs[b] += 1
+
+    def cache(self, block: int, key: BlockHash) -> bool:
+        """Enter a held block that just became full (its KV is written) under `key`. False
+        when caching is off, or when another block already holds that key (two sequences
+        computed the same prefix at once: this copy stays private and is freed with them)."""
+        if not self.caching or key in self._block_of or block in self._key_of:
+            return False
+        if block == NULL_BLOCK or self._refs[block] == 0:
+            raise ValueError(f"only a held block can be cached, not {block}")
+        self._block_of[key] = block
+        self._key_of[block] = key
+        if self.record_events:
+            self._stored.append(key)
+        return True
+
+    def cached_prefix_len(self, keys: Sequence[BlockHash]) -> int:
+        """Leading `keys` that are cached (the router's question)."""
+        return len(self.lookup(keys))
+
+    def take_events(self) -> tuple[tuple[BlockHash, ...], tuple[BlockHash, ...]]:
+        """(keys stored, keys removed) since the last call, in order, for a front that mirrors
+        this cache to route by it (Dynamo's KV events). A key may be in both."""
+        out = (tuple(self._stored), tuple(self._removed))
+        self._stored.clear()
+        self._removed.clear()
+        return out
+
+    def reset(self) -> int:
+        """Forget every unreferenced cached block (they become free); returns how many."""
+        n = len(self._evictable)
+        blocks = list(self._evictable)
+        self._evictable.clear()
+        for b in blocks:
+            self._uncache(b)
+        self._free.free(blocks)
+        return n
+
+    def _uncache(self, block: int) -> None:
+        key = self._key_of.pop(block)
+        del self._block_of[key]
+        if self.record_events:
+            self._removed.append(key)
