@@ -71,6 +71,22 @@ def add_engine_args(
         "--no-enable-prefix-caching: off)",
     )
     p.add_argument(
+        "--kv-host-tier-gib",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="KV host tier per attention worker: blocks the device cache evicts are kept in "
+        "host memory and brought back on a hit or a resume instead of recomputed (needs "
+        "prefix caching; default 0: none)",
+    )
+    p.add_argument(
+        "--num-host-kv-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the host tier in KV blocks (overrides --kv-host-tier-gib)",
+    )
+    p.add_argument(
         "--batch-invariant",
         action="store_true",
         help="exact mode: AFD gives the aggregated tokens bit for bit (GEMMs on fixed row tiles)",
@@ -181,6 +197,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         num_kv_blocks=args.num_kv_blocks,
         batch_invariant=args.batch_invariant,
         enable_prefix_caching=args.enable_prefix_caching,
+        kv_host_tier_gib=args.kv_host_tier_gib,
+        num_host_kv_blocks=args.num_host_kv_blocks,
         ffn_threads=args.ffn_threads,
         ffn_gather_wait_s=args.ffn_gather_wait,
         skip_tokenizer_init=args.skip_tokenizer_init,

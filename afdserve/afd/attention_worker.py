@@ -123,4 +123,5 @@ class AttentionWorker:
                 kv_blocks_used=load.kv_blocks_used,
                 kv_blocks_total=load.kv_blocks_total,
                 counters=dataclasses.replace(s.counters),
+                kv_host_blocks_total=s.cache_config.num_host_blocks,
             )

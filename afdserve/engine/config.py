@@ -36,6 +36,9 @@ class CacheConfig:
     starts with the same tokens (engine/prefix_cache.py). Off here so that a bare scheduler
     (unit tests, the simulator's replica) keeps exact block counts; `EngineConfig` turns it on
     by default, as vLLM does."""
+    num_host_blocks: int = 0
+    """Slots of the KV host tier: cached blocks the device evicts are copied there and back
+    on a hit or a resume (engine/prefix_cache.py); 0: none. Needs prefix caching."""
 
     def __post_init__(self) -> None:
         _check_int("CacheConfig", "block_size", self.block_size, 1)
@@ -43,6 +46,11 @@ class CacheConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise UserInputError(
                 f"CacheConfig.enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
+            )
+        _check_int("CacheConfig", "num_host_blocks", self.num_host_blocks, 0)
+        if self.num_host_blocks and not self.enable_prefix_caching:
+            raise UserInputError(
+                "a KV host tier keeps evicted prefix-cache blocks: it needs prefix caching"
             )
 
     @property
@@ -93,6 +101,7 @@ def worker_configs(
     num_blocks: int | None = None,
     budget_blocks: int | None = None,
     enable_prefix_caching: bool = False,
+    num_host_blocks: int = 0,
 ) -> tuple[CacheConfig, SchedulerConfig]:
     """One attention worker's cache and scheduler configs from an engine's flags.
 
@@ -106,7 +115,10 @@ def worker_configs(
         need = max_num_seqs * -(-max_model_len // block_size) + 1
         num_blocks = max(2, need if budget_blocks is None else min(budget_blocks, need))
     cache = CacheConfig(
-        block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching
+        block_size=block_size,
+        num_blocks=num_blocks,
+        enable_prefix_caching=enable_prefix_caching,
+        num_host_blocks=num_host_blocks,
     )
     sched = SchedulerConfig(
         max_num_seqs=max_num_seqs,

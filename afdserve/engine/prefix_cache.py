@@ -15,6 +15,19 @@ exactly one of three states:
   until an allocation needs the space. These count as free for `can_allocate`; `allocate`
   takes truly free blocks first and then evicts the least recently released.
 
+The host tier (`num_host_blocks` > 0; vLLM's CPU offload, SGLang's HiCache): a cached block that
+an allocation evicts from the device is not dropped but copied to a slot of a second, larger pool
+in host memory, under the same key, and a later lookup that finds a key there brings the block
+back (a new device block, copied into before this step's chunks read it) instead of computing
+it again. So a preempted sequence, whose blocks are the first to be evicted, resumes from the
+tier rather than by recompute, and a prefix pushed out of the device by others is still a hit.
+The tier is exclusive (a key is on the device or in the host, not both: a block brought back
+leaves the host) and LRU too (a full tier drops its least recently stored block). The pool
+only plans the copies: `take_plan_copies` hands them to the scheduler for the step's plan
+(`StepPlan.swap_out`, `swap_in`), and the runner makes them, outs first, at the step's start
+(engine/kv_tier.py). A slot emptied by a copy back is reused only from the next plan on, so
+this plan's copies never race each other.
+
 The keys never depend on anything but token ids and the block size, so the front (which routes
 by them, afd/router.py) and the workers compute the same ones with `block_hashes`.
 Used by one thread: the scheduler's.
@@ -26,6 +39,7 @@ import hashlib
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from afdserve.engine.block_allocator import NULL_BLOCK, BlockAllocator, NoFreeBlocksError
 
@@ -65,17 +79,27 @@ class BlockPool:
     nothing and a released block is free at once.
     """
 
-    def __init__(self, num_blocks: int, *, caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, *, caching: bool = True, num_host_blocks: int = 0) -> None:
         self._free = BlockAllocator(num_blocks)
         self.num_blocks = num_blocks
         self.caching = bool(caching)
+        if num_host_blocks and not self.caching:
+            raise ValueError("a KV host tier keeps cached blocks: it needs prefix caching")
+        self.host = HostTier(num_host_blocks) if num_host_blocks else None
+        self._swap_out: list[tuple[int, int]] = []
+        self._swap_in: list[tuple[int, int]] = []
+        self._emptied: list[int] = []
         self._refs = [0] * num_blocks
         self._key_of: dict[int, BlockHash] = {}
         self._block_of: dict[BlockHash, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()
         """Cached blocks no sequence references, least recently released first."""
         self.evictions = 0
-        """Cached blocks whose KV was dropped to make room (monotonic)."""
+        """Cached blocks evicted from the device to make room (monotonic)."""
+        self.swapped_out = 0
+        """Of those, blocks copied to the host tier (planned copies handed out)."""
+        self.host_hits = 0
+        """Blocks brought back from the host tier."""
         self.record_events = False
         """Keep the keys stored and removed for `take_events` (a worker process whose front
         mirrors its cache sets it; nobody else would drain them)."""
@@ -130,8 +154,13 @@ class BlockPool:
         out = self._free.allocate(take)
         while len(out) < n:
             b, _ = self._evictable.popitem(last=False)
+            key = self._key_of[b]
             self._uncache(b)
             self.evictions += 1
+            if self.host is not None:
+                slot = self.host.put(key)
+                if slot is not None:
+                    self._swap_out.append((b, slot))
             out.append(b)
         for b in out:
             self._refs[b] = 1
@@ -165,7 +194,8 @@ class BlockPool:
     # ---- the cache -----------------------------------------------------------------------
 
     def lookup(self, keys: Sequence[BlockHash]) -> list[int]:
-        """The cached blocks of the longest prefix of `keys` (no reference is taken)."""
+        """The device blocks of the longest prefix of `keys` cached on the device (no
+        reference is taken)."""
         out: list[int] = []
         if not self.caching:
             return out
@@ -174,6 +204,60 @@ class BlockPool:
             if b is None:
                 break
             out.append(b)
+        return out
+
+    def lookup_tiers(self, keys: Sequence[BlockHash]) -> list[int | HostHit]:
+        """The longest prefix of `keys` cached on the device or in the host tier: a device
+        block id, or a `HostHit` naming the host slot, per key."""
+        out: list[int | HostHit] = []
+        if not self.caching:
+            return out
+        for key in keys:
+            b = self._block_of.get(key)
+            if b is not None:
+                out.append(b)
+                continue
+            slot = self.host.slot_of(key) if self.host is not None else None
+            if slot is None:
+                break
+            out.append(HostHit(slot))
+        return out
+
+    def take(self, hit: Sequence[int | HostHit]) -> list[int]:
+        """Reference what `lookup_tiers` found, as a sequence's first blocks: device blocks are
+        touched; each host one gets a new device block, cached under its key at once (the copy
+        into it runs before this step reads it), and leaves the host. The caller checked
+        `can_allocate(len(host ones) + num_evictable_of(device ones))`."""
+        self.touch([b for b in hit if not isinstance(b, HostHit)])
+        slots = [h.slot for h in hit if isinstance(h, HostHit)]
+        if not slots:
+            return list(hit)  # type: ignore[arg-type]
+        assert self.host is not None
+        keys = iter([self.host.take(s) for s in slots])  # out of the host's map and LRU
+        fresh = iter(self.allocate(len(slots)))  # may evict others to the host, not these
+        out = []
+        for h in hit:
+            if isinstance(h, HostHit):
+                b = next(fresh)
+                self._swap_in.append((h.slot, b))
+                self._cache_or_fail(b, next(keys))
+                out.append(b)
+            else:
+                out.append(h)
+        self._emptied.extend(slots)
+        self.host_hits += len(slots)
+        return out
+
+    def take_plan_copies(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """The host-tier copies planned since the last call, (swap_out, swap_in), for one
+        step's plan; the host slots they emptied become free for the next plan."""
+        out = (tuple(self._swap_out), tuple(self._swap_in))
+        self.swapped_out += len(self._swap_out)
+        self._swap_out.clear()
+        self._swap_in.clear()
+        if self.host is not None:
+            self.host.release(self._emptied)
+        self._emptied.clear()
         return out
 
     def num_evictable_of(self, blocks: Iterable[int]) -> int:
@@ -188,6 +272,10 @@ class BlockPool:
             if self._refs[b] == 0:
                 del self._evictable[b]
             self._refs[b] += 1
+
+    def _cache_or_fail(self, block: int, key: BlockHash) -> None:
+        if not self.cache(block, key):
+            raise RuntimeError(f"block key of KV block {block} is cached twice")
 
     def cache(self, block: int, key: BlockHash) -> bool:
         """Enter a held block that just became full (its KV is written) under `key`. False
@@ -216,7 +304,10 @@ class BlockPool:
         return out
 
     def reset(self) -> int:
-        """Forget every unreferenced cached block (they become free); returns how many."""
+        """Forget every unreferenced cached block (they become free) and the host tier;
+        returns how many device blocks."""
+        if self.host is not None:
+            self.host.clear()
         n = len(self._evictable)
         blocks = list(self._evictable)
         self._evictable.clear()
@@ -230,3 +321,67 @@ class BlockPool:
         del self._block_of[key]
         if self.record_events:
             self._removed.append(key)
+
+
+@dataclass(frozen=True)
+class HostHit:
+    """A lookup's hit in the host tier: the slot holding the block's KV."""
+
+    slot: int
+
+
+class HostTier:
+    """The host pool's bookkeeping: slots 0..n-1, key <-> slot, least recently stored first.
+
+    Every stored slot is unreferenced (sequences only ever reference device blocks), so any may
+    be dropped for a new one, except those a plan is copying back (`take`n until `release`).
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots must be an integer >= 1, got {num_slots!r}")
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._slot_of: dict[BlockHash, int] = {}
+        self._key_of: OrderedDict[int, BlockHash] = OrderedDict()  # LRU first
+        self.dropped = 0
+        """Blocks dropped from a full tier (their KV is gone: a later hit recomputes)."""
+
+    @property
+    def num_stored(self) -> int:
+        return len(self._key_of)
+
+    def slot_of(self, key: BlockHash) -> int | None:
+        return self._slot_of.get(key)
+
+    def put(self, key: BlockHash) -> int | None:
+        """A slot to copy the block keyed `key` into (a free one, else the least recently
+        stored one's); None when the key is already here or every slot is being read."""
+        if key in self._slot_of:
+            return None
+        if self._free:
+            slot = self._free.pop()
+        elif self._key_of:
+            slot, old = self._key_of.popitem(last=False)
+            del self._slot_of[old]
+            self.dropped += 1
+        else:
+            return None
+        self._slot_of[key] = slot
+        self._key_of[slot] = key
+        return slot
+
+    def take(self, slot: int) -> BlockHash:
+        """Remove a slot's block from the tier (it goes back to the device); the slot stays
+        out of use until `release`."""
+        key = self._key_of.pop(slot)
+        del self._slot_of[key]
+        return key
+
+    def release(self, slots: Iterable[int]) -> None:
+        self._free.extend(slots)
+
+    def clear(self) -> None:
+        self._free.extend(self._key_of)
+        self._key_of.clear()
+        self._slot_of.clear()

@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from afdserve.engine.config import CacheConfig, SchedulerConfig
-from afdserve.engine.prefix_cache import BlockPool, block_hashes
+from afdserve.engine.prefix_cache import BlockPool, HostHit, block_hashes
 from afdserve.engine.sequence import Sequence, SequenceStatus
 from afdserve.errors import UserInputError
 from afdserve.types import (
@@ -95,6 +95,10 @@ class SchedulerCounters:
     """Tokens of the sequences admitted with the prefix cache on (vLLM's prefix_cache_queries)."""
     prefix_cache_hits: int = 0
     """Of those, tokens whose KV came from the cache instead of being computed."""
+    kv_host_blocks_out: int = 0
+    """KV host tier: cached blocks copied out of the device when it evicted them..."""
+    kv_host_blocks_in: int = 0
+    """...and blocks copied back for a hit or a resume (their tokens are prefix-cache hits)."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,9 @@ class Scheduler:
         self.eos_token_ids: frozenset[int] = frozenset(int(t) for t in eos_token_ids)
         self._clock = clock
         self.allocator = BlockPool(
-            cache_config.num_blocks, caching=cache_config.enable_prefix_caching
+            cache_config.num_blocks,
+            caching=cache_config.enable_prefix_caching,
+            num_host_blocks=cache_config.num_host_blocks,
         )
         self.counters = SchedulerCounters()
         self._waiting: deque[Sequence] = deque()
@@ -287,15 +293,17 @@ class Scheduler:
             while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
                 seq = self._waiting[0]  # holds no blocks and has nothing computed
                 hit = self._cached_prefix(seq)
+                on_device = [b for b in hit if not isinstance(b, HostHit)]
                 cached = len(hit) * self.cache_config.block_size
                 n = self._chunk_len(seq, budget, cached)
-                need = self.cache_config.blocks_for(cached + n) - len(hit)
-                if not self.allocator.can_allocate(need + self.allocator.num_evictable_of(hit)):
+                need = self.cache_config.blocks_for(cached + n) - len(on_device)
+                held = self.allocator.num_evictable_of(on_device)
+                if not self.allocator.can_allocate(need + held):
                     break  # FCFS: nobody overtakes the head of the queue
                 self._waiting.popleft()
                 if self.allocator.caching:
                     self._take_cached(seq, hit)
-                seq.block_table.extend(self.allocator.allocate(need))
+                seq.block_table.extend(self.allocator.allocate(need - (len(hit) - len(on_device))))
                 seq.status = SequenceStatus.RUNNING
                 if seq.first_scheduled_at is None:
                     seq.first_scheduled_at = self._clock()
@@ -303,8 +311,17 @@ class Scheduler:
                 chunks.append(self._make_chunk(seq, n))
                 budget -= n
 
+        swap_out, swap_in = self.allocator.take_plan_copies()
+        if (swap_out or swap_in) and not chunks:
+            raise RuntimeError("a plan with KV copies but nothing to run")
+        self.counters.kv_host_blocks_out += len(swap_out)
+        self.counters.kv_host_blocks_in += len(swap_in)
         plan = StepPlan(
-            step_id=self._next_step_id, chunks=tuple(chunks), preempted=tuple(preempted)
+            step_id=self._next_step_id,
+            chunks=tuple(chunks),
+            preempted=tuple(preempted),
+            swap_out=swap_out,
+            swap_in=swap_in,
         )
         self._next_step_id += 1
         if chunks:  # an empty plan needs no update() (one is accepted and does nothing)
@@ -421,8 +438,9 @@ class Scheduler:
 
     # ---- prefix cache ----------------------------------------------------------------------
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks a waiting `seq` may start with (no reference taken yet)."""
+    def _cached_prefix(self, seq: Sequence) -> list[int | HostHit]:
+        """The cached blocks a waiting `seq` may start with, on the device or in the host
+        tier (no reference taken yet)."""
         if not self.allocator.caching:
             return []
         bs = self.cache_config.block_size
@@ -434,12 +452,12 @@ class Scheduler:
         if limit < bs:
             return []
         seq.block_hashes = block_hashes(seq.token_ids, bs, seq.block_hashes)
-        return self.allocator.lookup(seq.block_hashes[: limit // bs])
+        return self.allocator.lookup_tiers(seq.block_hashes[: limit // bs])
 
-    def _take_cached(self, seq: Sequence, hit: list[int]) -> None:
-        """Admit `seq` with the cached blocks `hit` as its first blocks, computed."""
-        self.allocator.touch(hit)
-        seq.block_table.extend(hit)
+    def _take_cached(self, seq: Sequence, hit: list[int | HostHit]) -> None:
+        """Admit `seq` with the cached blocks `hit` as its first blocks, computed (those in
+        the host tier are copied back at the step's start, before its chunks run)."""
+        seq.block_table.extend(self.allocator.take(hit))
         seq.num_cached_blocks = len(hit)
         cached = len(hit) * self.cache_config.block_size
         self.counters.prefix_cache_queries += seq.num_tokens

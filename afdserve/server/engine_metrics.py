@@ -91,6 +91,17 @@ class EngineCollector:
             mn,
             ("reason",),
         )
+        yield _counter(
+            "kv_host_tier_blocks",
+            "KV blocks copied to the host tier when the device evicted them (out) and back for "
+            "a hit or a resume (in).",
+            {
+                ("out",): st.counter("kv_host_blocks_out"),
+                ("in",): st.counter("kv_host_blocks_in"),
+            },
+            mn,
+            ("direction",),
+        )
         yield _gauge(
             "worker_load",
             "Router load of each attention worker: KV tokens held plus tokens queued for prefill.",
@@ -207,7 +218,7 @@ class EngineCollector:
             "block_size": str(cfg.block_size),
             "cache_dtype": cfg.dtype,
             "num_gpu_blocks": str(sum(w.kv_blocks_total for w in st.workers)),
-            "num_cpu_blocks": "0",
+            "num_cpu_blocks": str(sum(w.kv_host_blocks_total for w in st.workers)),
             "enable_prefix_caching": str(cfg.enable_prefix_caching),
         }
         g = GaugeMetricFamily(

@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 from afdserve.engine import CacheConfig, Scheduler, SchedulerConfig, SequenceStatus
-from afdserve.engine.prefix_cache import BlockPool, block_hashes, hash_block
+from afdserve.engine.prefix_cache import BlockPool, HostHit, block_hashes, hash_block
 from afdserve.types import (
     ChunkPromptLogprobs,
     PromptLogprob,
@@ -112,8 +112,15 @@ class KVRunner:
         self.sched = sched
         n = sched.cache_config.num_blocks
         self.kv: list[list[int | None]] = [[None] * BS for _ in range(n)]
+        self.host: list[list[int | None]] = [[None] * BS for _ in range(64)]
+        self.copied = 0
 
     def answer(self, plan: StepPlan) -> StepResult:
+        for d, h in plan.swap_out:  # the host tier's copies, outs first (as the runner)
+            self.host[h] = list(self.kv[d])
+        for h, d in plan.swap_in:
+            self.kv[d] = list(self.host[h])
+        self.copied += len(plan.swap_in)
         sampled, prompt = [], []
         for c in plan.chunks:
             ctx = [self.kv[c.block_table[p // BS]][p % BS] for p in range(c.start_pos)]
@@ -140,10 +147,17 @@ def _digest(tokens: list) -> int:
     return zlib.crc32(repr(tokens).encode())
 
 
-def _scheduler(num_blocks: int, caching: bool, budget: int = 16, max_seqs: int = 8) -> Scheduler:
+def _scheduler(
+    num_blocks: int, caching: bool, budget: int = 16, max_seqs: int = 8, host: int = 0
+) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=128),
-        CacheConfig(block_size=BS, num_blocks=num_blocks, enable_prefix_caching=caching),
+        CacheConfig(
+            block_size=BS,
+            num_blocks=num_blocks,
+            enable_prefix_caching=caching,
+            num_host_blocks=host,
+        ),
         eos_token_ids=(2,),
     )
 
@@ -233,17 +247,20 @@ def _workload(seed: int, n: int = 14):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("num_blocks", [9, 14, 40])
-def test_random_shared_prefix_workloads_match_caching_off(seed, num_blocks):
-    """Small pools force preemption (9 blocks: every sequence fits alone) and eviction; the
-    runner's answers depend on the KV it reads, so any wrong reuse shows."""
+@pytest.mark.parametrize("host", [0, 5, 64])
+def test_random_shared_prefix_workloads_match_caching_off(seed, num_blocks, host):
+    """Small pools force preemption (9 blocks: every sequence fits alone) and eviction, a
+    small host tier drops blocks too; the runner's answers depend on the KV it reads (copies
+    to and from the tier included), so any wrong reuse shows."""
     reqs = _workload(seed)
-    on = _scheduler(num_blocks, True, budget=12, max_seqs=4)
+    on = _scheduler(num_blocks, True, budget=12, max_seqs=4, host=host)
     outs_on, _ = _drive(on, reqs, arrive_every=seed % 3)
     outs_off, _ = _drive(_scheduler(num_blocks, False, budget=12, max_seqs=4), reqs, seed % 3)
     assert outs_on == outs_off
     assert on.counters.prefix_cache_hits > 0
     if num_blocks == 9:
         assert on.counters.preemptions > 0 and on.allocator.evictions > 0
+        assert (on.counters.kv_host_blocks_in > 0) == (host > 0)
 
 
 def test_a_preempted_sequence_resumes_from_what_is_left_of_its_cached_blocks():
@@ -276,3 +293,42 @@ def test_aborted_and_finished_sequences_leave_their_blocks_cached():
     (chunk,) = plan.chunks
     assert chunk.start_pos == 12 and chunk.token_ids == (99,)
     assert sched.sequence_by_seq_id(seq_id).status is SequenceStatus.RUNNING
+
+
+def test_with_a_host_tier_a_preempted_sequence_resumes_without_recompute():
+    """The preemption above, with a host tier: b's evicted blocks go to the host and come back,
+    (one stayed on the device), so its resume recomputes nothing: it feeds only the token it
+    had sampled, as if it had never been preempted."""
+
+    def run(host: int) -> tuple[Scheduler, dict]:
+        s = _scheduler(9, True, budget=32, max_seqs=2, host=host)
+        outs, _ = _drive(s, [_req("a", list(range(10, 30)), 6), _req("b", list(range(50, 62)), 10)])
+        return s, outs
+
+    (tier, outs_tier), (none, outs_none) = run(16), run(0)
+    assert outs_tier == outs_none
+    assert tier.counters.preemptions == 1
+    assert tier.counters.kv_host_blocks_in == 2 and tier.counters.kv_host_blocks_out >= 2
+    assert tier.counters.prefix_cache_hits == 12  # b's whole prompt: 3 blocks
+    assert tier.counters.recomputed_tokens == 0 < none.counters.recomputed_tokens
+
+
+def test_host_tier_bookkeeping():
+    pool = BlockPool(3, num_host_blocks=2)  # 2 device blocks, 2 host slots
+    keys = block_hashes(list(range(16)), 4)
+    a = pool.allocate(2)
+    pool.cache(a[0], keys[0])
+    pool.cache(a[1], keys[1])
+    pool.free(reversed(a))  # a[1] is the least recently released
+    b = pool.allocate(1)
+    assert b == [a[1]] and pool.take_plan_copies() == (((a[1], 0),), ())
+    hit = pool.lookup_tiers(keys)
+    assert hit[0] == a[0] and isinstance(hit[1], HostHit) and len(hit) == 2
+    pool.free(b)
+    got = pool.take(hit)  # a[0] touched; keys[1] back into the one free device block
+    assert got[0] == a[0] and pool.lookup(keys[:2]) == got
+    out, back = pool.take_plan_copies()
+    assert back == ((0, got[1]),) and out == ()
+    assert pool.host.num_stored == 0  # exclusive: it left the host
+    with pytest.raises(ValueError, match="needs prefix caching"):
+        BlockPool(3, caching=False, num_host_blocks=2)
