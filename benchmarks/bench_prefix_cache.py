@@ -17,11 +17,12 @@ cache and once without; every request's tokens (greedy) are checked to be the sa
   at --max-output tokens.
 
 TTFT is measured from a request's entry into the engine (closed loop: no queueing ahead of it
-at the front) to its first token event. --kv-blocks sizes each attention worker's cache
+at the front) to its first token event. `recomputed` counts tokens fed again after a
+preemption, `from host` the blocks brought back from the KV host tier (--host-blocks). --kv-blocks sizes each attention worker's cache
 (default: the engine's own sizing); a small one makes eviction and preemption part of the run.
 
     python benchmarks/bench_prefix_cache.py
-    python benchmarks/bench_prefix_cache.py --kv-blocks 48   # a budget that forces eviction
+    python benchmarks/bench_prefix_cache.py --kv-blocks 64 --host-blocks 1024  # eviction, tier
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def replay(engine, workload, concurrency: int):
     return outs, ttft, wall, sum(len(o) for o in outs.values())
 
 
-def run(args, workload, caching: bool):
+def run(args, workload, caching: bool, host_blocks: int = 0):
     from afdserve.config import EngineConfig
     from afdserve.launch.local import build_engine
 
@@ -117,6 +118,7 @@ def run(args, workload, caching: bool):
         num_kv_blocks=args.kv_blocks,
         max_model_len=args.max_model_len,
         enable_prefix_caching=caching,
+        num_host_kv_blocks=host_blocks or None,
     )
     engine, _ = build_engine(cfg)
     try:
@@ -128,7 +130,13 @@ def run(args, workload, caching: bool):
         st = engine.state(afd=False)
         diff = {
             k: st.counter(k) - before.counter(k)
-            for k in ("prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "preemptions")
+            for k in (
+                "prefix_cache_queries",
+                "prefix_cache_hits",
+                "prompt_tokens",
+                "preemptions",
+                "kv_host_blocks_in",
+            )
         }
         diff["recomputed"] = st.counter("recomputed_tokens") - before.counter("recomputed_tokens")
         diff["routing"] = {k: v - before.routing.get(k, 0) for k, v in st.routing.items()}
@@ -147,6 +155,12 @@ def main() -> None:
     ap.add_argument("--attention-workers", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--kv-blocks", type=int, default=None)
+    ap.add_argument(
+        "--host-blocks",
+        type=int,
+        default=0,
+        help="also run with a KV host tier of this many blocks per worker (cache on)",
+    )
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--system-tokens", type=int, default=512)
     ap.add_argument("--tokens-per-hash", type=int, default=32)
@@ -187,7 +201,8 @@ def main() -> None:
     )
     head = (
         "| workload | cache | requests | prompt tok | hit rate | tokens not recomputed | "
-        "preempt | out tok/s | TTFT mean ms | TTFT p90 ms | routing (load/prefix/balance) |"
+        "preempt | recomputed | from host | out tok/s | TTFT mean ms | TTFT p90 ms | "
+        "routing (load/prefix/balance) |"
     )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -195,20 +210,24 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         results = {}
-        for caching in (False, True):
-            (outs, ttft, wall, out_tokens), c = run(args, wl, caching)
-            results[caching] = outs
+        configs = [("off", False, 0), ("on", True, 0)]
+        if args.host_blocks:
+            configs.append((f"on + host {args.host_blocks}", True, args.host_blocks))
+        for label, caching, host in configs:
+            (outs, ttft, wall, out_tokens), c = run(args, wl, caching, host)
+            results[label] = outs
             q = c["prefix_cache_queries"]
             rate = c["prefix_cache_hits"] / q if q else 0.0
             p90 = statistics.quantiles(ttft, n=10)[-1] if len(ttft) > 1 else ttft[0]
             r = c["routing"]
             print(
-                f"| {name} | {'on' if caching else 'off'} | {len(wl)} | {c['prompt_tokens']} | "
+                f"| {name} | {label} | {len(wl)} | {c['prompt_tokens']} | "
                 f"{rate:.1%} | {c['prefix_cache_hits']} | {c['preemptions']} | "
+                f"{c['recomputed']} | {c['kv_host_blocks_in']} | "
                 f"{out_tokens / wall:.1f} | {1e3 * statistics.fmean(ttft):.1f} | {1e3 * p90:.1f} | "
                 f"{r.get('load', 0)}/{r.get('prefix', 0)}/{r.get('balance', 0)} |"
             )
-        same = results[False] == results[True]
+        same = all(o == results["off"] for o in results.values())
         print(f"<!-- {name}: outputs with the cache equal outputs without: {same} -->")
         if not same:
             raise SystemExit(f"{name}: outputs differ with the prefix cache")
