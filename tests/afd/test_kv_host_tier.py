@@ -1,5 +1,6 @@
 """The KV host tier: a workload that preempted by recompute now resumes from the tier, with the
-same tokens and (exact mode) log-probabilities, in aggregated mode and in AFD."""
+same tokens and (exact mode) log-probabilities, in aggregated mode and in AFD, in one process
+and over worker processes."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def _run(model_dir, **engine):
     [
         dict(mode="aggregated", attention_workers=1, microbatches=1),
         dict(mode="afd", attention_workers=2, microbatches=2),
+        dict(mode="afd", attention_workers=2, microbatches=1, transport="shm"),
     ],
-    ids=["aggregated", "afd"],
+    ids=["aggregated", "afd", "afd-shm"],
 )
 def test_preempted_requests_resume_from_the_host_tier(tiny_model_dirs, engine):
     model = tiny_model_dirs["qwen3-moe"]
