@@ -77,6 +77,18 @@ class EngineConfig:
     """KV blocks per attention worker (plus one reserved); None sizes it from kv_cache_gib."""
     kv_cache_gib: float = 1.0
     """KV memory budget per attention worker when num_kv_blocks is not given."""
+    enable_prefix_caching: bool = True
+    """Automatic prefix caching, on by default as in vLLM: each attention worker keeps full KV
+    blocks by a chained hash of their tokens after their request ends and reuses them for any
+    request that starts with the same tokens, whose prefill then skips them; the front routes a
+    request to the worker holding its longest cached prefix when loads are close
+    (engine/prefix_cache.py, afd/router.py). Outputs are the same either way."""
+    kv_host_tier_gib: float = 0.0
+    """KV host tier per attention worker (host memory, GiB): cached blocks the device pool
+    evicts are copied there and brought back on a hit or a resume, so a preempted request
+    resumes from the tier instead of by recompute. 0: none. Needs prefix caching."""
+    num_host_kv_blocks: int | None = None
+    """The host tier in blocks, overriding kv_host_tier_gib (tests, exact sizing)."""
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -199,6 +211,29 @@ class EngineConfig:
         ):
             raise UserInputError(
                 f"ffn_gather_wait_s must be a number of seconds >= 0, got {self.ffn_gather_wait_s!r}"
+            )
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise UserInputError(
+                f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
+            )
+        if isinstance(self.kv_host_tier_gib, bool) or not (
+            isinstance(self.kv_host_tier_gib, (int, float)) and self.kv_host_tier_gib >= 0
+        ):
+            raise UserInputError(
+                f"kv_host_tier_gib must be a number >= 0, got {self.kv_host_tier_gib!r}"
+            )
+        if self.num_host_kv_blocks is not None and (
+            isinstance(self.num_host_kv_blocks, bool)
+            or not isinstance(self.num_host_kv_blocks, int)
+            or self.num_host_kv_blocks < 0
+        ):
+            raise UserInputError(
+                f"num_host_kv_blocks must be an integer >= 0, got {self.num_host_kv_blocks!r}"
+            )
+        if (self.kv_host_tier_gib or self.num_host_kv_blocks) and not self.enable_prefix_caching:
+            raise UserInputError(
+                "a KV host tier (kv_host_tier_gib, num_host_kv_blocks) keeps the blocks prefix "
+                "caching evicts: it needs enable_prefix_caching"
             )
         if not isinstance(self.batch_invariant, bool):
             raise UserInputError(f"batch_invariant must be a bool, got {self.batch_invariant!r}")

@@ -63,6 +63,30 @@ def add_engine_args(
         "the sync timeout if shorter; 0: serve whoever has arrived, best on shared cores)",
     )
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of cached full blocks for prompts that start with the same tokens, "
+        "and route requests to the worker holding their longest cached prefix (default on; "
+        "--no-enable-prefix-caching: off)",
+    )
+    p.add_argument(
+        "--kv-host-tier-gib",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="KV host tier per attention worker: blocks the device cache evicts are kept in "
+        "host memory and brought back on a hit or a resume instead of recomputed (needs "
+        "prefix caching; default 0: none)",
+    )
+    p.add_argument(
+        "--num-host-kv-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the host tier in KV blocks (overrides --kv-host-tier-gib)",
+    )
+    p.add_argument(
         "--batch-invariant",
         action="store_true",
         help="exact mode: AFD gives the aggregated tokens bit for bit (GEMMs on fixed row tiles)",
@@ -172,6 +196,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
         batch_invariant=args.batch_invariant,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_host_tier_gib=args.kv_host_tier_gib,
+        num_host_kv_blocks=args.num_host_kv_blocks,
         ffn_threads=args.ffn_threads,
         ffn_gather_wait_s=args.ffn_gather_wait,
         skip_tokenizer_init=args.skip_tokenizer_init,

@@ -307,6 +307,13 @@ class StepPlan:
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[int, ...] = ()
     """Sequences preempted (their KV freed) while making this plan; informational."""
+    swap_out: tuple[tuple[int, int], ...] = ()
+    """KV host tier: (device block, host slot) copies the runner makes before anything else
+    in this step (cached blocks evicted from the device to make room; their device blocks are
+    written by this very step)..."""
+    swap_in: tuple[tuple[int, int], ...] = ()
+    """...then (host slot, device block) copies: cached blocks brought back for a hit or a
+    resume, read by this step's chunks (engine/prefix_cache.py)."""
 
     @property
     def num_tokens(self) -> int:

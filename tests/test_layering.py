@@ -43,6 +43,7 @@ SIM_MAY_DRIVE = {
     "afdserve.engine.block_allocator",
     "afdserve.engine.config",
     "afdserve.engine.microbatch",
+    "afdserve.engine.prefix_cache",
     "afdserve.engine.scheduler",
     "afdserve.engine.sequence",
 }

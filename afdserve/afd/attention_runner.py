@@ -22,6 +22,7 @@ import torch
 
 from afdserve.afd.ffn_link import FFNLink
 from afdserve.engine.kv_cache import KVCache
+from afdserve.engine.kv_tier import HostKVTier
 from afdserve.engine.microbatch import split_microbatches
 from afdserve.engine.penalties import TokenHistory
 from afdserve.engine.sampler import sample, score_tokens
@@ -56,8 +57,11 @@ class AttentionRunner:
         microbatch_tokens: int | None = None,
         eos_token_ids: Iterable[int] = (),
         tokenizer_file: str | Path | None = None,
+        host_tier: HostKVTier | None = None,
     ) -> None:
         self.part, self.kv, self.link = part, kv, link
+        self.host_tier = host_tier
+        """The KV host tier, whose copies each plan names (engine/kv_tier.py)."""
         self.num_microbatches = num_microbatches
         self.microbatch_tokens = microbatch_tokens
         """When set, the step is split into ceil(tokens / microbatch_tokens) microbatches instead."""
@@ -75,6 +79,10 @@ class AttentionRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, step: int) -> StepResult:
         """Run `plan` as bundle step `step` (the id every worker of the bundle shares)."""
+        if plan.swap_out or plan.swap_in:
+            if self.host_tier is None:
+                raise RuntimeError(f"step {plan.step_id} copies KV blocks but there is no tier")
+            self.host_tier.apply(self.kv, plan.step_id, plan.swap_out, plan.swap_in)
         self.history.observe(plan.chunks)
         mbs = [
             self._prepare(g) for g in split_microbatches(plan.chunks, self._microbatch_count(plan))

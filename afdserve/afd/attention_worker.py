@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Sequence
 
 from afdserve.afd.attention_runner import AttentionRunner
 from afdserve.afd.stats import AFDStats, AttentionStatus
@@ -72,6 +73,17 @@ class AttentionWorker:
         with self._lock:
             return self.scheduler.load().score
 
+    def cached_prefix_len(self, keys: Sequence[bytes]) -> int:
+        """How many of a prompt's leading block keys this worker's prefix cache holds."""
+        with self._lock:
+            return self.scheduler.allocator.cached_prefix_len(keys)
+
+    def take_kv_events(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """Block keys its prefix cache stored and removed since the last call (a worker
+        process ships them to its front, which mirrors the cache to route by it)."""
+        with self._lock:
+            return self.scheduler.allocator.take_events()
+
     def step(self) -> list[TokenEvent] | None:
         """Plan, execute and account one step; its token events, or None when there was nothing
         to run (an empty plan sends the FFN nothing). A step can run and yield no events (a
@@ -111,4 +123,5 @@ class AttentionWorker:
                 kv_blocks_used=load.kv_blocks_used,
                 kv_blocks_total=load.kv_blocks_total,
                 counters=dataclasses.replace(s.counters),
+                kv_host_blocks_total=s.cache_config.num_host_blocks,
             )

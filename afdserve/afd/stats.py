@@ -333,6 +333,8 @@ class AttentionStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kv_blocks_used: int
     kv_blocks_total: int
     counters: SchedulerCounters
+    kv_host_blocks_total: int = 0
+    """Slots of its KV host tier (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,8 @@ class WorkerState:
     """The scheduler's monotonic counters (SchedulerCounters as a dict)."""
     routed: int
     """Requests the router has sent to this worker."""
+    kv_host_blocks_total: int = 0
+    """Slots of its KV host tier (0: none)."""
 
     @classmethod
     def of(
@@ -376,6 +380,7 @@ class WorkerState:
             load_score=status.load if load_score is None else load_score,
             counters=dataclasses.asdict(status.counters),
             routed=routed,
+            kv_host_blocks_total=status.kv_host_blocks_total,
         )
 
 
@@ -429,6 +434,8 @@ class EngineState:
     """Dead workers started again (worker processes only)."""
     parked: int = 0
     """Requests waiting for any attention worker to take them (every one stalled)."""
+    routing: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """The router's decisions by reason (afd/router.py: load, prefix, balance)."""
 
     @property
     def num_running(self) -> int:

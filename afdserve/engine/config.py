@@ -31,10 +31,27 @@ class CacheConfig:
     gather `cache[block_table]` always reads a valid (and never written-for-real) block. The
     scheduler can therefore use `num_blocks - 1` blocks.
     """
+    enable_prefix_caching: bool = False
+    """Keep full blocks by their tokens' chained hash and reuse them for any sequence that
+    starts with the same tokens (engine/prefix_cache.py). Off here so that a bare scheduler
+    (unit tests, the simulator's replica) keeps exact block counts; `EngineConfig` turns it on
+    by default, as vLLM does."""
+    num_host_blocks: int = 0
+    """Slots of the KV host tier: cached blocks the device evicts are copied there and back
+    on a hit or a resume (engine/prefix_cache.py); 0: none. Needs prefix caching."""
 
     def __post_init__(self) -> None:
         _check_int("CacheConfig", "block_size", self.block_size, 1)
         _check_int("CacheConfig", "num_blocks", self.num_blocks, 2)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise UserInputError(
+                f"CacheConfig.enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
+            )
+        _check_int("CacheConfig", "num_host_blocks", self.num_host_blocks, 0)
+        if self.num_host_blocks and not self.enable_prefix_caching:
+            raise UserInputError(
+                "a KV host tier keeps evicted prefix-cache blocks: it needs prefix caching"
+            )
 
     @property
     def num_usable_blocks(self) -> int:
@@ -83,6 +100,8 @@ def worker_configs(
     block_size: int,
     num_blocks: int | None = None,
     budget_blocks: int | None = None,
+    enable_prefix_caching: bool = False,
+    num_host_blocks: int = 0,
 ) -> tuple[CacheConfig, SchedulerConfig]:
     """One attention worker's cache and scheduler configs from an engine's flags.
 
@@ -95,7 +114,12 @@ def worker_configs(
     if num_blocks is None:
         need = max_num_seqs * -(-max_model_len // block_size) + 1
         num_blocks = max(2, need if budget_blocks is None else min(budget_blocks, need))
-    cache = CacheConfig(block_size=block_size, num_blocks=num_blocks)
+    cache = CacheConfig(
+        block_size=block_size,
+        num_blocks=num_blocks,
+        enable_prefix_caching=enable_prefix_caching,
+        num_host_blocks=num_host_blocks,
+    )
     sched = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

@@ -19,6 +19,17 @@ step is a strict pair, `plan = schedule()` then `events = update(plan, result)`:
   frees the blocks of finished sequences. A request's first token event also carries its
   queue time (taken in -> first scheduled) and prefill time (first scheduled -> first token),
   on the scheduler's `clock`, for the server's metrics.
+* Prefix caching (`CacheConfig.enable_prefix_caching`; engine/prefix_cache.py): a block whose
+  tokens are all computed is entered in the pool's cache under its chained hash once the step
+  that wrote it is updated, and stays there after its sequence ends or is preempted, until an
+  allocation evicts it (least recently released first). A waiting sequence is admitted with
+  the longest cached run of its leading full blocks (references taken, so shared blocks are
+  never written: they are full) and its prefill starts after them. Never reused: the last
+  known token (its logits are the next sample), prompt positions whose logprobs are still
+  owed, and, for a sequence with penalties, prompt tokens its runner's history has not seen
+  (the runner learns the prompt from the chunks fed). Hits are counted in tokens
+  (`prefix_cache_queries`, `prefix_cache_hits`); cached tokens count as prompt tokens, not as
+  recomputed ones, so those counters read the same with the cache on or off.
 * Prompt logprobs (`SamplingParams.prompt_logprobs`): each chunk names the prompt tokens its rows
   score (`prompt_logprob_targets`); `update()` gathers the runner's answers on the sequence and
   sends all of them once, on its first token event. A preempted sequence keeps what it has, so
@@ -48,8 +59,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from afdserve.engine.block_allocator import BlockAllocator
 from afdserve.engine.config import CacheConfig, SchedulerConfig
+from afdserve.engine.prefix_cache import BlockPool, HostHit, block_hashes
 from afdserve.engine.sequence import Sequence, SequenceStatus
 from afdserve.errors import UserInputError
 from afdserve.types import (
@@ -80,6 +91,14 @@ class SchedulerCounters:
     preemptions: int = 0
     steps: int = 0
     """Non-empty steps completed (updated)."""
+    prefix_cache_queries: int = 0
+    """Tokens of the sequences admitted with the prefix cache on (vLLM's prefix_cache_queries)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens whose KV came from the cache instead of being computed."""
+    kv_host_blocks_out: int = 0
+    """KV host tier: cached blocks copied out of the device when it evicted them..."""
+    kv_host_blocks_in: int = 0
+    """...and blocks copied back for a hit or a resume (their tokens are prefix-cache hits)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +142,11 @@ class Scheduler:
         self.cache_config = cache_config
         self.eos_token_ids: frozenset[int] = frozenset(int(t) for t in eos_token_ids)
         self._clock = clock
-        self.allocator = BlockAllocator(cache_config.num_blocks)
+        self.allocator = BlockPool(
+            cache_config.num_blocks,
+            caching=cache_config.enable_prefix_caching,
+            num_host_blocks=cache_config.num_host_blocks,
+        )
         self.counters = SchedulerCounters()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # admission order: the last is preempted first
@@ -268,15 +291,19 @@ class Scheduler:
 
         if not preempted:
             while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
-                seq = self._waiting[0]
-                n = self._chunk_len(seq, budget)
-                need = self.cache_config.blocks_for(seq.num_computed_tokens + n) - len(
-                    seq.block_table
-                )
-                if not self.allocator.can_allocate(need):
+                seq = self._waiting[0]  # holds no blocks and has nothing computed
+                hit = self._cached_prefix(seq)
+                on_device = [b for b in hit if not isinstance(b, HostHit)]
+                cached = len(hit) * self.cache_config.block_size
+                n = self._chunk_len(seq, budget, cached)
+                need = self.cache_config.blocks_for(cached + n) - len(on_device)
+                held = self.allocator.num_evictable_of(on_device)
+                if not self.allocator.can_allocate(need + held):
                     break  # FCFS: nobody overtakes the head of the queue
                 self._waiting.popleft()
-                seq.block_table.extend(self.allocator.allocate(need))
+                if self.allocator.caching:
+                    self._take_cached(seq, hit)
+                seq.block_table.extend(self.allocator.allocate(need - (len(hit) - len(on_device))))
                 seq.status = SequenceStatus.RUNNING
                 if seq.first_scheduled_at is None:
                     seq.first_scheduled_at = self._clock()
@@ -284,8 +311,17 @@ class Scheduler:
                 chunks.append(self._make_chunk(seq, n))
                 budget -= n
 
+        swap_out, swap_in = self.allocator.take_plan_copies()
+        if (swap_out or swap_in) and not chunks:
+            raise RuntimeError("a plan with KV copies but nothing to run")
+        self.counters.kv_host_blocks_out += len(swap_out)
+        self.counters.kv_host_blocks_in += len(swap_in)
         plan = StepPlan(
-            step_id=self._next_step_id, chunks=tuple(chunks), preempted=tuple(preempted)
+            step_id=self._next_step_id,
+            chunks=tuple(chunks),
+            preempted=tuple(preempted),
+            swap_out=swap_out,
+            swap_in=swap_in,
         )
         self._next_step_id += 1
         if chunks:  # an empty plan needs no update() (one is accepted and does nothing)
@@ -336,6 +372,7 @@ class Scheduler:
             if seq is None:
                 continue  # aborted while the step was in flight
             self._advance(seq, chunk)
+            self._cache_full_blocks(seq)
             seq.prompt_logprobs.extend(prompt_lps.get(chunk.seq_id, ()))
             if not chunk.sample:
                 continue
@@ -373,8 +410,10 @@ class Scheduler:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _chunk_len(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_uncomputed_tokens, budget)
+    def _chunk_len(self, seq: Sequence, budget: int, computed: int | None = None) -> int:
+        """Tokens of `seq` to feed this step (from `computed`, default its computed count)."""
+        start = seq.num_computed_tokens if computed is None else computed
+        n = min(seq.num_tokens - start, budget)
         cap = self.config.long_prefill_token_threshold
         if cap and n > 1:
             n = min(n, cap)
@@ -397,9 +436,59 @@ class Scheduler:
         seq.block_table.extend(self.allocator.allocate(need))
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.allocator.free(seq.block_table)
+    # ---- prefix cache ----------------------------------------------------------------------
+
+    def _cached_prefix(self, seq: Sequence) -> list[int | HostHit]:
+        """The cached blocks a waiting `seq` may start with, on the device or in the host
+        tier (no reference taken yet)."""
+        if not self.allocator.caching:
+            return []
+        bs = self.cache_config.block_size
+        limit = seq.num_tokens - 1  # the last token is fed: its logits give the next sample
+        if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            limit = min(limit, len(seq.prompt_logprobs))  # feed from the next position to score
+        if seq.params.uses_penalties and not seq.request.generated:
+            limit = min(limit, seq.max_computed_tokens)  # the history saw only these fed
+        if limit < bs:
+            return []
+        seq.block_hashes = block_hashes(seq.token_ids, bs, seq.block_hashes)
+        return self.allocator.lookup_tiers(seq.block_hashes[: limit // bs])
+
+    def _take_cached(self, seq: Sequence, hit: list[int | HostHit]) -> None:
+        """Admit `seq` with the cached blocks `hit` as its first blocks, computed (those in
+        the host tier are copied back at the step's start, before its chunks run)."""
+        seq.block_table.extend(self.allocator.take(hit))
+        seq.num_cached_blocks = len(hit)
+        cached = len(hit) * self.cache_config.block_size
+        self.counters.prefix_cache_queries += seq.num_tokens
+        self.counters.prefix_cache_hits += cached
+        p, done = seq.num_prompt_tokens, seq.max_computed_tokens
+        self.counters.prompt_tokens += max(0, min(cached, p) - min(done, p))
+        seq.num_computed_tokens = cached
+        seq.max_computed_tokens = max(done, cached)
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Offer the blocks `seq` has just filled (their KV is written) to the cache."""
+        if not self.allocator.caching:
+            return
+        bs = self.cache_config.block_size
+        full = seq.num_computed_tokens // bs
+        if full <= seq.num_cached_blocks:
+            return
+        seq.block_hashes = block_hashes(seq.token_ids[: full * bs], bs, seq.block_hashes)
+        for i in range(seq.num_cached_blocks, full):
+            self.allocator.cache(seq.block_table[i], seq.block_hashes[i])
+        seq.num_cached_blocks = full
+
+    def _release(self, seq: Sequence) -> None:
+        """Drop `seq`'s blocks, its tail first: an eviction then takes a sequence's last
+        blocks before its first, which are the ones other requests are likelier to share."""
+        self.allocator.free(reversed(seq.block_table))
         seq.block_table.clear()
+        seq.num_cached_blocks = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -464,8 +553,7 @@ class Scheduler:
         return min(by_tokens, by_context)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        self.allocator.free(seq.block_table)
-        seq.block_table.clear()
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self._by_request[seq.request_id]

@@ -48,6 +48,11 @@ class Sequence:
     them; kept across a preemption, so a recompute scores only the positions still missing."""
     prompt_logprobs_sent: bool = False
     """True once they went out on the first token event (they are never sent twice)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache keys of the full blocks of `token_ids` hashed so far (engine/prefix_cache.py);
+    still valid after a preemption, since tokens are only ever appended."""
+    num_cached_blocks: int = 0
+    """Leading blocks of `block_table` already offered to the prefix cache."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

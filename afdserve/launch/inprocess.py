@@ -56,7 +56,7 @@ class Engine:
         """The model's tokenizer.json (structured outputs need it; admission checks)."""
         self.vocab_size = vocab_size
         self.ffns = list(ffns)
-        self.router = Router(self.workers)
+        self.router = Router(self.workers, self._prefix_block_size())
         threads = ThreadCount.capture()  # every compute thread runs with this one's count
         self._pool = (
             ThreadPoolExecutor(
@@ -84,6 +84,16 @@ class Engine:
         self._on_close = list(on_close)
         # wall seconds of the most recent steps; bounded because a server steps forever
         self.step_times: deque[float] = deque(maxlen=4096)
+
+    def _prefix_block_size(self) -> int:
+        """The workers' KV block size when they cache prefixes (cache-aware routing), else 0."""
+        caches = {w.scheduler.cache_config for w in self.workers}
+        if (
+            all(c.enable_prefix_caching for c in caches)
+            and len({c.block_size for c in caches}) == 1
+        ):
+            return next(iter(caches)).block_size
+        return 0
 
     @property
     def max_model_len(self) -> int:
@@ -130,7 +140,9 @@ class Engine:
                 live=self._owner,
                 tokenizer_file=self.tokenizer_file,
             )
-            k = self.router.choose(self._drained.among(range(len(self.workers))))
+            k = self.router.choose(
+                self._drained.among(range(len(self.workers))), request.prompt_token_ids
+            )
             self.workers[k].add_request(request)
             self._owner[request_id] = k
             return k
@@ -181,14 +193,21 @@ class Engine:
         recorders. What the server's metrics and admission control read."""
         with self._lock:
             routed = list(self.router.routed)
+            reasons = dict(self.router.by_reason)
         workers = tuple(
             WorkerState.of(k, w.status(), routed[k]) for k, w in enumerate(self.workers)
         )
         if not afd:
-            return EngineState(workers)
+            return EngineState(workers, routing=reasons)
         ffn = tuple(f.stats.snapshot() for f in self.ffns)
         experts = self.balancer.state() if self.balancer is not None else None
-        return EngineState(workers, tuple(w.stats.snapshot() for w in self.workers), ffn, experts)
+        return EngineState(
+            workers,
+            tuple(w.stats.snapshot() for w in self.workers),
+            ffn,
+            experts,
+            routing=reasons,
+        )
 
     def close(self) -> None:
         self._ffn_stop.set()

@@ -23,6 +23,7 @@ from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.config import EngineConfig, check_device
 from afdserve.engine.config import CacheConfig, SchedulerConfig, worker_configs
 from afdserve.engine.kv_cache import KVCache
+from afdserve.engine.kv_tier import HostKVTier
 from afdserve.engine.scheduler import Scheduler
 from afdserve.eplb.initial import initial_placement
 from afdserve.eplb.placement import Placement
@@ -159,9 +160,16 @@ def cache_and_scheduler_configs(
             f"max_model_len {max_len} exceeds the model's max_position_embeddings {model.max_position_embeddings}"
         )
     budget_blocks = None
+    per_block = KVCache.bytes_per_block(model, cfg.block_size, dtype)
     if cfg.num_kv_blocks is None:
-        per_block = KVCache.bytes_per_block(model, cfg.block_size, dtype)
         budget_blocks = int(cfg.kv_cache_gib * 2**30) // per_block
+    host_blocks = cfg.num_host_kv_blocks
+    if host_blocks is None:
+        host_blocks = int(cfg.kv_host_tier_gib * 2**30) // per_block
+        if cfg.kv_host_tier_gib and host_blocks < 1:
+            raise UserInputError(
+                f"kv_host_tier_gib {cfg.kv_host_tier_gib} holds no KV block ({per_block} bytes)"
+            )
     return worker_configs(
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -169,6 +177,8 @@ def cache_and_scheduler_configs(
         block_size=cfg.block_size,
         num_blocks=cfg.num_kv_blocks,
         budget_blocks=budget_blocks,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        num_host_blocks=host_blocks,
     )
 
 
@@ -180,6 +190,7 @@ def make_attention_worker(
     (threads here, a worker process in launch/worker.py) use."""
     cache_cfg, sched_cfg = cache_and_scheduler_configs(cfg, model.config, model.dtype)
     kv = KVCache(model.config, cache_cfg.num_blocks, cache_cfg.block_size, model.dtype, cfg.device)
+    tier = HostKVTier(kv, cache_cfg.num_host_blocks) if cache_cfg.num_host_blocks else None
     runner = AttentionRunner(
         model.attention,
         kv,
@@ -188,6 +199,7 @@ def make_attention_worker(
         cfg.microbatch_tokens,
         eos_token_ids=model.config.eos_token_ids,
         tokenizer_file=model.path / TOKENIZER_FILE,
+        host_tier=tier,
     )
     scheduler = Scheduler(sched_cfg, cache_cfg, eos_token_ids=model.config.eos_token_ids)
     return AttentionWorker(index, scheduler, runner)

@@ -33,8 +33,11 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 8
-"""Bump when a message changes shape; both ends of a group must agree. (8:
+SCHEMA_VERSION = 9
+"""Bump when a message changes shape; both ends of a group must agree. (9:
+`EngineConfig.enable_prefix_caching`, the prefix-cache counters in `SchedulerCounters` and
+`StepOutputs.kv_stored`/`kv_removed`; the KV host tier's options, counters and
+`AttentionStatus.kv_host_blocks_total`. 8:
 `Configure.transport_key`. 7: `AddRequest`'s
 `generated`, which a worker of 6 would drop unread, restarting a migrated request; `Rejoin`. 3: `TokenEvent`'s
 queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,
@@ -178,6 +181,10 @@ class StepOutputs(_Message, tag="events"):
     """AFDStatsSnapshot.to_dict() of its FFN link, at most every STATS_EVERY_S."""
     expert_load: dict[int, list[int]] | None = None
     """Expert parallelism: the step's (token, slot) pairs per expert of each MoE layer."""
+    kv_stored: tuple[bytes, ...] = ()
+    """Prefix caching: keys of the blocks its cache stored during the step (in order)..."""
+    kv_removed: tuple[bytes, ...] = ()
+    """...and of those it evicted (the front mirrors the cache to route by it)."""
 
 
 class Heartbeat(_Message, tag="heartbeat"):

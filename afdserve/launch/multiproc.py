@@ -145,7 +145,7 @@ class MultiProcessEngine:
         self.vocab_size = self.model_config.vocab_size
         r = cfg.attention_workers
         self.workers = [RemoteWorker(k) for k in range(r)]
-        self.router = Router(self.workers)
+        self.router = Router(self.workers, cfg.block_size if cfg.enable_prefix_caching else 0)
         self._rng = random.Random(cfg.seed)
         self._owner: dict[str, int] = {}
         """request id -> the attention worker serving it (PARKED while none can)."""
@@ -549,7 +549,7 @@ class MultiProcessEngine:
         t = self._tracked[rid]
         live = [w.rank for w in self.workers if not w.down]
         while live:
-            k = self.router.choose(self._drained.among(live))
+            k = self.router.choose(self._drained.among(live), (*t.prompt, *t.generated))
             wire = self._wire_id(rid)
             add = AddRequest(wire, t.prompt, t.params, t.seed, tuple(t.generated))
             try:
@@ -628,7 +628,7 @@ class MultiProcessEngine:
             )
             add = AddRequest(request_id, request.prompt_token_ids, params, request.sampling_seed)
             while live:  # a worker that does not take it (dead, not yet noticed): the next one
-                k = self.router.choose(self._drained.among(live))
+                k = self.router.choose(self._drained.among(live), request.prompt_token_ids)
                 try:
                     control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
                 except (TimeoutError, zmq.ZMQError) as exc:
@@ -758,6 +758,7 @@ class MultiProcessEngine:
                 w = self.workers[m.rank]
                 w.down, w.dead, w.last_heard = "", False, time.monotonic()
                 w.status = RemoteWorker(m.rank).status  # it starts empty
+                w.cached.clear()  # and with an empty prefix cache
                 w.adds_sent = w.adds_failed = 0
             return []
         if not isinstance(m, StepOutputs | Heartbeat):
@@ -789,6 +790,7 @@ class MultiProcessEngine:
                 log.warning("dropping malformed status from attention worker %d: %s", m.rank, exc)
         if isinstance(m, Heartbeat):
             return []
+        w.take_kv_events(m.kv_stored, m.kv_removed)
         out: list[TokenEvent] = []
         for ev in m.events:
             rid = self._current(ev.request_id, m.rank)
@@ -830,6 +832,7 @@ class MultiProcessEngine:
                 requests_migrated=self.requests_migrated,
                 worker_restarts=self.restarts,
                 parked=len(self._parked),
+                routing=dict(self.router.by_reason),
             )
             if not afd:
                 return EngineState(workers, **survival)

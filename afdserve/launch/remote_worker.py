@@ -42,9 +42,28 @@ class RemoteWorker:
     dead: bool = False
     """Its process exited or reported a fatal error: it never serves again (a silent one that
     speaks again is back)."""
+    cached: set[bytes] = field(default_factory=set)
+    """A mirror of the block keys its prefix cache holds, kept from the keys each step's
+    outputs say it stored and removed (Dynamo's KV events), for cache-aware routing. A lost
+    message only makes routing less apt, never an output different."""
 
     def load_score(self) -> int:
         return sum(self.outstanding.values())
+
+    def cached_prefix_len(self, keys) -> int:
+        """Leading `keys` (a prompt's block keys) the worker's prefix cache holds."""
+        n = 0
+        for key in keys:
+            if key not in self.cached:
+                break
+            n += 1
+        return n
+
+    def take_kv_events(self, stored, removed) -> None:
+        """Apply a step's prefix-cache events, in order (removed after stored: a key stored
+        and evicted within one step is gone)."""
+        self.cached.update(stored)
+        self.cached.difference_update(removed)
 
     def unseen_adds(self) -> int:
         """Requests sent to this worker that it had not taken in when it last reported."""

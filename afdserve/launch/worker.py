@@ -513,6 +513,7 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
     try:
         link = make_link(group.rank, c, model, plane.transport, group.placement)
         core = make_attention_worker(group.rank, c, model, link)
+        core.scheduler.allocator.record_events = c.enable_prefix_caching  # for the front
         stats = _StatsShipper(core.stats)
         ready = Ready(group.rank, "attention", os.getpid(), mine, max_model_len=core.max_model_len)
         control.send(events, ready)
@@ -549,8 +550,15 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
             if events_of_step is not None:  # a step ran: its events and the status after it
                 afd = stats.take(force=not core.has_unfinished())  # final stats at once
                 load = link.dispatcher.take_counts() if link.dispatcher is not None else None
+                stored, removed = core.take_kv_events()
                 out = StepOutputs(
-                    group.rank, core.status(), tuple(events_of_step), afd, load or None
+                    group.rank,
+                    core.status(),
+                    tuple(events_of_step),
+                    afd,
+                    load or None,
+                    stored,
+                    removed,
                 )
                 control.send(events, out)
             elif time.monotonic() - last_beat >= HEARTBEAT_S:

@@ -82,6 +82,26 @@ class EngineCollector:
             mn,
             wl,
         )
+        yield _counter(
+            "router_decisions",
+            "Routing decisions by reason: load (no worker caches any of the prompt), prefix "
+            "(to the worker with the longest cached prefix), balance (one with a longer "
+            "prefix was too loaded).",
+            {(reason,): n for reason, n in sorted(st.routing.items())},
+            mn,
+            ("reason",),
+        )
+        yield _counter(
+            "kv_host_tier_blocks",
+            "KV blocks copied to the host tier when the device evicted them (out) and back for "
+            "a hit or a resume (in).",
+            {
+                ("out",): st.counter("kv_host_blocks_out"),
+                ("in",): st.counter("kv_host_blocks_in"),
+            },
+            mn,
+            ("direction",),
+        )
         yield _gauge(
             "worker_load",
             "Router load of each attention worker: KV tokens held plus tokens queued for prefill.",
@@ -171,6 +191,18 @@ class EngineCollector:
             st.counter("preemptions"),
             mn,
         )
+        yield _vcounter(
+            "prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            st.counter("prefix_cache_queries"),
+            mn,
+        )
+        yield _vcounter(
+            "prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            st.counter("prefix_cache_hits"),
+            mn,
+        )
         steps = merge_snapshots(st.attention).step_tokens
         h = HistogramMetricFamily(
             VLLM + "iteration_tokens_total",
@@ -186,8 +218,8 @@ class EngineCollector:
             "block_size": str(cfg.block_size),
             "cache_dtype": cfg.dtype,
             "num_gpu_blocks": str(sum(w.kv_blocks_total for w in st.workers)),
-            "num_cpu_blocks": "0",
-            "enable_prefix_caching": "False",
+            "num_cpu_blocks": str(sum(w.kv_host_blocks_total for w in st.workers)),
+            "enable_prefix_caching": str(cfg.enable_prefix_caching),
         }
         g = GaugeMetricFamily(
             VLLM + "cache_config_info",

@@ -52,15 +52,20 @@ prometheus_client):
   vllm:prompt_tokens_total                counter    prompt tokens prefilled (first time)
   vllm:generation_tokens_total            counter    tokens sampled
   vllm:num_preemptions_total              counter    sequences preempted
+  vllm:prefix_cache_queries_total         counter    tokens of the requests admitted with the
+                                                     prefix cache on (vLLM's: tokens queried)
+  vllm:prefix_cache_hits_total            counter    of those, tokens whose KV the cache had
   vllm:iteration_tokens_total             histogram  tokens each attention-worker step
                                                      scheduled (prefill chunks, recomputes, 1
                                                      per decode); vLLM's engine step adds up
                                                      its outputs instead: a whole prompt at
                                                      its first token, plus the tokens sampled
   vllm:cache_config_info                  gauge = 1  block_size, cache_dtype, num_gpu_blocks
-                                                     (usable blocks of all workers), ... labels
+                                                     (usable blocks of all workers),
+                                                     enable_prefix_caching, ... labels
 
-and AFD's: afdserve:healthy, recomputed_tokens_total, request_rejected_total, router and
+and AFD's: afdserve:healthy, recomputed_tokens_total, request_rejected_total, router (requests
+per worker, router_decisions_total by reason: load, prefix, balance) and
 per-worker series, the AFD configuration, transfer times and bytes per layer and direction,
 FFN batch tokens per (layer, microbatch), busy/idle time of attention and FFN workers, sync
 timeouts. Process series (`process_*`, `python_gc_*`, `python_info`: this front process only)

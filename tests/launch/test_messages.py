@@ -71,6 +71,17 @@ def test_step_outputs_keep_every_field_of_every_token_event(evs):
     ]
 
 
+def test_step_outputs_carry_prefix_cache_events_and_counters():
+    from afdserve.engine.prefix_cache import block_hashes
+
+    keys = tuple(block_hashes(list(range(12)), 4))
+    counters = SchedulerCounters(prefix_cache_queries=9, prefix_cache_hits=4, kv_host_blocks_in=2)
+    status = msgspec.structs.replace(STATUS, counters=counters, kv_host_blocks_total=7)
+    msg = StepOutputs(0, status, (), kv_stored=keys, kv_removed=keys[:1])
+    back = control.TO_FRONT.decode(encode(msg))
+    assert back == msg and back.kv_stored == keys and back.status.counters == counters
+
+
 @pytest.mark.parametrize(
     "msg",
     [
