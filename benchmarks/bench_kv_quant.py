@@ -10,6 +10,10 @@ Quality, against full-precision KV (`--kv-cache-dtype auto`, the model dtype) on
   first difference (after one, the two continuations condition on different text).
 Capacity: KV blocks (block_size tokens) a KV_GIB budget holds for each KV dtype, and the
 sequences of CONTEXT tokens that fit at once (the engine's own sizing, launch/local.py).
+Scale granularity: the model's own K and V rows over TEXT (recorded at every layer's attention)
+quantised with afdserve's scale per token and KV head, and with one scale per block of
+block_size tokens and KV head instead; the relative round-trip error ||x' - x|| / ||x|| over
+all rows, for K and V (why kv_quant.py scales per token).
 
     python benchmarks/bench_kv_quant.py [--model builtin:smollm2-135m-instruct] [--dtype auto]
 """
@@ -98,6 +102,56 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _kv_rows(model: str, dtype: str, text_ids: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    """Every layer's (K, V) [T, Hkv, Dh] for TEXT, as the attention writes them."""
+    from afdserve import SamplingParams
+    from afdserve.model import layers
+
+    seen: list[tuple[torch.Tensor, ...]] = []
+    inner = layers.paged_attention
+
+    def record(q, k, v, *rest):
+        seen.append((k.detach().float().clone(), v.detach().float().clone()))
+        return inner(q, k, v, *rest)
+
+    layers.paged_attention = record
+    try:
+        with _engine(model, dtype, "auto") as llm:
+            llm.generate([text_ids], SamplingParams(temperature=0, max_tokens=1))
+    finally:
+        layers.paged_attention = inner
+    return [kv for kv in seen if kv[0].shape[0] == len(text_ids)]  # the prefill's, per layer
+
+
+def _granularity_errors(rows, block: int) -> dict[tuple[str, str], tuple[float, float]]:
+    """(format, granularity) -> (K, V) relative round-trip error over every layer's rows."""
+    from afdserve.model.kv_quant import FORMATS, dequantize, quantize
+
+    out = {}
+    for name in QUANT:
+        fmt = FORMATS[name]
+        for gran in ("token", "block"):
+            errs = []
+            for which in (0, 1):
+                num = den = 0.0
+                for kv in rows:
+                    x = kv[which].transpose(0, 1)  # [Hkv, T, Dh]
+                    if gran == "token":
+                        back = dequantize(*quantize(x, fmt), fmt, torch.float32)
+                    else:  # one scale per (head, block of `block` tokens): rows as one group
+                        n_kv, t, dh = x.shape
+                        pad = -t % block
+                        xb = torch.cat([x, x.new_zeros(n_kv, pad, dh)], 1)
+                        xb = xb.reshape(n_kv, -1, block * dh)  # [Hkv, blocks, block * Dh]
+                        back = dequantize(*quantize(xb, fmt), fmt, torch.float32)
+                        back = back.reshape(n_kv, -1, dh)[:, :t]
+                    num += float((back - x).pow(2).sum())
+                    den += float(x.pow(2).sum())
+                errs.append((num / den) ** 0.5)
+            out[name, gran] = (errs[0], errs[1])
+    return out
+
+
 def _capacity(model: str, dtype: str) -> list[tuple[str, int, int, int]]:
     """(kv dtype label, bytes per block, usable blocks, sequences of CONTEXT) under KV_GIB."""
     from afdserve.config import EngineConfig
@@ -173,6 +227,16 @@ def main() -> None:
     for label, per_block, blocks, seqs in rows:
         print(f"{label:<9} {per_block:>11} {blocks:>7} {seqs:>9} "
               f"{blocks / base['float32']:>6.2f}x {blocks / base['bfloat16']:>6.2f}x")  # fmt: skip
+    from afdserve.config import EngineConfig
+
+    block = EngineConfig().block_size
+    kv_rows = _kv_rows(args.model, args.dtype, text_ids)
+    print(f"\nscale granularity: relative round-trip error of the model's K and V over TEXT "
+          f"({len(kv_rows)} layers)")  # fmt: skip
+    print(f"{'KV':<6} {'scale per':<22} {'K error':>8} {'V error':>8}")
+    for (name, gran), (ek, ev) in _granularity_errors(kv_rows, block).items():
+        label = "token and head" if gran == "token" else f"block ({block} tok) and head"
+        print(f"{name:<6} {label:<22} {ek:>8.4f} {ev:>8.4f}")
 
 
 if __name__ == "__main__":
