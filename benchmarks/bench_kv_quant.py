@@ -12,8 +12,10 @@ Capacity: KV blocks (block_size tokens) a KV_GIB budget holds for each KV dtype,
 sequences of CONTEXT tokens that fit at once (the engine's own sizing, launch/local.py).
 Scale granularity: the model's own K and V rows over TEXT (recorded at every layer's attention)
 quantised with afdserve's scale per token and KV head, and with one scale per block of
-block_size tokens and KV head instead; the relative round-trip error ||x' - x|| / ||x|| over
-all rows, for K and V (why kv_quant.py scales per token).
+block_size tokens and KV head instead, (int8) with a zero point per token and head as well, or
+with one scale per half row: the relative round-trip error ||x' - x|| / ||x|| over all rows, for
+K and V, and the teacher-forced |logprob difference| with K and V so rounded as they are written
+(why kv_quant.py scales per token and head, symmetrically).
 
     python benchmarks/bench_kv_quant.py [--model builtin:smollm2-135m-instruct] [--dtype auto]
 """
@@ -123,32 +125,85 @@ def _kv_rows(model: str, dtype: str, text_ids: list[int]) -> list[tuple[torch.Te
     return [kv for kv in seen if kv[0].shape[0] == len(text_ids)]  # the prefill's, per layer
 
 
-def _granularity_errors(rows, block: int) -> dict[tuple[str, str], tuple[float, float]]:
-    """(format, granularity) -> (K, V) relative round-trip error over every layer's rows."""
+def _round_trip(x: torch.Tensor, scheme: str, block: int) -> torch.Tensor:
+    """Rows x [T, Hkv, Dh] (positions 0..T-1 of one sequence) through int8 or fp8 under
+    `scheme`, back in float32: `token` afdserve's (one scale per token and head), `block` one
+    scale per `block` positions and head, `zero` (int8) a zero point per token and head too,
+    `half` (int8) one scale per half row (two groups of Dh / 2)."""
     from afdserve.model.kv_quant import FORMATS, dequantize, quantize
 
+    name, _, how = scheme.partition(" ")
+    fmt = FORMATS[name]
+    x = x.float().transpose(0, 1)  # [Hkv, T, Dh]
+    n_kv, t, dh = x.shape
+    if how == "token":
+        back = dequantize(*quantize(x, fmt), fmt, torch.float32)
+    elif how == "block":
+        xb = torch.cat([x, x.new_zeros(n_kv, -t % block, dh)], 1).reshape(n_kv, -1, block * dh)
+        back = dequantize(*quantize(xb, fmt), fmt, torch.float32).reshape(n_kv, -1, dh)[:, :t]
+    elif how == "half":
+        xh = x.reshape(n_kv, t, 2, dh // 2)
+        back = dequantize(*quantize(xh, fmt), fmt, torch.float32).reshape(n_kv, t, dh)
+    else:  # zero
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        step = (hi - lo).clamp_min(2.0**-100) / 255
+        back = ((x - lo) / step).round().clamp(0, 255) * step + lo
+    return back.transpose(0, 1)
+
+
+SCHEMES = {
+    "int8 token": "token and head (afdserve)",
+    "int8 block": "{block}-token block and head",
+    "int8 zero": "token and head, + zero point",
+    "int8 half": "token, head, half row",
+    "fp8 token": "token and head (afdserve)",
+    "fp8 block": "{block}-token block and head",
+}
+
+
+def _granularity_errors(rows, block: int) -> dict[str, tuple[float, float]]:
+    """scheme -> (K, V) relative round-trip error over every layer's rows."""
     out = {}
-    for name in QUANT:
-        fmt = FORMATS[name]
-        for gran in ("token", "block"):
-            errs = []
-            for which in (0, 1):
-                num = den = 0.0
-                for kv in rows:
-                    x = kv[which].transpose(0, 1)  # [Hkv, T, Dh]
-                    if gran == "token":
-                        back = dequantize(*quantize(x, fmt), fmt, torch.float32)
-                    else:  # one scale per (head, block of `block` tokens): rows as one group
-                        n_kv, t, dh = x.shape
-                        pad = -t % block
-                        xb = torch.cat([x, x.new_zeros(n_kv, pad, dh)], 1)
-                        xb = xb.reshape(n_kv, -1, block * dh)  # [Hkv, blocks, block * Dh]
-                        back = dequantize(*quantize(xb, fmt), fmt, torch.float32)
-                        back = back.reshape(n_kv, -1, dh)[:, :t]
-                    num += float((back - x).pow(2).sum())
-                    den += float(x.pow(2).sum())
-                errs.append((num / den) ** 0.5)
-            out[name, gran] = (errs[0], errs[1])
+    for scheme in SCHEMES:
+        errs = []
+        for which in (0, 1):
+            num = den = 0.0
+            for kv in rows:
+                x = kv[which]
+                num += float((_round_trip(x, scheme, block) - x).pow(2).sum())
+                den += float(x.pow(2).sum())
+            errs.append((num / den) ** 0.5)
+        out[scheme] = (errs[0], errs[1])
+    return out
+
+
+def _scheme_scores(model: str, dtype: str, text_ids: list[int], block: int) -> dict:
+    """scheme -> the text's teacher-forced logprobs with K and V rounded by it as they are
+    written (into a full-precision cache; the prompt is one prefill chunk, so a block scheme
+    sees each block whole). `int8 token` and `fp8 token` read back exactly what an int8 / fp8
+    cache holds, so on a float32 model they must reproduce the real runs' figures."""
+    from afdserve import SamplingParams
+    from afdserve.model import layers
+
+    inner = layers.paged_attention
+    out = {}
+    for scheme in SCHEMES:
+
+        def rounded(q, k, v, *rest, scheme=scheme):
+            k2, v2 = (_round_trip(x, scheme, block).to(x.dtype) for x in (k, v))
+            return inner(q, k2, v2, *rest)
+
+        layers.paged_attention = rounded
+        try:
+            with _engine(model, dtype, "auto") as llm:
+                scored = llm.generate(
+                    [text_ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+                )[0]
+        finally:
+            layers.paged_attention = inner
+        out[scheme] = [
+            e[t].logprob for t, e in zip(text_ids[1:], scored.prompt_logprobs[1:], strict=True)
+        ]
     return out
 
 
@@ -231,12 +286,17 @@ def main() -> None:
 
     block = EngineConfig().block_size
     kv_rows = _kv_rows(args.model, args.dtype, text_ids)
-    print(f"\nscale granularity: relative round-trip error of the model's K and V over TEXT "
-          f"({len(kv_rows)} layers)")  # fmt: skip
-    print(f"{'KV':<6} {'scale per':<22} {'K error':>8} {'V error':>8}")
-    for (name, gran), (ek, ev) in _granularity_errors(kv_rows, block).items():
-        label = "token and head" if gran == "token" else f"block ({block} tok) and head"
-        print(f"{name:<6} {label:<22} {ek:>8.4f} {ev:>8.4f}")
+    errors = _granularity_errors(kv_rows, block)
+    scores = _scheme_scores(args.model, args.dtype, text_ids, block)
+    print(f"\nscale granularity ({len(kv_rows)} layers' K and V over TEXT): relative round-trip "
+          f"error, and teacher-forced |dlogprob| with K and V so rounded")  # fmt: skip
+    print(f"{'KV':<5} {'one scale per':<30} {'K error':>8} {'V error':>8} "
+          f"{'mean|dlogprob|':>14} {'max|dlogprob|':>13}")  # fmt: skip
+    for scheme, label in SCHEMES.items():
+        diffs = [abs(a - b) for a, b in zip(scores[scheme], ref["own"], strict=True)]
+        ek, ev = errors[scheme]
+        print(f"{scheme.split()[0]:<5} {label.format(block=block):<30} {ek:>8.4f} {ev:>8.4f} "
+              f"{statistics.fmean(diffs):>14.4f} {max(diffs):>13.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":
