@@ -85,6 +85,16 @@ def test_afd_equals_aggregated_with_int8_kv_under_preemption_and_chunking(
     assert [(o.token_ids, o.logprobs) for o in outs] == reference("llama", "int8")
 
 
+def test_worker_processes_get_the_kv_cache_dtype(tiny_model_dirs, reference):
+    """Over shm, each attention worker process builds its int8 cache from the Configure it is
+    sent: the same tokens and log-probabilities as the in-process aggregated engine."""
+    outs = _generate(
+        tiny_model_dirs["llama"], _prompts(3), mode="afd", attention_workers=2, microbatches=2,
+        kv_cache_dtype="int8", transport="shm",
+    )  # fmt: skip
+    assert [(o.token_ids, o.logprobs) for o in outs] == reference("llama", "int8")[:3]
+
+
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
 def test_quantised_kv_stays_close_to_full_precision(tiny_model_dirs, reference, kv):
     full = [t for toks, _ in reference("llama", "auto") for t in toks]
