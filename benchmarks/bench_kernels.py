@@ -2,7 +2,8 @@
 
 - Attention (one layer, SmolLM2's heads: 9 query / 3 KV heads of 64): a decode step of 48
   sequences with contexts uniform in [100, 700], and a prefill of 4 prompts (128-512 tokens),
-  for the native kernel (model/csrc/paged_attention.c) and the torch implementation.
+  for the native kernel (model/csrc/paged_attention.c) and the torch implementation;
+  `--kv-dtypes auto int8 fp8` also over a quantised cache (model/kv_quant.py).
 - `--alternatives`: the library kernels tried before writing ours, on the same decode step:
   torch's SDPA (its flash-attention CPU kernel) over the KV blocks gathered into a padded copy,
   and FlexAttention (torch.compile'd, its CPU template) reading the paged cache in place
@@ -59,7 +60,23 @@ def _cache(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> to
     return t
 
 
-def attention(dtype: torch.dtype, reps: int) -> None:
+def _quantised(kc: torch.Tensor, kv: str):
+    """`kc` as a quantised cache layer (codes and scales on huge pages, as the engine's)."""
+    from afdserve.model.kv_quant import FORMATS, QuantizedKV, quantize
+
+    fmt = FORMATS[kv]
+    codes, scale = quantize(kc, fmt)
+    out = QuantizedKV(
+        new_cache_tensor(codes.shape, codes.dtype, "cpu"),
+        new_cache_tensor(scale.shape, scale.dtype, "cpu"),
+        fmt,
+    )
+    out.codes.copy_(codes)
+    out.scale.copy_(scale)
+    return out
+
+
+def attention(dtype: torch.dtype, reps: int, kv: str = "auto") -> None:
     rng = random.Random(0)
     g = torch.Generator().manual_seed(0)
     ctx = [rng.randint(100, 700) for _ in range(48)]
@@ -73,12 +90,15 @@ def attention(dtype: torch.dtype, reps: int) -> None:
         kc, vc = (_cache((HKV, nblocks, bs, DH), dtype, g) for _ in range(2))
         q = torch.randn(sum(qlens), H, DH, generator=g).to(dtype)
         meta = AttentionMetadata.build(starts, qlens, tables, bs)
-        kv_mb = 2 * HKV * DH * sum(s + n for s, n in zip(starts, qlens, strict=True)) * kc.itemsize
+        row = DH * kc.itemsize
+        if kv != "auto":
+            kc, vc, row = _quantised(kc, kv), _quantised(vc, kv), DH + 4
+        kv_mb = 2 * HKV * row * sum(s + n for s, n in zip(starts, qlens, strict=True))
         args = (q, kc, vc, meta, DH**-0.5)
         native = _ms(lambda a=args: attend_native(*a), reps)
         torch_ms = _ms(lambda a=args: attend_torch(*a), reps)
         print(
-            f"attention {str(dtype)[6:]:9s} {label:42s} native {native:7.2f} ms   torch "
+            f"attention {str(dtype)[6:]:9s} KV {kv:5s} {label:42s} native {native:7.2f} ms   torch "
             f"{torch_ms:7.2f} ms   ({torch_ms / native:4.1f}x; KV read {kv_mb / 1e6:.1f} MB)"
         )
 
@@ -186,15 +206,20 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--rows", nargs="+", type=int, default=[16, 48, 256, 2048])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument(
+        "--kv-dtypes", nargs="+", default=["auto"], help="KV caches to time: auto, int8, fp8"
+    )
+    ap.add_argument("--no-gemms", action="store_true", help="time attention only")
     ap.add_argument("--alternatives", action="store_true", help="also time SDPA and FlexAttention")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads")
     for name in args.dtypes:
-        attention(getattr(torch, name), args.reps)
+        for kv in args.kv_dtypes:
+            attention(getattr(torch, name), args.reps, kv)
     if args.alternatives:
         alternatives(args.reps)
-    for name in args.dtypes:
+    for name in () if args.no_gemms else args.dtypes:
         gemms(getattr(torch, name), args.rows, args.reps)
 
 

@@ -7,7 +7,9 @@ they read are written by this step), then ins (this step's chunks read them). A 
 exact, so a block brought back holds the bits it left with.
 
 The tier mirrors the device cache's layout per layer, [Hkv, num_slots, block_size, Dh], in
-the cache's dtype, on the CPU (pinned when the cache is on a GPU, so copies can overlap).
+the cache's dtype, on the CPU (pinned when the cache is on a GPU, so copies can overlap). A
+quantised cache (`QuantizedKV`) is mirrored tensor by tensor: its codes and its scales
+[Hkv, num_slots, block_size], so a block comes back with the codes and scales it left with.
 """
 
 from __future__ import annotations
@@ -16,7 +18,20 @@ from collections.abc import Sequence
 
 import torch
 
-from afdserve.engine.kv_cache import KVCache
+from afdserve.engine.kv_cache import KVCache, KVLayer
+from afdserve.model.kv_quant import QuantizedKV
+
+
+def layer_tensors(layer: KVLayer) -> tuple[torch.Tensor, ...]:
+    """The tensors that hold one layer's K or V blocks, each indexed [Hkv, block, ...]."""
+    if isinstance(layer, QuantizedKV):
+        return (layer.codes, layer.scale)
+    return (layer,)
+
+
+def cache_tensors(kv: KVCache) -> list[torch.Tensor]:
+    """Every tensor of the cache, K then V, layer by layer, in one fixed order."""
+    return [t for layer in (*kv.k, *kv.v) for t in layer_tensors(layer)]
 
 
 class HostKVTier:
@@ -24,15 +39,15 @@ class HostKVTier:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots!r}")
         self.num_slots = num_slots
-        self.device = kv.k[0].device
+        dev_tensors = cache_tensors(kv)
+        self.device = dev_tensors[0].device
         pin = self.device.type == "cuda"
 
         def like(t: torch.Tensor) -> torch.Tensor:
             shape = (t.shape[0], num_slots, *t.shape[2:])
             return torch.zeros(shape, dtype=t.dtype, pin_memory=pin)
 
-        self.k = [like(t) for t in kv.k]
-        self.v = [like(t) for t in kv.v]
+        self.tensors = [like(t) for t in dev_tensors]  # the order of cache_tensors(kv)
         self._done_step: int | None = None
 
     def apply(
@@ -49,11 +64,11 @@ class HostKVTier:
         if swap_out:
             dev = torch.tensor([d for d, _ in swap_out], device=self.device)  # [n]
             host = torch.tensor([h for _, h in swap_out])  # [n]
-            for src, dst in zip((*kv.k, *kv.v), (*self.k, *self.v), strict=True):
-                dst[:, host] = src[:, dev].to("cpu")  # [Hkv, n, B, Dh]
+            for src, dst in zip(cache_tensors(kv), self.tensors, strict=True):
+                dst[:, host] = src[:, dev].to("cpu")  # [Hkv, n, B, Dh] (scales [Hkv, n, B])
         if swap_in:
             host = torch.tensor([h for h, _ in swap_in])
             dev = torch.tensor([d for _, d in swap_in], device=self.device)
-            for src, dst in zip((*self.k, *self.v), (*kv.k, *kv.v), strict=True):
+            for src, dst in zip(self.tensors, cache_tensors(kv), strict=True):
                 dst[:, dev] = src[:, host].to(self.device, non_blocking=True)
         self._done_step = step_id

@@ -9,6 +9,7 @@ its own scheduler and KV cache, exactly as it would in its own process.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ from afdserve.model.parts import (
 from afdserve.model.tokenizer import TOKENIZER_FILE
 from afdserve.transport.base import Transport
 from afdserve.transport.local import LocalHub
+
+log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -160,7 +163,7 @@ def cache_and_scheduler_configs(
             f"max_model_len {max_len} exceeds the model's max_position_embeddings {model.max_position_embeddings}"
         )
     budget_blocks = None
-    per_block = KVCache.bytes_per_block(model, cfg.block_size, dtype)
+    per_block = KVCache.bytes_per_block(model, cfg.block_size, dtype, cfg.kv_cache_dtype)
     if cfg.num_kv_blocks is None:
         budget_blocks = int(cfg.kv_cache_gib * 2**30) // per_block
     host_blocks = cfg.num_host_kv_blocks
@@ -182,6 +185,25 @@ def cache_and_scheduler_configs(
     )
 
 
+def kv_capacity(cfg: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> str:
+    """One line on what an attention worker's KV cache holds (logged at start, like vLLM's
+    "GPU KV cache size" and "Maximum concurrency" lines): blocks, bytes per block in its
+    kv_cache_dtype, and how many sequences of max_model_len fit at once."""
+    cache_cfg, sched_cfg = cache_and_scheduler_configs(cfg, model, dtype)
+    per_block = KVCache.bytes_per_block(model, cache_cfg.block_size, dtype, cfg.kv_cache_dtype)
+    kv_dtype = (
+        str(dtype).removeprefix("torch.") if cfg.kv_cache_dtype == "auto" else cfg.kv_cache_dtype
+    )
+    ctx = sched_cfg.max_model_len
+    seqs = cache_cfg.num_usable_blocks // cache_cfg.blocks_for(ctx)
+    return (
+        f"KV cache {cache_cfg.num_usable_blocks} blocks of {cache_cfg.block_size} tokens "
+        f"({kv_dtype}, {per_block} bytes per block, "
+        f"{cache_cfg.num_blocks * per_block / 2**20:.1f} MiB); "
+        f"{seqs} sequences of {ctx} tokens fit at once"
+    )
+
+
 def make_attention_worker(
     index: int, cfg: EngineConfig, model: LoadedModel, link: FFNLink
 ) -> AttentionWorker:
@@ -189,7 +211,15 @@ def make_attention_worker(
     loaded attention part that reaches the FFN through `link`. The one recipe both placements
     (threads here, a worker process in launch/worker.py) use."""
     cache_cfg, sched_cfg = cache_and_scheduler_configs(cfg, model.config, model.dtype)
-    kv = KVCache(model.config, cache_cfg.num_blocks, cache_cfg.block_size, model.dtype, cfg.device)
+    kv = KVCache(
+        model.config,
+        cache_cfg.num_blocks,
+        cache_cfg.block_size,
+        model.dtype,
+        cfg.device,
+        kv_cache_dtype=cfg.kv_cache_dtype,
+    )
+    log.info("attention worker %d: %s", index, kv_capacity(cfg, model.config, model.dtype))
     tier = HostKVTier(kv, cache_cfg.num_host_blocks) if cache_cfg.num_host_blocks else None
     runner = AttentionRunner(
         model.attention,

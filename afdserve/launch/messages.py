@@ -37,7 +37,8 @@ SCHEMA_VERSION = 9
 """Bump when a message changes shape; both ends of a group must agree. (9:
 `EngineConfig.enable_prefix_caching`, the prefix-cache counters in `SchedulerCounters` and
 `StepOutputs.kv_stored`/`kv_removed`; the KV host tier's options, counters and
-`AttentionStatus.kv_host_blocks_total`. 8:
+`AttentionStatus.kv_host_blocks_total`; `EngineConfig.kv_cache_dtype` in `Configure`, which a
+worker of 8 would refuse as unknown. 8:
 `Configure.transport_key`. 7: `AddRequest`'s
 `generated`, which a worker of 6 would drop unread, restarting a migrated request; `Rejoin`. 3: `TokenEvent`'s
 queue and prefill times and prompt logprobs, and SamplingParams' penalties, min_p, min_tokens,

@@ -22,6 +22,12 @@ microbatches, could not give exactly the aggregated tokens):
   most 25% padding; at least 16). Sequences with equal buckets share one batched matmul; the
   batch dimension itself does not change results. Padding slots point at slot 0; the mask hides
   them.
+
+A quantised cache (`--kv-cache-dtype int8|fp8`, model/kv_quant.py) stands in a `QuantizedKV`
+for each tensor: the write quantises each new (token, KV head) row on its own, and both
+implementations dequantise what they read (the native kernel row by row as it loads keys and
+values, the torch one the gathered blocks) to float32 values, code * scale, before the same
+math as above. Dequantisation is elementwise, so batch invariance holds as it does unquantised.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ from dataclasses import dataclass, field
 import torch
 
 from afdserve.model import native
+from afdserve.model.kv_quant import QuantizedKV
+
+KVLayer = torch.Tensor | QuantizedKV
+"""One layer's K or V cache: [Hkv, num_blocks, block_size, Dh] in the model dtype, or quantised."""
 
 
 @dataclass(frozen=True)
@@ -217,18 +227,23 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, Dh]
     k: torch.Tensor,  # [T, Hkv, Dh]
     v: torch.Tensor,  # [T, Hkv, Dh]
-    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
-    v_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
+    k_cache: KVLayer,  # [Hkv, num_blocks, block_size, Dh]
+    v_cache: KVLayer,  # [Hkv, num_blocks, block_size, Dh]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, H, Dh]
-    """Write this batch's K/V into the cache, then attend over each sequence's whole context:
-    with the native kernel on a CPU where it builds, with torch ops otherwise."""
-    n_kv, dh = k.shape[1], k.shape[2]
-    k_flat = k_cache.view(n_kv, -1, dh)  # [Hkv, S, Dh], S = num_blocks * block_size
-    v_flat = v_cache.view(n_kv, -1, dh)
-    k_flat.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_flat.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    """Write this batch's K/V into the cache (quantised, for a quantised cache), then attend
+    over each sequence's whole context: with the native kernel on a CPU where it builds, with
+    torch ops otherwise."""
+    if isinstance(k_cache, QuantizedKV) and isinstance(v_cache, QuantizedKV):
+        k_cache.write(meta.slot_mapping, k)
+        v_cache.write(meta.slot_mapping, v)
+    else:
+        n_kv, dh = k.shape[1], k.shape[2]
+        k_flat = k_cache.view(n_kv, -1, dh)  # [Hkv, S, Dh], S = num_blocks * block_size
+        v_flat = v_cache.view(n_kv, -1, dh)
+        k_flat.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_flat.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     if native_available(q):
         return attend_native(q, k_cache, v_cache, meta, scale)
     return attend_torch(q, k_cache, v_cache, meta, scale)
@@ -246,15 +261,16 @@ def native_available(q: torch.Tensor) -> bool:
 
 def attend_torch(
     q: torch.Tensor,  # [T, H, Dh]
-    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
-    v_cache: torch.Tensor,
+    k_cache: KVLayer,  # [Hkv, num_blocks, block_size, Dh]
+    v_cache: KVLayer,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, H, Dh]
     """Attention with torch ops, one batched matmul per shape bucket (the module docstring).
 
     The cache is head-major, so gathering a group's blocks yields [Hkv, B, K, Dh] with (Dh)
-    rows contiguous: matmul reads it in place, with no transposing copy of the context.
+    rows contiguous: matmul reads it in place, with no transposing copy of the context. A
+    quantised cache's gathered blocks are dequantised to q's dtype first.
     """
     n_kv, dh = k_cache.shape[0], k_cache.shape[3]
     out = torch.empty_like(q)
@@ -263,8 +279,8 @@ def attend_torch(
         # index_select on the flat block list: the same copy as k_cache[:, kv_blocks], about
         # twice as fast on CPU (a scratch timing on the dev VM, fp32, 8-22 MB gathers)
         blocks = g.kv_blocks.view(-1)  # [B * nb]
-        kg = k_cache.index_select(1, blocks).view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
-        vg = v_cache.index_select(1, blocks).view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
+        kg = _gather(k_cache, blocks, q.dtype).view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
+        vg = _gather(v_cache, blocks, q.dtype).view(n_kv, b, -1, dh)  # [Hkv, B, K, Dh]
         if q_len <= Q_BLOCK:
             _attend_block(
                 q, kg, vg, g.token_index, g.token_valid, g.masked_out, g.out_rows, out, scale
@@ -278,25 +294,71 @@ def attend_torch(
     return out
 
 
+def _gather(
+    cache: KVLayer,  # [Hkv, num_blocks, block_size, Dh]
+    blocks: torch.Tensor,  # [n] int64
+    dtype: torch.dtype,
+) -> torch.Tensor:  # [Hkv, n, block_size, Dh]
+    if isinstance(cache, QuantizedKV):
+        return cache.gather(blocks, dtype)
+    return cache.index_select(1, blocks)
+
+
+def _native_kv(
+    k_cache: KVLayer, v_cache: KVLayer, q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """(K data, V data, their kv_kind, K scales pointer, V scales pointer; 0 when not
+    quantised), checked: C cannot check pointers."""
+    shape = k_cache.shape
+    if isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV):
+        if not (isinstance(k_cache, QuantizedKV) and isinstance(v_cache, QuantizedKV)):
+            raise ValueError("K and V caches must both be quantised, or neither")
+        if k_cache.fmt != v_cache.fmt or v_cache.shape != shape:
+            raise ValueError("K and V caches disagree in format or shape")
+        for c in (k_cache, v_cache):
+            if not (
+                c.codes.is_contiguous()
+                and c.scale.is_contiguous()
+                and c.codes.dtype == c.fmt.storage
+                and c.scale.dtype == torch.float32
+                and c.scale.shape == shape[:3]
+            ):
+                raise ValueError(
+                    "quantised KV must be contiguous codes [Hkv, num_blocks, block_size, Dh] "
+                    "and float32 scales [Hkv, num_blocks, block_size]"
+                )
+        return (
+            k_cache.codes,
+            v_cache.codes,
+            k_cache.fmt.native_kind,
+            k_cache.scale.data_ptr(),
+            v_cache.scale.data_ptr(),
+        )
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == shape):
+        raise ValueError("KV cache tensors must be contiguous [Hkv, num_blocks, block_size, Dh]")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError("queries and KV cache disagree in dtype")
+    return k_cache, v_cache, native.KINDS[q.dtype], 0, 0
+
+
 def attend_native(
     q: torch.Tensor,  # [T, H, Dh]
-    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, Dh]
-    v_cache: torch.Tensor,
+    k_cache: KVLayer,  # [Hkv, num_blocks, block_size, Dh]
+    v_cache: KVLayer,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, H, Dh]
-    """Attention with the native kernel (csrc/paged_attention.c). What it is given is checked
-    here, since C cannot check pointers."""
+    """Attention with the native kernel (csrc/paged_attention.c), which dequantises a quantised
+    cache as it reads it. What it is given is checked here, since C cannot check pointers."""
     lib = native.paged_attention_kernel()
     if lib is None:
         raise RuntimeError("the native paged-attention kernel is not available here")
     q = q.contiguous()
     tables, rows, qlens, starts = meta.native_inputs
     n_kv, num_blocks, block_size, dh = k_cache.shape
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape):
-        raise ValueError("KV cache tensors must be contiguous [Hkv, num_blocks, block_size, Dh]")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.shape[0] != meta.num_tokens:
-        raise ValueError("queries and KV cache disagree in dtype or token count")
+    k_data, v_data, kv_kind, k_scale, v_scale = _native_kv(k_cache, v_cache, q)
+    if q.shape[0] != meta.num_tokens:
+        raise ValueError("queries and attention metadata disagree in token count")
     if q.shape[1] % n_kv or q.shape[2] != dh or block_size != meta.block_size:
         raise ValueError("query heads, head dim or block size do not match the KV cache")
     if meta.max_block >= num_blocks:
@@ -304,8 +366,8 @@ def attend_native(
     out = torch.empty_like(q)
     rc = lib.afd_paged_attention(
         q.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
+        k_data.data_ptr(),
+        v_data.data_ptr(),
         tables.data_ptr(),
         tables.shape[1],
         rows.data_ptr(),
@@ -321,9 +383,14 @@ def attend_native(
         out.data_ptr(),
         native.KINDS[q.dtype],
         torch.get_num_threads(),
+        kv_kind,
+        k_scale,
+        v_scale,
     )
-    if rc != 0:
+    if rc == -1:
         raise MemoryError("native paged attention could not allocate its scratch memory")
+    if rc != 0:
+        raise ValueError(f"native paged attention refused its arguments (code {rc})")
     return out
 
 

@@ -51,7 +51,9 @@ BUILD_TIMEOUT_S = 120.0
 MAX_HEAD_DIM = 512
 """The kernel's MAX_DH."""
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-"""Element types the kernel reads and writes, as its `kind` argument."""
+"""Element types the kernel reads and writes, as its `kind` argument (and as its `kv_kind`
+for a full-precision cache; a quantised cache's kv_kind is in model/kv_quant.py: 3 int8, 4 fp8
+e4m3, each with a float32 scale per token and KV head)."""
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -114,6 +116,9 @@ def paged_attention_kernel() -> ctypes.CDLL | None:
                     ctypes.c_void_p,  # out
                     ctypes.c_int,  # kind
                     ctypes.c_int,  # nthreads
+                    ctypes.c_int,  # kv_kind
+                    ctypes.c_void_p,  # k_scale (NULL unless quantised)
+                    ctypes.c_void_p,  # v_scale
                 ]
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 log.warning("native paged attention unavailable, using torch ops (%s)", exc)

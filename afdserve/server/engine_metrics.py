@@ -216,7 +216,7 @@ class EngineCollector:
         cfg = self.config
         info = {
             "block_size": str(cfg.block_size),
-            "cache_dtype": cfg.dtype,
+            "cache_dtype": cfg.dtype if cfg.kv_cache_dtype == "auto" else cfg.kv_cache_dtype,
             "num_gpu_blocks": str(sum(w.kv_blocks_total for w in st.workers)),
             "num_cpu_blocks": str(sum(w.kv_host_blocks_total for w in st.workers)),
             "enable_prefix_caching": str(cfg.enable_prefix_caching),

@@ -51,3 +51,26 @@ def test_preempted_requests_resume_from_the_host_tier(tiny_model_dirs, engine):
 def test_a_host_tier_needs_prefix_caching():
     with pytest.raises(UserInputError, match="needs enable_prefix_caching"):
         LLM("builtin:tiny-llama", enable_prefix_caching=False, kv_host_tier_gib=1.0)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        dict(mode="aggregated", attention_workers=1, microbatches=1),
+        dict(mode="afd", attention_workers=2, microbatches=2),
+    ],
+    ids=["aggregated", "afd"],
+)
+def test_quantised_kv_resumes_from_the_host_tier_with_its_scales(
+    tiny_model_dirs, engine, kv_cache_dtype
+):
+    """The tier copies a quantised block's codes and scales: a resumed request reads the KV it
+    left with, so its tokens are those of recomputing it (the same rows quantise the same)."""
+    model = tiny_model_dirs["qwen3-moe"]
+    q = dict(kv_cache_dtype=kv_cache_dtype, **engine)
+    ref, plain = _run(model, enable_prefix_caching=False, **q)
+    tier, c = _run(model, num_host_kv_blocks=64, **q)
+    assert tier == ref
+    assert c["kv_host_blocks_out"] > 0 and c["kv_host_blocks_in"] > 0
+    assert c["recomputed_tokens"] < plain["recomputed_tokens"] / 2

@@ -47,3 +47,28 @@ def test_huge_pages_are_advised_for_a_large_cache():
     t = torch.empty(3 * HUGE_PAGE, dtype=torch.uint8)
     assert _advise_hugepages(t.data_ptr(), t.numel())
     assert not _advise_hugepages(t.data_ptr(), HUGE_PAGE // 2)  # no whole huge page inside
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantised_cache_holds_codes_and_scales(kv):
+    from afdserve.model.kv_quant import FORMATS, QuantizedKV
+
+    cache = KVCache(_config(), num_blocks=64, block_size=16, dtype=torch.float32, kv_cache_dtype=kv)
+    assert len(cache.k) == len(cache.v) == 2
+    for layer in cache.k + cache.v:
+        assert isinstance(layer, QuantizedKV) and layer.shape == (2, 64, 16, 8)
+        assert layer.codes.dtype == FORMATS[kv].storage and not layer.codes.any()
+        assert layer.scale.shape == (2, 64, 16) and layer.scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        KVCache(_config(), 4, 16, torch.float32, kv_cache_dtype="int4")
+
+
+def test_bytes_per_block_counts_codes_and_scales():
+    """2 layers x K and V x 16 tokens x 2 KV heads x (8 elements of the dtype, or 8 code bytes
+    and a 4-byte scale)."""
+    cfg = _config()
+    assert KVCache.bytes_per_block(cfg, 16, torch.float32) == 2 * 2 * 16 * 2 * 8 * 4
+    assert KVCache.bytes_per_block(cfg, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 8 * 2
+    for kv in ("int8", "fp8"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert KVCache.bytes_per_block(cfg, 16, dtype, kv) == 2 * 2 * 16 * 2 * (8 + 4)

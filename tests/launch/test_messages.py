@@ -101,7 +101,7 @@ CONFIG = EngineConfig(
     model="builtin:tiny-llama", attention_workers=3, microbatches=4, dtype="bfloat16",
     block_size=32, num_kv_blocks=99, max_model_len=512, sync_timeout_s=2.5, transport="tcp",
     microbatch_tokens=64, worker_threads=2, ffn_threads=3, ffn_gather_wait_s=0.0,
-    batch_invariant=True, front="10.0.0.1:7000",
+    batch_invariant=True, front="10.0.0.1:7000", kv_cache_dtype="int8",
 )  # fmt: skip
 
 

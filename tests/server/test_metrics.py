@@ -400,3 +400,14 @@ def test_buckets_1_2_5():
     assert buckets_1_2_5(100) == (1, 2, 5, 10, 20, 50, 100)
     assert buckets_1_2_5(4) == (1, 2)
     assert buckets_1_2_5(2048)[-1] == 2000
+
+
+@pytest.mark.parametrize("kv, label", [("auto", "float32"), ("int8", "int8"), ("fp8_e4m3", "fp8")])
+def test_cache_config_info_names_the_kv_cache_dtype(kv, label):
+    cfg = EngineConfig(model=MODEL, dtype="float32", kv_cache_dtype=kv)
+    m = ServerMetrics(
+        "m", cfg, state=lambda: EngineState(()), healthy=lambda: True, max_model_len=9
+    )
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    (info,) = fams["vllm:cache_config_info"].samples
+    assert info.labels["cache_dtype"] == label

@@ -18,6 +18,12 @@ other contraction or reassociation (native.py), and the vector lanes (the 8 part
 score, Dh features in the value loop) are independent, so SIMD code computes exactly what
 scalar code would.
 
+A quantised cache (kv_kind 3: int8 codes, 4: fp8 e4m3 bytes; model/kv_quant.py) carries a float32
+scale per (KV head, position), k_scale and v_scale [Hkv, NB, BS]: a key or value row is read as
+code * scale in float32 (one correctly rounded product per element) and then used exactly as a
+float32 row would be, so the order of the arithmetic, and with it every invariance above, is
+unchanged.
+
 Layout (model/attention.py): q, out [T, H, Dh]; k_cache, v_cache [Hkv, NB, BS, Dh] (head-major),
 block_tables [S, MB] int64, per sequence s its first row in q (row0), query count (qlen) and the
 position of its first query (start); query i of s sits at position start + i and attends to
@@ -130,9 +136,29 @@ static inline v8f v8_exp_nonpos(v8f x) {
     return (v8f)((v8i)(p * (v8f)bits) & ~under);
 }
 
-/* KIND: 0 float32, 1 bfloat16, 2 float16. One loop per kind, so that each vectorises. */
-static inline void load_row(float *dst, const void *src, int64_t base, int64_t n, int kind) {
-    if (kind == 0) {
+/* The 256 values of an fp8 e4m3 (float8_e4m3fn) byte: sign, 4 exponent bits (bias 7), 3
+   mantissa bits; exponent 0 is subnormal (mantissa * 2^-9), S.1111.111 is NaN, there is no
+   infinity. Every value is exact in float32. */
+static void fp8_e4m3_table(float *lut) {
+    for (int b = 0; b < 256; b++) {
+        const int e = (b >> 3) & 15, m = b & 7;
+        float x = e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(8 + m), e - 10);
+        if (e == 15 && m == 7) x = NAN;
+        lut[b] = (b & 128) ? -x : x;
+    }
+}
+
+/* KIND: 0 float32, 1 bfloat16, 2 float16, 3 int8 codes, 4 fp8 e4m3 codes (3 and 4 times
+   `scale`, the row's scale; `lut` the fp8 table). One loop per kind, so that each vectorises. */
+static inline void load_row(float *dst, const void *src, int64_t base, int64_t n, int kind,
+                            float scale, const float *lut) {
+    if (kind == 3) {
+        const int8_t *p = (const int8_t *)src + base;
+        for (int64_t i = 0; i < n; i++) dst[i] = (float)p[i] * scale;
+    } else if (kind == 4) {
+        const uint8_t *p = (const uint8_t *)src + base;
+        for (int64_t i = 0; i < n; i++) dst[i] = lut[p[i]] * scale;
+    } else if (kind == 0) {
         const float *p = (const float *)src + base;
         for (int64_t i = 0; i < n; i++) dst[i] = p[i];
     } else if (kind == 1) {
@@ -159,10 +185,11 @@ static inline void store_row(void *dst, int64_t base, const float *src, float di
 }
 
 /* Row pointers (float32) to keys or values j0 .. j0 + KB - 1 (at element offsets `offs`): into
-   the cache itself for float32, into `stage` ([KB, Dh]) converted otherwise; `zeros` past
-   jmax. */
+   the cache itself for float32, into `stage` ([KB, Dh]) converted (dequantised with the row's
+   entry of `scales`, offset offs / Dh) otherwise; `zeros` past jmax. */
 static inline void rows_of(const float **rows, float *stage, const float *zeros, const void *cache,
-                           const int64_t *offs, int64_t j0, int64_t jmax, int64_t Dh, int kind) {
+                           const int64_t *offs, int64_t j0, int64_t jmax, int64_t Dh, int kind,
+                           const float *scales, const float *lut) {
     for (int l = 0; l < KB; l++) {
         const int64_t j = j0 + l;
         if (j >= jmax) {
@@ -170,7 +197,8 @@ static inline void rows_of(const float **rows, float *stage, const float *zeros,
         } else if (kind == 0) {
             rows[l] = (const float *)cache + offs[j];
         } else {
-            load_row(stage + l * Dh, cache, offs[j], Dh, kind);
+            const float sc = kind >= 3 ? scales[offs[j] / Dh] : 1.0f;
+            load_row(stage + l * Dh, cache, offs[j], Dh, kind, sc, lut);
             rows[l] = stage + l * Dh;
         }
     }
@@ -180,7 +208,7 @@ static inline void rows_of(const float **rows, float *stage, const float *zeros,
    anywhere in memory, so the hardware prefetcher cannot guess the next one). */
 static inline void prefetch_rows(const void *cache, const int64_t *offs, int64_t j0, int64_t jmax,
                                  int64_t Dh, int kind) {
-    const int64_t elem = kind == 0 ? 4 : 2;
+    const int64_t elem = kind == 0 ? 4 : kind >= 3 ? 1 : 2;
     for (int64_t j = j0; j < j0 + KB && j < jmax; j++) {
         const char *p = (const char *)cache + offs[j] * elem;
         for (int64_t b = 0; b < Dh * elem; b += 64) __builtin_prefetch(p + b);
@@ -286,12 +314,13 @@ static void value_block(float *acc, const float *probs, int64_t jpad, int64_t j0
 static void work_item(const void *q, const void *kc, const void *vc, const int64_t *table,
                       int64_t row0, int64_t q0, int64_t nq, int64_t start, int64_t g, int64_t H,
                       int64_t rep, int64_t Dh, int64_t NB, int64_t BS, float scale, void *out,
-                      int kind, float *scratch) {
+                      int kind, int kv_kind, const float *ks, const float *vs, const float *lut,
+                      float *scratch) {
     const int64_t R = nq * rep; /* query rows of this item: (query, head in group) */
     const int64_t jmax = start + q0 + nq;  /* keys 0 .. jmax - 1 are read by some row */
     const int64_t jpad = (jmax + KB - 1) / KB * KB;
     float *qf = scratch;                   /* [R, Dh] the queries, in float32 */
-    float *stage = qf + R * Dh;            /* [KB, Dh] converted rows (bfloat16, float16) */
+    float *stage = qf + R * Dh;            /* [KB, Dh] converted rows (all but float32) */
     float *zeros = stage + KB * Dh;        /* [Dh] the row past the last key */
     float *acc = zeros + Dh;               /* [R, Dh] value sums */
     float *sums = acc + R * Dh;            /* [R] softmax denominators */
@@ -305,13 +334,13 @@ static void work_item(const void *q, const void *kc, const void *vc, const int64
     for (int64_t t = 0; t < nq; t++)
         for (int64_t r = 0; r < rep; r++) {
             const int64_t base = ((row0 + q0 + t) * H + g * rep + r) * Dh;
-            load_row(qf + (t * rep + r) * Dh, q, base, Dh, kind);
+            load_row(qf + (t * rep + r) * Dh, q, base, Dh, kind, 1.0f, lut);
         }
     /* pass 1, scores: the 8-lane dot products of score_block, KB keys at a time */
     for (int64_t j0 = 0; j0 < jmax; j0 += KB) {
         /* keys PREFETCH groups ahead (the blocks of a sequence lie anywhere in memory) */
-        prefetch_rows(kc, offs, j0 + PREFETCH * KB, jmax, Dh, kind);
-        rows_of(rows, stage, zeros, kc, offs, j0, jmax, Dh, kind);
+        prefetch_rows(kc, offs, j0 + PREFETCH * KB, jmax, Dh, kv_kind);
+        rows_of(rows, stage, zeros, kc, offs, j0, jmax, Dh, kv_kind, ks, lut);
         /* rows that see a key of this group: query t sees positions <= start + q0 + t */
         const int64_t t_first = j0 - start - q0 > 0 ? j0 - start - q0 : 0;
         score_block(scores, jpad, j0, qf, rows, t_first * rep, R, Dh, scale);
@@ -337,8 +366,8 @@ static void work_item(const void *q, const void *kc, const void *vc, const int64
     /* pass 2, values: acc[d] = fma(p_j, v_j[d], acc[d]) over j in order, for each feature d */
     memset(acc, 0, sizeof(float) * R * Dh);
     for (int64_t j0 = 0; j0 < jmax; j0 += KB) {
-        prefetch_rows(vc, offs, j0 + PREFETCH * KB, jmax, Dh, kind);
-        rows_of(rows, stage, zeros, vc, offs, j0, jmax, Dh, kind);
+        prefetch_rows(vc, offs, j0 + PREFETCH * KB, jmax, Dh, kv_kind);
+        rows_of(rows, stage, zeros, vc, offs, j0, jmax, Dh, kv_kind, vs, lut);
         const int64_t t_first = j0 - start - q0 > 0 ? j0 - start - q0 : 0;
         value_block(acc, scores, jpad, j0, rows, t_first * rep, R, Dh);
     }
@@ -350,14 +379,19 @@ static void work_item(const void *q, const void *kc, const void *vc, const int64
         }
 }
 
-/* Returns 0, -1 if scratch memory could not be allocated, -2 if Dh > MAX_DH. */
+/* Returns 0, -1 if scratch memory could not be allocated, -2 if Dh > MAX_DH, -3 if a quantised
+   kv_kind comes without its scales. kind: q and out; kv_kind: the cache (= kind unquantised). */
 int afd_paged_attention(const void *q, const void *k_cache, const void *v_cache,
                         const int64_t *block_tables, int64_t max_blocks, const int64_t *row0,
                         const int64_t *qlen, const int64_t *start, int64_t S, int64_t H,
                         int64_t Hkv, int64_t Dh, int64_t NB, int64_t BS, float scale, void *out,
-                        int kind, int nthreads) {
+                        int kind, int nthreads, int kv_kind, const float *k_scale,
+                        const float *v_scale) {
     const int64_t rep = H / Hkv;
     if (Dh > MAX_DH) return -2;
+    if (kv_kind >= 3 && (!k_scale || !v_scale)) return -3;
+    float lut[256]; /* fp8 e4m3 values, read-only in the parallel region */
+    fp8_e4m3_table(lut);
     /* work items (s, g, q0): list the query blocks first, then pair each with every KV head */
     int64_t nblocks = 0;
     for (int64_t s = 0; s < S; s++) nblocks += (qlen[s] + QT - 1) / QT;
@@ -386,7 +420,7 @@ int afd_paged_attention(const void *q, const void *k_cache, const void *v_cache,
             continue;
         }
         work_item(q, k_cache, v_cache, block_tables + s * max_blocks, row0[s], q0, nq, start[s],
-                  g, H, rep, Dh, NB, BS, scale, out, kind, scratch);
+                  g, H, rep, Dh, NB, BS, scale, out, kind, kv_kind, k_scale, v_scale, lut, scratch);
         free(scratch);
     }
     free(items);
