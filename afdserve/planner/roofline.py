@@ -8,6 +8,7 @@ M = g * memory bandwidth * eff_memory_bw, N = g * link bandwidth * eff_link:
     beta_A  = max(W_attn / M, 2 * P_attn * B / F) + max(W_head / M, 2 * P_head * B / F) / L
     alpha_F = 2 * (P_ffn_active + (I - 1) * P_routed_active) / F          per token
     beta_F  = (W_ffn_total + W_redundant) / M                             (every slot streamed)
+    t_F(n)  = max(alpha_F * n, beta_F)                                    (a roofline, combine="max")
     alpha_C = hidden * act_bytes * fanout / N                             per token, one way
     beta_C  = link latency
 
@@ -18,10 +19,13 @@ compute, P_routed_active = P_routed * k / E; W_redundant = R / E * W_routed are 
 R redundant expert slots.
 
 Each term is one kernel's own roofline (the larger of its memory time and its compute time); the
-terms add because the kernels run one after another. The FFN's affine form adds weight streaming
-and compute instead of taking their maximum, which is exact at both ends and at most 2x high at
-the ridge point. The efficiency factors are assumptions, not measurements; a measured profile
-(`afdserve profile`) replaces all of this.
+terms add because the kernels run one after another. The FFN is a roofline too: its grouped GEMMs
+overlap streaming the expert weights with the math, so a microbatch of n tokens takes
+max(alpha_F * n, beta_F) (`Affine(combine="max")`), not their sum (the affine form used before
+issue 18, up to 2x high at the ridge point: it made Step-3's FFN-bound deployment 33-35% slow and
+put its best 8K ratio at 1 A node per F node where 2 are deployed). A measured profile
+(`afdserve profile`) fits an affine line (combine="sum") and replaces all of this. The
+efficiency factors are assumptions, not measurements.
 """
 
 from __future__ import annotations
@@ -213,7 +217,7 @@ def roofline_costs(
 
     costs = StageCosts(
         attention=Affine(alpha_a, beta_a),
-        ffn=Affine(alpha_f, beta_f),
+        ffn=Affine(alpha_f, beta_f, combine="max"),
         comm=Affine(alpha_c, beta_c),
         comm_scales_with=setup.comm_scales_with,
         num_layers=L,

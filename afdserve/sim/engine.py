@@ -334,7 +334,7 @@ class _Engine:
         else:
             tok_max, tok_sum = int(self.n_dec.max()), self.n_dec_total
         attn = s.attention.alpha * ctx_max + s.attention.beta + attn_extra
-        ffn = s.ffn.alpha * tok_sum + G * s.ffn.beta
+        ffn = s.ffn.alpha * tok_sum + G * s.ffn.beta  # >= sum of G max(alpha n, beta) too
         post = (
             c.step_alpha_ms * tok_max
             + c.step_prefill_token_ms * (cfg.token_budget if self.n_prefilling else 0)
