@@ -43,9 +43,9 @@ PROFILE_UNITS = "ms"
 @dataclass(frozen=True)
 class Affine:
     """t(x) = alpha * x + beta, in ms (`combine="sum"`, the default: a fitted or explicit line),
-    or t(x) = max(alpha * x, beta) (`combine="max"`: a roofline, where beta is the time to
-    stream the weights and alpha * x the compute, and a GEMM overlaps its loads with its math);
-    optional fit quality when it was fitted to measurements."""
+    or t(x) = max(alpha * x, beta) + fixed (`combine="max"`: a roofline, where beta is the time
+    to stream the weights, alpha * x the compute, which a GEMM overlaps with its loads, and
+    `fixed` its kernels' launch and pipeline fill); optional fit quality when it was fitted."""
 
     alpha: float
     """ms per unit of x (a token, or a resident context token for attention)."""
@@ -57,13 +57,16 @@ class Affine:
     """Largest |fit - measured| / measured over the fitted points, if fitted."""
     combine: str = "sum"
     """How the two terms combine: 'sum' (alpha * x + beta) or 'max' (max(alpha * x, beta))."""
+    fixed: float = 0.0
+    """ms added to either form (a roofline's per-kernel latencies; 0 for a fitted line, whose
+    beta already holds them)."""
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINES:
             raise UserInputError(
                 f"combine must be one of {', '.join(COMBINES)}, got {self.combine!r}"
             )
-        for name in ("alpha", "beta"):
+        for name in ("alpha", "beta", "fixed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise UserInputError(f"{name} must be a finite number, got {v!r}")
@@ -78,21 +81,24 @@ class Affine:
 
     def __call__(self, x: float) -> float:
         if self.combine == "max":
-            return max(self.alpha * x, self.beta)
-        return self.alpha * x + self.beta
+            return max(self.alpha * x, self.beta) + self.fixed
+        return self.alpha * x + self.beta + self.fixed
 
     @property
     def line(self) -> tuple[float, float, float]:
-        """(slope, intercept, floor) with t(x) = max(slope * x + intercept, floor): (alpha, beta,
-        0) for 'sum', (alpha, 0, beta) for 'max'; what the closed-form ratio works with."""
+        """(slope, intercept, floor) with t(x) = max(slope * x + intercept, floor): (alpha,
+        beta + fixed, 0) for 'sum', (alpha, fixed, beta + fixed) for 'max'; what the
+        closed-form ratio works with."""
         if self.combine == "max":
-            return self.alpha, 0.0, self.beta
-        return self.alpha, self.beta, 0.0
+            return self.alpha, self.fixed, self.beta + self.fixed
+        return self.alpha, self.beta + self.fixed, 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"alpha": self.alpha, "beta": self.beta}
         if self.combine != "sum":
             d["combine"] = self.combine
+        if self.fixed:
+            d["fixed"] = self.fixed
         if self.r2 is not None:
             d["r2"] = self.r2
         if self.max_rel_err is not None:
@@ -164,16 +170,17 @@ class StageCosts:
         latency (beta_C). Summed over M microbatches of B/M slots a stage's load is
         alpha * x + M * beta, i.e. these coefficients with every beta times M. This is what the
         simulator and aiconfigurator charge; the planner's old cycle charged one beta per layer.
-        A 'max' stage is the same: M * max(alpha * x / M, beta) = max(alpha * x, M * beta).
+        A 'max' stage is the same: M * (max(alpha * x / M, beta) + fixed) = max(alpha * x,
+        M * beta) + M * fixed.
         """
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise UserInputError(f"microbatches must be an integer >= 1, got {microbatches!r}")
         m = microbatches
         return dataclasses.replace(
             self,
-            attention=dataclasses.replace(self.attention, beta=m * self.attention.beta),
-            ffn=dataclasses.replace(self.ffn, beta=m * self.ffn.beta),
-            comm=dataclasses.replace(self.comm, beta=m * self.comm.beta),
+            attention=_times_m(self.attention, m),
+            ffn=_times_m(self.ffn, m),
+            comm=_times_m(self.comm, m),
         )
 
     # ---- constructors ----------------------------------------------------------------------
@@ -242,6 +249,7 @@ class StageCosts:
                     r2=entry.get("r2"),
                     max_rel_err=entry.get("max_rel_err"),
                     combine=entry.get("combine", "sum"),
+                    fixed=entry.get("fixed", 0.0),
                 )
             except UserInputError as exc:
                 raise UserInputError(f"{origin}: {stage}: {exc}") from None
@@ -278,6 +286,11 @@ class StageCosts:
             "comm": comm,
             **self.extra,
         }
+
+
+def _times_m(a: Affine, m: int) -> Affine:
+    """`a` with its fixed costs paid m times (see `StageCosts.per_layer_loads`)."""
+    return dataclasses.replace(a, beta=m * a.beta, fixed=m * a.fixed)
 
 
 def _affine(stage: str, alpha: float, beta: float) -> Affine:

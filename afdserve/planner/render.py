@@ -63,7 +63,7 @@ def render_plan(result: PlanResult, extra: dict[str, Any]) -> str:
         f"costs ({c.source}, ms per layer, {c.num_layers} layer(s)/step): "
         f"attention {fmt(c.attention.alpha)}*T + {fmt(c.attention.beta)}, "
         + (
-            f"FFN max({fmt(c.ffn.alpha)}*n, {fmt(c.ffn.beta)}), "
+            f"FFN max({fmt(c.ffn.alpha)}*n, {fmt(c.ffn.beta)}) + {fmt(c.ffn.fixed)}, "
             if c.ffn.combine == "max"
             else f"FFN {fmt(c.ffn.alpha)}*n + {fmt(c.ffn.beta)}, "
         )

@@ -126,7 +126,7 @@ def stage_times(costs: SimCosts, load: StepLoad, pipeline: str) -> StageTimes:
         np.maximum(s.ffn.alpha * ffn_tok, s.ffn.beta)
         if s.ffn.combine == "max"
         else s.ffn.alpha * ffn_tok + s.ffn.beta
-    )  # [S, G]
+    ) + s.ffn.fixed  # [S, G]
     ffn = np.where(ffn_tok > 0, ffn_work, 0.0)
     shared = s.comm_scales_with == "rB" and not colocated
     if colocated:

@@ -108,3 +108,12 @@ def test_roofline_combine_is_a_max_and_round_trips() -> None:
     assert StageCosts.from_profile_dict(PROFILE).ffn.combine == "sum"
     with pytest.raises(UserInputError, match="combine"):
         Affine(0.01, 1.0, combine="min")
+    # a fixed term (kernel latencies) adds to either form and is paid once per microbatch
+    g = Affine(0.01, 1.0, combine="max", fixed=0.25)
+    assert g(50) == 1.25 and g(200) == 2.25 and g.line == (0.01, 0.25, 1.25)
+    assert Affine(0.01, 1.0, fixed=0.25)(100) == 2.25
+    with_fixed = StageCosts(attention=Affine(1e-6, 0.1), ffn=g, comm=Affine(1e-4, 0.01))
+    assert with_fixed.per_layer_loads(3).t_ffn(600) == pytest.approx(3 * g(200))
+    assert StageCosts.from_profile_dict(with_fixed.to_profile_dict()) == with_fixed
+    with pytest.raises(UserInputError, match="fixed"):
+        Affine(0.01, 1.0, fixed=-1.0)

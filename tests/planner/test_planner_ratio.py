@@ -22,9 +22,11 @@ def issue_costs(**overrides: float) -> StageCosts:
     return StageCosts.explicit(**{**ISSUE, **overrides})
 
 
-def with_ffn_combine(costs: StageCosts, combine: str) -> StageCosts:
-    """The same coefficients with the FFN summed (fitted) or a roofline max(alpha n, beta)."""
-    return dataclasses.replace(costs, ffn=dataclasses.replace(costs.ffn, combine=combine))
+def with_ffn_combine(costs: StageCosts, combine: str, fixed: float = 0.0) -> StageCosts:
+    """The same coefficients with the FFN summed (fitted) or a roofline max(alpha n, beta),
+    plus `fixed` ms."""
+    ffn = dataclasses.replace(costs.ffn, combine=combine, fixed=fixed)
+    return dataclasses.replace(costs, ffn=ffn)
 
 
 def test_roofline_ffn_closed_form_is_where_compute_catches_the_slowest_floor() -> None:
@@ -42,6 +44,10 @@ def test_roofline_ffn_closed_form_is_where_compute_catches_the_slowest_floor() -
     # the summed FFN of the same numbers needs its intercept covered first
     assert closed_form(issue_costs(), B, THETA).r_a == pytest.approx((t_a - 1.0) / (0.02 * B))
     assert isinstance(costs.ffn, Affine) and costs.ffn(10) == 1.0 and costs.ffn(100) == 2.0
+    # a fixed kernel latency lifts the line and the floor alike
+    lat = with_ffn_combine(issue_costs(), "max", 0.4)
+    assert closed_form(lat, B, THETA).r_star == pytest.approx((t_a - 0.4) / (0.02 * B))
+    assert closed_form(lat, B, THETA).r_peak == pytest.approx(math.sqrt(0.4 / (0.02 * B)))
 
 
 def test_issue_closed_form_values() -> None:
@@ -123,12 +129,13 @@ def test_slo_caps_the_ratio_below_the_unconstrained_optimum() -> None:
     theta=st.floats(0.0, 20000.0),
     price_ratio=st.floats(0.1, 10.0),
     combine=st.sampled_from(["sum", "max"]),
+    fixed=st.sampled_from([0.0, 0.05, 0.5]),
 )
 def test_closed_form_is_the_continuous_argmax(
-    alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, batch, theta, price_ratio, combine
+    alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, batch, theta, price_ratio, combine, fixed
 ) -> None:
     costs = with_ffn_combine(
-        StageCosts.explicit(alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c), combine
+        StageCosts.explicit(alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c), combine, fixed
     )
     weights = CostWeights(attention=1.0, ffn=price_ratio)
     cf = closed_form(costs, batch, theta, weights)
@@ -156,15 +163,17 @@ def test_closed_form_is_the_continuous_argmax(
     batch=st.integers(1, 256),
     theta=st.floats(0.0, 20000.0),
     combine=st.sampled_from(["sum", "max"]),
+    fixed=st.sampled_from([0.0, 0.05, 0.5]),
 )
 def test_rb_communication_optimum_beats_the_grid(
-    alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, batch, theta, combine
+    alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, batch, theta, combine, fixed
 ) -> None:
     costs = with_ffn_combine(
         StageCosts.explicit(
             alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, comm_scales_with="rB"
         ),
         combine,
+        fixed,
     )
     r_star = closed_form(costs, batch, theta).r_star
 
