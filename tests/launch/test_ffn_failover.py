@@ -118,12 +118,15 @@ def test_survivor_loads_a_dead_ffn_workers_experts_and_serves_alone(
 
 
 def test_redundant_experts_fail_over_without_loading_and_the_restarted_worker_gets_experts(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
     """EPLB with full redundancy (every expert on both FFN workers): after a SIGKILL the
     survivor already holds everything (nothing loaded) and serves alone while the dead one
     restarts; the restarted one rejoins with no expert and the two-phase switch gives it its
-    experts back. Tokens: the aggregated ones throughout."""
+    experts back. Tokens: the aggregated ones throughout. The restart is held back until
+    every stream has finished (its backoff made endless, then cut short), so the survivor
+    served them all alone, whatever the timing."""
+    from afdserve.launch import multiproc
     from afdserve.model.make_model import make_model
 
     model = make_model("qwen3-moe", "tiny", 0, tmp_path / "skewed", router_skew=1.0)
@@ -150,12 +153,17 @@ def test_redundant_experts_fail_over_without_loading_and_the_restarted_worker_ge
         _add_all(llm)
         tokens: dict[str, list[int]] = {}
         _serve(llm, tokens, _all_started)
+        monkeypatch.setattr(multiproc, "restart_backoff_s", lambda n: 1e6)
         os.kill(pids[-1], signal.SIGKILL)
         _serve(llm, tokens, lambda t: not engine.has_unfinished())
         assert tokens == reference
         assert engine.restarts == 1 and engine.requests_migrated == 0
-        assert engine.state().ffn_failovers == 1
+        state = engine.state()
+        assert state.ffn_failovers == 1 and state.ffn_workers_down == 1
+        assert engine.pids[-1] == pids[-1]  # not restarted yet: the survivor served alone
         assert engine.failover.experts_loaded == 0 and engine.failover.taken == {}
+        assert engine.switch.controller.placement.down == (1,)
+        engine._respawn_due = dict.fromkeys(engine._respawn_due, 0.0)  # restart it now
         # back: the restarted worker holds experts again, under a newer placement
         deadline = time.monotonic() + 60
         while engine.switch.controller.placement.down or engine.switch.target:
