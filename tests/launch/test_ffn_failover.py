@@ -25,9 +25,7 @@ def _params(k: int) -> SamplingParams:
 
 def _reference(model_dir) -> dict[str, list[int]]:
     with LLM(str(model_dir), mode="aggregated", batch_invariant=True) as llm:
-        return {
-            f"r{k}": llm.generate([p], _params(k))[0].token_ids for k, p in enumerate(PROMPTS)
-        }
+        return {f"r{k}": llm.generate([p], _params(k))[0].token_ids for k, p in enumerate(PROMPTS)}
 
 
 def _group(model_dir, **engine) -> LLM:
