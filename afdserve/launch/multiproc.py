@@ -88,6 +88,11 @@ wait for it, bounded by their result timeout)."""
 
 SILENCE_MARGIN_S = 10.0
 
+WEDGED_S = 2 * STALL_S
+"""A spawned FFN worker silent this long, when the FFN failover can take its experts, is
+declared wedged: the front kills it (SIGKILL), so the survivors serve its experts and it is
+started again, instead of the attention workers waiting for it up to their result timeout."""
+
 
 def silence_limit_s(sync_timeout_s: float) -> float:
     """How long requests with no attention worker to serve them (every one stalled) wait for
@@ -576,6 +581,18 @@ class MultiProcessEngine:
             return
         self._take_back_settled()
         now = time.monotonic()
+        if self.failover is not None and self._procs.pids:
+            for j, heard in self._ffn_heard.items():
+                if j in self._absent or j in self._restarting or j in self._respawn_due:
+                    continue
+                if now - heard > WEDGED_S and self._procs.alive(j):
+                    log.warning(
+                        "FFN worker %d sent nothing for %.1fs: declared wedged, killing it so "
+                        "the survivors take its experts",
+                        j,
+                        now - heard,
+                    )
+                    self._procs.kill_rank(j)
         for w in self.workers:
             silent = now - w.last_heard
             if not w.down and silent > STALL_S:

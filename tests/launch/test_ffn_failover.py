@@ -175,3 +175,37 @@ def test_redundant_experts_fail_over_without_loading_and_the_restarted_worker_ge
         assert [o.token_ids for o in again] == [reference["r0"], reference["r2"]]
     finally:
         llm.close()
+
+
+def test_stopped_ffn_worker_is_declared_wedged_and_its_experts_fail_over(
+    tiny_model_dirs, moe_reference
+):
+    """SIGSTOP of an FFN worker: silent past `WEDGED_S`, it is killed and failed over like a
+    dead one (the survivor loads its experts and serves; it is started again): every stream
+    ends with the aggregated tokens."""
+    llm = _group(tiny_model_dirs["qwen3-moe"], max_restarts=1)
+    pids = llm.engine.pids
+    try:
+        _add_all(llm)
+        tokens: dict[str, list[int]] = {}
+        _serve(llm, tokens, _all_started)
+        os.kill(pids[-1], signal.SIGSTOP)
+        _serve(llm, tokens, lambda t: not llm.engine.has_unfinished())
+        assert tokens == moe_reference
+        assert llm.engine.state().ffn_failovers == 1 and llm.engine.restarts == 1
+        assert not _alive_unreaped(pids[-1])
+    finally:
+        try:
+            os.kill(pids[-1], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        llm.close()
+
+
+def _alive_unreaped(pid: int) -> bool:
+    """Still a running process (not killed; the front reaps what it spawns)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
