@@ -74,12 +74,14 @@ class FFNFailover:
     def start(self, rank: int, why: str) -> bool:
         """FFN rank `rank` died: plan the survivors' placement and ask for its loads; False when
         no failover can be made (the caller waits for the restart)."""
-        current = self.placement
+        installed, target = self.placement, self.switch.target
+        current = installed
         if self.pending is not None:  # a second death while survivors load: plan again
             current = self.pending
-        if self.index(rank) in current.down:
+        if self.index(rank) in current.down and target is None:
             return True  # already failed over (it died again while restarting)
-        target = self.switch.target
+        # (dead again while the switch back gave it experts: fail over again, so that the
+        # attention workers that already route to it are told the survivors' placement)
         version = max(current.version, target.version if target is not None else 0) + 1
         down = set(current.down) | {self.index(rank)}
         window = self.switch.controller.window.total()
@@ -93,8 +95,8 @@ class FFNFailover:
             )
             return False
         self.switch.abandon()
-        if self.original is None:
-            self.original = self.placement
+        if not installed.down:  # every FFN worker was in service: that is what to restore
+            self.original = target if target is not None and not target.down else installed
         loads = to_load(self.placement, new)  # against what is installed: pending's too
         self.taken = {self.ffn_ranks[w]: layers for w, layers in loads.items()}
         self.pending, self.dead[rank] = new, why
@@ -147,8 +149,6 @@ class FFNFailover:
             )
             dead = self.dead
             self.pending, self.dead = None, {}
-            if not self.placement.down:
-                self.original = None
             return "abandoned", None, dead
         return "", None, {}
 
@@ -163,6 +163,6 @@ class FFNFailover:
         still = set(current.down) - {w}
         version = current.version + 1
         if not still:
-            o, self.original = self.original, None
+            o = self.original
             return Placement(o.num_experts, o.num_workers, o.layers, version)
         return survivor_placement(self.original, still, version)

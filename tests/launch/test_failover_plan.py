@@ -38,7 +38,12 @@ def test_survivors_load_then_the_placement_is_in_use_and_the_restarted_one_gets_
     assert f.placement == new and f.failovers == 1
     back = f.back(3)
     assert back.layers == p.layers and back.down == () and back.version == new.version + 1
-    assert f.back(3) is None  # nothing failed over any more
+    f.switch.begin(back)  # the switch back starts; rank 3 dies again in its phase 1
+    assert f.start(3, "died again") and f.switch.target is None
+    again = f.pending
+    assert again.down == (1,) and again.version == back.version + 1 and f.taken == {}
+    assert f.tick()[0] == "ready"
+    assert f.back(3).layers == p.layers  # what to restore is still the original
 
 
 def test_full_redundancy_needs_no_load():
@@ -57,4 +62,4 @@ def test_a_failover_past_the_budget_is_refused_and_one_unanswered_is_abandoned()
     time.sleep(0.01)
     what, new, dead = f.tick()
     assert what == "abandoned" and new is None and dead == {3: "died"}
-    assert f.placement == p and f.original is None
+    assert f.placement == p
