@@ -468,10 +468,7 @@ class MultiProcessEngine:
         return [
             k
             for k in range(self.cfg.world_size)
-            if k not in batch
-            and k not in self._absent
-            and not (k < r and self.workers[k].dead)
-            and not (k >= r and k in self._restarting)
+            if k not in batch and k not in self._absent and not (k < r and self.workers[k].dead)
         ]
 
     def _restart(self, rank: int, why: str, deferred: bool = False) -> None:

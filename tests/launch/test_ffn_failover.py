@@ -77,14 +77,16 @@ def moe_reference(tiny_model_dirs):
     return _reference(tiny_model_dirs["qwen3-moe"])
 
 
-@pytest.mark.parametrize("failover", [True, False])
+@pytest.mark.parametrize("failover,transport", [(True, "shm"), (False, "shm"), (True, "tcp")])
 def test_survivor_loads_a_dead_ffn_workers_experts_and_serves_alone(
-    tiny_model_dirs, moe_reference, failover
+    tiny_model_dirs, moe_reference, failover, transport
 ):
     """No replicas (the static placement) and no restart left: the surviving FFN worker loads
     the dead one's experts from the model files and serves every MoE and dense layer alone;
     every stream ends with the aggregated tokens. Without the failover the group fails."""
-    llm = _group(tiny_model_dirs["qwen3-moe"], max_restarts=0, ffn_failover=failover)
+    llm = _group(
+        tiny_model_dirs["qwen3-moe"], max_restarts=0, ffn_failover=failover, transport=transport
+    )
     pids = llm.engine.pids
     try:
         _add_all(llm)
