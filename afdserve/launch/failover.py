@@ -71,6 +71,13 @@ class FFNFailover:
     def index(self, rank: int) -> int:
         return self.ffn_ranks.index(rank)
 
+    def can_take(self, rank: int) -> bool:
+        """Whether the survivors could take FFN rank `rank`'s experts now (a wedged worker is
+        killed only then: otherwise waiting for it costs less than its restart)."""
+        current = self.pending or self.placement
+        down = set(current.down) | {self.index(rank)}
+        return survivor_placement(current, down, current.version + 1, self.max_experts) is not None
+
     def start(self, rank: int, why: str) -> bool:
         """FFN rank `rank` died: plan the survivors' placement and ask for its loads; False when
         no failover can be made (the caller waits for the restart)."""

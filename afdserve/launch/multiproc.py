@@ -582,7 +582,7 @@ class MultiProcessEngine:
             for j, heard in self._ffn_heard.items():
                 if j in self._absent or j in self._restarting or j in self._respawn_due:
                     continue
-                if now - heard > WEDGED_S and self._procs.alive(j):
+                if now - heard > WEDGED_S and self._procs.alive(j) and self.failover.can_take(j):
                     log.warning(
                         "FFN worker %d sent nothing for %.1fs: declared wedged, killing it so "
                         "the survivors take its experts",

@@ -27,6 +27,7 @@ def _failover(placement: Placement, timeout_s: float = 30.0, max_experts: int = 
 def test_survivors_load_then_the_placement_is_in_use_and_the_restarted_one_gets_it_back():
     p = Placement.static([True, False], 4, 2)
     f, sent = _failover(p)
+    assert f.can_take(3)
     assert f.start(3, "FFN rank 3 died")
     assert [(r, type(m)) for r, m in sent] == [(2, HoldExperts)]  # only the survivor loads
     assert f.taken == {2: {0: [2, 3]}} and f.experts_loaded == 2
@@ -56,6 +57,7 @@ def test_full_redundancy_needs_no_load():
 def test_a_failover_past_the_budget_is_refused_and_one_unanswered_is_abandoned():
     p = Placement.static([True], 4, 2)
     f, sent = _failover(p, max_experts=3)
+    assert not f.can_take(3)
     assert not f.start(3, "died") and sent == [] and f.pending is None
     f, sent = _failover(p, timeout_s=0.0)
     assert f.start(3, "died")
