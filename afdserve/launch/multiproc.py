@@ -437,7 +437,7 @@ class MultiProcessEngine:
         self._absent.add(rank)
         self._restarting.pop(rank, None)
         self._join_wait.pop(rank, None)
-        if rank not in self.failover.dead:  # failed over already: it died again restarting
+        if rank not in self.failover.dead and self._procs.pids:  # died again restarting
             self._restart(rank, why, deferred=True)
         return True
 
@@ -456,11 +456,13 @@ class MultiProcessEngine:
             for k in self._others(set(dead)):
                 self._send_control(k, rejoin)
             for rank, why in dead.items():
-                self._restart(rank, why, deferred=True)
+                if self._procs.pids:  # spawned: start it again; by hand: it says hello
+                    self._restart(rank, why, deferred=True)
         elif what == "abandoned":
             for rank, why in dead.items():
                 self._absent.discard(rank)
-                self._restart(rank, why)
+                if self._procs.pids:
+                    self._restart(rank, why)
 
     def _others(self, batch: set[int]) -> list[int]:
         """Every worker still in the data plane but `batch` (whom a `Rejoin` goes to)."""
@@ -514,6 +516,10 @@ class MultiProcessEngine:
         if m.rank in self._hellos:
             return  # it says hello every second until configured
         why = f"worker rank {m.rank} was started again (pid {m.pid})"
+        if m.rank in self._absent and not (self.failover and self.failover.pending):
+            # a failed-over FFN worker started again: the survivors serve until it has loaded
+            self._take_back({m.rank: why}, 0.0, deferred=True)
+            return
         if m.rank < self.cfg.attention_workers:
             self._lose(m.rank, why, dead=True)
         now = time.monotonic()
@@ -578,18 +584,19 @@ class MultiProcessEngine:
             return
         self._take_back_settled()
         now = time.monotonic()
-        if self.failover is not None and self._procs.pids:
-            for j, heard in self._ffn_heard.items():
+        if self.failover is not None:
+            for j, heard in list(self._ffn_heard.items()):
                 if j in self._absent or j in self._restarting or j in self._respawn_due:
                     continue
-                if now - heard > WEDGED_S and self._procs.alive(j) and self.failover.can_take(j):
-                    log.warning(
-                        "FFN worker %d sent nothing for %.1fs: declared wedged, killing it so "
-                        "the survivors take its experts",
-                        j,
-                        now - heard,
-                    )
-                    self._procs.kill_rank(j)
+                if j in self._hellos or now - heard <= WEDGED_S or not self.failover.can_take(j):
+                    continue
+                why = f"FFN worker {j} sent nothing for {now - heard:.1f}s: declared wedged"
+                if self._procs.pids:  # spawned: kill it, then its exit fails over
+                    if self._procs.alive(j):
+                        log.warning("%s, killing it so the survivors take its experts", why)
+                        self._procs.kill_rank(j)
+                else:  # started by hand: fail over; it comes back by hello or by waking up
+                    self._fail_over(j, why)
         for w in self.workers:
             silent = now - w.last_heard
             if not w.down and silent > STALL_S:
@@ -874,6 +881,8 @@ class MultiProcessEngine:
                 log.warning("dropping a heartbeat from unknown FFN rank %r", m.rank)
                 return []
             self._ffn_heard[m.rank] = time.monotonic()
+            if m.rank in self._absent and not self._procs.pids:
+                self._woke(m.rank)
             if m.afd is None:
                 return []  # a pulse
             try:
@@ -910,6 +919,23 @@ class MultiProcessEngine:
                 self._tracked[rid].generated.append(ev.token_id)
             out.append(ev if ev.request_id == rid else dataclasses.replace(ev, request_id=rid))
         return out
+
+    def _woke(self, rank: int) -> None:
+        """A hand-started FFN worker that was declared wedged and failed over speaks again
+        (under the lock): everyone, it included, rejoins the data plane under a new epoch, and
+        the two-phase switch gives it experts again (it still holds its old ones)."""
+        assert self.failover is not None and self.switch is not None
+        if rank in self._restarting or rank in self._join_wait or self.failover.pending:
+            return
+        log.warning("FFN worker %d speaks again: taking it back into the data plane", rank)
+        self._absent.discard(rank)
+        self._epoch += 1
+        rejoin = Rejoin(self._epoch, absent=tuple(sorted(self._absent)))
+        for k in self._others(set()):
+            self._send_control(k, rejoin)
+        back = self.failover.back(rank)
+        if back is not None:
+            self.switch.begin(back)
 
     def _joining(self, m: Joining) -> None:
         """A failed-over FFN worker, restarted, connects the data plane now (under the lock):

@@ -211,3 +211,73 @@ def _alive_unreaped(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_hand_started_ffn_worker_stopped_fails_over_and_comes_back_when_it_wakes(
+    tiny_model_dirs, moe_reference
+):
+    """Workers started by hand over tcp (the front cannot kill them): a stopped FFN worker is
+    declared wedged and failed over, the survivor serves every stream to its end while it
+    stays stopped; woken, it rejoins the data plane and the switch gives it experts again."""
+    import subprocess
+    import sys
+
+    from afdserve.transport.options import free_port_run
+
+    port = free_port_run(7)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "afdserve.cli",
+                "worker",
+                "--front",
+                f"127.0.0.1:{port}",
+                "--rank",
+                str(k),
+                "--host",
+                "127.0.0.1",
+                "--connect-timeout-s",
+                "60",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for k in range(4)
+    ]
+    try:
+        llm = _group(
+            tiny_model_dirs["qwen3-moe"],
+            transport="tcp",
+            front=f"127.0.0.1:{port}",
+            startup_timeout_s=90,
+        )
+        engine = llm.engine
+        try:
+            _add_all(llm)
+            tokens: dict[str, list[int]] = {}
+            _serve(llm, tokens, _all_started)
+            procs[3].send_signal(signal.SIGSTOP)
+            _serve(llm, tokens, lambda t: not engine.has_unfinished())
+            assert tokens == moe_reference
+            assert engine.state().ffn_failovers == 1
+            assert engine.switch.controller.placement.down == (1,)  # still stopped
+            procs[3].send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 60
+            while engine.switch.controller.placement.down or engine.switch.target:
+                assert time.monotonic() < deadline, engine.problems()
+                engine.step(0.05)
+            assert engine.switch.controller.placement.experts_of(0, 1) == (4, 5, 6, 7)
+            again = llm.generate([PROMPTS[0], PROMPTS[2]], LONG)
+            assert [o.token_ids for o in again] == [moe_reference["r0"], moe_reference["r2"]]
+        finally:
+            llm.close()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
