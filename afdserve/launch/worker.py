@@ -41,6 +41,11 @@ STATS_EVERY_S = 0.5
 """AFD stats ride on an attention worker's events messages at most this often (and on every
 heartbeat), so the front's metrics lag by at most this much while the worker steps."""
 
+FFN_CONTROL_S = 0.1
+"""An FFN worker reads its control socket this often between batches (a `Rejoin`, an FFN
+failover's `HoldExperts`: each waits at most this long), and reports its stats every
+HEARTBEAT_S."""
+
 FRONT_GONE = 4
 """Exit code of a worker whose front fell silent."""
 
@@ -460,13 +465,13 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
         core = make_ffn_worker(group.cfg, model, plane.transport, group.placement)
         experts = _ExpertHolder(group, model.config, core)
         control.send(events, Ready(group.rank, "ffn", os.getpid(), mine))
-        last_beat = 0.0
+        last_beat = last_read = 0.0
         front = _FrontWatch(wcfg.front_timeout_s, wcfg.front or wcfg.control)
         while not stop.is_set():
             core.serve_once(0.05)
-            if time.monotonic() - last_beat < HEARTBEAT_S:
+            if time.monotonic() - last_read < FFN_CONTROL_S:
                 continue
-            last_beat = time.monotonic()
+            last_read = time.monotonic()
             msgs = control.recv_all(commands, 0, control.TO_WORKER)
             front.heard(msgs)
             if any(isinstance(m, Shutdown) for m in msgs):
@@ -477,6 +482,9 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
                 experts.apply(m, events)
             if front.gone():
                 return FRONT_GONE
+            if time.monotonic() - last_beat < HEARTBEAT_S:
+                continue
+            last_beat = time.monotonic()
             beat = Heartbeat(group.rank, "ffn", afd=core.stats.snapshot().to_dict())
             control.send(events, beat, timeout_s=1.0)
         return 0
