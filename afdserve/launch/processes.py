@@ -132,6 +132,11 @@ class WorkerProcesses:
         for p in self.procs:
             p.kill()
 
+    def kill_rank(self, rank: int) -> None:
+        """SIGKILL one worker (one declared wedged: its exit is then handled as a death)."""
+        if self.alive(rank):
+            self.procs[rank].kill()
+
     @property
     def exit_codes(self) -> list[int | None]:
         return [p.returncode for p in self.procs]

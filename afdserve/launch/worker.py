@@ -41,6 +41,11 @@ STATS_EVERY_S = 0.5
 """AFD stats ride on an attention worker's events messages at most this often (and on every
 heartbeat), so the front's metrics lag by at most this much while the worker steps."""
 
+FFN_CONTROL_S = 0.1
+"""An FFN worker reads its control socket this often between batches (a `Rejoin`, an FFN
+failover's `HoldExperts`: each waits at most this long), and reports its stats every
+HEARTBEAT_S."""
+
 FRONT_GONE = 4
 """Exit code of a worker whose front fell silent."""
 
@@ -117,6 +122,8 @@ class _Group:
     epoch: int = 0
     """The data plane's incarnation (`Configure.epoch`, then each `Rejoin`)."""
     transport_key: bytes = dataclasses.field(default=b"", repr=False)
+    absent: tuple[int, ...] = ()
+    """FFN ranks out of the data plane (an FFN failover): not connected to."""
 
     @property
     def r(self) -> int:
@@ -266,7 +273,14 @@ def _await_configure(
 
             placement = None if m.placement is None else Placement.from_dict(m.placement)
             group = _Group(
-                m.config, m.rank, m.model, m.rendezvous, placement, m.epoch, m.transport_key
+                m.config,
+                m.rank,
+                m.model,
+                m.rendezvous,
+                placement,
+                m.epoch,
+                m.transport_key,
+                tuple(m.absent),
             )
             logging.getLogger().handlers[0].setFormatter(
                 logging.Formatter(f"[{group.role}{group.rank}] %(levelname)s %(message)s")
@@ -378,6 +392,7 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
     from afdserve.transport.registry import create_transport
 
     c = group.cfg
+    absent = set(group.absent)
     backend: dict[str, Any] = {}
     if c.transport == "nixl" and c.device != "cpu":  # nixl moves GPU memory itself
         backend["device"] = "cuda"
@@ -394,11 +409,20 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
         group.rank,
         c.world_size,
         rendezvous=group.rendezvous,
-        peers=afd_peers(group.rank, group.r, c.ffn_workers),
+        peers=tuple(p for p in afd_peers(group.rank, group.r, c.ffn_workers) if p not in absent),
         connect_timeout_s=wcfg.connect_timeout_s,
         epoch=group.epoch,
         **backend,
     )
+
+
+def _joining(events: Any, group: _Group) -> None:
+    """Tell the front this worker connects the data plane now (`Joining`): after an FFN
+    failover the others are told to rejoin only then, not while this one loads its part."""
+    from afdserve.launch import control
+    from afdserve.launch.messages import Joining
+
+    control.send(events, Joining(group.rank, group.epoch), timeout_s=1.0)
 
 
 class _DataPlane:
@@ -409,11 +433,16 @@ class _DataPlane:
         self.group, self.wcfg = group, wcfg
         self.transport = _create_transport(group, wcfg)
 
-    def rejoin(self, epoch: int) -> Any:
-        """Connect again under `epoch`; the new transport."""
-        log.warning("rejoining the data plane at epoch %d (a peer was restarted)", epoch)
+    def rejoin(self, epoch: int, absent: tuple[int, ...] = ()) -> Any:
+        """Connect again under `epoch`, to every peer but the `absent` FFN ranks; the new
+        transport."""
+        log.warning(
+            "rejoining the data plane at epoch %d (a peer was restarted%s)",
+            epoch,
+            f"; FFN ranks {list(absent)} left out" if absent else "",
+        )
         self.transport.close()
-        self.group = dataclasses.replace(self.group, epoch=epoch)
+        self.group = dataclasses.replace(self.group, epoch=epoch, absent=tuple(absent))
         self.transport = _create_transport(self.group, self.wcfg)
         return self.transport
 
@@ -430,28 +459,32 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
     from afdserve.launch.messages import Heartbeat, Ready, Rejoin, Shutdown
 
     model, mine = _load(group, ("ffn",))
+    _joining(events, group)
     plane = _DataPlane(group, wcfg)
     try:
         core = make_ffn_worker(group.cfg, model, plane.transport, group.placement)
         experts = _ExpertHolder(group, model.config, core)
         control.send(events, Ready(group.rank, "ffn", os.getpid(), mine))
-        last_beat = 0.0
+        last_beat = last_read = 0.0
         front = _FrontWatch(wcfg.front_timeout_s, wcfg.front or wcfg.control)
         while not stop.is_set():
             core.serve_once(0.05)
-            if time.monotonic() - last_beat < HEARTBEAT_S:
+            if time.monotonic() - last_read < FFN_CONTROL_S:
                 continue
-            last_beat = time.monotonic()
+            last_read = time.monotonic()
             msgs = control.recv_all(commands, 0, control.TO_WORKER)
             front.heard(msgs)
             if any(isinstance(m, Shutdown) for m in msgs):
                 break
             for m in msgs:
                 if isinstance(m, Rejoin):
-                    core.reconnect(plane.rejoin(m.epoch))
+                    core.reconnect(plane.rejoin(m.epoch, m.absent))
                 experts.apply(m, events)
             if front.gone():
                 return FRONT_GONE
+            if time.monotonic() - last_beat < HEARTBEAT_S:
+                continue
+            last_beat = time.monotonic()
             beat = Heartbeat(group.rank, "ffn", afd=core.stats.snapshot().to_dict())
             control.send(events, beat, timeout_s=1.0)
         return 0
@@ -509,6 +542,7 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
     c = group.cfg
     parts = ("attention", "router") if c.ffn_workers > 1 else ("attention",)
     model, mine = _load(group, parts)
+    _joining(events, group)
     plane = _DataPlane(group, wcfg)
     try:
         link = make_link(group.rank, c, model, plane.transport, group.placement)
@@ -537,7 +571,12 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
                 return 0
             for m in msgs:
                 if isinstance(m, Rejoin):
-                    link.transport = plane.rejoin(m.epoch)
+                    link.transport = plane.rejoin(m.epoch, m.absent)
+                    if m.placement is not None and link.dispatcher is not None:
+                        from afdserve.eplb.placement import Placement
+
+                        # an FFN failover: the step run again routes around the down workers
+                        link.dispatcher.use(Placement.from_dict(m.placement))
                 else:
                     _apply(m, core, events, group)
             if front.gone():
