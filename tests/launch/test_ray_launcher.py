@@ -76,6 +76,7 @@ def _off_loopback(socks: list[tuple[str, int, int]]) -> list[str]:
     bad = []
     for addr, port, pid in socks:
         ip = ipaddress.ip_address(addr.split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
         if ip.is_loopback or (ip.is_unspecified and _only_loopback_interface()):
             continue
         bad.append(f"{addr}:{port} (pid {pid} {_proc_table().get(pid, (0, '?'))[1][:60]})")
