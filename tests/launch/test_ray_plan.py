@@ -57,8 +57,10 @@ def test_the_plan_of_a_local_group():
         (["--roles", "front,attention:1,ffn:1", "--ffn-resource", "GPU"], "custom resource"),
         (["--roles", "front,attention:1,ffn:1", "--max-restarts", "-2"], "--max-restarts"),
         (["--roles", "front,attention:1,ffn:1", "--ray-timeout", "0"], "--ray-timeout"),
-        (["--roles", "front,attention:1,ffn:1", "--address", "h:6379", "--num-cpus", "4"],
-         "local cluster only"),  # fmt: skip
+        (
+            ["--roles", "front,attention:1,ffn:1", "--address", "h:6379", "--num-cpus", "4"],
+            "local cluster only",
+        ),  # fmt: skip
         (["--roles", "front,attention:2,ffn:1", "--", "--ffn-workers", "2"], "disagrees"),
         (["--roles", "front,attention:1,ffn:1", "--", "--transport", "shm"], "does not cross"),
         (["--roles", "front,attention:1,ffn:1", "--", "--mode", "aggregated"], "runs AFD"),
