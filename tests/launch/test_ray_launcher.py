@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -91,7 +92,14 @@ class RayHead:
         self.port = free_port_run(1)
         self.temp = Path(tempfile.mkdtemp(prefix="afdray", dir="/tmp"))  # short: unix socket paths
         ray_bin = Path(sys.executable).with_name("ray")
-        env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+        token = self.temp / "auth_token"  # this cluster's own token (not ~/.ray's)
+        token.write_text(secrets.token_hex(32))
+        self.env = {
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+        }
+        env = os.environ | self.env | {"OMP_NUM_THREADS": "1"}
         self.log = self.temp / "head.log"
         cmd = [
             str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -151,7 +159,7 @@ class RayDriver:
             "--batch-invariant", "--microbatches", "1", "--sync-timeout", "5",
             "--startup-timeout", "120", "--log-level", "warning", "--served-model-name", "m",
         ]  # fmt: skip
-        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = os.environ | head.env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
