@@ -3,7 +3,8 @@
 front and one actor per worker in a placement group; the group serves the aggregated engine's
 tokens; SIGKILL of attention worker 1's actor mid-stream: its worker dies with it, Ray restarts
 the actor, the new worker rejoins the front, every stream in flight ends with the undisturbed
-tokens and the group serves again.
+tokens and the group serves again; then SIGKILL of worker 0's process alone: its actor exits
+with it, Ray restarts the actor, the new worker rejoins.
 
 This workplace's tests may reach loopback only. Ray's gcs_server, raylet and core workers bind
 their gRPC ports on the wildcard address (Ray has no setting for it: `--node-ip-address
@@ -90,6 +91,8 @@ class RayHead:
 
     def __init__(self) -> None:
         self.port = free_port_run(1)
+        while 10002 <= self.port <= 19999:  # Ray's own worker port range: it refuses those
+            self.port = free_port_run(1)
         self.temp = Path(tempfile.mkdtemp(prefix="afdray", dir="/tmp"))  # short: unix socket paths
         ray_bin = Path(sys.executable).with_name("ray")
         token = self.temp / "auth_token"  # this cluster's own token (not ~/.ray's)
@@ -272,6 +275,20 @@ def test_ray_group_serves_the_aggregated_tokens_and_recovers_a_killed_actor(
             s.join(180)
         assert [s.tokens for s in again] == reference[:4], driver.output()
         assert [s.errors for s in again] == [[]] * 4
+        # the other way round: a worker that dies ends its actor, and Ray restarts both
+        w0, a0 = driver.worker(0) or (0, 0)
+        assert w0, driver.output()
+        restarts = driver.metric("worker_restarts")
+        os.kill(w0, signal.SIGKILL)
+        _until(
+            lambda: (driver.worker(0) or (w0, a0))[1] != a0,
+            90,
+            "a new actor (restarted by Ray) running attention worker 0",
+            driver,
+        )
+        _until(lambda: driver.metric("worker_restarts") > restarts, 60, "its rejoin", driver)
+        _until(lambda: not driver.workers()["problems"], 120, "a healthy group again", driver)
+        assert _complete(driver.http, PROMPTS[1]) == reference[1]
         # a bounded, clean stop: the driver ends, and with it every worker
         assert driver.stop() is not None, driver.output()
         _until(lambda: driver.worker(0) is None and driver.worker(1) is None, 30, "no worker",
