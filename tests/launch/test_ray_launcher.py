@@ -1,10 +1,10 @@
 """A 2A1F group launched by Ray on 127.0.0.1: a head started with `ray start --head
 --node-ip-address 127.0.0.1`, the driver (`python -m afdserve.launch.ray --address ...`) runs the
 front and one actor per worker in a placement group; the group serves the aggregated engine's
-tokens; SIGKILL of attention worker 1's actor mid-stream: its worker dies with it, Ray restarts
-the actor, the new worker rejoins the front, every stream in flight ends with the undisturbed
-tokens and the group serves again; then SIGKILL of worker 0's process alone: its actor exits
-with it, Ray restarts the actor, the new worker rejoins.
+tokens; SIGKILL of the busier attention worker's actor mid-stream: its worker dies with it, Ray
+restarts the actor, the new worker rejoins the front, every stream in flight ends with the
+undisturbed tokens and the group serves again; then SIGKILL of the other one's worker process
+alone: its actor exits with it, Ray restarts the actor, the new worker rejoins.
 
 This workplace's tests may reach loopback only. Ray's gcs_server, raylet and core workers bind
 their gRPC ports on the wildcard address (Ray has no setting for it: `--node-ip-address
@@ -246,11 +246,13 @@ def test_ray_group_serves_the_aggregated_tokens_and_recovers_a_killed_actor(
             s.start()
         for s in streams:
             assert s.started.wait(120), driver.output()
-        victim = driver.worker(1)
+        loads = [w["running"] for w in driver.workers()["attention"]]
+        k = loads.index(max(loads))  # the attention worker with the most requests in flight
+        victim = driver.worker(k)
         assert victim is not None, driver.output()
         worker_pid, actor_pid = victim
         assert "WorkerSupervisor" in _proc_table()[actor_pid][1]  # an actor runs it
-        running = driver.workers()["attention"][1]["running"]
+        running = loads[k]
         assert running > 0 and not all(s.finish for s in streams)  # requests in flight on it
         os.kill(actor_pid, signal.SIGKILL)  # the actor: its worker dies with it, Ray restarts it
         for s in streams:
@@ -261,9 +263,9 @@ def test_ray_group_serves_the_aggregated_tokens_and_recovers_a_killed_actor(
         assert driver.metric("requests_migrated") >= running
         _until(lambda: not _alive(worker_pid), 10, "the dead actor's worker gone", driver)
         _until(
-            lambda: (driver.worker(1) or (worker_pid, actor_pid))[1] != actor_pid,
+            lambda: (driver.worker(k) or (worker_pid, actor_pid))[1] != actor_pid,
             90,
-            "a new actor (restarted by Ray) running attention worker 1",
+            f"a new actor (restarted by Ray) running attention worker {k}",
             driver,
         )
         _until(lambda: not driver.workers()["problems"], 120, "a healthy group again", driver)
@@ -276,14 +278,14 @@ def test_ray_group_serves_the_aggregated_tokens_and_recovers_a_killed_actor(
         assert [s.tokens for s in again] == reference[:4], driver.output()
         assert [s.errors for s in again] == [[]] * 4
         # the other way round: a worker that dies ends its actor, and Ray restarts both
-        w0, a0 = driver.worker(0) or (0, 0)
+        w0, a0 = driver.worker(1 - k) or (0, 0)
         assert w0, driver.output()
         restarts = driver.metric("worker_restarts")
         os.kill(w0, signal.SIGKILL)
         _until(
-            lambda: (driver.worker(0) or (w0, a0))[1] != a0,
+            lambda: (driver.worker(1 - k) or (w0, a0))[1] != a0,
             90,
-            "a new actor (restarted by Ray) running attention worker 0",
+            f"a new actor (restarted by Ray) running attention worker {1 - k}",
             driver,
         )
         _until(lambda: driver.metric("worker_restarts") > restarts, 60, "its rejoin", driver)
