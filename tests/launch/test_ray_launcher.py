@@ -44,6 +44,7 @@ from tests.launch.test_torchrun import (
 )
 
 ray = pytest.importorskip("ray")
+pytest.importorskip("psutil")  # the sockets check (accelerate, a test dependency, brings it)
 
 pytestmark = pytest.mark.slow  # a Ray head, a driver and three workers: about a minute here
 
@@ -59,7 +60,7 @@ def reference(tiny_model_dirs) -> list[list[int]]:
 def _listening(pids: set[int]) -> list[tuple[str, int, int]]:
     """(address, port, pid) of every TCP/UDP socket listening in `pids` (psutil, as `ss -ltnup`
     lists them)."""
-    import psutil
+    import psutil  # noqa: I001
 
     out = []
     for c in psutil.net_connections(kind="inet"):
