@@ -60,7 +60,7 @@ def reference(tiny_model_dirs) -> list[list[int]]:
 def _listening(pids: set[int]) -> list[tuple[str, int, int]]:
     """(address, port, pid) of every TCP/UDP socket listening in `pids` (psutil, as `ss -ltnup`
     lists them)."""
-    import psutil  # noqa: I001
+    import psutil
 
     out = []
     for c in psutil.net_connections(kind="inet"):
