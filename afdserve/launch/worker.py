@@ -117,10 +117,25 @@ class _Group:
     epoch: int = 0
     """The data plane's incarnation (`Configure.epoch`, then each `Rejoin`)."""
     transport_key: bytes = dataclasses.field(default=b"", repr=False)
+    members: tuple[int, ...] = ()
+    """The attention ranks in the data plane at `epoch` (`Configure.members`; empty: all)."""
 
     @property
     def r(self) -> int:
-        return self.cfg.attention_workers
+        """R_MAX, the attention rank slots: FFN ranks start here."""
+        return self.cfg.attention_slots
+
+    @property
+    def peers(self) -> tuple[int, ...]:
+        """Who this worker's data transport connects to: an attention worker to every FFN
+        worker; an FFN worker to the attention ranks that are members now (an empty slot is
+        never waited for)."""
+        from afdserve.transport.options import afd_peers
+
+        every = afd_peers(self.rank, self.r, self.cfg.ffn_workers)
+        if self.role == "attention" or not self.members:
+            return every
+        return tuple(k for k in every if k in self.members)
 
     @property
     def role(self) -> str:
@@ -266,7 +281,14 @@ def _await_configure(
 
             placement = None if m.placement is None else Placement.from_dict(m.placement)
             group = _Group(
-                m.config, m.rank, m.model, m.rendezvous, placement, m.epoch, m.transport_key
+                m.config,
+                m.rank,
+                m.model,
+                m.rendezvous,
+                placement,
+                m.epoch,
+                m.transport_key,
+                tuple(m.members),
             )
             logging.getLogger().handlers[0].setFormatter(
                 logging.Formatter(f"[{group.role}{group.rank}] %(levelname)s %(message)s")
@@ -374,7 +396,6 @@ def _load(group: _Group, parts: tuple[str, ...]):  # -> LoadedModel (torch loads
 
 
 def _create_transport(group: _Group, wcfg: WorkerConfig):
-    from afdserve.transport.options import afd_peers
     from afdserve.transport.registry import create_transport
 
     c = group.cfg
@@ -394,7 +415,7 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
         group.rank,
         c.world_size,
         rendezvous=group.rendezvous,
-        peers=afd_peers(group.rank, group.r, c.ffn_workers),
+        peers=group.peers,
         connect_timeout_s=wcfg.connect_timeout_s,
         epoch=group.epoch,
         **backend,
@@ -409,11 +430,12 @@ class _DataPlane:
         self.group, self.wcfg = group, wcfg
         self.transport = _create_transport(group, wcfg)
 
-    def rejoin(self, epoch: int) -> Any:
-        """Connect again under `epoch`; the new transport."""
-        log.warning("rejoining the data plane at epoch %d (a peer was restarted)", epoch)
+    def rejoin(self, epoch: int, members: tuple[int, ...] = ()) -> Any:
+        """Connect again under `epoch` with the attention ranks `members` (empty: all); the
+        new transport."""
+        log.warning("rejoining the data plane at epoch %d (members %s)", epoch, members or "all")
         self.transport.close()
-        self.group = dataclasses.replace(self.group, epoch=epoch)
+        self.group = dataclasses.replace(self.group, epoch=epoch, members=tuple(members))
         self.transport = _create_transport(self.group, self.wcfg)
         return self.transport
 
@@ -448,7 +470,7 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
                 break
             for m in msgs:
                 if isinstance(m, Rejoin):
-                    core.reconnect(plane.rejoin(m.epoch))
+                    core.reconnect(plane.rejoin(m.epoch, m.members))
                 experts.apply(m, events)
             if front.gone():
                 return FRONT_GONE
@@ -537,7 +559,7 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
                 return 0
             for m in msgs:
                 if isinstance(m, Rejoin):
-                    link.transport = plane.rejoin(m.epoch)
+                    link.transport = plane.rejoin(m.epoch, m.members)
                 else:
                     _apply(m, core, events, group)
             if front.gone():
