@@ -15,16 +15,23 @@ import pytest
 from afdserve import LLM
 from afdserve.config import EngineConfig
 from afdserve.errors import StateConflict, UserInputError
+from afdserve.transport.options import free_port_run
 from tests.launch.test_multiprocess import (
     LONG,
     SURVIVAL_PROMPTS,
-    _all_started,
     _alive,
+    _all_started,
     _reap,
     _serve,
     _survival_group,
+    _survival_reference,
 )
-from afdserve.transport.options import free_port_run
+
+
+@pytest.fixture(scope="module")
+def survival_reference(tiny_model_dirs):
+    """The aggregated tokens of SURVIVAL_PROMPTS on the tiny llama (exact mode)."""
+    return _survival_reference(tiny_model_dirs["llama"])
 
 
 def _wait_joined(llm, tokens: dict, give_up_s: float = 60.0) -> None:
@@ -185,5 +192,3 @@ def test_in_process_engine_refuses_runtime_workers(tiny_model_dirs):
     with LLM(str(tiny_model_dirs["llama"]), attention_workers=1) as llm:
         with pytest.raises(UserInputError, match="cannot add attention workers"):
             llm.engine.add_worker()
-
-
