@@ -1,6 +1,6 @@
-"""The operator's routes: attention workers added and removed at run time; one drained gets no
-new request (what
-it holds finishes there), /health names it, and it takes requests again once resumed."""
+"""The operator's routes: an attention worker drained at run time gets no new request (what
+it holds finishes there), /health names it, and it takes requests again once resumed;
+attention workers are added in free slots and removed at run time."""
 
 from __future__ import annotations
 
