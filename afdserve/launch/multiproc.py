@@ -419,8 +419,7 @@ class MultiProcessEngine:
             if rank in self._abandoned or rank in self._respawn_due:
                 continue
             if rank in self._joining:  # it died before it joined: the slot is free again
-                self._leave(rank, f"{why}; attention worker {rank} not added")
-                self._procs.detach(rank)
+                self._join_failed(rank, f"{why}; attention worker {rank} not added")
                 continue
             if rank < self.cfg.attention_slots:
                 self._lose(rank, why, dead=True)
@@ -431,10 +430,7 @@ class MultiProcessEngine:
             self._configured_at = time.monotonic()
         for rank, (why, deadline) in list(self._restarting.items()):
             if time.monotonic() > deadline and rank in self._joining:
-                self._leave(rank, f"{why}, but it was not ready in time: not added")
-                p = self._procs.detach(rank) if self._procs.procs else None
-                if p is not None:
-                    p.kill()
+                self._join_failed(rank, f"{why}, but it was not ready in time: not added")
             elif time.monotonic() > deadline:
                 self._failure = f"{why}; restarted, but not ready in time"
                 raise WorkerError(self._failure)
@@ -977,6 +973,19 @@ class MultiProcessEngine:
         w.down, w.dead = f"attention worker {k} is joining", True
         if self.switch is not None:
             self.switch.attention_ranks = tuple(sorted(self._members))
+
+    def _join_failed(self, k: int, why: str) -> None:
+        """A worker added in slot `k` died or was not ready in time (under the lock): the slot
+        is free again (its process, if still there, killed), and a new epoch leaves it out.
+        The others were rejoining with it: their connect gives up at its deadline and they
+        take this epoch's `Rejoin` then (launch/worker.py `_DataPlane.rejoin`), so the group
+        survives a failed join at the cost of one connect timeout."""
+        self._leave(k, why)
+        proc = self._procs.detach(k) if self._procs.procs else None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        self._take_back({}, 0.0, counted=True)
 
     def _leave(self, k: int, why: str) -> None:
         """Slot `k` is empty from now on (under the lock); its requests move to the others."""

@@ -432,15 +432,25 @@ class _DataPlane:
 
     def rejoin(self, epoch: int, members: tuple[int, ...] = ()) -> Any:
         """Connect again under `epoch` with the attention ranks `members` (empty: all); the
-        new transport."""
+        new transport, or None when a peer did not connect by the deadline (a worker that was
+        to join died or never came): this worker then waits, serving nothing, for the front's
+        next `Rejoin`, which leaves that peer out."""
+        from afdserve.errors import TransportTimeout
+
         log.warning("rejoining the data plane at epoch %d (members %s)", epoch, members or "all")
-        self.transport.close()
+        self.close()
         self.group = dataclasses.replace(self.group, epoch=epoch, members=tuple(members))
-        self.transport = _create_transport(self.group, self.wcfg)
+        try:
+            self.transport = _create_transport(self.group, self.wcfg)
+        except TransportTimeout as exc:
+            log.error("epoch %d: %s; waiting for the front's next Rejoin", epoch, exc)
+            self.transport = None
         return self.transport
 
     def close(self) -> None:
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
 
 
 # -- the FFN worker's loop ----------------------------------------------------------------------
@@ -460,17 +470,20 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
         last_beat = 0.0
         front = _FrontWatch(wcfg.front_timeout_s, wcfg.front or wcfg.control)
         while not stop.is_set():
-            core.serve_once(0.05)
-            if time.monotonic() - last_beat < HEARTBEAT_S:
+            if plane.transport is not None:
+                core.serve_once(0.05)
+            if plane.transport is not None and time.monotonic() - last_beat < HEARTBEAT_S:
                 continue
+            if plane.transport is None:
+                time.sleep(0.05)  # disconnected: only the front's next Rejoin matters
             last_beat = time.monotonic()
             msgs = control.recv_all(commands, 0, control.TO_WORKER)
             front.heard(msgs)
             if any(isinstance(m, Shutdown) for m in msgs):
                 break
             for m in msgs:
-                if isinstance(m, Rejoin):
-                    core.reconnect(plane.rejoin(m.epoch, m.members))
+                if isinstance(m, Rejoin) and plane.rejoin(m.epoch, m.members) is not None:
+                    core.reconnect(plane.transport)
                 experts.apply(m, events)
             if front.gone():
                 return FRONT_GONE
@@ -551,21 +564,23 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
 
         link.interrupted = interrupted
         while not stop.is_set():
-            busy = core.has_unfinished()
-            msgs = early + control.recv_all(commands, 0 if busy else HEARTBEAT_S, control.TO_WORKER)
+            busy = core.has_unfinished() and plane.transport is not None
+            wait = 0 if busy else (0.05 if plane.transport is None else HEARTBEAT_S)
+            msgs = early + control.recv_all(commands, wait, control.TO_WORKER)
             early.clear()
             front.heard(msgs)
             if any(isinstance(m, Shutdown) for m in msgs):
                 return 0
             for m in msgs:
-                if isinstance(m, Rejoin):
-                    link.transport = plane.rejoin(m.epoch, m.members)
+                if isinstance(m, Rejoin) and plane.rejoin(m.epoch, m.members) is not None:
+                    link.transport = plane.transport
                 else:
                     _apply(m, core, events, group)
             if front.gone():
                 return FRONT_GONE
             try:
-                events_of_step = core.step() if core.has_unfinished() else None
+                connected = plane.transport is not None
+                events_of_step = core.step() if connected and core.has_unfinished() else None
             except StepInterrupted as exc:
                 log.warning("%s; it runs again once connected", exc)
                 continue

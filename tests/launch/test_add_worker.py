@@ -192,3 +192,34 @@ def test_in_process_engine_refuses_runtime_workers(tiny_model_dirs):
     with LLM(str(tiny_model_dirs["llama"]), attention_workers=1) as llm:
         with pytest.raises(UserInputError, match="cannot add attention workers"):
             llm.engine.add_worker()
+
+
+@pytest.mark.slow  # the others' rejoin waits out its connect deadline (60 s)
+def test_a_join_whose_worker_dies_frees_the_slot_and_loses_no_request(
+    tiny_model_dirs, survival_reference
+):
+    """The added worker is killed before it is ready: the slot is free again, a new epoch
+    leaves it out, the workers whose rejoin waited for it take that epoch once their connect
+    gives up, and every request ends with its undisturbed tokens; the group never fails."""
+    import os
+    import signal
+
+    llm = _survival_group(tiny_model_dirs, attention_workers=1, max_attention_workers=2)
+    try:
+        eng = llm.engine
+        tokens: dict[str, list[int]] = {}
+        _serve(llm, tokens, _all_started)
+        assert eng.add_worker() == 1
+        os.kill(eng.pids[1], signal.SIGKILL)
+        _serve(llm, tokens, lambda t: not eng.has_unfinished(), give_up_s=150)
+        assert tokens == survival_reference
+        assert eng.pids[1] == 0 and eng.healthy()
+        _wait_joined(llm, tokens, give_up_s=30)
+        assert eng.add_worker() == 1  # the slot takes a worker again
+        _wait_joined(llm, tokens, give_up_s=90)
+        new = _new_requests(llm, 2)
+        assert 1 in {eng.owner(rid) for rid in new}
+        _serve(llm, tokens, lambda t: not eng.has_unfinished())
+        assert all(tokens[rid] == survival_reference["r0"] for rid in new)
+    finally:
+        llm.close()
