@@ -65,6 +65,16 @@ class EngineConfig:
     their KV cache, wait, reconnect and run the interrupted step again, so no request is lost.
     Past it, an FFN death fails the group (WorkerError; the server exits for its supervisor).
     0: never restart."""
+    ffn_failover: bool = True
+    """With m > 1 FFN workers and an MoE model: when one dies, the surviving FFN workers take
+    its experts (those they lack loaded from the model files) and the attention workers route
+    to them at once, retrying the interrupted step there, instead of waiting for its restart;
+    the restarted worker is given experts again by a two-phase re-placement (launch/failover.py).
+    False: the attention workers wait for the restart (dense models always do)."""
+    ffn_failover_max_experts: int = 0
+    """The most experts of one MoE layer a surviving FFN worker may hold after a failover (its
+    memory budget); a failover that would need more falls back to waiting for the restart.
+    0: no limit."""
     migration_limit: int = 3
     """How many times one request may move to another attention worker because its own died
     or stalled (replayed there from prompt plus the tokens generated so far; Dynamo's
@@ -173,6 +183,7 @@ class EngineConfig:
             ("migration_limit", 0),
             ("max_restarts", 0),
             ("max_attention_workers", 0),
+            ("ffn_failover_max_experts", 0),
             ("worker_log_max_bytes", 4096),
         ):
             v = getattr(self, name)
@@ -199,6 +210,8 @@ class EngineConfig:
                 f"ffn_workers > 1 needs mode='afd' (aggregated workers hold their own FFN), "
                 f"got ffn_workers={self.ffn_workers} with mode={self.mode!r}"
             )
+        if not isinstance(self.ffn_failover, bool):
+            raise UserInputError(f"ffn_failover must be a bool, got {self.ffn_failover!r}")
         if not isinstance(self.eplb, bool):
             raise UserInputError(f"eplb must be a bool, got {self.eplb!r}")
         if self.eplb and self.ffn_workers < 2:

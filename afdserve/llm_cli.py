@@ -139,6 +139,21 @@ def add_engine_args(
         "attention workers keep their KV and retry the step; 0: never; default %(default)s)",
     )
     p.add_argument(
+        "--no-ffn-failover",
+        dest="ffn_failover",
+        action="store_false",
+        help="with --ffn-workers > 1 on an MoE model, do not move a dead FFN worker's experts "
+        "to the survivors: the attention workers wait for its restart instead",
+    )
+    p.add_argument(
+        "--ffn-failover-max-experts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the most experts of one layer a surviving FFN worker may take on in a failover "
+        "(its memory budget; past it the group waits for the restart; 0: no limit)",
+    )
+    p.add_argument(
         "--worker-log-dir",
         default=None,
         metavar="DIR",
@@ -204,6 +219,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         num_redundant_experts=args.num_redundant_experts,
         migration_limit=args.migration_limit,
         max_restarts=args.max_restarts,
+        ffn_failover=args.ffn_failover,
+        ffn_failover_max_experts=args.ffn_failover_max_experts,
         worker_log_dir=args.worker_log_dir,
         worker_log_max_bytes=int(args.worker_log_max_mb * 2**20),
         microbatches=args.microbatches,

@@ -15,6 +15,10 @@ answers back together (rA:mF).
   replica; rows are independent, so the split is exact). Tensor-parallel shards of the MLP
   would save memory but sum partial products in another order than one GEMM does: not exact.
 
+After an FFN failover the placement names FFN workers that are down (`Placement.down`): they
+hold no expert, a dense layer's rows are cut over the live workers only, and they are sent
+nothing at all (`live`), not even the empty frames below.
+
 An FFN worker that gets no rows of a position is still sent an empty [0, D] activation (its
 plan, from the step's SYNC, expects one from every attention worker at every position) and
 answers nothing; the attention worker does not wait for an answer to an empty send.
@@ -65,6 +69,8 @@ class ExpertDispatcher:
     ) -> None:
         self.rank, self.num_ffn, self.router = rank, num_ffn, router
         self.placement: Placement | None = None
+        self.live: tuple[int, ...] = tuple(range(num_ffn))
+        """The FFN workers this worker sends to (all but the placement's `down`)."""
         self._owners: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.expert_counts: dict[int, torch.Tensor] = {}
         """Per routed layer, pairs routed to each expert [E] since the last `take_counts`."""
@@ -86,6 +92,7 @@ class ExpertDispatcher:
             owner = torch.tensor([list(t) + [-1] * (width - len(t)) for t in table])  # [E, R]
             owners[layer] = (owner, torch.tensor([len(t) for t in table]))  # [E, R], [E]
         self.placement, self._owners = placement, owners
+        self.live = tuple(placement.live)
 
     def routed(self, layer: int) -> bool:
         return self.router is not None and layer in self._owners
@@ -94,15 +101,16 @@ class ExpertDispatcher:
         """h [T, D] (attention output plus residual) -> what each FFN worker gets."""
         if self.routed(layer):
             return self._plan_routed(layer, h)
-        t, m = h.shape[0], self.num_ffn
-        bounds = [t * c // m for c in range(m + 1)]
-        sends: list[Send | None] = [None] * m
-        places: list[torch.Tensor | None] = [None] * m
-        for c in range(m):
-            w = (c + self.rank) % m
+        t, live = h.shape[0], self.live
+        n = len(live)
+        bounds = [t * c // n for c in range(n + 1)]
+        sends = [Send(h[:0], None) for _ in range(self.num_ffn)]  # down workers: nothing
+        places = [torch.arange(0) for _ in range(self.num_ffn)]
+        for c in range(n):
+            w = live[(c + self.rank) % n]
             sends[w] = Send(h[bounds[c] : bounds[c + 1]], None)
             places[w] = torch.arange(bounds[c], bounds[c + 1])
-        return sends, Dispatch(t, places)  # type: ignore[arg-type]
+        return sends, Dispatch(t, places)
 
     def _plan_routed(self, layer: int, h: torch.Tensor) -> tuple[list[Send], Dispatch]:
         x, weights, experts = self.router.route(layer, h)  # [T, D], [T, k], [T, k]

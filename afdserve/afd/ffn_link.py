@@ -109,7 +109,7 @@ class RemoteFFN(FFNLink):
     def begin_step(self, step, tokens_per_microbatch, seq_ids) -> None:
         sync = SyncInfo(tuple(tokens_per_microbatch), tuple(tuple(s) for s in seq_ids))
         self._pending.clear()
-        for rank in self.ffn_ranks:
+        for rank in self._live_ranks():
             self.transport.send(
                 rank, Message(MsgType.SYNC_REQUEST, step, sender=self.transport.rank, sync=sync)
             )
@@ -119,11 +119,20 @@ class RemoteFFN(FFNLink):
             self._send(self.ffn_ranks[0], MsgType.ACTIVATION_TRANSFER, step, layer, microbatch, h)
             return
         sends, dispatch = self.dispatcher.plan(layer, h)
-        for rank, out in zip(self.ffn_ranks, sends, strict=True):
+        live = set(self.dispatcher.live)
+        for w, (rank, out) in enumerate(zip(self.ffn_ranks, sends, strict=True)):
+            if w not in live:
+                continue  # down (an FFN failover): it is sent nothing
             if out.routing is not None and out.expects_reply:
                 self._send(rank, MsgType.ROUTING, step, layer, microbatch, out.routing)
             self._send(rank, MsgType.ACTIVATION_TRANSFER, step, layer, microbatch, out.x)
         self._pending[(step, layer, microbatch)] = (dispatch, h)
+
+    def _live_ranks(self) -> tuple[int, ...]:
+        """The FFN ranks in service (all of them unless the placement says some are down)."""
+        if self.dispatcher is None:
+            return self.ffn_ranks
+        return tuple(self.ffn_ranks[w] for w in self.dispatcher.live)
 
     def _send(self, rank, type_, step, layer, microbatch, t) -> None:
         msg = Message(type_, step, layer, microbatch, self.transport.rank, tensor=t)

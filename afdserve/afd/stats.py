@@ -432,6 +432,10 @@ class EngineState:
     request that moved twice counts twice)."""
     worker_restarts: int = 0
     """Dead workers started again (worker processes only)."""
+    ffn_failovers: int = 0
+    """Dead FFN workers whose experts the surviving FFN workers took (launch/failover.py)."""
+    ffn_workers_down: int = 0
+    """FFN workers out of service now, their experts on the survivors."""
     parked: int = 0
     """Requests waiting for any attention worker to take them (every one stalled)."""
     routing: Mapping[str, int] = dataclasses.field(default_factory=dict)

@@ -48,6 +48,9 @@ class Placement:
     ids it holds in that layer."""
     version: int = 0
     """Bumped by each re-placement."""
+    down: tuple[int, ...] = ()
+    """FFN workers out of service (dead, restarting: an FFN failover, launch/failover.py): they
+    hold no expert, and attention workers send them nothing, dense layers' rows included."""
     _owners: tuple[tuple[tuple[int, ...], ...] | None, ...] = field(
         default=(), init=False, repr=False, compare=False
     )
@@ -97,6 +100,22 @@ class Placement:
                 raise UserInputError(f"placement layer {layer}: experts {missing} held nowhere")
             layers.append(tuple(held))
             owners.append(tuple(tuple(ws) for ws in of))
+        down = self.down
+        if isinstance(down, str | bytes) or not isinstance(down, Sequence):
+            raise UserInputError(f"placement down must be a list of FFN workers, got {down!r}")
+        ok = all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < m for w in down)
+        down = tuple(int(w) for w in down) if ok else down
+        if not ok or list(down) != sorted(set(down)) or len(down) >= m:
+            raise UserInputError(
+                f"placement down {list(down)}: sorted distinct FFN workers, not all {m} of them"
+            )
+        for layer, held in enumerate(layers):
+            for w in down:
+                if held is not None and held[w]:
+                    raise UserInputError(
+                        f"placement layer {layer}: FFN worker {w} is down but holds experts"
+                    )
+        object.__setattr__(self, "down", down)
         # lists (or numpy ints) in, tuples of ints stored: hashable, and == compares by content
         object.__setattr__(self, "layers", tuple(layers))
         object.__setattr__(self, "_owners", tuple(owners))
@@ -108,6 +127,11 @@ class Placement:
         e, m = num_experts, num_workers
         per = tuple(tuple(range(w * e // m, (w + 1) * e // m)) for w in range(m))
         return cls(e, m, tuple(per if moe else None for moe in moe_layers))
+
+    @property
+    def live(self) -> list[int]:
+        """The FFN workers in service, ascending."""
+        return [w for w in range(self.num_workers) if w not in self.down]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -171,6 +195,7 @@ class Placement:
             "num_workers": self.num_workers,
             "version": self.version,
             "layers": [None if ws is None else [list(ids) for ids in ws] for ws in self.layers],
+            "down": list(self.down),
         }
 
     @classmethod
@@ -179,7 +204,10 @@ class Placement:
             layers = tuple(
                 None if ws is None else tuple(tuple(ids) for ids in ws) for ws in d["layers"]
             )
-            return cls(int(d["num_experts"]), int(d["num_workers"]), layers, int(d["version"]))
+            down = tuple(d.get("down", ()))
+            return cls(
+                int(d["num_experts"]), int(d["num_workers"]), layers, int(d["version"]), down
+            )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, UserInputError):
                 raise
@@ -208,7 +236,8 @@ class Placement:
         lines = [
             f"placement v{self.version}: {self.num_experts} experts over {m} FFN workers"
             + " (* replicated)"
-            + (f", {dense} dense layer{'s' * (dense > 1)} not shown" if dense else ""),
+            + (f", {dense} dense layer{'s' * (dense > 1)} not shown" if dense else "")
+            + (f"; down: {', '.join(f'F{w}' for w in self.down)}" if self.down else ""),
             (
                 "layer  "
                 + "  ".join(f"F{w}".ljust(width) for w in range(m))

@@ -33,10 +33,13 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 10
-"""Bump when a message changes shape; both ends of a group must agree. (10:
+SCHEMA_VERSION = 11
+"""Bump when a message changes shape; both ends of a group must agree. (11:
 `EngineConfig.max_attention_workers` and the data plane's `members` in `Configure` and
-`Rejoin` (attention workers added at run time), which a worker of 9 would refuse or ignore. 9:
+`Rejoin` (attention workers added at run time), which a worker of 10 would refuse or ignore.
+10: the FFN failover:
+`Rejoin.placement` and `absent`, `Configure.absent`, `Joining`, and `Placement.down` in every
+placement dict, which a worker of 9 would ignore, sending frames to a dead FFN worker. 9:
 `EngineConfig.enable_prefix_caching`, the prefix-cache counters in `SchedulerCounters` and
 `StepOutputs.kv_stored`/`kv_removed`; the KV host tier's options, counters and
 `AttentionStatus.kv_host_blocks_total`; `EngineConfig.kv_cache_dtype` in `Configure`, which a
@@ -96,6 +99,9 @@ class Configure(_Message, tag="configure"):
     epoch: int = 0
     """The data plane's incarnation (`TransportOptions.epoch`): a worker started in place of
     a dead one joins the group under the epoch the others rejoin at."""
+    absent: tuple[int, ...] = ()
+    """FFN ranks not in the data plane now (dead, their experts on the survivors: an FFN
+    failover): an attention worker does not connect to them."""
     transport_key: bytes = b""
     """The group's secret for the data transport (`TransportOptions.auth_key`: tcp proves it on
     every connection), drawn once per group by the front; empty: none."""
@@ -127,6 +133,11 @@ class Rejoin(_Message, tag="rejoin"):
     epoch: int
     members: tuple[int, ...] = ()
     """As `Configure.members`; empty: every attention slot."""
+    placement: dict[str, Any] | None = None
+    """An FFN failover: route by this placement from the step run again (its `down` FFN
+    workers are sent nothing)."""
+    absent: tuple[int, ...] = ()
+    """FFN ranks left out of the new data plane (dead, failed over): not connected to."""
 
 
 class Abort(_Message, tag="abort"):
@@ -168,6 +179,15 @@ class Hello(_Message, tag="hello"):
 
     rank: int
     pid: int
+
+
+class Joining(_Message, tag="joining"):
+    """A configured worker has loaded its part and connects the data plane under `epoch` now:
+    a front that deferred the others' `Rejoin` for it (an FFN worker restarted while the
+    survivors serve its experts) sends them now, so nobody waits for its model load."""
+
+    rank: int
+    epoch: int
 
 
 class Ready(_Message, tag="ready"):
@@ -236,7 +256,9 @@ class Failed(_Message, tag="error"):
 FrontMessage = (
     Configure | AddRequest | Abort | Ping | Shutdown | HoldExperts | UsePlacement | Rejoin
 )
-WorkerMessage = Ready | StepOutputs | Heartbeat | Failed | ExpertsHeld | PlacementInUse | Hello
+WorkerMessage = (
+    Ready | StepOutputs | Heartbeat | Failed | ExpertsHeld | PlacementInUse | Hello | Joining
+)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from afdserve.eplb.initial import initial_placement
 from afdserve.errors import AfdserveError, StateConflict, UserInputError
 from afdserve.launch import control
 from afdserve.launch.drain import Drained
+from afdserve.launch.failover import FFNFailover
 from afdserve.launch.messages import (
     SCHEMA_VERSION,
     Abort,
@@ -57,6 +58,7 @@ from afdserve.launch.messages import (
     Fingerprint,
     Heartbeat,
     Hello,
+    Joining,
     Ping,
     Ready,
     Rejoin,
@@ -86,6 +88,11 @@ wait for it, bounded by their result timeout)."""
 
 SILENCE_MARGIN_S = 10.0
 
+WEDGED_S = 2 * STALL_S
+"""A spawned FFN worker silent this long, when the FFN failover can take its experts, is
+declared wedged: the front kills it (SIGKILL), so the survivors serve its experts and it is
+started again, instead of the attention workers waiting for it up to their result timeout."""
+
 
 def silence_limit_s(sync_timeout_s: float) -> float:
     """How long requests with no attention worker to serve them (every one stalled) wait for
@@ -99,6 +106,10 @@ def silence_limit_s(sync_timeout_s: float) -> float:
 RESTARTABLE = ("shm", "tcp", "torch")
 """Transports whose endpoints can connect again under a new epoch (a restarted FFN worker);
 nixl's agents have not been tried that way (no nixl here to test it)."""
+
+FAILOVER_TRANSPORTS = ("shm", "tcp")
+"""Transports whose data plane can leave a dead FFN rank out (`TransportOptions.peers`), which
+an FFN failover needs; torch's process group takes every rank of the world."""
 
 MOVE_SEP = "\x1f"
 """Between a request's id and its move count in the id it has on a worker after a move (an
@@ -215,6 +226,20 @@ class MultiProcessEngine:
                 self._send_control,
                 timeout_s=max(60.0, cfg.startup_timeout_s),
             )
+        self.failover: FFNFailover | None = None
+        """m > 1 on an MoE model: survivors take a dead FFN worker's experts (failover.py)."""
+        if self.switch is not None and cfg.ffn_failover and cfg.transport in FAILOVER_TRANSPORTS:
+            self.failover = FFNFailover(
+                self.switch,
+                self._send_control,
+                timeout_s=max(30.0, cfg.startup_timeout_s),
+                max_experts=cfg.ffn_failover_max_experts,
+            )
+        self._absent: set[int] = set()
+        """FFN ranks out of the data plane now (failed over, until their restart joins)."""
+        self._join_wait: dict[int, int] = {}
+        """Restarted FFN rank -> the epoch at which the others rejoin the data plane with it,
+        once it says `Joining` (its part loaded): the survivors serve until then."""
         self._failure: str | None = None
         """Why the engine cannot serve any more (a worker died or reported a fatal error)."""
         self._lock = threading.Lock()
@@ -325,6 +350,7 @@ class MultiProcessEngine:
                 self.rendezvous,
                 placement=None if placement is None else placement.to_dict(),
                 epoch=self._epoch,
+                absent=tuple(sorted(self._absent - {rank})),
                 transport_key=self._transport_key,
                 members=self._plane_members(),
             )
@@ -423,7 +449,9 @@ class MultiProcessEngine:
                 continue
             if rank < self.cfg.attention_slots:
                 self._lose(rank, why, dead=True)
-            self._restart(rank, why)
+                self._restart(rank, why)
+            elif not self._fail_over(rank, why):
+                self._restart(rank, why)
         if self._restarting and time.monotonic() - self._configured_at > 2.0:
             # every 2 s until it is ready: one sent while the dead one's pipe lingered is lost
             self._configure_locked(set(self._restarting))
@@ -435,7 +463,56 @@ class MultiProcessEngine:
                 self._failure = f"{why}; restarted, but not ready in time"
                 raise WorkerError(self._failure)
 
-    def _restart(self, rank: int, why: str) -> None:
+    def _fail_over(self, rank: int, why: str) -> bool:
+        """FFN rank `rank` died: the survivors take its experts (failover.py) and it is
+        restarted once they serve them; False when no failover can be made (under the lock)."""
+        if self.failover is None or not self.failover.start(rank, why):
+            return False
+        self._absent.add(rank)
+        self._restarting.pop(rank, None)
+        self._join_wait.pop(rank, None)
+        if rank not in self.failover.dead and self._procs.pids:  # died again restarting
+            self._restart(rank, why, deferred=True)
+        return True
+
+    def _tick_failover(self) -> None:
+        """Move an FFN failover on (under the lock): once the survivors hold the dead worker's
+        experts, every other worker rejoins the data plane without it, routing by the
+        survivors' placement, and its restart starts; a failover not answered in time falls
+        back to waiting for the restart."""
+        if self.failover is None:
+            return
+        what, placement, dead = self.failover.tick()
+        if what == "ready":
+            assert placement is not None
+            self._epoch += 1
+            rejoin = self._rejoin(placement.to_dict())
+            for k in self._others(set(dead)):
+                self._send_control(k, rejoin)
+            for rank, why in dead.items():
+                if self._procs.pids:  # spawned: start it again; by hand: it says hello
+                    self._restart(rank, why, deferred=True)
+        elif what == "abandoned":
+            for rank, why in dead.items():
+                self._absent.discard(rank)
+                if self._procs.pids:
+                    self._restart(rank, why)
+
+    def _rejoin(self, placement: dict | None = None) -> Rejoin:
+        """The `Rejoin` of the current epoch (under the lock): its attention members, and the
+        FFN ranks out of it."""
+        return Rejoin(self._epoch, self._plane_members(), placement, tuple(sorted(self._absent)))
+
+    def _others(self, batch: set[int]) -> list[int]:
+        """Every worker still in the data plane but `batch` (whom a `Rejoin` goes to)."""
+        r = self.cfg.attention_slots
+        return [
+            k
+            for k in range(self.cfg.world_size)
+            if k not in batch and k not in self._absent and not (k < r and self.workers[k].dead)
+        ]
+
+    def _restart(self, rank: int, why: str, deferred: bool = False) -> None:
         """A dead worker: start it again under a new epoch and tell every other worker to
         rejoin the data plane there (under the lock). The FFN side is stateless: attention
         workers keep their KV and run the interrupted step again, so nothing is replayed; a
@@ -449,7 +526,8 @@ class MultiProcessEngine:
                 if cfg.transport not in RESTARTABLE
                 else f"--max-restarts {cfg.max_restarts} spent"
             )
-            if rank < cfg.attention_slots:
+            failed_over = self.failover is not None and rank in self._absent
+            if rank < cfg.attention_slots or failed_over:
                 log.error("%s: not restarted (%s)", why, cause)
                 self._abandoned.add(rank)
                 self._restarting.pop(rank, None)
@@ -458,7 +536,7 @@ class MultiProcessEngine:
             raise WorkerError(self._failure)
         delay = restart_backoff_s(self.restarts + 1)
         self._respawn_due[rank] = time.monotonic() + delay
-        self._take_back({rank: why}, delay)
+        self._take_back({rank: why}, delay, deferred=deferred)
         log.warning(
             "%s: restarting it in %.0fs (%d of %d)", why, delay, self.restarts, cfg.max_restarts
         )
@@ -479,6 +557,10 @@ class MultiProcessEngine:
         if m.rank in self._hellos:
             return  # it says hello every second until configured
         why = f"worker rank {m.rank} was started again (pid {m.pid})"
+        if m.rank in self._absent and not (self.failover and self.failover.pending):
+            # a failed-over FFN worker started again: the survivors serve until it has loaded
+            self._take_back({m.rank: why}, 0.0, deferred=True)
+            return
         joins = m.rank < self.cfg.attention_slots and m.rank not in self._members
         if joins:  # a free slot: a worker started by hand to join (`add_worker`'s twin)
             why = f"attention worker {m.rank} joins (pid {m.pid})"
@@ -512,11 +594,18 @@ class MultiProcessEngine:
             self._epoch,
         )
 
-    def _take_back(self, batch: dict[int, str], start_in_s: float, counted: bool = False) -> None:
+    def _take_back(
+        self,
+        batch: dict[int, str],
+        start_in_s: float,
+        counted: bool = False,
+        deferred: bool = False,
+    ) -> None:
         """The one path of workers started again (under the lock): a new epoch, `Configure`
         for each as soon as it connects (until it is ready, by the startup deadline counted from
         its start), `Rejoin` for every other worker still there (`counted`: the restarts were
-        counted when they said hello)."""
+        counted when they said hello; `deferred`: a failed-over FFN worker, whose `Rejoin`s
+        wait for its `Joining`)."""
         if not counted:
             self.restarts += len(batch)
         self._epoch += 1
@@ -524,10 +613,13 @@ class MultiProcessEngine:
         for rank, why in batch.items():
             self._restarting[rank] = (why, deadline)
         self._configured_at = 0.0
-        members = self._plane_members()
-        for k in range(self.cfg.world_size):
-            if k not in batch and not (k < self.cfg.attention_slots and self.workers[k].dead):
-                self._send_control(k, Rejoin(self._epoch, members))
+        if deferred:
+            for rank in batch:
+                self._join_wait[rank] = self._epoch
+            return
+        rejoin = self._rejoin()
+        for k in self._others(set(batch)):
+            self._send_control(k, rejoin)
 
     def _check_heard(self) -> None:
         """Silent workers (called after reading what arrived, so a front that did not read for a
@@ -537,6 +629,19 @@ class MultiProcessEngine:
             return
         self._take_back_settled()
         now = time.monotonic()
+        if self.failover is not None:
+            for j, heard in list(self._ffn_heard.items()):
+                if j in self._absent or j in self._restarting or j in self._respawn_due:
+                    continue
+                if j in self._hellos or now - heard <= WEDGED_S or not self.failover.can_take(j):
+                    continue
+                why = f"FFN worker {j} sent nothing for {now - heard:.1f}s: declared wedged"
+                if self._procs.pids:  # spawned: kill it, then its exit fails over
+                    if self._procs.alive(j):
+                        log.warning("%s, killing it so the survivors take its experts", why)
+                        self._procs.kill_rank(j)
+                else:  # started by hand: fail over; it comes back by hello or by waking up
+                    self._fail_over(j, why)
         for w in self.workers:
             silent = now - w.last_heard
             if not w.down and silent > STALL_S:
@@ -733,8 +838,9 @@ class MultiProcessEngine:
             for m in messages:
                 self._pending.extend(self._handle(m))
             self._check_heard()
+            self._tick_failover()
             if self.switch is not None:
-                self.switch.tick()
+                self.switch.tick(propose=not self._absent and not self._join_wait)
             out, self._pending = self._pending, []
         return out
 
@@ -756,6 +862,7 @@ class MultiProcessEngine:
             for m in messages:
                 self._pending.extend(self._handle(m))
             self._check_heard()
+            self._tick_failover()
 
     def _receive(self, timeout_s: float) -> list:
         with self._recv_lock:
@@ -783,7 +890,12 @@ class MultiProcessEngine:
                 self.workers[m.rank].outstanding.pop(rid, None)
                 return [TokenEvent(rid, -1, True, FinishReason.ABORT)]
             return []
+        if self.failover is not None and self.failover.observe(m):
+            return []
         if self.switch is not None and self.switch.observe(m):
+            return []
+        if isinstance(m, Joining):
+            self._joining(m)
             return []
         if isinstance(m, Hello):
             self._readmit(m)
@@ -798,6 +910,11 @@ class MultiProcessEngine:
             self._joining.discard(m.rank)
             if m.rank in self._ffn_heard:
                 self._ffn_heard[m.rank] = time.monotonic()
+                back = self.failover.back(m.rank) if self.failover is not None else None
+                if back is not None:  # failed over: the two-phase switch gives it experts
+                    assert self.switch is not None
+                    log.warning("FFN rank %d is back: re-placing experts onto it", m.rank)
+                    self.switch.begin(back)
             else:
                 w = self.workers[m.rank]
                 w.down, w.dead, w.last_heard = "", False, time.monotonic()
@@ -812,6 +929,8 @@ class MultiProcessEngine:
                 log.warning("dropping a heartbeat from unknown FFN rank %r", m.rank)
                 return []
             self._ffn_heard[m.rank] = time.monotonic()
+            if m.rank in self._absent and not self._procs.pids:
+                self._woke(m.rank)
             if m.afd is None:
                 return []  # a pulse
             try:
@@ -849,6 +968,34 @@ class MultiProcessEngine:
             out.append(ev if ev.request_id == rid else dataclasses.replace(ev, request_id=rid))
         return out
 
+    def _woke(self, rank: int) -> None:
+        """A hand-started FFN worker that was declared wedged and failed over speaks again
+        (under the lock): everyone, it included, rejoins the data plane under a new epoch, and
+        the two-phase switch gives it experts again (it still holds its old ones)."""
+        assert self.failover is not None and self.switch is not None
+        if rank in self._restarting or rank in self._join_wait or self.failover.pending:
+            return
+        log.warning("FFN worker %d speaks again: taking it back into the data plane", rank)
+        self._absent.discard(rank)
+        self._epoch += 1
+        rejoin = self._rejoin()
+        for k in self._others(set()):
+            self._send_control(k, rejoin)
+        back = self.failover.back(rank)
+        if back is not None:
+            self.switch.begin(back)
+
+    def _joining(self, m: Joining) -> None:
+        """A failed-over FFN worker, restarted, connects the data plane now (under the lock):
+        the others rejoin it there; it holds no expert until the switch back gives it some."""
+        if self._join_wait.get(m.rank) != m.epoch or m.epoch != self._epoch:
+            return
+        del self._join_wait[m.rank]
+        self._absent.discard(m.rank)
+        rejoin = self._rejoin()
+        for k in self._others({m.rank}):
+            self._send_control(k, rejoin)
+
     def _current(self, wire: str, rank: int) -> str | None:
         """The request a worker's message about `wire` is for, if it comes from the request's
         current incarnation (that worker, that move); None for anything stale."""
@@ -877,6 +1024,8 @@ class MultiProcessEngine:
                 requests_migrated=self.requests_migrated,
                 worker_restarts=self.restarts,
                 parked=len(self._parked),
+                ffn_failovers=self.failover.failovers if self.failover is not None else 0,
+                ffn_workers_down=len(self._down()),
                 routing=dict(self.router.by_reason),
             )
             if not afd:
@@ -1055,13 +1204,31 @@ class MultiProcessEngine:
             for k, (why, _) in self._restarting.items()
         ]
         out += [f"{why}; taking it back" for why in self._hellos.values()]
+        down = self._down()
+        if down:
+            m = self.cfg.ffn_workers
+            out.append(
+                f"running on {m - len(down)} of {m} FFN workers: FFN rank"
+                f"{'s' * (len(down) > 1)} {', '.join(map(str, down))} down, "
+                "its experts served by the survivors"
+            )
         now = time.monotonic()
         for j, heard in sorted(self._ffn_heard.items()):
+            if j in self._absent or j in down:
+                continue
             if j not in self._restarting and now - heard > STALL_S:
                 out.append(f"FFN worker {j} sent nothing for {now - heard:.1f}s")
         if self._failure:
             out.append(self._failure)
         return out
+
+    def _down(self) -> list[int]:
+        """FFN ranks out of service now, their experts on the survivors (an FFN failover)."""
+        if self.failover is None:
+            return []
+        ranks = self.cfg.ffn_ranks
+        p = self.failover.pending or self.failover.placement
+        return [ranks[w] for w in p.down]
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker (shutdown message, then SIGTERM, then SIGKILL) and free sockets."""

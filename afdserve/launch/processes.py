@@ -150,6 +150,11 @@ class WorkerProcesses:
         for _, p in self._running():
             p.kill()
 
+    def kill_rank(self, rank: int) -> None:
+        """SIGKILL one worker (one declared wedged: its exit is then handled as a death)."""
+        if self.alive(rank):
+            self.procs[rank].kill()
+
     @property
     def exit_codes(self) -> list[int | None]:
         """By rank (0 for an empty slot: nothing runs there)."""

@@ -68,13 +68,31 @@ class TwoPhaseSwitch:
             self._advance()
         return True
 
-    def tick(self) -> None:
-        """Start a re-placement when one is due, or give up an overdue one."""
+    def begin(self, target: Placement) -> None:
+        """Switch to `target` (EPLB's proposal, or the placement that gives a restarted FFN
+        worker experts again after a failover): phase 1, to the FFN workers it names live."""
+        self.target, self.phase = target, 1
+        ranks = [self.ffn_ranks[w] for w in target.live]
+        self._ask(ranks, HoldExperts(target.to_dict(), keep_others=True))
+
+    def abandon(self) -> None:
+        """Drop a switch in progress (an FFN failover replaces the placement at once: every
+        FFN worker still holds its old experts, `keep_others`, so nothing routed is lost)."""
+        if self.target is not None:
+            log.warning("EPLB re-placement to v%d abandoned (an FFN failover)", self.target.version)
+        self.target, self.phase = None, 0
+
+    def tick(self, propose: bool = True) -> None:
+        """Start a re-placement when one is due (not while `propose` is false: FFN workers are
+        down), or give up an overdue one."""
         if self.target is None:
-            new = self.controller.propose()
+            new = (
+                self.controller.propose()
+                if propose and not self.controller.placement.down
+                else None
+            )
             if new is not None:
-                self.target, self.phase = new, 1
-                self._ask(self.ffn_ranks, HoldExperts(new.to_dict(), keep_others=True))
+                self.begin(new)
         elif time.monotonic() > self._deadline:
             log.warning(
                 "EPLB re-placement to v%d abandoned in phase %d: no answer from ranks %s",
@@ -97,7 +115,8 @@ class TwoPhaseSwitch:
             self._ask(self.attention_ranks, UsePlacement(self.target.to_dict()))
         elif self.phase == 2:
             self.controller.installed(self.target)
-            for rank in self.ffn_ranks:  # phase 3: nothing routes by the old placement now
+            for w in self.target.live:  # phase 3: nothing routes by the old placement now
+                rank = self.ffn_ranks[w]
                 self.send(rank, HoldExperts(self.target.to_dict(), keep_others=False))
             log.info("EPLB: placement v%d in use\n%s", self.target.version, self.target.render())
             self.target, self.phase = None, 0

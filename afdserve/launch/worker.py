@@ -41,6 +41,11 @@ STATS_EVERY_S = 0.5
 """AFD stats ride on an attention worker's events messages at most this often (and on every
 heartbeat), so the front's metrics lag by at most this much while the worker steps."""
 
+FFN_CONTROL_S = 0.1
+"""An FFN worker reads its control socket this often between batches (a `Rejoin`, an FFN
+failover's `HoldExperts`: each waits at most this long), and reports its stats every
+HEARTBEAT_S."""
+
 FRONT_GONE = 4
 """Exit code of a worker whose front fell silent."""
 
@@ -119,6 +124,8 @@ class _Group:
     transport_key: bytes = dataclasses.field(default=b"", repr=False)
     members: tuple[int, ...] = ()
     """The attention ranks in the data plane at `epoch` (`Configure.members`; empty: all)."""
+    absent: tuple[int, ...] = ()
+    """FFN ranks out of the data plane (an FFN failover): not connected to."""
 
     @property
     def r(self) -> int:
@@ -128,14 +135,14 @@ class _Group:
     @property
     def peers(self) -> tuple[int, ...]:
         """Who this worker's data transport connects to: an attention worker to every FFN
-        worker; an FFN worker to the attention ranks that are members now (an empty slot is
-        never waited for)."""
+        worker not `absent` (failed over); an FFN worker to the attention ranks that are
+        members now (an empty slot is never waited for)."""
         from afdserve.transport.options import afd_peers
 
         every = afd_peers(self.rank, self.r, self.cfg.ffn_workers)
-        if self.role == "attention" or not self.members:
-            return every
-        return tuple(k for k in every if k in self.members)
+        if self.role == "attention":
+            return tuple(p for p in every if p not in self.absent)
+        return tuple(k for k in every if not self.members or k in self.members)
 
     @property
     def role(self) -> str:
@@ -289,6 +296,7 @@ def _await_configure(
                 m.epoch,
                 m.transport_key,
                 tuple(m.members),
+                tuple(m.absent),
             )
             logging.getLogger().handlers[0].setFormatter(
                 logging.Formatter(f"[{group.role}{group.rank}] %(levelname)s %(message)s")
@@ -422,6 +430,15 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
     )
 
 
+def _joining(events: Any, group: _Group) -> None:
+    """Tell the front this worker connects the data plane now (`Joining`): after an FFN
+    failover the others are told to rejoin only then, not while this one loads its part."""
+    from afdserve.launch import control
+    from afdserve.launch.messages import Joining
+
+    control.send(events, Joining(group.rank, group.epoch), timeout_s=1.0)
+
+
 class _DataPlane:
     """A worker's data transport, which a `Rejoin` replaces: the old one is closed (its peer is
     gone or reconnecting too) and a new one connected under the front's new epoch."""
@@ -430,16 +447,25 @@ class _DataPlane:
         self.group, self.wcfg = group, wcfg
         self.transport = _create_transport(group, wcfg)
 
-    def rejoin(self, epoch: int, members: tuple[int, ...] = ()) -> Any:
-        """Connect again under `epoch` with the attention ranks `members` (empty: all); the
-        new transport, or None when a peer did not connect by the deadline (a worker that was
-        to join died or never came): this worker then waits, serving nothing, for the front's
-        next `Rejoin`, which leaves that peer out."""
+    def rejoin(
+        self, epoch: int, members: tuple[int, ...] = (), absent: tuple[int, ...] = ()
+    ) -> Any:
+        """Connect again under `epoch`, to the attention ranks `members` (empty: all) and every
+        FFN rank but the `absent` ones; the new transport, or None when a peer did not connect
+        by the deadline (a worker that was to join died or never came): this worker then waits,
+        serving nothing, for the front's next `Rejoin`, which leaves that peer out."""
         from afdserve.errors import TransportTimeout
 
-        log.warning("rejoining the data plane at epoch %d (members %s)", epoch, members or "all")
+        log.warning(
+            "rejoining the data plane at epoch %d (attention members %s%s)",
+            epoch,
+            list(members) if members else "all",
+            f"; FFN ranks {list(absent)} left out" if absent else "",
+        )
         self.close()
-        self.group = dataclasses.replace(self.group, epoch=epoch, members=tuple(members))
+        self.group = dataclasses.replace(
+            self.group, epoch=epoch, members=tuple(members), absent=tuple(absent)
+        )
         try:
             self.transport = _create_transport(self.group, self.wcfg)
         except TransportTimeout as exc:
@@ -462,31 +488,36 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
     from afdserve.launch.messages import Heartbeat, Ready, Rejoin, Shutdown
 
     model, mine = _load(group, ("ffn",))
+    _joining(events, group)
     plane = _DataPlane(group, wcfg)
     try:
         core = make_ffn_worker(group.cfg, model, plane.transport, group.placement)
         experts = _ExpertHolder(group, model.config, core)
         control.send(events, Ready(group.rank, "ffn", os.getpid(), mine))
-        last_beat = 0.0
+        last_beat = last_read = 0.0
         front = _FrontWatch(wcfg.front_timeout_s, wcfg.front or wcfg.control)
         while not stop.is_set():
             if plane.transport is not None:
                 core.serve_once(0.05)
-            if plane.transport is not None and time.monotonic() - last_beat < HEARTBEAT_S:
-                continue
-            if plane.transport is None:
+            else:
                 time.sleep(0.05)  # disconnected: only the front's next Rejoin matters
-            last_beat = time.monotonic()
+            if time.monotonic() - last_read < FFN_CONTROL_S:
+                continue
+            last_read = time.monotonic()
             msgs = control.recv_all(commands, 0, control.TO_WORKER)
             front.heard(msgs)
             if any(isinstance(m, Shutdown) for m in msgs):
                 break
             for m in msgs:
-                if isinstance(m, Rejoin) and plane.rejoin(m.epoch, m.members) is not None:
-                    core.reconnect(plane.transport)
+                if isinstance(m, Rejoin):
+                    if plane.rejoin(m.epoch, m.members, m.absent) is not None:
+                        core.reconnect(plane.transport)
                 experts.apply(m, events)
             if front.gone():
                 return FRONT_GONE
+            if time.monotonic() - last_beat < HEARTBEAT_S:
+                continue
+            last_beat = time.monotonic()
             beat = Heartbeat(group.rank, "ffn", afd=core.stats.snapshot().to_dict())
             control.send(events, beat, timeout_s=1.0)
         return 0
@@ -544,6 +575,7 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
     c = group.cfg
     parts = ("attention", "router") if c.ffn_workers > 1 else ("attention",)
     model, mine = _load(group, parts)
+    _joining(events, group)
     plane = _DataPlane(group, wcfg)
     try:
         link = make_link(group.rank, c, model, plane.transport, group.placement)
@@ -572,8 +604,14 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
             if any(isinstance(m, Shutdown) for m in msgs):
                 return 0
             for m in msgs:
-                if isinstance(m, Rejoin) and plane.rejoin(m.epoch, m.members) is not None:
-                    link.transport = plane.transport
+                if isinstance(m, Rejoin):
+                    if plane.rejoin(m.epoch, m.members, m.absent) is not None:
+                        link.transport = plane.transport
+                    if m.placement is not None and link.dispatcher is not None:
+                        from afdserve.eplb.placement import Placement
+
+                        # an FFN failover: the step run again routes around the down workers
+                        link.dispatcher.use(Placement.from_dict(m.placement))
                 else:
                     _apply(m, core, events, group)
             if front.gone():

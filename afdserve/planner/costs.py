@@ -9,6 +9,10 @@ Every coefficient describes ONE transformer layer of ONE decode step (units: ms,
                                             attention instance (`comm_scales_with="B"`), or r * B
                                             into the FFN (`comm_scales_with="rB"`)
 
+A roofline FFN (`Affine(combine="max")`) is t_ffn(n) = max(alpha_F * n, beta_F) instead: the
+larger of its compute and its weight streaming, which a GEMM overlaps; a measured profile keeps
+the fitted sum.
+
 A decode step runs `num_layers` layers, so with pipelining its time is num_layers * tau with
 tau = max(t_attention, t_comm, t_ffn); the TPOT SLO check uses exactly that. Coefficients given
 for a whole step instead are the same thing with num_layers = 1 (the CLI's default for explicit
@@ -32,12 +36,16 @@ from typing import Any
 from afdserve.errors import UserInputError
 
 COMM_SCALINGS: tuple[str, ...] = ("B", "rB")
+COMBINES: tuple[str, ...] = ("sum", "max")
 PROFILE_UNITS = "ms"
 
 
 @dataclass(frozen=True)
 class Affine:
-    """t(x) = alpha * x + beta, in ms; optional fit quality when it was fitted to measurements."""
+    """t(x) = alpha * x + beta, in ms (`combine="sum"`, the default: a fitted or explicit line),
+    or t(x) = max(alpha * x, beta) + fixed (`combine="max"`: a roofline, where beta is the time
+    to stream the weights, alpha * x the compute, which a GEMM overlaps with its loads, and
+    `fixed` its kernels' launch and pipeline fill); optional fit quality when it was fitted."""
 
     alpha: float
     """ms per unit of x (a token, or a resident context token for attention)."""
@@ -47,9 +55,18 @@ class Affine:
     """Coefficient of determination of the fit, if fitted."""
     max_rel_err: float | None = None
     """Largest |fit - measured| / measured over the fitted points, if fitted."""
+    combine: str = "sum"
+    """How the two terms combine: 'sum' (alpha * x + beta) or 'max' (max(alpha * x, beta))."""
+    fixed: float = 0.0
+    """ms added to either form (a roofline's per-kernel latencies; 0 for a fitted line, whose
+    beta already holds them)."""
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta"):
+        if self.combine not in COMBINES:
+            raise UserInputError(
+                f"combine must be one of {', '.join(COMBINES)}, got {self.combine!r}"
+            )
+        for name in ("alpha", "beta", "fixed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise UserInputError(f"{name} must be a finite number, got {v!r}")
@@ -63,10 +80,25 @@ class Affine:
                 raise UserInputError(f"{name} must be a finite number or null, got {v!r}")
 
     def __call__(self, x: float) -> float:
-        return self.alpha * x + self.beta
+        if self.combine == "max":
+            return max(self.alpha * x, self.beta) + self.fixed
+        return self.alpha * x + self.beta + self.fixed
+
+    @property
+    def line(self) -> tuple[float, float, float]:
+        """(slope, intercept, floor) with t(x) = max(slope * x + intercept, floor): (alpha,
+        beta + fixed, 0) for 'sum', (alpha, fixed, beta + fixed) for 'max'; what the
+        closed-form ratio works with."""
+        if self.combine == "max":
+            return self.alpha, self.fixed, self.beta + self.fixed
+        return self.alpha, self.beta + self.fixed, 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"alpha": self.alpha, "beta": self.beta}
+        if self.combine != "sum":
+            d["combine"] = self.combine
+        if self.fixed:
+            d["fixed"] = self.fixed
         if self.r2 is not None:
             d["r2"] = self.r2
         if self.max_rel_err is not None:
@@ -138,15 +170,17 @@ class StageCosts:
         latency (beta_C). Summed over M microbatches of B/M slots a stage's load is
         alpha * x + M * beta, i.e. these coefficients with every beta times M. This is what the
         simulator and aiconfigurator charge; the planner's old cycle charged one beta per layer.
+        A 'max' stage is the same: M * (max(alpha * x / M, beta) + fixed) = max(alpha * x,
+        M * beta) + M * fixed.
         """
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise UserInputError(f"microbatches must be an integer >= 1, got {microbatches!r}")
         m = microbatches
         return dataclasses.replace(
             self,
-            attention=Affine(self.attention.alpha, m * self.attention.beta),
-            ffn=Affine(self.ffn.alpha, m * self.ffn.beta),
-            comm=Affine(self.comm.alpha, m * self.comm.beta),
+            attention=_times_m(self.attention, m),
+            ffn=_times_m(self.ffn, m),
+            comm=_times_m(self.comm, m),
         )
 
     # ---- constructors ----------------------------------------------------------------------
@@ -214,6 +248,8 @@ class StageCosts:
                     beta=entry["beta"],
                     r2=entry.get("r2"),
                     max_rel_err=entry.get("max_rel_err"),
+                    combine=entry.get("combine", "sum"),
+                    fixed=entry.get("fixed", 0.0),
                 )
             except UserInputError as exc:
                 raise UserInputError(f"{origin}: {stage}: {exc}") from None
@@ -250,6 +286,11 @@ class StageCosts:
             "comm": comm,
             **self.extra,
         }
+
+
+def _times_m(a: Affine, m: int) -> Affine:
+    """`a` with its fixed costs paid m times (see `StageCosts.per_layer_loads`)."""
+    return dataclasses.replace(a, beta=m * a.beta, fixed=m * a.fixed)
 
 
 def _affine(stage: str, alpha: float, beta: float) -> Affine:

@@ -18,6 +18,11 @@ and, the objective being unimodal in r, the best integer is floor(r*) or ceil(r*
 When communication scales with r*B (the FFN's link is the bottleneck) tC grows with r as well
 and r* is found by `continuous_optimum`, which maximises over the breakpoints of tau and each
 segment's stationary point (and reduces to the formula above in the B case).
+
+A roofline FFN, tF(r) = max(alpha_F r B, beta_F) (`Affine.combine == "max"`), is a line through
+the origin above a flat floor beta_F: the floor joins the flat part of tau, the line has b = 0,
+so r_peak = 0 and r* = max(r_A, r_C, beta_F / (alpha_F B)), the ratio where the FFN's compute
+catches the slowest of attention, communication and its own weight streaming.
 """
 
 from __future__ import annotations
@@ -115,8 +120,10 @@ def throughput_per_instance(r: float, batch: int, cycle_ms: float, num_layers: i
 
 
 def r_peak(costs: StageCosts, batch: int, weights: CostWeights = CostWeights()) -> float:
-    """Where r*B / ((c_A r + c_F)(alpha_F r B + beta_F)) peaks: sqrt(c_F beta_F / (c_A alpha_F B))."""
-    return math.sqrt(weights.ffn * costs.ffn.beta / (weights.attention * costs.ffn.alpha * batch))
+    """Where r*B / ((c_A r + c_F)(alpha_F r B + beta_F)) peaks: sqrt(c_F beta_F / (c_A alpha_F B));
+    0 for a roofline FFN (its line has no intercept: the objective falls once compute binds)."""
+    slope, intercept, _ = costs.ffn.line
+    return math.sqrt(weights.ffn * intercept / (weights.attention * slope * batch))
 
 
 def closed_form(
@@ -124,14 +131,15 @@ def closed_form(
 ) -> ClosedForm:
     """r_A, r_C, r_peak and the continuous optimum r* (mean field)."""
     check_inputs(costs, batch, theta)
-    a = costs.ffn.alpha * batch
+    slope, intercept, floor = costs.ffn.line
+    a = slope * batch
     t_a = costs.t_attention(batch * theta)
-    r_a = (t_a - costs.ffn.beta) / a
+    r_a = (t_a - intercept) / a
     peak = r_peak(costs, batch, weights)
     if costs.comm_scales_with == "B":
         t_c = costs.t_comm(batch)
-        r_c = (t_c - costs.ffn.beta) / a
-        r_star = max(r_a, r_c, peak)
+        r_c = (t_c - intercept) / a
+        r_star = max(r_a, r_c, (floor - intercept) / a, peak)
     else:
         # communication grows with r: r_C is where it catches up with attention
         a_c = costs.comm.alpha * batch
@@ -150,8 +158,9 @@ def continuous_optimum(
     optimum is a breakpoint or such a peak clipped to its piece: evaluate them all.
     """
     check_inputs(costs, batch, theta)
-    flat = costs.t_attention(batch * theta)
-    lines = [(costs.ffn.alpha * batch, costs.ffn.beta)]
+    slope, intercept, floor = costs.ffn.line
+    flat = max(costs.t_attention(batch * theta), floor)
+    lines = [(slope * batch, intercept)]
     if costs.comm_scales_with == "rB":
         lines.append((costs.comm.alpha * batch, costs.comm.beta))
     else:

@@ -62,8 +62,12 @@ def render_plan(result: PlanResult, extra: dict[str, Any]) -> str:
     lines.append(
         f"costs ({c.source}, ms per layer, {c.num_layers} layer(s)/step): "
         f"attention {fmt(c.attention.alpha)}*T + {fmt(c.attention.beta)}, "
-        f"FFN {fmt(c.ffn.alpha)}*n + {fmt(c.ffn.beta)}, "
-        f"comm {fmt(c.comm.alpha)}*{c.comm_scales_with} + {fmt(c.comm.beta)}"
+        + (
+            f"FFN max({fmt(c.ffn.alpha)}*n, {fmt(c.ffn.beta)}) + {fmt(c.ffn.fixed)}, "
+            if c.ffn.combine == "max"
+            else f"FFN {fmt(c.ffn.alpha)}*n + {fmt(c.ffn.beta)}, "
+        )
+        + f"comm {fmt(c.comm.alpha)}*{c.comm_scales_with} + {fmt(c.comm.beta)}"
     )
     lines.append(
         f"B = {result.batch}: r_A = {fmt(result.r_a)}, r_C = {fmt(result.r_c)}, "

@@ -8,6 +8,7 @@ M = g * memory bandwidth * eff_memory_bw, N = g * link bandwidth * eff_link:
     beta_A  = max(W_attn / M, 2 * P_attn * B / F) + max(W_head / M, 2 * P_head * B / F) / L
     alpha_F = 2 * (P_ffn_active + (I - 1) * P_routed_active) / F          per token
     beta_F  = (W_ffn_total + W_redundant) / M                             (every slot streamed)
+    t_F(n)  = max(alpha_F * n, beta_F) + K_F * gemm_latency               (a roofline, combine="max")
     alpha_C = hidden * act_bytes * fanout / N                             per token, one way
     beta_C  = link latency
 
@@ -18,10 +19,13 @@ compute, P_routed_active = P_routed * k / E; W_redundant = R / E * W_routed are 
 R redundant expert slots.
 
 Each term is one kernel's own roofline (the larger of its memory time and its compute time); the
-terms add because the kernels run one after another. The FFN's affine form adds weight streaming
-and compute instead of taking their maximum, which is exact at both ends and at most 2x high at
-the ridge point. The efficiency factors are assumptions, not measurements; a measured profile
-(`afdserve profile`) replaces all of this.
+terms add because the kernels run one after another. The FFN is a roofline too: its grouped GEMMs
+overlap streaming the expert weights with the math, so a microbatch of n tokens takes
+max(alpha_F * n, beta_F) (`Affine(combine="max")`), not their sum (the affine form used before
+issue 18, up to 2x high at the ridge point: it made Step-3's FFN-bound deployment 33-35% slow and
+put its best 8K ratio at 1 A node per F node where 2 are deployed). A measured profile
+(`afdserve profile`) fits an affine line (combine="sum") and replaces all of this. The
+efficiency factors are assumptions, not measurements.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ class Efficiency:
     plus software overhead)."""
     usable_memory: float = 0.9
     """Fraction of device memory available to weights, KV and activations (assumed)."""
+    gemm_latency_ms: float = 0.004
+    """Fixed time of one GEMM kernel beyond its roofline (launch, pipeline fill and drain), ms:
+    DeepGEMM's published H800 FP8 GEMMs (README, first release: 28 normal, contiguous and
+    masked grouped shapes) take a median 3.9 us longer than max(memory, compute) at the
+    efficiencies above over the 16 shapes of M <= 1024 rows (decode sizes). The roofline FFN adds
+    it per GEMM kernel of a layer, per microbatch (`ffn_gemm_kernels`); with it,
+    max(memory, compute) + 4 us is within a median 9.6% of all 28 shapes, against 18.4% without
+    it and 18.5% for the sum of memory and compute time."""
 
     def __post_init__(self) -> None:
         for name in ("flops", "memory_bw", "link", "usable_memory"):
@@ -67,6 +79,13 @@ class Efficiency:
                 raise UserInputError(f"efficiency {name} must be in (0, 1], got {v!r}")
         if not (math.isfinite(self.link_latency_ms) and self.link_latency_ms >= 0):
             raise UserInputError(f"link latency must be >= 0 ms, got {self.link_latency_ms!r}")
+        g = self.gemm_latency_ms
+        if (
+            isinstance(g, bool)
+            or not isinstance(g, (int, float))
+            or not (math.isfinite(g) and g >= 0)
+        ):
+            raise UserInputError(f"GEMM latency must be >= 0 ms, got {g!r}")
 
 
 @dataclass(frozen=True)
@@ -182,6 +201,8 @@ def roofline_costs(
     alpha_f = 2 * model.ffn_params_active / fF * MS + alpha_f_skew
     ffn_weight_bytes = _ffn_params_held(model, setup) * w_bytes
     beta_f = ffn_weight_bytes / mF * MS
+    ffn_kernels = ffn_gemm_kernels(model)
+    fixed_f = ffn_kernels * eff.gemm_latency_ms
     if model.is_moe:
         touched = 1 - (1 - model.experts_per_token / model.num_experts) ** B
         notes.append(
@@ -213,7 +234,7 @@ def roofline_costs(
 
     costs = StageCosts(
         attention=Affine(alpha_a, beta_a),
-        ffn=Affine(alpha_f, beta_f),
+        ffn=Affine(alpha_f, beta_f, combine="max", fixed=fixed_f),
         comm=Affine(alpha_c, beta_c),
         comm_scales_with=setup.comm_scales_with,
         num_layers=L,
@@ -239,6 +260,8 @@ def roofline_costs(
         "ffn_routed_active_flops_per_token": 2 * routed_active,
         "expert_imbalance": imbalance,
         "alpha_f_imbalance_ms": alpha_f_skew,
+        "ffn_gemm_kernels": float(ffn_kernels),
+        "ffn_fixed_ms": fixed_f,
         "redundant_experts": float(setup.redundant_experts),
         "expert_slot_factor": (
             (model.num_experts + setup.redundant_experts) / model.num_experts
@@ -250,6 +273,16 @@ def roofline_costs(
         "link_bytes_per_s": link,
     }
     return RooflineDerivation(costs=costs, terms=terms, notes=tuple(notes))
+
+
+def ffn_gemm_kernels(model: ModelSpec) -> int:
+    """GEMM kernels of one FFN layer and microbatch: gate/up and down of the (routed) MLP, plus
+    the router and a shared expert's gate/up and down for MoE. Averaged layers count as MoE."""
+    if not model.is_moe:
+        return 2
+    router = model.hidden_size * model.num_experts
+    shared = model.ffn_params_total - model.ffn_params_routed - router
+    return 3 + (2 if shared > 0.01 * model.ffn_params_total else 0)
 
 
 def _ep_imbalance(model: ModelSpec, setup: RooflineSetup, notes: list[str]) -> float:

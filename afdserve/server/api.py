@@ -293,6 +293,8 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
                 {"rank": w.index, "running": w.num_running, "waiting": w.num_waiting}
                 for w in state.workers
             ],
+            "ffn_workers_down": state.ffn_workers_down,
+            "ffn_failovers": state.ffn_failovers,
             "problems": await asyncio.to_thread(engine.problems),
         }
 

@@ -67,6 +67,18 @@ class EngineCollector:
             "worker_restarts", "Dead workers started again.", {(): st.worker_restarts}, mn
         )
         yield _counter(
+            "ffn_failovers",
+            "Dead FFN workers whose experts the surviving FFN workers took.",
+            {(): st.ffn_failovers},
+            mn,
+        )
+        yield _gauge(
+            "ffn_workers_down",
+            "FFN workers out of service, their experts served by the survivors.",
+            {(): float(st.ffn_workers_down)},
+            mn,
+        )
+        yield _counter(
             "recomputed_tokens",
             "Tokens prefilled again after a preemption.",
             {(): st.counter("recomputed_tokens")},

@@ -573,13 +573,18 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Predict published AFD deployments with the catalogs and the documented default "
             "efficiencies and print predicted vs published with the error (data and sources in "
-            "afdserve/sim/data/). --flops-eff/--bw-eff/--link-eff show how sensitive the "
-            "predictions are; the defaults are what the validation quotes."
+            "afdserve/sim/data/). --flops-eff/--bw-eff/--link-eff/--gemm-latency-us show how "
+            "sensitive the predictions are; the defaults are what the validation quotes."
         ),
     )
     pub.add_argument("--flops-eff", type=float, help="fraction of peak FLOP/s (default 0.6)")
     pub.add_argument("--bw-eff", type=float, help="fraction of memory bandwidth (default 0.9)")
     pub.add_argument("--link-eff", type=float, help="fraction of link bandwidth (default 0.8)")
+    pub.add_argument(
+        "--gemm-latency-us",
+        type=float,
+        help="fixed time per FFN GEMM kernel, microseconds (default 4; 0: the plain roofline max)",
+    )
     pub.add_argument("--json", action="store_true")
     pub.set_defaults(func=run_validate_published, verb="sim-validate published")
     one_line_errors(pub)
@@ -604,6 +609,10 @@ def run_validate_published(args: argparse.Namespace) -> int:
             ("flops", args.flops_eff),
             ("memory_bw", args.bw_eff),
             ("link", args.link_eff),
+            (
+                "gemm_latency_ms",
+                None if args.gemm_latency_us is None else args.gemm_latency_us / 1e3,
+            ),
         )
         if v is not None
     }

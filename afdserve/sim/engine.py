@@ -334,7 +334,8 @@ class _Engine:
         else:
             tok_max, tok_sum = int(self.n_dec.max()), self.n_dec_total
         attn = s.attention.alpha * ctx_max + s.attention.beta + attn_extra
-        ffn = s.ffn.alpha * tok_sum + G * s.ffn.beta
+        # an upper bound for a roofline FFN too: sum of G max(alpha n_g, beta) <= alpha n + G beta
+        ffn = s.ffn.alpha * tok_sum + G * (s.ffn.beta + s.ffn.fixed)
         post = (
             c.step_alpha_ms * tok_max
             + c.step_prefill_token_ms * (cfg.token_budget if self.n_prefilling else 0)

@@ -122,7 +122,12 @@ def stage_times(costs: SimCosts, load: StepLoad, pipeline: str) -> StageTimes:
     attn = np.where(sends, attn, 0.0)
     ffn_tok = tok.sum(axis=1)  # [S, G]
     colocated = pipeline == "colocated"
-    ffn = np.where(ffn_tok > 0, s.ffn.alpha * ffn_tok + s.ffn.beta, 0.0)
+    ffn_work = (
+        np.maximum(s.ffn.alpha * ffn_tok, s.ffn.beta)
+        if s.ffn.combine == "max"
+        else s.ffn.alpha * ffn_tok + s.ffn.beta
+    ) + s.ffn.fixed  # [S, G]
+    ffn = np.where(ffn_tok > 0, ffn_work, 0.0)
     shared = s.comm_scales_with == "rB" and not colocated
     if colocated:
         # an expert-parallel instance's own dispatch + combine all-to-all, on the FFN's path
@@ -314,7 +319,7 @@ def time_one_step(
         for k in range(r)
     ]
     ffn_tok = [sum(tokens[k][i] for k in range(r)) for i in range(G)]
-    f = [s.ffn.alpha * n + s.ffn.beta if n > 0 else 0.0 for n in ffn_tok]
+    f = [s.ffn(n) if n > 0 else 0.0 for n in ffn_tok]
     if colocated:
         xa, xb = costs.colocated_a2a_ms_per_token, costs.colocated_a2a_beta_ms
         f = [fi + (xa * n + xb if n > 0 else 0.0) for fi, n in zip(f, ffn_tok, strict=True)]

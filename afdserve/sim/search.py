@@ -535,7 +535,7 @@ def _prefill_chunk_ms(costs: SimCosts, budget: int, prompt: float) -> float:
         + costs.prefill_pair_ms * pairs
     )
     a2a = costs.colocated_a2a_ms_per_token * budget + costs.colocated_a2a_beta_ms
-    return s.num_layers * (attn + s.ffn.alpha * budget + s.ffn.beta + a2a) + costs.step_beta_ms
+    return s.num_layers * (attn + s.ffn(budget) + a2a) + costs.step_beta_ms
 
 
 def _closed(

@@ -125,6 +125,8 @@ def test_gather_refuses_a_reply_of_the_wrong_size():
         (dict(eplb=True), "needs ffn_workers >= 2"),
         (dict(ffn_workers=2, num_redundant_experts=2), "needs eplb"),
         (dict(ffn_workers=2, eplb=True, eplb_window_size=0), "eplb_window_size"),
+        (dict(ffn_workers=2, ffn_failover="yes"), "ffn_failover must be a bool"),
+        (dict(ffn_workers=2, ffn_failover_max_experts=-1), "ffn_failover_max_experts"),
     ],
 )
 def test_expert_parallel_options_are_checked(opts, match):

@@ -232,12 +232,18 @@ def test_multiprocess_expert_parallel_equals_aggregated(
 
 @pytest.mark.parametrize("victim", ["ffn", "ffn-of-2"])
 def test_killed_ffn_worker_without_restarts_is_an_error_in_bounded_time(tiny_model_dirs, victim):
+    """(With m = 2 and the FFN failover on, the survivor would serve instead:
+    tests/launch/test_ffn_failover.py.)"""
     llm = _busy_group(
         tiny_model_dirs,
         sync_timeout_s=1.0,
         max_tokens=400,
         max_restarts=0,
-        **(dict(arch="qwen3-moe", ffn_workers=2) if victim == "ffn-of-2" else {}),
+        **(
+            dict(arch="qwen3-moe", ffn_workers=2, ffn_failover=False)
+            if victim == "ffn-of-2"
+            else {}
+        ),
     )
     pids = llm.engine.pids
     try:

@@ -90,3 +90,30 @@ def test_explicit_validation_names_the_stage() -> None:
         StageCosts.explicit(1e-5, 0.1, 0.01, -1.0)
     with pytest.raises(UserInputError, match="num_layers"):
         StageCosts.explicit(1e-5, 0.1, 0.01, 1.0, num_layers=0)
+
+
+def test_roofline_combine_is_a_max_and_round_trips() -> None:
+    """`combine="max"`: t(x) = max(alpha x, beta); per_layer_loads keeps it (M max(a x/M, b) =
+    max(a x, M b)); the profile JSON writes and reads it; a fitted profile stays a sum."""
+    f = Affine(0.01, 1.0, combine="max")
+    assert f(50) == 1.0 and f(200) == 2.0
+    assert f.line == (0.01, 0.0, 1.0) and Affine(0.01, 1.0).line == (0.01, 1.0, 0.0)
+    costs = StageCosts(attention=Affine(1e-6, 0.1), ffn=f, comm=Affine(1e-4, 0.01))
+    loads = costs.per_layer_loads(3)
+    assert loads.ffn.combine == "max" and loads.ffn.beta == pytest.approx(3.0)
+    assert loads.t_ffn(600) == pytest.approx(3 * f(600 / 3))
+    d = costs.to_profile_dict()
+    assert d["ffn"]["combine"] == "max" and "combine" not in d["attention"]
+    assert StageCosts.from_profile_dict(d) == costs
+    assert StageCosts.from_profile_dict(PROFILE).ffn.combine == "sum"
+    with pytest.raises(UserInputError, match="combine"):
+        Affine(0.01, 1.0, combine="min")
+    # a fixed term (kernel latencies) adds to either form and is paid once per microbatch
+    g = Affine(0.01, 1.0, combine="max", fixed=0.25)
+    assert g(50) == 1.25 and g(200) == 2.25 and g.line == (0.01, 0.25, 1.25)
+    assert Affine(0.01, 1.0, fixed=0.25)(100) == 2.25
+    with_fixed = StageCosts(attention=Affine(1e-6, 0.1), ffn=g, comm=Affine(1e-4, 0.01))
+    assert with_fixed.per_layer_loads(3).t_ffn(600) == pytest.approx(3 * g(200))
+    assert StageCosts.from_profile_dict(with_fixed.to_profile_dict()) == with_fixed
+    with pytest.raises(UserInputError, match="fixed"):
+        Affine(0.01, 1.0, fixed=-1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from afdserve.errors import UserInputError
-from afdserve.planner import CostWeights, StageCosts, WorkloadStats, closed_form, plan
+from afdserve.planner import Affine, CostWeights, StageCosts, WorkloadStats, closed_form, plan
 from afdserve.planner.ratio import continuous_optimum, objective, stage_times
 
 # the issue's coefficients (ms): alpha_A, beta_A, alpha_F, beta_F, alpha_C, beta_C
@@ -19,6 +20,34 @@ B, THETA = 64, 2000.0
 
 def issue_costs(**overrides: float) -> StageCosts:
     return StageCosts.explicit(**{**ISSUE, **overrides})
+
+
+def with_ffn_combine(costs: StageCosts, combine: str, fixed: float = 0.0) -> StageCosts:
+    """The same coefficients with the FFN summed (fitted) or a roofline max(alpha n, beta),
+    plus `fixed` ms."""
+    ffn = dataclasses.replace(costs.ffn, combine=combine, fixed=fixed)
+    return dataclasses.replace(costs, ffn=ffn)
+
+
+def test_roofline_ffn_closed_form_is_where_compute_catches_the_slowest_floor() -> None:
+    """tF = max(alpha_F r B, beta_F): no r_peak (the line has no intercept), and r* is where
+    the FFN's compute reaches the larger of attention and its own weight streaming."""
+    costs = with_ffn_combine(issue_costs(), "max")
+    cf = closed_form(costs, B, THETA)
+    t_a = 5e-5 * B * THETA + 0.6  # 7.0 ms
+    assert cf.r_peak == 0.0
+    assert cf.r_a == pytest.approx(t_a / (0.02 * B))
+    assert cf.r_star == pytest.approx(t_a / (0.02 * B))
+    # weights slower than attention: the floor sets r*
+    slow = with_ffn_combine(issue_costs(beta_f=10.0), "max")
+    assert closed_form(slow, B, THETA).r_star == pytest.approx(10.0 / (0.02 * B))
+    # the summed FFN of the same numbers needs its intercept covered first
+    assert closed_form(issue_costs(), B, THETA).r_a == pytest.approx((t_a - 1.0) / (0.02 * B))
+    assert isinstance(costs.ffn, Affine) and costs.ffn(10) == 1.0 and costs.ffn(100) == 2.0
+    # a fixed kernel latency lifts the line and the floor alike
+    lat = with_ffn_combine(issue_costs(), "max", 0.4)
+    assert closed_form(lat, B, THETA).r_star == pytest.approx((t_a - 0.4) / (0.02 * B))
+    assert closed_form(lat, B, THETA).r_peak == pytest.approx(math.sqrt(0.4 / (0.02 * B)))
 
 
 def test_issue_closed_form_values() -> None:
@@ -99,11 +128,15 @@ def test_slo_caps_the_ratio_below_the_unconstrained_optimum() -> None:
     batch=st.integers(1, 512),
     theta=st.floats(0.0, 20000.0),
     price_ratio=st.floats(0.1, 10.0),
+    combine=st.sampled_from(["sum", "max"]),
+    fixed=st.sampled_from([0.0, 0.05, 0.5]),
 )
 def test_closed_form_is_the_continuous_argmax(
-    alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, batch, theta, price_ratio
+    alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, batch, theta, price_ratio, combine, fixed
 ) -> None:
-    costs = StageCosts.explicit(alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c)
+    costs = with_ffn_combine(
+        StageCosts.explicit(alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c), combine, fixed
+    )
     weights = CostWeights(attention=1.0, ffn=price_ratio)
     cf = closed_form(costs, batch, theta, weights)
 
@@ -129,12 +162,18 @@ def test_closed_form_is_the_continuous_argmax(
     beta_c=st.floats(0.0, 2.0),
     batch=st.integers(1, 256),
     theta=st.floats(0.0, 20000.0),
+    combine=st.sampled_from(["sum", "max"]),
+    fixed=st.sampled_from([0.0, 0.05, 0.5]),
 )
 def test_rb_communication_optimum_beats_the_grid(
-    alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, batch, theta
+    alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, batch, theta, combine, fixed
 ) -> None:
-    costs = StageCosts.explicit(
-        alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, comm_scales_with="rB"
+    costs = with_ffn_combine(
+        StageCosts.explicit(
+            alpha_a, beta_a, alpha_f, beta_f, alpha_c, beta_c, comm_scales_with="rB"
+        ),
+        combine,
+        fixed,
     )
     r_star = closed_form(costs, batch, theta).r_star
 

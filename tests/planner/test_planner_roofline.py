@@ -87,6 +87,9 @@ def test_llama_8b_on_h100_roofline_by_hand() -> None:
     assert c.attention.beta == pytest.approx(attn_params * 2 / mem * 1e3 + head / L)
     assert c.ffn.alpha == pytest.approx(2 * 3 * h * inter / flops * 1e3)
     assert c.ffn.beta == pytest.approx(3 * h * inter * 2 / mem * 1e3)
+    # a roofline: max(compute, weight streaming) plus 4 us for each of its 2 GEMM kernels
+    assert c.ffn.combine == "max" and c.ffn.fixed == pytest.approx(2 * 0.004)
+    assert c.t_ffn(64) == pytest.approx(max(64 * c.ffn.alpha, c.ffn.beta) + 0.008)
     assert c.comm.alpha == pytest.approx(h * 2 / nic * 1e3)
     assert c.comm.beta == pytest.approx(0.01)
     assert c.comm_scales_with == "B"
@@ -162,6 +165,8 @@ def test_step3_unit_costs() -> None:
 def test_efficiency_and_setup_validation() -> None:
     with pytest.raises(UserInputError, match="efficiency flops"):
         Efficiency(flops=0.0)
+    with pytest.raises(UserInputError, match="GEMM latency"):
+        Efficiency(gemm_latency_ms=-0.001)
     with pytest.raises(UserInputError, match="batch"):
         RooflineSetup(batch=0)
     with pytest.raises(UserInputError, match="kv_dtype"):
@@ -229,3 +234,17 @@ def test_docs_quote_the_roofline_coefficients_the_code_derives() -> None:
             c.comm.beta,
         ]
         assert quoted == pytest.approx(expected, rel=2e-3), name
+
+
+def test_ffn_gemm_kernels_count_router_and_shared_experts() -> None:
+    """Dense: gate/up and down; MoE adds the router; a shared expert adds its own two; the
+    fixed FFN term is that count times `Efficiency.gemm_latency_ms`."""
+    from afdserve.planner.roofline import ffn_gemm_kernels
+
+    assert ffn_gemm_kernels(load_model("llama-3.1-8b")) == 2
+    assert ffn_gemm_kernels(load_model("qwen3-235b-a22b")) == 3  # no shared expert
+    assert ffn_gemm_kernels(load_model("step3")) == 5  # one shared expert
+    h800 = load_hardware("h800")
+    setup = RooflineSetup(batch=8, ffn_devices=8, efficiency=Efficiency(gemm_latency_ms=0.01))
+    c = roofline_costs(load_model("step3", "fp8"), h800, h800, setup).costs
+    assert c.ffn.fixed == pytest.approx(0.05)

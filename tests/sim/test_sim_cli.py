@@ -223,9 +223,13 @@ def test_expert_parallel_flags_reach_the_bundle_and_the_search(capsys) -> None:
     first = out.splitlines()[0]
     assert first.startswith("expert parallelism: 4 FFN device(s), a token reaches 3.63")
     assert "expert imbalance 1.4" in first and "8 redundant experts" in first
+    # the roofline FFN is max(weight streaming, compute) and imbalance slows only the compute:
+    # 8 x 512 tokens a layer make this FFN compute-bound (at r * B = 32 the weights bind)
+    big = [*one[:7], "--ratio", "8", "--batch", "512", "--requests", "4096", "--closed-loop"]
+    big += ["--ffn-devices", "4"]
     tpot = {}
     for imb in ("1", "2"):
-        code, out, err = run(capsys, *one, "--expert-imbalance", imb, "--json")
+        code, out, err = run(capsys, *big, "--expert-imbalance", imb, "--json")
         assert code == 0, err
         d = json.loads(out)
         assert d["expert_parallel"]["expert_imbalance"] == float(imb)

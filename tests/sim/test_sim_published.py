@@ -63,4 +63,12 @@ def test_the_command_prints_predicted_vs_published(capsys) -> None:
     assert main(["sim-validate", "published", "--json", "--bw-eff", "0.8"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["efficiency"]["memory_bw"] == 0.8
+    # --gemm-latency-us 0 is the plain roofline max: a faster FFN, more tokens for Step-3 at 4K
+    assert main(["sim-validate", "published", "--json", "--gemm-latency-us", "0"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["efficiency"]["gemm_latency_ms"] == 0.0
+    assert main(["sim-validate", "published", "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["efficiency"]["gemm_latency_ms"] == 0.004
+    assert plain["step3"][0]["predicted"] > default["step3"][0]["predicted"]
     assert {r["isl"] for r in d["fastafd_rows"]} == {16384, 32768, 65536, 131072}
