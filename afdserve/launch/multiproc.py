@@ -168,7 +168,7 @@ class MultiProcessEngine:
         ranks 0..attention_workers-1; `add_worker` and a hand-started worker of a free slot
         join, `remove_worker` leaves. Every other slot is empty: down, and not in the data
         plane (the FFN workers do not connect to it, so nothing ever waits for it)."""
-        self._joining: set[int] = set()
+        self._adding: set[int] = set()
         """Members added at run time that have not said `Ready` yet (a failed join frees the
         slot rather than failing the group)."""
         for w in self.workers[cfg.attention_workers :]:
@@ -444,7 +444,7 @@ class MultiProcessEngine:
         for rank, why in self._procs.exits():
             if rank in self._abandoned or rank in self._respawn_due:
                 continue
-            if rank in self._joining:  # it died before it joined: the slot is free again
+            if rank in self._adding:  # it died before it joined: the slot is free again
                 self._join_failed(rank, f"{why}; attention worker {rank} not added")
                 continue
             if rank < self.cfg.attention_slots:
@@ -457,7 +457,7 @@ class MultiProcessEngine:
             self._configure_locked(set(self._restarting))
             self._configured_at = time.monotonic()
         for rank, (why, deadline) in list(self._restarting.items()):
-            if time.monotonic() > deadline and rank in self._joining:
+            if time.monotonic() > deadline and rank in self._adding:
                 self._join_failed(rank, f"{why}, but it was not ready in time: not added")
             elif time.monotonic() > deadline:
                 self._failure = f"{why}; restarted, but not ready in time"
@@ -903,11 +903,11 @@ class MultiProcessEngine:
         if isinstance(m, Ready) and m.rank in self._restarting:  # a restarted worker
             assert self._fingerprint is not None  # set when the group first got ready
             self._check_fingerprint(m.rank, m.fingerprint, {-1: self._fingerprint})
-            joined = m.rank in self._joining
+            joined = m.rank in self._adding
             verb = "joined the group" if joined else "is back"
             log.warning("%s worker %d %s (epoch %d)", m.role, m.rank, verb, self._epoch)
             del self._restarting[m.rank]
-            self._joining.discard(m.rank)
+            self._adding.discard(m.rank)
             if m.rank in self._ffn_heard:
                 self._ffn_heard[m.rank] = time.monotonic()
                 back = self.failover.back(m.rank) if self.failover is not None else None
@@ -1116,7 +1116,7 @@ class MultiProcessEngine:
     def _join(self, k: int) -> None:
         """Slot `k` has a worker from now on, not yet ready (under the lock)."""
         self._members.add(k)
-        self._joining.add(k)
+        self._adding.add(k)
         self._abandoned.discard(k)
         w = self.workers[k]
         w.down, w.dead = f"attention worker {k} is joining", True
@@ -1140,7 +1140,7 @@ class MultiProcessEngine:
         """Slot `k` is empty from now on (under the lock); its requests move to the others."""
         self._lose(k, why, dead=True)
         self._members.discard(k)
-        self._joining.discard(k)
+        self._adding.discard(k)
         self._restarting.pop(k, None)
         self._respawn_due.pop(k, None)
         self._drained.ranks.discard(k)
@@ -1200,7 +1200,7 @@ class MultiProcessEngine:
             and w.rank not in self._hellos
         ]
         out += [
-            f"{why}; {'adding' if k in self._joining else 'restarting'} it"
+            f"{why}; {'adding' if k in self._adding else 'restarting'} it"
             for k, (why, _) in self._restarting.items()
         ]
         out += [f"{why}; taking it back" for why in self._hellos.values()]
