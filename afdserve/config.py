@@ -40,6 +40,11 @@ class EngineConfig:
     attention_workers: int = 2
     """r, the number of attention workers (each with its own scheduler and KV cache). In
     aggregated mode, the number of independent replicas that each run both halves."""
+    max_attention_workers: int = 0
+    """AFD, multi-process: the most attention workers the group may have (R_MAX; 0: exactly
+    `attention_workers`). The group starts with `attention_workers` of them and has rank slots
+    0..R_MAX-1 for attention workers (FFN ranks follow), so more can join at run time
+    (`POST /admin/attention_workers`); a slot with no worker is simply not in the data plane."""
     ffn_workers: int = 1
     """m, the FFN workers (AFD). Above 1, each MoE layer's experts are spread over them (expert
     parallelism: the attention workers route and send each token only where its experts are)
@@ -177,6 +182,7 @@ class EngineConfig:
             ("num_redundant_experts", 0),
             ("migration_limit", 0),
             ("max_restarts", 0),
+            ("max_attention_workers", 0),
             ("ffn_failover_max_experts", 0),
             ("worker_log_max_bytes", 4096),
         ):
@@ -188,6 +194,16 @@ class EngineConfig:
         ):
             raise UserInputError(
                 f"worker_log_dir must be a non-empty path, got {self.worker_log_dir!r}"
+            )
+        if self.max_attention_workers and self.max_attention_workers < self.attention_workers:
+            raise UserInputError(
+                f"max_attention_workers ({self.max_attention_workers}) must be at least "
+                f"attention_workers ({self.attention_workers}), or 0 for as many"
+            )
+        if self.attention_slots > self.attention_workers and self.mode != "afd":
+            raise UserInputError(
+                "max_attention_workers above attention_workers needs mode='afd' (attention "
+                "workers join an AFD group's data plane at run time)"
             )
         if self.ffn_workers != 1 and self.mode != "afd":
             raise UserInputError(
@@ -292,7 +308,7 @@ class EngineConfig:
 
     @property
     def front_addresses(self) -> tuple[str, list[str], str]:
-        """With `front`: (events address, control address of each rank 0..r, as tcp:// URLs;
+        """With `front`: (events address, control address of each rank 0..R_MAX+m-1, as tcp:// URLs;
         the rendezvous store's HOST:PORT)."""
         host, _, port_s = self.front.rpartition(":")
         port = int(port_s)
@@ -300,13 +316,19 @@ class EngineConfig:
         return f"tcp://{host}:{port}", controls, f"{host}:{port + 1 + self.world_size}"
 
     @property
+    def attention_slots(self) -> int:
+        """R_MAX: attention rank slots 0..R_MAX-1 (`max_attention_workers`, else r)."""
+        return max(self.attention_workers, self.max_attention_workers)
+
+    @property
     def world_size(self) -> int:
-        """Worker ranks of an AFD group: attention 0..r-1, FFN r..r+m-1."""
-        return self.attention_workers + self.ffn_workers
+        """Worker ranks of an AFD group: attention slots 0..R_MAX-1, FFN R_MAX..R_MAX+m-1 (R_MAX
+        is r unless `max_attention_workers` says more)."""
+        return self.attention_slots + self.ffn_workers
 
     @property
     def ffn_ranks(self) -> tuple[int, ...]:
-        return tuple(range(self.attention_workers, self.world_size))
+        return tuple(range(self.attention_slots, self.world_size))
 
     @property
     def is_afd(self) -> bool:

@@ -16,6 +16,11 @@ class UserInputError(AfdserveError, ValueError):
     """Bad input from a user: a flag, a request, a file. The message says what and why."""
 
 
+class StateConflict(UserInputError):
+    """A valid request the group's state refuses now (no free attention slot, a slot taken, a
+    worker that still holds requests): HTTP 409, CLI exit 2."""
+
+
 class ModelLoadError(UserInputError):
     """A model directory that cannot be loaded: missing, unsupported, corrupt or truncated."""
 

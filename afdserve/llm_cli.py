@@ -34,6 +34,14 @@ def add_engine_args(
     p.add_argument("--mode", choices=("afd", "aggregated"), default=mode)
     p.add_argument("--attention-workers", type=int, default=workers, metavar="R")
     p.add_argument(
+        "--max-attention-workers",
+        type=int,
+        default=0,
+        metavar="R_MAX",
+        help="AFD over worker processes: room for this many attention workers, so more can be "
+        "added at run time (POST /admin/attention_workers; default: --attention-workers)",
+    )
+    p.add_argument(
         "--ffn-workers",
         type=int,
         default=1,
@@ -203,6 +211,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model,
         mode=args.mode,
         attention_workers=args.attention_workers,
+        max_attention_workers=args.max_attention_workers,
         ffn_workers=args.ffn_workers,
         eplb=args.eplb,
         eplb_window_size=args.eplb_window_size,

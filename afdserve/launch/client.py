@@ -68,6 +68,16 @@ class EngineClient(Protocol):
         requests it holds (launch/drain.py). UserInputError for a bad rank or the last one."""
         ...
 
+    def add_worker(self, rank: int | None = None) -> int:
+        """Start an attention worker in a free slot (`max_attention_workers`); its rank.
+        StateConflict when none is free (launch/multiproc.py); UserInputError in-process."""
+        ...
+
+    def remove_worker(self, rank: int, migrate: bool = False) -> int:
+        """Stop attention worker `rank` (drained, holding nothing, unless `migrate`) and free
+        its slot; the requests moved. StateConflict while it holds requests."""
+        ...
+
     def problems(self) -> list[str]:
         """What is wrong while it still serves (a worker lost or stalled), one line each; []
         when nothing is. /health reports them as degraded."""

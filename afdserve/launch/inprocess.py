@@ -28,6 +28,7 @@ from afdserve.afd.attention_worker import AttentionWorker
 from afdserve.afd.ffn_worker import FFNWorker
 from afdserve.afd.router import Router
 from afdserve.afd.stats import EngineState, WorkerState
+from afdserve.errors import UserInputError
 from afdserve.launch.drain import Drained
 from afdserve.model.threads import ThreadCount
 from afdserve.types import SamplingParams, TokenEvent
@@ -118,6 +119,20 @@ class Engine:
         with self._lock:
             self._drained.set(rank, drained)
             return sum(1 for k in self._owner.values() if k == rank)
+
+    def add_worker(self, rank: int | None = None) -> int:
+        """Attention workers join at run time only over worker processes."""
+        raise UserInputError(
+            "the in-process engine cannot add attention workers at run time: serve over "
+            "worker processes (--transport shm or tcp) with --max-attention-workers"
+        )
+
+    def remove_worker(self, rank: int, migrate: bool = False) -> int:
+        """Attention workers leave at run time only over worker processes (drain one here)."""
+        raise UserInputError(
+            "the in-process engine cannot remove attention workers at run time: drain one "
+            "instead (POST /admin/attention_workers/{rank}/drain)"
+        )
 
     def add_request(
         self,

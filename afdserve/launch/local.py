@@ -241,18 +241,19 @@ def make_ffn_worker(
     transport: Transport,
     placement: Placement | None = None,
 ) -> FFNWorker:
-    """The FFN worker on `transport` (rank r + j), serving attention ranks 0..r-1 (both
-    placements); under expert parallelism it serves the experts `placement` gives it."""
+    """The FFN worker on `transport` (rank R_MAX + j), serving attention slots 0..R_MAX-1 (both
+    placements; a slot with no worker sends no SYNC, so it is never waited for); under expert
+    parallelism it serves the experts `placement` gives it."""
     experts = {}
     if placement is not None:
-        j = transport.rank - cfg.attention_workers
+        j = transport.rank - cfg.attention_slots
         for layer, workers in enumerate(placement.layers):
             if workers is not None:
                 experts[layer] = held_experts(model.ffn, layer, workers[j])
     return FFNWorker(
         model.ffn,
         transport,
-        attention_ranks=range(cfg.attention_workers),
+        attention_ranks=range(cfg.attention_slots),
         timeout_s=cfg.sync_timeout_s,
         gather_wait_s=cfg.ffn_gather_wait_s,
         experts=experts,
@@ -294,6 +295,11 @@ def build_engine(cfg: EngineConfig, model: LoadedModel | None = None) -> tuple[E
     )
     if m.router is None and m.ffn is not None and m.config.is_moe:
         m = dataclasses.replace(m, router=RouterPart.of(m.ffn))
+    if cfg.attention_slots > cfg.attention_workers:
+        raise UserInputError(
+            "max_attention_workers (attention workers added at run time) needs worker "
+            "processes: use a transport other than local"
+        )
     cache_and_scheduler_configs(cfg, m.config, m.dtype)  # a bad max_model_len: before any hub
     r = cfg.attention_workers
     links: list[FFNLink]

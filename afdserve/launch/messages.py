@@ -33,8 +33,11 @@ from afdserve.types import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 10
-"""Bump when a message changes shape; both ends of a group must agree. (10: the FFN failover:
+SCHEMA_VERSION = 11
+"""Bump when a message changes shape; both ends of a group must agree. (11:
+`EngineConfig.max_attention_workers` and the data plane's `members` in `Configure` and
+`Rejoin` (attention workers added at run time), which a worker of 10 would refuse or ignore.
+10: the FFN failover:
 `Rejoin.placement` and `absent`, `Configure.absent`, `Joining`, and `Placement.down` in every
 placement dict, which a worker of 9 would ignore, sending frames to a dead FFN worker. 9:
 `EngineConfig.enable_prefix_caching`, the prefix-cache counters in `SchedulerCounters` and
@@ -102,6 +105,10 @@ class Configure(_Message, tag="configure"):
     transport_key: bytes = b""
     """The group's secret for the data transport (`TransportOptions.auth_key`: tcp proves it on
     every connection), drawn once per group by the front; empty: none."""
+    members: tuple[int, ...] = ()
+    """The attention ranks in the data plane at `epoch` (the FFN workers connect to these
+    only: a slot of `max_attention_workers` with no worker is not waited for); empty: every
+    attention slot."""
     schema: int = SCHEMA_VERSION
 
 
@@ -119,9 +126,13 @@ class AddRequest(_Message, tag="add"):
 class Rejoin(_Message, tag="rejoin"):
     """To every worker but the one restarted in place of a dead one: close the data transport
     and connect again under `epoch`, as the new worker does; an attention worker in the middle
-    of a step runs that step again once connected (launch/worker.py)."""
+    of a step runs that step again once connected (launch/worker.py). Also sent when an
+    attention worker joins at run time: `members` (the attention ranks of the new epoch's data
+    plane) then names it too."""
 
     epoch: int
+    members: tuple[int, ...] = ()
+    """As `Configure.members`; empty: every attention slot."""
     placement: dict[str, Any] | None = None
     """An FFN failover: route by this placement from the step run again (its `down` FFN
     workers are sent nothing)."""

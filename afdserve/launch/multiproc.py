@@ -45,7 +45,7 @@ from afdserve.afd.stats import AFDStatsSnapshot, EngineState, ExpertLoadState, W
 from afdserve.config import EngineConfig
 from afdserve.eplb.controller import EPLBController
 from afdserve.eplb.initial import initial_placement
-from afdserve.errors import AfdserveError, UserInputError
+from afdserve.errors import AfdserveError, StateConflict, UserInputError
 from afdserve.launch import control
 from afdserve.launch.drain import Drained
 from afdserve.launch.failover import FFNFailover
@@ -65,7 +65,7 @@ from afdserve.launch.messages import (
     Shutdown,
     StepOutputs,
 )
-from afdserve.launch.processes import WorkerProcesses
+from afdserve.launch.processes import WorkerProcesses, reap
 from afdserve.launch.remote_worker import RemoteWorker, Tracked, mismatch
 from afdserve.launch.replacement import TwoPhaseSwitch
 from afdserve.model.config import ModelConfig
@@ -127,6 +127,13 @@ def restart_backoff_s(n: int) -> float:
 
 """The owner of a request that no attention worker can serve now (all stalled)."""
 
+EMPTY_SLOT = "empty slot"
+"""What an attention slot with no worker is down for (never reported as a problem)."""
+
+RELEASE_TIMEOUT_S = 10.0
+"""Longest a removed spawned attention worker may take to exit after its `Shutdown` before it
+is killed."""
+
 REJOIN_SETTLE_S = 1.0
 """A worker started again (by hand, or by a launcher such as torchrun's elastic agent, which
 restarts every process of its node together and, under a c10d rendezvous, of every node) is
@@ -154,8 +161,18 @@ class MultiProcessEngine:
         self.model_path = resolve_model(cfg.model)
         self.model_config = ModelConfig.from_dir(self.model_path)
         self.vocab_size = self.model_config.vocab_size
-        r = cfg.attention_workers
+        r = cfg.attention_slots
         self.workers = [RemoteWorker(k) for k in range(r)]
+        self._members = set(range(cfg.attention_workers))
+        """Attention slots with a worker (started, serving, or joining): the group starts with
+        ranks 0..attention_workers-1; `add_worker` and a hand-started worker of a free slot
+        join, `remove_worker` leaves. Every other slot is empty: down, and not in the data
+        plane (the FFN workers do not connect to it, so nothing ever waits for it)."""
+        self._adding: set[int] = set()
+        """Members added at run time that have not said `Ready` yet (a failed join frees the
+        slot rather than failing the group)."""
+        for w in self.workers[cfg.attention_workers :]:
+            w.down, w.dead = EMPTY_SLOT, True
         self.router = Router(self.workers, cfg.block_size if cfg.enable_prefix_caching else 0)
         self._rng = random.Random(cfg.seed)
         self._owner: dict[str, int] = {}
@@ -204,7 +221,7 @@ class MultiProcessEngine:
         if self.placement is not None:
             self.switch = TwoPhaseSwitch(
                 EPLBController(cfg, self.placement),
-                range(r),
+                sorted(self._members),
                 cfg.ffn_ranks,
                 self._send_control,
                 timeout_s=max(60.0, cfg.startup_timeout_s),
@@ -282,9 +299,10 @@ class MultiProcessEngine:
                 sock.bind(addr)
             except zmq.ZMQError as exc:
                 raise UserInputError(f"the front cannot bind {addr}: {exc}") from None
-        r = self.cfg.attention_workers
+        r = self.cfg.attention_slots
         ranks = ", ".join(
-            f"rank {k}{' (FFN)' if k >= r else ''} {a}" for k, a in enumerate(control_addrs)
+            f"rank {k}{' (FFN)' if k >= r else ''}{'' if k >= r or k in self._members else ' (free slot)'} {a}"
+            for k, a in enumerate(control_addrs)
         )
         log.warning(
             "afdserve front: waiting up to %.0fs for %d attention and %d FFN workers, "
@@ -312,7 +330,7 @@ class MultiProcessEngine:
         for _ in range(self.cfg.world_size):
             port = self._new_control().bind_to_random_port("tcp://127.0.0.1")
             controls.append(f"tcp://127.0.0.1:{port}")
-        self._procs.spawn(self.cfg, events, controls)
+        self._procs.spawn(self.cfg, events, controls, self._members | set(self.cfg.ffn_ranks))
 
     def _configure(self, pending: set[int]) -> None:
         """Send `Configure` to each rank in `pending` whose worker has connected (a PUSH socket
@@ -334,6 +352,7 @@ class MultiProcessEngine:
                 epoch=self._epoch,
                 absent=tuple(sorted(self._absent - {rank})),
                 transport_key=self._transport_key,
+                members=self._plane_members(),
             )
             try:
                 control.send(self._controls[rank], msg, timeout_s=0.0)
@@ -341,19 +360,29 @@ class MultiProcessEngine:
                 continue  # not connected yet
             pending.discard(rank)
 
+    def _plane_members(self) -> tuple[int, ...]:
+        """The attention ranks the data plane of the current epoch connects (under the lock):
+        the members, less those dead and not being started again."""
+        return tuple(
+            k
+            for k in sorted(self._members)
+            if not self.workers[k].dead or k in self._restarting or k in self._hellos
+        )
+
     def _wait_ready(self, timeout_s: float) -> None:
         """Configure every rank 0..r+m-1 as it connects, then wait until each has said `ready`
         (after loading its part and connecting the data transport) serving the front's model;
         a worker's start-up error, a death (spawned workers) or the deadline is a WorkerError
         naming the ranks."""
-        r, world = self.cfg.attention_workers, self.cfg.world_size
+        r, world = self.cfg.attention_slots, self.cfg.world_size
         deadline = time.monotonic() + timeout_s
-        unconfigured = set(range(world))
+        starting = self._members | set(self.cfg.ffn_ranks)
+        unconfigured = set(starting)
         ready: dict[int, Fingerprint] = {}
-        while len(ready) < world:
+        while len(ready) < len(starting):
             self._check_alive(starting=True)
             if time.monotonic() > deadline:
-                missing = sorted(set(range(world)) - set(ready))
+                missing = sorted(starting - set(ready))
                 logdir = self._procs.logdir
                 where = f"logs: {logdir}" if logdir else f"front {self.cfg.front}"
                 raise WorkerError(f"workers {missing} not ready within {timeout_s:.0f}s ({where})")
@@ -362,7 +391,7 @@ class MultiProcessEngine:
             for m in control.recv_all(self._events, 0.1, control.TO_FRONT):
                 if isinstance(m, Failed):
                     raise WorkerError(f"worker {m.rank} failed to start: {m.message}")
-                if not isinstance(m, Ready):
+                if not isinstance(m, Ready) or m.rank not in starting:
                     continue
                 if m.role != ("ffn" if m.rank >= r else "attention"):
                     raise WorkerError(
@@ -415,7 +444,10 @@ class MultiProcessEngine:
         for rank, why in self._procs.exits():
             if rank in self._abandoned or rank in self._respawn_due:
                 continue
-            if rank < self.cfg.attention_workers:
+            if rank in self._adding:  # it died before it joined: the slot is free again
+                self._join_failed(rank, f"{why}; attention worker {rank} not added")
+                continue
+            if rank < self.cfg.attention_slots:
                 self._lose(rank, why, dead=True)
                 self._restart(rank, why)
             elif not self._fail_over(rank, why):
@@ -424,8 +456,10 @@ class MultiProcessEngine:
             # every 2 s until it is ready: one sent while the dead one's pipe lingered is lost
             self._configure_locked(set(self._restarting))
             self._configured_at = time.monotonic()
-        for why, deadline in self._restarting.values():
-            if time.monotonic() > deadline:
+        for rank, (why, deadline) in list(self._restarting.items()):
+            if time.monotonic() > deadline and rank in self._adding:
+                self._join_failed(rank, f"{why}, but it was not ready in time: not added")
+            elif time.monotonic() > deadline:
                 self._failure = f"{why}; restarted, but not ready in time"
                 raise WorkerError(self._failure)
 
@@ -452,7 +486,7 @@ class MultiProcessEngine:
         if what == "ready":
             assert placement is not None
             self._epoch += 1
-            rejoin = Rejoin(self._epoch, placement.to_dict(), tuple(sorted(self._absent)))
+            rejoin = self._rejoin(placement.to_dict())
             for k in self._others(set(dead)):
                 self._send_control(k, rejoin)
             for rank, why in dead.items():
@@ -464,9 +498,14 @@ class MultiProcessEngine:
                 if self._procs.pids:
                     self._restart(rank, why)
 
+    def _rejoin(self, placement: dict | None = None) -> Rejoin:
+        """The `Rejoin` of the current epoch (under the lock): its attention members, and the
+        FFN ranks out of it."""
+        return Rejoin(self._epoch, self._plane_members(), placement, tuple(sorted(self._absent)))
+
     def _others(self, batch: set[int]) -> list[int]:
         """Every worker still in the data plane but `batch` (whom a `Rejoin` goes to)."""
-        r = self.cfg.attention_workers
+        r = self.cfg.attention_slots
         return [
             k
             for k in range(self.cfg.world_size)
@@ -488,7 +527,7 @@ class MultiProcessEngine:
                 else f"--max-restarts {cfg.max_restarts} spent"
             )
             failed_over = self.failover is not None and rank in self._absent
-            if rank < cfg.attention_workers or failed_over:
+            if rank < cfg.attention_slots or failed_over:
                 log.error("%s: not restarted (%s)", why, cause)
                 self._abandoned.add(rank)
                 self._restarting.pop(rank, None)
@@ -508,7 +547,9 @@ class MultiProcessEngine:
         Its predecessor is gone: its requests move at once (attention), and nothing more is
         routed to it; the group rejoins under a new epoch with it, as for a restart by the
         front (not counted against its budget), once the workers restarted with it have said
-        hello too (`_take_back_settled`)."""
+        hello too (`_take_back_settled`). A hello for a free attention slot (of
+        `max_attention_workers`) is a worker started by hand to join: it is taken in the same
+        way, as a new member."""
         if not 0 <= m.rank < self.cfg.world_size or m.rank in self._restarting:
             return
         if self._procs.pids:  # spawned workers: a hello from one not restarted is stale
@@ -520,14 +561,18 @@ class MultiProcessEngine:
             # a failed-over FFN worker started again: the survivors serve until it has loaded
             self._take_back({m.rank: why}, 0.0, deferred=True)
             return
-        if m.rank < self.cfg.attention_workers:
+        joins = m.rank < self.cfg.attention_slots and m.rank not in self._members
+        if joins:  # a free slot: a worker started by hand to join (`add_worker`'s twin)
+            why = f"attention worker {m.rank} joins (pid {m.pid})"
+            self._join(m.rank)
+        elif m.rank < self.cfg.attention_slots:
             self._lose(m.rank, why, dead=True)
         now = time.monotonic()
         if not self._hellos:
             self._hellos_first = now
         self._hellos_last = now
         self._hellos[m.rank] = why
-        self.restarts += 1  # counted now: its requests moved already
+        self.restarts += 0 if joins else 1  # counted now: its requests moved already
 
     def _take_back_settled(self) -> None:
         """Take back the workers that said hello (under the lock), all under one new epoch, once
@@ -572,7 +617,7 @@ class MultiProcessEngine:
             for rank in batch:
                 self._join_wait[rank] = self._epoch
             return
-        rejoin = Rejoin(self._epoch, absent=tuple(sorted(self._absent)))
+        rejoin = self._rejoin()
         for k in self._others(set(batch)):
             self._send_control(k, rejoin)
 
@@ -858,8 +903,11 @@ class MultiProcessEngine:
         if isinstance(m, Ready) and m.rank in self._restarting:  # a restarted worker
             assert self._fingerprint is not None  # set when the group first got ready
             self._check_fingerprint(m.rank, m.fingerprint, {-1: self._fingerprint})
-            log.warning("%s worker %d is back (epoch %d)", m.role, m.rank, self._epoch)
+            joined = m.rank in self._adding
+            verb = "joined the group" if joined else "is back"
+            log.warning("%s worker %d %s (epoch %d)", m.role, m.rank, verb, self._epoch)
             del self._restarting[m.rank]
+            self._adding.discard(m.rank)
             if m.rank in self._ffn_heard:
                 self._ffn_heard[m.rank] = time.monotonic()
                 back = self.failover.back(m.rank) if self.failover is not None else None
@@ -930,7 +978,7 @@ class MultiProcessEngine:
         log.warning("FFN worker %d speaks again: taking it back into the data plane", rank)
         self._absent.discard(rank)
         self._epoch += 1
-        rejoin = Rejoin(self._epoch, absent=tuple(sorted(self._absent)))
+        rejoin = self._rejoin()
         for k in self._others(set()):
             self._send_control(k, rejoin)
         back = self.failover.back(rank)
@@ -944,7 +992,7 @@ class MultiProcessEngine:
             return
         del self._join_wait[m.rank]
         self._absent.discard(m.rank)
-        rejoin = Rejoin(self._epoch, absent=tuple(sorted(self._absent)))
+        rejoin = self._rejoin()
         for k in self._others({m.rank}):
             self._send_control(k, rejoin)
 
@@ -970,6 +1018,7 @@ class MultiProcessEngine:
                     load_score=w.load_score(),
                 )
                 for k, w in enumerate(self.workers)
+                if k in self._members
             )
             survival = dict(
                 requests_migrated=self.requests_migrated,
@@ -987,7 +1036,7 @@ class MultiProcessEngine:
                 experts = ExpertLoadState.of(self.switch.controller)
             return EngineState(
                 workers,
-                tuple(w.afd for w in self.workers),
+                tuple(w.afd for w in self.workers if w.rank in self._members),
                 tuple(self._ffn_afd.values()),
                 experts,
                 **survival,
@@ -1013,17 +1062,147 @@ class MultiProcessEngine:
         """Route no new request to attention worker `rank` (what it holds finishes there), or
         route to it again; returns the requests it holds (launch/drain.py)."""
         with self._lock:
+            self._check_slot(rank)
+            if rank not in self._members:
+                raise StateConflict(f"attention slot {rank} has no worker to drain")
             self._drained.set(rank, drained, [w.rank for w in self.workers if not w.down])
             return sum(1 for k in self._owner.values() if k == rank)
+
+    # -- membership: attention workers added and removed at run time ---------------------------
+
+    def _check_slot(self, rank: object) -> None:
+        n = self.cfg.attention_slots
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < n:
+            raise UserInputError(f"attention worker rank must be in 0..{n - 1}, got {rank!r}")
+
+    def add_worker(self, rank: int | None = None) -> int:
+        """Start an attention worker in free slot `rank` (the lowest free one by default); it
+        joins the data plane under a new epoch (the others rejoin; an attention worker in the
+        middle of a step runs it again, so no token changes), gets `Configure`, and is routed
+        to once it says `Ready` (within the startup timeout, else the slot is free again).
+        Returns its rank. UserInputError when there is no free slot, for a bad or taken rank,
+        for a group whose workers were started by hand (start `afdserve worker --front ...
+        --rank K` for a free K instead), or a transport that cannot rejoin."""
+        with self._lock:
+            if self._closed or self._failure is not None:
+                raise WorkerError(self._failure or "the multi-process engine is closed")
+            n = self.cfg.attention_slots
+            free = [k for k in range(n) if k not in self._members]
+            if rank is not None:
+                self._check_slot(rank)
+                if rank in self._members:
+                    raise StateConflict(f"attention slot {rank} has a worker already")
+            elif not free:
+                raise StateConflict(
+                    f"no free attention slot: all {n} are taken (start the group with a larger "
+                    "--max-attention-workers)"
+                )
+            k = free[0] if rank is None else rank
+            if self.cfg.front:
+                raise StateConflict(
+                    f"this group's workers are started by hand: start `afdserve worker --front "
+                    f"{self.cfg.front} --rank {k}` and it joins (free slots: {free})"
+                )
+            if self.cfg.transport not in RESTARTABLE:
+                raise UserInputError(
+                    f"the {self.cfg.transport} transport cannot take a worker in at run time"
+                )
+            self._join(k)
+            self._procs.start(k)
+            self._take_back({k: f"attention worker {k} added"}, 0.0, counted=True)
+            log.warning("adding attention worker %d (epoch %d)", k, self._epoch)
+            return k
+
+    def _join(self, k: int) -> None:
+        """Slot `k` has a worker from now on, not yet ready (under the lock)."""
+        self._members.add(k)
+        self._adding.add(k)
+        self._abandoned.discard(k)
+        w = self.workers[k]
+        w.down, w.dead = f"attention worker {k} is joining", True
+        if self.switch is not None:
+            self.switch.attention_ranks = tuple(sorted(self._members))
+
+    def _join_failed(self, k: int, why: str) -> None:
+        """A worker added in slot `k` died or was not ready in time (under the lock): the slot
+        is free again (its process, if still there, killed), and a new epoch leaves it out.
+        The others were rejoining with it: their connect gives up at its deadline and they
+        take this epoch's `Rejoin` then (launch/worker.py `_DataPlane.rejoin`), so the group
+        survives a failed join at the cost of one connect timeout."""
+        self._leave(k, why)
+        proc = self._procs.detach(k) if self._procs.procs else None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        self._take_back({}, 0.0, counted=True)
+
+    def _leave(self, k: int, why: str) -> None:
+        """Slot `k` is empty from now on (under the lock); its requests move to the others."""
+        self._lose(k, why, dead=True)
+        self._members.discard(k)
+        self._adding.discard(k)
+        self._restarting.pop(k, None)
+        self._respawn_due.pop(k, None)
+        self._drained.ranks.discard(k)
+        w = self.workers[k]
+        w.down, w.dead = EMPTY_SLOT, True
+        w.outstanding.clear()
+        if self.switch is not None:
+            self.switch.attention_ranks = tuple(sorted(self._members))
+        log.warning("%s: slot %d is free", why, k)
+
+    def remove_worker(self, rank: int, migrate: bool = False) -> int:
+        """Stop attention worker `rank` and free its slot; returns how many requests moved to
+        the others (0 unless `migrate`). Drain it first (`drain`) and wait until it holds none:
+        a worker that still holds requests is refused unless `migrate`, which replays them on
+        the others (greedy tokens do not change). UserInputError for a bad rank, an empty slot,
+        or the last attention worker serving."""
+        with self._lock:
+            if self._closed or self._failure is not None:
+                raise WorkerError(self._failure or "the multi-process engine is closed")
+            self._check_slot(rank)
+            if rank not in self._members:
+                raise StateConflict(f"attention slot {rank} has no worker to remove")
+            others = [k for k in self._members if k != rank and not self.workers[k].down]
+            if not others:
+                raise StateConflict(
+                    f"attention worker {rank} is the last one serving: it cannot be removed"
+                )
+            held = sum(1 for k in self._owner.values() if k == rank)
+            if held and not migrate:
+                raise StateConflict(
+                    f"attention worker {rank} still holds {held} request(s): drain it "
+                    f"(POST /admin/attention_workers/{rank}/drain) and wait until it holds none, "
+                    "or remove it with migrate=true to move them to the others"
+                )
+            was_down = bool(self.workers[rank].down)
+            moved_before = self.requests_migrated
+            self._leave(rank, f"attention worker {rank} removed")
+            if not was_down:
+                try:
+                    control.send(self._controls[rank], Shutdown(), timeout_s=ADD_TIMEOUT_S)
+                except (TimeoutError, zmq.ZMQError):
+                    pass  # it is killed below
+            proc = self._procs.detach(rank) if self._procs.procs else None
+            moved = self.requests_migrated - moved_before
+        if proc is not None:
+            reap(proc, RELEASE_TIMEOUT_S)
+        return moved
 
     def _problems(self) -> list[str]:
         out = self._drained.problems()
         out += [
             w.down
             for w in self.workers
-            if w.down and w.rank not in self._restarting and w.rank not in self._hellos
+            if w.down
+            and w.rank in self._members
+            and w.rank not in self._restarting
+            and w.rank not in self._hellos
         ]
-        out += [f"{why}; restarting it" for why, _ in self._restarting.values()]
+        out += [
+            f"{why}; {'adding' if k in self._adding else 'restarting'} it"
+            for k, (why, _) in self._restarting.items()
+        ]
         out += [f"{why}; taking it back" for why in self._hellos.values()]
         down = self._down()
         if down:
@@ -1081,7 +1260,8 @@ class MultiProcessEngine:
 
     @property
     def pids(self) -> list[int]:
-        """Worker process ids, attention ranks 0..r-1 then the FFN worker."""
+        """Worker process ids, attention slots 0..R_MAX-1 (0 for an empty one) then the FFN
+        workers."""
         return self._procs.pids
 
     def __del__(self) -> None:  # last resort: never leave workers behind

@@ -23,7 +23,9 @@ from afdserve.config import EngineConfig
 
 class WorkerProcesses:
     def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen | None] = []
+        """By rank; None for a slot with no process (an attention slot of
+        `max_attention_workers` not filled yet, or whose worker was removed)."""
         self.logs: list[Path] = []
         self.logdir = ""
         self._own_logdir = False
@@ -33,9 +35,12 @@ class WorkerProcesses:
         self._start: list[tuple[list[str], dict[str, str]]] = []
         """Each rank's command line and environment, to start it again (`respawn`)."""
 
-    def spawn(self, cfg: EngineConfig, events: str, controls: list[str]) -> None:
-        """Start rank k (0..r+m-1) told `controls[k]` and `events`, pinned to core k mod cores
-        when `cfg.pin_workers`; the rest of its configuration comes from the front."""
+    def spawn(
+        self, cfg: EngineConfig, events: str, controls: list[str], ranks: set[int] | None = None
+    ) -> None:
+        """Start rank k (0..R_MAX+m-1, those in `ranks`; all by default) told `controls[k]` and
+        `events`, pinned to core k mod cores when `cfg.pin_workers`; the rest of its
+        configuration comes from the front. The others can be started later (`start`)."""
         if cfg.worker_log_dir:
             os.makedirs(cfg.worker_log_dir, exist_ok=True)
             self.logdir = cfg.worker_log_dir
@@ -51,7 +56,7 @@ class WorkerProcesses:
                 args += ["--cpus", str(rank % ncpu)]
             self.logs.append(Path(self.logdir) / f"worker-{rank}.log")
             self._start.append((args, env))
-            self.procs.append(self._popen(rank))
+            self.procs.append(self._popen(rank) if ranks is None or rank in ranks else None)
 
     def _popen(self, rank: int) -> subprocess.Popen:
         """Start rank `rank` writing to its log in append mode: every write lands at the end,
@@ -71,10 +76,22 @@ class WorkerProcesses:
 
     def respawn(self, rank: int) -> None:
         """Start rank `rank` again, as it was first started, after it exited (its log goes on
-        in the same file)."""
-        if self.procs[rank].poll() is None:
+        in the same file); or for the first time, in an empty slot (`start`)."""
+        p = self.procs[rank]
+        if p is not None and p.poll() is None:
             raise RuntimeError(f"worker rank {rank} is still running")
         self.procs[rank] = self._popen(rank)
+
+    start = respawn
+
+    def detach(self, rank: int) -> subprocess.Popen | None:
+        """Empty slot `rank` (a worker removed at run time, or one that failed to join): its
+        process, no longer supervised here (the caller `reap`s it)."""
+        p, self.procs[rank] = self.procs[rank], None
+        return p
+
+    def _running(self) -> list[tuple[int, subprocess.Popen]]:
+        return [(rank, p) for rank, p in enumerate(self.procs) if p is not None]
 
     def rotate_logs(self) -> None:
         """Every log past `log_max_bytes` is copied to `.1` (replacing the one before) and
@@ -92,7 +109,7 @@ class WorkerProcesses:
 
     def first_exit(self, starting: bool = False) -> str | None:
         """Why the first worker that exited is gone (with its log's tail), or None."""
-        for rank, p in enumerate(self.procs):
+        for rank, p in self._running():
             code = p.poll()
             if code is not None:
                 what = "failed to start" if starting else "died"
@@ -103,33 +120,34 @@ class WorkerProcesses:
         """(rank, why it is gone, with its log's tail) of every worker that exited."""
         return [
             (rank, f"worker rank {rank} died (exit code {p.returncode}): {_tail(self.logs[rank])}")
-            for rank, p in enumerate(self.procs)
+            for rank, p in self._running()
             if p.poll() is not None
         ]
 
     def alive(self, rank: int) -> bool:
-        return rank < len(self.procs) and self.procs[rank].poll() is None
+        p = self.procs[rank] if rank < len(self.procs) else None
+        return p is not None and p.poll() is None
 
     def all_alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
+        return all(p.poll() is None for _, p in self._running())
 
     def stop(self, timeout_s: float) -> None:
         """Wait up to half of `timeout_s` for every worker to exit, SIGTERM those left, wait the
         other half, SIGKILL the rest; then remove the logs if every exit was clean."""
         for signal_them in (subprocess.Popen.terminate, subprocess.Popen.kill):
             deadline = time.monotonic() + timeout_s / 2
-            for p in self.procs:
+            for _, p in self._running():
                 try:
                     p.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     signal_them(p)
-        for p in self.procs:
+        for _, p in self._running():
             p.wait()
-        if self._own_logdir and all(p.returncode == 0 for p in self.procs):
+        if self._own_logdir and all(p.returncode == 0 for _, p in self._running()):
             shutil.rmtree(self.logdir, ignore_errors=True)
 
     def kill(self) -> None:
-        for p in self.procs:
+        for _, p in self._running():
             p.kill()
 
     def kill_rank(self, rank: int) -> None:
@@ -139,11 +157,24 @@ class WorkerProcesses:
 
     @property
     def exit_codes(self) -> list[int | None]:
-        return [p.returncode for p in self.procs]
+        """By rank (0 for an empty slot: nothing runs there)."""
+        return [0 if p is None else p.returncode for p in self.procs]
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        """By rank (0 for an empty slot)."""
+        return [0 if p is None else p.pid for p in self.procs]
+
+
+def reap(p: subprocess.Popen, timeout_s: float) -> int | None:
+    """Wait up to `timeout_s` for a worker told to shut down to exit, then SIGKILL it; its exit
+    code (None: it had to be killed)."""
+    try:
+        return p.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return None
 
 
 def _worker_env(cfg: EngineConfig, ncpu: int) -> dict[str, str]:

@@ -193,6 +193,12 @@ def _checked_serve_flags(serve: list[str], roles: RoleMap, front: str) -> list[s
         got = getattr(ns, dest)
         if got != getattr(defaults, dest) and got != want:
             raise UserInputError(f"{flag} {got} disagrees with --roles ({roles.describe()})")
+    if ns.max_attention_workers not in (0, roles.attention_workers):
+        raise UserInputError(
+            "--max-attention-workers: a launched group's ranks are fixed by --roles, so it "
+            "has no free attention slot to add workers in (use `afdserve serve --front` and "
+            "start the workers yourself)"
+        )
     if ns.front:
         raise UserInputError("give the front's address to this launcher (--front), not after --")
     if ns.mode != "afd":

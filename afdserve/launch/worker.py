@@ -122,12 +122,27 @@ class _Group:
     epoch: int = 0
     """The data plane's incarnation (`Configure.epoch`, then each `Rejoin`)."""
     transport_key: bytes = dataclasses.field(default=b"", repr=False)
+    members: tuple[int, ...] = ()
+    """The attention ranks in the data plane at `epoch` (`Configure.members`; empty: all)."""
     absent: tuple[int, ...] = ()
     """FFN ranks out of the data plane (an FFN failover): not connected to."""
 
     @property
     def r(self) -> int:
-        return self.cfg.attention_workers
+        """R_MAX, the attention rank slots: FFN ranks start here."""
+        return self.cfg.attention_slots
+
+    @property
+    def peers(self) -> tuple[int, ...]:
+        """Who this worker's data transport connects to: an attention worker to every FFN
+        worker not `absent` (failed over); an FFN worker to the attention ranks that are
+        members now (an empty slot is never waited for)."""
+        from afdserve.transport.options import afd_peers
+
+        every = afd_peers(self.rank, self.r, self.cfg.ffn_workers)
+        if self.role == "attention":
+            return tuple(p for p in every if p not in self.absent)
+        return tuple(k for k in every if not self.members or k in self.members)
 
     @property
     def role(self) -> str:
@@ -280,6 +295,7 @@ def _await_configure(
                 placement,
                 m.epoch,
                 m.transport_key,
+                tuple(m.members),
                 tuple(m.absent),
             )
             logging.getLogger().handlers[0].setFormatter(
@@ -388,11 +404,9 @@ def _load(group: _Group, parts: tuple[str, ...]):  # -> LoadedModel (torch loads
 
 
 def _create_transport(group: _Group, wcfg: WorkerConfig):
-    from afdserve.transport.options import afd_peers
     from afdserve.transport.registry import create_transport
 
     c = group.cfg
-    absent = set(group.absent)
     backend: dict[str, Any] = {}
     if c.transport == "nixl" and c.device != "cpu":  # nixl moves GPU memory itself
         backend["device"] = "cuda"
@@ -409,7 +423,7 @@ def _create_transport(group: _Group, wcfg: WorkerConfig):
         group.rank,
         c.world_size,
         rendezvous=group.rendezvous,
-        peers=tuple(p for p in afd_peers(group.rank, group.r, c.ffn_workers) if p not in absent),
+        peers=group.peers,
         connect_timeout_s=wcfg.connect_timeout_s,
         epoch=group.epoch,
         **backend,
@@ -433,21 +447,36 @@ class _DataPlane:
         self.group, self.wcfg = group, wcfg
         self.transport = _create_transport(group, wcfg)
 
-    def rejoin(self, epoch: int, absent: tuple[int, ...] = ()) -> Any:
-        """Connect again under `epoch`, to every peer but the `absent` FFN ranks; the new
-        transport."""
+    def rejoin(
+        self, epoch: int, members: tuple[int, ...] = (), absent: tuple[int, ...] = ()
+    ) -> Any:
+        """Connect again under `epoch`, to the attention ranks `members` (empty: all) and every
+        FFN rank but the `absent` ones; the new transport, or None when a peer did not connect
+        by the deadline (a worker that was to join died or never came): this worker then waits,
+        serving nothing, for the front's next `Rejoin`, which leaves that peer out."""
+        from afdserve.errors import TransportTimeout
+
         log.warning(
-            "rejoining the data plane at epoch %d (a peer was restarted%s)",
+            "rejoining the data plane at epoch %d (attention members %s%s)",
             epoch,
+            list(members) if members else "all",
             f"; FFN ranks {list(absent)} left out" if absent else "",
         )
-        self.transport.close()
-        self.group = dataclasses.replace(self.group, epoch=epoch, absent=tuple(absent))
-        self.transport = _create_transport(self.group, self.wcfg)
+        self.close()
+        self.group = dataclasses.replace(
+            self.group, epoch=epoch, members=tuple(members), absent=tuple(absent)
+        )
+        try:
+            self.transport = _create_transport(self.group, self.wcfg)
+        except TransportTimeout as exc:
+            log.error("epoch %d: %s; waiting for the front's next Rejoin", epoch, exc)
+            self.transport = None
         return self.transport
 
     def close(self) -> None:
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
 
 
 # -- the FFN worker's loop ----------------------------------------------------------------------
@@ -468,7 +497,10 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
         last_beat = last_read = 0.0
         front = _FrontWatch(wcfg.front_timeout_s, wcfg.front or wcfg.control)
         while not stop.is_set():
-            core.serve_once(0.05)
+            if plane.transport is not None:
+                core.serve_once(0.05)
+            else:
+                time.sleep(0.05)  # disconnected: only the front's next Rejoin matters
             if time.monotonic() - last_read < FFN_CONTROL_S:
                 continue
             last_read = time.monotonic()
@@ -478,7 +510,8 @@ def _run_ffn(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any, stop
                 break
             for m in msgs:
                 if isinstance(m, Rejoin):
-                    core.reconnect(plane.rejoin(m.epoch, m.absent))
+                    if plane.rejoin(m.epoch, m.members, m.absent) is not None:
+                        core.reconnect(plane.transport)
                 experts.apply(m, events)
             if front.gone():
                 return FRONT_GONE
@@ -563,15 +596,17 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
 
         link.interrupted = interrupted
         while not stop.is_set():
-            busy = core.has_unfinished()
-            msgs = early + control.recv_all(commands, 0 if busy else HEARTBEAT_S, control.TO_WORKER)
+            busy = core.has_unfinished() and plane.transport is not None
+            wait = 0 if busy else (0.05 if plane.transport is None else HEARTBEAT_S)
+            msgs = early + control.recv_all(commands, wait, control.TO_WORKER)
             early.clear()
             front.heard(msgs)
             if any(isinstance(m, Shutdown) for m in msgs):
                 return 0
             for m in msgs:
                 if isinstance(m, Rejoin):
-                    link.transport = plane.rejoin(m.epoch, m.absent)
+                    if plane.rejoin(m.epoch, m.members, m.absent) is not None:
+                        link.transport = plane.transport
                     if m.placement is not None and link.dispatcher is not None:
                         from afdserve.eplb.placement import Placement
 
@@ -582,7 +617,8 @@ def _run_attention(group: _Group, wcfg: WorkerConfig, commands: Any, events: Any
             if front.gone():
                 return FRONT_GONE
             try:
-                events_of_step = core.step() if core.has_unfinished() else None
+                connected = plane.transport is not None
+                events_of_step = core.step() if connected and core.has_unfinished() else None
             except StepInterrupted as exc:
                 log.warning("%s; it runs again once connected", exc)
                 continue

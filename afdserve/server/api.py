@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afdserve import __version__
 from afdserve.config import EngineConfig
-from afdserve.errors import UserInputError
+from afdserve.errors import StateConflict, UserInputError
 from afdserve.model.tokenizer import Tokenizer
 from afdserve.server import tokenization
 from afdserve.server.admission import admit, chat_prompt, check_model, completion_prompts
@@ -54,6 +54,7 @@ from afdserve.server.auth import APIKeyMiddleware
 from afdserve.server.errors import (
     APIError,
     BadRequest,
+    Conflict,
     EngineDead,
     InternalError,
     NotFound,
@@ -186,7 +187,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UserInputError)
     async def user_error(_: Request, exc: UserInputError) -> JSONResponse:
-        err = BadRequest(str(exc))
+        err = Conflict(str(exc)) if isinstance(exc, StateConflict) else BadRequest(str(exc))
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -308,6 +309,20 @@ def _add_routes(app: FastAPI, st: ServingState) -> None:
     @app.post("/admin/attention_workers/{rank}/resume")
     async def resume(rank: int) -> dict[str, Any]:
         return await _drain(rank, False)
+
+    @app.post("/admin/attention_workers")
+    async def add_worker(rank: int | None = None) -> dict[str, Any]:
+        """Start an attention worker in a free slot of --max-attention-workers (the lowest, or
+        `?rank=K`); it serves once ready (it is listed as joining until then)."""
+        k = await asyncio.to_thread(st.async_engine.engine.add_worker, rank)
+        return {"rank": k, "added": True}
+
+    @app.delete("/admin/attention_workers/{rank}")
+    async def remove_worker(rank: int, migrate: bool = False) -> dict[str, Any]:
+        """Stop attention worker `rank` and free its slot: drain it first and wait until it
+        holds no request (409 otherwise), or `?migrate=true` to move what it holds."""
+        moved = await asyncio.to_thread(st.async_engine.engine.remove_worker, rank, migrate)
+        return {"rank": rank, "removed": True, "requests_moved": moved}
 
     def card() -> ModelCard:
         return ModelCard(

@@ -43,6 +43,12 @@ class NotFound(APIError):
     status, type = 404, "NotFoundError"
 
 
+class Conflict(APIError):
+    """The group's state refuses an admin request now (errors.StateConflict)."""
+
+    status, type = 409, "ConflictError"
+
+
 class QueueFull(APIError):
     """--max-queue requests already wait beyond the batch slots: try again later, after the
     `Retry-After` seconds it carries (server/queue_limit.py)."""

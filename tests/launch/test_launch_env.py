@@ -96,6 +96,7 @@ def test_a_leader_named_by_dns_binds_its_own_ip_and_workers_dial_the_name():
         (["--roles", "attention:3,ffn"], TORCHRUN, "has no front"),
         (["--roles", "attention:2,front,ffn"], TORCHRUN, "front is rank 2"),
         ([*ROLES, "--", "--attention-workers", "3"], TORCHRUN, "disagrees with --roles"),
+        ([*ROLES, "--", "--max-attention-workers", "4"], TORCHRUN, "no free attention slot"),
         ([*ROLES, "--", "--transport", "shm"], TORCHRUN, "does not cross hosts"),
         ([*ROLES, "--", "--mode", "aggregated"], TORCHRUN, "runs AFD"),
         ([*ROLES, "--", "--no-such-flag"], TORCHRUN, "not `afdserve serve`'s"),
