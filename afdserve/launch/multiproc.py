@@ -689,9 +689,11 @@ class MultiProcessEngine:
             self.requests_migrated += 1
             self._place(rid)
 
-    def _place(self, rid: str) -> None:
-        """Send a request (again) to the least-loaded attention worker still serving, with the
-        tokens it generated so far; parked when none can take it now (under the lock)."""
+    def _place(self, rid: str) -> int:
+        """Send a request (first, or again) to the cheapest attention worker still serving, with
+        the tokens it generated so far; a worker that does not take it (dead, not yet noticed)
+        passes it to the next. Parked when none can take it now (under the lock). Returns the
+        worker's index, or PARKED."""
         t = self._tracked[rid]
         live = [w.rank for w in self.workers if not w.down]
         while live:
@@ -706,15 +708,18 @@ class MultiProcessEngine:
                 log.warning("attention worker %d does not take requests: %s", k, exc)
                 continue
             self._owner[rid] = k
-            self._wire[wire] = rid
+            if wire != rid:  # a moved request's new id (_forget drops it)
+                self._wire[wire] = rid
             w = self.workers[k]
             w.outstanding[rid] = len(t.prompt) + len(t.generated)
             w.adds_sent += 1
-            return
+            return k
+        # none took it: it waits at the front for one to come back
         self._owner[rid] = PARKED
         self._parked.add(rid)
         if self._parked_since is None:
             self._parked_since = time.monotonic()
+        return PARKED
 
     def _wire_id(self, rid: str) -> str:
         """The id a request has on its attention worker: its own until it first moves, then a
@@ -772,27 +777,7 @@ class MultiProcessEngine:
             self._tracked[request_id] = Tracked(
                 request.prompt_token_ids, params, request.sampling_seed
             )
-            add = AddRequest(request_id, request.prompt_token_ids, params, request.sampling_seed)
-            while live:  # a worker that does not take it (dead, not yet noticed): the next one
-                k = self.router.choose(self._drained.among(live), request.prompt_token_ids)
-                try:
-                    control.send(self._controls[k], add, timeout_s=ADD_TIMEOUT_S)
-                except (TimeoutError, zmq.ZMQError) as exc:
-                    self.router.routed[k] -= 1
-                    live.remove(k)
-                    log.warning("attention worker %d does not take requests: %s", k, exc)
-                    continue
-                self._owner[request_id] = k
-                w = self.workers[k]
-                w.outstanding[request_id] = len(request.prompt_token_ids)
-                w.adds_sent += 1
-                return k
-            # none took it: it waits at the front for one to come back, as a moved request does
-            self._owner[request_id] = PARKED
-            self._parked.add(request_id)
-            if self._parked_since is None:
-                self._parked_since = time.monotonic()
-            return PARKED
+            return self._place(request_id)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its worker frees its KV blocks when it reads the abort. Thread-safe."""
