@@ -98,10 +98,12 @@ def run_worker_cmd(args: argparse.Namespace) -> int:
 
 
 def run_launch_cmd(args: argparse.Namespace) -> int:
+    import faulthandler
     import signal
     import threading
 
     from afdserve.errors import UserInputError
+    from afdserve.launch.multiproc import WorkerError
     from afdserve.llm_cli import engine_options, front_options
 
     opts = (
@@ -133,13 +135,20 @@ def run_launch_cmd(args: argparse.Namespace) -> int:
             for o in outs:
                 print(f"{o.prompt!r} -> {o.text!r}")
             return 0
+        # From the ready line on, Ctrl-C (SIGINT) and SIGTERM are a clean shutdown (exit 0),
+        # taken between steps: a KeyboardInterrupt raised inside a step could leave the
+        # front's bookkeeping half updated. The terminal's Ctrl-C reaches the workers too, so
+        # a worker found gone once a stop was asked for is that stop, not a failure.
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *a: stop.set())
-        try:  # from the ready line on, Ctrl-C is a clean shutdown (exit 0)
-            print(ready, flush=True)
-            while not stop.wait(1.0):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *a: stop.set())
+        faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints where a hung front is
+        print(ready, flush=True)
+        while not stop.wait(1.0):
+            try:
                 llm.engine.step(0)  # surfaces a dead worker as an error
-        except KeyboardInterrupt:
-            pass
+            except WorkerError:
+                if not stop.is_set():
+                    raise
         print("afdserve launch: shutting down", flush=True)
     return 0

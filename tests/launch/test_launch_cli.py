@@ -59,7 +59,14 @@ def test_ctrl_c_shuts_a_waiting_group_down_cleanly(tiny_model_dirs):
         first = p.stdout.readline()  # the ready line
         pids = _pids(first)
         os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to the foreground group
-        out, err = p.communicate(timeout=60)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGUSR1)  # the front prints its threads' stacks (faulthandler)
+            time.sleep(1.0)
+            p.kill()
+            _, err = p.communicate()
+            pytest.fail(f"the front did not shut down within 60 s after Ctrl-C:\n{err}")
     finally:
         if p.poll() is None:
             p.kill()
