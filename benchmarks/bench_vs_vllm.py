@@ -85,18 +85,15 @@ def run_afdserve(args, prompts, outs) -> dict:
         ffn_threads=args.threads,
         ffn_gather_wait_s=0.0,
     )
+    shm = dict(afd, transport="shm", worker_threads=attention_threads)
     engine = {
         "agg": dict(mode="aggregated", attention_workers=1, microbatches=1),
         "afd-local": afd,
-        "afd-shm": dict(afd, transport="shm", worker_threads=attention_threads),
+        "afd-shm": shm,
         # one attention worker and the FFN, each on its own share of the cores: no process
         # waits for a core, and M microbatches keep both sides busy
         "afd1-shm": dict(
-            afd,
-            attention_workers=1,
-            ffn_threads=max(1, args.threads - attention_threads),
-            transport="shm",
-            worker_threads=attention_threads,
+            shm, attention_workers=1, ffn_threads=max(1, args.threads - attention_threads)
         ),
     }[args.engine]
     torch.set_num_threads(args.threads if args.engine == "agg" else attention_threads)
