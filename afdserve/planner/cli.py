@@ -77,8 +77,12 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     )
     c.add_argument(
         "--comm-scales-with",
-        choices=("B", "rB"),
-        help="communication affine in B (each attention link; default) or in r*B (the FFN's link)",
+        choices=("B", "rB", "both"),
+        help=(
+            "communication affine in B (each attention link; the default for explicit "
+            "coefficients) or in r*B (the FFN's link); with --model also 'both' (the default: "
+            "each side's links priced, the busier one sets the pace at every r)"
+        ),
     )
     pr = p.add_argument_group("stage costs: measured profile")
     pr.add_argument("--profile", metavar="FILE", help="profile JSON written by `afdserve profile`")
@@ -324,6 +328,7 @@ def _workload_stats(args: argparse.Namespace) -> WorkloadStats:
 def _explicit_costs(args: argparse.Namespace) -> StageCosts:
     from afdserve.planner.costs import StageCosts
 
+    _single_link(args, "explicit coefficients")
     return StageCosts.explicit(
         args.alpha_a,
         args.beta_a,
@@ -341,10 +346,19 @@ def _profile_costs(args: argparse.Namespace) -> StageCosts:
 
     from afdserve.planner.costs import StageCosts
 
+    _single_link(args, "a profile")
     costs = StageCosts.from_profile(args.profile)
     if args.comm_scales_with:
         costs = dataclasses.replace(costs, comm_scales_with=args.comm_scales_with)
     return costs
+
+
+def _single_link(args: argparse.Namespace, source: str) -> None:
+    if args.comm_scales_with == "both":
+        raise UserInputError(
+            f"--comm-scales-with both prices each side's links from the roofline (--model); "
+            f"{source} give one link: B or rB"
+        )
 
 
 def _explicit_weights(args: argparse.Namespace) -> CostWeights:
@@ -400,7 +414,7 @@ def _roofline(
         kv_dtype=args.kv_dtype,
         link=args.link,
         link_bw=None if args.link_gbps is None else args.link_gbps * 1e9 / 8,
-        comm_scales_with=args.comm_scales_with or "B",
+        comm_scales_with=args.comm_scales_with or "both",
         efficiency=eff,
         expert_imbalance=args.expert_imbalance,
         redundant_experts=args.redundant_experts,

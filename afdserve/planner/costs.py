@@ -8,6 +8,10 @@ Every coefficient describes ONE transformer layer of ONE decode step (units: ms,
     t_comm(n)      = alpha_C * n + beta_C   n = tokens crossing the busiest link one way: B per
                                             attention instance (`comm_scales_with="B"`), or r * B
                                             into the FFN (`comm_scales_with="rB"`)
+    t_comm(B, r)   = max(alpha_C B + beta_C, alpha_CF r B + beta_CF)   (`comm_scales_with="both"`:
+                                            each side's links with their own coefficients, the
+                                            busier one setting the pace; what a search over r
+                                            needs, since the busier side changes with r)
 
 A roofline FFN (`Affine(combine="max")`) is t_ffn(n) = max(alpha_F * n, beta_F) instead: the
 larger of its compute and its weight streaming, which a GEMM overlaps; a measured profile keeps
@@ -35,7 +39,7 @@ from typing import Any
 
 from afdserve.errors import UserInputError
 
-COMM_SCALINGS: tuple[str, ...] = ("B", "rB")
+COMM_SCALINGS: tuple[str, ...] = ("B", "rB", "both")
 COMBINES: tuple[str, ...] = ("sum", "max")
 PROFILE_UNITS = "ms"
 
@@ -115,9 +119,12 @@ class StageCosts:
     ffn: Affine
     """Per FFN instance: alpha_F ms per token of the aggregated batch, beta_F ms."""
     comm: Affine
-    """alpha_C ms per token sent one way over the busiest link, beta_C ms (latency)."""
+    """alpha_C ms per token sent one way over the busiest link, beta_C ms (latency); with
+    `comm_scales_with="both"`, an attention instance's link (B tokens)."""
     comm_scales_with: str = "B"
-    """'B': each attention instance's own link carries B tokens; 'rB': the FFN's link carries r*B."""
+    """'B': each attention instance's own link carries B tokens; 'rB': the FFN's link carries r*B;
+    'both': `comm` prices the attention side's link and `comm_ffn` the FFN side's, and a
+    transfer takes the longer of the two (one transfer runs at its slower end's rate)."""
     num_layers: int = 1
     """Layers per decode step; a step takes num_layers * tau."""
     source: str = "explicit"
@@ -126,6 +133,9 @@ class StageCosts:
     device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Extra top-level keys of a profile (kept for round trips; ignored by the planner)."""
+    comm_ffn: Affine | None = None
+    """With `comm_scales_with="both"` (and only then): the FFN side's link, alpha ms per token of
+    the r*B it receives one way, beta ms."""
 
     def __post_init__(self) -> None:
         for name in ("attention", "ffn", "comm"):
@@ -135,6 +145,16 @@ class StageCosts:
             raise UserInputError(
                 f"comm_scales_with must be one of {', '.join(COMM_SCALINGS)}, "
                 f"got {self.comm_scales_with!r}"
+            )
+        both = self.comm_scales_with == "both"
+        if both and not isinstance(self.comm_ffn, Affine):
+            raise UserInputError(
+                "comm_scales_with 'both' needs the FFN link's costs (comm_ffn: alpha, beta)"
+            )
+        if not both and self.comm_ffn is not None:
+            raise UserInputError(
+                f"comm_ffn prices the FFN's link of comm_scales_with 'both', not "
+                f"{self.comm_scales_with!r}"
             )
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int):
             raise UserInputError(f"num_layers must be an integer, got {self.num_layers!r}")
@@ -152,15 +172,34 @@ class StageCosts:
         return self.ffn(tokens)
 
     def t_comm(self, tokens: float) -> float:
-        """Time to move `tokens` hidden states one way over the link (see `comm_tokens`)."""
+        """Time to move `tokens` hidden states one way over the `comm` link (see `t_comm_for`)."""
         return self.comm(tokens)
 
-    def comm_tokens(self, batch: float, r: float) -> float:
-        """Tokens on the busiest link per layer: B, or r*B when the FFN's link is the bottleneck."""
-        return batch * r if self.comm_scales_with == "rB" else batch
-
     def t_comm_for(self, batch: float, r: float) -> float:
-        return self.t_comm(self.comm_tokens(batch, r))
+        """One-way transfer time of B tokens from each of r attention instances to the FFN: B
+        on each attention link, r*B on the FFN's ('both' takes the slower of the two)."""
+        if self.comm_scales_with == "both":
+            assert self.comm_ffn is not None
+            return max(self.comm(batch), self.comm_ffn(batch * r))
+        return self.comm(batch * r if self.comm_scales_with == "rB" else batch)
+
+    def at_ratio(self, r: int) -> StageCosts:
+        """These costs for a bundle of exactly r attention instances, with one link ('B' or
+        'rB') in place of 'both': what the simulator, whose r is fixed, takes. Exact when the two
+        links have the same fixed cost (the roofline's: one latency): then the busier link is
+        the same at every batch, the one with the larger per-token time at this r."""
+        if self.comm_scales_with != "both":
+            return self
+        assert self.comm_ffn is not None
+        a, f = self.comm, self.comm_ffn
+        if a.beta + a.fixed != f.beta + f.fixed:
+            raise UserInputError(
+                "comm_scales_with 'both' with different fixed costs on the two links has no "
+                "single-link equivalent; give comm_scales_with 'B' or 'rB'"
+            )
+        if r * f.alpha > a.alpha:
+            return dataclasses.replace(self, comm=f, comm_scales_with="rB", comm_ffn=None)
+        return dataclasses.replace(self, comm_scales_with="B", comm_ffn=None)
 
     def per_layer_loads(self, microbatches: int) -> StageCosts:
         """The coefficients of one layer's total load when it runs as M microbatches.
@@ -181,6 +220,7 @@ class StageCosts:
             attention=_times_m(self.attention, m),
             ffn=_times_m(self.ffn, m),
             comm=_times_m(self.comm, m),
+            comm_ffn=None if self.comm_ffn is None else _times_m(self.comm_ffn, m),
         )
 
     # ---- constructors ----------------------------------------------------------------------
@@ -234,28 +274,16 @@ class StageCosts:
         units = data.get("units", PROFILE_UNITS)
         if units != PROFILE_UNITS:
             raise UserInputError(f"{origin}: units must be {PROFILE_UNITS!r}, got {units!r}")
-        stages: dict[str, Affine] = {}
-        for stage in ("attention", "ffn", "comm"):
-            entry = data.get(stage)
-            if not isinstance(entry, dict):
-                raise UserInputError(f"{origin}: missing object {stage!r} with alpha and beta")
-            for key in ("alpha", "beta"):
-                if key not in entry:
-                    raise UserInputError(f"{origin}: {stage}.{key} is missing")
-            try:
-                stages[stage] = Affine(
-                    alpha=entry["alpha"],
-                    beta=entry["beta"],
-                    r2=entry.get("r2"),
-                    max_rel_err=entry.get("max_rel_err"),
-                    combine=entry.get("combine", "sum"),
-                    fixed=entry.get("fixed", 0.0),
-                )
-            except UserInputError as exc:
-                raise UserInputError(f"{origin}: {stage}: {exc}") from None
+        stages = {
+            stage: _stage_affine(data, stage, origin) for stage in ("attention", "ffn", "comm")
+        }
+        comm_ffn = _stage_affine(data, "comm_ffn", origin) if "comm_ffn" in data else None
         comm_entry = data["comm"]
         num_layers = data.get("num_layers", 1)
-        known = {"source", "model", "device", "units", "attention", "ffn", "comm", "num_layers"}
+        known = {
+            *("source", "model", "device", "units", "num_layers"),
+            *("attention", "ffn", "comm", "comm_ffn"),
+        }
         try:
             return cls(
                 attention=stages["attention"],
@@ -267,6 +295,7 @@ class StageCosts:
                 model=_opt_str(data.get("model")),
                 device=_opt_str(data.get("device")),
                 extra={k: v for k, v in data.items() if k not in known},
+                comm_ffn=comm_ffn,
             )
         except UserInputError as exc:
             raise UserInputError(f"{origin}: {exc}") from None
@@ -284,8 +313,30 @@ class StageCosts:
             "attention": self.attention.to_dict(),
             "ffn": self.ffn.to_dict(),
             "comm": comm,
+            **({} if self.comm_ffn is None else {"comm_ffn": self.comm_ffn.to_dict()}),
             **self.extra,
         }
+
+
+def _stage_affine(data: dict[str, Any], stage: str, origin: str) -> Affine:
+    """One stage's {alpha, beta, ...} object of a profile."""
+    entry = data.get(stage)
+    if not isinstance(entry, dict):
+        raise UserInputError(f"{origin}: missing object {stage!r} with alpha and beta")
+    for key in ("alpha", "beta"):
+        if key not in entry:
+            raise UserInputError(f"{origin}: {stage}.{key} is missing")
+    try:
+        return Affine(
+            alpha=entry["alpha"],
+            beta=entry["beta"],
+            r2=entry.get("r2"),
+            max_rel_err=entry.get("max_rel_err"),
+            combine=entry.get("combine", "sum"),
+            fixed=entry.get("fixed", 0.0),
+        )
+    except UserInputError as exc:
+        raise UserInputError(f"{origin}: {stage}: {exc}") from None
 
 
 def _times_m(a: Affine, m: int) -> Affine:

@@ -238,20 +238,26 @@ def plan(
 
     feasible = [row for row in table if row.feasible]
     free_row = table[r_int_free - 1] if r_int_free <= r_max else make_row(r_int_free, False)
-    if free_row.feasible:
-        r_int: int | None = r_int_free
-        if r_int_free > r_max:
-            notes.append(f"r = {r_int_free} lies beyond the table (r_max = {r_max})")
-    elif feasible:
+    if free_row.feasible and r_int_free > r_max:
+        feasible.append(free_row)
+        notes.append(f"r = {r_int_free} lies beyond the table (r_max = {r_max})")
+    r_int: int | None = None
+    if feasible:
+        # the table, not the closed form, decides: with microbatches a layer also waits for
+        # one microbatch's round trip, which the closed form's per-layer loads leave out
         r_int = max(feasible, key=lambda row: row.throughput_per_cost).r
-        why = "is beyond r_max" if r_int_free > r_max else "breaks the TPOT SLO or memory"
-        notes.append(f"r = {r_int_free} {why}; best feasible r in the table = {r_int}")
-    else:
-        r_int = None
-        if tpot_slo_ms is not None and not table[0].tpot_ok:
+        if r_int != r_int_free and free_row.feasible:
             notes.append(
-                f"no ratio meets the TPOT SLO: even r = 1 takes {table[0].step_ms:.3g} ms a step"
+                f"the closed form's r = {r_int_free} leaves out one microbatch's A -> F -> A "
+                f"round trip, which bounds the cycle; best r in the table = {r_int}"
             )
+        elif r_int != r_int_free:
+            why = "is beyond r_max" if r_int_free > r_max else "breaks the TPOT SLO or memory"
+            notes.append(f"r = {r_int_free} {why}; best feasible r in the table = {r_int}")
+    elif tpot_slo_ms is not None and not table[0].tpot_ok:
+        notes.append(
+            f"no ratio meets the TPOT SLO: even r = 1 takes {table[0].step_ms:.3g} ms a step"
+        )
 
     r_int_barrier = None
     if sigma2 is not None:

@@ -15,8 +15,9 @@ r_peak = sqrt(c_F * b / (c_A * a)). Hence
     r_A = (tA - beta_F) / (alpha_F B),  r_C = (tC - beta_F) / (alpha_F B),  r* = max(r_A, r_C, r_peak)
 
 and, the objective being unimodal in r, the best integer is floor(r*) or ceil(r*) (at least 1).
-When communication scales with r*B (the FFN's link is the bottleneck) tC grows with r as well
-and r* is found by `continuous_optimum`, which maximises over the breakpoints of tau and each
+When communication scales with r*B (the FFN's link is the bottleneck), or with both (each
+side's link priced on its own, tC = max(alpha_C B + beta_C, alpha_CF r B + beta_CF)), tC grows
+with r as well and r* is found by `continuous_optimum`, which maximises over the breakpoints of tau and each
 segment's stationary point (and reduces to the formula above in the B case).
 
 A roofline FFN, tF(r) = max(alpha_F r B, beta_F) (`Affine.combine == "max"`), is a line through
@@ -141,9 +142,11 @@ def closed_form(
         r_c = (t_c - intercept) / a
         r_star = max(r_a, r_c, (floor - intercept) / a, peak)
     else:
-        # communication grows with r: r_C is where it catches up with attention
-        a_c = costs.comm.alpha * batch
-        r_c = (t_a - costs.comm.beta) / a_c if a_c > 0 else -math.inf
+        # the FFN's link grows with r: r_C is where it catches up with attention
+        link = costs.comm_ffn if costs.comm_scales_with == "both" else costs.comm
+        assert link is not None
+        a_c = link.alpha * batch
+        r_c = (t_a - link.beta - link.fixed) / a_c if a_c > 0 else -math.inf
         r_star = continuous_optimum(costs, batch, theta, weights)
     return ClosedForm(r_a=r_a, r_c=r_c, r_peak=peak, r_star=r_star)
 
@@ -162,9 +165,11 @@ def continuous_optimum(
     flat = max(costs.t_attention(batch * theta), floor)
     lines = [(slope * batch, intercept)]
     if costs.comm_scales_with == "rB":
-        lines.append((costs.comm.alpha * batch, costs.comm.beta))
+        lines.append((costs.comm.alpha * batch, costs.comm.beta + costs.comm.fixed))
     else:
         flat = max(flat, costs.t_comm(batch))
+    if costs.comm_ffn is not None:  # 'both': the attention link is flat in r, the FFN's a line
+        lines.append((costs.comm_ffn.alpha * batch, costs.comm_ffn.beta + costs.comm_ffn.fixed))
 
     def tau(r: float) -> float:
         return max(flat, *(a * r + b for a, b in lines))

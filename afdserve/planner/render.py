@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from afdserve.planner.costs import StageCosts
     from afdserve.planner.plan import PlanResult
     from afdserve.planner.stats import WorkloadStats
 
@@ -67,7 +68,7 @@ def render_plan(result: PlanResult, extra: dict[str, Any]) -> str:
             if c.ffn.combine == "max"
             else f"FFN {fmt(c.ffn.alpha)}*n + {fmt(c.ffn.beta)}, "
         )
-        + f"comm {fmt(c.comm.alpha)}*{c.comm_scales_with} + {fmt(c.comm.beta)}"
+        + _comm_text(c)
     )
     lines.append(
         f"B = {result.batch}: r_A = {fmt(result.r_a)}, r_C = {fmt(result.r_c)}, "
@@ -191,3 +192,13 @@ def render_workload(rows: Sequence[WorkloadStats]) -> str:
         "theta = sum(D*P + D*(D-1)/2) / sum(D): context tokens per decode slot, step-weighted"
     )
     return "\n".join(lines)
+
+
+def _comm_text(c: StageCosts) -> str:
+    """The communication term as the plan prints it."""
+    if c.comm_ffn is None:
+        return f"comm {fmt(c.comm.alpha)}*{c.comm_scales_with} + {fmt(c.comm.beta)}"
+    a, f = c.comm, c.comm_ffn
+    if a.beta == f.beta:
+        return f"comm max({fmt(a.alpha)}*B, {fmt(f.alpha)}*rB) + {fmt(a.beta)}"
+    return f"comm max({fmt(a.alpha)}*B + {fmt(a.beta)}, {fmt(f.alpha)}*rB + {fmt(f.beta)})"

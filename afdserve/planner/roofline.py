@@ -11,6 +11,8 @@ M = g * memory bandwidth * eff_memory_bw, N = g * link bandwidth * eff_link:
     t_F(n)  = max(alpha_F * n, beta_F) + K_F * gemm_latency               (a roofline, combine="max")
     alpha_C = hidden * act_bytes * fanout / N                             per token, one way
     beta_C  = link latency
+    t_C     = max(alpha_C(gA) * B, alpha_C(gF) * r * B) + beta_C   (`comm_scales_with="both"`:
+              B tokens over an attention instance's gA links, r * B over the FFN's gF)
 
 MoE over gF FFN devices (expert parallelism, afdserve.planner.expert_parallel): `fanout` is the
 expected number of distinct FFN devices a token's top-k experts reach (1 for dense models);
@@ -35,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from afdserve.errors import UserInputError
-from afdserve.planner.costs import Affine, StageCosts
+from afdserve.planner.costs import COMM_SCALINGS, Affine, StageCosts
 from afdserve.planner.expert_parallel import check_ep, check_redundant_slots, expected_fanout
 from afdserve.planner.hardware_catalog import Hardware
 from afdserve.planner.model_catalog import DTYPE_BYTES, ModelSpec
@@ -102,6 +104,9 @@ class RooflineSetup:
     link_bw: float | None = None
     """Override of the per-device, per-direction link bandwidth in bytes/s."""
     comm_scales_with: str = "B"
+    """Which side's links the transfer is charged on: 'B' (each attention instance's gA
+    devices), 'rB' (the FFN's gF devices) or 'both' (each priced, the busier sets the pace:
+    what `afdserve plan` uses, since which side is busier depends on r; see `busiest_side`)."""
     efficiency: Efficiency = field(default_factory=Efficiency)
     expert_imbalance: float = 1.0
     """MoE only: max/mean routed (token, expert) load over the FFN devices (1 = balanced); the
@@ -126,6 +131,11 @@ class RooflineSetup:
             raise UserInputError(f"link must be 'scale-up' or 'scale-out', got {self.link!r}")
         if self.link_bw is not None and not (math.isfinite(self.link_bw) and self.link_bw > 0):
             raise UserInputError(f"link bandwidth must be > 0, got {self.link_bw!r}")
+        if self.comm_scales_with not in COMM_SCALINGS:
+            raise UserInputError(
+                f"comm_scales_with must be one of {', '.join(COMM_SCALINGS)}, "
+                f"got {self.comm_scales_with!r}"
+            )
         check_ep(self.expert_imbalance, self.redundant_experts)
 
 
@@ -221,22 +231,31 @@ def roofline_costs(
             "static placement)"
         )
     bytes_tok = model.hidden_size * act_bytes * fanout
-    side_hw, side_g = (attention_hw, gA) if setup.comm_scales_with == "B" else (ffn_hw, gF)
-    per_dev = setup.link_bw if setup.link_bw is not None else side_hw.link_bw(setup.link)
-    if per_dev is None:
-        raise UserInputError(
-            f"hardware {side_hw.name} has no {setup.link} bandwidth in the catalog; "
-            "give one with --link-gbps"
-        )
-    link = side_g * per_dev * eff.link
-    alpha_c = bytes_tok / link * MS
-    beta_c = eff.link_latency_ms
 
+    def alpha_c_on(hw: Hardware, devices: int) -> tuple[float, float]:
+        """(ms per token one way, link bytes/s) over one side's `devices` links."""
+        per_dev = setup.link_bw if setup.link_bw is not None else hw.link_bw(setup.link)
+        if per_dev is None:
+            raise UserInputError(
+                f"hardware {hw.name} has no {setup.link} bandwidth in the catalog; "
+                "give one with --link-gbps"
+            )
+        bw = devices * per_dev * eff.link
+        return bytes_tok / bw * MS, bw
+
+    beta_c = eff.link_latency_ms
+    scales = setup.comm_scales_with
+    alpha_c, link = alpha_c_on(*((attention_hw, gA) if scales != "rB" else (ffn_hw, gF)))
+    comm_ffn = None
+    if scales == "both":
+        alpha_cf, link_ffn = alpha_c_on(ffn_hw, gF)
+        comm_ffn = Affine(alpha_cf, beta_c)
     costs = StageCosts(
         attention=Affine(alpha_a, beta_a),
         ffn=Affine(alpha_f, beta_f, combine="max", fixed=fixed_f),
         comm=Affine(alpha_c, beta_c),
-        comm_scales_with=setup.comm_scales_with,
+        comm_scales_with=scales,
+        comm_ffn=comm_ffn,
         num_layers=L,
         source="roofline",
         model=model.name,
@@ -272,6 +291,8 @@ def roofline_costs(
         "comm_fanout": float(fanout),
         "link_bytes_per_s": link,
     }
+    if comm_ffn is not None:
+        terms["ffn_link_bytes_per_s"] = link_ffn
     return RooflineDerivation(costs=costs, terms=terms, notes=tuple(notes))
 
 

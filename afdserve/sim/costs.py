@@ -74,6 +74,11 @@ class SimCosts:
     def __post_init__(self) -> None:
         if not isinstance(self.stages, StageCosts):
             raise UserInputError(f"stages must be a StageCosts, got {self.stages!r}")
+        if self.stages.comm_scales_with == "both":
+            raise UserInputError(
+                "the simulator times one bundle of a fixed ratio on one link: give costs with "
+                "comm_scales_with 'B' or 'rB' (StageCosts.at_ratio(r) picks the busier one)"
+            )
         for f in dataclasses.fields(self):
             if f.name == "stages":
                 continue

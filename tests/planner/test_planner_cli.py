@@ -131,6 +131,7 @@ def test_workload_command(capsys) -> None:
         (["plan", *ISSUE, "--theta", "1", "--attention-price", "2"], "go together"),
         (["plan", *ISSUE, "--theta", "1", "--hw", "h100"], "--hw only applies with --model"),
         (["plan", *ISSUE, "--theta", "1", "--r-max", "0"], "--r-max must be >= 1"),
+        (["plan", *ISSUE, "--theta", "1", "--comm-scales-with", "both"], "give one link"),
         (
             ["plan", "--profile", "/nonexistent.json", "--batch", "4", "--theta", "1"],
             "cannot read profile",

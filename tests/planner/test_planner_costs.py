@@ -26,9 +26,9 @@ def test_stage_times_are_affine() -> None:
     assert c.t_attention(64 * 2000) == pytest.approx(7.0)
     assert c.t_ffn(128) == pytest.approx(3.56)
     assert c.t_comm(64) == pytest.approx(0.52)
-    assert c.comm_tokens(64, 3) == 64 and c.t_comm_for(64, 3) == pytest.approx(0.52)
+    assert c.t_comm_for(64, 3) == pytest.approx(0.52)
     rb = StageCosts.explicit(5e-5, 0.6, 0.02, 1.0, 0.005, 0.2, comm_scales_with="rB")
-    assert rb.comm_tokens(64, 3) == 192 and rb.t_comm_for(64, 3) == pytest.approx(1.16)
+    assert rb.t_comm_for(64, 3) == pytest.approx(1.16)
 
 
 def test_profile_round_trip(tmp_path) -> None:
@@ -117,3 +117,54 @@ def test_roofline_combine_is_a_max_and_round_trips() -> None:
     assert StageCosts.from_profile_dict(with_fixed.to_profile_dict()) == with_fixed
     with pytest.raises(UserInputError, match="fixed"):
         Affine(0.01, 1.0, fixed=-1.0)
+
+
+def _both(beta_ffn: float = 0.2) -> StageCosts:
+    return StageCosts(
+        attention=Affine(5e-5, 0.6),
+        ffn=Affine(0.02, 1.0),
+        comm=Affine(0.005, 0.2),
+        comm_ffn=Affine(0.002, beta_ffn),
+        comm_scales_with="both",
+    )
+
+
+def test_both_links_take_the_slower_and_collapse_to_the_busier_at_a_ratio() -> None:
+    """'both': B tokens over an attention instance's link, r*B over the FFN's; one transfer
+    runs at its slower end's rate. At a fixed r the busier link is the same at every batch
+    when the fixed costs are equal, so `at_ratio` collapses it exactly."""
+    c = _both()
+    assert c.t_comm_for(64, 2) == pytest.approx(max(0.005 * 64, 0.002 * 128) + 0.2)
+    assert c.t_comm_for(64, 3) == pytest.approx(0.002 * 192 + 0.2)  # the FFN's link binds
+    for r in (1, 2, 3, 10):
+        one = c.at_ratio(r)
+        assert one.comm_scales_with == ("rB" if r * 0.002 > 0.005 else "B")
+        assert one.comm_ffn is None
+        for batch in (1, 7, 64, 500):
+            assert one.t_comm_for(batch, r) == pytest.approx(c.t_comm_for(batch, r))
+    with pytest.raises(UserInputError, match="no single-link equivalent"):
+        _both(beta_ffn=0.3).at_ratio(2)
+    assert StageCosts.explicit(1e-5, 0.1, 0.01, 1.0).at_ratio(5).comm_scales_with == "B"
+
+
+def test_both_links_round_trip_validate_and_pay_m_latencies() -> None:
+    c = _both()
+    d = json.loads(json.dumps(c.to_profile_dict()))
+    assert d["comm"]["scales_with"] == "both" and d["comm_ffn"] == {"alpha": 0.002, "beta": 0.2}
+    back = StageCosts.from_profile_dict(d)
+    assert back == c and "comm_ffn" not in back.extra
+    assert c.per_layer_loads(3).comm_ffn.beta == pytest.approx(0.6)
+    with pytest.raises(UserInputError, match="needs the FFN link"):
+        StageCosts(attention=c.attention, ffn=c.ffn, comm=c.comm, comm_scales_with="both")
+    with pytest.raises(UserInputError, match="comm_ffn prices the FFN's link"):
+        StageCosts(attention=c.attention, ffn=c.ffn, comm=c.comm, comm_ffn=c.comm)
+    with pytest.raises(UserInputError, match="comm_ffn.alpha is missing"):
+        StageCosts.from_profile_dict({**d, "comm_ffn": {"beta": 0.1}})
+
+
+def test_the_simulator_takes_one_link() -> None:
+    from afdserve.sim.costs import SimCosts
+
+    with pytest.raises(UserInputError, match="at_ratio"):
+        SimCosts(_both())
+    assert SimCosts(_both().at_ratio(4)).stages.comm_scales_with == "rB"

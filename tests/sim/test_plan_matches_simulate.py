@@ -66,3 +66,40 @@ def test_microbatches_must_be_positive() -> None:
 
     with pytest.raises(UserInputError):
         plan(_case(), 64, WorkloadStats(THETA), microbatches=0)
+
+
+@pytest.mark.parametrize("r", [1, 2, 8, 23, 30])
+def test_plan_prices_each_sides_link_at_every_ratio(r: int) -> None:
+    """`afdserve plan` searches r with one set of costs, so it prices both links ('both'): B
+    tokens over an attention instance's 8 devices, r * B over the FFN's 8. At every r its cycle
+    is the simulator's with that r's busier link (`at_ratio`, what `simulate` derives), including
+    where the FFN's link sets the pace (r > 23 here)."""
+    costs = _case("both")
+    row = plan(costs, 64, WorkloadStats(THETA), microbatches=2, r_max=30).row(r)
+    single = costs.at_ratio(r)
+    assert single.comm_scales_with == ("B" if r == 1 else "rB")
+    assert row.step_ms == pytest.approx(
+        plan(single, 64, WorkloadStats(THETA), microbatches=2, r_max=30).row(r).step_ms
+    )
+    sim = _sim_step_ms(single, r, 64, 2)
+    assert row.step_ms <= sim + 1e-9
+    assert sim == pytest.approx(row.step_ms, rel=0.02)
+
+
+def test_the_ffn_link_bounds_the_planned_ratio() -> None:
+    """Charging only an attention instance's link (B tokens, the CLI's default before issue 18's
+    fix) never lets the FFN's link bind, so the planner kept adding attention instances until
+    the FFN's compute caught up: r = 98 for this bundle. With both links priced, the r * B tokens
+    over the FFN's 8 NICs lengthen every microbatch's round trip, and the planner's best r is
+    the one where the simulator's throughput per instance peaks (9, below the closed form's 23,
+    which leaves the round trip out)."""
+    attention_only = plan(_case("B"), 64, WorkloadStats(THETA), microbatches=2)
+    both = plan(_case("both"), 64, WorkloadStats(THETA), microbatches=2, r_max=60)
+    assert attention_only.r_int > 90
+
+    def sim_per_instance(r: int) -> float:
+        return r * 64 / ((r + 1) * _sim_step_ms(_case("both").at_ratio(r), r, 64, 2))
+
+    assert both.r_int == max(range(1, 61), key=sim_per_instance) < 20
+    assert both.r_int < both.r_int_unconstrained
+    assert any("round trip" in n for n in both.notes)
