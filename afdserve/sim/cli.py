@@ -158,7 +158,8 @@ def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--kv-dtype",
         choices=("bf16", "fp16", "fp8", "int8", "fp32"),
-        help="with --ratio and --model: KV-cache dtype (default bf16; printed)",
+        help="KV-cache dtype (default bf16): of the bundle with --ratio and --model (printed "
+        "when not given), of every instance in the search",
     )
     p.add_argument(
         "--link",
@@ -207,7 +208,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise UserInputError(
             "--profile goes with --ratio (the search derives costs per device count)"
         )
-    for flag in ("attention_devices", "ffn_devices", "kv_dtype", "link"):
+    for flag in ("attention_devices", "ffn_devices", "link"):
         if getattr(args, flag) is not None:
             raise UserInputError(
                 f"--{flag.replace('_', '-')} goes with --ratio (the search sizes every instance)"
@@ -253,6 +254,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             redundant_experts=args.redundant_experts,
             weight_dtype=args.weight_dtype,
             prefix_hit_rate=args.prefix_hit_rate,
+            kv_dtype=args.kv_dtype or "bf16",
         )
     finally:
         for b in bars.values():

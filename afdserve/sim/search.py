@@ -183,10 +183,12 @@ def search(
     redundant_experts: int = 0,
     weight_dtype: str | None = None,
     prefix_hit_rate: str | float | None = None,
+    kv_dtype: str = "bf16",
 ) -> SearchResult:
     """`expert_imbalance` and `redundant_experts` (MoE models): the roofline's expert-parallel
     inputs (`RooflineSetup`) for every instance that holds experts; instances whose devices
-    cannot hold E + R expert slots are not candidates."""
+    cannot hold E + R expert slots are not candidates. `kv_dtype`: the KV cache's dtype in every
+    instance (its bytes per token size the slots, the attention's reads and the KV hand-off)."""
     from afdserve.planner import load_hardware, load_model, load_trace, stats_from_trace
     from afdserve.planner.expert_parallel import check_expert_imbalance, check_redundant_experts
 
@@ -220,8 +222,12 @@ def search(
             f"{redundant_experts} redundant experts per MoE layer in every instance holding "
             "experts (weights held and streamed)"
         )
-    ep = dict(expert_imbalance=expert_imbalance, redundant_experts=redundant_experts)
-    cands = _candidates(spec, hw, devices, stats.theta, space, notes, ep)
+    if kv_dtype != "bf16":
+        notes.append(f"KV cache {kv_dtype} in every instance")
+    setup_kw = dict(
+        expert_imbalance=expert_imbalance, redundant_experts=redundant_experts, kv_dtype=kv_dtype
+    )
+    cands = _candidates(spec, hw, devices, stats.theta, space, notes, setup_kw)
     if not cands:
         raise UserInputError(
             f"{spec.name} does not fit on {devices} x {hw.name} in any configuration "
@@ -273,13 +279,13 @@ def _candidates(
     theta: float,
     space: SearchSpace,
     notes: list[str],
-    ep: dict[str, Any] | None = None,
+    setup_kw: dict[str, Any] | None = None,
 ) -> list[Candidate]:
     from afdserve.planner import RooflineSetup
     from afdserve.planner.expert_parallel import redundant_slots_fit
     from afdserve.planner.roofline import DEVICE_COUNTS, busiest_side, memory_model
 
-    ep = ep or {}
+    ep = setup_kw or {}  # RooflineSetup fields every instance shares (expert parallelism, KV dtype)
     mem = memory_model(spec, hw, hw, RooflineSetup(batch=1, **ep))
     usable = 0.9
     per_dev = hw.memory_bytes * usable

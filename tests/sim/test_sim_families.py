@@ -84,3 +84,27 @@ def test_the_search_has_the_afd_plus_prefill_family() -> None:
         assert c.devices == p["prefill_instances"] * p["prefill_devices"] + p["bundles"] * bundle
         assert c.devices <= 8 and p["prefill_instances"] >= 1 and p["bundles"] >= 1
         assert c.decode_costs is not None and c.decode_costs.kv_transfer_ms_per_token > 0
+
+
+def test_the_search_sizes_every_instance_with_the_kv_dtype() -> None:
+    """FP8 KV halves the bytes a slot's context holds, so the same devices hold about twice
+    the KV tokens, the attention reads half the bytes per context token, and a prefill
+    instance hands off half the bytes."""
+    spec, h100 = load_model("qwen3-30b-a3b"), load_hardware("h100")
+    space = SearchSpace(ratios=(1,), batches=(32,), microbatches=(2,))
+
+    def by_key(kv: str) -> dict:
+        cands = _candidates(spec, h100, 8, 1000.0, space, [], {"kv_dtype": kv})
+        return {(c.family, repr(sorted(c.params.items()))): c for c in cands}
+
+    bf16, fp8 = by_key("bf16"), by_key("fp8")
+    assert bf16.keys() == fp8.keys()
+    for key, c in bf16.items():
+        other = fp8[key]
+        assert other.kv_capacity_tokens >= 2 * c.kv_capacity_tokens - 1
+        a, b = c.costs.stages.attention.alpha, other.costs.stages.attention.alpha
+        assert b == pytest.approx(a / 2)
+        if c.family == "afd+prefill":
+            assert other.decode_costs.kv_transfer_ms_per_token == pytest.approx(
+                c.decode_costs.kv_transfer_ms_per_token / 2
+            )
