@@ -333,14 +333,10 @@ def validate_fastafd(
 
 
 def aiconfigurator_note() -> str:
-    """aiconfigurator's AFD estimate is an optional extra: say whether it could be compared."""
-    try:
-        import aiconfigurator  # noqa: F401
-    except ImportError:
-        return "aiconfigurator not installed: its AFD estimate is skipped"
+    """aiconfigurator's AFD estimate is a benchmark peer in its own venv, never imported here."""
     return (
-        "aiconfigurator is installed, but no comparison with it is wired up yet (issue 18 quotes "
-        "its 0.12.0 AFD estimate: 44.9 ms, 1,425 tok/s/GPU for Qwen3-235B-FP8 on 8+8 H100)"
+        "aiconfigurator's AFD estimate: `python benchmarks/bench_vs_aiconfigurator.py` runs it "
+        "(its own venv, --install-aiconfigurator) beside this simulator, point by point"
     )
 
 

@@ -1,0 +1,168 @@
+"""AFD decode step against aiconfigurator's AFD estimate, side by side in one run (issue 18).
+
+    python benchmarks/bench_vs_aiconfigurator.py --install-aiconfigurator   # once: its venv
+    python benchmarks/bench_vs_aiconfigurator.py [--json]
+
+aiconfigurator (NVIDIA Dynamo's deployment estimator, 0.12.0 on PyPI, Apache-2.0) is a benchmark
+peer, never a dependency: it lives in its own venv (`--aic-venv`, default .bench/aic-venv) and
+runs as a subprocess, `aiconfigurator cli estimate --estimate-mode afd` with the trtllm backend
+and its op-level perf database for the system. Skipped with one line where the venv is missing.
+
+Each point is one AFD decode deployment: `a_nodes` attention nodes of 8 GPUs, one attention
+worker (data-parallel, TP 1) per GPU with B slots, one FFN node of 8 GPUs (expert parallel
+8), M ping-pong microbatches, ISL 4000 / OSL 500. Ours is the same bundle in afdserve's roofline
+with the documented default efficiencies (`Efficiency()`, never tuned per case), FP8 weights,
+FP8 KV (what aiconfigurator infers for the FP8 checkpoint: its attention memory of 63.8 GB at
+B = 128 only fits with it), context ISL + OSL / 2 per slot (mean field), the link the
+deployment's size gives (the NICs between nodes), timed by the simulator's exact microbatch
+pipeline (`afdserve.sim.published.Bundle`). Printed: each side's step (TPOT) and throughput per
+GPU and the error (ours / theirs - 1), and both sides' per-layer, per-microbatch stage times
+(attention, FFN, one-way transfer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from afdserve.planner.hardware_catalog import load_hardware
+from afdserve.planner.model_catalog import load_model
+from afdserve.planner.ratio import stage_times
+from afdserve.sim.published import Bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+AIC_VERSION = "0.12.0"
+ISL, OSL = 4000, 500
+GPUS_PER_NODE = 8
+POINTS = [  # (attention nodes, slots per attention worker, microbatches)
+    (1, 32, 2),
+    (1, 64, 2),
+    (1, 128, 2),
+    (1, 128, 3),
+    (2, 64, 2),
+    (2, 128, 2),
+]
+FIELDS = {
+    "t_a_layer": r"T_a_layer:\s+([\d.]+) ms",
+    "t_f_layer": r"T_f_layer:\s+([\d.]+) ms",
+    "t_a2f_layer": r"T_a2f_layer:\s+([\d.]+) ms",
+    "tpot_ms": r"TPOT:\s+([\d.]+) ms",
+    "tps_per_gpu": r"tokens/s/gpu:\s+([\d,.]+)",
+    "a_memory_gb": r"\(a\) Memory:\s+([\d.]+) GB",
+}
+
+
+def install_aiconfigurator(venv: Path) -> None:
+    """aiconfigurator in its own venv, beside (never inside) afdserve's."""
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"aiconfigurator=={AIC_VERSION}"], check=True)
+
+
+def aic_estimate(venv: Path, a_nodes: int, batch: int, microbatches: int) -> dict[str, float]:
+    """aiconfigurator's AFD decode estimate of one point, parsed from its report."""
+    cmd = [str(venv / "bin" / "aiconfigurator"), "cli", "estimate"]
+    cmd += ["--model", "Qwen/Qwen3-235B-A22B-FP8", "--system", "h100_sxm"]
+    cmd += ["--backend", "trtllm", "--estimate-mode", "afd", "--no-afd-combined-with-pd"]
+    cmd += ["--isl", str(ISL), "--osl", str(OSL), "--n-a-nodes", str(a_nodes), "--n-f-nodes", "1"]
+    cmd += ["--f-moe-ep-size", str(GPUS_PER_NODE), "--a-batch-size", str(batch)]
+    cmd += ["--num-microbatches", str(microbatches), "--log-level", "ERROR"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    found = {k: re.search(p, out) for k, p in FIELDS.items()}
+    if proc.returncode != 0 or not all(found.values()):
+        tail = "\n".join(out.strip().splitlines()[-5:])
+        raise RuntimeError(f"aiconfigurator failed (rc {proc.returncode}):\n{tail}")
+    return {k: float(m.group(1).replace(",", "")) for k, m in found.items() if m}
+
+
+def ours(a_nodes: int, batch: int, microbatches: int) -> dict[str, float]:
+    bundle = Bundle(
+        model=load_model("qwen3-235b-a22b", "fp8"),
+        hardware=load_hardware("h100"),
+        ratio=a_nodes * GPUS_PER_NODE,
+        attention_devices=1,
+        ffn_devices=GPUS_PER_NODE,
+        batch=batch,
+        context=ISL + OSL / 2,
+        kv_dtype="fp8",
+        microbatches=microbatches,
+    )
+    step = bundle.sim_step_ms()
+    costs = bundle.costs()
+    slots = batch / microbatches  # per microbatch and worker
+    per_mb = stage_times(costs, batch, bundle.context, bundle.ratio, microbatches)
+    return {
+        "tpot_ms": step,
+        "tps_per_gpu": bundle.tps_per_gpu(step),
+        "t_a_layer": costs.t_attention(slots * bundle.context),
+        "t_f_layer": costs.t_ffn(bundle.ratio * slots),
+        "t_a2f_layer": costs.t_comm_for(slots, bundle.ratio),
+        "plan_step_ms": costs.num_layers * per_mb.cycle,
+        "fits": float(bundle.fits()),
+        "link": bundle.link,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--aic-venv", default=str(ROOT / ".bench" / "aic-venv"))
+    ap.add_argument("--install-aiconfigurator", action="store_true", help="create its venv, exit")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    venv = Path(args.aic_venv)
+    if args.install_aiconfigurator:
+        install_aiconfigurator(venv)
+        print(f"aiconfigurator {AIC_VERSION} installed in {venv}")
+        return 0
+    if not (venv / "bin" / "aiconfigurator").exists():
+        print(f"aiconfigurator: skipped, no venv at {venv} (--install-aiconfigurator)")
+        return 0
+    rows = []
+    for a_nodes, batch, m in POINTS:
+        rows.append(
+            {
+                "a_nodes": a_nodes,
+                "batch": batch,
+                "microbatches": m,
+                "aiconfigurator": aic_estimate(venv, a_nodes, batch, m),
+                "afdserve": ours(a_nodes, batch, m),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(
+        f"Qwen3-235B-A22B-FP8 AFD decode on H100, ISL {ISL} / OSL {OSL}, 8-GPU attention nodes "
+        f"(one worker per GPU) + one 8-GPU FFN node; aiconfigurator {AIC_VERSION} (trtllm) vs "
+        "afdserve (roofline, default efficiencies, simulator's pipeline)"
+    )
+    print(
+        "| A nodes | B/worker | M | TPOT ms: aic / ours (err) | tok/s/GPU: aic / ours (err) "
+        "| per-layer, per-microbatch A / F / A->F ms: aic | ours |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    errs = []
+    for r in rows:
+        a, o = r["aiconfigurator"], r["afdserve"]
+        e_t, e_s = o["tpot_ms"] / a["tpot_ms"] - 1, o["tps_per_gpu"] / a["tps_per_gpu"] - 1
+        errs.append(abs(e_s))
+        stages = "{t_a_layer:.3f} / {t_f_layer:.3f} / {t_a2f_layer:.3f}"
+        print(
+            f"| {r['a_nodes']} | {r['batch']} | {r['microbatches']} "
+            f"| {a['tpot_ms']:.1f} / {o['tpot_ms']:.1f} ({e_t:+.1%}) "
+            f"| {a['tps_per_gpu']:,.0f} / {o['tps_per_gpu']:,.0f} ({e_s:+.1%}) "
+            f"| {stages.format(**a)} | {stages.format(**o)} |"
+        )
+    print(f"median |error| of throughput per GPU: {statistics.median(errs):.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
