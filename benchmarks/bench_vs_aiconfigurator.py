@@ -18,6 +18,11 @@ deployment's size gives (the NICs between nodes), timed by the simulator's exact
 pipeline (`afdserve.sim.published.Bundle`). Printed: each side's step (TPOT) and throughput per
 GPU and the error (ours / theirs - 1), and both sides' per-layer, per-microbatch stage times
 (attention, FFN, one-way transfer).
+
+A second table puts aiconfigurator beside a measurement: five points of FastAFD's A:F sweep
+(Qwen3-235B-A22B-FP8 on GB200 NVL72, k attention trays of 4 one-worker GPUs, one 4-GPU FFN tray,
+b slots a worker, bf16 KV, 16 output tokens, 2 microbatches; `afdserve/sim/data/`), with
+aiconfigurator's `gb200` system and ours (`afdserve.sim.published.fastafd_bundle`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from pathlib import Path
 from afdserve.planner.hardware_catalog import load_hardware
 from afdserve.planner.model_catalog import load_model
 from afdserve.planner.ratio import stage_times
-from afdserve.sim.published import Bundle
+from afdserve.planner.roofline import Efficiency
+from afdserve.sim.published import Bundle, fastafd_bundle, load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 AIC_VERSION = "0.12.0"
@@ -47,6 +53,7 @@ POINTS = [  # (attention nodes, slots per attention worker, microbatches)
     (2, 64, 2),
     (2, 128, 2),
 ]
+FASTAFD_POINTS = [(16384, 4), (16384, 8), (16384, 14), (65536, 3), (65536, 14)]  # (ISL, k)
 FIELDS = {
     "t_a_layer": r"T_a_layer:\s+([\d.]+) ms",
     "t_f_layer": r"T_f_layer:\s+([\d.]+) ms",
@@ -65,14 +72,27 @@ def install_aiconfigurator(venv: Path) -> None:
     subprocess.run([*pip, f"aiconfigurator=={AIC_VERSION}"], check=True)
 
 
-def aic_estimate(venv: Path, a_nodes: int, batch: int, microbatches: int) -> dict[str, float]:
-    """aiconfigurator's AFD decode estimate of one point, parsed from its report."""
+def aic_estimate(
+    venv: Path,
+    a_nodes: int,
+    batch: int,
+    microbatches: int,
+    *,
+    system: str = "h100_sxm",
+    gpus_per_node: int = GPUS_PER_NODE,
+    isl: int = ISL,
+    osl: int = OSL,
+    kv: str | None = None,
+) -> dict[str, float]:
+    """aiconfigurator's AFD decode estimate of one point, parsed from its report (`kv`: its
+    --kvcache-quant-mode; None lets it infer one from the checkpoint)."""
     cmd = [str(venv / "bin" / "aiconfigurator"), "cli", "estimate"]
-    cmd += ["--model", "Qwen/Qwen3-235B-A22B-FP8", "--system", "h100_sxm"]
+    cmd += ["--model", "Qwen/Qwen3-235B-A22B-FP8", "--system", system]
     cmd += ["--backend", "trtllm", "--estimate-mode", "afd", "--no-afd-combined-with-pd"]
-    cmd += ["--isl", str(ISL), "--osl", str(OSL), "--n-a-nodes", str(a_nodes), "--n-f-nodes", "1"]
-    cmd += ["--f-moe-ep-size", str(GPUS_PER_NODE), "--a-batch-size", str(batch)]
+    cmd += ["--isl", str(isl), "--osl", str(osl), "--n-a-nodes", str(a_nodes), "--n-f-nodes", "1"]
+    cmd += ["--f-moe-ep-size", str(gpus_per_node), "--a-batch-size", str(batch)]
     cmd += ["--num-microbatches", str(microbatches), "--log-level", "ERROR"]
+    cmd += [] if kv is None else ["--kvcache-quant-mode", kv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     found = {k: re.search(p, out) for k, p in FIELDS.items()}
@@ -80,6 +100,38 @@ def aic_estimate(venv: Path, a_nodes: int, batch: int, microbatches: int) -> dic
         tail = "\n".join(out.strip().splitlines()[-5:])
         raise RuntimeError(f"aiconfigurator failed (rc {proc.returncode}):\n{tail}")
     return {k: float(m.group(1).replace(",", "")) for k, m in found.items() if m}
+
+
+def fastafd_rows(venv: Path) -> list[dict]:
+    """Measured (FastAFD), aiconfigurator and ours for a few points of the sweep."""
+    data = load_data("fastafd_ratio_sweep")
+    rows = []
+    for isl, k in FASTAFD_POINTS:
+        point = next(p for p in data["points"] if p["isl"] == isl and p["attention_trays"] == k)
+        bundle = fastafd_bundle(data, point, Efficiency())
+        gpn = int(data["gpus_per_tray"])
+        aic = aic_estimate(
+            venv,
+            k,
+            int(point["batch_per_worker"]),
+            int(data["microbatches"]),
+            system="gb200",
+            gpus_per_node=gpn,
+            isl=isl,
+            osl=16,
+            kv="bfloat16",
+        )
+        rows.append(
+            {
+                "isl": isl,
+                "attention_trays": k,
+                "batch": int(point["batch_per_worker"]),
+                "measured_step_ms": point["step_ms"],
+                "aiconfigurator": aic,
+                "afdserve_step_ms": bundle.sim_step_ms(),
+            }
+        )
+    return rows
 
 
 def ours(a_nodes: int, batch: int, microbatches: int) -> dict[str, float]:
@@ -135,8 +187,9 @@ def main() -> int:
                 "afdserve": ours(a_nodes, batch, m),
             }
         )
+    fast = fastafd_rows(venv)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"h100_afd": rows, "fastafd": fast}, indent=2))
         return 0
     print(
         f"Qwen3-235B-A22B-FP8 AFD decode on H100, ISL {ISL} / OSL {OSL}, 8-GPU attention nodes "
@@ -161,6 +214,23 @@ def main() -> int:
             f"| {stages.format(**a)} | {stages.format(**o)} |"
         )
     print(f"median |error| of throughput per GPU: {statistics.median(errs):.1%}")
+    print()
+    print(
+        "FastAFD measured (GB200 NVL72, 4-GPU trays, bf16 KV, M = 2) vs aiconfigurator "
+        "(gb200, trtllm) vs afdserve; error = predicted / measured - 1"
+    )
+    print(
+        "| ISL | k trays | b | measured step ms | aic step ms (err) | ours (err) | aic A / F per layer-mb |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in fast:
+        m, a = r["measured_step_ms"], r["aiconfigurator"]
+        print(
+            f"| {r['isl'] // 1024}K | {r['attention_trays']} | {r['batch']} | {m:.2f} "
+            f"| {a['tpot_ms']:.2f} ({a['tpot_ms'] / m - 1:+.1%}) "
+            f"| {r['afdserve_step_ms']:.2f} ({r['afdserve_step_ms'] / m - 1:+.1%}) "
+            f"| {a['t_a_layer']:.3f} / {a['t_f_layer']:.3f} |"
+        )
     return 0
 
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from afdserve.errors import UserInputError
-from afdserve.planner.costs import COMM_SCALINGS, Affine, StageCosts
+from afdserve.planner.costs import COMBINES, COMM_SCALINGS, Affine, StageCosts
 from afdserve.planner.expert_parallel import check_ep, check_redundant_slots, expected_fanout
 from afdserve.planner.hardware_catalog import Hardware
 from afdserve.planner.model_catalog import DTYPE_BYTES, ModelSpec
@@ -73,12 +73,25 @@ class Efficiency:
     it per GEMM kernel of a layer, per microbatch (`ffn_gemm_kernels`); with it,
     max(memory, compute) + 4 us is within a median 9.6% of all 28 shapes, against 18.4% without
     it and 18.5% for the sum of memory and compute time."""
+    moe_flops: float | None = None
+    """Fraction of peak FLOP/s the FFN of an MoE model reaches (None: `flops`). A sensitivity
+    knob, not a default: FastAFD's measured steps and aiconfigurator's MoE kernel database grow
+    about 3x faster per token than `flops` gives (docs/simulator.md section 5)."""
+    ffn_combine: str = "max"
+    """How the roofline FFN combines its compute and its weight streaming: 'max' (a GEMM overlaps
+    them; the default, from DeepGEMM's table above) or 'sum' (one after the other)."""
 
     def __post_init__(self) -> None:
-        for name in ("flops", "memory_bw", "link", "usable_memory"):
+        for name in ("flops", "memory_bw", "link", "usable_memory", "moe_flops"):
             v = getattr(self, name)
+            if name == "moe_flops" and v is None:
+                continue
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise UserInputError(f"efficiency {name} must be in (0, 1], got {v!r}")
+        if self.ffn_combine not in COMBINES:
+            raise UserInputError(
+                f"ffn_combine must be one of {', '.join(COMBINES)}, got {self.ffn_combine!r}"
+            )
         if not (math.isfinite(self.link_latency_ms) and self.link_latency_ms >= 0):
             raise UserInputError(f"link latency must be >= 0 ms, got {self.link_latency_ms!r}")
         g = self.gemm_latency_ms
@@ -187,7 +200,8 @@ def roofline_costs(
 
     fA = gA * attention_hw.flops(model.weight_dtype) * eff.flops
     mA = gA * attention_hw.memory_bw * eff.memory_bw
-    fF = gF * ffn_hw.flops(model.weight_dtype) * eff.flops
+    ffn_eff = eff.moe_flops if model.is_moe and eff.moe_flops is not None else eff.flops
+    fF = gF * ffn_hw.flops(model.weight_dtype) * ffn_eff
     mF = gF * ffn_hw.memory_bw * eff.memory_bw
     for hw in {attention_hw.name: attention_hw, ffn_hw.name: ffn_hw}.values():
         if model.weight_dtype == "fp8" and hw.fp8_flops is None:
@@ -252,7 +266,7 @@ def roofline_costs(
         comm_ffn = Affine(alpha_cf, beta_c)
     costs = StageCosts(
         attention=Affine(alpha_a, beta_a),
-        ffn=Affine(alpha_f, beta_f, combine="max", fixed=fixed_f),
+        ffn=Affine(alpha_f, beta_f, combine=eff.ffn_combine, fixed=fixed_f),
         comm=Affine(alpha_c, beta_c),
         comm_scales_with=scales,
         comm_ffn=comm_ffn,

@@ -575,7 +575,8 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Predict published AFD deployments with the catalogs and the documented default "
             "efficiencies and print predicted vs published with the error (data and sources in "
-            "afdserve/sim/data/). --flops-eff/--bw-eff/--link-eff/--gemm-latency-us show how "
+            "afdserve/sim/data/). --flops-eff/--bw-eff/--link-eff/--gemm-latency-us/--moe-flops-eff/"
+            "--ffn-combine show how "
             "sensitive the predictions are; the defaults are what the validation quotes."
         ),
     )
@@ -586,6 +587,16 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
         "--gemm-latency-us",
         type=float,
         help="fixed time per FFN GEMM kernel, microseconds (default 4; 0: the plain roofline max)",
+    )
+    pub.add_argument(
+        "--moe-flops-eff",
+        type=float,
+        help="fraction of peak FLOP/s of an MoE FFN (default: as dense)",
+    )
+    pub.add_argument(
+        "--ffn-combine",
+        choices=("max", "sum"),
+        help="roofline FFN: max (default) or sum of its compute and weight streaming",
     )
     pub.add_argument("--json", action="store_true")
     pub.set_defaults(func=run_validate_published, verb="sim-validate published")
@@ -615,6 +626,8 @@ def run_validate_published(args: argparse.Namespace) -> int:
                 "gemm_latency_ms",
                 None if args.gemm_latency_us is None else args.gemm_latency_us / 1e3,
             ),
+            ("moe_flops", args.moe_flops_eff),
+            ("ffn_combine", args.ffn_combine),
         )
         if v is not None
     }

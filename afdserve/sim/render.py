@@ -165,7 +165,9 @@ def render_published(report: Any, tuned: bool = False) -> str:
     e = report.efficiency
     lines = [
         f"efficiencies: flops {e.flops:g}, memory bandwidth {e.memory_bw:g}, link {e.link:g}, "
-        f"link latency {e.link_latency_ms:g} ms, GEMM latency {e.gemm_latency_ms * 1e3:g} us"
+        f"link latency {e.link_latency_ms:g} ms, GEMM latency {e.gemm_latency_ms * 1e3:g} us, "
+        f"MoE FFN flops {e.flops if e.moe_flops is None else e.moe_flops:g}, "
+        f"FFN {e.ffn_combine}(compute, weights)"
         + (" (NOT the documented defaults: a sensitivity run)" if tuned else " (defaults)"),
         "",
         "Step-3 (arXiv 2507.19427, Table 8), H800, FP8, 50 ms TPOT:",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -248,3 +249,25 @@ def test_ffn_gemm_kernels_count_router_and_shared_experts() -> None:
     setup = RooflineSetup(batch=8, ffn_devices=8, efficiency=Efficiency(gemm_latency_ms=0.01))
     c = roofline_costs(load_model("step3", "fp8"), h800, h800, setup).costs
     assert c.ffn.fixed == pytest.approx(0.05)
+
+
+def test_the_ffn_assumptions_are_knobs_of_the_roofline() -> None:
+    """`Efficiency.ffn_combine` picks max (overlap) or sum of the FFN's compute and weight
+    streaming; `moe_flops` is the MoE FFN's fraction of peak (dense models keep `flops`)."""
+    h100 = load_hardware("h100")
+    setup = RooflineSetup(batch=64, attention_devices=8, ffn_devices=8)
+    moe, dense = load_model("qwen3-235b-a22b", "fp8"), load_model("llama-3.1-8b")
+
+    def ffn(model, **eff):
+        s = dataclasses.replace(setup, efficiency=Efficiency(**eff))
+        return roofline_costs(model, h100, h100, s).costs.ffn
+
+    base = ffn(moe)
+    assert base.combine == "max" and ffn(moe, ffn_combine="sum").combine == "sum"
+    assert ffn(moe, ffn_combine="sum").alpha == base.alpha
+    assert ffn(moe, moe_flops=0.3).alpha == pytest.approx(2 * base.alpha)
+    assert ffn(moe, moe_flops=0.3).beta == base.beta
+    assert ffn(dense, moe_flops=0.3) == ffn(dense)
+    for bad in ({"moe_flops": 0.0}, {"moe_flops": 1.5}, {"ffn_combine": "min"}):
+        with pytest.raises(UserInputError):
+            Efficiency(**bad)
