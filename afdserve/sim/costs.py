@@ -220,17 +220,29 @@ def roofline_sim_costs(model: Any, attention_hw: Any, ffn_hw: Any, setup: Any) -
     der = roofline_costs(model, attention_hw, ffn_hw, setup)
     t = der.terms
     flops = t["attention_flops_per_s"]
-    kv_bytes_all_layers = t["kv_bytes_per_context_token"] * model.num_layers
     a2a_alpha, a2a_beta = colocated_a2a(model, ffn_hw, setup)
     return SimCosts(
         der.costs,
         prefill_token_ms=2.0 * model.attention_params / flops * MS,
         prefill_pair_ms=model.attention_flops_per_context_token / flops * MS,
-        kv_transfer_ms_per_token=kv_bytes_all_layers / t["link_bytes_per_s"] * MS,
+        kv_transfer_ms_per_token=kv_handoff_ms_per_token(model, attention_hw, setup, setup.link),
         kv_transfer_beta_ms=der.costs.comm.beta,
         colocated_a2a_ms_per_token=a2a_alpha,
         colocated_a2a_beta_ms=a2a_beta,
     )
+
+
+def kv_handoff_ms_per_token(model: Any, hw: Any, setup: Any, link: str) -> float:
+    """ms to move one prompt token's KV (every layer, `setup.kv_dtype`) into an attention
+    instance over its own `setup.attention_devices` devices' `link` at the link efficiency:
+    the KV lands on the attention side, whichever side's links carry the A<->F traffic."""
+    from afdserve.planner.model_catalog import DTYPE_BYTES
+
+    per_dev = hw.link_bw(link) or hw.link_bw("scale-out")
+    if per_dev is None:
+        raise UserInputError(f"hardware {hw.name} has no {link} bandwidth in the catalog")
+    kv_bytes = model.num_layers * model.kv_elems_per_token * DTYPE_BYTES[setup.kv_dtype]
+    return kv_bytes / (setup.attention_devices * per_dev * setup.efficiency.link) * MS
 
 
 def colocated_a2a(model: Any, hw: Any, setup: Any) -> tuple[float, float]:

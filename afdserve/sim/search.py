@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from afdserve.errors import UserInputError
 from afdserve.sim.config import BundleConfig
-from afdserve.sim.costs import SimCosts, roofline_sim_costs
+from afdserve.sim.costs import SimCosts, kv_handoff_ms_per_token, roofline_sim_costs
 from afdserve.sim.deployments import run_afd, run_aggregated, run_pd_split, run_unit
 from afdserve.sim.metrics import SLO, SimReport, summarize
 from afdserve.sim.plots import latency_samples
@@ -362,7 +363,8 @@ def _candidates(
                 spec, hw, hw, RooflineSetup(batch=B, attention_devices=g, ffn_devices=g, **ep)
             )
             if i == 0:  # the smallest colocated instance as the prefill pool's unit
-                cands.extend(_afd_prefill_candidates(afd_cfgs, g, costs, B, N))
+                handoff = partial(_handoff, spec, hw, RooflineSetup(batch=B, **ep))
+                cands.extend(_afd_prefill_candidates(afd_cfgs, g, costs, B, N, handoff))
             k = N // g
             cands.append(
                 Candidate(
@@ -399,16 +401,27 @@ def _candidates(
     return cands
 
 
+def _handoff(spec, hw, setup, costs: SimCosts, attention_devices: int, devices: int) -> SimCosts:
+    """`costs` with the KV hand-off from a prefill instance to an attention instance of
+    `attention_devices` devices priced on the link between them: NVLink when the whole
+    deployment of `devices` fits in one scale-up domain, else the NICs (the prefill pool then
+    sits on other boards than at least part of the decode side)."""
+    s = replace(setup, attention_devices=attention_devices)
+    ms = kv_handoff_ms_per_token(spec, hw, s, hw.link_for(devices))
+    return replace(costs, kv_transfer_ms_per_token=ms)
+
+
 def _afd_prefill_candidates(
     afd_cfgs: list[tuple[int, int, int, int, SimCosts, int]],
     gp: int,
     prefill_costs: SimCosts,
     B: int,
     N: int,
+    handoff: Callable[[SimCosts, int, int], SimCosts],
 ) -> list[Candidate]:
     """AFD decode bundles plus n_p colocated prefill instances of gp devices, every split of
     the N devices with at least one of each; the KV of prompt + 1 tokens moves from a prefill
-    instance to an attention worker at the bundle's link cost (`kv_transfer_*`)."""
+    instance to an attention worker at `handoff`'s cost (`kv_transfer_*`; `_handoff`)."""
     out = []
     for r, M, gA, gF, costs, kv_cap in afd_cfgs:
         bundle = r * gA + gF
@@ -416,10 +429,11 @@ def _afd_prefill_candidates(
             k = (N - n_p * gp) // bundle
             if k < 1:
                 break
+            devices = n_p * gp + k * bundle
             out.append(
                 Candidate(
                     "afd+prefill",
-                    n_p * gp + k * bundle,
+                    devices,
                     dict(
                         prefill_instances=n_p,
                         prefill_devices=gp,
@@ -431,7 +445,7 @@ def _afd_prefill_candidates(
                         ffn_devices=gF,
                     ),
                     prefill_costs,
-                    decode_costs=costs,
+                    decode_costs=handoff(costs, gA, devices),
                     kv_capacity_tokens=kv_cap,
                 )
             )

@@ -108,3 +108,30 @@ def test_the_search_sizes_every_instance_with_the_kv_dtype() -> None:
             assert other.decode_costs.kv_transfer_ms_per_token == pytest.approx(
                 c.decode_costs.kv_transfer_ms_per_token / 2
             )
+
+
+def test_the_kv_hand_off_lands_on_the_attention_instance_over_the_link_between() -> None:
+    """A prefill instance hands a prompt's KV to one attention instance: over that instance's
+    own gA links (not the FFN's, even where the A<->F traffic is charged there), by NVLink when
+    the whole deployment fits in one scale-up domain, else over the NICs."""
+    spec, h100 = load_model("qwen3-30b-a3b"), load_hardware("h100")
+    kv_bytes = spec.num_layers * spec.kv_elems_per_token * 2  # bf16
+
+    def expected(g_a: int, link: str) -> float:
+        return kv_bytes / (g_a * h100.link_bw(link) * 0.8) * 1e3
+
+    rb = roofline_sim_costs(
+        spec, h100, h100, RooflineSetup(batch=32, ffn_devices=4, comm_scales_with="rB")
+    )
+    assert rb.kv_transfer_ms_per_token == pytest.approx(expected(1, "scale-out"))
+    space = SearchSpace(ratios=(1, 2, 4), batches=(32,), microbatches=(2,))
+    seen = set()
+    cands = [c for n in (8, 16) for c in _candidates(spec, h100, n, 1000.0, space, [], None)]
+    for c in cands:
+        if c.family != "afd+prefill":
+            continue
+        link = "scale-up" if c.devices <= h100.scale_up_domain else "scale-out"
+        seen.add(link)
+        got = c.decode_costs.kv_transfer_ms_per_token
+        assert got == pytest.approx(expected(c.params["attention_devices"], link))
+    assert seen == {"scale-up", "scale-out"}
