@@ -295,7 +295,7 @@ def _simulate_one(args: argparse.Namespace, slo: Any) -> int:
                 raise UserInputError(
                     f"--{flag.replace('_', '-')} goes with --model (a profile has its own costs)"
                 )
-        costs = SimCosts.from_profile(args.profile)
+        costs = SimCosts.from_profile(args.profile, ratio=args.ratio)
     elif args.model and args.hardware:
         costs, ep_summary, assumed = _bundle_costs(args)
     else:

@@ -122,9 +122,13 @@ class SimCosts:
     # ---- profile JSON -----------------------------------------------------------------------
 
     @classmethod
-    def from_profile(cls, path: str | os.PathLike[str]) -> SimCosts:
-        """Read a profile JSON (the planner's schema plus the optional simulator keys)."""
+    def from_profile(cls, path: str | os.PathLike[str], ratio: int | None = None) -> SimCosts:
+        """Read a profile JSON (the planner's schema plus the optional simulator keys). A
+        profile pricing both links (`comm_scales_with="both"`, as `afdserve plan --json` writes
+        its roofline coefficients) needs the bundle's `ratio` to pick the busier one."""
         stages = StageCosts.from_profile(path)
+        if ratio is not None:
+            stages = stages.at_ratio(ratio)
         return cls._with_extras(stages, stages.extra, str(path))
 
     @classmethod

@@ -304,3 +304,27 @@ def test_expert_parallel_flags_bad_input(capsys, tmp_path) -> None:
         assert code == 2, (argv, out, err)
         assert needle in err, (needle, err)
         assert len(err.strip().splitlines()) == 1, err
+
+
+@needs_traces
+def test_a_plans_coefficients_simulate_at_a_ratio(capsys, tmp_path) -> None:
+    """`afdserve plan --model --json` prices both links (comm_scales_with 'both'); the same
+    coefficients as a profile simulate one bundle, whose ratio picks the busier link."""
+    code, out, err = run(
+        capsys,
+        *("plan", "--model", "qwen3-30b-a3b", "--hw", "h100", "--batch", "32"),
+        *("--theta", "1000", "--ffn-devices", "2", "--json"),
+    )
+    assert code == 0, err
+    coeffs = json.loads(out)["coefficients"]
+    assert coeffs["comm"]["scales_with"] == "both" and "comm_ffn" in coeffs
+    profile = tmp_path / "plan.json"
+    profile.write_text(json.dumps(coeffs))
+    for ratio in (1, 4):
+        code, out, err = run(
+            capsys,
+            *("simulate", "--ratio", str(ratio), "--batch", "8", "--profile", str(profile)),
+            *("--workload", "azure-conv", "--requests", "10", "--quiet", "--json"),
+        )
+        assert code == 0, err
+        assert json.loads(out)
