@@ -30,7 +30,7 @@ SETTINGS = [  # (ffn_combine, moe_flops; None = as dense, 0.6)
 
 def main() -> None:
     print(
-        "| FFN | MoE flops | Step-3 4K / 8K error | planner A:F 4K / 8K | FastAFD median |error| "
+        "| FFN | MoE flops | Step-3 4K / 8K error | planner A:F 4K / 8K | FastAFD median abs error "
         "(best k) 16K / 32K / 64K / 128K |"
     )
     print("|---|---|---|---|---|")
