@@ -116,6 +116,17 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--link-eff", type=float, default=0.8, help="fraction of link bandwidth (0.8)")
     m.add_argument("--link-latency-ms", type=float, default=0.01, help="beta_C, ms (0.01)")
     m.add_argument(
+        "--moe-flops-eff",
+        type=float,
+        help="fraction of peak FLOP/s of an MoE FFN (default: --flops-eff; docs/simulator.md 5)",
+    )
+    m.add_argument(
+        "--ffn-combine",
+        choices=("max", "sum"),
+        default="max",
+        help="FFN roofline: max (default: a GEMM overlaps compute and weight streaming) or sum",
+    )
+    m.add_argument(
         "--usable-memory", type=float, default=0.9, help="fraction of device memory usable (0.9)"
     )
     add_expert_parallel_flags(m)
@@ -408,6 +419,8 @@ def _roofline(
         link=args.link_eff,
         link_latency_ms=args.link_latency_ms,
         usable_memory=args.usable_memory,
+        moe_flops=args.moe_flops_eff,
+        ffn_combine=args.ffn_combine,
     )
     setup = RooflineSetup(
         batch=args.batch,

@@ -66,7 +66,8 @@ def render_plan(result: PlanResult, extra: dict[str, Any]) -> str:
         + (
             f"FFN max({fmt(c.ffn.alpha)}*n, {fmt(c.ffn.beta)}) + {fmt(c.ffn.fixed)}, "
             if c.ffn.combine == "max"
-            else f"FFN {fmt(c.ffn.alpha)}*n + {fmt(c.ffn.beta)}, "
+            else f"FFN {fmt(c.ffn.alpha)}*n + {fmt(c.ffn.beta)}"
+            + (f" + {fmt(c.ffn.fixed)}, " if c.ffn.fixed else ", ")
         )
         + _comm_text(c)
     )

@@ -164,3 +164,20 @@ def test_malformed_flags_are_one_line_and_exit_2(capsys, argv) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "error:" in err
+
+
+def test_the_ffn_roofline_assumptions_are_flags(capsys) -> None:
+    """`--ffn-combine` and `--moe-flops-eff` reach the roofline FFN (sensitivity knobs)."""
+    base = ["plan", "--model", "qwen3-30b-a3b", "--hw", "h100", "--batch", "32", "--theta", "900"]
+
+    def ffn(*flags: str) -> dict:
+        code, out, err = run(capsys, *base, *flags, "--json")
+        assert code == 0, err
+        return json.loads(out)["coefficients"]["ffn"]
+
+    default = ffn()
+    assert default["combine"] == "max"
+    assert "combine" not in ffn("--ffn-combine", "sum")  # 'sum' is the profile default
+    assert ffn("--moe-flops-eff", "0.3")["alpha"] == pytest.approx(2 * default["alpha"])
+    code, _, err = run(capsys, *base, "--moe-flops-eff", "0")
+    assert code == 2 and "moe_flops must be in (0, 1]" in err
