@@ -16,6 +16,8 @@ from afdserve.errors import UserInputError
 
 GB = 1e9
 TB = 1e12
+GiB = 2**30  # HBM capacities: a "80GB" H100 holds 80 GiB, as the device reports
+MiB = 2**20
 TFLOPS = 1e12
 
 
@@ -79,7 +81,7 @@ def hardware_catalog() -> dict[str, Hardware]:
             description="NVIDIA H100 SXM5 80GB",
             bf16_flops=989 * TFLOPS,
             fp8_flops=1979 * TFLOPS,
-            memory_bytes=80 * GB,
+            memory_bytes=80 * GiB,
             memory_bw=3.35 * TB,
             scale_up_bw=450 * GB,
             scale_out_bw=nic400,
@@ -87,7 +89,8 @@ def hardware_catalog() -> dict[str, Hardware]:
             source=(
                 "NVIDIA H100 Tensor Core GPU datasheet (SXM5; the datasheet's 1979/3958 TFLOPS "
                 "are with sparsity); NVLink 4 900 GB/s total; DGX H100: one 400 Gb/s "
-                "ConnectX-7 per GPU"
+                "ConnectX-7 per GPU; memory 80 GiB (aiconfigurator 0.12.0 systems/h100_sxm.yaml: "
+                "85,899,345,920 bytes)"
             ),
             scale_up_domain=8,
         ),
@@ -96,14 +99,15 @@ def hardware_catalog() -> dict[str, Hardware]:
             description="NVIDIA H200 SXM 141GB",
             bf16_flops=989 * TFLOPS,
             fp8_flops=1979 * TFLOPS,
-            memory_bytes=141 * GB,
+            memory_bytes=141 * GiB,
             memory_bw=4.8 * TB,
             scale_up_bw=450 * GB,
             scale_out_bw=nic400,
             price_per_hour=None,
             source=(
                 "NVIDIA H200 Tensor Core GPU datasheet (SXM; sparse figures halved); NVLink "
-                "900 GB/s total; 400 Gb/s NIC per GPU as in HGX H200 reference designs"
+                "900 GB/s total; 400 Gb/s NIC per GPU as in HGX H200 reference designs; memory "
+                "141 GiB (aiconfigurator 0.12.0 systems/h200_sxm.yaml: 151,397,597,184 bytes)"
             ),
             scale_up_domain=8,
         ),
@@ -112,7 +116,7 @@ def hardware_catalog() -> dict[str, Hardware]:
             description="NVIDIA H800 SXM5 80GB (export variant of H100, NVLink cut to 400 GB/s)",
             bf16_flops=989 * TFLOPS,
             fp8_flops=1979 * TFLOPS,
-            memory_bytes=80 * GB,
+            memory_bytes=80 * GiB,
             memory_bw=3.35 * TB,
             scale_up_bw=200 * GB,
             scale_out_bw=nic400,
@@ -121,7 +125,7 @@ def hardware_catalog() -> dict[str, Hardware]:
                 "compute and memory as H100 SXM5 (as used in Step-3, arXiv 2507.19427: "
                 "9.89e14 FLOP/s bf16, 3.35e12 B/s, and its $2/h price assumption); NVLink "
                 "400 GB/s total; 400 Gb/s InfiniBand per GPU as in DeepSeek-V3's cluster "
-                "(arXiv 2412.19437)"
+                "(arXiv 2412.19437); memory 80 GiB, the H100's HBM3"
             ),
             approximate=True,
             scale_up_domain=8,
@@ -148,14 +152,15 @@ def hardware_catalog() -> dict[str, Hardware]:
             description="NVIDIA A100 SXM4 80GB",
             bf16_flops=312 * TFLOPS,
             fp8_flops=None,
-            memory_bytes=80 * GB,
+            memory_bytes=80 * GiB,
             memory_bw=2.039 * TB,
             scale_up_bw=300 * GB,
             scale_out_bw=200e9 / 8,
             price_per_hour=None,
             source=(
                 "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM; 624 TFLOPS bf16 is with "
-                "sparsity; no FP8); NVLink 3 600 GB/s total; DGX A100: one 200 Gb/s HDR NIC per GPU"
+                "sparsity; no FP8); NVLink 3 600 GB/s total; DGX A100: one 200 Gb/s HDR NIC per GPU; "
+                "memory 80 GiB (aiconfigurator 0.12.0 systems/a100_sxm.yaml: 85,899,345,920 bytes)"
             ),
             scale_up_domain=8,
         ),
@@ -164,7 +169,7 @@ def hardware_catalog() -> dict[str, Hardware]:
             description="NVIDIA B200 (HGX B200) 180GB",
             bf16_flops=2250 * TFLOPS,
             fp8_flops=4500 * TFLOPS,
-            memory_bytes=180 * GB,
+            memory_bytes=180 * GiB,
             memory_bw=8.0 * TB,
             scale_up_bw=900 * GB,
             scale_out_bw=nic400,
@@ -172,7 +177,8 @@ def hardware_catalog() -> dict[str, Hardware]:
             source=(
                 "NVIDIA HGX B200 / DGX B200 specifications (sparse figures halved; 1,440 GB and "
                 "64 TB/s per 8 GPUs; later sheets quote 7.7 TB/s per GPU); NVLink 5 1.8 TB/s total; "
-                "DGX B200: 400 Gb/s ConnectX-7 per GPU"
+                "DGX B200: 400 Gb/s ConnectX-7 per GPU; memory 180 GiB (aiconfigurator 0.12.0 "
+                "systems/b200_sxm.yaml: 193,273,528,320 bytes)"
             ),
             approximate=True,
             scale_up_domain=8,
@@ -230,7 +236,7 @@ def hardware_catalog() -> dict[str, Hardware]:
             "compute trays of 4 GPUs)",
             bf16_flops=2500 * TFLOPS,
             fp8_flops=5000 * TFLOPS,
-            memory_bytes=186 * GB,
+            memory_bytes=189471 * MiB,
             memory_bw=8.0 * TB,
             scale_up_bw=900 * GB,
             scale_out_bw=nic400,
@@ -241,7 +247,8 @@ def hardware_catalog() -> dict[str, Hardware]:
                 "13.4 TB HBM3e at 576 TB/s (186 GB, 8 TB/s per GPU), fifth-generation NVLink "
                 "130 TB/s (1.8 TB/s per GPU, 900 GB/s each way) joining all 72 GPUs through "
                 "NVLink switch trays, so a compute tray (4 GPUs) and the rack share one scale-up "
-                "bandwidth; one 400 Gb/s ConnectX-7 per GPU for scale-out"
+                "bandwidth; one 400 Gb/s ConnectX-7 per GPU for scale-out; memory 189,471 MiB as "
+                "nvidia-smi reports it (aiconfigurator 0.12.0 systems/gb200.yaml)"
             ),
             approximate=True,
             scale_up_domain=72,

@@ -37,12 +37,12 @@ def qwen3_on_h20_and_h800(theta: float, **devices: int):
 
 def test_each_side_spans_the_fewest_devices_whose_memory_holds_it() -> None:
     dep = qwen3_on_h20_and_h800(2000.0)
-    # 454 GB of experts need 8 x 80 GB; the attention side (weights + KV of 64 slots) fits one
+    # 454 GB of experts need 8 x 80 GiB; the attention side (weights + KV of 64 slots) fits one
     assert (dep.setup.attention_devices, dep.setup.ffn_devices) == (1, 8)
     m = dep.memory
-    assert m.ffn_capacity_bytes == pytest.approx(8 * 80e9 * 0.9)
+    assert m.ffn_capacity_bytes == pytest.approx(8 * 80 * 2**30 * 0.9)
     # the next count down, 4, would not hold the experts; one H20 holds the attention side
-    assert 4 * 80e9 * 0.9 < m.ffn_fixed_bytes <= m.ffn_capacity_bytes
+    assert 4 * 80 * 2**30 * 0.9 < m.ffn_fixed_bytes <= m.ffn_capacity_bytes
     kv = 64 * 2000.0 * m.kv_bytes_per_context_token
     assert m.attention_fixed_bytes + kv <= m.attention_capacity_bytes == pytest.approx(96e9 * 0.9)
     assert dep.notes == (

@@ -151,7 +151,7 @@ def test_memory_model() -> None:
     )
     assert m.kv_bytes_per_context_token == 94 * 2 * 4 * 128 * 2
     assert m.ffn_fixed_bytes / 1e9 == pytest.approx(94 * 128 * 3 * 4096 * 1536 * 2 / 1e9, rel=0.01)
-    assert m.ffn_capacity_bytes == pytest.approx(8 * 80e9 * 0.9)
+    assert m.ffn_capacity_bytes == pytest.approx(8 * 80 * 2**30 * 0.9)
     assert m.attention_capacity_bytes == pytest.approx(96e9 * 0.9)
 
 
