@@ -6,8 +6,6 @@ refused, and a drained worker is removed with no request lost."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,6 +23,7 @@ from tests.launch.test_multiprocess import (
     _serve,
     _survival_group,
     _survival_reference,
+    hand_started_worker,
 )
 
 
@@ -135,16 +134,7 @@ def test_hand_started_worker_of_a_free_slot_joins(tiny_model_dirs, survival_refe
     started later with the free rank dials the front, is taken in, and serves."""
     port = free_port_run(5)  # events, ranks 0..2 (FFN: 2), the rendezvous store
 
-    def worker(rank: int) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "afdserve.cli", "worker", "--front", f"127.0.0.1:{port}",
-             "--rank", str(rank), "--host", "127.0.0.1", "--connect-timeout-s", "60"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-
-    procs = [worker(0), worker(2)]
+    procs = [hand_started_worker(port, 0), hand_started_worker(port, 2)]
     try:
         llm = _survival_group(
             tiny_model_dirs,
@@ -159,7 +149,7 @@ def test_hand_started_worker_of_a_free_slot_joins(tiny_model_dirs, survival_refe
                 llm.engine.add_worker()  # the front starts nothing: it says what to run
             tokens: dict[str, list[int]] = {}
             _serve(llm, tokens, _all_started)
-            procs.append(worker(1))
+            procs.append(hand_started_worker(port, 1))
             t0 = time.monotonic()
             _serve(llm, tokens, lambda t: 1 in llm.engine._members or time.monotonic() - t0 > 30)
             _wait_joined(llm, tokens)

@@ -214,32 +214,12 @@ def test_hand_started_ffn_worker_stopped_fails_over_and_comes_back_when_it_wakes
     declared wedged and failed over, the survivor serves every stream to its end while it
     stays stopped; woken, it rejoins the data plane and the switch gives it experts again."""
     import subprocess
-    import sys
 
     from afdserve.transport.options import free_port_run
+    from tests.launch.test_multiprocess import hand_started_worker
 
     port = free_port_run(7)
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "afdserve.cli",
-                "worker",
-                "--front",
-                f"127.0.0.1:{port}",
-                "--rank",
-                str(k),
-                "--host",
-                "127.0.0.1",
-                "--connect-timeout-s",
-                "60",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for k in range(4)
-    ]
+    procs = [hand_started_worker(port, k, stderr=subprocess.DEVNULL) for k in range(4)]
     try:
         llm = _group(
             tiny_model_dirs["qwen3-moe"],

@@ -590,34 +590,25 @@ def test_a_worker_without_a_front_gives_up_at_its_deadline():
 # -- workers started by hand (EngineConfig.front) ------------------------------------------------
 
 
+def hand_started_worker(
+    front_port: int, rank: int, extra: tuple[str, ...] = (), stderr: int = subprocess.PIPE
+) -> subprocess.Popen:
+    """`afdserve worker` started as a user would on another host (here 127.0.0.1): told only
+    where the front is and its rank; the front configures it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "afdserve.cli", "worker", "--front", f"127.0.0.1:{front_port}",
+         "--rank", str(rank), "--host", "127.0.0.1", "--connect-timeout-s", "60", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )  # fmt: skip
+
+
 def _hand_started_workers(
     r: int, front_port: int, extra: tuple[str, ...] = ()
 ) -> list[subprocess.Popen]:
-    """r attention workers and the FFN worker, started as a user would on several hosts (here
-    all on 127.0.0.1): told only where the front is and their rank; the front configures them."""
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "afdserve.cli",
-                "worker",
-                "--front",
-                f"127.0.0.1:{front_port}",
-                "--rank",
-                str(k),
-                "--host",
-                "127.0.0.1",
-                "--connect-timeout-s",
-                "60",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for k in range(r + 1)
-    ]
+    """r attention workers and the FFN worker, started by hand (`hand_started_worker`)."""
+    return [hand_started_worker(front_port, k, extra) for k in range(r + 1)]
 
 
 def _reap(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> tuple[list, str]:
