@@ -23,6 +23,9 @@ A second table puts aiconfigurator beside a measurement: five points of FastAFD'
 (Qwen3-235B-A22B-FP8 on GB200 NVL72, k attention trays of 4 one-worker GPUs, one 4-GPU FFN tray,
 b slots a worker, bf16 KV, 16 output tokens, 2 microbatches; `afdserve/sim/data/`), with
 aiconfigurator's `gb200` system and ours (`afdserve.sim.published.fastafd_bundle`).
+
+A third table holds our hardware catalog against aiconfigurator's system files (peak FLOP/s,
+memory, bandwidth, links per GPU and direction) for the devices both describe.
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ POINTS = [  # (attention nodes, slots per attention worker, microbatches)
     (2, 64, 2),
     (2, 128, 2),
 ]
+SYSTEMS = {"h100": "h100_sxm", "h200": "h200_sxm", "a100": "a100_sxm", "b200": "b200_sxm",
+           "gb200": "gb200"}  # fmt: skip
+DUMP_SYSTEMS = """
+import json, pathlib, sys, yaml, aiconfigurator_core
+root = pathlib.Path(aiconfigurator_core.__file__).parent / "systems"
+print(json.dumps({n: yaml.safe_load((root / f"{n}.yaml").read_text()) for n in sys.argv[1:]}))
+"""
 FASTAFD_POINTS = [(16384, 4), (16384, 8), (16384, 14), (65536, 3), (65536, 14)]  # (ISL, k)
 FIELDS = {
     "t_a_layer": r"T_a_layer:\s+([\d.]+) ms",
@@ -134,6 +144,38 @@ def fastafd_rows(venv: Path) -> list[dict]:
     return rows
 
 
+def catalog_rows(venv: Path) -> list[dict]:
+    """Our catalog's figures beside aiconfigurator's system files, per device."""
+    py = str(venv / "bin" / "python")
+    proc = subprocess.run(
+        [py, "-c", DUMP_SYSTEMS, *SYSTEMS.values()], capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"reading aiconfigurator's systems failed: {proc.stderr[-500:]}")
+    theirs = json.loads(proc.stdout)
+    rows = []
+    for ours_name, aic_name in SYSTEMS.items():
+        hw, sysd = load_hardware(ours_name), theirs[aic_name]
+        gpu, node = sysd["gpu"], sysd["node"]
+        rows.append(
+            {
+                "device": ours_name,
+                "bf16_tflops": (hw.bf16_flops / 1e12, gpu["bfloat16_tc_flops"] / 1e12),
+                "fp8_tflops": (
+                    (hw.fp8_flops or 0) / 1e12,
+                    gpu.get("fp8_tc_flops", 0) / 1e12,
+                ),
+                "memory_gb": (hw.memory_bytes / 1e9, gpu["mem_capacity"] / 1e9),
+                "memory_tb_s": (hw.memory_bw / 1e12, gpu["mem_bw"] / 1e12),
+                "scale_up_gb_s": (hw.scale_up_bw / 1e9, node["intra_node_bw"] / 1e9),
+                "scale_out_gb_s": (hw.scale_out_bw / 1e9, node["inter_node_bw"] / 1e9),
+                "gpus_per_node": (hw.scale_up_domain, node["num_gpus_per_node"]),
+                "aic_mem_bw_scaling": gpu.get("mem_bw_empirical_scaling_factor"),
+            }
+        )
+    return rows
+
+
 def ours(a_nodes: int, batch: int, microbatches: int) -> dict[str, float]:
     bundle = Bundle(
         model=load_model("qwen3-235b-a22b", "fp8"),
@@ -188,8 +230,9 @@ def main() -> int:
             }
         )
     fast = fastafd_rows(venv)
+    systems = catalog_rows(venv)
     if args.json:
-        print(json.dumps({"h100_afd": rows, "fastafd": fast}, indent=2))
+        print(json.dumps({"h100_afd": rows, "fastafd": fast, "systems": systems}, indent=2))
         return 0
     print(
         f"Qwen3-235B-A22B-FP8 AFD decode on H100, ISL {ISL} / OSL {OSL}, 8-GPU attention nodes "
@@ -231,6 +274,16 @@ def main() -> int:
             f"| {r['afdserve_step_ms']:.2f} ({r['afdserve_step_ms'] / m - 1:+.1%}) "
             f"| {a['t_a_layer']:.3f} / {a['t_f_layer']:.3f} |"
         )
+    print()
+    print("Hardware catalog: ours / aiconfigurator's system file (per GPU, links per direction)")
+    cols = ("bf16_tflops", "fp8_tflops", "memory_gb", "memory_tb_s", "scale_up_gb_s")
+    print("| device | " + " | ".join(cols) + " | scale_out_gb_s | GPUs per node / domain |")
+    print("|---|" + "---|" * (len(cols) + 2))
+    for r in systems:
+        cells = " | ".join(f"{r[c][0]:,.4g} / {r[c][1]:,.4g}" for c in (*cols, "scale_out_gb_s"))
+        print(f"| {r['device']} | {cells} | {r['gpus_per_node'][0]} / {r['gpus_per_node'][1]} |")
+    scale = {r["aic_mem_bw_scaling"] for r in systems}
+    print(f"aiconfigurator's memory-bandwidth scaling factor: {sorted(scale)} (ours: 0.9)")
     return 0
 
 
