@@ -115,17 +115,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--bw-eff", type=float, default=0.9, help="fraction of memory bandwidth (0.9)")
     m.add_argument("--link-eff", type=float, default=0.8, help="fraction of link bandwidth (0.8)")
     m.add_argument("--link-latency-ms", type=float, default=0.01, help="beta_C, ms (0.01)")
-    m.add_argument(
-        "--moe-flops-eff",
-        type=float,
-        help="fraction of peak FLOP/s of an MoE FFN (default: --flops-eff; docs/simulator.md 5)",
-    )
-    m.add_argument(
-        "--ffn-combine",
-        choices=("max", "sum"),
-        default="max",
-        help="FFN roofline: max (default: a GEMM overlaps compute and weight streaming) or sum",
-    )
+    add_ffn_roofline_flags(m, combine_default="max")
     m.add_argument(
         "--usable-memory", type=float, default=0.9, help="fraction of device memory usable (0.9)"
     )
@@ -362,6 +352,22 @@ def _profile_costs(args: argparse.Namespace) -> StageCosts:
     if args.comm_scales_with:
         costs = dataclasses.replace(costs, comm_scales_with=args.comm_scales_with)
     return costs
+
+
+def add_ffn_roofline_flags(parser: Any, combine_default: str | None) -> None:
+    """The roofline FFN's two assumptions as flags (`Efficiency.moe_flops`, `.ffn_combine`):
+    sensitivity knobs of `plan --model` and `sim-validate published` (docs/simulator.md 5)."""
+    parser.add_argument(
+        "--moe-flops-eff",
+        type=float,
+        help="fraction of peak FLOP/s of an MoE FFN (default: as dense, --flops-eff)",
+    )
+    parser.add_argument(
+        "--ffn-combine",
+        choices=("max", "sum"),
+        default=combine_default,
+        help="FFN roofline: max (default: a GEMM overlaps compute and weight streaming) or sum",
+    )
 
 
 def _single_link(args: argparse.Namespace, source: str) -> None:

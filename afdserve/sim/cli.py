@@ -588,16 +588,9 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="fixed time per FFN GEMM kernel, microseconds (default 4; 0: the plain roofline max)",
     )
-    pub.add_argument(
-        "--moe-flops-eff",
-        type=float,
-        help="fraction of peak FLOP/s of an MoE FFN (default: as dense)",
-    )
-    pub.add_argument(
-        "--ffn-combine",
-        choices=("max", "sum"),
-        help="roofline FFN: max (default) or sum of its compute and weight streaming",
-    )
+    from afdserve.planner.cli import add_ffn_roofline_flags
+
+    add_ffn_roofline_flags(pub, combine_default=None)  # None: given only in a sensitivity run
     pub.add_argument("--json", action="store_true")
     pub.set_defaults(func=run_validate_published, verb="sim-validate published")
     one_line_errors(pub)
