@@ -141,11 +141,7 @@ class StageCosts:
         for name in ("attention", "ffn", "comm"):
             if not isinstance(getattr(self, name), Affine):
                 raise UserInputError(f"{name} costs must be an Affine, got {getattr(self, name)!r}")
-        if self.comm_scales_with not in COMM_SCALINGS:
-            raise UserInputError(
-                f"comm_scales_with must be one of {', '.join(COMM_SCALINGS)}, "
-                f"got {self.comm_scales_with!r}"
-            )
+        check_comm_scaling(self.comm_scales_with)
         both = self.comm_scales_with == "both"
         if both and not isinstance(self.comm_ffn, Affine):
             raise UserInputError(
@@ -337,6 +333,14 @@ def _stage_affine(data: dict[str, Any], stage: str, origin: str) -> Affine:
         )
     except UserInputError as exc:
         raise UserInputError(f"{origin}: {stage}: {exc}") from None
+
+
+def check_comm_scaling(value: Any) -> None:
+    """`comm_scales_with` is one of COMM_SCALINGS (StageCosts and RooflineSetup both take it)."""
+    if value not in COMM_SCALINGS:
+        raise UserInputError(
+            f"comm_scales_with must be one of {', '.join(COMM_SCALINGS)}, got {value!r}"
+        )
 
 
 def _times_m(a: Affine, m: int) -> Affine:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from afdserve.errors import UserInputError
-from afdserve.planner.costs import COMBINES, COMM_SCALINGS, Affine, StageCosts
+from afdserve.planner.costs import COMBINES, Affine, StageCosts, check_comm_scaling
 from afdserve.planner.expert_parallel import check_ep, check_redundant_slots, expected_fanout
 from afdserve.planner.hardware_catalog import Hardware
 from afdserve.planner.model_catalog import DTYPE_BYTES, ModelSpec
@@ -144,11 +144,7 @@ class RooflineSetup:
             raise UserInputError(f"link must be 'scale-up' or 'scale-out', got {self.link!r}")
         if self.link_bw is not None and not (math.isfinite(self.link_bw) and self.link_bw > 0):
             raise UserInputError(f"link bandwidth must be > 0, got {self.link_bw!r}")
-        if self.comm_scales_with not in COMM_SCALINGS:
-            raise UserInputError(
-                f"comm_scales_with must be one of {', '.join(COMM_SCALINGS)}, "
-                f"got {self.comm_scales_with!r}"
-            )
+        check_comm_scaling(self.comm_scales_with)
         check_ep(self.expert_imbalance, self.redundant_experts)
 
 

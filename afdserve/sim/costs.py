@@ -238,11 +238,12 @@ def roofline_sim_costs(model: Any, attention_hw: Any, ffn_hw: Any, setup: Any) -
 
 def kv_handoff_ms_per_token(model: Any, hw: Any, setup: Any, link: str) -> float:
     """ms to move one prompt token's KV (every layer, `setup.kv_dtype`) into an attention
-    instance over its own `setup.attention_devices` devices' `link` at the link efficiency:
-    the KV lands on the attention side, whichever side's links carry the A<->F traffic."""
+    instance over its own `setup.attention_devices` devices' `link` (or `setup.link_bw`, the
+    roofline's override of any link) at the link efficiency: the KV lands on the attention side,
+    whichever side's links carry the A<->F traffic."""
     from afdserve.planner.model_catalog import DTYPE_BYTES
 
-    per_dev = hw.link_bw(link) or hw.link_bw("scale-out")
+    per_dev = setup.link_bw or hw.link_bw(link) or hw.link_bw("scale-out")
     if per_dev is None:
         raise UserInputError(f"hardware {hw.name} has no {link} bandwidth in the catalog")
     kv_bytes = model.num_layers * model.kv_elems_per_token * DTYPE_BYTES[setup.kv_dtype]

@@ -363,7 +363,7 @@ def _candidates(
                 spec, hw, hw, RooflineSetup(batch=B, attention_devices=g, ffn_devices=g, **ep)
             )
             if i == 0:  # the smallest colocated instance as the prefill pool's unit
-                handoff = partial(_handoff, spec, hw, RooflineSetup(batch=B, **ep))
+                handoff = partial(_handoff_ms, spec, hw, RooflineSetup(batch=B, **ep))
                 cands.extend(_afd_prefill_candidates(afd_cfgs, g, costs, B, N, handoff))
             k = N // g
             cands.append(
@@ -401,14 +401,13 @@ def _candidates(
     return cands
 
 
-def _handoff(spec, hw, setup, costs: SimCosts, attention_devices: int, devices: int) -> SimCosts:
-    """`costs` with the KV hand-off from a prefill instance to an attention instance of
-    `attention_devices` devices priced on the link between them: NVLink when the whole
-    deployment of `devices` fits in one scale-up domain, else the NICs (the prefill pool then
-    sits on other boards than at least part of the decode side)."""
+def _handoff_ms(spec, hw, setup, attention_devices: int, devices: int) -> float:
+    """ms per prompt token of the KV hand-off from a prefill instance to an attention instance
+    of `attention_devices` devices, on the link between them: NVLink when the whole deployment
+    of `devices` fits in one scale-up domain, else the NICs (the prefill pool then sits on
+    other boards than at least part of the decode side)."""
     s = replace(setup, attention_devices=attention_devices)
-    ms = kv_handoff_ms_per_token(spec, hw, s, hw.link_for(devices))
-    return replace(costs, kv_transfer_ms_per_token=ms)
+    return kv_handoff_ms_per_token(spec, hw, s, hw.link_for(devices))
 
 
 def _afd_prefill_candidates(
@@ -417,11 +416,12 @@ def _afd_prefill_candidates(
     prefill_costs: SimCosts,
     B: int,
     N: int,
-    handoff: Callable[[SimCosts, int, int], SimCosts],
+    handoff: Callable[[int, int], float],
 ) -> list[Candidate]:
     """AFD decode bundles plus n_p colocated prefill instances of gp devices, every split of
     the N devices with at least one of each; the KV of prompt + 1 tokens moves from a prefill
-    instance to an attention worker at `handoff`'s cost (`kv_transfer_*`; `_handoff`)."""
+    instance to an attention worker at `handoff(attention devices, deployment devices)` ms a
+    token (`kv_transfer_ms_per_token`; `_handoff_ms`)."""
     out = []
     for r, M, gA, gF, costs, kv_cap in afd_cfgs:
         bundle = r * gA + gF
@@ -445,7 +445,7 @@ def _afd_prefill_candidates(
                         ffn_devices=gF,
                     ),
                     prefill_costs,
-                    decode_costs=handoff(costs, gA, devices),
+                    decode_costs=replace(costs, kv_transfer_ms_per_token=handoff(gA, devices)),
                     kv_capacity_tokens=kv_cap,
                 )
             )
