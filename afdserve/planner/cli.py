@@ -115,7 +115,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--bw-eff", type=float, default=0.9, help="fraction of memory bandwidth (0.9)")
     m.add_argument("--link-eff", type=float, default=0.8, help="fraction of link bandwidth (0.8)")
     m.add_argument("--link-latency-ms", type=float, default=0.01, help="beta_C, ms (0.01)")
-    add_ffn_roofline_flags(m, combine_default="max")
+    add_ffn_roofline_flags(m, with_defaults=True)
     m.add_argument(
         "--usable-memory", type=float, default=0.9, help="fraction of device memory usable (0.9)"
     )
@@ -354,19 +354,26 @@ def _profile_costs(args: argparse.Namespace) -> StageCosts:
     return costs
 
 
-def add_ffn_roofline_flags(parser: Any, combine_default: str | None) -> None:
-    """The roofline FFN's two assumptions as flags (`Efficiency.moe_flops`, `.ffn_combine`):
-    sensitivity knobs of `plan --model` and `sim-validate published` (docs/simulator.md 5)."""
+def add_ffn_roofline_flags(parser: Any, with_defaults: bool) -> None:
+    """The roofline FFN's two assumptions as flags (`Efficiency.moe_flops`, `.ffn_combine`) of
+    `plan --model` (`with_defaults`: the documented defaults) and `sim-validate published`
+    (None when not given: a sensitivity run names what it changes; docs/simulator.md 5)."""
+    from afdserve.planner.roofline import Efficiency
+
+    moe_default = Efficiency().moe_flops if with_defaults else None
     parser.add_argument(
         "--moe-flops-eff",
         type=float,
-        help="fraction of peak FLOP/s of an MoE FFN (default: as dense, --flops-eff)",
+        default=moe_default,
+        help="fraction of peak FLOP/s each token of an MoE FFN costs on top of its weight "
+        f"streaming (default {Efficiency().moe_flops}, from aiconfigurator's MoE kernel tables)",
     )
     parser.add_argument(
         "--ffn-combine",
         choices=("max", "sum"),
-        default=combine_default,
-        help="FFN roofline: max (default: a GEMM overlaps compute and weight streaming) or sum",
+        default=None,
+        help="FFN roofline: max (compute overlaps weight streaming) or sum (default: sum for an "
+        "MoE FFN, max for a dense one)",
     )
 
 

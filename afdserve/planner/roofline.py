@@ -8,7 +8,8 @@ M = g * memory bandwidth * eff_memory_bw, N = g * link bandwidth * eff_link:
     beta_A  = max(W_attn / M, 2 * P_attn * B / F) + max(W_head / M, 2 * P_head * B / F) / L
     alpha_F = 2 * (P_ffn_active + (I - 1) * P_routed_active) / F          per token
     beta_F  = (W_ffn_total + W_redundant) / M                             (every slot streamed)
-    t_F(n)  = max(alpha_F * n, beta_F) + K_F * gemm_latency               (a roofline, combine="max")
+    t_F(n)  = max(alpha_F * n, beta_F) + K_F * gemm_latency      dense FFN (a roofline, "max")
+    t_F(n)  = alpha_F * n + beta_F + K_F * gemm_latency          MoE FFN ("sum"; F at moe_flops)
     alpha_C = hidden * act_bytes * fanout / N                             per token, one way
     beta_C  = link latency
     t_C     = max(alpha_C(gA) * B, alpha_C(gF) * r * B) + beta_C   (`comm_scales_with="both"`:
@@ -21,13 +22,19 @@ compute, P_routed_active = P_routed * k / E; W_redundant = R / E * W_routed are 
 R redundant expert slots.
 
 Each term is one kernel's own roofline (the larger of its memory time and its compute time); the
-terms add because the kernels run one after another. The FFN is a roofline too: its grouped GEMMs
-overlap streaming the expert weights with the math, so a microbatch of n tokens takes
-max(alpha_F * n, beta_F) (`Affine(combine="max")`), not their sum (the affine form used before
-issue 18, up to 2x high at the ridge point: it made Step-3's FFN-bound deployment 33-35% slow and
-put its best 8K ratio at 1 A node per F node where 2 are deployed). A measured profile
-(`afdserve profile`) fits an affine line (combine="sum") and replaces all of this. The
-efficiency factors are assumptions, not measurements.
+terms add because the kernels run one after another. A dense FFN is a roofline too: its GEMMs
+overlap streaming the weights with the math, so a microbatch of n tokens takes
+max(alpha_F * n, beta_F) (`Affine(combine="max")`; DeepGEMM's published table, see
+`Efficiency.gemm_latency_ms`). An MoE FFN layer is more than its grouped GEMMs: routing,
+permutation, quantisation, activation and finalize grow with the tokens, and measured MoE layers
+grow linearly from the weight floor up, not from where compute overtakes it (aiconfigurator's
+GB200 tables at EP 4: about 40 ns a token a layer; FastAFD's measured 16K steps: about 70 ns,
+its A->F->A transfers included); so the MoE FFN is the sum of its weight streaming and a
+per-token cost at `Efficiency.moe_flops` of peak
+(`Efficiency.ffn_combine_for`, derived in benchmarks/derive_moe_efficiency.py). A measured
+profile (`afdserve profile`) fits an affine line (combine="sum") and replaces all of this. The
+efficiency factors are assumptions from the sources their docstrings give, not measurements of
+the deployment.
 """
 
 from __future__ import annotations
@@ -73,13 +80,26 @@ class Efficiency:
     it per GEMM kernel of a layer, per microbatch (`ffn_gemm_kernels`); with it,
     max(memory, compute) + 4 us is within a median 9.6% of all 28 shapes, against 18.4% without
     it and 18.5% for the sum of memory and compute time."""
-    moe_flops: float | None = None
-    """Fraction of peak FLOP/s the FFN of an MoE model reaches (None: `flops`). A sensitivity
-    knob, not a default: FastAFD's measured steps and aiconfigurator's MoE kernel database grow
-    about 3x faster per token than `flops` gives (docs/simulator.md section 5)."""
-    ffn_combine: str = "max"
-    """How the roofline FFN combines its compute and its weight streaming: 'max' (a GEMM overlaps
-    them; the default, from DeepGEMM's table above) or 'sum' (one after the other)."""
+    moe_flops: float | None = 0.43
+    """Fraction of peak FLOP/s each extra token of an MoE FFN layer costs, on top of streaming
+    its expert weights (None: `flops`). From aiconfigurator 0.12.0's measured MoE kernel tables
+    (`benchmarks/derive_moe_efficiency.py`): the fused MoE layer's latency slope over 4K-16K
+    tokens against its FLOPs, for the expert shape all its devices hold (Qwen3-235B's, FP8), the
+    fastest kernel collected per device and EP size; the median over H100, H200, B200 and GB200
+    at EP 4, 8 and 16 is 0.432 (cells 0.30-0.51; every kernel's median, 0.20, is the untuned
+    end). Routing, permutation, quantisation, activation and finalize grow with tokens as the
+    grouped GEMMs do, which is why the per-token cost is well below the dense GEMMs' `flops`."""
+    ffn_combine: str | None = None
+    """How the roofline FFN combines its per-token compute and its weight streaming: 'max' (one
+    GEMM overlaps them, DeepGEMM's table above), 'sum' (one after the other), or None (the
+    default): 'sum' for an MoE FFN, whose token-proportional kernels (above) run beside the
+    grouped GEMMs that stream the experts, and 'max' for a dense one (`ffn_combine_for`)."""
+
+    def ffn_combine_for(self, is_moe: bool) -> str:
+        """The FFN roofline's combine for a model: the explicit one, else sum (MoE) / max."""
+        if self.ffn_combine is not None:
+            return self.ffn_combine
+        return "sum" if is_moe else "max"
 
     def __post_init__(self) -> None:
         for name in ("flops", "memory_bw", "link", "usable_memory", "moe_flops"):
@@ -88,7 +108,7 @@ class Efficiency:
                 continue
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise UserInputError(f"efficiency {name} must be in (0, 1], got {v!r}")
-        if self.ffn_combine not in COMBINES:
+        if self.ffn_combine is not None and self.ffn_combine not in COMBINES:
             raise UserInputError(
                 f"ffn_combine must be one of {', '.join(COMBINES)}, got {self.ffn_combine!r}"
             )
@@ -262,7 +282,7 @@ def roofline_costs(
         comm_ffn = Affine(alpha_cf, beta_c)
     costs = StageCosts(
         attention=Affine(alpha_a, beta_a),
-        ffn=Affine(alpha_f, beta_f, combine=eff.ffn_combine, fixed=fixed_f),
+        ffn=Affine(alpha_f, beta_f, combine=eff.ffn_combine_for(model.is_moe), fixed=fixed_f),
         comm=Affine(alpha_c, beta_c),
         comm_scales_with=scales,
         comm_ffn=comm_ffn,

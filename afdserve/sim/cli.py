@@ -590,7 +590,7 @@ def _add_validate(subparsers: argparse._SubParsersAction) -> None:
     )
     from afdserve.planner.cli import add_ffn_roofline_flags
 
-    add_ffn_roofline_flags(pub, combine_default=None)  # None: given only in a sensitivity run
+    add_ffn_roofline_flags(pub, with_defaults=False)  # None: given only in a sensitivity run
     pub.add_argument("--json", action="store_true")
     pub.set_defaults(func=run_validate_published, verb="sim-validate published")
     one_line_errors(pub)

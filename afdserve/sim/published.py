@@ -9,7 +9,8 @@ published with the error:
 - Step-3 (arXiv 2507.19427), Table 8: 2A2F at 4K context and 4A2F at 8K on H800 under a 50 ms
   TPOT SLO; the prediction is the throughput per GPU at the largest batch that meets the SLO and
   fits in memory, and the planner's best ratio (whole attention nodes per FFN node) is compared
-  with the deployed one;
+  with the deployed one; a row's F nodes are one FFN instance that all its A nodes share
+  (StepMesh: each attention instance sends to every FFN instance);
 - FastAFD's measured A:F sweep (linsj20/FastAFD, CODEX_PROJECT_RATIO_EP_SWEEP.md): Qwen3-235B on
   GB200 NVL72, k attention trays and one FFN tray at the measured batch; per context row the
   median error and the best k against the measured best.
@@ -215,13 +216,17 @@ def best_under_slo(make: Any, slo_ms: float, step: str = "sim") -> tuple[Bundle,
 def step3_bundle(
     data: dict[str, Any], point: dict[str, Any], nodes_ratio: int, batch: int, eff: Efficiency
 ) -> Bundle:
+    """One Step-3 row as a bundle: `nodes_ratio` attention nodes per FFN node, every attention
+    GPU one worker, and the row's F nodes one FFN instance over all their GPUs (each attention
+    instance sends to every FFN instance: StepMesh, `source_topology` in the data file)."""
     g = int(data["gpus_per_node"])
+    f = int(point["ffn_nodes"])
     return Bundle(
         model=load_model(data["model"], data["weight_dtype"]),
         hardware=load_hardware(data["hardware"]),
-        ratio=nodes_ratio * g,  # one attention worker per GPU
+        ratio=nodes_ratio * f * g,  # one attention worker per GPU
         attention_devices=1,
-        ffn_devices=g,
+        ffn_devices=f * g,
         batch=batch,
         context=float(point["context"]),
         kv_dtype=data["kv_dtype"],
@@ -355,5 +360,9 @@ def validate_published(efficiency: Efficiency | None = None) -> PublishedReport:
         fastafd=tuple(fast),
         fastafd_rows=tuple(rows),
         extras=(aiconfigurator_note(),),
-        sources={"step3": s3["source"], "fastafd": fa["source"]},
+        sources={
+            "step3": s3["source"],
+            "step3 topology": s3["source_topology"],
+            "fastafd": fa["source"],
+        },
     )

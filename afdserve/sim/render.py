@@ -167,7 +167,8 @@ def render_published(report: Any, tuned: bool = False) -> str:
         f"efficiencies: flops {e.flops:g}, memory bandwidth {e.memory_bw:g}, link {e.link:g}, "
         f"link latency {e.link_latency_ms:g} ms, GEMM latency {e.gemm_latency_ms * 1e3:g} us, "
         f"MoE FFN flops {e.flops if e.moe_flops is None else e.moe_flops:g}, "
-        f"FFN {e.ffn_combine}(compute, weights)"
+        f"FFN {e.ffn_combine_for(False)}(compute, weights) dense, "
+        f"{e.ffn_combine_for(True)}(compute, weights) MoE"
         + (" (NOT the documented defaults: a sensitivity run)" if tuned else " (defaults)"),
         "",
         "Step-3 (arXiv 2507.19427, Table 8), H800, FP8, 50 ms TPOT:",

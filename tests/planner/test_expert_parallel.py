@@ -130,7 +130,7 @@ def test_imbalance_one_changes_nothing_and_1_5_adds_half_the_routed_compute() ->
     assert same.costs == base.costs
     skew = _costs(expert_imbalance=1.5)
     routed_active = 8 * 3 * 4096 * 1536  # top-8 experts of 3 x hidden x 1536
-    F = 8 * H800.flops("bf16") * 0.6
+    F = 8 * H800.flops("bf16") * Efficiency().moe_flops  # an MoE FFN's per-token rate
     assert skew.costs.ffn.alpha - base.costs.ffn.alpha == pytest.approx(
         0.5 * 2 * routed_active / F * 1e3
     )

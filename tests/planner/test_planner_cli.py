@@ -15,6 +15,7 @@ import pytest
 
 from afdserve.cli import main
 from afdserve.planner import traces_dir
+from afdserve.planner.roofline import Efficiency
 
 ROOT = Path(__file__).resolve().parents[2]
 ISSUE = [
@@ -176,8 +177,9 @@ def test_the_ffn_roofline_assumptions_are_flags(capsys) -> None:
         return json.loads(out)["coefficients"]["ffn"]
 
     default = ffn()
-    assert default["combine"] == "max"
-    assert "combine" not in ffn("--ffn-combine", "sum")  # 'sum' is the profile default
-    assert ffn("--moe-flops-eff", "0.3")["alpha"] == pytest.approx(2 * default["alpha"])
+    assert "combine" not in default  # an MoE FFN: 'sum' (the profile default, not printed)
+    assert ffn("--ffn-combine", "max")["combine"] == "max"
+    half = Efficiency().moe_flops / 2
+    assert ffn("--moe-flops-eff", str(half))["alpha"] == pytest.approx(2 * default["alpha"])
     code, _, err = run(capsys, *base, "--moe-flops-eff", "0")
     assert code == 2 and "moe_flops must be in (0, 1]" in err

@@ -121,7 +121,7 @@ def test_fp8_on_a100_falls_back_to_bf16_rate() -> None:
         RooflineSetup(batch=32, attention_devices=8, ffn_devices=64),
     )
     assert any("no FP8" in n for n in d.notes)
-    assert d.terms["ffn_flops_per_s"] == pytest.approx(64 * 312e12 * 0.6)
+    assert d.terms["ffn_flops_per_s"] == pytest.approx(64 * 312e12 * Efficiency().moe_flops)
 
 
 def test_rb_comm_uses_the_ffn_link_and_missing_links_are_errors() -> None:
@@ -253,7 +253,8 @@ def test_ffn_gemm_kernels_count_router_and_shared_experts() -> None:
 
 def test_the_ffn_assumptions_are_knobs_of_the_roofline() -> None:
     """`Efficiency.ffn_combine` picks max (overlap) or sum of the FFN's compute and weight
-    streaming; `moe_flops` is the MoE FFN's fraction of peak (dense models keep `flops`)."""
+    streaming (default: sum for an MoE FFN, max for a dense one); `moe_flops` is the MoE FFN's
+    per-token fraction of peak (dense models keep `flops`; None: as dense)."""
     h100 = load_hardware("h100")
     setup = RooflineSetup(batch=64, attention_devices=8, ffn_devices=8)
     moe, dense = load_model("qwen3-235b-a22b", "fp8"), load_model("llama-3.1-8b")
@@ -263,10 +264,18 @@ def test_the_ffn_assumptions_are_knobs_of_the_roofline() -> None:
         return roofline_costs(model, h100, h100, s).costs.ffn
 
     base = ffn(moe)
-    assert base.combine == "max" and ffn(moe, ffn_combine="sum").combine == "sum"
-    assert ffn(moe, ffn_combine="sum").alpha == base.alpha
-    assert ffn(moe, moe_flops=0.3).alpha == pytest.approx(2 * base.alpha)
-    assert ffn(moe, moe_flops=0.3).beta == base.beta
+    assert base.combine == "sum" and ffn(dense).combine == "max"
+    assert (
+        ffn(moe, ffn_combine="max").combine == "max"
+        and ffn(dense, ffn_combine="sum").combine == "sum"
+    )
+    assert ffn(moe, ffn_combine="max").alpha == base.alpha
+    half = Efficiency().moe_flops / 2
+    assert ffn(moe, moe_flops=half).alpha == pytest.approx(2 * base.alpha)
+    assert ffn(moe, moe_flops=half).beta == base.beta
+    assert ffn(moe, moe_flops=None).alpha == pytest.approx(
+        base.alpha * Efficiency().moe_flops / 0.6
+    )
     assert ffn(dense, moe_flops=0.3) == ffn(dense)
     for bad in ({"moe_flops": 0.0}, {"moe_flops": 1.5}, {"ffn_combine": "min"}):
         with pytest.raises(UserInputError):

@@ -13,7 +13,7 @@ import pytest
 
 from afdserve.planner import RooflineSetup, load_hardware, load_model
 from afdserve.planner.plan import plan
-from afdserve.planner.roofline import roofline_costs
+from afdserve.planner.roofline import Efficiency, roofline_costs
 from afdserve.planner.stats import WorkloadStats
 from afdserve.sim.costs import SimCosts
 from afdserve.sim.pipeline import decode_load, stage_times, step_timing
@@ -21,11 +21,16 @@ from afdserve.sim.pipeline import decode_load, stage_times, step_timing
 THETA = 4000.0 + 250.0  # ISL 4000, OSL 500: the mean context over a request's decode
 
 
-def _case(comm: str = "B"):
+def _case(comm: str = "B", efficiency: Efficiency | None = None):
     spec = load_model("qwen3-235b-a22b", "fp8")
     hw = load_hardware("h100")
     setup = RooflineSetup(
-        batch=64, attention_devices=8, ffn_devices=8, comm_scales_with=comm, link="scale-out"
+        batch=64,
+        attention_devices=8,
+        ffn_devices=8,
+        comm_scales_with=comm,
+        link="scale-out",
+        efficiency=efficiency or Efficiency(),
     )
     return roofline_costs(spec, hw, hw, setup).costs
 
@@ -88,17 +93,19 @@ def test_plan_prices_each_sides_link_at_every_ratio(r: int) -> None:
 
 def test_the_ffn_link_bounds_the_planned_ratio() -> None:
     """Charging only an attention instance's link (B tokens, the CLI's default before issue 18's
-    fix) never lets the FFN's link bind, so the planner kept adding attention instances until
-    the FFN's compute caught up: r = 98 for this bundle. With both links priced, the r * B tokens
-    over the FFN's 8 NICs lengthen every microbatch's round trip, and the planner's best r is
-    the one where the simulator's throughput per instance peaks (9, below the closed form's 23,
-    which leaves the round trip out)."""
-    attention_only = plan(_case("B"), 64, WorkloadStats(THETA), microbatches=2)
-    both = plan(_case("both"), 64, WorkloadStats(THETA), microbatches=2, r_max=60)
+    fix) never lets the FFN's link bind. Where nothing else stops r, the planner kept adding
+    attention instances: with an FFN whose compute hides under its weight streaming (the 'max'
+    roofline, at the dense GEMMs' efficiency) r = 98 for this bundle. With both links priced,
+    the r * B tokens over the FFN's 8 NICs lengthen every microbatch's round trip, and the
+    planner's best r is the one where the simulator's throughput per instance peaks (9, below
+    the closed form's 23, which leaves the round trip out)."""
+    hidden = Efficiency(ffn_combine="max", moe_flops=None)
+    attention_only = plan(_case("B", hidden), 64, WorkloadStats(THETA), microbatches=2)
+    both = plan(_case("both", hidden), 64, WorkloadStats(THETA), microbatches=2, r_max=60)
     assert attention_only.r_int > 90
 
     def sim_per_instance(r: int) -> float:
-        return r * 64 / ((r + 1) * _sim_step_ms(_case("both").at_ratio(r), r, 64, 2))
+        return r * 64 / ((r + 1) * _sim_step_ms(_case("both", hidden).at_ratio(r), r, 64, 2))
 
     assert both.r_int == max(range(1, 61), key=sim_per_instance) < 20
     assert both.r_int < both.r_int_unconstrained

@@ -3,6 +3,7 @@ sources say, and `afdserve sim-validate published` predicts every point with the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,7 @@ import pytest
 
 from afdserve.cli import main
 from afdserve.planner.roofline import Efficiency, busiest_side
-from afdserve.sim.published import load_data, validate_published
+from afdserve.sim.published import load_data, step3_bundle, validate_published
 
 
 def test_fastafd_points_are_self_consistent() -> None:
@@ -32,9 +33,24 @@ def test_step3_rows_cite_the_report() -> None:
     assert [p["tps_per_gpu"] for p in data["points"]] == [4039.0, 2643.0]
 
 
+def test_a_step3_rows_ffn_nodes_are_one_instance_its_attention_nodes_share() -> None:
+    """StepMesh: every attention instance sends to every FFN instance, so 2A2F is 16 attention
+    workers over one 16-GPU FFN, and 4A2F 32 over the same 16 (not 8 over each node apart)."""
+    data = load_data("step3_table8")
+    assert "StepMesh" in data["source_topology"]
+    two, four = data["points"]
+    a = step3_bundle(data, two, 1, 64, Efficiency())
+    b = step3_bundle(data, four, 2, 64, Efficiency())
+    assert (a.ratio, a.ffn_devices, a.devices) == (16, 16, 32)
+    assert (b.ratio, b.ffn_devices, b.devices) == (32, 16, 48)
+    # half the expert weights per FFN GPU of one node holding them all
+    one_node = dataclasses.replace(a, ratio=8, ffn_devices=8)
+    assert a.costs().ffn.beta == pytest.approx(one_node.costs().ffn.beta / 2)
+
+
 def test_the_busiest_link_side() -> None:
-    assert busiest_side(8, 1, 8) == "B"  # Step-3 2A2F: as many devices each side
-    assert busiest_side(16, 1, 8) == "rB"  # 4A2F: the FFN node receives twice as much
+    assert busiest_side(16, 1, 16) == "B"  # Step-3 2A2F: as many devices each side
+    assert busiest_side(32, 1, 16) == "rB"  # 4A2F: the FFN GPUs receive twice as much
     assert busiest_side(1, 8, 8) == "B"
 
 
