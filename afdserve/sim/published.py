@@ -322,8 +322,10 @@ def validate_fastafd(
     rows = []
     for isl, cs in sorted(by_isl.items()):
         errs = [abs(c.error) for c in cs]
-        best_pub = max(cs, key=lambda c: c.published).detail["attention_trays"]
-        best_pred = max(cs, key=lambda c: c.predicted).detail["attention_trays"]
+        top_pub = max(cs, key=lambda c: c.published)
+        top_pred = max(cs, key=lambda c: c.predicted)
+        best_pub = top_pub.detail["attention_trays"]
+        best_pred = top_pred.detail["attention_trays"]
         rows.append(
             {
                 "isl": isl,
@@ -332,6 +334,9 @@ def validate_fastafd(
                 "within_10pct": sum(e <= 0.10 for e in errs),
                 "best_k_published": best_pub,
                 "best_k_predicted": best_pred,
+                # how flat the predicted curve is between the two: what the model says the
+                # published best k gives up against its own best (0 where they agree)
+                "predicted_at_published_best_vs_best": top_pub.predicted / top_pred.predicted - 1,
             }
         )
     return out, rows

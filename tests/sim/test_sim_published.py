@@ -70,6 +70,12 @@ def test_every_point_is_predicted_with_the_documented_defaults() -> None:
     for c in report.step3:
         assert c.detail["link"] == "scale-out"  # A and F nodes talk over the NICs
         assert c.detail["step_ms"] <= 50.0
+    for row in report.fastafd_rows:
+        cs = [c for c in report.fastafd if c.detail["isl"] == row["isl"]]
+        at = {c.detail["attention_trays"]: c.predicted for c in cs}
+        gap = at[row["best_k_published"]] / at[row["best_k_predicted"]] - 1
+        assert row["predicted_at_published_best_vs_best"] == pytest.approx(gap)
+        assert gap <= 0 and (gap == 0) == (row["best_k_published"] == row["best_k_predicted"])
 
 
 def test_the_command_prints_predicted_vs_published(capsys) -> None:
