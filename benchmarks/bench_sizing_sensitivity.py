@@ -28,7 +28,7 @@ SETTINGS = [  # (ffn_combine, moe_flops; combine None = sum for MoE, moe_flops N
     (None, 0.3),
     (None, 0.5),
     (None, None),
-    ("max", 0.43),
+    ("max", DEFAULT[1]),
     ("max", None),
 ]
 
@@ -48,7 +48,7 @@ def main() -> None:
             f"{r['median_abs_error']:.1%} ({r['best_k_predicted']})" for r in rep.fastafd_rows
         )
         label = eff.ffn_combine_for(True) + (" (default)" if (combine, moe) == DEFAULT else "")
-        moe_txt = f"{eff.flops:g} (as dense)" if moe is None else f"{moe:g}"
+        moe_txt = f"{eff.ffn_flops_for(True):g}" + (" (as dense)" if moe is None else "")
         print(f"| {label} | {moe_txt} | {step3} | {ratios} | {fast} |")
     pub = validate_published()
     print(

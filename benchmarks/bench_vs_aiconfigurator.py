@@ -144,15 +144,22 @@ def fastafd_rows(venv: Path) -> list[dict]:
     return rows
 
 
-def catalog_rows(venv: Path) -> list[dict]:
-    """Our catalog's figures beside aiconfigurator's system files, per device."""
-    py = str(venv / "bin" / "python")
+def run_in_aic_venv(venv: Path, code: str, *args: str, timeout: int = 120) -> object:
+    """`code` run by the aiconfigurator venv's Python with `args`; what it prints, as JSON."""
     proc = subprocess.run(
-        [py, "-c", DUMP_SYSTEMS, *SYSTEMS.values()], capture_output=True, text=True, timeout=120
+        [str(venv / "bin" / "python"), "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"reading aiconfigurator's systems failed: {proc.stderr[-500:]}")
-    theirs = json.loads(proc.stdout)
+        raise RuntimeError(f"aiconfigurator's venv failed: {proc.stderr[-800:]}")
+    return json.loads(proc.stdout)
+
+
+def catalog_rows(venv: Path) -> list[dict]:
+    """Our catalog's figures beside aiconfigurator's system files, per device."""
+    theirs = run_in_aic_venv(venv, DUMP_SYSTEMS, *SYSTEMS.values())
     rows = []
     for ours_name, aic_name in SYSTEMS.items():
         hw, sysd = load_hardware(ours_name), theirs[aic_name]

@@ -32,15 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from bench_vs_aiconfigurator import ROOT, SYSTEMS, run_in_aic_venv
 
 from afdserve.planner.hardware_catalog import load_hardware
 from afdserve.planner.roofline import Efficiency
 
-ROOT = Path(__file__).resolve().parents[1]
-DEVICES = {"h100": "h100_sxm", "h200": "h200_sxm", "b200": "b200_sxm", "gb200": "gb200"}
+DEVICES = ("h100", "h200", "b200", "gb200")  # our catalog's names; SYSTEMS maps them
 SHAPE = {"hidden": 4096, "inter": 1536, "experts": 128, "topk": 8}
 EP_SIZES = (4, 8, 16)
 
@@ -76,27 +76,15 @@ print(json.dumps(out))
 
 
 def fit_tables(venv: Path) -> list[dict]:
-    proc = subprocess.run(
-        [
-            str(venv / "bin" / "python"),
-            "-c",
-            FIT_TABLES,
-            json.dumps(SHAPE),
-            json.dumps(list(EP_SIZES)),
-            *DEVICES.values(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    systems = [SYSTEMS[d] for d in DEVICES]
+    return run_in_aic_venv(
+        venv, FIT_TABLES, json.dumps(SHAPE), json.dumps(list(EP_SIZES)), *systems, timeout=300
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"reading aiconfigurator's MoE tables failed: {proc.stderr[-800:]}")
-    return json.loads(proc.stdout)
 
 
 def efficiencies(fits: list[dict]) -> list[dict]:
     """Each fit as the fraction of peak FP8 FLOP/s per token and of bandwidth at the floor."""
-    by_system = {v: k for k, v in DEVICES.items()}
+    by_system = {SYSTEMS[d]: d for d in DEVICES}
     h, i, e, k = SHAPE["hidden"], SHAPE["inter"], SHAPE["experts"], SHAPE["topk"]
     rows = []
     for f in fits:

@@ -95,6 +95,10 @@ class Efficiency:
     default): 'sum' for an MoE FFN, whose token-proportional kernels (above) run beside the
     grouped GEMMs that stream the experts, and 'max' for a dense one (`ffn_combine_for`)."""
 
+    def ffn_flops_for(self, is_moe: bool) -> float:
+        """The fraction of peak FLOP/s the roofline FFN's per-token term runs at for a model."""
+        return self.moe_flops if is_moe and self.moe_flops is not None else self.flops
+
     def ffn_combine_for(self, is_moe: bool) -> str:
         """The FFN roofline's combine for a model: the explicit one, else sum (MoE) / max."""
         if self.ffn_combine is not None:
@@ -216,8 +220,7 @@ def roofline_costs(
 
     fA = gA * attention_hw.flops(model.weight_dtype) * eff.flops
     mA = gA * attention_hw.memory_bw * eff.memory_bw
-    ffn_eff = eff.moe_flops if model.is_moe and eff.moe_flops is not None else eff.flops
-    fF = gF * ffn_hw.flops(model.weight_dtype) * ffn_eff
+    fF = gF * ffn_hw.flops(model.weight_dtype) * eff.ffn_flops_for(model.is_moe)
     mF = gF * ffn_hw.memory_bw * eff.memory_bw
     for hw in {attention_hw.name: attention_hw, ffn_hw.name: ffn_hw}.values():
         if model.weight_dtype == "fp8" and hw.fp8_flops is None:

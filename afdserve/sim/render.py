@@ -166,7 +166,7 @@ def render_published(report: Any, tuned: bool = False) -> str:
     lines = [
         f"efficiencies: flops {e.flops:g}, memory bandwidth {e.memory_bw:g}, link {e.link:g}, "
         f"link latency {e.link_latency_ms:g} ms, GEMM latency {e.gemm_latency_ms * 1e3:g} us, "
-        f"MoE FFN flops {e.flops if e.moe_flops is None else e.moe_flops:g}, "
+        f"MoE FFN flops {e.ffn_flops_for(True):g}, "
         f"FFN {e.ffn_combine_for(False)}(compute, weights) dense, "
         f"{e.ffn_combine_for(True)}(compute, weights) MoE"
         + (" (NOT the documented defaults: a sensitivity run)" if tuned else " (defaults)"),
