@@ -326,6 +326,7 @@ def validate_fastafd(
         top_pred = max(cs, key=lambda c: c.predicted)
         best_pub = top_pub.detail["attention_trays"]
         best_pred = top_pred.detail["attention_trays"]
+        timed = [c for c in cs if c.detail["published_step_ms"] is not None]
         rows.append(
             {
                 "isl": isl,
@@ -337,9 +338,22 @@ def validate_fastafd(
                 # how flat the predicted curve is between the two: what the model says the
                 # published best k gives up against its own best (0 where they agree)
                 "predicted_at_published_best_vs_best": top_pub.predicted / top_pred.predicted - 1,
+                # what moves the best k: how fast the step grows with each added tray, over
+                # the points the log gives a step time for (least squares, ms per tray)
+                "step_ms_per_tray_published": growth_per_tray(timed, "published_step_ms"),
+                "step_ms_per_tray_predicted": growth_per_tray(timed, "step_ms"),
             }
         )
     return out, rows
+
+
+def growth_per_tray(points: list[Comparison], key: str) -> float:
+    """Least-squares slope of a step time (`key` in each point's detail) over attention trays."""
+    k = np.array([c.detail["attention_trays"] for c in points], dtype=float)
+    t = np.array([c.detail[key] for c in points], dtype=float)
+    if len(k) < 2 or np.ptp(k) == 0:
+        return math.nan
+    return float(np.polyfit(k, t, 1)[0])
 
 
 def aiconfigurator_note() -> str:

@@ -7,11 +7,18 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 
 from afdserve.cli import main
 from afdserve.planner.roofline import Efficiency, busiest_side
-from afdserve.sim.published import load_data, step3_bundle, validate_published
+from afdserve.sim.published import (
+    Comparison,
+    growth_per_tray,
+    load_data,
+    step3_bundle,
+    validate_published,
+)
 
 
 def test_fastafd_points_are_self_consistent() -> None:
@@ -76,6 +83,22 @@ def test_every_point_is_predicted_with_the_documented_defaults() -> None:
         gap = at[row["best_k_published"]] / at[row["best_k_predicted"]] - 1
         assert row["predicted_at_published_best_vs_best"] == pytest.approx(gap)
         assert gap <= 0 and (gap == 0) == (row["best_k_published"] == row["best_k_predicted"])
+        # the growth per added tray is the least-squares slope over the timed points
+        timed = [c for c in cs if c.detail["published_step_ms"] is not None]
+        k = [c.detail["attention_trays"] for c in timed]
+        for key, col in (("published_step_ms", "published"), ("step_ms", "predicted")):
+            slope = np.polyfit(k, [c.detail[key] for c in timed], 1)[0]
+            assert row[f"step_ms_per_tray_{col}"] == pytest.approx(slope)
+
+
+def test_growth_per_tray_is_the_slope_and_nan_without_two_trays() -> None:
+    def point(k: int, t: float) -> Comparison:
+        return Comparison("p", 1.0, 1.0, "x", {"attention_trays": k, "step_ms": t})
+
+    line = [point(k, 20.0 + 0.5 * k) for k in (3, 4, 6, 9)]
+    assert growth_per_tray(line, "step_ms") == pytest.approx(0.5)
+    assert math.isnan(growth_per_tray(line[:1], "step_ms"))
+    assert math.isnan(growth_per_tray([point(4, 1.0), point(4, 2.0)], "step_ms"))
 
 
 def test_the_command_prints_predicted_vs_published(capsys) -> None:
