@@ -23,8 +23,11 @@ top-8), FP8 weights, balanced routing, expert parallel over 4, 8 and 16 GPUs (TP
 Per device and EP size the fastest kernel collected (every framework and version) is the one
 kept: the published deployments run tuned kernels. The default is the median of those twelve
 cells (H100, H200, B200, GB200 x EP 4, 8, 16). The median over every kernel is printed beside it,
-as the slower end a deployment with untuned kernels would see. Skipped with one line where the
-venv is missing.
+as the slower end a deployment with untuned kernels would see. A second table lists every
+kernel at FastAFD's FFN tray (GB200, EP 4) with its slope over the decode range (256-2048 tokens)
+too, by the kernel source aiconfigurator records: whether the kernels FastAFD runs explain how
+fast its measured steps grow with k (`sim-validate published`'s growth per tray). Skipped with
+one line where the venv is missing.
 """
 
 from __future__ import annotations
@@ -60,16 +63,19 @@ for system in sys.argv[3:]:
               & (d.num_experts == shape["experts"]) & (d.topk == shape["topk"])
               & (d.distribution == "balanced") & (d.moe_tp_size == 1)
               & d.moe_ep_size.isin(eps) & d.moe_dtype.isin(["fp8", "fp8_block"])]
-        for (dtype, ep), g in d.groupby(["moe_dtype", "moe_ep_size"]):
+        for (src, dtype, ep), g in d.groupby(["kernel_source", "moe_dtype", "moe_ep_size"]):
             lat = g.groupby("num_tokens").latency.median()
             tail = lat[(lat.index >= 4096) & (lat.index <= 16384)]
+            decode = lat[(lat.index >= 256) & (lat.index <= 2048)]
             head = lat[(lat.index >= 32) & (lat.index <= 256)]
             if len(tail) < 3 or head.empty:
                 continue
             fw, version = Path(path).parts[-3], Path(path).parts[-2]
             out.append({"system": system, "framework": fw, "version": version,
-                        "dtype": dtype, "ep": int(ep),
+                        "kernel_source": src, "dtype": dtype, "ep": int(ep),
                         "slope_ms_per_token": float(np.polyfit(tail.index, tail.values, 1)[0]),
+                        "decode_slope_ms_per_token": float(np.polyfit(
+                            decode.index, decode.values, 1)[0]) if len(decode) >= 3 else None,
                         "floor_ms": float(head.median())})
 print(json.dumps(out))
 """
@@ -140,7 +146,31 @@ def main() -> int:
     print(f"median of the {len(cells)} fastest cells: {derived:.3f} "
           f"(Efficiency().moe_flops = {Efficiency().moe_flops})")  # fmt: skip
     print(f"median over all {len(rows)} kernel fits: {every:.3f} (untuned kernels' end)")
+    print_fastafd_tray(rows)
     return 0
+
+
+def print_fastafd_tray(rows: list[dict]) -> None:
+    """Every kernel at FastAFD's FFN tray (GB200, EP 4) in ns a token, over the decode range
+    (256-2048 tokens, what its microbatches hold) and the tail, beside the per-token FFN cost
+    that a line through FastAFD's measured 16K steps implies: whether the kernels it runs
+    (DeepGEMM's block-scaled FP8 grouped GEMMs) explain its steps' growth with k."""
+    tray = [r for r in rows if r["device"] == "gb200" and r["ep"] == 4]
+    print("\nGB200, EP 4 (FastAFD's FFN tray), every kernel: latency slope, ns a token a layer")
+    print("| framework | kernel source | dtype | 256-2048 tokens | 4K-16K tokens |")
+    print("|---|---|---|---|---|")
+    for r in sorted(tray, key=lambda r: (r["framework"], r["version"], r["kernel_source"])):
+        decode = r["decode_slope_ms_per_token"]
+        print(
+            f"| {r['framework']} {r['version']} | {r['kernel_source']} | {r['dtype']} | "
+            f"{'-' if decode is None else f'{decode * 1e6:.1f}'} | "
+            f"{r['slope_ms_per_token'] * 1e6:.1f} |"
+        )
+    moe_flops = Efficiency().moe_flops
+    hw = load_hardware("gb200")
+    h, i, k = SHAPE["hidden"], SHAPE["inter"], SHAPE["topk"]
+    ours = 2 * 3 * h * i * k / 4 / (moe_flops * hw.fp8_flops) * 1e9
+    print(f"the roofline's default (moe_flops {moe_flops}): {ours:.1f} ns a token a layer")
 
 
 if __name__ == "__main__":
