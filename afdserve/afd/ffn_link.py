@@ -110,9 +110,8 @@ class RemoteFFN(FFNLink):
         sync = SyncInfo(tuple(tokens_per_microbatch), tuple(tuple(s) for s in seq_ids))
         self._pending.clear()
         for rank in self._live_ranks():
-            self.transport.send(
-                rank, Message(MsgType.SYNC_REQUEST, step, sender=self.transport.rank, sync=sync)
-            )
+            msg = Message(MsgType.SYNC_REQUEST, step, sender=self.transport.rank, sync=sync)
+            self._send_or_await_rejoin(rank, msg, step, 0)
 
     def submit(self, step, layer, microbatch, h) -> None:
         if self.dispatcher is None:
@@ -137,12 +136,18 @@ class RemoteFFN(FFNLink):
     def _send(self, rank, type_, step, layer, microbatch, t) -> None:
         msg = Message(type_, step, layer, microbatch, self.transport.rank, tensor=t)
         t0 = time.perf_counter()
+        self._send_or_await_rejoin(rank, msg, step, layer)
+        self.stats.record_transfer(A2F, layer, time.perf_counter() - t0, t.nbytes)
+
+    def _send_or_await_rejoin(self, rank: int, msg: Message, step: int, layer: int) -> None:
+        """Every send of a step, the step's sync included: a dead FFN worker (PeerUnreachable,
+        a TransportTimeout) waits for the front's Rejoin, not kills this worker; a worker
+        killed between steps is met by the next step's first send."""
         try:
             self.transport.send(rank, msg)
         except TransportTimeout:  # the FFN worker died, stalled or is rejoining
             self._await_rejoin(step, layer)
             raise
-        self.stats.record_transfer(A2F, layer, time.perf_counter() - t0, t.nbytes)
 
     def _await_rejoin(self, step: int, layer: int) -> None:
         """After a send failed: wait (up to the result timeout) for the front to say the FFN
