@@ -88,14 +88,19 @@ def fit_tables(venv: Path) -> list[dict]:
     )
 
 
+def gpu_flops_per_token(ep: int) -> float:
+    """FLOPs one GPU of an EP group spends on a token of the expert shape (its share)."""
+    return 2 * 3 * SHAPE["hidden"] * SHAPE["inter"] * SHAPE["topk"] / ep
+
+
 def efficiencies(fits: list[dict]) -> list[dict]:
     """Each fit as the fraction of peak FP8 FLOP/s per token and of bandwidth at the floor."""
     by_system = {SYSTEMS[d]: d for d in DEVICES}
-    h, i, e, k = SHAPE["hidden"], SHAPE["inter"], SHAPE["experts"], SHAPE["topk"]
+    h, i, e = SHAPE["hidden"], SHAPE["inter"], SHAPE["experts"]
     rows = []
     for f in fits:
         hw = load_hardware(by_system[f["system"]])
-        flops_per_token = 2 * 3 * h * i * k / f["ep"]  # one GPU's share, FLOPs
+        flops_per_token = gpu_flops_per_token(f["ep"])
         weight_bytes = e * 3 * h * i / f["ep"]  # FP8: one byte a weight
         rows.append(
             {
@@ -167,9 +172,7 @@ def print_fastafd_tray(rows: list[dict]) -> None:
             f"{r['slope_ms_per_token'] * 1e6:.1f} |"
         )
     moe_flops = Efficiency().moe_flops
-    hw = load_hardware("gb200")
-    h, i, k = SHAPE["hidden"], SHAPE["inter"], SHAPE["topk"]
-    ours = 2 * 3 * h * i * k / 4 / (moe_flops * hw.fp8_flops) * 1e9
+    ours = gpu_flops_per_token(4) / (moe_flops * load_hardware("gb200").fp8_flops) * 1e9
     print(f"the roofline's default (moe_flops {moe_flops}): {ours:.1f} ns a token a layer")
 
 

@@ -342,6 +342,7 @@ def validate_fastafd(
                 # the points the log gives a step time for (least squares, ms per tray)
                 "step_ms_per_tray_published": growth_per_tray(timed, "published_step_ms"),
                 "step_ms_per_tray_predicted": growth_per_tray(timed, "step_ms"),
+                "tokens_per_tray": int(data["gpus_per_tray"]) * cs[0].detail["batch_per_worker"],
             }
         )
     return out, rows

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from afdserve.sim.metrics import LatencyStats, SimReport
     from afdserve.sim.search import SearchResult
@@ -199,6 +201,7 @@ def render_published(report: Any, tuned: bool = False) -> str:
             f"{row['best_k_predicted']} | {row['predicted_at_published_best_vs_best']:+.1%} | "
             f"{row['step_ms_per_tray_published']:.2f} / {row['step_ms_per_tray_predicted']:.2f} |"
         )
+    lines.append(_growth_across_rows(report.fastafd_rows))
     lines += [
         "",
         "| point | published tok/s/GPU | predicted | error | published step ms | sim step ms |",
@@ -214,3 +217,14 @@ def render_published(report: Any, tuned: bool = False) -> str:
     lines += ["", *(f"note: {x}" for x in report.extras)]
     lines += [f"source ({k}): {v}" for k, v in report.sources.items()]
     return "\n".join(lines)
+
+
+def _growth_across_rows(rows: Any) -> str:
+    """The per-tray growth over the rows as a line in the tokens a tray adds to a step."""
+    x = np.array([r["tokens_per_tray"] for r in rows], dtype=float)
+    lines = []
+    for col in ("published", "predicted"):
+        y = np.array([r[f"step_ms_per_tray_{col}"] for r in rows], dtype=float)
+        per_token, fixed = np.polyfit(x, y, 1)
+        lines.append(f"{col} {fixed:.3f} ms + {per_token * 1e3:.2f} us a token")
+    return "growth per tray across the rows (tokens a tray adds to a step): " + "; ".join(lines)

@@ -89,6 +89,7 @@ def test_every_point_is_predicted_with_the_documented_defaults() -> None:
         for key, col in (("published_step_ms", "published"), ("step_ms", "predicted")):
             slope = np.polyfit(k, [c.detail[key] for c in timed], 1)[0]
             assert row[f"step_ms_per_tray_{col}"] == pytest.approx(slope)
+        assert row["tokens_per_tray"] == 4 * cs[0].detail["batch_per_worker"]
 
 
 def test_growth_per_tray_is_the_slope_and_nan_without_two_trays() -> None:
@@ -105,6 +106,7 @@ def test_the_command_prints_predicted_vs_published(capsys) -> None:
     assert main(["sim-validate", "published"]) == 0
     out = capsys.readouterr().out
     assert "2A2F 4K" in out and "16K A5:F1" in out and "median abs error" in out
+    assert "growth per tray across the rows" in out
     assert main(["sim-validate", "published", "--json", "--bw-eff", "0.8"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["efficiency"]["memory_bw"] == 0.8
